@@ -1,0 +1,123 @@
+/**
+ * amber's command line: a thin layer over mod.ts with CRIU's flag names.
+ *
+ *   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
+ *   amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job] [-v]
+ *   amber show DIR [--json]
+ *   amber check
+ */
+import { parseArgs } from "node:util";
+import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
+
+const USAGE = `usage:
+  amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
+  amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job] [-v]
+  amber show DIR [--json]
+  amber check`;
+
+function parse(args: string[], options: Parameters<typeof parseArgs>[0]["options"]) {
+  try {
+    return parseArgs({ args, options, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new UsageError(e instanceof Error ? e.message : String(e));
+  }
+}
+
+function pidArg(v: unknown): number {
+  if (typeof v !== "string" || !/^\d+$/.test(v)) {
+    throw new UsageError(`-t needs a numeric pid, got ${v ?? "nothing"}`);
+  }
+  return Number(v);
+}
+
+function dirArg(v: unknown, flag = "-D"): string {
+  if (typeof v !== "string" || !v) throw new UsageError(`${flag} DIR is required`);
+  return v;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case "dump": {
+      const { values: v, positionals } = parse(rest, {
+        tree: { type: "string", short: "t" },
+        "images-dir": { type: "string", short: "D" },
+        "leave-running": { type: "boolean", short: "R" },
+        "shell-job": { type: "boolean" },
+        verbose: { type: "boolean", short: "v" },
+      });
+      if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}`);
+      const stats = await dump({
+        pid: pidArg(v.tree),
+        dir: dirArg(v["images-dir"]),
+        leaveRunning: !!v["leave-running"],
+        shellJob: !!v["shell-job"],
+        verbose: !!v.verbose,
+      });
+      if (v.verbose) {
+        console.error(
+          `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
+            `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, frozen ${
+              stats.frozenMs.toFixed(0)
+            } ms, ` +
+            `total ${stats.totalMs.toFixed(0)} ms`,
+        );
+      }
+      return 0;
+    }
+    case "restore": {
+      const { values: v, positionals } = parse(rest, {
+        "images-dir": { type: "string", short: "D" },
+        "restore-detached": { type: "boolean", short: "d" },
+        pidfile: { type: "string" },
+        "shell-job": { type: "boolean" },
+        verbose: { type: "boolean", short: "v" },
+      });
+      if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}`);
+      const result = await restore({
+        dir: dirArg(v["images-dir"]),
+        detached: !!v["restore-detached"],
+        pidfile: v.pidfile as string | undefined,
+        shellJob: !!v["shell-job"],
+        verbose: !!v.verbose,
+      });
+      return result.exitCode ?? 0;
+    }
+    case "show": {
+      const { values: v, positionals } = parse(rest, { json: { type: "boolean" } });
+      if (positionals.length !== 1) throw new UsageError("show takes one images directory");
+      console.log(await show(positionals[0], { json: !!v.json }));
+      return 0;
+    }
+    case "check": {
+      parse(rest, {});
+      const report = check();
+      console.log(formatCheck(report));
+      return report.ok ? 0 : 1;
+    }
+    case "-h":
+    case "--help":
+    case "help":
+      console.log(USAGE);
+      return 0;
+    default:
+      throw new UsageError(command ? `unknown command ${command}` : "no command given");
+  }
+}
+
+if (import.meta.main) {
+  let code: number;
+  try {
+    code = await main(Deno.args);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      console.error(`amber: ${e.message}\n${USAGE}`);
+      code = 2;
+    } else {
+      console.error(`amber: ${e instanceof Error ? e.message : e}`);
+      if (Deno.env.get("AMBER_DEBUG")) console.error(e);
+      code = 1;
+    }
+  }
+  Deno.exit(code);
+}

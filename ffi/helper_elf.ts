@@ -1,0 +1,46 @@
+/**
+ * A tiny static x86-64 ELF executable, generated here rather than written
+ * in C: it loops on pause(2). Restore starts it, seizes it, and makes its
+ * clone3 calls create the restored processes; each child starts as a copy
+ * of this almost empty address space.
+ */
+
+const BASE = 0x10000n;
+const EHDR = 64;
+const PHDR = 56;
+/** loop: mov eax, 34 (pause); syscall; jmp loop */
+const CODE = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+
+export function helperElf(): Uint8Array {
+  const size = EHDR + PHDR + CODE.length;
+  const buf = new Uint8Array(size);
+  const v = new DataView(buf.buffer);
+  buf.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]); // ELF, 64-bit, little endian, SysV
+  v.setUint16(16, 2, true); // ET_EXEC
+  v.setUint16(18, 0x3e, true); // EM_X86_64
+  v.setUint32(20, 1, true);
+  v.setBigUint64(24, BASE + BigInt(EHDR + PHDR), true); // entry
+  v.setBigUint64(32, BigInt(EHDR), true); // phoff
+  v.setUint16(52, EHDR, true);
+  v.setUint16(54, PHDR, true);
+  v.setUint16(56, 1, true); // phnum
+  v.setUint16(58, 64, true); // shentsize
+  // PT_LOAD, R+X, the whole file at BASE.
+  v.setUint32(EHDR, 1, true);
+  v.setUint32(EHDR + 4, 5, true);
+  v.setBigUint64(EHDR + 16, BASE, true);
+  v.setBigUint64(EHDR + 24, BASE, true);
+  v.setBigUint64(EHDR + 32, BigInt(size), true);
+  v.setBigUint64(EHDR + 40, BigInt(size), true);
+  v.setBigUint64(EHDR + 48, 0x1000n, true);
+  buf.set(CODE, EHDR + PHDR);
+  return buf;
+}
+
+/** Writes the helper to a private temporary file; returns its path. */
+export function writeHelperElf(): string {
+  const dir = Deno.makeTempDirSync({ prefix: "amber-helper-" });
+  const path = `${dir}/amber-restore-helper`;
+  Deno.writeFileSync(path, helperElf(), { mode: 0o700 });
+  return path;
+}

@@ -1,0 +1,167 @@
+/**
+ * Syscall injection: make a stopped tracee execute one system call of our
+ * choosing, without touching its memory. We point rip at a `syscall`
+ * instruction that already exists in its [vdso] and single-step it.
+ */
+import { SysError } from "./libc.ts";
+import { readMemoryProc, writeMemory } from "./memory.ts";
+import * as pt from "./ptrace.ts";
+import { Regs } from "./regs.ts";
+
+const SIGTRAP = 5;
+const ALL_SIGNALS = (1n << 64n) - 1n;
+
+/** Offset of the first `syscall` (0f 05) instruction in a vdso image. */
+export function findSyscallInstruction(code: Uint8Array): number {
+  for (let i = 0; i + 1 < code.length; i++) {
+    if (code[i] === 0x0f && code[i + 1] === 0x05) return i;
+  }
+  throw new Error("[vdso]: no syscall instruction found");
+}
+
+/** Finds the [vdso] of a process and a syscall instruction inside it. */
+export function vdsoSyscallAddress(pid: number): bigint {
+  const maps = Deno.readTextFileSync(`/proc/${pid}/maps`);
+  const line = maps.split("\n").find((l) => l.endsWith("[vdso]"));
+  if (!line) throw new Error(`pid ${pid}: no [vdso] mapping`);
+  const [start, end] = line.split(" ")[0].split("-").map((h) => BigInt("0x" + h));
+  const code = readMemoryProc(pid, start, Number(end - start));
+  return start + BigInt(findSyscallInstruction(code));
+}
+
+/** A child created while a syscall ran (clone/fork events). */
+export interface ForkEvent {
+  event: number;
+  child: number;
+}
+
+/**
+ * Runs syscalls inside a stopped, seized thread. `begin` saves its state and
+ * blocks every signal so none can preempt an injected call; `end` puts the
+ * registers and signal mask back exactly as they were.
+ */
+export class Injector {
+  private saved?: Regs;
+  private savedMask = 0n;
+  /** Children reported by the last call (clone3, fork). */
+  forks: ForkEvent[] = [];
+
+  constructor(readonly tid: number, public syscallAddr: bigint) {}
+
+  static forThread(tid: number, pid = tid): Injector {
+    return new Injector(tid, vdsoSyscallAddress(pid));
+  }
+
+  begin(): this {
+    this.saved = Regs.read(this.tid);
+    this.savedMask = pt.getSigmask(this.tid);
+    pt.setSigmask(this.tid, ALL_SIGNALS);
+    return this;
+  }
+
+  /** The registers as they were at begin(). */
+  get savedRegs(): Regs {
+    if (!this.saved) throw new Error("injector: begin() not called");
+    return this.saved;
+  }
+
+  get savedSigmask(): bigint {
+    return this.savedMask;
+  }
+
+  end(): void {
+    if (!this.saved) return;
+    this.saved.write(this.tid);
+    pt.setSigmask(this.tid, this.savedMask);
+    this.saved = undefined;
+  }
+
+  /** Runs syscall `nr`; returns rax as the kernel left it (-errno on failure). */
+  raw(nr: number, ...args: (number | bigint)[]): bigint {
+    if (!this.saved) this.begin();
+    const regs = this.savedRegs.clone();
+    const argRegs = ["rdi", "rsi", "rdx", "r10", "r8", "r9"] as const;
+    argRegs.forEach((r, i) => regs.set(r, args[i] ?? 0));
+    regs.set("rax", nr).set("orig_rax", -1n).set("rip", this.syscallAddr);
+    regs.write(this.tid);
+    this.forks = [];
+    pt.singleStep(this.tid);
+    for (;;) {
+      const st = pt.waitpid(this.tid);
+      if (!st || !st.stopped) {
+        throw new SysError(`thread ${this.tid} ended during an injected syscall ${nr}`, 3);
+      }
+      if (st.event === pt.PTRACE_EVENT.FORK || st.event === pt.PTRACE_EVENT.CLONE) {
+        this.forks.push({ event: st.event, child: Number(pt.getEventMsg(this.tid)) });
+      } else if (st.stopSignal === SIGTRAP && st.event === 0) {
+        return Regs.read(this.tid).signed("rax");
+      }
+      // Any other stop (group stop, a signal that cannot be blocked) is
+      // stepped past: the syscall has not finished yet.
+      pt.singleStep(this.tid);
+    }
+  }
+
+  /** Runs a syscall and throws SysError(name) when it fails. */
+  call(name: string, nr: number, ...args: (number | bigint)[]): bigint {
+    const r = this.raw(nr, ...args);
+    if (r < 0n && r > -4096n) throw new SysError(name, Number(-r));
+    return r;
+  }
+
+  /** Writes bytes into the tracee (any protection). */
+  poke(addr: bigint, data: Uint8Array): void {
+    writeMemory(this.tid, addr, data);
+  }
+}
+
+/** x86-64 syscall numbers amber injects or calls. */
+export const NR = {
+  read: 0,
+  write: 1,
+  open: 2,
+  close: 3,
+  lseek: 8,
+  mmap: 9,
+  mprotect: 10,
+  munmap: 11,
+  brk: 12,
+  rt_sigaction: 13,
+  rt_sigprocmask: 14,
+  pread64: 17,
+  mremap: 25,
+  madvise: 28,
+  dup2: 33,
+  getpid: 39,
+  fcntl: 72,
+  chdir: 80,
+  fchdir: 81,
+  umask: 95,
+  setuid: 105,
+  setgid: 106,
+  setpgid: 109,
+  setsid: 112,
+  setreuid: 113,
+  setgroups: 116,
+  setresuid: 117,
+  setresgid: 119,
+  setfsuid: 122,
+  setfsgid: 123,
+  capset: 126,
+  sigaltstack: 131,
+  prctl: 157,
+  arch_prctl: 158,
+  chroot: 161,
+  gettid: 186,
+  set_tid_address: 218,
+  restart_syscall: 219,
+  exit_group: 231,
+  openat: 257,
+  set_robust_list: 273,
+  dup3: 292,
+  prlimit64: 302,
+  rseq: 334,
+  pidfd_open: 434,
+  clone3: 435,
+  pidfd_getfd: 438,
+} as const;

@@ -1,0 +1,136 @@
+/**
+ * The one table of libc symbols amber calls through Deno FFI, and the one
+ * place where their errors are turned into exceptions.
+ *
+ * Every wrapper here returns the raw result or throws a {@link SysError}
+ * carrying the call's name and errno; callers add what object and step
+ * they were working on.
+ */
+
+const SYMBOLS = {
+  ptrace: { parameters: ["i64", "i32", "u64", "u64"], result: "i64" },
+  waitpid: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  waitpid_async: {
+    name: "waitpid",
+    parameters: ["i32", "buffer", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
+  syscall: {
+    parameters: ["i64", "u64", "u64", "u64", "u64", "u64", "u64"],
+    result: "i64",
+  },
+  process_vm_readv: {
+    parameters: ["i32", "buffer", "u64", "buffer", "u64", "u64"],
+    result: "i64",
+  },
+  process_vm_readv_async: {
+    name: "process_vm_readv",
+    parameters: ["i32", "buffer", "u64", "buffer", "u64", "u64"],
+    result: "i64",
+    nonblocking: true,
+  },
+  process_vm_writev: {
+    parameters: ["i32", "buffer", "u64", "buffer", "u64", "u64"],
+    result: "i64",
+  },
+  pread64_async: {
+    name: "pread64",
+    parameters: ["i32", "buffer", "u64", "i64"],
+    result: "i64",
+    nonblocking: true,
+  },
+  pwrite64_async: {
+    name: "pwrite64",
+    parameters: ["i32", "buffer", "u64", "i64"],
+    result: "i64",
+    nonblocking: true,
+  },
+  kill: { parameters: ["i32", "i32"], result: "i32" },
+  prctl: { parameters: ["i32", "u64", "u64", "u64", "u64"], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+type Lib = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let lib: Lib | undefined;
+
+/** Opens libc on first use, so that importing amber costs nothing. */
+export function libc(): Lib {
+  if (!lib) lib = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+  return lib;
+}
+
+/** A failed system call: `name: ENAME (message)`. */
+export class SysError extends Error {
+  constructor(readonly call: string, readonly errno: number) {
+    super(`${call}: ${errnoName(errno)}`);
+    this.name = "SysError";
+  }
+  /** The symbolic errno, e.g. "ESRCH". */
+  get code(): string {
+    return errnoName(this.errno);
+  }
+}
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM",
+  2: "ENOENT",
+  3: "ESRCH",
+  4: "EINTR",
+  5: "EIO",
+  7: "E2BIG",
+  9: "EBADF",
+  10: "ECHILD",
+  11: "EAGAIN",
+  12: "ENOMEM",
+  13: "EACCES",
+  14: "EFAULT",
+  16: "EBUSY",
+  17: "EEXIST",
+  19: "ENODEV",
+  20: "ENOTDIR",
+  21: "EISDIR",
+  22: "EINVAL",
+  24: "EMFILE",
+  28: "ENOSPC",
+  30: "EROFS",
+  38: "ENOSYS",
+  95: "EOPNOTSUPP",
+};
+
+/** "EFAULT" for 14; "errno 123" for codes without a name here. */
+export function errnoName(errno: number): string {
+  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
+}
+
+/** errno of the last synchronous call on this (the main) thread. */
+export function lastErrno(): number {
+  const p = libc().__errno_location();
+  return p ? new Deno.UnsafePointerView(p).getInt32() : 0;
+}
+
+/** Throws SysError(call) when a libc call returned -1. */
+export function check<T extends number | bigint>(call: string, result: T): T {
+  if (result === -1 || result === -1n) throw new SysError(call, lastErrno());
+  return result;
+}
+
+/** Address of a buffer's first byte, for calls that take it as an integer. */
+export function addressOf(buf: ArrayBufferView): bigint {
+  const p = Deno.UnsafePointer.of(buf as ArrayBufferView<ArrayBuffer>);
+  return p ? BigInt(Deno.UnsafePointer.value(p)) : 0n;
+}
+
+/**
+ * Raw syscall through libc's syscall(2); throws SysError(name) on failure.
+ * Arguments are passed as 64-bit values.
+ */
+export function rawSyscall(
+  name: string,
+  nr: number,
+  ...args: (number | bigint)[]
+): bigint {
+  const a = [0, 1, 2, 3, 4, 5].map((i) => BigInt.asUintN(64, BigInt(args[i] ?? 0)));
+  return check(name, libc().syscall(BigInt(nr), a[0], a[1], a[2], a[3], a[4], a[5]));
+}

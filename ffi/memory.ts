@@ -1,0 +1,92 @@
+/** Reading and writing another process's memory. */
+import { addressOf, libc, SysError } from "./libc.ts";
+
+/** A range of the remote address space. */
+export interface RemoteRange {
+  addr: bigint;
+  len: number;
+}
+
+/** Linux's IOV_MAX: the most iovecs one process_vm_readv accepts. */
+export const IOV_MAX = 1024;
+
+function iovecs(ranges: RemoteRange[], local: Uint8Array): [BigUint64Array, BigUint64Array] {
+  const remote = new BigUint64Array(ranges.length * 2);
+  let total = 0;
+  ranges.forEach((r, i) => {
+    remote[2 * i] = r.addr;
+    remote[2 * i + 1] = BigInt(r.len);
+    total += r.len;
+  });
+  if (total > local.length) throw new Error(`iovec: ${total} bytes do not fit ${local.length}`);
+  const localIov = new BigUint64Array([addressOf(local), BigInt(total)]);
+  return [localIov, remote];
+}
+
+/**
+ * Reads up to IOV_MAX remote ranges into `local` back to back, on a pool
+ * thread. Returns the bytes read, which is short when a range faulted.
+ */
+export async function readRangesAsync(
+  pid: number,
+  ranges: RemoteRange[],
+  local: Uint8Array,
+): Promise<number> {
+  const [localIov, remote] = iovecs(ranges, local);
+  const n = await libc().process_vm_readv_async(
+    pid,
+    localIov,
+    1n,
+    remote,
+    BigInt(ranges.length),
+    0n,
+  );
+  // errno of a pool thread is lost: report the common cause.
+  if (n < 0n) throw new SysError("process_vm_readv", 14);
+  return Number(n);
+}
+
+/** Synchronous variant of {@link readRangesAsync}, for small reads. */
+export function readRanges(pid: number, ranges: RemoteRange[], local: Uint8Array): number {
+  const [localIov, remote] = iovecs(ranges, local);
+  const n = libc().process_vm_readv(pid, localIov, 1n, remote, BigInt(ranges.length), 0n);
+  if (n < 0n) throw new SysError("process_vm_readv", 14);
+  return Number(n);
+}
+
+/** Reads one remote range fully, or throws. */
+export function readMemory(pid: number, addr: bigint, len: number): Uint8Array {
+  const buf = new Uint8Array(len);
+  const n = readRanges(pid, [{ addr, len }], buf);
+  if (n !== len) throw new SysError("process_vm_readv", 14);
+  return buf;
+}
+
+/** Reads through /proc/PID/mem: works where process_vm_readv cannot (e.g. PROT_NONE). */
+export function readMemoryProc(pid: number, addr: bigint, len: number): Uint8Array {
+  using f = Deno.openSync(`/proc/${pid}/mem`, { read: true });
+  f.seekSync(Number(addr), Deno.SeekMode.Start);
+  const buf = new Uint8Array(len);
+  let done = 0;
+  while (done < len) {
+    const n = f.readSync(buf.subarray(done));
+    if (!n) throw new SysError("read /proc/PID/mem", 5);
+    done += n;
+  }
+  return buf;
+}
+
+/**
+ * Writes through /proc/PID/mem, which (unlike process_vm_writev) also
+ * writes into read-only mappings.
+ */
+export function writeMemory(pid: number, addr: bigint, data: Uint8Array): void {
+  using f = Deno.openSync(`/proc/${pid}/mem`, { read: true, write: true });
+  f.seekSync(Number(addr), Deno.SeekMode.Start);
+  let done = 0;
+  while (done < data.length) {
+    const n = f.writeSync(data.subarray(done));
+    if (!n) throw new SysError("write /proc/PID/mem", 5);
+    done += n;
+  }
+}

@@ -1,0 +1,77 @@
+/**
+ * What a per-process part (one kind of kernel object) sees while it is
+ * dumped or restored. Parts are listed in lib/parts.ts.
+ */
+import type { z } from "zod";
+import type { Injector } from "../ffi/inject.ts";
+import type { ImageDir } from "./images/dir.ts";
+import type { FrozenProcess } from "./tree/seize.ts";
+
+/** A few bytes of the tracee's memory amber may use for syscall arguments. */
+export interface Scratch {
+  addr: bigint;
+  size: number;
+}
+
+export interface DumpOptions {
+  leaveRunning: boolean;
+  shellJob: boolean;
+  verbose: boolean;
+}
+
+export interface DumpContext {
+  pid: number;
+  proc: FrozenProcess;
+  dir: ImageDir;
+  options: DumpOptions;
+  /** Injector on a live thread of the process, begun. */
+  injector: Injector;
+  scratch: Scratch;
+  /** Image bodies already dumped for this process, by part name. */
+  done: Record<string, unknown>;
+}
+
+export interface RestoreOptions {
+  detached: boolean;
+  shellJob: boolean;
+  verbose: boolean;
+}
+
+export interface RestoreContext {
+  pid: number;
+  dir: ImageDir;
+  options: RestoreOptions;
+  /** Injector on the process's main thread (begun; registers are the helper's). */
+  injector: Injector;
+  scratch: Scratch;
+  /** Every thread of the process once created, main thread first. */
+  threads: Map<number, Injector>;
+  /** This process's images, by part name. */
+  images: Record<string, unknown>;
+  /** Descriptors amber's helper left in the process (stdio), fd → what they are. */
+  inherited: Map<number, string>;
+  log: (msg: string) => void;
+}
+
+export interface PrecheckContext {
+  pid: number;
+  dir: ImageDir;
+  options: RestoreOptions;
+  images: Record<string, unknown>;
+}
+
+/** One kind of per-process kernel object: its image schema, dump and restore. */
+export interface Part<S extends z.ZodType = z.ZodType> {
+  /** Image name: files are `NAME-PID.cbor`. */
+  name: string;
+  version: number;
+  schema: S;
+  dump(ctx: DumpContext): z.input<S> | Promise<z.input<S>>;
+  /** Checks before anything is created (files exist, kinds supported...). */
+  precheck?(data: z.output<S>, ctx: PrecheckContext): void;
+  restore(ctx: RestoreContext, data: z.output<S>): void | Promise<void>;
+}
+
+export function definePart<S extends z.ZodType>(part: Part<S>): Part<S> {
+  return part;
+}

@@ -1,0 +1,179 @@
+/**
+ * dump: freeze a tree, write its images, then resume or end it.
+ * A failed dump resumes every thread as it was and removes its images.
+ */
+import { Injector } from "../ffi/inject.ts";
+import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
+import { Regs } from "../ffi/regs.ts";
+import type { DumpContext, DumpOptions, Scratch } from "./context.ts";
+import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
+import { ImageDir } from "./images/dir.ts";
+import { vdsoDigest } from "./mm/mappings.ts";
+import { partImage, PARTS } from "./parts.ts";
+import { readMaps } from "./proc/maps.ts";
+import { readStat } from "./proc/stat.ts";
+import { xstateSize } from "./task/threads.ts";
+import { type FrozenProcess, type FrozenTree, seizeTree } from "./tree/seize.ts";
+import {
+  AMBER_VERSION,
+  inventoryImage,
+  type ProcessEntryImage,
+  pstreeImage,
+} from "./tree/pstree.ts";
+import { getRegset, NT_X86_XSTATE } from "../ffi/ptrace.ts";
+
+export interface DumpRequest extends Partial<DumpOptions> {
+  pid: number;
+  dir: string;
+}
+
+export interface DumpStats {
+  pids: number[];
+  /** Milliseconds the tree was frozen. */
+  frozenMs: number;
+  totalMs: number;
+  pageBytes: number;
+  imageBytes: number;
+}
+
+const SCRATCH_SIZE = 4096;
+
+/** A scratch area on the thread's stack, below the red zone, or in any writable mapping. */
+function pickScratch(pid: number, rsp: bigint): Scratch {
+  const maps = readMaps(pid);
+  const below = ((rsp - 512n - BigInt(SCRATCH_SIZE)) / 16n) * 16n;
+  const inside = (a: bigint) =>
+    maps.some((m) => m.start <= a && a + BigInt(SCRATCH_SIZE) <= m.end && m.perms[1] === "w");
+  if (inside(below)) return { addr: below, size: SCRATCH_SIZE };
+  const any = maps.find((m) => m.perms.startsWith("rw") && m.end - m.start >= BigInt(SCRATCH_SIZE));
+  if (!any) throw new AmberError("no writable memory for syscall arguments");
+  return { addr: any.start, size: SCRATCH_SIZE };
+}
+
+/** Runs one part's dump with injection set up, putting registers and scratch bytes back afterwards. */
+async function dumpPart<T>(ctx: DumpContext, fn: () => T | Promise<T>): Promise<T> {
+  // The injector begins on its first call, so parts that inject nothing
+  // see the thread exactly as it was frozen.
+  const saved = readMemoryProc(ctx.pid, ctx.scratch.addr, ctx.scratch.size);
+  try {
+    return await fn();
+  } finally {
+    writeMemory(ctx.pid, ctx.scratch.addr, saved);
+    ctx.injector.end();
+  }
+}
+
+function processEntry(proc: FrozenProcess): ProcessEntryImage {
+  const st = readStat(proc.pid);
+  return {
+    pid: proc.pid,
+    ppid: st.ppid,
+    pgid: st.pgid,
+    sid: st.sid,
+    exitSignal: st.exitSignal,
+    threads: proc.threads,
+  };
+}
+
+function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob: boolean): void {
+  const pids = new Set(tree.pids);
+  for (const e of entries) {
+    if (!pids.has(e.sid) && !shellJob) {
+      throw new AmberError(
+        `pid ${e.pid}: its session leader ${e.sid} is outside the dumped tree; dump with --shell-job`,
+      );
+    }
+  }
+}
+
+async function dumpProcess(
+  dir: ImageDir,
+  proc: FrozenProcess,
+  options: DumpOptions,
+): Promise<void> {
+  const leader = proc.threads[0];
+  const injector = Injector.forThread(leader, proc.pid);
+  const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
+  const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {} };
+  for (const part of PARTS) {
+    await withContextAsync(part.name, async () => {
+      const body = await dumpPart(ctx, () => part.dump(ctx));
+      const image = partImage(part);
+      // Validate what we write exactly as a reader will.
+      const parsed = image.schema.parse(body);
+      ctx.done[part.name] = parsed;
+      dir.write(image, body, proc.pid);
+    });
+  }
+}
+
+function xfeatures(tid: number): bigint {
+  // The first 8 bytes of sw_reserved (offset 464) hold XCR0 in NT_X86_XSTATE.
+  const x = getRegset(tid, NT_X86_XSTATE, 4096);
+  return new DataView(x.buffer).getBigUint64(464, true);
+}
+
+function imageBytes(dir: string): number {
+  let total = 0;
+  for (const e of Deno.readDirSync(dir)) {
+    if (e.isFile) total += Deno.statSync(`${dir}/${e.name}`).size;
+  }
+  return total;
+}
+
+/** Dumps the tree rooted at `req.pid` into `req.dir`. */
+export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
+  const t0 = performance.now();
+  const options: DumpOptions = {
+    leaveRunning: req.leaveRunning ?? false,
+    shellJob: req.shellJob ?? false,
+    verbose: req.verbose ?? false,
+  };
+  const dir = new ImageDir(req.dir).openForWrite();
+  const tree = seizeTree(req.pid);
+  let frozenMs = 0;
+  try {
+    faultPoint("after-freeze");
+    const entries = tree.processes.map(processEntry);
+    checkSessions(tree, entries, options.shellJob);
+    for (const proc of tree.processes) {
+      await withContextAsync(`pid ${proc.pid}`, () => dumpProcess(dir, proc, options));
+    }
+    dir.write(pstreeImage, { processes: entries });
+    const root = tree.processes[0].threads[0];
+    dir.write(inventoryImage, {
+      amberVersion: AMBER_VERSION,
+      kernel: Deno.osRelease(),
+      arch: "x86_64",
+      xsaveSize: xstateSize(root),
+      xfeatures: xfeatures(root),
+      vdsoSha256: await vdsoDigest(req.pid),
+      createdAt: new Date().toISOString(),
+      rootPid: req.pid,
+      shellJob: options.shellJob,
+    });
+    faultPoint("before-commit");
+    dir.syncDir();
+  } catch (e) {
+    withContext("resuming the tree after a failed dump", () => tree.release());
+    dir.discard();
+    throw e;
+  }
+  frozenMs = performance.now() - tree.frozenAt;
+  if (options.leaveRunning) tree.release();
+  else tree.kill();
+  const pageBytes = tree.pids.reduce((s, pid) => {
+    try {
+      return s + Deno.statSync(dir.file(`pages-${pid}.img`)).size;
+    } catch {
+      return s;
+    }
+  }, 0);
+  return {
+    pids: tree.pids,
+    frozenMs,
+    totalMs: performance.now() - t0,
+    pageBytes,
+    imageBytes: imageBytes(req.dir),
+  };
+}

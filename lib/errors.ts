@@ -1,0 +1,68 @@
+/**
+ * Errors that say what failed and where: each layer adds the object it was
+ * working on, so a message reads
+ * `pid 812: mapping 7f3a..7f3b [heap]: process_vm_readv: EFAULT`.
+ */
+
+/** An error whose message is meant for the user, with its context chain. */
+export class AmberError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "AmberError";
+  }
+}
+
+/** A wrong command line or argument: exit code 2. */
+export class UsageError extends AmberError {
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+function messageOf(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** Prefixes an error's message with `label: `, keeping its cause. */
+export function wrapError(label: string, e: unknown): AmberError {
+  if (e instanceof UsageError) return e;
+  return new AmberError(`${label}: ${messageOf(e)}`, { cause: e });
+}
+
+/** Runs fn; a failure is rethrown with `label: ` in front of its message. */
+export function withContext<T>(label: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    throw wrapError(label, e);
+  }
+}
+
+/** Async variant of {@link withContext}. */
+export async function withContextAsync<T>(label: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    throw wrapError(label, e);
+  }
+}
+
+/** Hex without 0x, as /proc/PID/maps prints addresses. */
+export function hex(v: bigint | number): string {
+  return v.toString(16);
+}
+
+/**
+ * Test-only fault hook: when AMBER_TEST_FAULT names this point, the step
+ * fails here, so tests can prove a failure mid-dump harms nothing.
+ */
+export function faultPoint(name: string): void {
+  let wanted: string | undefined;
+  try {
+    wanted = Deno.env.get("AMBER_TEST_FAULT");
+  } catch {
+    return; // no env permission: no faults
+  }
+  if (wanted === name) throw new AmberError(`injected test fault at ${name}`);
+}

@@ -1,0 +1,97 @@
+/**
+ * The descriptor table. Each descriptor is handled by the first kind in
+ * FD_KINDS that matches it: adding a kind means adding a module and a line
+ * here.
+ */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { definePart, type RestoreContext } from "../context.ts";
+import { AmberError, withContext } from "../errors.ts";
+import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
+import { fileFd } from "./file.ts";
+import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
+import { ttyFd } from "./tty.ts";
+import { unsupportedFd } from "./unsupported.ts";
+
+/** In match order; the last one takes anything. */
+export const FD_KINDS: FdKind[] = [ttyFd, fileFd, unsupportedFd];
+
+const FdEntry = z.discriminatedUnion(
+  "kind",
+  FD_KINDS.map((k) => k.schema) as unknown as [z.ZodObject, ...z.ZodObject[]],
+);
+type FdEntryImage = { kind: string; fd: number; flags: number };
+
+function kindOf(name: string): FdKind {
+  const k = FD_KINDS.find((k) => k.name === name);
+  if (!k) throw new AmberError(`fd kind ${name}: unknown`);
+  return k;
+}
+
+export function probeFd(pid: number, fd: number): FdProbe {
+  const link = readProcLink(pid, `fd/${fd}`);
+  const info = readProcText(pid, `fdinfo/${fd}`);
+  const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, "m").exec(info)?.[1] ?? "0";
+  let stat: Deno.FileInfo | undefined;
+  try {
+    stat = Deno.statSync(procPath(pid, `fd/${fd}`));
+  } catch { /* anon inodes, sockets: no path to stat */ }
+  return { pid, fd, link, flags: parseInt(field("flags"), 8), pos: Number(field("pos")), stat };
+}
+
+/** Moves the helper's inherited descriptors out of the way of the image's numbers. */
+function parkInherited(ctx: RestoreContext, entries: FdEntryImage[]): number[] {
+  const inj = ctx.injector;
+  const floor = Math.max(3, ...entries.map((e) => e.fd + 1));
+  const parked = new Map<number, string>();
+  for (const [fd, what] of ctx.inherited) {
+    const high = Number(inj.call("fcntl(F_DUPFD_CLOEXEC)", NR.fcntl, fd, 1030, floor));
+    inj.call("close", NR.close, fd);
+    parked.set(high, what);
+  }
+  ctx.inherited.clear();
+  for (const [fd, what] of parked) ctx.inherited.set(fd, what);
+  return [...parked.keys()];
+}
+
+function installFd(ctx: RestoreContext, e: FdEntryImage): void {
+  const inj = ctx.injector;
+  const tmp = kindOf(e.kind).restore(ctx, e);
+  const cloexec = e.flags & O_CLOEXEC ? O_CLOEXEC : 0;
+  if (tmp === e.fd) {
+    inj.call("fcntl(F_SETFD)", NR.fcntl, tmp, 2, cloexec ? 1 : 0);
+    return;
+  }
+  inj.call("dup3", NR.dup3, tmp, e.fd, cloexec);
+  inj.call("close", NR.close, tmp);
+}
+
+export const fdsPart = definePart({
+  name: "fds",
+  version: 1,
+  schema: z.object({ fds: z.array(FdEntry) }),
+  dump({ pid }) {
+    const fds = listProcNumbers(pid, "fd").map((fd) =>
+      withContext(`fd ${fd}`, () => {
+        const probe = probeFd(pid, fd);
+        return FD_KINDS.find((k) => k.matches(probe))!.dump(probe);
+      })
+    );
+    return { fds: fds as z.input<typeof FdEntry>[] };
+  },
+  precheck({ fds }, ctx) {
+    const seen = new Set<number>();
+    for (const e of fds as FdEntryImage[]) {
+      if (seen.has(e.fd)) throw new AmberError(`fd ${e.fd}: listed twice`);
+      seen.add(e.fd);
+      withContext(`fd ${e.fd}`, () => kindOf(e.kind).precheck?.(e, ctx));
+    }
+  },
+  restore(ctx, { fds }) {
+    const entries = fds as FdEntryImage[];
+    const parked = parkInherited(ctx, entries);
+    for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e));
+    for (const fd of parked) ctx.injector.call("close", NR.close, fd);
+    if (!entries.length && !parked.length) return;
+  },
+});

@@ -1,0 +1,35 @@
+/** What every kind of file descriptor module provides. */
+import type { z } from "zod";
+import type { PrecheckContext, RestoreContext } from "../context.ts";
+
+/** What /proc says about one open descriptor. */
+export interface FdProbe {
+  pid: number;
+  fd: number;
+  /** readlink of /proc/PID/fd/N, e.g. "/var/log/x", "pipe:[123]". */
+  link: string;
+  /** fdinfo "flags" (open flags, O_CLOEXEC included). */
+  flags: number;
+  /** fdinfo "pos". */
+  pos: number;
+  /** stat of the open file (follows the fd link), when it could be taken. */
+  stat?: Deno.FileInfo;
+}
+
+export interface FdKind<S extends z.ZodType = z.ZodType> {
+  /** The `kind` field of its image entries. */
+  name: string;
+  /** Entry schema; must include `kind: z.literal(name)`, `fd` and `flags`. */
+  schema: S;
+  matches(probe: FdProbe): boolean;
+  dump(probe: FdProbe): z.input<S>;
+  precheck?(entry: z.output<S>, ctx: PrecheckContext): void;
+  /** Returns a descriptor in the tracee holding the file; the caller moves it to its number. */
+  restore(ctx: RestoreContext, entry: z.output<S>): number;
+}
+
+export function defineFdKind<S extends z.ZodType>(kind: FdKind<S>): FdKind<S> {
+  return kind;
+}
+
+export const O_CLOEXEC = 0o2000000;

@@ -1,0 +1,40 @@
+/** A process's root, working directory and umask. */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { AmberError } from "../errors.ts";
+import { definePart } from "../context.ts";
+import { readProcLink } from "../proc/read.ts";
+import { readStatus } from "../proc/status.ts";
+import { putString } from "../scratch.ts";
+
+export const fsPart = definePart({
+  name: "fs",
+  version: 1,
+  schema: z.object({
+    cwd: z.string().startsWith("/"),
+    root: z.string().startsWith("/"),
+    umask: z.number().int().min(0).max(0o777),
+  }),
+  dump({ pid }) {
+    const cwd = readProcLink(pid, "cwd");
+    const root = readProcLink(pid, "root");
+    for (const [what, p] of [["cwd", cwd], ["root", root]]) {
+      if (p.endsWith(" (deleted)")) throw new AmberError(`${what} ${p}: directory was deleted`);
+    }
+    return { cwd, root, umask: parseInt(readStatus(pid).get("Umask") ?? "22", 8) };
+  },
+  precheck({ cwd, root }) {
+    for (const [what, p] of [["cwd", cwd], ["root", root]]) {
+      let ok = false;
+      try {
+        ok = Deno.statSync(p).isDirectory;
+      } catch { /* missing */ }
+      if (!ok) throw new AmberError(`${what} ${p}: no such directory`);
+    }
+  },
+  restore({ pid, injector: inj, scratch }, { cwd, root, umask }) {
+    inj.call(`chdir ${cwd}`, NR.chdir, putString(pid, scratch, cwd));
+    if (root !== "/") inj.call(`chroot ${root}`, NR.chroot, putString(pid, scratch, root));
+    inj.call("umask", NR.umask, umask);
+  },
+});

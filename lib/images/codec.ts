@@ -1,0 +1,95 @@
+/**
+ * The image container: every CBOR image is `{ magic, version, body }`,
+ * checked against its kind's zod schema on every read. Page data never
+ * passes through here (see lib/mm/pages.ts).
+ */
+import { decode, Encoder } from "cbor-x";
+import { z } from "zod";
+import { AmberError } from "../errors.ts";
+
+/** Largest CBOR image we accept: anything bigger is not ours. */
+export const MAX_IMAGE_BYTES = 256 * 1024 * 1024;
+
+/** One kind of image: its file name, magic, version and schema. */
+export interface ImageKind<T> {
+  /** Short name, e.g. "core"; files are `core.cbor` or `core-PID.cbor`. */
+  name: string;
+  perProcess: boolean;
+  version: number;
+  schema: z.ZodType<T>;
+}
+
+export function defineImage<S extends z.ZodType>(
+  name: string,
+  version: number,
+  perProcess: boolean,
+  schema: S,
+): ImageKind<z.output<S>> {
+  return { name, version, perProcess, schema: schema as z.ZodType<z.output<S>> };
+}
+
+export function magicOf(kind: ImageKind<unknown>): string {
+  return `AMBER-${kind.name}`;
+}
+
+export function imageFileName(kind: ImageKind<unknown>, pid?: number): string {
+  if (kind.perProcess !== (pid !== undefined)) {
+    throw new Error(`image ${kind.name}: ${kind.perProcess ? "needs" : "takes no"} pid`);
+  }
+  return pid === undefined ? `${kind.name}.cbor` : `${kind.name}-${pid}.cbor`;
+}
+
+const encoder = new Encoder({ useRecords: false, mapsAsObjects: true });
+
+export function encodeImage<T>(kind: ImageKind<T>, body: T): Uint8Array {
+  return encoder.encode({ magic: magicOf(kind), version: kind.version, body });
+}
+
+function describeIssue(issue: z.core.$ZodIssue): string {
+  const path = issue.path.map((p) => typeof p === "number" ? `[${p}]` : `.${String(p)}`)
+    .join("").replace(/^\./, "");
+  return `field ${path || "(top)"}: ${issue.message}`;
+}
+
+/** Decodes and validates one image; errors name the file and the field. */
+export function decodeImage<T>(kind: ImageKind<T>, bytes: Uint8Array, file: string): T {
+  if (bytes.length > MAX_IMAGE_BYTES) {
+    throw new AmberError(`${file}: ${bytes.length} bytes is larger than any image`);
+  }
+  let raw: unknown;
+  try {
+    raw = decode(bytes);
+  } catch (e) {
+    throw new AmberError(
+      `${file}: not a valid CBOR image (truncated or corrupted): ${
+        e instanceof Error ? e.message : e
+      }`,
+    );
+  }
+  const head = z.object({ magic: z.string(), version: z.number(), body: z.unknown() })
+    .safeParse(raw);
+  if (!head.success) throw new AmberError(`${file}: not an amber image (no magic/version/body)`);
+  if (head.data.magic !== magicOf(kind)) {
+    throw new AmberError(`${file}: magic "${head.data.magic}", expected "${magicOf(kind)}"`);
+  }
+  if (head.data.version !== kind.version) {
+    throw new AmberError(
+      `${file}: format version ${head.data.version} is not supported (this amber reads version ${kind.version})`,
+    );
+  }
+  const body = kind.schema.safeParse(head.data.body);
+  if (!body.success) {
+    throw new AmberError(`${file}: ${body.error.issues.slice(0, 3).map(describeIssue).join("; ")}`);
+  }
+  return body.data;
+}
+
+// Shared schema pieces.
+
+/** A 64-bit unsigned value (addresses, masks) as BigInt. */
+export const u64 = z.union([z.bigint(), z.number().int()]).transform((v) => BigInt(v)).refine(
+  (v) => v >= 0n && v < 1n << 64n,
+  "not a 64-bit unsigned value",
+);
+export const pidNumber = z.number().int().min(1).max(4194304);
+export const bytes = z.custom<Uint8Array>((v) => v instanceof Uint8Array, "expected bytes");

@@ -1,0 +1,255 @@
+/**
+ * The address space layout. Restore replaces the helper's mappings with
+ * the dumped ones: [vvar]/[vdso] are moved to their dumped addresses,
+ * file mappings map the same (unchanged) file again, anonymous ones are
+ * created empty and filled by the pages part. Mappings that will receive
+ * page data are created writable; the mm part applies final protections.
+ */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { readMemoryProc } from "../../ffi/memory.ts";
+import { definePart, type RestoreContext } from "../context.ts";
+import { AmberError, hex, withContext } from "../errors.ts";
+import { u64 } from "../images/codec.ts";
+import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
+import { putString } from "../scratch.ts";
+
+export const PAGE = 4096n;
+export const PROT = { READ: 1, WRITE: 2, EXEC: 4 } as const;
+const MAP = {
+  SHARED: 1,
+  PRIVATE: 2,
+  FIXED: 0x10,
+  ANONYMOUS: 0x20,
+  GROWSDOWN: 0x100,
+  NORESERVE: 0x4000,
+};
+const MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2;
+const O_RDONLY = 0, O_RDWR = 2, O_CLOEXEC = 0o2000000;
+const AT_FDCWD = -100;
+
+/** Kernel-provided mappings that are moved, never recreated. */
+export const SPECIAL = ["[vvar]", "[vvar_vclock]", "[vdso]"] as const;
+
+export const FileIdentity = z.object({ ino: z.number(), size: z.number(), mtimeMs: z.number() });
+
+export const Mapping = z.object({
+  start: u64,
+  end: u64,
+  prot: z.number().int().min(0).max(7),
+  shared: z.boolean(),
+  offset: u64,
+  /** Path, pseudo name ([heap], [stack], [vdso], [anon:x]) or "" for anonymous. */
+  path: z.string(),
+  kind: z.enum(["anon", "file", "shmem", "special", "vsyscall"]),
+  vmFlags: z.array(z.string()),
+  file: FileIdentity.optional(),
+}).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
+export type MappingImage = z.output<typeof Mapping>;
+
+export function mappingLabel(m: { start: bigint; end: bigint; path: string }): string {
+  return `mapping ${hex(m.start)}..${hex(m.end)}${m.path ? " " + m.path : ""}`;
+}
+
+function protOf(perms: string): number {
+  return (perms[0] === "r" ? PROT.READ : 0) | (perms[1] === "w" ? PROT.WRITE : 0) |
+    (perms[2] === "x" ? PROT.EXEC : 0);
+}
+
+function kindOf(e: MapsEntry): MappingImage["kind"] {
+  if ((SPECIAL as readonly string[]).includes(e.path)) return "special";
+  if (e.path === "[vsyscall]") return "vsyscall";
+  if (
+    e.path.startsWith("/dev/zero") || e.path.startsWith("/SYSV") ||
+    e.path.startsWith("[anon_shmem:")
+  ) return "shmem";
+  if (e.path.startsWith("/") && e.inode) return "file";
+  if (e.perms[3] === "s" && e.inode) return "shmem";
+  return "anon";
+}
+
+function identity(path: string): z.input<typeof FileIdentity> {
+  const st = Deno.statSync(path);
+  return { ino: st.ino ?? 0, size: st.size, mtimeMs: st.mtime?.getTime() ?? 0 };
+}
+
+export function dumpMappings(pid: number): z.input<typeof Mapping>[] {
+  const flags = readVmFlags(pid);
+  return readMaps(pid).map((e) => {
+    const kind = kindOf(e);
+    return withContext(mappingLabel(e), () => ({
+      start: e.start,
+      end: e.end,
+      prot: protOf(e.perms),
+      shared: e.perms[3] === "s",
+      offset: e.offset,
+      path: e.path,
+      kind,
+      vmFlags: flags.get(e.start) ?? [],
+      file: kind === "file"
+        ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
+        : undefined,
+    }));
+  });
+}
+
+/** sha256 of the [vdso] code, to refuse restoring on a kernel whose vdso differs. */
+export async function vdsoDigest(pid: number, maps = readMaps(pid)): Promise<string> {
+  const v = maps.find((m) => m.path === "[vdso]");
+  if (!v) return "";
+  const code = readMemoryProc(pid, v.start, Number(v.end - v.start));
+  const d = await crypto.subtle.digest("SHA-256", code as Uint8Array<ArrayBuffer>);
+  return Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Whether the pages part will write into this mapping (so it is created writable). */
+export function receivesPages(m: MappingImage): boolean {
+  return m.kind === "anon" || m.kind === "shmem" || (m.kind === "file" && !m.shared);
+}
+
+function overlaps(a: { start: bigint; end: bigint }, b: { start: bigint; end: bigint }): boolean {
+  return a.start < b.end && b.start < a.end;
+}
+
+/** A free, page-aligned hole of `size` bytes that overlaps none of `taken`. */
+export function findFreeRange(taken: { start: bigint; end: bigint }[], size: bigint): bigint {
+  const sorted = [...taken].sort((a, b) => (a.start < b.start ? -1 : 1));
+  let candidate = 0x10000000n;
+  for (const t of sorted) {
+    if (t.end <= candidate) continue;
+    if (t.start >= candidate + size) break;
+    candidate = t.end;
+  }
+  if (candidate + size > 0x7fffffff0000n) throw new AmberError("no free address range");
+  return candidate;
+}
+
+/** Moves the kernel's [vvar]/[vdso] mappings of the helper to the dumped addresses. */
+function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
+  const inj = ctx.injector;
+  const current = readMaps(ctx.pid);
+  const wanted = image.filter((m) => m.kind === "special");
+  const all = [...current, ...image];
+  // Through a free hole first, so a destination never overlaps a source.
+  const moves = wanted.map((w) => {
+    const cur = current.find((c) => c.path === w.path);
+    if (!cur || cur.end - cur.start !== w.end - w.start) {
+      throw new AmberError(
+        `${w.path}: this kernel's layout differs from the image's (${
+          cur ? hex(cur.end - cur.start) : "missing"
+        } vs ${hex(w.end - w.start)} bytes); restore on the kernel that dumped it`,
+      );
+    }
+    return { cur, w };
+  });
+  const total = moves.reduce((s, m) => s + (m.w.end - m.w.start), 0n);
+  let hole = findFreeRange(all, total + PAGE);
+  const staged = moves.map(({ cur, w }) => {
+    const size = w.end - w.start;
+    inj.call(
+      `mremap ${cur.path}`,
+      NR.mremap,
+      cur.start,
+      size,
+      size,
+      MREMAP_MAYMOVE | MREMAP_FIXED,
+      hole,
+    );
+    if (cur.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - cur.start + hole;
+    const at = hole;
+    hole += size;
+    return { at, w };
+  });
+  for (const { at, w } of staged) {
+    const size = w.end - w.start;
+    inj.call(`mremap ${w.path}`, NR.mremap, at, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, w.start);
+    if (w.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - at + w.start;
+  }
+  for (const t of ctx.threads.values()) t.syscallAddr = inj.syscallAddr;
+}
+
+function unmapHelper(ctx: RestoreContext): void {
+  for (const m of readMaps(ctx.pid)) {
+    if ((SPECIAL as readonly string[]).includes(m.path) || m.path === "[vsyscall]") continue;
+    if (
+      overlaps(m, { start: ctx.scratch.addr, end: ctx.scratch.addr + BigInt(ctx.scratch.size) })
+    ) continue;
+    ctx.injector.call(`munmap ${mappingLabel(m)}`, NR.munmap, m.start, m.end - m.start);
+  }
+}
+
+function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {
+  const inj = ctx.injector;
+  const prot = m.prot | (receivesPages(m) ? PROT.READ | PROT.WRITE : 0);
+  let flags = MAP.FIXED | (m.shared ? MAP.SHARED : MAP.PRIVATE);
+  if (m.vmFlags.includes("gd")) flags |= MAP.GROWSDOWN;
+  if (m.vmFlags.includes("nr")) flags |= MAP.NORESERVE;
+  let fd = -1;
+  if (m.kind === "file") {
+    const mode = m.shared && m.prot & PROT.WRITE ? O_RDWR : O_RDONLY;
+    const key = `${mode}:${m.path}`;
+    if (!fds.has(key)) {
+      const path = putString(ctx.pid, ctx.scratch, m.path);
+      fds.set(
+        key,
+        Number(inj.call(`open ${m.path}`, NR.openat, AT_FDCWD, path, mode | O_CLOEXEC, 0)),
+      );
+    }
+    fd = fds.get(key)!;
+  } else {
+    flags |= MAP.ANONYMOUS;
+  }
+  const len = m.end - m.start;
+  const got = inj.call("mmap", NR.mmap, m.start, len, prot, flags, fd, fd >= 0 ? m.offset : 0);
+  if (BigInt.asUintN(64, got) !== m.start) throw new AmberError(`mmap landed at ${hex(got)}`);
+  const anonName = /^\[anon(_shmem)?:(.*)\]$/.exec(m.path);
+  if (anonName) {
+    // PR_SET_VMA(0x53564d41), PR_SET_VMA_ANON_NAME(0)
+    const name = putString(ctx.pid, ctx.scratch, anonName[2]);
+    inj.call("prctl(PR_SET_VMA_ANON_NAME)", NR.prctl, 0x53564d41, 0, m.start, len, name);
+  }
+}
+
+export const mappingsPart = definePart({
+  name: "mappings",
+  version: 1,
+  schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
+  async dump({ pid }) {
+    return { mappings: dumpMappings(pid), vdsoSha256: await vdsoDigest(pid) };
+  },
+  precheck({ mappings }) {
+    let prevEnd = 0n;
+    for (const m of mappings) {
+      withContext(mappingLabel(m), () => {
+        if (m.start < prevEnd) throw new AmberError("overlaps the previous mapping");
+        prevEnd = m.end;
+        if (m.kind !== "file") return;
+        if (m.path.endsWith(" (deleted)")) {
+          throw new AmberError("the mapped file was deleted; not supported yet");
+        }
+        let now;
+        try {
+          now = identity(m.path);
+        } catch {
+          throw new AmberError("file is missing");
+        }
+        if (
+          m.file &&
+          (now.ino !== m.file.ino || now.size !== m.file.size || now.mtimeMs !== m.file.mtimeMs)
+        ) {
+          throw new AmberError("file changed since the dump (inode, size or mtime differ)");
+        }
+      });
+    }
+  },
+  restore(ctx, { mappings }) {
+    moveSpecials(ctx, mappings);
+    unmapHelper(ctx);
+    const fds = new Map<string, number>();
+    for (const m of mappings) {
+      if (m.kind === "special" || m.kind === "vsyscall") continue;
+      withContext(mappingLabel(m), () => mapOne(ctx, m, fds));
+    }
+    for (const fd of fds.values()) ctx.injector.call("close", NR.close, fd);
+  },
+});

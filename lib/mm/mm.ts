@@ -1,0 +1,134 @@
+/**
+ * The mm_struct fields (code/data/brk/stack/args/env bounds, auxv, exe
+ * file), set in one PR_SET_MM_MAP call once the mappings exist, and the
+ * final protections and madvise flags of every mapping.
+ */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { definePart } from "../context.ts";
+import { AmberError, withContext } from "../errors.ts";
+import { bytes, u64 } from "../images/codec.ts";
+import { readProcBytes, readProcLink } from "../proc/read.ts";
+import { readStat } from "../proc/stat.ts";
+import { putBytes, putString, u64Bytes } from "../scratch.ts";
+import { FileIdentity, type MappingImage, mappingLabel, receivesPages } from "./mappings.ts";
+
+const PR_SET_MM = 35;
+const PR_SET_MM_MAP = 14;
+const PRCTL_MM_MAP_SIZE = 104;
+/** VmFlags → madvise advice that recreates it. */
+const MADVISE: Record<string, number> = { dc: 10, hg: 14, nh: 15, dd: 16, wf: 18 };
+
+export const MmSchema = z.object({
+  startCode: u64,
+  endCode: u64,
+  startData: u64,
+  endData: u64,
+  startBrk: u64,
+  brk: u64,
+  startStack: u64,
+  argStart: u64,
+  argEnd: u64,
+  envStart: u64,
+  envEnd: u64,
+  auxv: bytes.refine((b) => b.length % 16 === 0 && b.length <= 4096, "bad auxv"),
+  exe: z.string(),
+  exeFile: FileIdentity.optional(),
+});
+export type MmImage = z.output<typeof MmSchema>;
+
+export const mmPart = definePart({
+  name: "mm",
+  version: 1,
+  schema: MmSchema,
+  dump({ pid, injector }) {
+    const st = readStat(pid);
+    const exe = readProcLink(pid, "exe");
+    const exeStat = Deno.statSync(`/proc/${pid}/exe`);
+    return {
+      startCode: st.startCode,
+      endCode: st.endCode,
+      startData: st.startData,
+      endData: st.endData,
+      startBrk: st.startBrk,
+      // brk(0) changes nothing and returns the current break.
+      brk: injector.call("brk(0)", NR.brk, 0),
+      startStack: st.startStack,
+      argStart: st.argStart,
+      argEnd: st.argEnd,
+      envStart: st.envStart,
+      envEnd: st.envEnd,
+      auxv: readProcBytes(pid, "auxv"),
+      exe,
+      exeFile: {
+        ino: exeStat.ino ?? 0,
+        size: exeStat.size,
+        mtimeMs: exeStat.mtime?.getTime() ?? 0,
+      },
+    };
+  },
+  precheck({ exe, exeFile }) {
+    if (exe.endsWith(" (deleted)")) throw new AmberError(`exe ${exe}: deleted; not supported yet`);
+    let st;
+    try {
+      st = Deno.statSync(exe);
+    } catch {
+      throw new AmberError(`exe ${exe}: missing`);
+    }
+    if (exeFile && (st.ino !== exeFile.ino || st.size !== exeFile.size)) {
+      throw new AmberError(`exe ${exe}: changed since the dump`);
+    }
+  },
+  restore(ctx, mm) {
+    const { pid, injector: inj, scratch } = ctx;
+    const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
+    for (const m of mappings) {
+      if (m.kind === "special" || m.kind === "vsyscall") continue;
+      withContext(mappingLabel(m), () => {
+        if (receivesPages(m) && (m.prot & 3) !== 3) {
+          inj.call("mprotect", NR.mprotect, m.start, m.end - m.start, m.prot);
+        }
+        for (const f of m.vmFlags) {
+          if (MADVISE[f] !== undefined) inj.raw(NR.madvise, m.start, m.end - m.start, MADVISE[f]);
+        }
+      });
+    }
+    const exeFd = inj.call(
+      `open ${mm.exe}`,
+      NR.openat,
+      -100,
+      putString(pid, scratch, mm.exe),
+      0o2000000,
+      0,
+    );
+    const auxvAddr = putBytes(pid, scratch, mm.auxv, 4096);
+    const map = new Uint8Array(PRCTL_MM_MAP_SIZE);
+    map.set(u64Bytes([
+      mm.startCode,
+      mm.endCode,
+      mm.startData,
+      mm.endData,
+      mm.startBrk,
+      mm.brk,
+      mm.startStack,
+      mm.argStart,
+      mm.argEnd,
+      mm.envStart,
+      mm.envEnd,
+      auxvAddr,
+    ]));
+    new DataView(map.buffer).setUint32(96, mm.auxv.length, true);
+    new DataView(map.buffer).setUint32(100, Number(exeFd), true);
+    const mapAddr = putBytes(pid, scratch, map, 0);
+    inj.call(
+      "prctl(PR_SET_MM_MAP)",
+      NR.prctl,
+      PR_SET_MM,
+      PR_SET_MM_MAP,
+      mapAddr,
+      PRCTL_MM_MAP_SIZE,
+      0,
+    );
+    inj.call("close", NR.close, exeFd);
+  },
+});

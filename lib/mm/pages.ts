@@ -1,0 +1,243 @@
+/**
+ * Memory contents. Only pages that exist are stored (per /proc/PID/pagemap),
+ * raw, back to back in `pages-PID.img`; the CBOR `pagemap-PID` image lists
+ * the virtual ranges they belong to, in file order.
+ *
+ * What is stored, per mapping:
+ * - private anonymous (heap, stack, malloc arenas) and shared anonymous
+ *   memory: every present or swapped page;
+ * - private file-backed mappings: only pages that no longer come from the
+ *   file, i.e. present without the "file page" bit (copy-on-write copies
+ *   made by writes, relocations, ...) or swapped out; untouched pages are
+ *   read from the file again at restore;
+ * - shared file mappings: nothing, the file holds the data;
+ * - [vdso]/[vvar]/[vsyscall]: nothing, the kernel provides them.
+ */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { IOV_MAX, readMemoryProc, readRangesAsync, type RemoteRange } from "../../ffi/memory.ts";
+import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
+import { AmberError, faultPoint, withContext } from "../errors.ts";
+import { u64 } from "../images/codec.ts";
+import { putBytes, u64Bytes } from "../scratch.ts";
+import { type MappingImage, mappingLabel, PAGE, receivesPages } from "./mappings.ts";
+
+const PM_PRESENT = 1n << 63n;
+const PM_SWAP = 1n << 62n;
+const PM_FILE = 1n << 61n;
+const PAGE_SIZE = Number(PAGE);
+/** Bytes read per process_vm_readv batch; two such buffers are in flight. */
+const CHUNK_BYTES = 32 * 1024 * 1024;
+
+const Run = z.object({ addr: u64, pages: z.number().int().min(1) });
+export type PageRun = z.output<typeof Run>;
+
+export function pagesFileName(pid: number): string {
+  return `pages-${pid}.img`;
+}
+
+function storesPage(m: MappingImage, entry: bigint): boolean {
+  if (!(entry & (PM_PRESENT | PM_SWAP))) return false;
+  if (m.kind === "anon" || m.kind === "shmem") return true;
+  if (m.kind === "file" && !m.shared) return !(entry & PM_FILE) || (entry & PM_SWAP) !== 0n;
+  return false;
+}
+
+/** Reads the pagemap entries of [start, end). */
+export function readPagemap(file: Deno.FsFile, start: bigint, end: bigint): BigUint64Array {
+  const n = Number((end - start) / PAGE);
+  const out = new BigUint64Array(n);
+  const bytes = new Uint8Array(out.buffer);
+  file.seekSync(Number(start / PAGE) * 8, Deno.SeekMode.Start);
+  let done = 0;
+  while (done < bytes.length) {
+    const r = file.readSync(bytes.subarray(done));
+    if (!r) throw new AmberError("pagemap: short read");
+    done += r;
+  }
+  return out;
+}
+
+/** The runs of pages to store for each mapping, in address order. */
+export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
+  const runs: PageRun[] = [];
+  using pm = Deno.openSync(`/proc/${pid}/pagemap`, { read: true });
+  for (const m of mappings) {
+    if (!receivesPages(m)) continue;
+    const entries = withContext(
+      `${mappingLabel(m)}: pagemap`,
+      () => readPagemap(pm, m.start, m.end),
+    );
+    let runStart = -1;
+    for (let i = 0; i <= entries.length; i++) {
+      const keep = i < entries.length && storesPage(m, entries[i]);
+      if (keep && runStart < 0) runStart = i;
+      if (!keep && runStart >= 0) {
+        runs.push({ addr: m.start + BigInt(runStart) * PAGE, pages: i - runStart });
+        runStart = -1;
+      }
+    }
+  }
+  return runs;
+}
+
+/** Splits runs into read batches of at most CHUNK_BYTES and IOV_MAX ranges. */
+function batches(runs: PageRun[]): RemoteRange[][] {
+  const out: RemoteRange[][] = [];
+  let cur: RemoteRange[] = [];
+  let bytes = 0;
+  for (const r of runs) {
+    let addr = r.addr;
+    let left = r.pages * PAGE_SIZE;
+    while (left > 0) {
+      const len = Math.min(left, CHUNK_BYTES - bytes);
+      cur.push({ addr, len });
+      bytes += len;
+      addr += BigInt(len);
+      left -= len;
+      if (bytes === CHUNK_BYTES || cur.length === IOV_MAX) {
+        out.push(cur);
+        cur = [];
+        bytes = 0;
+      }
+    }
+  }
+  if (cur.length) out.push(cur);
+  return out;
+}
+
+function labelFor(mappings: MappingImage[], addr: bigint): string {
+  const m = mappings.find((x) => x.start <= addr && addr < x.end);
+  return m ? mappingLabel(m) : `address ${addr.toString(16)}`;
+}
+
+/** Fills `buf` from ranges one by one, falling back to /proc/PID/mem, to name what faulted. */
+function readSlowly(pid: number, ranges: RemoteRange[], buf: Uint8Array, mappings: MappingImage[]) {
+  let off = 0;
+  for (const r of ranges) {
+    withContext(labelFor(mappings, r.addr), () => {
+      try {
+        buf.set(readMemoryProc(pid, r.addr, r.len), off);
+      } catch {
+        throw new AmberError("process_vm_readv: EFAULT");
+      }
+    });
+    off += r.len;
+  }
+}
+
+async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
+  let done = 0;
+  while (done < data.length) done += await file.write(data.subarray(done));
+}
+
+/** Copies the planned runs into the pages file; returns bytes written. */
+export async function copyPages(
+  ctx: DumpContext,
+  runs: PageRun[],
+  mappings: MappingImage[],
+): Promise<number> {
+  const { file, commit } = ctx.dir.createRaw(pagesFileName(ctx.pid));
+  const plan = batches(runs);
+  const largest = Math.max(0, ...plan.map((b) => b.reduce((s, r) => s + r.len, 0)));
+  const bufs = [new Uint8Array(largest), new Uint8Array(plan.length > 1 ? largest : 0)];
+  let pending: Promise<void> = Promise.resolve();
+  let total = 0;
+  try {
+    for (const [i, ranges] of plan.entries()) {
+      const want = ranges.reduce((s, r) => s + r.len, 0);
+      const buf = bufs[i % 2].subarray(0, want);
+      const [got] = await Promise.all([readRangesAsync(ctx.pid, ranges, buf), pending]);
+      if (got !== want) readSlowly(ctx.pid, ranges, buf, mappings);
+      if (i === Math.floor(plan.length / 2)) faultPoint("mid-pages");
+      pending = writeAll(file, buf);
+      total += want;
+    }
+    await pending;
+  } catch (e) {
+    await pending.catch(() => {});
+    file.close();
+    throw e;
+  }
+  commit();
+  return total;
+}
+
+/** Fills the restored mappings from the pages file with preadv run inside the tracee. */
+function fillPages(
+  ctx: RestoreContext,
+  runs: PageRun[],
+  pagesPath: string,
+  mappings: MappingImage[],
+): void {
+  const inj = ctx.injector;
+  const path = putBytes(ctx.pid, ctx.scratch, new TextEncoder().encode(pagesPath + "\0"));
+  const fd = inj.call(`open ${pagesPath}`, NR.openat, -100, path, 0o2000000, 0);
+  const IOV_AT = 32 * 1024;
+  const perCall = Math.min(IOV_MAX, (ctx.scratch.size - IOV_AT) / 16);
+  let fileOff = 0n;
+  for (let i = 0; i < runs.length; i += perCall) {
+    const group = runs.slice(i, i + perCall).map((r) => ({
+      addr: r.addr,
+      len: BigInt(r.pages) * PAGE,
+    }));
+    while (group.length) {
+      const iov = u64Bytes(group.flatMap((g) => [g.addr, g.len]));
+      const addr = putBytes(ctx.pid, ctx.scratch, iov, IOV_AT);
+      const label = labelFor(mappings, group[0].addr);
+      let n = withContext(label, () => inj.call("preadv", 295, fd, addr, group.length, fileOff, 0));
+      if (n === 0n) throw new AmberError(`${pagesPath}: ends before all pages were read`);
+      fileOff += n;
+      // A short read (over 2 GiB, or a signal) continues where it stopped.
+      while (group.length && n >= group[0].len) n -= group.shift()!.len;
+      if (n > 0n) {
+        group[0].addr += n;
+        group[0].len -= n;
+      }
+    }
+  }
+  inj.call("close", NR.close, fd);
+}
+
+export const pagemapPart = definePart({
+  name: "pagemap",
+  version: 1,
+  schema: z.object({
+    pagesFile: z.string().regex(/^pages-\d+\.img$/),
+    runs: z.array(Run),
+    totalPages: z.number().int().min(0),
+  }),
+  async dump(ctx) {
+    const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
+    const runs = planRuns(ctx.pid, mappings);
+    const bytes = await copyPages(ctx, runs, mappings);
+    return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE };
+  },
+  precheck({ pagesFile, runs, totalPages }, ctx) {
+    const path = ctx.dir.file(pagesFile);
+    const size = Deno.statSync(path).size;
+    if (size !== totalPages * PAGE_SIZE) {
+      throw new AmberError(`${path}: ${size} bytes, expected ${totalPages * PAGE_SIZE}`);
+    }
+    const counted = runs.reduce((s, r) => s + r.pages, 0);
+    if (counted !== totalPages) {
+      throw new AmberError(`pagemap: runs hold ${counted} pages, not ${totalPages}`);
+    }
+    const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
+    for (const r of runs) {
+      const end = r.addr + BigInt(r.pages) * PAGE;
+      const m = mappings.find((x) => x.start <= r.addr && end <= x.end);
+      if (!m || !receivesPages(m)) {
+        throw new AmberError(
+          `pagemap: run ${r.addr.toString(16)}..${
+            end.toString(16)
+          } is outside any writable mapping`,
+        );
+      }
+    }
+  },
+  restore(ctx, { pagesFile, runs }) {
+    const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
+    fillPages(ctx, runs, Deno.realPathSync(ctx.dir.file(pagesFile)), mappings);
+  },
+});

@@ -1,0 +1,279 @@
+/**
+ * restore: rebuild a dumped tree with the same PIDs and let it run.
+ *
+ * A generated helper executable (ffi/helper_elf.ts) is started and seized;
+ * clone3(set_tid) calls injected into it, then into each new process,
+ * create the tree top-down, every process starting as a copy of the empty
+ * helper. Each process is then rebuilt by injected syscalls (parts, in
+ * lib/parts.ts order), its threads get their registers, and everything is
+ * detached at once. Any failure kills all that was created.
+ */
+import { writeHelperElf } from "../ffi/helper_elf.ts";
+import { Injector, NR } from "../ffi/inject.ts";
+import * as pt from "../ffi/ptrace.ts";
+import { libc } from "../ffi/libc.ts";
+import type { RestoreContext, RestoreOptions, Scratch } from "./context.ts";
+import { AmberError, withContext, withContextAsync } from "./errors.ts";
+import { ImageDir } from "./images/dir.ts";
+import { type Images, type ProcessImages, readImages } from "./images/read.ts";
+import { findFreeRange, type MappingImage, vdsoDigest } from "./mm/mappings.ts";
+import { PARTS } from "./parts.ts";
+import { readMaps } from "./proc/maps.ts";
+import { applyThreadState, type ThreadImage, xstateSize } from "./task/threads.ts";
+import { putBytes, u64Bytes } from "./scratch.ts";
+
+export interface RestoreRequest extends Partial<RestoreOptions> {
+  dir: string;
+  pidfile?: string;
+}
+
+export interface RestoreResult {
+  pids: number[];
+  /** Exit code of the root when not detached (128+signal if killed). */
+  exitCode?: number;
+  restoreMs: number;
+}
+
+const SCRATCH_SIZE = 64 * 1024;
+const CLONE_PARENT = 0x8000;
+const TRACE_OPTIONS = pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE | pt.PTRACE_O.EXITKILL;
+
+/** Who holds a pid, for "pid 1234 is in use by /usr/bin/foo". */
+function pidHolder(pid: number): string | undefined {
+  try {
+    Deno.statSync(`/proc/${pid}`);
+  } catch {
+    return undefined;
+  }
+  try {
+    return Deno.readLinkSync(`/proc/${pid}/exe`);
+  } catch {
+    try {
+      return Deno.readTextFileSync(`/proc/${pid}/comm`).trim();
+    } catch {
+      return "another process";
+    }
+  }
+}
+
+/** Everything that can be checked before a single process is created. */
+async function precheck(images: Images, options: RestoreOptions, dir: ImageDir): Promise<void> {
+  const inv = images.inventory;
+  const vdso = await vdsoDigest(Deno.pid);
+  if (inv.vdsoSha256 && vdso !== inv.vdsoSha256) {
+    throw new AmberError(
+      `this kernel's [vdso] differs from the image's (dumped on ${inv.kernel}); not supported yet`,
+    );
+  }
+  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  for (const p of images.processes) {
+    for (const tid of p.entry.threads) {
+      const holder = pidHolder(tid);
+      if (holder) throw new AmberError(`pid ${tid} is in use by ${holder}`);
+    }
+    const e = p.entry;
+    if (!pids.has(e.sid) && !options.shellJob) {
+      throw new AmberError(
+        `pid ${e.pid}: its session ${e.sid} is not in the images; restore with --shell-job`,
+      );
+    }
+    for (const part of PARTS) {
+      withContext(
+        `pid ${e.pid}: ${part.name}`,
+        () => part.precheck?.(p.parts[part.name], { pid: e.pid, dir, options, images: p.parts }),
+      );
+    }
+  }
+}
+
+interface Blank {
+  images: ProcessImages;
+  injector: Injector;
+}
+
+/** clone3 with set_tid = [pid], run by `parent`; returns the new process, stopped. */
+function cloneProcess(
+  parent: Injector,
+  scratch: Scratch,
+  pid: number,
+  flags: number,
+  exitSignal: number,
+): Injector {
+  const setTid = putBytes(parent.tid, scratch, u64Bytes([pid]), 256);
+  const args = u64Bytes([flags, 0, 0, 0, exitSignal, 0, 0, 0, setTid, 1, 0]);
+  const argsAddr = putBytes(parent.tid, scratch, args, 0);
+  const r = parent.raw(NR.clone3, argsAddr, args.length);
+  if (r === -17n) {
+    throw new AmberError(`pid ${pid} is in use by ${pidHolder(pid) ?? "another process"}`);
+  }
+  if (r < 0n) throw new AmberError(`clone3(set_tid ${pid}): errno ${-r}`);
+  if (Number(r) !== pid) throw new AmberError(`clone3 made pid ${r}, wanted ${pid}`);
+  const st = pt.waitpid(pid);
+  if (!st?.stopped) throw new AmberError(`pid ${pid}: did not stop after clone3`);
+  return new Injector(pid, parent.syscallAddr).begin();
+}
+
+/** A scratch page in a process, where neither its current nor its future mappings are. */
+function mapScratch(inj: Injector, future: MappingImage[]): Scratch {
+  const addr = findFreeRange([...readMaps(inj.tid), ...future], BigInt(SCRATCH_SIZE));
+  // MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+  inj.call("mmap scratch", NR.mmap, addr, SCRATCH_SIZE, 3, 0x02 | 0x20 | 0x100000, -1, 0);
+  return { addr, size: SCRATCH_SIZE };
+}
+
+/** Sets the session and group of a fresh process, before it has children. */
+function joinSession(inj: Injector, p: ProcessImages, created: Set<number>): void {
+  const { pid, sid, pgid } = p.entry;
+  if (sid === pid) inj.call("setsid", NR.setsid);
+  else if (pgid === pid) inj.call("setpgid", NR.setpgid, 0, 0);
+  else if (created.has(pgid)) inj.call(`setpgid ${pgid}`, NR.setpgid, 0, pgid);
+  // else: the group leader is outside the images (--shell-job): stay in the parent's group.
+}
+
+interface Helper {
+  child: Deno.ChildProcess;
+  injector: Injector;
+  scratch: Scratch;
+}
+
+function startHelper(inv: Images["inventory"]): Helper {
+  const path = writeHelperElf();
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command(path, { stdin: "inherit", stdout: "inherit", stderr: "inherit" })
+      .spawn();
+  } finally {
+    Deno.removeSync(path.replace(/\/[^/]+$/, ""), { recursive: true });
+  }
+  try {
+    pt.seize(child.pid, TRACE_OPTIONS);
+    pt.interrupt(child.pid);
+    pt.waitpid(child.pid);
+    const injector = Injector.forThread(child.pid).begin();
+    const scratch = mapScratch(injector, []);
+    if (inv.xsaveSize !== xstateSize(child.pid)) {
+      throw new AmberError(
+        `the image's FPU state is ${inv.xsaveSize} bytes, this CPU's ${xstateSize(child.pid)}: ` +
+          "restore on the same kind of CPU",
+      );
+    }
+    return { child, injector, scratch };
+  } catch (e) {
+    child.kill("SIGKILL");
+    throw e instanceof AmberError
+      ? e
+      : new AmberError(`restore helper: ${e instanceof Error ? e.message : e}`);
+  }
+}
+
+function inheritedFds(): Map<number, string> {
+  const out = new Map<number, string>();
+  for (const fd of [0, 1, 2]) {
+    try {
+      out.set(fd, Deno.readLinkSync(`/proc/self/fd/${fd}`));
+    } catch { /* closed */ }
+  }
+  return out;
+}
+
+/** Creates every process of the tree, parents first, each a copy of the helper. */
+function createTree(images: Images, helper: Helper, created: Map<number, Blank>): void {
+  const order = images.processes;
+  for (const p of order) {
+    const { pid, ppid, exitSignal } = p.entry;
+    withContext(`pid ${pid}: create`, () => {
+      const parent = created.get(ppid);
+      const injector = parent
+        ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
+        : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
+      created.set(pid, { images: p, injector });
+      joinSession(injector, p, new Set(created.keys()));
+    });
+  }
+}
+
+async function rebuildProcess(
+  blank: Blank,
+  dir: ImageDir,
+  options: RestoreOptions,
+  log: (m: string) => void,
+) {
+  const pid = blank.images.entry.pid;
+  const { mappings } = blank.images.parts.mappings as { mappings: MappingImage[] };
+  const scratch = mapScratch(blank.injector, mappings);
+  const ctx: RestoreContext = {
+    pid,
+    dir,
+    options,
+    injector: blank.injector,
+    scratch,
+    threads: new Map([[pid, blank.injector]]),
+    images: blank.images.parts,
+    inherited: inheritedFds(),
+    log,
+  };
+  for (const part of PARTS) {
+    await withContextAsync(part.name, async () => {
+      await part.restore(ctx, blank.images.parts[part.name]);
+    });
+  }
+  blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
+  return ctx.threads;
+}
+
+function killAll(pids: Iterable<number>): void {
+  for (const pid of pids) libc().kill(pid, 9);
+  for (const pid of pids) {
+    try {
+      pt.waitpid(pid);
+    } catch { /* not ours to reap */ }
+  }
+}
+
+/** Restores the images in `req.dir`. */
+export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
+  const t0 = performance.now();
+  const options: RestoreOptions = {
+    detached: req.detached ?? false,
+    shellJob: req.shellJob ?? false,
+    verbose: req.verbose ?? false,
+  };
+  const log = (m: string) => {
+    if (options.verbose) console.error(m);
+  };
+  const images = readImages(req.dir);
+  const dir = new ImageDir(req.dir);
+  await precheck(images, options, dir);
+  const helper = startHelper(images.inventory);
+  const created = new Map<number, Blank>();
+  const threads: [number, Injector, ThreadImage][] = [];
+  try {
+    createTree(images, helper, created);
+    for (const blank of created.values()) {
+      const pid = blank.images.entry.pid;
+      const made = await withContextAsync(
+        `pid ${pid}`,
+        () => rebuildProcess(blank, dir, options, log),
+      );
+      const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
+      for (const t of imgs) threads.push([t.tid, made.get(t.tid)!, t]);
+    }
+    for (const [tid, , img] of threads) applyThreadState(tid, img);
+  } catch (e) {
+    killAll([...created.keys()]);
+    helper.child.kill("SIGKILL");
+    await helper.child.status;
+    throw e;
+  }
+  // Children first, so no parent runs before its children exist as they were.
+  for (const [tid] of threads.reverse()) pt.detach(tid);
+  helper.child.kill("SIGKILL");
+  await helper.child.status;
+  const pids = [...created.keys()];
+  if (req.pidfile) Deno.writeTextFileSync(req.pidfile, `${pids[0]}\n`);
+  const restoreMs = performance.now() - t0;
+  log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
+  if (options.detached) return { pids, restoreMs };
+  const st = await pt.waitpidAsync(pids[0], 0);
+  return { pids, restoreMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
+}

@@ -1,0 +1,44 @@
+/** Signal dispositions (rt_sigaction), read and set by injected syscalls. */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { definePart } from "../context.ts";
+import { u64 } from "../images/codec.ts";
+import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
+
+const SIGKILL = 9;
+const SIGSTOP = 19;
+/** struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each). */
+const KSIGACTION_SIZE = 32;
+
+const Sigaction = z.object({
+  signal: z.number().int().min(1).max(64),
+  handler: u64,
+  flags: u64,
+  restorer: u64,
+  mask: u64,
+});
+
+export const sigactionsPart = definePart({
+  name: "sigactions",
+  version: 1,
+  schema: z.object({ actions: z.array(Sigaction) }),
+  dump({ pid, injector, scratch }) {
+    const actions = [];
+    for (let sig = 1; sig <= 64; sig++) {
+      if (sig === SIGKILL || sig === SIGSTOP) continue;
+      injector.call(`rt_sigaction(${sig})`, NR.rt_sigaction, sig, 0, scratch.addr, 8);
+      const [handler, flags, restorer, mask] = readU64s(getBytes(pid, scratch, KSIGACTION_SIZE));
+      if (handler || flags || restorer || mask) {
+        actions.push({ signal: sig, handler, flags, restorer, mask });
+      }
+    }
+    return { actions };
+  },
+  restore({ pid, injector, scratch }, { actions }) {
+    for (const a of actions) {
+      if (a.signal === SIGKILL || a.signal === SIGSTOP) continue;
+      const addr = putBytes(pid, scratch, u64Bytes([a.handler, a.flags, a.restorer, a.mask]));
+      injector.call(`rt_sigaction(${a.signal})`, NR.rt_sigaction, a.signal, addr, 0, 8);
+    }
+  },
+});

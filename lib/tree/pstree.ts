@@ -1,0 +1,47 @@
+/** The process tree image and the inventory: what was dumped, where and on what. */
+import { z } from "zod";
+import { defineImage, pidNumber, u64 } from "../images/codec.ts";
+
+export const IMAGE_FORMAT_VERSION = 1;
+export const AMBER_VERSION = "0.1.0";
+
+export const ProcessEntry = z.object({
+  pid: pidNumber,
+  ppid: z.number().int().min(0),
+  pgid: pidNumber,
+  sid: z.number().int().min(0),
+  exitSignal: z.number().int().min(0).max(64),
+  threads: z.array(pidNumber).min(1),
+});
+export type ProcessEntryImage = z.output<typeof ProcessEntry>;
+
+export const pstreeImage = defineImage(
+  "pstree",
+  1,
+  false,
+  z.object({ processes: z.array(ProcessEntry).min(1) }).refine(
+    (t) => new Set(t.processes.map((p) => p.pid)).size === t.processes.length,
+    "a pid is listed twice",
+  ).refine(
+    (t) =>
+      t.processes.every((p, i) => i === 0 || t.processes.slice(0, i).some((q) => q.pid === p.ppid)),
+    "every process but the first must follow its parent",
+  ),
+);
+
+export const inventoryImage = defineImage(
+  "inventory",
+  IMAGE_FORMAT_VERSION,
+  false,
+  z.object({
+    amberVersion: z.string(),
+    kernel: z.string(),
+    arch: z.literal("x86_64"),
+    xsaveSize: z.number().int(),
+    xfeatures: u64,
+    vdsoSha256: z.string(),
+    createdAt: z.string(),
+    rootPid: pidNumber,
+    shellJob: z.boolean(),
+  }),
+);

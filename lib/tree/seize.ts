@@ -1,0 +1,170 @@
+/**
+ * Freezing a process tree: PTRACE_SEIZE + PTRACE_INTERRUPT on every thread
+ * of the root and its descendants, re-scanning until nothing new appears,
+ * and resuming all of it exactly as it was.
+ */
+import { libc, SysError } from "../../ffi/libc.ts";
+import * as pt from "../../ffi/ptrace.ts";
+import { AmberError, withContext } from "../errors.ts";
+import { listProcNumbers, readProcText } from "../proc/read.ts";
+import { PF_KTHREAD, readStat } from "../proc/stat.ts";
+
+export interface FrozenProcess {
+  pid: number;
+  threads: number[];
+  children: number[];
+}
+
+/** A frozen tree, parents listed before their children. */
+export class FrozenTree {
+  readonly processes: FrozenProcess[] = [];
+  readonly frozenAt = performance.now();
+
+  get pids(): number[] {
+    return this.processes.map((p) => p.pid);
+  }
+
+  get tids(): number[] {
+    return this.processes.flatMap((p) => p.threads);
+  }
+
+  /** Lets every thread run on as before. Errors are collected, not thrown midway. */
+  release(): void {
+    const failures: string[] = [];
+    for (const tid of this.tids) {
+      try {
+        pt.detach(tid);
+      } catch (e) {
+        if (!(e instanceof SysError && e.code === "ESRCH")) failures.push(`tid ${tid}: ${e}`);
+      }
+    }
+    if (failures.length) throw new AmberError(`resuming the tree: ${failures.join("; ")}`);
+  }
+
+  /**
+   * Ends the tree (after a complete dump): SIGKILL every process and wait
+   * for its threads as tracer, which hands each zombie to its real parent.
+   * Our own children are left for their owner (e.g. Deno.ChildProcess) to reap.
+   */
+  kill(): void {
+    for (const pid of this.pids) libc().kill(pid, SIGKILL);
+    for (const proc of this.processes) {
+      if (readStatSafe(proc.pid)?.ppid === Deno.pid) continue;
+      for (const tid of proc.threads) {
+        try {
+          pt.waitpid(tid);
+        } catch { /* already reaped */ }
+      }
+    }
+  }
+}
+
+const SIGKILL = 9;
+
+function readStatSafe(pid: number) {
+  try {
+    return readStat(pid);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Checks that `pid` names a process amber may dump. */
+export function validateTargetPid(pid: number): void {
+  if (!Number.isInteger(pid) || pid < 1 || pid > 4194304) {
+    throw new AmberError(`pid ${pid}: not a valid process id`);
+  }
+  if (pid === Deno.pid) throw new AmberError(`pid ${pid}: amber cannot dump itself`);
+  let stat;
+  try {
+    stat = readStat(pid);
+  } catch {
+    throw new AmberError(`pid ${pid}: no such process`);
+  }
+  if (stat.flags & PF_KTHREAD) throw new AmberError(`pid ${pid}: ${stat.comm} is a kernel thread`);
+  if (stat.state === "Z") throw new AmberError(`pid ${pid}: is a zombie`);
+  if (stat.pid !== pid) throw new AmberError(`pid ${pid}: is a thread, not a process`);
+}
+
+/** Seizes and interrupts one thread; false when it vanished meanwhile. */
+function freezeThread(tid: number): boolean {
+  try {
+    pt.seize(tid, pt.PTRACE_O.TRACESYSGOOD);
+    pt.interrupt(tid);
+  } catch (e) {
+    if (e instanceof SysError && e.code === "ESRCH") return false;
+    throw new AmberError(`tid ${tid}: ${e instanceof Error ? e.message : e}`);
+  }
+  for (;;) {
+    const st = pt.waitpid(tid);
+    if (!st || !st.stopped) return false; // exited while we froze it
+    if (st.event === pt.PTRACE_EVENT.STOP) return true;
+    // A signal-delivery stop came first: deliver the signal as the kernel
+    // would have; the interrupt stays pending and stops the thread next.
+    pt.cont(tid, st.event ? 0 : st.stopSignal);
+  }
+}
+
+function threadsOf(pid: number): number[] {
+  try {
+    return listProcNumbers(pid, "task");
+  } catch {
+    return [];
+  }
+}
+
+function childrenOf(pid: number, threads: number[]): number[] {
+  const out = new Set<number>();
+  for (const tid of threads) {
+    try {
+      readProcText(pid, `task/${tid}/children`).split(/\s+/).filter(Boolean)
+        .forEach((c) => out.add(Number(c)));
+    } catch { /* thread gone */ }
+  }
+  return [...out].sort((a, b) => a - b);
+}
+
+function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined {
+  const proc: FrozenProcess = { pid, threads: [], children: [] };
+  const seen = new Set<number>();
+  // Threads can spawn threads until all of them are stopped: re-scan.
+  for (;;) {
+    const fresh = threadsOf(pid).filter((t) => !seen.has(t));
+    if (!fresh.length) break;
+    for (const tid of fresh) {
+      seen.add(tid);
+      if (freezeThread(tid)) proc.threads.push(tid);
+    }
+  }
+  if (!proc.threads.length) return undefined;
+  tree.processes.push(proc);
+  proc.children = childrenOf(pid, proc.threads);
+  return proc;
+}
+
+/**
+ * Freezes `rootPid` and all its descendants. On failure every thread
+ * already frozen is resumed before the error propagates.
+ */
+export function seizeTree(rootPid: number): FrozenTree {
+  validateTargetPid(rootPid);
+  const tree = new FrozenTree();
+  try {
+    const queue = [rootPid];
+    while (queue.length) {
+      const pid = queue.shift()!;
+      const proc = withContext(`pid ${pid}: freeze`, () => freezeProcess(pid, tree));
+      if (!proc) {
+        if (pid === rootPid) throw new AmberError(`pid ${pid}: exited before it could be frozen`);
+        continue;
+      }
+      queue.push(...proc.children);
+    }
+    return tree;
+  } catch (e) {
+    try {
+      tree.release();
+    } catch { /* keep the first error */ }
+    throw e;
+  }
+}
