@@ -6,7 +6,7 @@
  *   amber show DIR [--json]
  *   amber check
  */
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsConfig } from "node:util";
 import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
 
 const USAGE = `usage:
@@ -15,9 +15,15 @@ const USAGE = `usage:
   amber show DIR [--json]
   amber check`;
 
-function parse(args: string[], options: Parameters<typeof parseArgs>[0]["options"]) {
+type Values = Record<string, string | boolean | undefined>;
+
+function parse(
+  args: string[],
+  options: ParseArgsConfig["options"],
+): { values: Values; positionals: string[] } {
   try {
-    return parseArgs({ args, options, allowPositionals: true, strict: true });
+    const r = parseArgs({ args, options, allowPositionals: true, strict: true });
+    return { values: r.values as Values, positionals: r.positionals };
   } catch (e) {
     throw new UsageError(e instanceof Error ? e.message : String(e));
   }

@@ -36,10 +36,27 @@ export interface RestoreResult {
 
 const SCRATCH_SIZE = 64 * 1024;
 const CLONE_PARENT = 0x8000;
+const SIGCHLD = 17;
 const TRACE_OPTIONS = pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE | pt.PTRACE_O.EXITKILL;
 
-/** Who holds a pid, for "pid 1234 is in use by /usr/bin/foo". */
-function pidHolder(pid: number): string | undefined {
+function isZombie(pid: number): boolean {
+  try {
+    return /^\d+ \(.*\) Z/.test(Deno.readTextFileSync(`/proc/${pid}/stat`));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Who holds a pid, for "pid 1234 is in use by /usr/bin/foo". A zombie (the
+ * dumped process itself, not yet reaped by a slow init) is waited for.
+ */
+async function pidHolder(pid: number): Promise<string | undefined> {
+  for (let i = 0; i < 100 && isZombie(pid); i++) await new Promise((r) => setTimeout(r, 50));
+  return pidHolderNow(pid);
+}
+
+function pidHolderNow(pid: number): string | undefined {
   try {
     Deno.statSync(`/proc/${pid}`);
   } catch {
@@ -68,7 +85,7 @@ async function precheck(images: Images, options: RestoreOptions, dir: ImageDir):
   const pids = new Set(images.processes.map((p) => p.entry.pid));
   for (const p of images.processes) {
     for (const tid of p.entry.threads) {
-      const holder = pidHolder(tid);
+      const holder = await pidHolder(tid);
       if (holder) throw new AmberError(`pid ${tid} is in use by ${holder}`);
     }
     const e = p.entry;
@@ -177,7 +194,12 @@ function inheritedFds(): Map<number, string> {
 }
 
 /** Creates every process of the tree, parents first, each a copy of the helper. */
-function createTree(images: Images, helper: Helper, created: Map<number, Blank>): void {
+function createTree(
+  images: Images,
+  helper: Helper,
+  created: Map<number, Blank>,
+  detached: boolean,
+): void {
   const order = images.processes;
   for (const p of order) {
     const { pid, ppid, exitSignal } = p.entry;
@@ -185,6 +207,10 @@ function createTree(images: Images, helper: Helper, created: Map<number, Blank>)
       const parent = created.get(ppid);
       const injector = parent
         ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
+        : detached
+        // Detached: a child of the helper, handed to init (or a subreaper) when the helper ends.
+        ? cloneProcess(helper.injector, helper.scratch, pid, 0, SIGCHLD)
+        // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
         : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
       created.set(pid, { images: p, injector });
       joinSession(injector, p, new Set(created.keys()));
@@ -248,7 +274,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const created = new Map<number, Blank>();
   const threads: [number, Injector, ThreadImage][] = [];
   try {
-    createTree(images, helper, created);
+    createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
       const pid = blank.images.entry.pid;
       const made = await withContextAsync(

@@ -49,8 +49,11 @@ export class FrozenTree {
   kill(): void {
     for (const pid of this.pids) libc().kill(pid, SIGKILL);
     for (const proc of this.processes) {
-      if (readStatSafe(proc.pid)?.ppid === Deno.pid) continue;
-      for (const tid of proc.threads) {
+      const ours = readStatSafe(proc.pid)?.ppid === Deno.pid;
+      // Other threads first: a dead leader is not reported while its threads remain.
+      for (const tid of [...proc.threads.filter((t) => t !== proc.pid), proc.pid]) {
+        // The leader of our own child is its owner's to reap; its threads are ours.
+        if (ours && tid === proc.pid) continue;
         try {
           pt.waitpid(tid);
         } catch { /* already reaped */ }

@@ -1,0 +1,265 @@
+/**
+ * `amber show`: the images of a directory as a readable summary, or all of
+ * them as one JSON document (64-bit values as "0x..." strings, byte blobs
+ * as short hex strings or their length; page contents are never read).
+ */
+import { type Images, type ProcessImages, readImages } from "./images/read.ts";
+import type { MappingImage } from "./mm/mappings.ts";
+import type { MmImage } from "./mm/mm.ts";
+import type { PageRun } from "./mm/pages.ts";
+import type { ThreadImage } from "./task/threads.ts";
+
+const PAGE_SIZE = 4096;
+/** Byte blobs up to this size are shown as hex, larger ones by length only. */
+const HEX_BLOB_MAX = 256;
+
+interface PagemapImage {
+  pagesFile: string;
+  runs: PageRun[];
+  totalPages: number;
+}
+
+interface FdImage {
+  kind: string;
+  fd: number;
+  flags: number;
+  path?: string;
+  link?: string;
+  type?: string;
+  pos?: number;
+}
+
+interface FsImage {
+  cwd: string;
+  root: string;
+  umask: number;
+}
+
+/** The typed view of one process's part images that show needs. */
+function partsOf(p: ProcessImages) {
+  return {
+    mappings: (p.parts.mappings as { mappings: MappingImage[] }).mappings,
+    pagemap: p.parts.pagemap as PagemapImage,
+    mm: p.parts.mm as MmImage,
+    fds: (p.parts.fds as { fds: FdImage[] }).fds,
+    fs: p.parts.fs as FsImage,
+    threads: (p.parts.threads as { threads: ThreadImage[] }).threads,
+  };
+}
+
+/** "rw-p" / "r--s", as /proc/PID/maps prints them. */
+export function permsOf(m: { prot: number; shared: boolean }): string {
+  return (m.prot & 1 ? "r" : "-") + (m.prot & 2 ? "w" : "-") + (m.prot & 4 ? "x" : "-") +
+    (m.shared ? "s" : "p");
+}
+
+function hex0x(v: bigint): string {
+  return v < 0n ? `-0x${(-v).toString(16)}` : `0x${v.toString(16)}`;
+}
+
+function bytesHex(b: Uint8Array): string {
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+/** Any decoded image value as plain JSON data. */
+function toJson(v: unknown): unknown {
+  if (typeof v === "bigint") return hex0x(v);
+  if (v instanceof Uint8Array) return v.length <= HEX_BLOB_MAX ? bytesHex(v) : { bytes: v.length };
+  if (Array.isArray(v)) return v.map(toJson);
+  if (v && typeof v === "object") {
+    const out: Record<string, unknown> = {};
+    for (const [k, x] of Object.entries(v)) if (x !== undefined) out[k] = toJson(x);
+    return out;
+  }
+  return v;
+}
+
+function pageTotals(pm: PagemapImage) {
+  return { runs: pm.runs.length, pages: pm.totalPages, bytes: pm.totalPages * PAGE_SIZE };
+}
+
+function processJson(p: ProcessImages) {
+  const parts = partsOf(p);
+  return {
+    pid: p.entry.pid,
+    ppid: p.entry.ppid,
+    pgid: p.entry.pgid,
+    sid: p.entry.sid,
+    exitSignal: p.entry.exitSignal,
+    threads: p.entry.threads,
+    comm: parts.threads[0]?.comm ?? "",
+    exe: parts.mm.exe,
+    mappings: parts.mappings.map((m) => ({
+      start: hex0x(m.start),
+      end: hex0x(m.end),
+      perms: permsOf(m),
+      path: m.path,
+      kind: m.kind,
+    })),
+    pages: pageTotals(parts.pagemap),
+    images: toJson(p.parts),
+  };
+}
+
+function imagesJson(images: Images): string {
+  const processes = images.processes.map(processJson);
+  const totals = processes.reduce(
+    (t, p) => ({
+      processes: t.processes + 1,
+      runs: t.runs + p.pages.runs,
+      pages: t.pages + p.pages.pages,
+      bytes: t.bytes + p.pages.bytes,
+    }),
+    { processes: 0, runs: 0, pages: 0, bytes: 0 },
+  );
+  return JSON.stringify(
+    { dir: images.dir, inventory: toJson(images.inventory), processes, totals },
+    null,
+    2,
+  );
+}
+
+// Text summary.
+
+/** Rows as left-aligned columns (right-aligned where `right[i]`), two spaces apart. */
+function table(rows: string[][], right: boolean[] = [], indent = "    "): string[] {
+  const widths: number[] = [];
+  for (const r of rows) r.forEach((c, i) => (widths[i] = Math.max(widths[i] ?? 0, c.length)));
+  return rows.map((r) =>
+    indent + r.map((c, i) => {
+      if (i === r.length - 1 && !right[i]) return c;
+      return right[i] ? c.padStart(widths[i]) : c.padEnd(widths[i]);
+    }).join("  ").trimEnd()
+  );
+}
+
+function mib(bytes: number): string {
+  return (bytes / 1048576).toFixed(2);
+}
+
+function kib(bytes: bigint): string {
+  return (bytes / 1024n).toString();
+}
+
+function octal(n: number): string {
+  return "0" + n.toString(8);
+}
+
+function treeLines(images: Images): string[] {
+  const byParent = new Map<number, ProcessImages[]>();
+  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  const roots: ProcessImages[] = [];
+  for (const p of images.processes) {
+    if (!pids.has(p.entry.ppid) || p.entry.pid === images.inventory.rootPid) roots.push(p);
+    else byParent.set(p.entry.ppid, [...(byParent.get(p.entry.ppid) ?? []), p]);
+  }
+  const lines: string[] = [];
+  const walk = (p: ProcessImages, depth: number) => {
+    const { threads, mm } = partsOf(p);
+    const e = p.entry;
+    lines.push(
+      `  ${"  ".repeat(depth)}${e.pid} ${threads[0]?.comm ?? "?"}  ` +
+        `(pgid ${e.pgid}, sid ${e.sid}${
+          e.threads.length > 1 ? `, ${e.threads.length} threads` : ""
+        })` +
+        `  ${mm.exe}`,
+    );
+    for (const c of byParent.get(e.pid) ?? []) walk(c, depth + 1);
+  };
+  for (const r of roots) walk(r, 0);
+  return lines;
+}
+
+function fdTarget(f: FdImage): string {
+  if (f.kind === "unsupported") return `${f.link ?? ""} (${f.type ?? "?"}, not restorable)`;
+  return f.path ?? f.link ?? "";
+}
+
+function processLines(p: ProcessImages): string[] {
+  const e = p.entry;
+  const { mappings, pagemap, mm, fds, fs, threads } = partsOf(p);
+  const out: string[] = [];
+  out.push(
+    `pid ${e.pid} (${threads[0]?.comm ?? "?"}): ppid ${e.ppid}, pgid ${e.pgid}, sid ${e.sid}, ` +
+      `exit signal ${e.exitSignal}`,
+  );
+  out.push(`  exe ${mm.exe}`);
+  out.push(`  cwd ${fs.cwd}, root ${fs.root}, umask ${fs.umask.toString(8).padStart(3, "0")}`);
+  out.push(`  threads (${threads.length}):`);
+  out.push(...table(threads.map((t) => [String(t.tid), t.comm]), [true]));
+  out.push(`  mappings (${mappings.length}):`);
+  out.push(
+    ...table(
+      [
+        ["start-end", "perms", "KiB", "kind", "path"],
+        ...mappings.map((m) => [
+          `${m.start.toString(16)}-${m.end.toString(16)}`,
+          permsOf(m),
+          kib(m.end - m.start),
+          m.kind,
+          m.path,
+        ]),
+      ],
+      [false, false, true],
+    ),
+  );
+  out.push(`  fds (${fds.length}):`);
+  if (fds.length) {
+    out.push(
+      ...table(
+        [
+          ["fd", "kind", "flags", "pos", "path"],
+          ...fds.map((f) => [
+            String(f.fd),
+            f.kind,
+            octal(f.flags),
+            f.pos === undefined ? "-" : String(f.pos),
+            fdTarget(f),
+          ]),
+        ],
+        [true, false, false, true],
+      ),
+    );
+  }
+  const t = pageTotals(pagemap);
+  out.push(`  pages: ${t.runs} runs, ${t.pages} pages, ${mib(t.bytes)} MiB (${pagemap.pagesFile})`);
+  return out;
+}
+
+function imagesText(images: Images): string {
+  const inv = images.inventory;
+  const lines = [
+    `amber images in ${images.dir}`,
+    `inventory: amber ${inv.amberVersion}, kernel ${inv.kernel} ${inv.arch}, created ${inv.createdAt}, ` +
+    `root pid ${inv.rootPid}${inv.shellJob ? ", shell job" : ""}, xsave ${inv.xsaveSize} bytes`,
+    "",
+    "process tree:",
+    ...treeLines(images),
+  ];
+  let runs = 0, pages = 0;
+  for (const p of images.processes) {
+    lines.push("", ...processLines(p));
+    const pm = partsOf(p).pagemap;
+    runs += pm.runs.length;
+    pages += pm.totalPages;
+  }
+  lines.push(
+    "",
+    `total: ${images.processes.length} process(es), ${runs} runs, ${pages} pages, ` +
+      `${mib(pages * PAGE_SIZE)} MiB`,
+  );
+  return lines.join("\n");
+}
+
+/**
+ * The images of `dir`, validated, as text or (with `json`) one JSON
+ * document. Invalid images throw the AmberError of readImages.
+ */
+export function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
+  try {
+    const images = readImages(dir);
+    return Promise.resolve(opts.json ? imagesJson(images) : imagesText(images));
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
