@@ -133,6 +133,7 @@ export const NR = {
   madvise: 28,
   dup2: 33,
   getpid: 39,
+  wait4: 61,
   fcntl: 72,
   chdir: 80,
   fchdir: 81,

@@ -96,6 +96,7 @@ async function dumpProcess(
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
   const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {} };
   for (const part of PARTS) {
+    const t0 = performance.now();
     await withContextAsync(part.name, async () => {
       const body = await dumpPart(ctx, () => part.dump(ctx));
       const image = partImage(part);
@@ -104,6 +105,9 @@ async function dumpProcess(
       ctx.done[part.name] = parsed;
       dir.write(image, body, proc.pid);
     });
+    if (options.verbose) {
+      console.error(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
+    }
   }
 }
 
@@ -132,6 +136,12 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   const dir = new ImageDir(req.dir).openForWrite();
   const tree = seizeTree(req.pid);
   let frozenMs = 0;
+  let running = false;
+  const resume = () => {
+    frozenMs = performance.now() - tree.frozenAt;
+    tree.release();
+    running = true;
+  };
   try {
     faultPoint("after-freeze");
     const entries = tree.processes.map(processEntry);
@@ -141,27 +151,34 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     }
     dir.write(pstreeImage, { processes: entries });
     const root = tree.processes[0].threads[0];
-    dir.write(inventoryImage, {
+    const inventory = {
       amberVersion: AMBER_VERSION,
       kernel: Deno.osRelease(),
-      arch: "x86_64",
+      arch: "x86_64" as const,
       xsaveSize: xstateSize(root),
       xfeatures: xfeatures(root),
       vdsoSha256: await vdsoDigest(req.pid),
       createdAt: new Date().toISOString(),
       rootPid: req.pid,
       shellJob: options.shellJob,
-    });
+    };
     faultPoint("before-commit");
-    dir.syncDir();
+    // Everything is in the page cache: a tree that keeps running need not
+    // wait for the disk. The inventory, written last and only once all else
+    // is durable, marks the images complete.
+    if (options.leaveRunning) resume();
+    dir.syncAll();
+    dir.write(inventoryImage, inventory);
+    dir.syncAll();
   } catch (e) {
-    withContext("resuming the tree after a failed dump", () => tree.release());
+    if (!running) withContext("resuming the tree after a failed dump", () => tree.release());
     dir.discard();
     throw e;
   }
-  frozenMs = performance.now() - tree.frozenAt;
-  if (options.leaveRunning) tree.release();
-  else tree.kill();
+  if (!options.leaveRunning) {
+    frozenMs = performance.now() - tree.frozenAt;
+    tree.kill();
+  }
   const pageBytes = tree.pids.reduce((s, pid) => {
     try {
       return s + Deno.statSync(dir.file(`pages-${pid}.img`)).size;

@@ -19,6 +19,7 @@ import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage, vdsoDigest } from "./mm/mappings.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
+import { listProcNumbers } from "./proc/read.ts";
 import { applyThreadState, type ThreadImage, xstateSize } from "./task/threads.ts";
 import { putBytes, u64Bytes } from "./scratch.ts";
 
@@ -37,6 +38,7 @@ export interface RestoreResult {
 const SCRATCH_SIZE = 64 * 1024;
 const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
+const SIGKILL = 9;
 const TRACE_OPTIONS = pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE | pt.PTRACE_O.EXITKILL;
 
 function isZombie(pid: number): boolean {
@@ -121,7 +123,7 @@ function cloneProcess(
   const argsAddr = putBytes(parent.tid, scratch, args, 0);
   const r = parent.raw(NR.clone3, argsAddr, args.length);
   if (r === -17n) {
-    throw new AmberError(`pid ${pid} is in use by ${pidHolder(pid) ?? "another process"}`);
+    throw new AmberError(`pid ${pid} is in use by ${pidHolderNow(pid) ?? "another process"}`);
   }
   if (r < 0n) throw new AmberError(`clone3(set_tid ${pid}): errno ${-r}`);
   if (Number(r) !== pid) throw new AmberError(`clone3 made pid ${r}, wanted ${pid}`);
@@ -247,12 +249,30 @@ async function rebuildProcess(
   return ctx.threads;
 }
 
-function killAll(pids: Iterable<number>): void {
-  for (const pid of pids) libc().kill(pid, 9);
-  for (const pid of pids) {
+/**
+ * Undoes a failed restore: kills what was created, children first, and has
+ * each parent (a stopped tracee still under our control, or amber itself
+ * for an attached root) reap its child, so no zombie holds a pid afterwards.
+ */
+function killCreated(created: Map<number, Blank>, helper: Helper): void {
+  for (const blank of [...created.values()].reverse()) {
+    const { pid, ppid } = blank.images.entry;
+    let tids: number[] = [];
     try {
-      pt.waitpid(pid);
-    } catch { /* not ours to reap */ }
+      tids = listProcNumbers(pid, "task");
+    } catch { /* already gone */ }
+    libc().kill(pid, SIGKILL);
+    // As tracer, collect every thread's exit (the leader last); that hands
+    // the zombie to its parent, or reaps it when the parent is amber.
+    for (const tid of [...tids.filter((t) => t !== pid), pid]) {
+      try {
+        pt.waitpid(tid);
+      } catch { /* reaped */ }
+    }
+    const parent = created.get(ppid)?.injector ?? helper.injector;
+    try {
+      parent.raw(NR.wait4, pid, 0, pt.WALL, 0);
+    } catch { /* the parent is amber, which reaped it above */ }
   }
 }
 
@@ -286,7 +306,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     }
     for (const [tid, , img] of threads) applyThreadState(tid, img);
   } catch (e) {
-    killAll([...created.keys()]);
+    killCreated(created, helper);
     helper.child.kill("SIGKILL");
     await helper.child.status;
     throw e;

@@ -260,13 +260,23 @@ export interface Target {
 }
 
 /**
- * Starts argv[0] with argv[1..] and all stdio on /dev/null. Kill it with
+ * Closes every fd above 2, then execs "$@" (same pid). The test process may
+ * have inherited stray fds from whatever started it (a pipe on fd 251, say);
+ * Deno passes those on to its children, and a target holding one could not
+ * be dumped. bash, not dash: dash's redirections take one-digit fds only.
+ */
+const CLOSE_FDS_AND_EXEC = "for f in /proc/$$/fd/*; do n=${f##*/}; " +
+  '[ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@"';
+
+/**
+ * Starts argv[0] with argv[1..], all stdio on /dev/null and no other fd open
+ * (through a bash that execs it: the pid is the target's). Kill it with
  * killAndReap(pid) (or killTree) before the test ends: Deno's sanitizer
  * fails a test that leaves a child process behind.
  */
 export function spawnTarget(argv: string[], opts: SpawnOptions = {}): Target {
-  const child = new Deno.Command(argv[0], {
-    args: argv.slice(1),
+  const child = new Deno.Command("/bin/bash", {
+    args: ["-c", CLOSE_FDS_AND_EXEC, "amber-target", ...argv],
     stdin: "null",
     stdout: "null",
     stderr: "null",
@@ -274,6 +284,11 @@ export function spawnTarget(argv: string[], opts: SpawnOptions = {}): Target {
     env: opts.env,
   }).spawn();
   denoChildren.set(child.pid, child);
+  // Once Deno has reaped it, the pid is no longer its child: a restored
+  // process may come back with it, ours to reap as the subreaper.
+  child.status.then(() => {
+    if (denoChildren.get(child.pid) === child) denoChildren.delete(child.pid);
+  });
   return { pid: child.pid, child };
 }
 

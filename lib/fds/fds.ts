@@ -39,9 +39,15 @@ export function probeFd(pid: number, fd: number): FdProbe {
   return { pid, fd, link, flags: parseInt(field("flags"), 8), pos: Number(field("pos")), stat };
 }
 
-/** Moves the helper's inherited descriptors out of the way of the image's numbers. */
+/**
+ * Closes what the helper inherited beyond amber's stdio and moves that stdio
+ * out of the way of the image's numbers.
+ */
 function parkInherited(ctx: RestoreContext, entries: FdEntryImage[]): number[] {
   const inj = ctx.injector;
+  for (const fd of listProcNumbers(ctx.pid, "fd")) {
+    if (!ctx.inherited.has(fd)) inj.call(`close inherited fd ${fd}`, NR.close, fd);
+  }
   const floor = Math.max(3, ...entries.map((e) => e.fd + 1));
   const parked = new Map<number, string>();
   for (const [fd, what] of ctx.inherited) {
@@ -92,6 +98,5 @@ export const fdsPart = definePart({
     const parked = parkInherited(ctx, entries);
     for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e));
     for (const fd of parked) ctx.injector.call("close", NR.close, fd);
-    if (!entries.length && !parked.length) return;
   },
 });

@@ -1,7 +1,8 @@
 /**
  * An images directory: created 0700, files 0600, each written to a
- * temporary name, fsync'd and renamed, so a reader never sees half a file.
- * A failed dump removes everything it wrote.
+ * temporary name and renamed when complete, so a reader never sees half a
+ * file; syncAll() makes them durable. A failed dump removes everything it
+ * wrote.
  */
 import { AmberError, withContext } from "../errors.ts";
 import { decodeImage, encodeImage, imageFileName, type ImageKind } from "./codec.ts";
@@ -36,16 +37,16 @@ export class ImageDir {
     return `${this.path}/${name}`;
   }
 
-  /** Opens a new file (temporary name) for bulk data; commit() renames it. */
-  createRaw(name: string): { file: Deno.FsFile; commit: () => void } {
+  /**
+   * Reserves a temporary name for file `name`; once its content is written
+   * and synced, commit() gives it its real name.
+   */
+  reserve(name: string): { tmp: string; commit: () => void } {
     const tmp = this.file(`${name}.tmp`);
     this.written.add(tmp);
-    const file = Deno.openSync(tmp, { write: true, create: true, truncate: true, mode: 0o600 });
     return {
-      file,
+      tmp,
       commit: () => {
-        file.syncSync();
-        file.close();
         Deno.renameSync(tmp, this.file(name));
         this.written.delete(tmp);
         this.written.add(this.file(name));
@@ -56,10 +57,13 @@ export class ImageDir {
   write<T>(kind: ImageKind<T>, body: T, pid?: number): void {
     const name = imageFileName(kind, pid);
     withContext(`image ${name}`, () => {
-      const { file, commit } = this.createRaw(name);
+      const { tmp, commit } = this.reserve(name);
       const data = encodeImage(kind, body);
-      let done = 0;
-      while (done < data.length) done += file.writeSync(data.subarray(done));
+      {
+        using file = Deno.openSync(tmp, { write: true, create: true, truncate: true, mode: 0o600 });
+        let done = 0;
+        while (done < data.length) done += file.writeSync(data.subarray(done));
+      }
       commit();
     });
   }
@@ -77,8 +81,12 @@ export class ImageDir {
     return decodeImage(kind, bytes, this.file(name));
   }
 
-  /** Makes the directory entries durable. */
-  syncDir(): void {
+  /** Makes every file written so far, and the directory entries, durable. */
+  syncAll(): void {
+    for (const f of this.written) {
+      using file = Deno.openSync(f, { read: true });
+      file.syncSync();
+    }
     using d = Deno.openSync(this.path, { read: true });
     d.syncSync();
   }

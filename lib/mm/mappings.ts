@@ -102,9 +102,29 @@ export async function vdsoDigest(pid: number, maps = readMaps(pid)): Promise<str
   return Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Whether the pages part will write into this mapping (so it is created writable). */
+/** Whether the pages part will write into this mapping. */
 export function receivesPages(m: MappingImage): boolean {
   return m.kind === "anon" || m.kind === "shmem" || (m.kind === "file" && !m.shared);
+}
+
+/**
+ * Mappings created writable and given their final protection after the
+ * fill: shared ones the process cannot write (their pages go in by
+ * preadv), and private ones that were writable once and carry VM_ACCOUNT
+ * ("ac"), which only a writable mapping gets; without it the kernel would
+ * merge them with neighbours they were apart from (e.g. RELRO segments).
+ */
+export function writableWhileFilled(m: MappingImage): boolean {
+  if (m.prot & PROT.WRITE) return false;
+  return m.shared ? receivesPages(m) : m.vmFlags.includes("ac");
+}
+
+/**
+ * Mappings not writable during the fill get their pages through
+ * /proc/PID/mem; every other mapping is filled by preadv inside the process.
+ */
+export function fillsThroughMem(m: MappingImage): boolean {
+  return !(m.prot & PROT.WRITE) && !writableWhileFilled(m);
 }
 
 function overlaps(a: { start: bigint; end: bigint }, b: { start: bigint; end: bigint }): boolean {
@@ -180,7 +200,7 @@ function unmapHelper(ctx: RestoreContext): void {
 
 function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {
   const inj = ctx.injector;
-  const prot = m.prot | (receivesPages(m) ? PROT.READ | PROT.WRITE : 0);
+  const prot = m.prot | (writableWhileFilled(m) ? PROT.READ | PROT.WRITE : 0);
   let flags = MAP.FIXED | (m.shared ? MAP.SHARED : MAP.PRIVATE);
   if (m.vmFlags.includes("gd")) flags |= MAP.GROWSDOWN;
   if (m.vmFlags.includes("nr")) flags |= MAP.NORESERVE;

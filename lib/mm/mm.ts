@@ -11,7 +11,7 @@ import { bytes, u64 } from "../images/codec.ts";
 import { readProcBytes, readProcLink } from "../proc/read.ts";
 import { readStat } from "../proc/stat.ts";
 import { putBytes, putString, u64Bytes } from "../scratch.ts";
-import { FileIdentity, type MappingImage, mappingLabel, receivesPages } from "./mappings.ts";
+import { FileIdentity, type MappingImage, mappingLabel, writableWhileFilled } from "./mappings.ts";
 
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
@@ -85,7 +85,7 @@ export const mmPart = definePart({
     for (const m of mappings) {
       if (m.kind === "special" || m.kind === "vsyscall") continue;
       withContext(mappingLabel(m), () => {
-        if (receivesPages(m) && (m.prot & 3) !== 3) {
+        if (writableWhileFilled(m)) {
           inj.call("mprotect", NR.mprotect, m.start, m.end - m.start, m.prot);
         }
         for (const f of m.vmFlags) {

@@ -15,19 +15,32 @@
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
-import { IOV_MAX, readMemoryProc, readRangesAsync, type RemoteRange } from "../../ffi/memory.ts";
+import { RawFile } from "../../ffi/rawfile.ts";
+import {
+  IOV_MAX,
+  readMemoryProc,
+  readRangesAsync,
+  type RemoteRange,
+  writeMemory,
+} from "../../ffi/memory.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, faultPoint, withContext } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { putBytes, u64Bytes } from "../scratch.ts";
-import { type MappingImage, mappingLabel, PAGE, receivesPages } from "./mappings.ts";
+import {
+  fillsThroughMem,
+  type MappingImage,
+  mappingLabel,
+  PAGE,
+  receivesPages,
+} from "./mappings.ts";
 
 const PM_PRESENT = 1n << 63n;
 const PM_SWAP = 1n << 62n;
 const PM_FILE = 1n << 61n;
 const PAGE_SIZE = Number(PAGE);
 /** Bytes read per process_vm_readv batch; two such buffers are in flight. */
-const CHUNK_BYTES = 32 * 1024 * 1024;
+const CHUNK_BYTES = 4 * 1024 * 1024;
 
 const Run = z.object({ addr: u64, pages: z.number().int().min(1) });
 export type PageRun = z.output<typeof Run>;
@@ -126,10 +139,8 @@ function readSlowly(pid: number, ranges: RemoteRange[], buf: Uint8Array, mapping
   }
 }
 
-async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
-  let done = 0;
-  while (done < data.length) done += await file.write(data.subarray(done));
-}
+/** Reads in flight at once, each followed by its write: enough to keep 2 cores busy. */
+const WORKERS = 3;
 
 /** Copies the planned runs into the pages file; returns bytes written. */
 export async function copyPages(
@@ -137,66 +148,130 @@ export async function copyPages(
   runs: PageRun[],
   mappings: MappingImage[],
 ): Promise<number> {
-  const { file, commit } = ctx.dir.createRaw(pagesFileName(ctx.pid));
+  const { tmp, commit } = ctx.dir.reserve(pagesFileName(ctx.pid));
+  const file = RawFile.create(tmp);
   const plan = batches(runs);
-  const largest = Math.max(0, ...plan.map((b) => b.reduce((s, r) => s + r.len, 0)));
-  const bufs = [new Uint8Array(largest), new Uint8Array(plan.length > 1 ? largest : 0)];
-  let pending: Promise<void> = Promise.resolve();
+  const offsets: number[] = [];
   let total = 0;
-  try {
-    for (const [i, ranges] of plan.entries()) {
+  for (const ranges of plan) {
+    offsets.push(total);
+    total += ranges.reduce((s, r) => s + r.len, 0);
+  }
+  let next = 0;
+  const worker = async () => {
+    const buf = new Uint8Array(Math.min(CHUNK_BYTES, total));
+    while (next < plan.length) {
+      const i = next++;
+      const ranges = plan[i];
       const want = ranges.reduce((s, r) => s + r.len, 0);
-      const buf = bufs[i % 2].subarray(0, want);
-      const [got] = await Promise.all([readRangesAsync(ctx.pid, ranges, buf), pending]);
-      if (got !== want) readSlowly(ctx.pid, ranges, buf, mappings);
+      const part = buf.subarray(0, want);
+      const got = await readRangesAsync(ctx.pid, ranges, part);
+      if (got !== want) readSlowly(ctx.pid, ranges, part, mappings);
       if (i === Math.floor(plan.length / 2)) faultPoint("mid-pages");
-      pending = writeAll(file, buf);
-      total += want;
+      await file.pwriteAll(part, offsets[i]);
     }
-    await pending;
-  } catch (e) {
-    await pending.catch(() => {});
+  };
+  const workers = Array.from({ length: Math.min(WORKERS, plan.length) }, worker);
+  try {
+    // allSettled: no worker may still be writing when the file is closed.
+    const results = await Promise.allSettled(workers);
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+  } finally {
     file.close();
-    throw e;
   }
   commit();
   return total;
 }
 
-/** Fills the restored mappings from the pages file with preadv run inside the tracee. */
+/** A run with its place in the pages file. */
+interface Placed {
+  addr: bigint;
+  len: bigint;
+  fileOff: bigint;
+}
+
+/** Runs of `mappings`, each with its pages-file offset, split by how they are filled. */
+function placeRuns(
+  runs: PageRun[],
+  mappings: MappingImage[],
+): { inside: Placed[]; viaMem: Placed[] } {
+  const inside: Placed[] = [], viaMem: Placed[] = [];
+  let fileOff = 0n;
+  for (const r of runs) {
+    const len = BigInt(r.pages) * PAGE;
+    const m = mappings.find((x) => x.start <= r.addr && r.addr < x.end);
+    (m && fillsThroughMem(m) ? viaMem : inside).push({ addr: r.addr, len, fileOff });
+    fileOff += len;
+  }
+  return { inside, viaMem };
+}
+
+/** Batches of file-contiguous runs, at most `max` per batch. */
+function contiguousBatches(runs: Placed[], max: number): Placed[][] {
+  const out: Placed[][] = [];
+  for (const r of runs) {
+    const last = out.at(-1);
+    const tail = last?.at(-1);
+    if (last && tail && tail.fileOff + tail.len === r.fileOff && last.length < max) last.push(r);
+    else out.push([r]);
+  }
+  return out;
+}
+
+/** preadv inside the tracee: the kernel copies page cache straight into its memory. */
+function preadvInside(ctx: RestoreContext, fd: bigint, batch: Placed[], mappings: MappingImage[]) {
+  const IOV_AT = 32 * 1024;
+  const group = batch.map((r) => ({ ...r }));
+  let fileOff = group[0].fileOff;
+  while (group.length) {
+    const iov = u64Bytes(group.flatMap((g) => [g.addr, g.len]));
+    const addr = putBytes(ctx.pid, ctx.scratch, iov, IOV_AT);
+    const label = labelFor(mappings, group[0].addr);
+    let n = withContext(
+      label,
+      () => ctx.injector.call("preadv", 295, fd, addr, group.length, fileOff, 0),
+    );
+    if (n === 0n) throw new AmberError(`${label}: pages file ends early`);
+    fileOff += n;
+    // A short read (over 2 GiB, or a signal) continues where it stopped.
+    while (group.length && n >= group[0].len) n -= group.shift()!.len;
+    if (n > 0n) {
+      group[0].addr += n;
+      group[0].len -= n;
+    }
+  }
+}
+
+/** Fills the restored mappings from the pages file. */
 function fillPages(
   ctx: RestoreContext,
   runs: PageRun[],
   pagesPath: string,
   mappings: MappingImage[],
 ): void {
+  const { inside, viaMem } = placeRuns(runs, mappings);
   const inj = ctx.injector;
   const path = putBytes(ctx.pid, ctx.scratch, new TextEncoder().encode(pagesPath + "\0"));
   const fd = inj.call(`open ${pagesPath}`, NR.openat, -100, path, 0o2000000, 0);
-  const IOV_AT = 32 * 1024;
-  const perCall = Math.min(IOV_MAX, (ctx.scratch.size - IOV_AT) / 16);
-  let fileOff = 0n;
-  for (let i = 0; i < runs.length; i += perCall) {
-    const group = runs.slice(i, i + perCall).map((r) => ({
-      addr: r.addr,
-      len: BigInt(r.pages) * PAGE,
-    }));
-    while (group.length) {
-      const iov = u64Bytes(group.flatMap((g) => [g.addr, g.len]));
-      const addr = putBytes(ctx.pid, ctx.scratch, iov, IOV_AT);
-      const label = labelFor(mappings, group[0].addr);
-      let n = withContext(label, () => inj.call("preadv", 295, fd, addr, group.length, fileOff, 0));
-      if (n === 0n) throw new AmberError(`${pagesPath}: ends before all pages were read`);
-      fileOff += n;
-      // A short read (over 2 GiB, or a signal) continues where it stopped.
-      while (group.length && n >= group[0].len) n -= group.shift()!.len;
-      if (n > 0n) {
-        group[0].addr += n;
-        group[0].len -= n;
-      }
-    }
-  }
+  const perCall = Math.min(IOV_MAX, (ctx.scratch.size - 32 * 1024) / 16);
+  for (const batch of contiguousBatches(inside, perCall)) preadvInside(ctx, fd, batch, mappings);
   inj.call("close", NR.close, fd);
+  if (!viaMem.length) return;
+  using file = Deno.openSync(pagesPath, { read: true });
+  for (const r of viaMem) {
+    withContext(labelFor(mappings, r.addr), () => {
+      const data = new Uint8Array(Number(r.len));
+      file.seekSync(Number(r.fileOff), Deno.SeekMode.Start);
+      let done = 0;
+      while (done < data.length) {
+        const n = file.readSync(data.subarray(done));
+        if (!n) throw new AmberError("pages file ends early");
+        done += n;
+      }
+      writeMemory(ctx.pid, r.addr, data);
+    });
+  }
 }
 
 export const pagemapPart = definePart({
