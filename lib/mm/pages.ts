@@ -35,9 +35,10 @@ import {
   receivesPages,
 } from "./mappings.ts";
 
-const PM_PRESENT = 1n << 63n;
-const PM_SWAP = 1n << 62n;
-const PM_FILE = 1n << 61n;
+// Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
+const PM_PRESENT = 0x80000000;
+const PM_SWAP = 0x40000000;
+const PM_FILE = 0x20000000;
 const PAGE_SIZE = Number(PAGE);
 /** Bytes read per process_vm_readv batch; two such buffers are in flight. */
 const CHUNK_BYTES = 4 * 1024 * 1024;
@@ -49,17 +50,19 @@ export function pagesFileName(pid: number): string {
   return `pages-${pid}.img`;
 }
 
-function storesPage(m: MappingImage, entry: bigint): boolean {
-  if (!(entry & (PM_PRESENT | PM_SWAP))) return false;
-  if (m.kind === "anon" || m.kind === "shmem") return true;
-  if (m.kind === "file" && !m.shared) return !(entry & PM_FILE) || (entry & PM_SWAP) !== 0n;
-  return false;
+/** Which pagemap entries (high words) of mapping `m` hold a page to store. */
+function pageFilter(m: MappingImage): (high: number) => boolean {
+  if (m.kind === "anon" || m.kind === "shmem") return (h) => (h & (PM_PRESENT | PM_SWAP)) !== 0;
+  if (m.kind === "file" && !m.shared) {
+    return (h) => (h & PM_SWAP) !== 0 || (h & (PM_PRESENT | PM_FILE)) === PM_PRESENT;
+  }
+  return () => false;
 }
 
-/** Reads the pagemap entries of [start, end). */
-export function readPagemap(file: Deno.FsFile, start: bigint, end: bigint): BigUint64Array {
+/** Reads the pagemap entries of [start, end) (as 2 u32 words each, low first). */
+export function readPagemap(file: Deno.FsFile, start: bigint, end: bigint): Uint32Array {
   const n = Number((end - start) / PAGE);
-  const out = new BigUint64Array(n);
+  const out = new Uint32Array(n * 2);
   const bytes = new Uint8Array(out.buffer);
   file.seekSync(Number(start / PAGE) * 8, Deno.SeekMode.Start);
   let done = 0;
@@ -81,9 +84,12 @@ export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
       `${mappingLabel(m)}: pagemap`,
       () => readPagemap(pm, m.start, m.end),
     );
+    const stores = pageFilter(m);
+    const pages = entries.length / 2;
     let runStart = -1;
-    for (let i = 0; i <= entries.length; i++) {
-      const keep = i < entries.length && storesPage(m, entries[i]);
+    for (let i = 0; i <= pages; i++) {
+      // Numbers, not BigInt: this runs once per page of the address space.
+      const keep = i < pages && stores(entries[2 * i + 1]);
       if (keep && runStart < 0) runStart = i;
       if (!keep && runStart >= 0) {
         runs.push({ addr: m.start + BigInt(runStart) * PAGE, pages: i - runStart });
