@@ -34,6 +34,12 @@ const SYMBOLS = {
     parameters: ["i32", "buffer", "u64", "buffer", "u64", "u64"],
     result: "i64",
   },
+  process_vm_writev_async: {
+    name: "process_vm_writev",
+    parameters: ["i32", "buffer", "u64", "buffer", "u64", "u64"],
+    result: "i64",
+    nonblocking: true,
+  },
   pread64_async: {
     name: "pread64",
     parameters: ["i32", "buffer", "u64", "i64"],

@@ -46,6 +46,28 @@ export async function readRangesAsync(
   return Number(n);
 }
 
+/**
+ * Writes `local` back to back into up to IOV_MAX remote ranges, on a pool
+ * thread. The ranges must be writable mappings. Returns the bytes written.
+ */
+export async function writeRangesAsync(
+  pid: number,
+  ranges: RemoteRange[],
+  local: Uint8Array,
+): Promise<number> {
+  const [localIov, remote] = iovecs(ranges, local);
+  const n = await libc().process_vm_writev_async(
+    pid,
+    localIov,
+    1n,
+    remote,
+    BigInt(ranges.length),
+    0n,
+  );
+  if (n < 0n) throw new SysError("process_vm_writev", 14);
+  return Number(n);
+}
+
 /** Synchronous variant of {@link readRangesAsync}, for small reads. */
 export function readRanges(pid: number, ranges: RemoteRange[], local: Uint8Array): number {
   const [localIov, remote] = iovecs(ranges, local);

@@ -1,6 +1,6 @@
 /**
- * A file written with positioned writes on pool threads, so several
- * writes (and memory reads) can be in flight at once. Bulk page data only.
+ * A file read or written with positioned I/O on pool threads, so several
+ * transfers (and memory copies) can be in flight at once. Bulk page data only.
  */
 import { check, libc, SysError } from "./libc.ts";
 
@@ -17,6 +17,28 @@ export class RawFile {
       libc().open(name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode),
     );
     return new RawFile(fd, path);
+  }
+
+  /** Opens `path` for reading. */
+  static openRead(path: string): RawFile {
+    const name = new TextEncoder().encode(path + "\0");
+    return new RawFile(check(`open ${path}`, libc().open(name, O_CLOEXEC, 0)), path);
+  }
+
+  /** Fills `data` from `offset`; throws if the file ends first. */
+  async preadAll(data: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const n = await libc().pread64_async(
+        this.fd,
+        data.subarray(done),
+        BigInt(data.length - done),
+        BigInt(offset + done),
+      );
+      if (n < 0n) throw new SysError(`read ${this.path}`, 5);
+      if (n === 0n) throw new Error(`${this.path}: ends at ${offset + done}, before the data`);
+      done += Number(n);
+    }
   }
 
   /** Writes all of `data` at `offset`. */

@@ -14,7 +14,6 @@
  * - [vdso]/[vvar]/[vsyscall]: nothing, the kernel provides them.
  */
 import { z } from "zod";
-import { NR } from "../../ffi/inject.ts";
 import { RawFile } from "../../ffi/rawfile.ts";
 import {
   IOV_MAX,
@@ -22,11 +21,11 @@ import {
   readRangesAsync,
   type RemoteRange,
   writeMemory,
+  writeRangesAsync,
 } from "../../ffi/memory.ts";
-import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
-import { AmberError, faultPoint, withContext } from "../errors.ts";
+import { definePart, type DumpContext } from "../context.ts";
+import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
-import { putBytes, u64Bytes } from "../scratch.ts";
 import {
   fillsThroughMem,
   type MappingImage,
@@ -54,7 +53,8 @@ export function pagesFileName(pid: number): string {
 function pageFilter(m: MappingImage): (high: number) => boolean {
   if (m.kind === "anon" || m.kind === "shmem") return (h) => (h & (PM_PRESENT | PM_SWAP)) !== 0;
   if (m.kind === "file" && !m.shared) {
-    return (h) => (h & PM_SWAP) !== 0 || (h & (PM_PRESENT | PM_FILE)) === PM_PRESENT;
+    // (`&` yields signed 32-bit numbers: test bits against zero only.)
+    return (h) => (h & PM_SWAP) !== 0 || ((h & PM_PRESENT) !== 0 && (h & PM_FILE) === 0);
   }
   return () => false;
 }
@@ -100,29 +100,80 @@ export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
   return runs;
 }
 
-/** Splits runs into read batches of at most CHUNK_BYTES and IOV_MAX ranges. */
-function batches(runs: PageRun[]): RemoteRange[][] {
-  const out: RemoteRange[][] = [];
-  let cur: RemoteRange[] = [];
-  let bytes = 0;
+/** A run with its place in the pages file. */
+interface Placed {
+  addr: bigint;
+  len: number;
+  fileOff: number;
+}
+
+/** What one transfer moves: file-contiguous ranges, at most CHUNK_BYTES and IOV_MAX of them. */
+interface Chunk {
+  fileOff: number;
+  bytes: number;
+  ranges: RemoteRange[];
+}
+
+/** Gives each run its offset in the pages file (runs are stored back to back). */
+function place(runs: PageRun[]): Placed[] {
+  let fileOff = 0;
+  return runs.map((r) => {
+    const p = { addr: r.addr, len: r.pages * PAGE_SIZE, fileOff };
+    fileOff += p.len;
+    return p;
+  });
+}
+
+/** Cuts runs into chunks; a chunk never spans a gap in the file. */
+function chunks(runs: Placed[]): Chunk[] {
+  const out: Chunk[] = [];
+  let cur: Chunk | undefined;
   for (const r of runs) {
-    let addr = r.addr;
-    let left = r.pages * PAGE_SIZE;
+    let addr = r.addr, fileOff = r.fileOff, left = r.len;
     while (left > 0) {
-      const len = Math.min(left, CHUNK_BYTES - bytes);
-      cur.push({ addr, len });
-      bytes += len;
-      addr += BigInt(len);
-      left -= len;
-      if (bytes === CHUNK_BYTES || cur.length === IOV_MAX) {
+      if (
+        !cur || cur.bytes === CHUNK_BYTES || cur.ranges.length === IOV_MAX ||
+        cur.fileOff + cur.bytes !== fileOff
+      ) {
+        cur = { fileOff, bytes: 0, ranges: [] };
         out.push(cur);
-        cur = [];
-        bytes = 0;
       }
+      const len = Math.min(left, CHUNK_BYTES - cur.bytes);
+      cur.ranges.push({ addr, len });
+      cur.bytes += len;
+      addr += BigInt(len);
+      fileOff += len;
+      left -= len;
     }
   }
-  if (cur.length) out.push(cur);
   return out;
+}
+
+/** Transfers in flight at once: enough to keep both cores copying. */
+const WORKERS = 3;
+
+/**
+ * Runs `move(chunk, buffer)` over all chunks with WORKERS workers, each
+ * with its own reused buffer; waits for every worker even when one fails.
+ */
+async function transfer(
+  list: Chunk[],
+  move: (c: Chunk, buf: Uint8Array, index: number) => Promise<void>,
+): Promise<void> {
+  let next = 0;
+  const size = Math.max(0, ...list.map((c) => c.bytes));
+  const worker = async () => {
+    const buf = new Uint8Array(size);
+    while (next < list.length) {
+      const i = next++;
+      await move(list[i], buf.subarray(0, list[i].bytes), i);
+    }
+  };
+  const results = await Promise.allSettled(
+    Array.from({ length: Math.min(WORKERS, list.length) }, worker),
+  );
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
 }
 
 function labelFor(mappings: MappingImage[], addr: bigint): string {
@@ -145,9 +196,6 @@ function readSlowly(pid: number, ranges: RemoteRange[], buf: Uint8Array, mapping
   }
 }
 
-/** Reads in flight at once, each followed by its write: enough to keep 2 cores busy. */
-const WORKERS = 3;
-
 /** Copies the planned runs into the pages file; returns bytes written. */
 export async function copyPages(
   ctx: DumpContext,
@@ -156,127 +204,56 @@ export async function copyPages(
 ): Promise<number> {
   const { tmp, commit } = ctx.dir.reserve(pagesFileName(ctx.pid));
   const file = RawFile.create(tmp);
-  const plan = batches(runs);
-  const offsets: number[] = [];
-  let total = 0;
-  for (const ranges of plan) {
-    offsets.push(total);
-    total += ranges.reduce((s, r) => s + r.len, 0);
-  }
-  let next = 0;
-  const worker = async () => {
-    const buf = new Uint8Array(Math.min(CHUNK_BYTES, total));
-    while (next < plan.length) {
-      const i = next++;
-      const ranges = plan[i];
-      const want = ranges.reduce((s, r) => s + r.len, 0);
-      const part = buf.subarray(0, want);
-      const got = await readRangesAsync(ctx.pid, ranges, part);
-      if (got !== want) readSlowly(ctx.pid, ranges, part, mappings);
-      if (i === Math.floor(plan.length / 2)) faultPoint("mid-pages");
-      await file.pwriteAll(part, offsets[i]);
-    }
-  };
-  const workers = Array.from({ length: Math.min(WORKERS, plan.length) }, worker);
+  const list = chunks(place(runs));
   try {
-    // allSettled: no worker may still be writing when the file is closed.
-    const results = await Promise.allSettled(workers);
-    const failed = results.find((r) => r.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
+    await transfer(list, async (c, buf, i) => {
+      const got = await readRangesAsync(ctx.pid, c.ranges, buf);
+      if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
+      if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
+      await file.pwriteAll(buf, c.fileOff);
+    });
   } finally {
     file.close();
   }
   commit();
-  return total;
+  return list.reduce((s, c) => s + c.bytes, 0);
 }
 
-/** A run with its place in the pages file. */
-interface Placed {
-  addr: bigint;
-  len: bigint;
-  fileOff: bigint;
-}
-
-/** Runs of `mappings`, each with its pages-file offset, split by how they are filled. */
-function placeRuns(
-  runs: PageRun[],
-  mappings: MappingImage[],
-): { inside: Placed[]; viaMem: Placed[] } {
-  const inside: Placed[] = [], viaMem: Placed[] = [];
-  let fileOff = 0n;
-  for (const r of runs) {
-    const len = BigInt(r.pages) * PAGE;
-    const m = mappings.find((x) => x.start <= r.addr && r.addr < x.end);
-    (m && fillsThroughMem(m) ? viaMem : inside).push({ addr: r.addr, len, fileOff });
-    fileOff += len;
-  }
-  return { inside, viaMem };
-}
-
-/** Batches of file-contiguous runs, at most `max` per batch. */
-function contiguousBatches(runs: Placed[], max: number): Placed[][] {
-  const out: Placed[][] = [];
-  for (const r of runs) {
-    const last = out.at(-1);
-    const tail = last?.at(-1);
-    if (last && tail && tail.fileOff + tail.len === r.fileOff && last.length < max) last.push(r);
-    else out.push([r]);
-  }
-  return out;
-}
-
-/** preadv inside the tracee: the kernel copies page cache straight into its memory. */
-function preadvInside(ctx: RestoreContext, fd: bigint, batch: Placed[], mappings: MappingImage[]) {
-  const IOV_AT = 32 * 1024;
-  const group = batch.map((r) => ({ ...r }));
-  let fileOff = group[0].fileOff;
-  while (group.length) {
-    const iov = u64Bytes(group.flatMap((g) => [g.addr, g.len]));
-    const addr = putBytes(ctx.pid, ctx.scratch, iov, IOV_AT);
-    const label = labelFor(mappings, group[0].addr);
-    let n = withContext(
-      label,
-      () => ctx.injector.call("preadv", 295, fd, addr, group.length, fileOff, 0),
-    );
-    if (n === 0n) throw new AmberError(`${label}: pages file ends early`);
-    fileOff += n;
-    // A short read (over 2 GiB, or a signal) continues where it stopped.
-    while (group.length && n >= group[0].len) n -= group.shift()!.len;
-    if (n > 0n) {
-      group[0].addr += n;
-      group[0].len -= n;
-    }
-  }
-}
-
-/** Fills the restored mappings from the pages file. */
-function fillPages(
-  ctx: RestoreContext,
+/**
+ * Fills the restored mappings from the pages file: amber reads the file
+ * and writes into the process with process_vm_writev, several chunks at a
+ * time; mappings the process cannot write go through /proc/PID/mem.
+ */
+async function fillPages(
+  pid: number,
   runs: PageRun[],
   pagesPath: string,
   mappings: MappingImage[],
-): void {
-  const { inside, viaMem } = placeRuns(runs, mappings);
-  const inj = ctx.injector;
-  const path = putBytes(ctx.pid, ctx.scratch, new TextEncoder().encode(pagesPath + "\0"));
-  const fd = inj.call(`open ${pagesPath}`, NR.openat, -100, path, 0o2000000, 0);
-  const perCall = Math.min(IOV_MAX, (ctx.scratch.size - 32 * 1024) / 16);
-  for (const batch of contiguousBatches(inside, perCall)) preadvInside(ctx, fd, batch, mappings);
-  inj.call("close", NR.close, fd);
-  if (!viaMem.length) return;
-  using file = Deno.openSync(pagesPath, { read: true });
-  for (const r of viaMem) {
-    withContext(labelFor(mappings, r.addr), () => {
-      const data = new Uint8Array(Number(r.len));
-      file.seekSync(Number(r.fileOff), Deno.SeekMode.Start);
-      let done = 0;
-      while (done < data.length) {
-        const n = file.readSync(data.subarray(done));
-        if (!n) throw new AmberError("pages file ends early");
-        done += n;
-      }
-      writeMemory(ctx.pid, r.addr, data);
+): Promise<void> {
+  const placed = place(runs);
+  const viaMem = (r: Placed) => {
+    const m = mappings.find((x) => x.start <= r.addr && r.addr < x.end);
+    return !!m && fillsThroughMem(m);
+  };
+  const file = RawFile.openRead(pagesPath);
+  try {
+    await transfer(chunks(placed.filter((r) => !viaMem(r))), async (c, buf) => {
+      await file.preadAll(buf, c.fileOff);
+      const label = labelFor(mappings, c.ranges[0].addr);
+      const n = await withContextAsync(label, () => writeRangesAsync(pid, c.ranges, buf));
+      if (n !== c.bytes) throw new AmberError(`${label}: process_vm_writev: EFAULT`);
     });
+    await transfer(chunks(placed.filter(viaMem)), async (c, buf) => {
+      await file.preadAll(buf, c.fileOff);
+      let off = 0;
+      for (const r of c.ranges) {
+        const data = buf.subarray(off, off + r.len);
+        withContext(labelFor(mappings, r.addr), () => writeMemory(pid, r.addr, data));
+        off += r.len;
+      }
+    });
+  } finally {
+    file.close();
   }
 }
 
@@ -317,8 +294,8 @@ export const pagemapPart = definePart({
       }
     }
   },
-  restore(ctx, { pagesFile, runs }) {
+  async restore(ctx, { pagesFile, runs }) {
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
-    fillPages(ctx, runs, Deno.realPathSync(ctx.dir.file(pagesFile)), mappings);
+    await fillPages(ctx.pid, runs, ctx.dir.file(pagesFile), mappings);
   },
 });
