@@ -155,6 +155,7 @@ export const NR = {
   chroot: 161,
   gettid: 186,
   set_tid_address: 218,
+  tgkill: 234,
   restart_syscall: 219,
   exit_group: 231,
   openat: 257,

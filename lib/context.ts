@@ -70,6 +70,8 @@ export interface Part<S extends z.ZodType = z.ZodType> {
   /** Checks before anything is created (files exist, kinds supported...). */
   precheck?(data: z.output<S>, ctx: PrecheckContext): void;
   restore(ctx: RestoreContext, data: z.output<S>): void | Promise<void>;
+  /** Why an object in this image cannot be restored yet, if one cannot. */
+  unrestorable?(data: z.output<S>): string | undefined;
 }
 
 export function definePart<S extends z.ZodType>(part: Part<S>): Part<S> {

@@ -13,7 +13,7 @@ import { partImage, PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xstateSize } from "./task/threads.ts";
-import { type FrozenProcess, type FrozenTree, seizeTree } from "./tree/seize.ts";
+import { type FrozenProcess, type FrozenTree, seizeTree, validateTargetPid } from "./tree/seize.ts";
 import {
   AMBER_VERSION,
   inventoryImage,
@@ -72,6 +72,8 @@ function processEntry(proc: FrozenProcess): ProcessEntryImage {
     sid: st.sid,
     exitSignal: st.exitSignal,
     threads: proc.threads,
+    state: proc.zombie ? "zombie" : proc.stopped ? "stopped" : "running",
+    exitStatus: proc.zombie?.exitStatus,
   };
 }
 
@@ -86,11 +88,16 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
   }
 }
 
+/**
+ * Dumps every part of one process; returns why it could not be restored,
+ * if something in it cannot be yet.
+ */
 async function dumpProcess(
   dir: ImageDir,
   proc: FrozenProcess,
   options: DumpOptions,
-): Promise<void> {
+): Promise<string | undefined> {
+  let unrestorable: string | undefined;
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid);
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
@@ -104,11 +111,13 @@ async function dumpProcess(
       const parsed = image.schema.parse(body);
       ctx.done[part.name] = parsed;
       dir.write(image, body, proc.pid);
+      unrestorable ??= part.unrestorable?.(parsed);
     });
     if (options.verbose) {
       console.error(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
     }
   }
+  return unrestorable;
 }
 
 function xfeatures(tid: number): bigint {
@@ -133,8 +142,15 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
   };
+  validateTargetPid(req.pid);
   const dir = new ImageDir(req.dir).openForWrite();
-  const tree = seizeTree(req.pid);
+  let tree: FrozenTree;
+  try {
+    tree = seizeTree(req.pid);
+  } catch (e) {
+    dir.discard();
+    throw e;
+  }
   let frozenMs = 0;
   let running = false;
   const resume = () => {
@@ -146,8 +162,14 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     faultPoint("after-freeze");
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
-    for (const proc of tree.processes) {
-      await withContextAsync(`pid ${proc.pid}`, () => dumpProcess(dir, proc, options));
+    for (const proc of tree.processes.filter((p) => !p.zombie)) {
+      const why = await withContextAsync(`pid ${proc.pid}`, () => dumpProcess(dir, proc, options));
+      // Ending a tree that can never come back would lose it.
+      if (why && !options.leaveRunning) {
+        throw new AmberError(
+          `pid ${proc.pid}: ${why}; the tree is left running (dump -R keeps it running with its images)`,
+        );
+      }
     }
     dir.write(pstreeImage, { processes: entries });
     const root = tree.processes[0].threads[0];

@@ -11,6 +11,7 @@
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
+import { writeMemory } from "../ffi/memory.ts";
 import { libc } from "../ffi/libc.ts";
 import type { RestoreContext, RestoreOptions, Scratch } from "./context.ts";
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
@@ -39,6 +40,7 @@ const SCRATCH_SIZE = 64 * 1024;
 const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
 const SIGKILL = 9;
+const SIGSTOP = 19;
 const TRACE_OPTIONS = pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE | pt.PTRACE_O.EXITKILL;
 
 function isZombie(pid: number): boolean {
@@ -85,22 +87,26 @@ async function precheck(images: Images, options: RestoreOptions, dir: ImageDir):
     );
   }
   const pids = new Set(images.processes.map((p) => p.entry.pid));
+  // What can never be restored is reported before what a retry could fix.
   for (const p of images.processes) {
-    for (const tid of p.entry.threads) {
-      const holder = await pidHolder(tid);
-      if (holder) throw new AmberError(`pid ${tid} is in use by ${holder}`);
-    }
     const e = p.entry;
     if (!pids.has(e.sid) && !options.shellJob) {
       throw new AmberError(
         `pid ${e.pid}: its session ${e.sid} is not in the images; restore with --shell-job`,
       );
     }
+    if (e.state === "zombie") continue;
     for (const part of PARTS) {
       withContext(
         `pid ${e.pid}: ${part.name}`,
         () => part.precheck?.(p.parts[part.name], { pid: e.pid, dir, options, images: p.parts }),
       );
+    }
+  }
+  for (const p of images.processes) {
+    for (const tid of p.entry.threads) {
+      const holder = await pidHolder(tid);
+      if (holder) throw new AmberError(`pid ${tid} is in use by ${holder}`);
     }
   }
 }
@@ -276,6 +282,33 @@ function killCreated(created: Map<number, Blank>, helper: Helper): void {
   }
 }
 
+/**
+ * Lets a recreated zombie die as the original did: exit_group(code), or a
+ * signal with its default action (core dumps off), once detached.
+ */
+function becomeZombie(blank: Blank): void {
+  const inj = blank.injector;
+  const status = blank.images.entry.exitStatus ?? 0;
+  const signal = status & 0x7f;
+  const regs = inj.savedRegs.clone().set("orig_rax", -1n).set("rip", inj.syscallAddr);
+  if (signal) {
+    inj.call("prlimit64(RLIMIT_CORE)", NR.prlimit64, 0, 4, zeroLimitAddr(blank), 0);
+    regs.set("rax", NR.tgkill).set("rdi", inj.tid).set("rsi", inj.tid).set("rdx", signal);
+  } else {
+    regs.set("rax", NR.exit_group).set("rdi", (status >> 8) & 0xff);
+  }
+  regs.write(inj.tid);
+  pt.setSigmask(inj.tid, 0n);
+  pt.detach(inj.tid);
+}
+
+/** A zeroed struct rlimit in the blank's stack area (its memory is the helper's). */
+function zeroLimitAddr(blank: Blank): bigint {
+  const addr = (blank.injector.savedRegs.get("rsp") - 4096n) & ~15n;
+  writeMemory(blank.injector.tid, addr, new Uint8Array(16));
+  return addr;
+}
+
 /** Restores the images in `req.dir`. */
 export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const t0 = performance.now();
@@ -296,6 +329,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
+      if (blank.images.entry.state === "zombie") continue;
       const pid = blank.images.entry.pid;
       const made = await withContextAsync(
         `pid ${pid}`,
@@ -310,6 +344,11 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     helper.child.kill("SIGKILL");
     await helper.child.status;
     throw e;
+  }
+  for (const blank of created.values()) {
+    if (blank.images.entry.state === "zombie") becomeZombie(blank);
+    // A pending SIGSTOP puts it back into its group stop once detached.
+    if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
   }
   // Children first, so no parent runs before its children exist as they were.
   for (const [tid] of threads.reverse()) pt.detach(tid);

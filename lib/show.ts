@@ -37,6 +37,17 @@ interface FsImage {
 
 /** The typed view of one process's part images that show needs. */
 function partsOf(p: ProcessImages) {
+  if (p.entry.state === "zombie") {
+    // A zombie has no images besides its pstree entry.
+    return {
+      mappings: [] as MappingImage[],
+      pagemap: { pagesFile: "", runs: [], totalPages: 0 } as unknown as PagemapImage,
+      mm: { exe: "(zombie)" } as MmImage,
+      fds: [] as FdImage[],
+      fs: { cwd: "-", root: "-", umask: 0 } as FsImage,
+      threads: [] as ThreadImage[],
+    };
+  }
   return {
     mappings: (p.parts.mappings as { mappings: MappingImage[] }).mappings,
     pagemap: p.parts.pagemap as PagemapImage,
@@ -86,6 +97,8 @@ function processJson(p: ProcessImages) {
     pgid: p.entry.pgid,
     sid: p.entry.sid,
     exitSignal: p.entry.exitSignal,
+    state: p.entry.state,
+    exitStatus: p.entry.exitStatus,
     threads: p.entry.threads,
     comm: parts.threads[0]?.comm ?? "",
     exe: parts.mm.exe,
@@ -181,7 +194,8 @@ function processLines(p: ProcessImages): string[] {
   const out: string[] = [];
   out.push(
     `pid ${e.pid} (${threads[0]?.comm ?? "?"}): ppid ${e.ppid}, pgid ${e.pgid}, sid ${e.sid}, ` +
-      `exit signal ${e.exitSignal}`,
+      `exit signal ${e.exitSignal}` + (e.state === "running" ? "" : `, ${e.state}`) +
+      (e.exitStatus !== undefined ? ` (wait status ${e.exitStatus})` : ""),
   );
   out.push(`  exe ${mm.exe}`);
   out.push(`  cwd ${fs.cwd}, root ${fs.root}, umask ${fs.umask.toString(8).padStart(3, "0")}`);

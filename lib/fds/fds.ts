@@ -93,6 +93,12 @@ export const fdsPart = definePart({
       withContext(`fd ${e.fd}`, () => kindOf(e.kind).precheck?.(e, ctx));
     }
   },
+  unrestorable({ fds }) {
+    for (const e of fds as FdEntryImage[]) {
+      const why = kindOf(e.kind).unrestorable?.(e);
+      if (why) return why;
+    }
+  },
   restore(ctx, { fds }) {
     const entries = fds as FdEntryImage[];
     const parked = parkInherited(ctx, entries);

@@ -26,6 +26,8 @@ export interface FdKind<S extends z.ZodType = z.ZodType> {
   precheck?(entry: z.output<S>, ctx: PrecheckContext): void;
   /** Returns a descriptor in the tracee holding the file; the caller moves it to its number. */
   restore(ctx: RestoreContext, entry: z.output<S>): number;
+  /** Why this descriptor cannot be restored yet, if it cannot. */
+  unrestorable?(entry: z.output<S>): string | undefined;
 }
 
 export function defineFdKind<S extends z.ZodType>(kind: FdKind<S>): FdKind<S> {

@@ -25,12 +25,12 @@ export const ttyFd = defineFdKind({
   dump: (p) => ({ kind: "tty" as const, fd: p.fd, flags: p.flags, path: p.link }),
   precheck(e, ctx) {
     if (!ctx.options.shellJob) {
-      throw new AmberError(`fd ${e.fd}: ${e.path} is a terminal: restore with --shell-job`);
+      throw new AmberError(`${e.path} is a terminal: restore with --shell-job`);
     }
   },
-  restore(ctx, e) {
+  restore(ctx) {
     const tty = [...ctx.inherited].find(([, what]) => /^\/dev\/(tty|pts\/|console)/.test(what));
-    if (!tty) throw new AmberError(`fd ${e.fd}: --shell-job needs amber to run on a terminal`);
+    if (!tty) throw new AmberError("--shell-job needs amber to run on a terminal");
     return Number(ctx.injector.call("dup", NR.fcntl, tty[0], 0, /* F_DUPFD */ 0));
   },
 });

@@ -29,10 +29,11 @@ export const unsupportedFd = defineFdKind({
     type: describeLink(p.link),
     link: p.link,
   }),
+  unrestorable: (e) => `fd ${e.fd}: ${e.link}: ${e.type} descriptors are not supported yet`,
   precheck(e) {
     throw new AmberError(`${e.link}: ${e.type} descriptors are not supported yet`);
   },
   restore(_ctx, e) {
-    throw new AmberError(`fd ${e.fd}: ${e.type} descriptors are not supported yet`);
+    throw new AmberError(`${e.type} descriptors are not supported yet`);
   },
 });

@@ -29,6 +29,13 @@ export function readImages(path: string): Images {
   }
   if (!st.isDirectory) throw new AmberError(`images directory ${path}: not a directory`);
   const dir = new ImageDir(path);
+  try {
+    Deno.statSync(dir.file("inventory.cbor"));
+  } catch {
+    throw new AmberError(
+      `${path}: not a complete images directory (no inventory.cbor: nothing dumped here, or the dump failed)`,
+    );
+  }
   const inventory = dir.read(inventoryImage);
   const { processes } = dir.read(pstreeImage);
   if (processes[0].pid !== inventory.rootPid) {
@@ -43,7 +50,10 @@ export function readImages(path: string): Images {
     inventory,
     processes: processes.map((entry) => ({
       entry,
-      parts: Object.fromEntries(PARTS.map((p) => [p.name, dir.read(partImage(p), entry.pid)])),
+      // A zombie is only its pstree entry.
+      parts: entry.state === "zombie"
+        ? {}
+        : Object.fromEntries(PARTS.map((p) => [p.name, dir.read(partImage(p), entry.pid)])),
     })),
   };
 }

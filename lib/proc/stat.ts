@@ -16,6 +16,8 @@ export interface ProcStat {
   endCode: bigint;
   startStack: bigint;
   exitSignal: number;
+  /** Field 52: the wait status a zombie's parent will read. */
+  exitCode: number;
   startData: bigint;
   endData: bigint;
   startBrk: bigint;
@@ -57,6 +59,7 @@ export function parseStat(text: string): ProcStat {
     argEnd: b(49),
     envStart: b(50),
     envEnd: b(51),
+    exitCode: n(52),
   };
 }
 

@@ -12,6 +12,10 @@ export const ProcessEntry = z.object({
   sid: z.number().int().min(0),
   exitSignal: z.number().int().min(0).max(64),
   threads: z.array(pidNumber).min(1),
+  /** "stopped": in a group stop; "zombie": exited, not yet reaped by its parent. */
+  state: z.enum(["running", "stopped", "zombie"]),
+  /** A zombie's wait status. */
+  exitStatus: z.number().int().min(0).max(0xffff).optional(),
 });
 export type ProcessEntryImage = z.output<typeof ProcessEntry>;
 

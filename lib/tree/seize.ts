@@ -13,6 +13,10 @@ export interface FrozenProcess {
   pid: number;
   threads: number[];
   children: number[];
+  /** Was in a group stop (state T) before amber came. */
+  stopped: boolean;
+  /** A zombie (not seized: nothing left but its exit status). */
+  zombie?: { exitStatus: number };
 }
 
 /** A frozen tree, parents listed before their children. */
@@ -24,8 +28,9 @@ export class FrozenTree {
     return this.processes.map((p) => p.pid);
   }
 
+  /** Threads amber seized (a zombie has none). */
   get tids(): number[] {
-    return this.processes.flatMap((p) => p.threads);
+    return this.processes.filter((p) => !p.zombie).flatMap((p) => p.threads);
   }
 
   /** Lets every thread run on as before. Errors are collected, not thrown midway. */
@@ -48,7 +53,7 @@ export class FrozenTree {
    */
   kill(): void {
     for (const pid of this.pids) libc().kill(pid, SIGKILL);
-    for (const proc of this.processes) {
+    for (const proc of this.processes.filter((p) => !p.zombie)) {
       const ours = readStatSafe(proc.pid)?.ppid === Deno.pid;
       // Other threads first: a dead leader is not reported while its threads remain.
       for (const tid of [...proc.threads.filter((t) => t !== proc.pid), proc.pid]) {
@@ -89,15 +94,29 @@ export function validateTargetPid(pid: number): void {
   if (stat.pid !== pid) throw new AmberError(`pid ${pid}: is a thread, not a process`);
 }
 
+/** Why PTRACE_SEIZE was refused, in words. */
+function seizeRefusal(tid: number, e: unknown): AmberError {
+  let tracer = 0;
+  try {
+    tracer = Number(/TracerPid:\s*(\d+)/.exec(Deno.readTextFileSync(`/proc/${tid}/status`))?.[1]);
+  } catch { /* gone */ }
+  if (tracer) {
+    return new AmberError(
+      `tid ${tid}: already traced by pid ${tracer} (a debugger, or another dump?)`,
+    );
+  }
+  return new AmberError(`tid ${tid}: ${e instanceof Error ? e.message : e}`);
+}
+
 /** Seizes and interrupts one thread; false when it vanished meanwhile. */
 function freezeThread(tid: number): boolean {
   try {
     pt.seize(tid, pt.PTRACE_O.TRACESYSGOOD);
-    pt.interrupt(tid);
   } catch (e) {
     if (e instanceof SysError && e.code === "ESRCH") return false;
-    throw new AmberError(`tid ${tid}: ${e instanceof Error ? e.message : e}`);
+    throw seizeRefusal(tid, e);
   }
+  pt.interrupt(tid);
   for (;;) {
     const st = pt.waitpid(tid);
     if (!st || !st.stopped) return false; // exited while we froze it
@@ -128,7 +147,16 @@ function childrenOf(pid: number, threads: number[]): number[] {
 }
 
 function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined {
-  const proc: FrozenProcess = { pid, threads: [], children: [] };
+  const stat = readStatSafe(pid);
+  if (!stat) return undefined;
+  const proc: FrozenProcess = { pid, threads: [], children: [], stopped: stat.state === "T" };
+  if (stat.state === "Z") {
+    // An unreaped child: nothing to seize, only its exit status to keep.
+    proc.threads = [pid];
+    proc.zombie = { exitStatus: stat.exitCode };
+    tree.processes.push(proc);
+    return proc;
+  }
   const seen = new Set<number>();
   // Threads can spawn threads until all of them are stopped: re-scan.
   for (;;) {
