@@ -27,44 +27,39 @@ function iovecs(ranges: RemoteRange[], local: Uint8Array): [BigUint64Array, BigU
  * Reads up to IOV_MAX remote ranges into `local` back to back, on a pool
  * thread. Returns the bytes read, which is short when a range faulted.
  */
-export async function readRangesAsync(
+export function readRangesAsync(
   pid: number,
   ranges: RemoteRange[],
   local: Uint8Array,
 ): Promise<number> {
-  const [localIov, remote] = iovecs(ranges, local);
-  const n = await libc().process_vm_readv_async(
-    pid,
-    localIov,
-    1n,
-    remote,
-    BigInt(ranges.length),
-    0n,
-  );
-  // errno of a pool thread is lost: report the common cause.
-  if (n < 0n) throw new SysError("process_vm_readv", 14);
-  return Number(n);
+  return transferAsync(libc().process_vm_readv_async, "process_vm_readv", pid, ranges, local);
 }
 
 /**
  * Writes `local` back to back into up to IOV_MAX remote ranges, on a pool
  * thread. The ranges must be writable mappings. Returns the bytes written.
  */
-export async function writeRangesAsync(
+export function writeRangesAsync(
+  pid: number,
+  ranges: RemoteRange[],
+  local: Uint8Array,
+): Promise<number> {
+  return transferAsync(libc().process_vm_writev_async, "process_vm_writev", pid, ranges, local);
+}
+
+type VmCall = ReturnType<typeof libc>["process_vm_readv_async"];
+
+async function transferAsync(
+  call: VmCall,
+  name: string,
   pid: number,
   ranges: RemoteRange[],
   local: Uint8Array,
 ): Promise<number> {
   const [localIov, remote] = iovecs(ranges, local);
-  const n = await libc().process_vm_writev_async(
-    pid,
-    localIov,
-    1n,
-    remote,
-    BigInt(ranges.length),
-    0n,
-  );
-  if (n < 0n) throw new SysError("process_vm_writev", 14);
+  const n = await call(pid, localIov, 1n, remote, BigInt(ranges.length), 0n);
+  // errno of a pool thread is lost: report the common cause.
+  if (n < 0n) throw new SysError(name, 14);
   return Number(n);
 }
 
