@@ -70,6 +70,7 @@ function processEntry(proc: FrozenProcess): ProcessEntryImage {
     ppid: st.ppid,
     pgid: st.pgid,
     sid: st.sid,
+    comm: st.comm,
     exitSignal: st.exitSignal,
     threads: proc.threads,
     state: proc.zombie ? "zombie" : proc.stopped ? "stopped" : "running",

@@ -11,7 +11,6 @@
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
-import { writeMemory } from "../ffi/memory.ts";
 import { libc } from "../ffi/libc.ts";
 import type { RestoreContext, RestoreOptions, Scratch } from "./context.ts";
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
@@ -22,7 +21,7 @@ import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
 import { applyThreadState, type ThreadImage, xstateSize } from "./task/threads.ts";
-import { putBytes, u64Bytes } from "./scratch.ts";
+import { putBytes, putString, u64Bytes } from "./scratch.ts";
 
 export interface RestoreRequest extends Partial<RestoreOptions> {
   dir: string;
@@ -283,30 +282,37 @@ function killCreated(created: Map<number, Blank>, helper: Helper): void {
 }
 
 /**
- * Lets a recreated zombie die as the original did: exit_group(code), or a
- * signal with its default action (core dumps off), once detached.
+ * Lets a recreated zombie die as the original did, under its name:
+ * exit_group(code), or its fatal signal with the default action. Core
+ * dumps are turned off first, so a zombie of a signal that dumps core
+ * comes back without the "core dumped" bit of its wait status.
+ * amber waits for the death as tracer, which leaves the zombie to its
+ * parent, so it is a zombie by the time restore returns.
  */
 function becomeZombie(blank: Blank): void {
   const inj = blank.injector;
-  const status = blank.images.entry.exitStatus ?? 0;
-  const signal = status & 0x7f;
+  const { pid, comm, exitStatus = 0 } = blank.images.entry;
+  // The blank's memory is still the helper's: its stack has room for arguments.
+  const scratch = { addr: (inj.savedRegs.get("rsp") - 4096n) & ~15n, size: 64 };
+  inj.call("prctl(SET_NAME)", NR.prctl, 15, putString(pid, scratch, comm));
+  const signal = exitStatus & 0x7f;
   const regs = inj.savedRegs.clone().set("orig_rax", -1n).set("rip", inj.syscallAddr);
   if (signal) {
-    inj.call("prlimit64(RLIMIT_CORE)", NR.prlimit64, 0, 4, zeroLimitAddr(blank), 0);
-    regs.set("rax", NR.tgkill).set("rdi", inj.tid).set("rsi", inj.tid).set("rdx", signal);
+    const zero = putBytes(pid, scratch, new Uint8Array(16), 32);
+    inj.call("prlimit64(RLIMIT_CORE)", NR.prlimit64, 0, 4, zero, 0);
+    regs.set("rax", NR.tgkill).set("rdi", pid).set("rsi", pid).set("rdx", signal);
   } else {
-    regs.set("rax", NR.exit_group).set("rdi", (status >> 8) & 0xff);
+    regs.set("rax", NR.exit_group).set("rdi", (exitStatus >> 8) & 0xff);
   }
-  regs.write(inj.tid);
-  pt.setSigmask(inj.tid, 0n);
-  pt.detach(inj.tid);
-}
-
-/** A zeroed struct rlimit in the blank's stack area (its memory is the helper's). */
-function zeroLimitAddr(blank: Blank): bigint {
-  const addr = (blank.injector.savedRegs.get("rsp") - 4096n) & ~15n;
-  writeMemory(blank.injector.tid, addr, new Uint8Array(16));
-  return addr;
+  regs.write(pid);
+  pt.setSigmask(pid, 0n);
+  pt.cont(pid);
+  for (;;) {
+    const st = pt.waitpid(pid);
+    if (!st?.stopped) return;
+    // The signal-delivery stop of its own fatal signal: let it through.
+    pt.cont(pid, st.event ? 0 : st.stopSignal);
+  }
 }
 
 /** Restores the images in `req.dir`. */

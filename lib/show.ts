@@ -100,7 +100,7 @@ function processJson(p: ProcessImages) {
     state: p.entry.state,
     exitStatus: p.entry.exitStatus,
     threads: p.entry.threads,
-    comm: parts.threads[0]?.comm ?? "",
+    comm: parts.threads[0]?.comm ?? p.entry.comm,
     exe: parts.mm.exe,
     mappings: parts.mappings.map((m) => ({
       start: hex0x(m.start),
@@ -171,7 +171,7 @@ function treeLines(images: Images): string[] {
     const { threads, mm } = partsOf(p);
     const e = p.entry;
     lines.push(
-      `  ${"  ".repeat(depth)}${e.pid} ${threads[0]?.comm ?? "?"}  ` +
+      `  ${"  ".repeat(depth)}${e.pid} ${threads[0]?.comm ?? e.comm}  ` +
         `(pgid ${e.pgid}, sid ${e.sid}${
           e.threads.length > 1 ? `, ${e.threads.length} threads` : ""
         })` +
@@ -193,7 +193,7 @@ function processLines(p: ProcessImages): string[] {
   const { mappings, pagemap, mm, fds, fs, threads } = partsOf(p);
   const out: string[] = [];
   out.push(
-    `pid ${e.pid} (${threads[0]?.comm ?? "?"}): ppid ${e.ppid}, pgid ${e.pgid}, sid ${e.sid}, ` +
+    `pid ${e.pid} (${threads[0]?.comm ?? e.comm}): ppid ${e.ppid}, pgid ${e.pgid}, sid ${e.sid}, ` +
       `exit signal ${e.exitSignal}` + (e.state === "running" ? "" : `, ${e.state}`) +
       (e.exitStatus !== undefined ? ` (wait status ${e.exitStatus})` : ""),
   );

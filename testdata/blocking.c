@@ -51,17 +51,7 @@
 static int out_fd;
 static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void write_all(int fd, const char *buf, size_t len) {
-  while (len > 0) {
-    ssize_t n = write(fd, buf, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      _exit(3);
-    }
-    buf += n;
-    len -= (size_t)n;
-  }
-}
+#include "common.h"
 
 static long long now_ns(void) {
   struct timespec ts;

@@ -40,17 +40,7 @@ static void on_usr1(int sig) {
   check_requested = 1;
 }
 
-static void write_all(int fd, const char *buf, size_t len) {
-  while (len > 0) {
-    ssize_t n = write(fd, buf, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      _exit(3);
-    }
-    buf += n;
-    len -= (size_t)n;
-  }
-}
+#include "common.h"
 
 static void sleep_20ms(void) {
   struct timespec ts = {0, 20 * 1000 * 1000};

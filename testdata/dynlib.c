@@ -24,17 +24,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-static void write_all(int fd, const char *buf, size_t len) {
-  while (len > 0) {
-    ssize_t n = write(fd, buf, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      _exit(3);
-    }
-    buf += n;
-    len -= (size_t)n;
-  }
-}
+#include "common.h"
 
 /* Formats the values for tick n into buf (without N and newline). */
 static int values(unsigned long long n, char *buf, size_t size) {

@@ -17,17 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static void write_all(int fd, const char *buf, size_t len) {
-  while (len > 0) {
-    ssize_t n = write(fd, buf, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      _exit(3);
-    }
-    buf += n;
-    len -= (size_t)n;
-  }
-}
+#include "common.h"
 
 int main(int argc, char **argv) {
   if (argc < 4 || argc > 5) return 2;

@@ -22,17 +22,7 @@
 
 static int out_fd;
 
-static void write_all(int fd, const char *buf, size_t len) {
-  while (len > 0) {
-    ssize_t n = write(fd, buf, len);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      _exit(3);
-    }
-    buf += n;
-    len -= (size_t)n;
-  }
-}
+#include "common.h"
 
 static void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void log_line(const char *fmt, ...) {

@@ -10,6 +10,8 @@ export const ProcessEntry = z.object({
   ppid: z.number().int().min(0),
   pgid: pidNumber,
   sid: z.number().int().min(0),
+  /** The process name (its main thread's comm). */
+  comm: z.string().max(16),
   exitSignal: z.number().int().min(0).max(64),
   threads: z.array(pidNumber).min(1),
   /** "stopped": in a group stop; "zombie": exited, not yet reaped by its parent. */
