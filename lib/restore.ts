@@ -246,9 +246,11 @@ async function rebuildProcess(
     log,
   };
   for (const part of PARTS) {
+    const t0 = performance.now();
     await withContextAsync(part.name, async () => {
       await part.restore(ctx, blank.images.parts[part.name]);
     });
+    log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
   return ctx.threads;
@@ -329,6 +331,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const images = readImages(req.dir);
   const dir = new ImageDir(req.dir);
   await precheck(images, options, dir);
+  log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
   const helper = startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, Injector, ThreadImage][] = [];
