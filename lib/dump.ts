@@ -12,7 +12,7 @@ import { vdsoDigest } from "./mm/mappings.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
-import { xstateSize } from "./task/threads.ts";
+import { xfeatures, xstateSize } from "./task/threads.ts";
 import { type FrozenProcess, type FrozenTree, seizeTree, validateTargetPid } from "./tree/seize.ts";
 import {
   AMBER_VERSION,
@@ -20,7 +20,6 @@ import {
   type ProcessEntryImage,
   pstreeImage,
 } from "./tree/pstree.ts";
-import { getRegset, NT_X86_XSTATE } from "../ffi/ptrace.ts";
 
 export interface DumpRequest extends Partial<DumpOptions> {
   pid: number;
@@ -119,12 +118,6 @@ async function dumpProcess(
     }
   }
   return unrestorable;
-}
-
-function xfeatures(tid: number): bigint {
-  // The first 8 bytes of sw_reserved (offset 464) hold XCR0 in NT_X86_XSTATE.
-  const x = getRegset(tid, NT_X86_XSTATE, 4096);
-  return new DataView(x.buffer).getBigUint64(464, true);
 }
 
 function imageBytes(dir: string): number {

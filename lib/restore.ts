@@ -20,7 +20,7 @@ import { findFreeRange, type MappingImage, vdsoDigest } from "./mm/mappings.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
-import { applyThreadState, type ThreadImage, xstateSize } from "./task/threads.ts";
+import { applyThreadState, type ThreadImage, xfeatures, xstateSize } from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
 
 export interface RestoreRequest extends Partial<RestoreOptions> {
@@ -160,7 +160,19 @@ interface Helper {
   scratch: Scratch;
 }
 
-function startHelper(inv: Images["inventory"]): Helper {
+/** The FPU state of the images must fit this CPU. */
+function checkCpu(inv: Images["inventory"], tid: number): void {
+  const size = xstateSize(tid), features = xfeatures(tid);
+  if (inv.xsaveSize !== size || inv.xfeatures !== features) {
+    throw new AmberError(
+      `the images' FPU state (${inv.xsaveSize} bytes, features 0x${inv.xfeatures.toString(16)}) ` +
+        `does not fit this CPU (${size} bytes, features 0x${features.toString(16)}): ` +
+        "restore on the same kind of CPU",
+    );
+  }
+}
+
+async function startHelper(inv: Images["inventory"]): Promise<Helper> {
   const path = writeHelperElf();
   let child: Deno.ChildProcess;
   try {
@@ -175,15 +187,11 @@ function startHelper(inv: Images["inventory"]): Helper {
     pt.waitpid(child.pid);
     const injector = Injector.forThread(child.pid).begin();
     const scratch = mapScratch(injector, []);
-    if (inv.xsaveSize !== xstateSize(child.pid)) {
-      throw new AmberError(
-        `the image's FPU state is ${inv.xsaveSize} bytes, this CPU's ${xstateSize(child.pid)}: ` +
-          "restore on the same kind of CPU",
-      );
-    }
+    checkCpu(inv, child.pid);
     return { child, injector, scratch };
   } catch (e) {
     child.kill("SIGKILL");
+    await child.status;
     throw e instanceof AmberError
       ? e
       : new AmberError(`restore helper: ${e instanceof Error ? e.message : e}`);
@@ -332,7 +340,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const dir = new ImageDir(req.dir);
   await precheck(images, options, dir);
   log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
-  const helper = startHelper(images.inventory);
+  const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, Injector, ThreadImage][] = [];
   try {

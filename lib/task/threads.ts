@@ -51,6 +51,12 @@ export function xstateSize(tid: number): number {
   return pt.getRegset(tid, pt.NT_X86_XSTATE, XSTATE_MAX).length;
 }
 
+/** The xsave features (XCR0) in use: the first 8 bytes of sw_reserved (offset 464). */
+export function xfeatures(tid: number): bigint {
+  const x = pt.getRegset(tid, pt.NT_X86_XSTATE, XSTATE_MAX);
+  return new DataView(x.buffer, x.byteOffset).getBigUint64(464, true);
+}
+
 const CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000;
 const ERESTARTSYS = -512n, ERESTARTNOINTR = -513n, ERESTARTNOHAND = -514n;
 const ERESTART_RESTARTBLOCK = -516n;
