@@ -238,7 +238,7 @@ async function rebuildProcess(
   dir: ImageDir,
   options: RestoreOptions,
   log: (m: string) => void,
-) {
+): Promise<void> {
   const pid = blank.images.entry.pid;
   const { mappings } = blank.images.parts.mappings as { mappings: MappingImage[] };
   const scratch = mapScratch(blank.injector, mappings);
@@ -261,7 +261,6 @@ async function rebuildProcess(
     log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
-  return ctx.threads;
 }
 
 /**
@@ -342,37 +341,40 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
-  const threads: [number, Injector, ThreadImage][] = [];
+  const threads: [number, ThreadImage][] = [];
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
       if (blank.images.entry.state === "zombie") continue;
       const pid = blank.images.entry.pid;
-      const made = await withContextAsync(
-        `pid ${pid}`,
-        () => rebuildProcess(blank, dir, options, log),
-      );
+      await withContextAsync(`pid ${pid}`, () => rebuildProcess(blank, dir, options, log));
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
-      for (const t of imgs) threads.push([t.tid, made.get(t.tid)!, t]);
+      for (const t of imgs) threads.push([t.tid, t]);
     }
-    for (const [tid, , img] of threads) applyThreadState(tid, img);
+    for (const [tid, img] of threads) applyThreadState(tid, img);
+    if (req.pidfile) {
+      const pidfile = req.pidfile;
+      withContext(
+        `pidfile ${pidfile}`,
+        () => Deno.writeTextFileSync(pidfile, `${images.processes[0].entry.pid}\n`),
+      );
+    }
+    for (const blank of created.values()) {
+      if (blank.images.entry.state === "zombie") becomeZombie(blank);
+      // A pending SIGSTOP puts it back into its group stop once detached.
+      if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
+    }
   } catch (e) {
     killCreated(created, helper);
     helper.child.kill("SIGKILL");
     await helper.child.status;
     throw e;
   }
-  for (const blank of created.values()) {
-    if (blank.images.entry.state === "zombie") becomeZombie(blank);
-    // A pending SIGSTOP puts it back into its group stop once detached.
-    if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
-  }
   // Children first, so no parent runs before its children exist as they were.
   for (const [tid] of threads.reverse()) pt.detach(tid);
   helper.child.kill("SIGKILL");
   await helper.child.status;
   const pids = [...created.keys()];
-  if (req.pidfile) Deno.writeTextFileSync(req.pidfile, `${pids[0]}\n`);
   const restoreMs = performance.now() - t0;
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   if (options.detached) return { pids, restoreMs };
