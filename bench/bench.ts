@@ -10,6 +10,7 @@
 import {
   amber,
   buildC,
+  dumpArgs,
   killAndReap,
   sizeOf,
   spawnTarget,
@@ -63,11 +64,11 @@ function figure(text: string, re: RegExp): number {
 async function cycle(path: string, pid: number, size: number): Promise<Round> {
   const bytes = size * 1048576;
   await warmMemory(path, bytes * 2);
-  const d = await timed(["dump", "-t", String(pid), "-D", `${path}/img-R`, "-R"]);
+  const d = await timed(dumpArgs(pid, `${path}/img-R`, "-R"));
   const imageBytes = sizeOf(`${path}/img-R`, /./);
   const pageBytes = sizeOf(`${path}/img-R`, /^pages-/);
   await Deno.remove(`${path}/img-R`, { recursive: true });
-  await timed(["dump", "-t", String(pid), "-D", `${path}/img`]);
+  await timed(dumpArgs(pid, `${path}/img`));
   await waitGone(pid);
   await warmMemory(path, bytes * 2);
   const r = await timed(["restore", "-D", `${path}/img`, "-d"]);
@@ -108,25 +109,18 @@ for (const size of sizes) {
     const col = (f: (r: Round) => number) => rounds.map(f);
     const both = (xs: number[]) => `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
     const pages = rounds[0].pageBytes;
+    /** GB/s of the pages over the times `f`: median (best). */
+    const rate = (f: (r: Round) => number) =>
+      `${gbs(pages, median(col(f)))} (${gbs(pages, best(col(f)))})`;
     console.log(
       [
         String(size).padEnd(4),
         cell(both(col((r) => r.frozenMs)), 13),
         cell(both(col((r) => r.dumpMs)), 13),
-        cell(
-          `${gbs(pages, median(col((r) => r.frozenMs)))} (${
-            gbs(pages, best(col((r) => r.frozenMs)))
-          })`,
-          11,
-        ),
+        cell(rate((r) => r.frozenMs), 11),
         cell((rounds[0].imageBytes / 1048576).toFixed(0), 9),
         cell(both(col((r) => r.restoreWallMs)), 13),
-        cell(
-          `${gbs(pages, median(col((r) => r.restoreMs)))} (${
-            gbs(pages, best(col((r) => r.restoreMs)))
-          })`,
-          12,
-        ),
+        cell(rate((r) => r.restoreMs), 12),
       ].join(" | "),
     );
   } finally {

@@ -9,6 +9,9 @@
  * That FFI use is the only one in the tests.
  */
 import assert from "node:assert/strict";
+import { type MapsEntry, parseMaps } from "../lib/proc/maps.ts";
+
+export type { MapsEntry };
 
 /** The repository root (the parent of tests/). */
 export const ROOT: string = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
@@ -135,33 +138,9 @@ export function threadsOf(pid: number): number[] {
   );
 }
 
-/** One line of /proc/PID/maps. */
-export interface MapsEntry {
-  start: bigint;
-  end: bigint;
-  perms: string;
-  offset: bigint;
-  dev: string;
-  inode: number;
-  path: string;
-}
-
-/** Parses /proc/PID/maps. */
+/** Parses /proc/PID/maps (with amber's own parser, lib/proc/maps.ts). */
 export function procMaps(pid: number): MapsEntry[] {
-  const text = Deno.readTextFileSync(`/proc/${pid}/maps`);
-  return text.split("\n").filter((l) => l).map((line) => {
-    const m = line.match(/^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$/);
-    if (!m) throw new Error(`unexpected maps line: ${line}`);
-    return {
-      start: BigInt(`0x${m[1]}`),
-      end: BigInt(`0x${m[2]}`),
-      perms: m[3],
-      offset: BigInt(`0x${m[4]}`),
-      dev: m[5],
-      inode: Number(m[6]),
-      path: m[7],
-    };
-  });
+  return parseMaps(Deno.readTextFileSync(`/proc/${pid}/maps`));
 }
 
 /** A field of /proc/PID/status in bytes for "kB" fields (VmSize, RssAnon, ...), else as number. */
@@ -183,6 +162,35 @@ export function unusedPid(): number {
     }
   }
   throw new Error("no free pid found");
+}
+
+/** A field of /proc/PID/task/TID/status as text ("State", "TracerPid", ...). */
+export function statusField(pid: number, name: string, tid = pid): string {
+  const text = Deno.readTextFileSync(`/proc/${pid}/task/${tid}/status`);
+  const m = text.match(new RegExp(`^${name}:\\s*(.*)$`, "m"));
+  if (!m) throw new Error(`no ${name} in /proc/${pid}/task/${tid}/status`);
+  return m[1].trim();
+}
+
+/** The open fds of PID, sorted. */
+export function openFds(pid: number): number[] {
+  return [...Deno.readDirSync(`/proc/${pid}/fd`)].map((e) => Number(e.name)).sort((a, b) => a - b);
+}
+
+/** Our children, each with its state, for comparing before/after a restore. */
+export function childrenWithState(): string[] {
+  return ownChildren().map((p) => `${p}:${procState(p)}`);
+}
+
+/** PID and its descendants whose name (/proc/PID/comm) is `name`; those gone meanwhile left out. */
+export function processesNamed(pid: number, name: string): number[] {
+  return descendants(pid).filter((p) => {
+    try {
+      return Deno.readTextFileSync(`/proc/${p}/comm`).trim() === name;
+    } catch {
+      return false; // gone meanwhile
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -265,7 +273,7 @@ export interface Target {
  * Deno passes those on to its children, and a target holding one could not
  * be dumped. bash, not dash: dash's redirections take one-digit fds only.
  */
-const CLOSE_FDS_AND_EXEC = "for f in /proc/$$/fd/*; do n=${f##*/}; " +
+export const CLOSE_FDS_AND_EXEC = "for f in /proc/$$/fd/*; do n=${f##*/}; " +
   '[ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@"';
 
 /**
@@ -354,6 +362,53 @@ export async function killTree(pid: number): Promise<void> {
 
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Polls `get` every 10 ms until it returns (or resolves to) something other than undefined. */
+export async function waitFor<T>(
+  get: () => T | undefined | Promise<T | undefined>,
+  what: string | (() => string),
+  timeoutMs = 10_000,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await get();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) {
+      assert.fail(`${typeof what === "string" ? what : what()} (after ${timeoutMs} ms)`);
+    }
+    await sleep(10);
+  }
+}
+
+/** Polls `pred` every 10 ms until it holds; fails with `what` after timeoutMs. */
+export async function until(
+  pred: () => boolean,
+  what: string | (() => string),
+  timeoutMs = 10_000,
+): Promise<void> {
+  await waitFor(() => (pred() ? true : undefined), what, timeoutMs);
+}
+
+/** Reaps what we can until none of `pids` exists any more (not even as a zombie). */
+export async function waitVanished(pids: number[], timeoutMs = 10_000): Promise<void> {
+  await until(
+    () => {
+      reapZombies();
+      return pids.every((p) => procState(p) === null);
+    },
+    () =>
+      `still there: ${
+        pids.filter((p) => procState(p) !== null).map((p) => `${p} (${procState(p)})`).join(" ")
+      }`,
+    timeoutMs,
+  );
+}
+
+/** Whether `cmd ARGS...` can be run and exits 0 (to see if a tool is installed). */
+export async function commandWorks(cmd: string, ...args: string[]): Promise<boolean> {
+  return await new Deno.Command(cmd, { args, stdout: "null", stderr: "null" })
+    .output().then((r) => r.success, () => false);
 }
 
 // ---------------------------------------------------------------------------
@@ -456,6 +511,169 @@ export async function readThreadLines(file: string): Promise<Map<number, number[
   return byThread;
 }
 
+/**
+ * The counter file OUT holds 0, 1, 2, ... and, besides, exactly the lines
+ * `other` (in that order).
+ */
+export async function assertCounterFile(
+  out: string,
+  what: string,
+  other: string[] = [],
+): Promise<CounterLines> {
+  const c = await readCounterLines(out);
+  assert.deepEqual(c.other, other, `${what}: lines besides the counter`);
+  assertConsecutive(c.numbers, what);
+  return c;
+}
+
+/**
+ * Waits until the counter file OUT has `more` lines beyond its first `n`,
+ * then asserts it as assertCounterFile does.
+ */
+export async function assertCounterGoesOn(
+  out: string,
+  n: number,
+  more: number,
+  what: string,
+  other: string[] = [],
+): Promise<CounterLines> {
+  await waitForLines(out, n + more);
+  return await assertCounterFile(out, what, other);
+}
+
+// ---------------------------------------------------------------------------
+// starting targets and waiting until they write
+
+/** A target writing to a file. */
+export interface Writer extends Target {
+  out: string;
+}
+
+/**
+ * spawnTarget(argv), then waits until OUT has `lines` complete lines; kills
+ * the target if that times out.
+ */
+export async function startWriter(
+  argv: string[],
+  out: string,
+  lines: number,
+  timeoutMs = 10_000,
+): Promise<Writer> {
+  const target = spawnTarget(argv);
+  try {
+    await waitForLines(out, lines, timeoutMs);
+  } catch (e) {
+    await killAndReap(target.pid);
+    throw e;
+  }
+  return { ...target, out };
+}
+
+/**
+ * Starts testdata/counter.c filling `mib` MiB, in its own session, writing
+ * DIR/counter.txt; returns once it writes (it opens the file only after the
+ * memory is filled).
+ */
+export async function startCounter(dir: string, mib: number): Promise<Writer> {
+  const bin = await buildC("counter");
+  const out = `${dir}/counter.txt`;
+  return await startWriter([bin, out, String(mib), "--setsid"], out, 3);
+}
+
+/**
+ * Starts testdata/threads.c with `nthreads` counting threads, in its own
+ * session, writing DIR/threads.txt; returns once each thread has written a
+ * few lines, with the thread ids (checked: the main thread and `nthreads`).
+ */
+export async function startThreads(
+  dir: string,
+  nthreads: number,
+): Promise<Writer & { tids: number[] }> {
+  const bin = await buildC("threads");
+  const out = `${dir}/threads.txt`;
+  const t = await startWriter(["setsid", bin, out, String(nthreads)], out, nthreads * 3);
+  try {
+    const tids = threadsOf(t.pid);
+    assert.equal(tids.length, nthreads + 1);
+    return { ...t, tids };
+  } catch (e) {
+    await killAndReap(t.pid);
+    throw e;
+  }
+}
+
+/** Starts testdata/dynlib.c in its own session, writing DIR/dynlib.txt; returns once it writes. */
+export async function startDynlib(dir: string): Promise<Writer> {
+  const bin = await buildC("dynlib");
+  const out = `${dir}/dynlib.txt`;
+  return await startWriter(["setsid", bin, out], out, 3);
+}
+
+/** Starts testdata/counter.py in its own session, writing DIR/py.txt; returns once it writes. */
+export function startPyCounter(dir: string): Promise<Writer> {
+  const out = `${dir}/py.txt`;
+  return startWriter(["setsid", "python3", COUNTER_PY, out], out, 3, 30_000);
+}
+
+/** counter.py's lines "N checksum": each checksum is 2 more than the one before. */
+export function assertPyChecksums(lines: string[]): void {
+  const sums = lines.map((l) => BigInt(l.split(" ")[1]));
+  for (let i = 1; i < sums.length; i++) assert.equal(sums[i] - sums[i - 1], 2n, `checksum ${i}`);
+}
+
+/** Shape of the tree testdata/tree.c makes: depth 2, 2 children each. */
+export const TREE_DEPTH = 2, TREE_WIDTH = 2;
+
+/**
+ * Starts testdata/tree.c (root in its own session) in `outDir` and waits
+ * until every process writes. `onStart` gets the root at once, so that a
+ * failing start can still be cleaned up. Returns all pids, root first.
+ */
+export async function startTree(
+  outDir: string,
+  onStart: (root: number) => void,
+): Promise<number[]> {
+  const bin = await buildC("tree");
+  const count = 1 + TREE_WIDTH + TREE_WIDTH * TREE_WIDTH;
+  await Deno.mkdir(outDir);
+  const root = spawnTarget([bin, outDir, String(TREE_DEPTH), String(TREE_WIDTH), "--setsid"]).pid;
+  onStart(root);
+  // Every process writes its own PID.txt once its children are forked.
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const files = listDir(outDir);
+    if (files.length === count) {
+      const lines = await Promise.all(files.map((f) => readLines(`${outDir}/${f}`)));
+      if (lines.every((l) => l.length >= 2)) break;
+    }
+    assert.ok(Date.now() < deadline, `tree did not start: ${files.join(" ")}`);
+    await sleep(10);
+  }
+  const pids = descendants(root);
+  assert.equal(pids.length, count, `tree has ${pids.length} processes: ${pids.join(" ")}`);
+  return pids;
+}
+
+/**
+ * Starts a tree (startTree) in DIR/out, runs `body` on it, and then, whatever
+ * happened, kills the tree and waits until all its processes are gone.
+ */
+export async function withTree(
+  dir: string,
+  body: (root: number, pids: number[], outDir: string) => Promise<void>,
+): Promise<void> {
+  const outDir = `${dir}/out`;
+  let root = 0;
+  let pids: number[] = [];
+  try {
+    pids = await startTree(outDir, (r) => root = r);
+    await body(root, pids, outDir);
+  } finally {
+    if (root) await killTree(root);
+    await waitVanished(pids);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // running amber
 
@@ -465,20 +683,17 @@ export interface AmberResult {
   stderr: string;
 }
 
-/**
- * Runs `deno run -A cli.ts ...args` with the environment plus `env`; kills it
- * after timeoutMs (default 120 s).
- */
-export async function amber(
+async function run(
+  cmd: string,
   args: string[],
-  env: Record<string, string> = {},
-  timeoutMs = 120_000,
+  env: Record<string, string>,
+  timeoutMs: number,
 ): Promise<AmberResult> {
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), timeoutMs);
   try {
-    const r = await new Deno.Command(DENO, {
-      args: ["run", "-A", CLI, ...args],
+    const r = await new Deno.Command(cmd, {
+      args,
       cwd: ROOT,
       env: { NO_COLOR: "1", ...env },
       stdin: "null",
@@ -493,6 +708,31 @@ export async function amber(
   }
 }
 
+/**
+ * Runs `deno run -A cli.ts ...args` with the environment plus `env`; kills it
+ * after timeoutMs (default 120 s).
+ */
+export function amber(
+  args: string[],
+  env: Record<string, string> = {},
+  timeoutMs = 120_000,
+): Promise<AmberResult> {
+  return run(DENO, ["run", "-A", CLI, ...args], env, timeoutMs);
+}
+
+/**
+ * Runs amber like amber(), from a bash that first runs the shell command
+ * `setup` (opening an fd, raising a limit, ...) and then execs amber.
+ */
+export function amberAfter(
+  setup: string,
+  args: string[],
+  timeoutMs = 120_000,
+): Promise<AmberResult> {
+  const argv = ["-c", `${setup}; exec "$@"`, "amber", DENO, "run", "-A", CLI, ...args];
+  return run("/bin/bash", argv, {}, timeoutMs);
+}
+
 /** Asserts an amber run exited with `code`, showing its output if not. */
 export function assertExit(r: AmberResult, code: number, what = "amber"): void {
   assert.equal(
@@ -500,6 +740,95 @@ export function assertExit(r: AmberResult, code: number, what = "amber"): void {
     code,
     `${what}: exit ${r.code}, expected ${code}\n--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`,
   );
+}
+
+/**
+ * An amber run that failed with `code` and one line "amber: ..." on stderr;
+ * returns that line.
+ */
+export function assertOneLineError(r: AmberResult, code: number, what: string): string {
+  assertExit(r, code, what);
+  const msg = r.stderr.trim();
+  assert.match(msg, /^amber: /, `${what}: ${r.stderr}`);
+  assert.equal(msg.split("\n").length, 1, `${what}: one line expected: ${r.stderr}`);
+  return msg;
+}
+
+/** The arguments of `amber dump -t PID -D DIR ...extra`. */
+export function dumpArgs(pid: number, dir: string, ...extra: string[]): string[] {
+  return ["dump", "-t", String(pid), "-D", dir, ...extra];
+}
+
+/**
+ * `amber dump` (without -R) of the tree of `root`, whose processes are
+ * `pids`: checks they all end, and reaps them, so their pids are free.
+ */
+export async function dumpKill(
+  root: number,
+  pids: number[],
+  img: string,
+  what: string,
+  ...extra: string[]
+): Promise<void> {
+  assertExit(await amber(dumpArgs(root, img, ...extra)), 0, `${what}: dump`);
+  await waitVanished(pids);
+}
+
+/** comm of the restore helper (amber-restore-helper, cut to 15 characters). */
+export const HELPER_COMM = "amber-restore-h";
+
+/**
+ * Restore helpers among the test process's descendants: a helper left by an
+ * amber run (its child) would be reparented to us, the subreaper. (Not
+ * system-wide: other amber runs on the machine are none of our business.)
+ */
+export function helperProcesses(): number[] {
+  return processesNamed(Deno.pid, HELPER_COMM);
+}
+
+/** No restore helper among `helpers` (by default: helperProcesses()). */
+export function assertNoHelper(what: string, helpers = helperProcesses()): void {
+  const described = helpers.map((p) => {
+    try {
+      return `${p} (state ${procState(p)}, ppid ${procStatFields(p)[1]})`;
+    } catch {
+      return `${p} (gone)`;
+    }
+  });
+  assert.deepEqual(described, [], `${what}: a restore helper is still running`);
+}
+
+/**
+ * After a failed amber run: our children (with their states) are those of
+ * `before` (childrenWithState()), and no restore helper is left.
+ */
+export function assertLeftNothing(before: string[], what: string): void {
+  assert.deepEqual(childrenWithState(), before, `${what}: children left behind`);
+  assertNoHelper(what);
+}
+
+/**
+ * Every thread of PID runs freely: not traced (TracerPid 0) and not stopped
+ * (state S or R; a short D, e.g. inside write(2), is waited out).
+ */
+export async function assertRunningFree(pid: number, what: string): Promise<void> {
+  for (const tid of threadsOf(pid)) {
+    let state = "";
+    for (let i = 0; i < 100; i++) {
+      state = statusField(pid, "State", tid)[0];
+      if (state !== "D") break;
+      await sleep(10);
+    }
+    assert.ok(
+      state === "S" || state === "R",
+      `${what}: thread ${tid} of ${pid} is in state ${state}`,
+    );
+    assert.equal(
+      statusField(pid, "TracerPid", tid),
+      "0",
+      `${what}: thread ${tid} of ${pid} is traced`,
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -12,11 +12,10 @@ import {
   amber,
   assertExit,
   buildC,
+  dumpKill,
   isAlive,
   killAndReap,
-  procState,
   readLines,
-  reapZombies,
   sleep,
   spawnTarget,
   tempDir,
@@ -132,18 +131,6 @@ async function waitProgress(
   }
 }
 
-/** Reaps what we can until none of `pids` exists any more (not even as a zombie). */
-async function waitVanished(pids: number[], timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    reapZombies();
-    const left = pids.filter((p) => procState(p) !== null);
-    if (!left.length) return;
-    if (Date.now() > deadline) assert.fail(`still there after ${timeoutMs} ms: ${left.join(" ")}`);
-    await sleep(5);
-  }
-}
-
 /**
  * The syscalls the threads of PID were stopped in, as dumped in `img`: one
  * name per thread whose registers show an interrupted, restartable syscall.
@@ -180,8 +167,7 @@ async function dumpRestoreRounds(
   for (let round = 1; round <= ROUNDS; round++) {
     const at = `${what} round ${round}`;
     const img = `${tmp}/img${round}`;
-    assertExit(await amber(["dump", "-t", String(pid), "-D", img]), 0, `${at}: dump`);
-    await waitVanished([pid]);
+    await dumpKill(pid, [pid], img, at);
     caught.push(await interruptedSyscalls(img, pid));
     const atDump = await readBlocking(out);
     assertHealthy(atDump, names, `${at}: output at the dump`);

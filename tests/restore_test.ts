@@ -14,18 +14,25 @@ import assert from "node:assert/strict";
 import { decode, Encoder } from "cbor-x";
 import {
   amber,
-  type AmberResult,
+  amberAfter,
   assertConsecutive,
+  assertCounterFile,
+  assertCounterGoesOn,
   assertExit,
+  assertLeftNothing,
+  assertNoHelper,
+  assertOneLineError,
+  assertPyChecksums,
+  assertRunningFree,
   buildC,
-  CLI,
-  COUNTER_PY,
-  DENO,
+  childrenWithState,
   descendants,
+  dumpArgs,
+  dumpKill,
   isAlive,
   killAndReap,
-  killTree,
   listDir,
+  openFds,
   ownChildren,
   procMaps,
   procState,
@@ -33,92 +40,24 @@ import {
   readCounterLines,
   readLines,
   readThreadLines,
-  reapZombies,
-  ROOT,
   sleep,
-  spawnTarget,
+  startCounter,
+  startDynlib,
+  startPyCounter,
+  startThreads,
+  startWriter,
   tempDir,
   threadsOf,
   waitForLine,
   waitForLines,
   waitGone,
+  withTree,
 } from "./_util.ts";
 
 const COUNTER_MIB = 64;
-/** comm of the restore helper (amber-restore-helper, cut to 15 characters). */
-const HELPER_COMM = "amber-restore-h";
 
 // ---------------------------------------------------------------------------
 // helpers
-
-function dumpArgs(pid: number, dir: string, ...extra: string[]): string[] {
-  return ["dump", "-t", String(pid), "-D", dir, ...extra];
-}
-
-/** Reaps what we can until none of `pids` exists any more (not even as a zombie). */
-async function waitVanished(pids: number[], timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    reapZombies();
-    const left = pids.filter((p) => procState(p) !== null);
-    if (!left.length) return;
-    if (Date.now() > deadline) {
-      assert.fail(
-        `still there after ${timeoutMs} ms: ${left.map((p) => `${p} (${procState(p)})`).join(" ")}`,
-      );
-    }
-    await sleep(5);
-  }
-}
-
-/**
- * Restore helpers among the test process's descendants: a helper left by an
- * amber run (its child) would be reparented to us, the subreaper. (Not
- * system-wide: other amber runs on the machine are none of our business.)
- */
-function helperProcesses(): number[] {
-  return descendants(Deno.pid).filter((p) => {
-    try {
-      return Deno.readTextFileSync(`/proc/${p}/comm`).trim() === HELPER_COMM;
-    } catch {
-      return false; // gone meanwhile
-    }
-  });
-}
-
-function assertNoHelper(what: string): void {
-  assert.deepEqual(helperProcesses(), [], `${what}: a restore helper is still running`);
-}
-
-/** Our children, each with its state, for comparing before/after a restore. */
-function childrenWithState(): string[] {
-  return ownChildren().map((p) => `${p}:${procState(p)}`);
-}
-
-function taskStatusField(pid: number, tid: number, name: string): string {
-  const text = Deno.readTextFileSync(`/proc/${pid}/task/${tid}/status`);
-  const m = text.match(new RegExp(`^${name}:\\s*(.*)$`, "m"));
-  if (!m) throw new Error(`no ${name} in /proc/${pid}/task/${tid}/status`);
-  return m[1].trim();
-}
-
-/**
- * Every thread of PID runs freely: not traced (TracerPid 0) and not stopped
- * (state S or R; a short D, e.g. inside write(2), is waited out).
- */
-async function assertRunningFree(pid: number): Promise<void> {
-  for (const tid of threadsOf(pid)) {
-    let state = "";
-    for (let i = 0; i < 100; i++) {
-      const stat = Deno.readTextFileSync(`/proc/${pid}/task/${tid}/stat`);
-      state = stat.slice(stat.lastIndexOf(")") + 2)[0];
-      if (state !== "D") break;
-      await sleep(10);
-    }
-    assert.ok(state === "S" || state === "R", `thread ${tid} of ${pid} is in state ${state}`);
-    assert.equal(taskStatusField(pid, tid, "TracerPid"), "0", `thread ${tid} of ${pid} is traced`);
-  }
-}
 
 interface Identity {
   exe: string;
@@ -130,8 +69,7 @@ interface Identity {
 }
 
 function fdsOf(pid: number): string[] {
-  return [...Deno.readDirSync(`/proc/${pid}/fd`)].map((e) => Number(e.name)).sort((a, b) => a - b)
-    .map((fd) => `${fd} -> ${Deno.readLinkSync(`/proc/${pid}/fd/${fd}`)}`);
+  return openFds(pid).map((fd) => `${fd} -> ${Deno.readLinkSync(`/proc/${pid}/fd/${fd}`)}`);
 }
 
 function identityOf(pid: number, maps = true): Identity {
@@ -161,44 +99,12 @@ function treeFacts(pids: number[]): Map<number, string> {
 }
 
 /**
- * Runs amber like amber(), but with one more fd open (fd 9, /dev/null), as a
- * shell or a supervisor may pass one on: the restored processes must not
- * inherit it (they get exactly the fds of the images).
- */
-async function amberWithStrayFd(args: string[], timeoutMs = 120_000): Promise<AmberResult> {
-  const abort = new AbortController();
-  const timer = setTimeout(() => abort.abort(), timeoutMs);
-  try {
-    const r = await new Deno.Command("/bin/bash", {
-      args: ["-c", 'exec 9</dev/null; exec "$@"', "amber", DENO, "run", "-A", CLI, ...args],
-      cwd: ROOT,
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-      signal: abort.signal,
-    }).output();
-    const dec = new TextDecoder();
-    return { code: r.code, stdout: dec.decode(r.stdout), stderr: dec.decode(r.stderr) };
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/**
- * `amber dump` (without -R) of the tree of `root`, whose processes are
- * `pids`: checks they all end, and reaps them, so their pids are free.
- */
-async function dumpKill(root: number, pids: number[], img: string, what: string): Promise<void> {
-  assertExit(await amber(dumpArgs(root, img)), 0, `${what}: dump`);
-  await waitVanished(pids);
-}
-
-/**
  * `amber restore -d` of `img`, whose root is `root` and processes `pids`:
  * checks that exactly the root became a new child of ours (we are the
  * subreaper), that every process is back and runs untraced, and that no
- * helper is left.
+ * helper is left. amber runs with one more fd open (fd 9, /dev/null), as a
+ * shell or a supervisor may pass one on: the restored processes must not
+ * inherit it (they get exactly the fds of the images).
  */
 async function restoreDetached(
   img: string,
@@ -209,16 +115,43 @@ async function restoreDetached(
 ): Promise<void> {
   const before = ownChildren();
   assert.ok(!before.includes(root), `${what}: ${root} is still our child before the restore`);
-  const r = await amberWithStrayFd(["restore", "-D", img, "-d", ...extra]);
+  const r = await amberAfter("exec 9</dev/null", ["restore", "-D", img, "-d", ...extra]);
   assertExit(r, 0, `${what}: restore -d`);
   assert.equal(r.stdout, "", `${what}: restore printed something`);
   for (const pid of pids) {
     assert.ok(isAlive(pid), `${what}: process ${pid} is not running after restore -d`);
-    await assertRunningFree(pid);
+    await assertRunningFree(pid, what);
   }
   const added = ownChildren().filter((p) => !before.includes(p));
   assert.deepEqual(added, [root], `${what}: new children of the test process`);
   assertNoHelper(what);
+}
+
+/**
+ * Twice: dumps (ending it) the single process PID, which writes the counter
+ * file OUT, into DIR/imgN; runs `atDump`; restores it detached; checks it is
+ * the process `identity` describes; runs `afterRestore`; and waits for 10
+ * more lines, the whole file still consecutive with no other line.
+ */
+async function counterRounds(
+  dir: string,
+  label: string,
+  pid: number,
+  out: string,
+  identity: Identity,
+  hooks: { atDump?: (what: string) => Promise<void>; afterRestore?: (what: string) => void } = {},
+): Promise<void> {
+  for (const round of [1, 2]) {
+    const what = `${label} round ${round}`;
+    const img = `${dir}/img${round}`;
+    await dumpKill(pid, [pid], img, what);
+    await hooks.atDump?.(what);
+    const n = (await readLines(out)).length;
+    await restoreDetached(img, pid, [pid], what);
+    assertSameIdentity(pid, identity, what);
+    hooks.afterRestore?.(what);
+    await assertCounterGoesOn(out, n, 10, what);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -226,31 +159,17 @@ async function restoreDetached(
 
 Deno.test("counter (64 MiB): dump + restore -d twice, same pid, output and memory intact", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("counter");
-  const out = `${tmp.path}/counter.txt`;
-  const c = spawnTarget([bin, out, String(COUNTER_MIB), "--setsid"]);
-  const pid = c.pid;
+  const { pid, out } = await startCounter(tmp.path, COUNTER_MIB);
   try {
-    // The output file is opened only after the memory is filled.
-    await waitForLines(out, 3);
     const identity = identityOf(pid);
-    for (const round of [1, 2]) {
-      const what = `round ${round}`;
-      const img = `${tmp.path}/img${round}`;
-      await dumpKill(pid, [pid], img, what);
-      const atDump = await readCounterLines(out);
-      assertConsecutive(atDump.numbers, `${what}: output at the dump`);
-      await sleep(50);
-      assert.equal((await readLines(out)).length, atDump.lines.length, "written while dumped");
-
-      await restoreDetached(img, pid, [pid], what);
-      assertSameIdentity(pid, identity, what);
-      // The output grows again, from where it stopped.
-      await waitForLines(out, atDump.lines.length + 10);
-      const { numbers, other } = await readCounterLines(out);
-      assert.deepEqual(other, [], `${what}: unexpected lines`);
-      assertConsecutive(numbers, `${what}: output after the restore`);
-    }
+    await counterRounds(tmp.path, "counter", pid, out, identity, {
+      atDump: async (what) => {
+        const atDump = await readCounterLines(out);
+        assertConsecutive(atDump.numbers, `${what}: output at the dump`);
+        await sleep(50);
+        assert.equal((await readLines(out)).length, atDump.lines.length, "written while dumped");
+      },
+    });
 
     // The 64 MiB pattern and the sparse pages survived both restores.
     Deno.kill(pid, "SIGUSR1");
@@ -267,9 +186,11 @@ Deno.test("counter (64 MiB): dump + restore -d twice, same pid, output and memor
   const text = await Deno.readTextFile(out);
   assert.ok(!text.includes("\0"), "NUL bytes in the output file");
   assert.ok(text.endsWith("\n"), "the output file ends in a partial line");
-  const { lines, numbers, other } = await readCounterLines(out);
-  assert.deepEqual(other, ["check ok"], "memory check after two restores");
-  assertConsecutive(numbers, "the whole output");
+  const { lines, numbers } = await assertCounterFile(
+    out,
+    "the whole output, memory checked after two restores",
+    ["check ok"],
+  );
   const expected = numbers.map(String);
   expected.splice(lines.indexOf("check ok"), 0, "check ok");
   assert.equal(text, expected.join("\n") + "\n", "the output file's content");
@@ -281,34 +202,15 @@ Deno.test("counter (64 MiB): dump + restore -d twice, same pid, output and memor
 
 Deno.test("CPython counter: dump + restore -d twice, output continues, checksums right", async () => {
   await using tmp = await tempDir();
-  const out = `${tmp.path}/py.txt`;
-  const t = spawnTarget(["setsid", "python3", COUNTER_PY, out]);
-  const pid = t.pid;
+  const { pid, out } = await startPyCounter(tmp.path);
   try {
-    await waitForLines(out, 3, 30_000);
     // CPython's heap moves by itself: no maps.
-    const identity = identityOf(pid, false);
-    for (const round of [1, 2]) {
-      const what = `python round ${round}`;
-      const img = `${tmp.path}/img${round}`;
-      await dumpKill(pid, [pid], img, what);
-      const n = (await readLines(out)).length;
-      await restoreDetached(img, pid, [pid], what);
-      assertSameIdentity(pid, identity, what);
-      await waitForLines(out, n + 10);
-      const { numbers, other } = await readCounterLines(out);
-      assert.deepEqual(other, [], `${what}: counter.py found a wrong checksum`);
-      assertConsecutive(numbers, what);
-    }
+    await counterRounds(tmp.path, "python", pid, out, identityOf(pid, false));
   } finally {
     await killAndReap(pid);
   }
-  const { numbers, other, lines } = await readCounterLines(out);
   assert.ok(!(await Deno.readTextFile(out)).includes("\0"), "NUL bytes in the output");
-  assert.deepEqual(other, []);
-  assertConsecutive(numbers);
-  const sums = lines.map((l) => BigInt(l.split(" ")[1]));
-  for (let i = 1; i < sums.length; i++) assert.equal(sums[i] - sums[i - 1], 2n, `checksum ${i}`);
+  assertPyChecksums((await assertCounterFile(out, "the whole output")).lines);
 });
 
 // ---------------------------------------------------------------------------
@@ -316,29 +218,15 @@ Deno.test("CPython counter: dump + restore -d twice, output continues, checksums
 
 Deno.test("dynamically linked program: dump + restore -d twice, libraries and output intact", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("dynlib");
-  const out = `${tmp.path}/dynlib.txt`;
-  const t = spawnTarget(["setsid", bin, out]);
-  const pid = t.pid;
+  const { pid, out } = await startDynlib(tmp.path);
   try {
-    await waitForLines(out, 3);
     const identity = identityOf(pid);
     const libs = (p: number) => [...new Set(procMaps(p).map((m) => m.path))].sort();
     const libsBefore = libs(pid);
     assert.ok(libsBefore.some((l) => /libz\.so/.test(l)), "libz not mapped (test bug)");
-    for (const round of [1, 2]) {
-      const what = `dynlib round ${round}`;
-      const img = `${tmp.path}/img${round}`;
-      await dumpKill(pid, [pid], img, what);
-      const n = (await readLines(out)).length;
-      await restoreDetached(img, pid, [pid], what);
-      assertSameIdentity(pid, identity, what);
-      assert.deepEqual(libs(pid), libsBefore, `${what}: mapped files`);
-      await waitForLines(out, n + 10);
-      const { numbers, other } = await readCounterLines(out);
-      assert.deepEqual(other, [], `${what}: dynlib found a wrong value`);
-      assertConsecutive(numbers, what);
-    }
+    await counterRounds(tmp.path, "dynlib", pid, out, identity, {
+      afterRestore: (what) => assert.deepEqual(libs(pid), libsBefore, `${what}: mapped files`),
+    });
   } finally {
     await killAndReap(pid);
   }
@@ -350,15 +238,9 @@ Deno.test("dynamically linked program: dump + restore -d twice, libraries and ou
 
 Deno.test("threads: dump + restore -d twice, every thread back and counting on", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("threads");
-  const out = `${tmp.path}/threads.txt`;
   const nthreads = 4;
-  const t = spawnTarget(["setsid", bin, out, String(nthreads)]);
-  const pid = t.pid;
+  const { pid, out, tids } = await startThreads(tmp.path, nthreads);
   try {
-    await waitForLines(out, nthreads * 3);
-    const tids = threadsOf(pid);
-    assert.equal(tids.length, nthreads + 1);
     const identity = identityOf(pid);
     for (const round of [1, 2]) {
       const what = `threads round ${round}`;
@@ -390,42 +272,9 @@ Deno.test("threads: dump + restore -d twice, every thread back and counting on",
 // ---------------------------------------------------------------------------
 // process tree
 
-const TREE_DEPTH = 2, TREE_WIDTH = 2;
-
-/**
- * Starts testdata/tree.c (root in its own session) in `outDir` and waits
- * until every process writes. `onStart` gets the root at once, so that a
- * failing start can still be cleaned up. Returns all pids, root first.
- */
-async function startTree(outDir: string, onStart: (root: number) => void): Promise<number[]> {
-  const bin = await buildC("tree");
-  const count = 1 + TREE_WIDTH + TREE_WIDTH * TREE_WIDTH;
-  await Deno.mkdir(outDir);
-  const root = spawnTarget([bin, outDir, String(TREE_DEPTH), String(TREE_WIDTH), "--setsid"]).pid;
-  onStart(root);
-  // Every process writes its own PID.txt once its children are forked.
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    const files = listDir(outDir);
-    if (files.length === count) {
-      const lines = await Promise.all(files.map((f) => readLines(`${outDir}/${f}`)));
-      if (lines.every((l) => l.length >= 2)) break;
-    }
-    assert.ok(Date.now() < deadline, `tree did not start: ${files.join(" ")}`);
-    await sleep(10);
-  }
-  const pids = descendants(root);
-  assert.equal(pids.length, count, `tree has ${pids.length} processes: ${pids.join(" ")}`);
-  return pids;
-}
-
 Deno.test("tree: dump + restore -d twice, pids, ppids, groups, sessions; --pidfile", async () => {
   await using tmp = await tempDir();
-  const outDir = `${tmp.path}/out`;
-  let root = 0;
-  let pids: number[] = [];
-  try {
-    pids = await startTree(outDir, (r) => root = r);
+  await withTree(tmp.path, async (root, pids, outDir) => {
     const facts = treeFacts(pids);
     assert.equal(facts.get(root), `ppid ${Deno.pid} pgid ${root} sid ${root}`, "test bug");
     const identities = new Map(pids.map((p) => [p, identityOf(p)]));
@@ -447,17 +296,10 @@ Deno.test("tree: dump + restore -d twice, pids, ppids, groups, sessions; --pidfi
       for (const p of pids) assertSameIdentity(p, identities.get(p)!, `${what}: process ${p}`);
 
       for (const p of pids) {
-        const file = `${outDir}/${p}.txt`;
-        await waitForLines(file, sizes.get(p)! + 5);
-        const { numbers, other } = await readCounterLines(file);
-        assert.deepEqual(other, [], `${what}: process ${p}`);
-        assertConsecutive(numbers, `${what}: process ${p}`);
+        await assertCounterGoesOn(`${outDir}/${p}.txt`, sizes.get(p)!, 5, `${what}: process ${p}`);
       }
     }
-  } finally {
-    if (root) await killTree(root);
-    await waitVanished(pids);
-  }
+  });
 });
 
 // ---------------------------------------------------------------------------
@@ -468,10 +310,8 @@ Deno.test("restore without -d waits for the root and exits with its code; nanosl
   const bin = await buildC("exit_later");
   const out = `${tmp.path}/exit.txt`;
   const ticks = 25;
-  const t = spawnTarget([bin, out, String(ticks), "--setsid"]);
-  const pid = t.pid;
+  const { pid } = await startWriter([bin, out, String(ticks), "--setsid"], out, 2);
   try {
-    await waitForLines(out, 2);
     // Sleeping in nanosleep nearly all the time: that is where the dump finds it.
     const img = `${tmp.path}/img`;
     await dumpKill(pid, [pid], img, "exit_later");
@@ -484,8 +324,7 @@ Deno.test("restore without -d waits for the root and exits with its code; nanosl
     assert.equal(r.stderr, "", "restore printed an error");
     // amber waited for (and reaped) its restored root.
     assert.equal(procState(pid), null, `restored ${pid} still exists after amber exited`);
-    assert.deepEqual(childrenWithState(), before, "children left by the attached restore");
-    assertNoHelper("attached restore");
+    assertLeftNothing(before, "attached restore");
 
     const lines = await readLines(out);
     assert.equal(lines.at(-1), "done", `exit_later did not finish: ${lines.slice(-3)}`);
@@ -563,12 +402,9 @@ const FAILURES: FailureCase[] = [
 
 Deno.test("restore of damaged images fails with one clear line and leaves nothing behind", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("counter");
-  const out = `${tmp.path}/counter.txt`;
-  const pid = spawnTarget([bin, out, "8", "--setsid"]).pid;
+  const { pid, out } = await startCounter(tmp.path, 8);
   const img = `${tmp.path}/img`;
   try {
-    await waitForLines(out, 3);
     await dumpKill(pid, [pid], img, "counter");
     const lines = (await readLines(out)).length;
 
@@ -578,10 +414,7 @@ Deno.test("restore of damaged images fails with one clear line and leaves nothin
       await c.damage(dir, pid);
       const before = childrenWithState();
       const r = await amber(["restore", "-D", dir, "-d"]);
-      assertExit(r, 1, `restore of a ${c.name}`);
-      const msg = r.stderr.trim();
-      assert.match(msg, /^amber: /, `${c.name}: ${r.stderr}`);
-      assert.equal(msg.split("\n").length, 1, `${c.name}: one line expected: ${r.stderr}`);
+      const msg = assertOneLineError(r, 1, `restore of a ${c.name}`);
       for (const m of c.mentions(dir, pid)) {
         assert.ok(msg.includes(m), `${c.name}: message does not name ${m}: ${msg}`);
       }
@@ -590,8 +423,7 @@ Deno.test("restore of damaged images fails with one clear line and leaves nothin
         assert.ok(oneOf.some((m) => msg.includes(m)), `${c.name}: names none of ${oneOf}: ${msg}`);
       }
       assert.equal(procState(pid), null, `${c.name}: pid ${pid} exists after the failure`);
-      assert.deepEqual(childrenWithState(), before, `${c.name}: children left behind`);
-      assertNoHelper(c.name);
+      assertLeftNothing(before, c.name);
       assert.equal((await readLines(out)).length, lines, `${c.name}: the target wrote`);
     }
 
@@ -600,9 +432,7 @@ Deno.test("restore of damaged images fails with one clear line and leaves nothin
     await waitForLines(out, lines + 5);
     Deno.kill(pid, "SIGUSR1");
     await waitForLine(out, (l) => l.includes("check ok"));
-    const { numbers, other } = await readCounterLines(out);
-    assert.deepEqual(other, ["check ok"]);
-    assertConsecutive(numbers);
+    await assertCounterFile(out, "intact images", ["check ok"]);
   } finally {
     await killAndReap(pid);
   }
@@ -616,11 +446,7 @@ Deno.test("a failure in the middle of a tree's restore leaves no process and no 
   // PTRACE_SETREGSET fails) makes the restore fail once every process of
   // the tree exists and is rebuilt, when the registers are set.
   await using tmp = await tempDir();
-  const outDir = `${tmp.path}/out`;
-  let root = 0;
-  let pids: number[] = [];
-  try {
-    pids = await startTree(outDir, (r) => root = r);
+  await withTree(tmp.path, async (root, pids) => {
     const img = `${tmp.path}/img`;
     await dumpKill(root, pids, img, "tree");
     const leaf = pids.at(-1)!;
@@ -635,53 +461,39 @@ Deno.test("a failure in the middle of a tree's restore leaves no process and no 
 
     const before = childrenWithState();
     const r = await amber(["restore", "-D", bad, "-d"]);
-    assertExit(r, 1, "restore with a bad fs_base");
-    const msg = r.stderr.trim();
-    assert.match(msg, /^amber: /, r.stderr);
-    assert.equal(msg.split("\n").length, 1, `one line expected: ${r.stderr}`);
+    const msg = assertOneLineError(r, 1, "restore with a bad fs_base");
     assert.ok(msg.includes(String(leaf)), `message does not name ${leaf}: ${msg}`);
     const left = pids.filter((p) => procState(p) !== null).map((p) => `${p} (${procState(p)})`);
     assert.deepEqual(left, [], "processes (or zombies) left by the failed restore");
-    assert.deepEqual(childrenWithState(), before, "children left behind");
-    assertNoHelper("failed tree restore");
+    assertLeftNothing(before, "failed tree restore");
 
     // The intact images restore.
     await restoreDetached(img, root, pids, "intact tree images");
-  } finally {
-    if (root) await killTree(root);
-    await waitVanished(pids);
-  }
+  });
 });
 
 Deno.test("restore while the pid is in use fails, names the pid and its holder", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("counter");
-  const out = `${tmp.path}/counter.txt`;
-  const c = spawnTarget([bin, out, "8", "--setsid"]);
+  const c = await startCounter(tmp.path, 8);
   try {
-    await waitForLines(out, 3);
     const img = `${tmp.path}/img`;
     assertExit(await amber(dumpArgs(c.pid, img, "-R")), 0, "dump -R");
     const exe = Deno.readLinkSync(`/proc/${c.pid}/exe`);
     const before = childrenWithState();
     const r = await amber(["restore", "-D", img, "-d"]);
-    assertExit(r, 1, "restore over a running pid");
-    const msg = r.stderr.trim();
-    assert.match(msg, /^amber: /);
-    assert.equal(msg.split("\n").length, 1, `one line expected: ${r.stderr}`);
+    const msg = assertOneLineError(r, 1, "restore over a running pid");
     assert.ok(
       msg.includes(`pid ${c.pid} is in use by ${exe}`),
       `expected "pid ${c.pid} is in use by ${exe}": ${msg}`,
     );
-    assert.deepEqual(childrenWithState(), before, "children left behind");
-    assertNoHelper("pid in use");
+    assertLeftNothing(before, "pid in use");
 
     // The original is untouched.
     assert.ok(isAlive(c.pid));
-    await assertRunningFree(c.pid);
-    const n = (await readLines(out)).length;
-    await waitForLines(out, n + 5);
-    assertConsecutive((await readCounterLines(out)).numbers);
+    await assertRunningFree(c.pid, "the original");
+    const n = (await readLines(c.out)).length;
+    await waitForLines(c.out, n + 5);
+    assertConsecutive((await readCounterLines(c.out)).numbers);
   } finally {
     await killAndReap(c.pid);
   }

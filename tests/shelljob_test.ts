@@ -11,48 +11,44 @@ import assert from "node:assert/strict";
 import {
   amber,
   type AmberResult,
-  assertConsecutive,
+  assertCounterFile,
   assertExit,
+  assertLeftNothing,
+  assertNoHelper,
   buildC,
+  childrenWithState,
   CLI,
+  CLOSE_FDS_AND_EXEC,
+  commandWorks,
   DENO,
   descendants,
+  dumpArgs,
+  dumpKill,
   isAlive,
   killAndReap,
   ownChildren,
+  processesNamed,
   procState,
   procStatFields,
-  readCounterLines,
   readLines,
-  reapZombies,
-  sleep,
+  statusField,
   tempDir,
+  until,
+  waitFor,
   waitForLine,
   waitForLines,
+  waitVanished,
 } from "./_util.ts";
-
-/** comm of the restore helper (amber-restore-helper, cut to 15 characters). */
-const HELPER_COMM = "amber-restore-h";
-
-/**
- * Closes every fd above 2, then execs "$@" (as _util.ts's spawnTarget does):
- * the stray fds of whatever started the tests must not reach a target.
- */
-const CLOSE_FDS_AND_EXEC = "for f in /proc/$$/fd/*; do n=${f##*/}; " +
-  '[ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@"';
 
 // ---------------------------------------------------------------------------
 // pseudo-terminals
 
 /** util-linux `script` (Debian's bsdutils) makes the terminals. */
 async function assertHaveScript(): Promise<void> {
-  const ok = await new Deno.Command("script", {
-    args: ["--version"],
-    stdout: "null",
-    stderr: "null",
-  })
-    .output().then((r) => r.success, () => false);
-  assert.ok(ok, "these tests need util-linux `script` (Debian package bsdutils)");
+  assert.ok(
+    await commandWorks("script", "--version"),
+    "these tests need util-linux `script` (Debian package bsdutils)",
+  );
 }
 
 function shellQuote(s: string): string {
@@ -204,23 +200,6 @@ function kill(pid: number): void {
   }
 }
 
-/** Polls `get` until it returns (or resolves to) something other than undefined. */
-async function waitFor<T>(
-  get: () => T | undefined | Promise<T | undefined>,
-  what: string | (() => string),
-  timeoutMs = 10_000,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await get();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) {
-      assert.fail(`${typeof what === "string" ? what : what()} (after ${timeoutMs} ms)`);
-    }
-    await sleep(10);
-  }
-}
-
 function childOf(pid: number): number | undefined {
   try {
     const text = Deno.readTextFileSync(`/proc/${pid}/task/${pid}/children`).trim();
@@ -230,18 +209,10 @@ function childOf(pid: number): number | undefined {
   }
 }
 
-function comm(pid: number): string | undefined {
-  try {
-    return Deno.readTextFileSync(`/proc/${pid}/comm`).trim();
-  } catch {
-    return undefined;
-  }
-}
-
 /** The first descendant of `root` named `name`, once there. */
 function waitForProcess(root: number, name: string): Promise<number> {
   return waitFor(
-    () => descendants(root).find((p) => comm(p) === name),
+    () => processesNamed(root, name)[0],
     `no ${name} under ${root}`,
   );
 }
@@ -254,32 +225,6 @@ function fdLinks(pid: number, fds: number[]): string[] {
 function jobOf(pid: number): { ppid: number; pgid: number; sid: number; ttyNr: number } {
   const f = procStatFields(pid);
   return { ppid: Number(f[1]), pgid: Number(f[2]), sid: Number(f[3]), ttyNr: Number(f[4]) };
-}
-
-function tracerOf(pid: number): string {
-  const m = Deno.readTextFileSync(`/proc/${pid}/status`).match(/^TracerPid:\s*(\d+)/m);
-  return m?.[1] ?? "?";
-}
-
-/** Reaps what we can until none of `pids` exists any more (not even as a zombie). */
-async function waitVanished(pids: number[], timeoutMs = 10_000): Promise<void> {
-  await waitFor(
-    () => {
-      reapZombies();
-      return pids.every((p) => procState(p) === null) ? true : undefined;
-    },
-    () => `still there: ${pids.filter((p) => procState(p) !== null).join(" ")}`,
-    timeoutMs,
-  );
-}
-
-function helperProcesses(): number[] {
-  return descendants(Deno.pid).filter((p) => comm(p) === HELPER_COMM);
-}
-
-/** Our children, each with its state, for comparing before/after a failure. */
-function childrenWithState(): string[] {
-  return ownChildren().map((p) => `${p}:${procState(p)}`);
 }
 
 /** A failed amber run: exit 1 and one "amber: ..." line naming all of `mentions`. */
@@ -297,17 +242,6 @@ function resultMessages(r: AmberResult): string[] {
   return r.stderr.split("\n").filter((l) => l.startsWith("amber:"));
 }
 
-/**
- * The counter file holds 0, 1, 2, ... and, besides, exactly the lines
- * `other` (the input it read); its length is returned.
- */
-async function assertCounter(out: string, other: string[], what: string): Promise<number> {
-  const c = await readCounterLines(out);
-  assert.deepEqual(c.other, other, `${what}: lines besides the counter`);
-  assertConsecutive(c.numbers, what);
-  return c.numbers.length;
-}
-
 /** Waits until the terminal of `pty` shows "tty N" for some N >= from. */
 async function waitForTtyLine(pty: Pty, from: number, what: string): Promise<void> {
   await waitFor(async () => {
@@ -316,150 +250,174 @@ async function waitForTtyLine(pty: Pty, from: number, what: string): Promise<voi
   }, `${what}: no "tty N" line with N >= ${from} on the terminal`);
 }
 
+/** A ttyjob.c started by ttyJobTest. */
+interface Job {
+  /** The temporary directory of the test. */
+  tmp: string;
+  /** The counter file the job writes. */
+  out: string;
+  pid: number;
+  /** Every terminal made (terminal A first): all closed at the end. */
+  ptys: Pty[];
+}
+
+/**
+ * Starts testdata/ttyjob.c with `args` as a job of the shell of a new
+ * terminal A; once it writes and has its fds 0-2 on A, runs `body`. Then,
+ * whatever happened, kills the job and closes every terminal, and checks
+ * the whole output: the counter and, besides, exactly the lines `typed`.
+ */
+async function ttyJobTest(
+  args: string[],
+  typed: string[],
+  body: (job: Job, ptyA: Pty, ttyA: string) => Promise<void>,
+): Promise<void> {
+  await assertHaveScript();
+  await using tmp = await tempDir();
+  const bin = await buildC("ttyjob");
+  const job: Job = { tmp: tmp.path, out: `${tmp.path}/ttyjob.txt`, pid: 0, ptys: [] };
+  try {
+    const ptyA = new Pty(
+      `${commandLine([bin, job.out, ...args])}; exec sleep 600`,
+      `${tmp.path}/a.typescript`,
+    );
+    job.ptys.push(ptyA);
+    job.pid = await waitForProcess(ptyA.pid, "ttyjob");
+    await waitForLines(job.out, 3);
+    const ttyA = await ptyA.slave();
+    const stdio = fdLinks(job.pid, [0, 1, 2]);
+    assert.deepEqual(stdio, [ttyA, ttyA, ttyA], "the job's stdio (test bug)");
+    await body(job, ptyA, ttyA);
+  } finally {
+    if (job.pid) await killAndReap(job.pid);
+    for (const p of job.ptys.reverse()) await p.close();
+  }
+  await assertCounterFile(job.out, "the whole output", typed);
+}
+
 // ---------------------------------------------------------------------------
 // tests
 
 Deno.test("shell job: dump and restore need --shell-job; restored onto amber's terminal, attached then -d", async () => {
-  await assertHaveScript();
-  await using tmp = await tempDir();
-  const bin = await buildC("ttyjob");
-  const out = `${tmp.path}/ttyjob.txt`;
-  const ptys: Pty[] = [];
-  let pid = 0;
-  try {
-    // The job: a child of the shell on terminal A, in that shell's session.
-    const ptyA = new Pty(`${commandLine([bin, out])}; exec sleep 600`, `${tmp.path}/a.typescript`);
-    ptys.push(ptyA);
-    pid = await waitForProcess(ptyA.pid, "ttyjob");
-    await waitForLines(out, 3);
-    const ttyA = await ptyA.slave();
-    assert.deepEqual(fdLinks(pid, [0, 1, 2]), [ttyA, ttyA, ttyA], "the job's stdio (test bug)");
-    const leaderA = await ptyA.leader();
-    assert.equal(jobOf(pid).sid, leaderA, "the job's session (test bug)");
-    await waitForTtyLine(ptyA, 2, "terminal A");
+  // The job: a child of the shell on terminal A, in that shell's session.
+  await ttyJobTest(
+    [],
+    ["in hello B", "in hello C"],
+    async ({ tmp, out, pid, ptys }, ptyA, ttyA) => {
+      const leaderA = await ptyA.leader();
+      assert.equal(jobOf(pid).sid, leaderA, "the job's session (test bug)");
+      await waitForTtyLine(ptyA, 2, "terminal A");
 
-    // Its session leader is outside the tree: dump refuses without --shell-job.
-    const img1 = `${tmp.path}/img1`;
-    const refused = await amber(["dump", "-t", String(pid), "-D", img1]);
-    assertFailure(
-      refused.code,
-      resultMessages(refused),
-      ["--shell-job", String(leaderA)],
-      "dump without --shell-job",
-    );
-    assert.ok(isAlive(pid), "the job died in a refused dump");
-    assert.equal(tracerOf(pid), "0", "the job is still traced after a refused dump");
-    await waitForLines(out, (await readLines(out)).length + 3);
+      // Its session leader is outside the tree: dump refuses without --shell-job.
+      const img1 = `${tmp}/img1`;
+      const refused = await amber(dumpArgs(pid, img1));
+      assertFailure(
+        refused.code,
+        resultMessages(refused),
+        ["--shell-job", String(leaderA)],
+        "dump without --shell-job",
+      );
+      assert.ok(isAlive(pid), "the job died in a refused dump");
+      assert.equal(
+        statusField(pid, "TracerPid"),
+        "0",
+        "the job is still traced after a refused dump",
+      );
+      await waitForLines(out, (await readLines(out)).length + 3);
 
-    assertExit(await amber(["dump", "-t", String(pid), "-D", img1, "--shell-job"]), 0, "dump 1");
-    await waitVanished([pid]);
-    let n = await assertCounter(out, [], "at dump 1");
+      await dumpKill(pid, [pid], img1, "dump 1", "--shell-job");
+      let n = (await assertCounterFile(out, "at dump 1")).numbers.length;
 
-    // Restore without --shell-job, on a terminal: refused before anything is made.
-    const before = childrenWithState();
-    const noFlag = await amberOnPty(tmp.path, "noflag", "restore", "-D", img1, "-d");
-    const msg = assertFailure(noFlag.code, noFlag.messages, ["--shell-job"], "restore without it");
-    // Its session is not in the images (the first check); or its terminal fd.
-    assert.match(msg, /session|fd 0/, `restore without --shell-job: ${msg}`);
-    assert.equal(procState(pid), null, "restore without --shell-job left the job behind");
-    assert.deepEqual(childrenWithState(), before, "restore without --shell-job left children");
-    assert.deepEqual(helperProcesses(), [], "restore without --shell-job left a helper");
-    assert.equal((await readLines(out)).length, n, "the job wrote after a refused restore");
+      // Restore without --shell-job, on a terminal: refused before anything is made.
+      const before = childrenWithState();
+      const noFlag = await amberOnPty(tmp, "noflag", "restore", "-D", img1, "-d");
+      const msg = assertFailure(
+        noFlag.code,
+        noFlag.messages,
+        ["--shell-job"],
+        "restore without it",
+      );
+      // Its session is not in the images (the first check); or its terminal fd.
+      assert.match(msg, /session|fd 0/, `restore without --shell-job: ${msg}`);
+      assert.equal(procState(pid), null, "restore without --shell-job left the job behind");
+      assertLeftNothing(before, "restore without --shell-job");
+      assert.equal((await readLines(out)).length, n, "the job wrote after a refused restore");
 
-    // Restore attached, by amber on terminal B: the job is amber's child,
-    // in the session of terminal B, on terminal B.
-    const ptyB = new AmberPty(tmp.path, "b", "restore", "-D", img1, "--shell-job");
-    ptys.push(ptyB);
-    const ttyB = await ptyB.slave();
-    assert.notEqual(ttyB, ttyA, "test bug: terminal A is closed");
-    const shellB = await ptyB.leader();
-    const amberB = await ptyB.amber();
-    await waitFor(() => (isAlive(pid) ? true : undefined), "the job is not back on terminal B");
-    await waitForLines(out, n + 5);
-    assert.deepEqual(fdLinks(pid, [0, 1, 2]), [ttyB, ttyB, ttyB], "fds 0-2 after restore 1");
-    const jobB = jobOf(pid);
-    assert.equal(jobB.ppid, amberB, "the attached job's parent is not amber");
-    assert.equal(jobB.sid, shellB, "the job is not in terminal B's session");
-    assert.equal(jobB.ttyNr, jobOf(shellB).ttyNr, "the job's controlling terminal is not B");
-    assert.deepEqual(helperProcesses(), [], "the attached restore left a helper");
-    await waitForTtyLine(ptyB, n, "terminal B");
-    await ptyB.type("hello B\n");
-    await waitForLine(out, (l) => l.includes("in hello B"));
-    n = await assertCounter(out, ["in hello B"], "after restore 1");
+      // Restore attached, by amber on terminal B: the job is amber's child,
+      // in the session of terminal B, on terminal B.
+      const ptyB = new AmberPty(tmp, "b", "restore", "-D", img1, "--shell-job");
+      ptys.push(ptyB);
+      const ttyB = await ptyB.slave();
+      assert.notEqual(ttyB, ttyA, "test bug: terminal A is closed");
+      const shellB = await ptyB.leader();
+      const amberB = await ptyB.amber();
+      await until(() => isAlive(pid), "the job is not back on terminal B");
+      await waitForLines(out, n + 5);
+      assert.deepEqual(fdLinks(pid, [0, 1, 2]), [ttyB, ttyB, ttyB], "fds 0-2 after restore 1");
+      const jobB = jobOf(pid);
+      assert.equal(jobB.ppid, amberB, "the attached job's parent is not amber");
+      assert.equal(jobB.sid, shellB, "the job is not in terminal B's session");
+      assert.equal(jobB.ttyNr, jobOf(shellB).ttyNr, "the job's controlling terminal is not B");
+      assertNoHelper("the attached restore");
+      await waitForTtyLine(ptyB, n, "terminal B");
+      await ptyB.type("hello B\n");
+      await waitForLine(out, (l) => l.includes("in hello B"));
+      n = (await assertCounterFile(out, "after restore 1", ["in hello B"])).numbers.length;
 
-    // Dump again: the attached amber exits with the job's fate (SIGKILL).
-    const img2 = `${tmp.path}/img2`;
-    assertExit(await amber(["dump", "-t", String(pid), "-D", img2, "--shell-job"]), 0, "dump 2");
-    const attached = await ptyB.result("attached restore");
-    assert.equal(attached.code, 128 + 9, `attached amber's exit code: ${attached.messages}`);
-    await waitVanished([pid]);
-    n = await assertCounter(out, ["in hello B"], "at dump 2");
+      // Dump again: the attached amber exits with the job's fate (SIGKILL).
+      const img2 = `${tmp}/img2`;
+      assertExit(await amber(dumpArgs(pid, img2, "--shell-job")), 0, "dump 2");
+      const attached = await ptyB.result("attached restore");
+      assert.equal(attached.code, 128 + 9, `attached amber's exit code: ${attached.messages}`);
+      await waitVanished([pid]);
+      n = (await assertCounterFile(out, "at dump 2", ["in hello B"])).numbers.length;
 
-    // restore -d by amber on terminal C: the job is then the subreaper's
-    // child, in the session of terminal C, on terminal C.
-    const childrenBeforeC = ownChildren();
-    const ptyC = new AmberPty(tmp.path, "c", "restore", "-D", img2, "-d", "--shell-job");
-    ptys.push(ptyC);
-    const detached = await ptyC.result("restore -d on terminal C");
-    assert.equal(detached.code, 0, `restore -d on terminal C: ${detached.messages}`);
-    const ttyC = await ptyC.slave();
-    assert.ok(![ttyA, ttyB].includes(ttyC), "test bug: terminal A or B is closed");
-    const shellC = await ptyC.leader();
-    assert.ok(isAlive(pid), "the job is not running after restore -d");
-    assert.deepEqual(fdLinks(pid, [0, 1, 2]), [ttyC, ttyC, ttyC], "fds 0-2 after restore 2");
-    const jobC = jobOf(pid);
-    assert.equal(jobC.ppid, Deno.pid, "the detached job's parent is not the subreaper");
-    assert.deepEqual(
-      ownChildren().filter((p) => !childrenBeforeC.includes(p)),
-      [ptyC.pid, pid].sort((a, b) => a - b),
-      "new children of the test process",
-    );
-    assert.equal(jobC.sid, shellC, "the job is not in terminal C's session");
-    assert.equal(jobC.ttyNr, jobOf(shellC).ttyNr, "the job's controlling terminal is not C");
-    assert.deepEqual(helperProcesses(), [], "restore -d left a helper");
-    await waitForLines(out, n + 5);
-    await waitForTtyLine(ptyC, n, "terminal C");
-    await ptyC.type("hello C\n");
-    await waitForLine(out, (l) => l.includes("in hello C"));
-    await assertCounter(out, ["in hello B", "in hello C"], "after restore 2");
-  } finally {
-    if (pid) await killAndReap(pid);
-    for (const p of ptys.reverse()) await p.close();
-  }
-  await assertCounter(out, ["in hello B", "in hello C"], "the whole output");
+      // restore -d by amber on terminal C: the job is then the subreaper's
+      // child, in the session of terminal C, on terminal C.
+      const childrenBeforeC = ownChildren();
+      const ptyC = new AmberPty(tmp, "c", "restore", "-D", img2, "-d", "--shell-job");
+      ptys.push(ptyC);
+      const detached = await ptyC.result("restore -d on terminal C");
+      assert.equal(detached.code, 0, `restore -d on terminal C: ${detached.messages}`);
+      const ttyC = await ptyC.slave();
+      assert.ok(![ttyA, ttyB].includes(ttyC), "test bug: terminal A or B is closed");
+      const shellC = await ptyC.leader();
+      assert.ok(isAlive(pid), "the job is not running after restore -d");
+      assert.deepEqual(fdLinks(pid, [0, 1, 2]), [ttyC, ttyC, ttyC], "fds 0-2 after restore 2");
+      const jobC = jobOf(pid);
+      assert.equal(jobC.ppid, Deno.pid, "the detached job's parent is not the subreaper");
+      assert.deepEqual(
+        ownChildren().filter((p) => !childrenBeforeC.includes(p)),
+        [ptyC.pid, pid].sort((a, b) => a - b),
+        "new children of the test process",
+      );
+      assert.equal(jobC.sid, shellC, "the job is not in terminal C's session");
+      assert.equal(jobC.ttyNr, jobOf(shellC).ttyNr, "the job's controlling terminal is not C");
+      assertNoHelper("restore -d");
+      await waitForLines(out, n + 5);
+      await waitForTtyLine(ptyC, n, "terminal C");
+      await ptyC.type("hello C\n");
+      await waitForLine(out, (l) => l.includes("in hello C"));
+      await assertCounterFile(out, "after restore 2", ["in hello B", "in hello C"]);
+    },
+  );
 });
 
 Deno.test("session leader with its stdio on a terminal: restore names the fd; --shell-job needs a terminal", async () => {
-  await assertHaveScript();
-  await using tmp = await tempDir();
-  const bin = await buildC("ttyjob");
-  const out = `${tmp.path}/ttyjob.txt`;
-  const ptys: Pty[] = [];
-  let pid = 0;
-  try {
-    // setsid: the job is its own session's leader, no controlling terminal,
-    // but its fds 0-2 are terminal A.
-    const ptyA = new Pty(
-      `${commandLine([bin, out, "--setsid"])}; exec sleep 600`,
-      `${tmp.path}/a.typescript`,
-    );
-    ptys.push(ptyA);
-    pid = await waitForProcess(ptyA.pid, "ttyjob");
-    await waitForLines(out, 3);
-    const ttyA = await ptyA.slave();
-    assert.deepEqual(fdLinks(pid, [0, 1, 2]), [ttyA, ttyA, ttyA], "the job's stdio (test bug)");
-    await waitFor(() => (jobOf(pid).sid === pid ? true : undefined), "the job did not setsid");
+  // setsid: the job is its own session's leader, no controlling terminal,
+  // but its fds 0-2 are terminal A.
+  await ttyJobTest(["--setsid"], ["in hello B"], async ({ tmp, out, pid, ptys }, _ptyA, ttyA) => {
+    await until(() => jobOf(pid).sid === pid, "the job did not setsid");
     assert.equal(jobOf(pid).ttyNr, 0, "test bug: the job has a controlling terminal");
 
     // The whole session is in the tree: dump needs no --shell-job.
-    const img = `${tmp.path}/img`;
-    assertExit(await amber(["dump", "-t", String(pid), "-D", img]), 0, "dump");
-    await waitVanished([pid]);
-    const n = await assertCounter(out, [], "at the dump");
+    const img = `${tmp}/img`;
+    await dumpKill(pid, [pid], img, "the session");
+    const n = (await assertCounterFile(out, "at the dump")).numbers.length;
 
     // Without --shell-job the terminal fd is refused, named.
     let before = childrenWithState();
-    const noFlag = await amberOnPty(tmp.path, "noflag", "restore", "-D", img, "-d");
+    const noFlag = await amberOnPty(tmp, "noflag", "restore", "-D", img, "-d");
     assertFailure(
       noFlag.code,
       noFlag.messages,
@@ -480,12 +438,11 @@ Deno.test("session leader with its stdio on a terminal: restore names the fd; --
       "restore --shell-job off a terminal",
     );
     assert.equal(procState(pid), null, "a failed --shell-job restore left the job behind");
-    assert.deepEqual(childrenWithState(), before, "a failed --shell-job restore left children");
-    assert.deepEqual(helperProcesses(), [], "a failed --shell-job restore left a helper");
+    assertLeftNothing(before, "a failed --shell-job restore");
     assert.equal((await readLines(out)).length, n, "the job wrote during failed restores");
 
     // On terminal B it comes back: session leader again, fds 0-2 on B.
-    const ptyB = new AmberPty(tmp.path, "b", "restore", "-D", img, "-d", "--shell-job");
+    const ptyB = new AmberPty(tmp, "b", "restore", "-D", img, "-d", "--shell-job");
     ptys.push(ptyB);
     const restored = await ptyB.result("restore -d on terminal B");
     assert.equal(restored.code, 0, `restore -d on terminal B: ${restored.messages}`);
@@ -500,10 +457,6 @@ Deno.test("session leader with its stdio on a terminal: restore names the fd; --
     // Not its controlling terminal, but its stdin all the same.
     await ptyB.type("hello B\n");
     await waitForLine(out, (l) => l.includes("in hello B"));
-    await assertCounter(out, ["in hello B"], "after the restore");
-  } finally {
-    if (pid) await killAndReap(pid);
-    for (const p of ptys.reverse()) await p.close();
-  }
-  await assertCounter(out, ["in hello B"], "the whole output");
+    await assertCounterFile(out, "after the restore", ["in hello B"]);
+  });
 });

@@ -12,19 +12,24 @@
 import assert from "node:assert/strict";
 import {
   amber,
+  amberAfter,
   type AmberResult,
   assertConsecutive,
+  assertCounterFile,
+  assertCounterGoesOn,
   assertExit,
-  buildC,
+  assertNoHelper,
+  assertRunningFree,
   childrenOf,
-  CLI,
-  DENO,
-  descendants,
+  commandWorks,
+  dumpArgs,
+  helperProcesses,
   isAlive,
   type Json,
   killAndReap,
   killTree,
   listDir,
+  openFds,
   ownChildren,
   pidOf,
   processesOf,
@@ -32,77 +37,28 @@ import {
   procStatFields,
   readCounterLines,
   readLines,
-  reapZombies,
   ROOT,
   showJson,
   sleep,
   spawnTarget,
+  startCounter,
+  startWriter,
+  statusField,
   tempDir,
-  threadsOf,
+  until,
   waitForLines,
+  waitVanished,
 } from "./_util.ts";
-
-/** comm of the restore helper (amber-restore-helper, cut to 15 characters). */
-const HELPER_COMM = "amber-restore-h";
 
 // ---------------------------------------------------------------------------
 // helpers
 
-function dumpArgs(pid: number, dir: string, ...extra: string[]): string[] {
-  return ["dump", "-t", String(pid), "-D", dir, ...extra];
-}
-
-/** Polls `pred` every 10 ms until it holds; fails with `what()` after timeoutMs. */
-async function until(pred: () => boolean, what: () => string, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!pred()) {
-    if (Date.now() > deadline) assert.fail(`${what()} (after ${timeoutMs} ms)`);
-    await sleep(10);
-  }
-}
-
-/** Reaps what we can until none of `pids` exists any more (not even as a zombie). */
-async function waitVanished(pids: number[]): Promise<void> {
-  await until(
-    () => {
-      reapZombies();
-      return pids.every((p) => procState(p) === null);
-    },
-    () =>
-      `still there: ${
-        pids.filter((p) => procState(p) !== null).map((p) => `${p} (${procState(p)})`).join(" ")
-      }`,
-  );
-}
-
 /**
- * Restore helpers among the test process's live descendants (see
- * restore_test.ts). Zombies are left out: what a restored zombie is called
- * is checked on its own.
+ * No live restore helper among the test process's descendants. Zombies are
+ * left out: what a restored zombie is called is checked on its own.
  */
-function assertNoHelper(what: string): void {
-  const helpers = descendants(Deno.pid).filter((p) => {
-    try {
-      return isAlive(p) && commOf(p) === HELPER_COMM;
-    } catch {
-      return false; // gone meanwhile
-    }
-  });
-  const described = helpers.map((p) => {
-    try {
-      return `${p} (state ${procState(p)}, ppid ${procStatFields(p)[1]})`;
-    } catch {
-      return `${p} (gone)`;
-    }
-  });
-  assert.deepEqual(described, [], `${what}: a restore helper is still running`);
-}
-
-function statusField(pid: number, name: string, tid = pid): string {
-  const text = Deno.readTextFileSync(`/proc/${pid}/task/${tid}/status`);
-  const m = text.match(new RegExp(`^${name}:\\s*(.*)$`, "m"));
-  if (!m) throw new Error(`no ${name} in /proc/${pid}/task/${tid}/status`);
-  return m[1].trim();
+function assertNoLiveHelper(what: string): void {
+  assertNoHelper(what, helperProcesses().filter(isAlive));
 }
 
 /** The wait status a zombie will report to its parent (field 52 of /proc/PID/stat). */
@@ -119,30 +75,6 @@ function cmdlineOf(pid: number): string[] {
     return Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0").slice(0, -1);
   } catch {
     return [];
-  }
-}
-
-/**
- * Every thread of PID runs freely: not traced and not stopped (S or R; a
- * short D is waited out).
- */
-async function assertRunningFree(pid: number, what: string): Promise<void> {
-  for (const tid of threadsOf(pid)) {
-    let state = "";
-    for (let i = 0; i < 100; i++) {
-      state = statusField(pid, "State", tid)[0];
-      if (state !== "D") break;
-      await sleep(10);
-    }
-    assert.ok(
-      state === "S" || state === "R",
-      `${what}: thread ${tid} of ${pid} is in state ${state}`,
-    );
-    assert.equal(
-      statusField(pid, "TracerPid", tid),
-      "0",
-      `${what}: thread ${tid} of ${pid} traced`,
-    );
   }
 }
 
@@ -174,7 +106,7 @@ async function restoreDetached(
   assert.ok(procState(root) !== null, `${what}: root ${root} is not there after restore -d`);
   const added = ownChildren().filter((p) => !before.includes(p));
   assert.deepEqual(added, [root], `${what}: new children of the test process`);
-  assertNoHelper(what);
+  assertNoLiveHelper(what);
 }
 
 /** Names of the core files (core, core.PID, ...) in DIR. */
@@ -332,36 +264,11 @@ Deno.test("zombie children killed by SIGTERM and SIGABRT: same status back, no c
 
     // restore -d, run with core dumps allowed (as far as the hard limit goes).
     const before = ownChildren();
-    const r = await new Deno.Command("/bin/bash", {
-      args: [
-        "-c",
-        `${raise}; exec "$@"`,
-        "amber",
-        DENO,
-        "run",
-        "-A",
-        CLI,
-        "restore",
-        "-D",
-        img,
-        "-d",
-      ],
-      cwd: ROOT,
-      env: { NO_COLOR: "1" },
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const dec = new TextDecoder();
-    const res: AmberResult = {
-      code: r.code,
-      stdout: dec.decode(r.stdout),
-      stderr: dec.decode(r.stderr),
-    };
-    assertExit(res, 0, "restore -d");
+    const r = await amberAfter(raise, ["restore", "-D", img, "-d"]);
+    assertExit(r, 0, "restore -d");
     assertZombiesBack(root, zombies, "signalled zombies");
     assert.deepEqual(ownChildren().filter((p) => !before.includes(p)), [root], "new children");
-    assertNoHelper("signalled zombies");
+    assertNoLiveHelper("signalled zombies");
     await assertRunningFree(root, "signalled zombies");
     assert.deepEqual(dirs.flatMap(coreFiles), coresBefore, "core files written by the restore");
   } finally {
@@ -395,9 +302,7 @@ Deno.test("bash loop forking `sleep 0.05`: 10 rounds of dump + restore -d, outpu
   }
   const text = await Deno.readTextFile(out);
   assert.ok(!text.includes("\0"), "NUL bytes in the output");
-  const { numbers, other } = await readCounterLines(out);
-  assert.deepEqual(other, [], "unexpected lines");
-  assertConsecutive(numbers, "the whole output");
+  const { numbers } = await assertCounterFile(out, "the whole output");
   assert.equal(text, numbers.map((n) => `${n}\n`).join(""), "the output file's content");
 });
 
@@ -423,11 +328,8 @@ async function assertNoOutput(out: string, pid: number, what: string): Promise<n
 
 Deno.test("stopped process: comes back stopped after dump + restore -d and after dump -R", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("counter");
-  const out = `${tmp.path}/counter.txt`;
-  const pid = spawnTarget([bin, out, "1", "--setsid"]).pid;
+  const { pid, out } = await startCounter(tmp.path, 1);
   try {
-    await waitForLines(out, 3);
     Deno.kill(pid, "SIGSTOP");
     await waitStopped(pid, "before the dump");
 
@@ -471,9 +373,7 @@ Deno.test("stopped process: comes back stopped after dump + restore -d and after
   // still one consecutive run.
   const text = await Deno.readTextFile(out);
   assert.ok(!text.includes("\0"), "NUL bytes in the output");
-  const { numbers, other } = await readCounterLines(out);
-  assert.deepEqual(other, []);
-  assertConsecutive(numbers, "the whole output");
+  await assertCounterFile(out, "the whole output");
 });
 
 // ---------------------------------------------------------------------------
@@ -495,13 +395,13 @@ for (const kind of ["socket", "pipe"]) {
   Deno.test(`${kind} held: dump without -R refuses and leaves it running; -R images do not restore`, async () => {
     await using tmp = await tempDir();
     const out = `${tmp.path}/holder.txt`;
-    const pid = spawnTarget(["setsid", "python3", "-c", HOLDER_PY, out, kind]).pid;
+    const argv = ["setsid", "python3", "-c", HOLDER_PY, out, kind];
+    const { pid } = await startWriter(argv, out, 3, 30_000);
     let alive = true;
     try {
-      await waitForLines(out, 3, 30_000);
-      const fd = [...Deno.readDirSync(`/proc/${pid}/fd`)].map((e) => Number(e.name))
-        .sort((a, b) => a - b)
-        .find((f) => Deno.readLinkSync(`/proc/${pid}/fd/${f}`).startsWith(`${kind}:`));
+      const fd = openFds(pid).find((f) =>
+        Deno.readLinkSync(`/proc/${pid}/fd/${f}`).startsWith(`${kind}:`)
+      );
       assert.ok(fd !== undefined, `no ${kind} descriptor in /proc/${pid}/fd (test bug)`);
       const names = (r: AmberResult, what: string) => {
         const msg = r.stderr;
@@ -533,7 +433,7 @@ for (const kind of ["socket", "pipe"]) {
       names(rr, "restore");
       assert.equal(procState(pid), null, `restore left process ${pid} behind`);
       assert.deepEqual(ownChildren().filter((p) => !before.includes(p)), [], "new children");
-      assertNoHelper("failed restore");
+      assertNoLiveHelper("failed restore");
       const lines = (await readLines(out)).length;
       await sleep(50);
       assert.equal((await readLines(out)).length, lines, "someone writes after the failed restore");
@@ -557,20 +457,12 @@ print("seized", flush=True)
 time.sleep(1000)
 `;
 
-async function haveStrace(): Promise<boolean> {
-  return await new Deno.Command("strace", { args: ["-V"], stdout: "null", stderr: "null" })
-    .output().then((r) => r.success, () => false);
-}
-
 Deno.test("already traced (strace, or a PTRACE_SEIZE helper): dump refuses, process unharmed", async () => {
   await using tmp = await tempDir();
-  const bin = await buildC("counter");
-  const out = `${tmp.path}/counter.txt`;
-  const pid = spawnTarget([bin, out, "1", "--setsid"]).pid;
+  const { pid, out } = await startCounter(tmp.path, 1);
   let tracer: Deno.ChildProcess | undefined;
   try {
-    await waitForLines(out, 3);
-    tracer = (await haveStrace())
+    tracer = (await commandWorks("strace", "-V"))
       ? new Deno.Command("strace", {
         args: ["-q", "-o", "/dev/null", "-p", String(pid)],
         stdin: "null",
@@ -622,9 +514,7 @@ Deno.test("already traced (strace, or a PTRACE_SEIZE helper): dump refuses, proc
     }
     await killAndReap(pid);
   }
-  const { numbers, other } = await readCounterLines(out);
-  assert.deepEqual(other, []);
-  assertConsecutive(numbers, "the whole output");
+  await assertCounterFile(out, "the whole output");
 });
 
 // ---------------------------------------------------------------------------
@@ -654,9 +544,8 @@ for (const { name, argv } of INTERPRETERS) {
   Deno.test(`${name}: dump + restore -d twice, output continues consecutively`, async () => {
     await using tmp = await tempDir();
     const out = `${tmp.path}/${name}.txt`;
-    const pid = spawnTarget(["setsid", ...argv(out)]).pid;
+    const { pid } = await startWriter(["setsid", ...argv(out)], out, 5);
     try {
-      await waitForLines(out, 5);
       const cmdline = cmdlineOf(pid);
       for (const round of [1, 2]) {
         const what = `${name} round ${round}`;
@@ -665,10 +554,7 @@ for (const { name, argv } of INTERPRETERS) {
         await restoreDetached(`${tmp.path}/img${round}`, pid, what);
         await assertRunningFree(pid, what);
         assert.deepEqual(cmdlineOf(pid), cmdline, `${what}: cmdline`);
-        await waitForLines(out, n + 10);
-        const { numbers, other } = await readCounterLines(out);
-        assert.deepEqual(other, [], `${what}: unexpected lines`);
-        assertConsecutive(numbers, what);
+        await assertCounterGoesOn(out, n, 10, what);
       }
     } finally {
       await killAndReap(pid);
