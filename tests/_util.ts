@@ -6,9 +6,11 @@
  * (PR_SET_CHILD_SUBREAPER), so orphaned targets (the children of a killed
  * tree, a tree restored by a `restore -d` that has exited) become our
  * children and are reaped promptly here instead of by pid 1 seconds later.
- * That FFI use is the only one in the tests.
+ * It goes through ffi/, like every FFI call of the project.
  */
 import assert from "node:assert/strict";
+import { lastErrno, libc, SysError } from "../ffi/libc.ts";
+import { waitpid, WALL, WNOHANG } from "../ffi/ptrace.ts";
 import { type MapsEntry, parseMaps } from "../lib/proc/maps.ts";
 
 export type { MapsEntry };
@@ -21,26 +23,12 @@ export const DENO = `${ROOT}/node_modules/.bin/deno`;
 export const CLI = `${ROOT}/cli.ts`;
 
 // ---------------------------------------------------------------------------
-// libc: subreaper and waitpid
+// Subreaper and waitpid, through amber's own FFI layer.
 
 const PR_SET_CHILD_SUBREAPER = 36;
-const WNOHANG = 1;
-const WALL = 0x40000000;
-const ECHILD = 10;
 
-const libc = Deno.dlopen("libc.so.6", {
-  prctl: { parameters: ["i32", "u64", "u64", "u64", "u64"], result: "i32" },
-  waitpid: { parameters: ["i32", "buffer", "i32"], result: "i32" },
-  __errno_location: { parameters: [], result: "pointer" },
-});
-
-function errno(): number {
-  const p = libc.symbols.__errno_location();
-  return p ? new Deno.UnsafePointerView(p).getInt32() : 0;
-}
-
-if (libc.symbols.prctl(PR_SET_CHILD_SUBREAPER, 1n, 0n, 0n, 0n) !== 0) {
-  throw new Error(`prctl(PR_SET_CHILD_SUBREAPER) failed, errno ${errno()}`);
+if (libc().prctl(PR_SET_CHILD_SUBREAPER, 1n, 0n, 0n, 0n) !== 0) {
+  throw new Error(`prctl(PR_SET_CHILD_SUBREAPER) failed, errno ${lastErrno()}`);
 }
 
 /** Children started through spawnTarget: Deno reaps these itself (child.status). */
@@ -51,10 +39,12 @@ const denoChildren = new Map<number, Deno.ChildProcess>();
  * the pid once reaped, 0 if it is still running, -1 if it is not our child.
  */
 function waitpidNoHang(pid: number): number {
-  const status = new Int32Array(1);
-  const r = libc.symbols.waitpid(pid, new Uint8Array(status.buffer), WNOHANG | WALL);
-  if (r < 0 && errno() !== ECHILD) throw new Error(`waitpid(${pid}) failed, errno ${errno()}`);
-  return r;
+  try {
+    return waitpid(pid, WNOHANG | WALL) ? pid : 0;
+  } catch (e) {
+    if (e instanceof SysError && e.code === "ECHILD") return -1;
+    throw e;
+  }
 }
 
 /** Our own children (any thread's), read from /proc/self/task/TID/children. */
