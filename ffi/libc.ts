@@ -143,3 +143,11 @@ export function rawSyscall(
   const a = [0, 1, 2, 3, 4, 5].map((i) => BigInt.asUintN(64, BigInt(args[i] ?? 0)));
   return check(name, libc().syscall(BigInt(nr), a[0], a[1], a[2], a[3], a[4], a[5]));
 }
+
+const NR_KCMP = 312;
+const KCMP_FILE = 0;
+
+/** Whether fd `fdA` of `pidA` and fd `fdB` of `pidB` are the same open file description. */
+export function sameOpenFile(pidA: number, fdA: number, pidB: number, fdB: number): boolean {
+  return rawSyscall("kcmp", NR_KCMP, pidA, pidB, KCMP_FILE, fdA, fdB) === 0n;
+}

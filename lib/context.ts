@@ -29,6 +29,16 @@ export interface DumpContext {
   scratch: Scratch;
   /** Image bodies already dumped for this process, by part name. */
   done: Record<string, unknown>;
+  /** What earlier processes of the tree hold, for objects processes share. */
+  tree: TreeDumpState;
+}
+
+/** Kernel objects seen so far in the tree, so a second holder can refer to the first. */
+export interface TreeDumpState {
+  /** Open descriptors by "dev:ino:link", with the processes and numbers holding them. */
+  openFiles: Map<string, { pid: number; fd: number }[]>;
+  /** Shared anonymous memory by inode, with its first holder. */
+  sharedMemory: Map<number, number>;
 }
 
 export interface RestoreOptions {

@@ -5,7 +5,7 @@
 import { Injector } from "../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
-import type { DumpContext, DumpOptions, Scratch } from "./context.ts";
+import type { DumpContext, DumpOptions, Scratch, TreeDumpState } from "./context.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
@@ -96,12 +96,13 @@ async function dumpProcess(
   dir: ImageDir,
   proc: FrozenProcess,
   options: DumpOptions,
+  tree: TreeDumpState,
 ): Promise<string | undefined> {
   let unrestorable: string | undefined;
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid);
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
-  const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {} };
+  const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {}, tree };
   for (const part of PARTS) {
     const t0 = performance.now();
     await withContextAsync(part.name, async () => {
@@ -156,8 +157,12 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     faultPoint("after-freeze");
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
+    const state: TreeDumpState = { openFiles: new Map(), sharedMemory: new Map() };
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
-      const why = await withContextAsync(`pid ${proc.pid}`, () => dumpProcess(dir, proc, options));
+      const why = await withContextAsync(
+        `pid ${proc.pid}`,
+        () => dumpProcess(dir, proc, options, state),
+      );
       // Ending a tree that can never come back would lose it.
       if (why && !options.leaveRunning) {
         throw new AmberError(

@@ -5,7 +5,9 @@
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
-import { definePart, type RestoreContext } from "../context.ts";
+import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
+import { sameOpenFile } from "../../ffi/libc.ts";
+import { pidNumber } from "../images/codec.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
 import { fileFd } from "./file.ts";
@@ -60,9 +62,45 @@ function parkInherited(ctx: RestoreContext, entries: FdEntryImage[]): number[] {
   return [...parked.keys()];
 }
 
-function installFd(ctx: RestoreContext, e: FdEntryImage): void {
+/** One descriptor that is the same open file as an earlier one (dup, or inherited by fork). */
+const SharedFd = z.object({
+  fd: z.number().int().min(0),
+  pid: pidNumber,
+  ownerFd: z.number().int().min(0),
+});
+type SharedFdImage = z.output<typeof SharedFd>;
+
+/**
+ * Finds an earlier descriptor of the tree (this process's or an earlier
+ * one's) open on the same file description, so restore can share it
+ * rather than open the file again: one offset, one set of flags.
+ */
+function findOwner(tree: TreeDumpState, probe: FdProbe): { pid: number; fd: number } | undefined {
+  if (!probe.stat) return undefined;
+  const key = `${probe.stat.dev}:${probe.stat.ino}:${probe.link}`;
+  const seen = tree.openFiles.get(key) ?? [];
+  const owner = seen.find((o) => sameOpenFile(probe.pid, probe.fd, o.pid, o.fd));
+  if (!owner) tree.openFiles.set(key, [...seen, { pid: probe.pid, fd: probe.fd }]);
+  return owner;
+}
+
+/** A descriptor of this process for the open file `owner` holds. */
+function fetchShared(ctx: RestoreContext, s: SharedFdImage): number {
   const inj = ctx.injector;
-  const tmp = kindOf(e.kind).restore(ctx, e);
+  if (s.pid === ctx.pid) return Number(inj.call(`dup ${s.ownerFd}`, NR.fcntl, s.ownerFd, 0, 0));
+  const pidfd = inj.call(`pidfd_open ${s.pid}`, NR.pidfd_open, s.pid, 0);
+  try {
+    return Number(
+      inj.call(`pidfd_getfd ${s.pid}:${s.ownerFd}`, NR.pidfd_getfd, pidfd, s.ownerFd, 0),
+    );
+  } finally {
+    inj.call("close", NR.close, pidfd);
+  }
+}
+
+function installFd(ctx: RestoreContext, e: FdEntryImage, shared?: SharedFdImage): void {
+  const inj = ctx.injector;
+  const tmp = shared ? fetchShared(ctx, shared) : kindOf(e.kind).restore(ctx, e);
   const cloexec = e.flags & O_CLOEXEC ? O_CLOEXEC : 0;
   if (tmp === e.fd) {
     inj.call("fcntl(F_SETFD)", NR.fcntl, tmp, 2, cloexec ? 1 : 0);
@@ -75,15 +113,18 @@ function installFd(ctx: RestoreContext, e: FdEntryImage): void {
 export const fdsPart = definePart({
   name: "fds",
   version: 1,
-  schema: z.object({ fds: z.array(FdEntry) }),
-  dump({ pid }) {
+  schema: z.object({ fds: z.array(FdEntry), shared: z.array(SharedFd) }),
+  dump({ pid, tree }) {
+    const shared: SharedFdImage[] = [];
     const fds = listProcNumbers(pid, "fd").map((fd) =>
       withContext(`fd ${fd}`, () => {
         const probe = probeFd(pid, fd);
+        const owner = findOwner(tree, probe);
+        if (owner) shared.push({ fd, pid: owner.pid, ownerFd: owner.fd });
         return FD_KINDS.find((k) => k.matches(probe))!.dump(probe);
       })
     );
-    return { fds: fds as z.input<typeof FdEntry>[] };
+    return { fds: fds as z.input<typeof FdEntry>[], shared };
   },
   precheck({ fds }, ctx) {
     const seen = new Set<number>();
@@ -99,10 +140,11 @@ export const fdsPart = definePart({
       if (why) return why;
     }
   },
-  restore(ctx, { fds }) {
+  restore(ctx, { fds, shared }) {
     const entries = fds as FdEntryImage[];
+    const sharing = new Map(shared.map((s) => [s.fd, s]));
     const parked = parkInherited(ctx, entries);
-    for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e));
+    for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e, sharing.get(e.fd)));
     for (const fd of parked) ctx.injector.call("close", NR.close, fd);
   },
 });

@@ -8,7 +8,7 @@
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
-import { definePart, type RestoreContext } from "../context.ts";
+import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
@@ -44,6 +44,8 @@ export const Mapping = z.object({
   kind: z.enum(["anon", "file", "shmem", "special", "vsyscall"]),
   vmFlags: z.array(z.string()),
   file: FileIdentity.optional(),
+  /** Shared anonymous memory also mapped by this earlier process of the tree. */
+  sharedWith: z.number().int().optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
 export type MappingImage = z.output<typeof Mapping>;
 
@@ -73,10 +75,16 @@ function identity(path: string): z.input<typeof FileIdentity> {
   return { ino: st.ino ?? 0, size: st.size, mtimeMs: st.mtime?.getTime() ?? 0 };
 }
 
-export function dumpMappings(pid: number): z.input<typeof Mapping>[] {
+export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof Mapping>[] {
   const flags = readVmFlags(pid);
   return readMaps(pid).map((e) => {
     const kind = kindOf(e);
+    let sharedWith: number | undefined;
+    if (kind === "shmem") {
+      sharedWith = tree.sharedMemory.get(e.inode);
+      if (sharedWith === pid) sharedWith = undefined;
+      if (!tree.sharedMemory.has(e.inode)) tree.sharedMemory.set(e.inode, pid);
+    }
     return withContext(mappingLabel(e), () => ({
       start: e.start,
       end: e.end,
@@ -89,6 +97,7 @@ export function dumpMappings(pid: number): z.input<typeof Mapping>[] {
       file: kind === "file"
         ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
         : undefined,
+      sharedWith,
     }));
   });
 }
@@ -234,14 +243,27 @@ export const mappingsPart = definePart({
   name: "mappings",
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
-  async dump({ pid }) {
-    return { mappings: dumpMappings(pid), vdsoSha256: await vdsoDigest(pid) };
+  async dump({ pid, tree }) {
+    return { mappings: dumpMappings(pid, tree), vdsoSha256: await vdsoDigest(pid) };
+  },
+  unrestorable({ mappings }) {
+    const m = mappings.find((m) => m.sharedWith !== undefined);
+    if (m) {
+      return `${
+        mappingLabel(m)
+      }: anonymous memory shared with pid ${m.sharedWith}: not supported yet`;
+    }
   },
   precheck({ mappings }) {
     let prevEnd = 0n;
     for (const m of mappings) {
       withContext(mappingLabel(m), () => {
         if (m.start < prevEnd) throw new AmberError("overlaps the previous mapping");
+        if (m.sharedWith !== undefined) {
+          throw new AmberError(
+            `anonymous memory shared with pid ${m.sharedWith}: not supported yet`,
+          );
+        }
         prevEnd = m.end;
         if (m.kind !== "file") return;
         if (m.path.endsWith(" (deleted)")) {
