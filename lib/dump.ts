@@ -9,6 +9,7 @@ import type { DumpContext, DumpOptions, Scratch, TreeDumpState } from "./context
 import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
+import { pagesFileName } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
@@ -202,7 +203,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   }
   const pageBytes = tree.pids.reduce((s, pid) => {
     try {
-      return s + Deno.statSync(dir.file(`pages-${pid}.img`)).size;
+      return s + Deno.statSync(dir.file(pagesFileName(pid))).size;
     } catch {
       return s;
     }

@@ -9,6 +9,7 @@ import { decodeImage, encodeImage, imageFileName, type ImageKind } from "./codec
 
 export class ImageDir {
   private written = new Set<string>();
+  private synced = new Set<string>();
   private createdDir = false;
 
   constructor(readonly path: string) {}
@@ -50,6 +51,7 @@ export class ImageDir {
         Deno.renameSync(tmp, this.file(name));
         this.written.delete(tmp);
         this.written.add(this.file(name));
+        this.synced.delete(this.file(name));
       },
     };
   }
@@ -84,8 +86,10 @@ export class ImageDir {
   /** Makes every file written so far, and the directory entries, durable. */
   syncAll(): void {
     for (const f of this.written) {
+      if (this.synced.has(f)) continue;
       using file = Deno.openSync(f, { read: true });
       file.syncSync();
+      this.synced.add(f);
     }
     using d = Deno.openSync(this.path, { read: true });
     d.syncSync();
