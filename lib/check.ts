@@ -333,7 +333,8 @@ export function checkKernel(): CheckReport {
     probe("PR_SET_MM_MAP", true, mmMapProbe),
     probe("/proc/sys/kernel/ns_last_pid", false, nsLastPidProbe),
     probe("userfaultfd", false, userfaultfdProbe),
-    probe("kcmp", false, kcmpProbe),
+    // Dump finds descriptors that processes share with kcmp(KCMP_FILE).
+    probe("kcmp", true, kcmpProbe),
   ];
   return { ok: features.every((f) => f.ok || !f.required), features };
 }
