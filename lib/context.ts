@@ -39,6 +39,14 @@ export interface TreeDumpState {
   openFiles: Map<string, { pid: number; fd: number }[]>;
   /** Shared anonymous memory by inode, with its first holder. */
   sharedMemory: Map<number, number>;
+  /**
+   * Problems a later process may still resolve (e.g. a pipe whose other end
+   * has not been seen yet), by key; what is left at the end makes the
+   * images unrestorable.
+   */
+  pending: Map<string, string>;
+  /** Objects already recorded once for the whole tree (e.g. "pipe:123"). */
+  seen: Set<string>;
 }
 
 export interface RestoreOptions {
@@ -60,7 +68,25 @@ export interface RestoreContext {
   images: Record<string, unknown>;
   /** Descriptors amber's helper left in the process (stdio), fd → what they are. */
   inherited: Map<number, string>;
+  /** Lowest descriptor number free for parking (above every number in the images). */
+  parkFloor: number;
+  /** Objects the processes of the tree share, as restored so far. */
+  tree: TreeRestoreState;
   log: (msg: string) => void;
+}
+
+/** Where a descriptor lives in the tree being restored. */
+export interface FdPlace {
+  pid: number;
+  fd: number;
+}
+
+/** Restore-wide state, for objects processes share. */
+export interface TreeRestoreState {
+  /** Pipes created so far by inode: where each end can be fetched from. */
+  pipes: Map<number, { read?: FdPlace; write?: FdPlace }>;
+  /** Descriptors kept only so a later process can fetch them; closed at the end. */
+  parked: FdPlace[];
 }
 
 export interface PrecheckContext {

@@ -158,7 +158,12 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     faultPoint("after-freeze");
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
-    const state: TreeDumpState = { openFiles: new Map(), sharedMemory: new Map() };
+    const state: TreeDumpState = {
+      openFiles: new Map(),
+      sharedMemory: new Map(),
+      pending: new Map(),
+      seen: new Set(),
+    };
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const why = await withContextAsync(
         `pid ${proc.pid}`,
@@ -171,7 +176,13 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
         );
       }
     }
-    dir.write(pstreeImage, { processes: entries });
+    const unrestorable = [...state.pending.values()];
+    if (unrestorable.length && !options.leaveRunning) {
+      throw new AmberError(
+        `${unrestorable[0]}; the tree is left running (dump -R keeps it running with its images)`,
+      );
+    }
+    dir.write(pstreeImage, { processes: entries, unrestorable });
     const root = tree.processes[0].threads[0];
     const inventory = {
       amberVersion: AMBER_VERSION,

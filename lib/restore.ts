@@ -12,7 +12,7 @@ import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { libc } from "../ffi/libc.ts";
-import type { RestoreContext, RestoreOptions, Scratch } from "./context.ts";
+import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "./context.ts";
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
@@ -85,6 +85,7 @@ async function precheck(images: Images, options: RestoreOptions, dir: ImageDir):
       `this kernel's [vdso] differs from the image's (dumped on ${inv.kernel}); not supported yet`,
     );
   }
+  if (images.unrestorable.length) throw new AmberError(images.unrestorable[0]);
   const pids = new Set(images.processes.map((p) => p.entry.pid));
   // What can never be restored is reported before what a retry could fix.
   for (const p of images.processes) {
@@ -237,6 +238,7 @@ async function rebuildProcess(
   blank: Blank,
   dir: ImageDir,
   options: RestoreOptions,
+  tree: TreeRestoreState,
   log: (m: string) => void,
 ): Promise<void> {
   const pid = blank.images.entry.pid;
@@ -251,6 +253,8 @@ async function rebuildProcess(
     threads: new Map([[pid, blank.injector]]),
     images: blank.images.parts,
     inherited: inheritedFds(),
+    parkFloor: 3,
+    tree,
     log,
   };
   for (const part of PARTS) {
@@ -342,15 +346,20 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
+  const tree: TreeRestoreState = { pipes: new Map(), parked: [] };
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
       if (blank.images.entry.state === "zombie") continue;
       const pid = blank.images.entry.pid;
-      await withContextAsync(`pid ${pid}`, () => rebuildProcess(blank, dir, options, log));
+      await withContextAsync(
+        `pid ${pid}`,
+        () => rebuildProcess(blank, dir, options, tree, log),
+      );
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
       for (const t of imgs) threads.push([t.tid, t]);
     }
+    for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     for (const [tid, img] of threads) applyThreadState(tid, img);
     if (req.pidfile) {
       const pidfile = req.pidfile;

@@ -27,6 +27,7 @@ interface FdImage {
   link?: string;
   type?: string;
   pos?: number;
+  ino?: number;
 }
 
 interface FsImage {
@@ -126,7 +127,13 @@ function imagesJson(images: Images): string {
     { processes: 0, runs: 0, pages: 0, bytes: 0 },
   );
   return JSON.stringify(
-    { dir: images.dir, inventory: toJson(images.inventory), processes, totals },
+    {
+      dir: images.dir,
+      inventory: toJson(images.inventory),
+      unrestorable: images.unrestorable,
+      processes,
+      totals,
+    },
     null,
     2,
   );
@@ -185,6 +192,7 @@ function treeLines(images: Images): string[] {
 
 function fdTarget(f: FdImage): string {
   if (f.kind === "unsupported") return `${f.link ?? ""} (${f.type ?? "?"}, not restorable)`;
+  if (f.kind === "pipe") return `pipe:[${f.ino}] ${(f.flags & 3) === 0 ? "read" : "write"} end`;
   return f.path ?? f.link ?? "";
 }
 
@@ -246,6 +254,7 @@ function imagesText(images: Images): string {
     `amber images in ${images.dir}`,
     `inventory: amber ${inv.amberVersion}, kernel ${inv.kernel} ${inv.arch}, created ${inv.createdAt}, ` +
     `root pid ${inv.rootPid}${inv.shellJob ? ", shell job" : ""}, xsave ${inv.xsaveSize} bytes`,
+    ...images.unrestorable.map((why) => `cannot be restored: ${why}`),
     "",
     "process tree:",
     ...treeLines(images),

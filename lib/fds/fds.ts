@@ -6,6 +6,8 @@
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
+import { fetchFd } from "./fetch.ts";
+import { pipeFd } from "./pipe.ts";
 import { sameOpenFile } from "../../ffi/libc.ts";
 import { pidNumber } from "../images/codec.ts";
 import { AmberError, withContext } from "../errors.ts";
@@ -16,7 +18,7 @@ import { ttyFd } from "./tty.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** In match order; the last one takes anything. */
-export const FD_KINDS: FdKind[] = [ttyFd, fileFd, unsupportedFd];
+export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unsupportedFd];
 
 const FdEntry = z.discriminatedUnion(
   "kind",
@@ -30,7 +32,7 @@ function kindOf(name: string): FdKind {
   return k;
 }
 
-export function probeFd(pid: number, fd: number): FdProbe {
+export function probeFd(pid: number, fd: number, tree: TreeDumpState): FdProbe {
   const link = readProcLink(pid, `fd/${fd}`);
   const info = readProcText(pid, `fdinfo/${fd}`);
   const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, "m").exec(info)?.[1] ?? "0";
@@ -38,7 +40,15 @@ export function probeFd(pid: number, fd: number): FdProbe {
   try {
     stat = Deno.statSync(procPath(pid, `fd/${fd}`));
   } catch { /* anon inodes, sockets: no path to stat */ }
-  return { pid, fd, link, flags: parseInt(field("flags"), 8), pos: Number(field("pos")), stat };
+  return {
+    pid,
+    fd,
+    link,
+    flags: parseInt(field("flags"), 8),
+    pos: Number(field("pos")),
+    stat,
+    tree,
+  };
 }
 
 /**
@@ -51,6 +61,7 @@ function parkInherited(ctx: RestoreContext, entries: FdEntryImage[]): number[] {
     if (!ctx.inherited.has(fd)) inj.call(`close inherited fd ${fd}`, NR.close, fd);
   }
   const floor = Math.max(3, ...entries.map((e) => e.fd + 1));
+  ctx.parkFloor = floor;
   const parked = new Map<number, string>();
   for (const [fd, what] of ctx.inherited) {
     const high = Number(inj.call("fcntl(F_DUPFD_CLOEXEC)", NR.fcntl, fd, 1030, floor));
@@ -84,23 +95,11 @@ function findOwner(tree: TreeDumpState, probe: FdProbe): { pid: number; fd: numb
   return owner;
 }
 
-/** A descriptor of this process for the open file `owner` holds. */
-function fetchShared(ctx: RestoreContext, s: SharedFdImage): number {
-  const inj = ctx.injector;
-  if (s.pid === ctx.pid) return Number(inj.call(`dup ${s.ownerFd}`, NR.fcntl, s.ownerFd, 0, 0));
-  const pidfd = inj.call(`pidfd_open ${s.pid}`, NR.pidfd_open, s.pid, 0);
-  try {
-    return Number(
-      inj.call(`pidfd_getfd ${s.pid}:${s.ownerFd}`, NR.pidfd_getfd, pidfd, s.ownerFd, 0),
-    );
-  } finally {
-    inj.call("close", NR.close, pidfd);
-  }
-}
-
 function installFd(ctx: RestoreContext, e: FdEntryImage, shared?: SharedFdImage): void {
   const inj = ctx.injector;
-  const tmp = shared ? fetchShared(ctx, shared) : kindOf(e.kind).restore(ctx, e);
+  const tmp = shared
+    ? fetchFd(ctx, { pid: shared.pid, fd: shared.ownerFd })
+    : kindOf(e.kind).restore(ctx, e);
   const cloexec = e.flags & O_CLOEXEC ? O_CLOEXEC : 0;
   if (tmp === e.fd) {
     inj.call("fcntl(F_SETFD)", NR.fcntl, tmp, 2, cloexec ? 1 : 0);
@@ -118,7 +117,7 @@ export const fdsPart = definePart({
     const shared: SharedFdImage[] = [];
     const fds = listProcNumbers(pid, "fd").map((fd) =>
       withContext(`fd ${fd}`, () => {
-        const probe = probeFd(pid, fd);
+        const probe = probeFd(pid, fd, tree);
         const owner = findOwner(tree, probe);
         if (owner) shared.push({ fd, pid: owner.pid, ownerFd: owner.fd });
         return FD_KINDS.find((k) => k.matches(probe))!.dump(probe);

@@ -1,6 +1,6 @@
 /** What every kind of file descriptor module provides. */
 import type { z } from "zod";
-import type { PrecheckContext, RestoreContext } from "../context.ts";
+import type { PrecheckContext, RestoreContext, TreeDumpState } from "../context.ts";
 
 /** What /proc says about one open descriptor. */
 export interface FdProbe {
@@ -14,6 +14,8 @@ export interface FdProbe {
   pos: number;
   /** stat of the open file (follows the fd link), when it could be taken. */
   stat?: Deno.FileInfo;
+  /** What the tree's earlier descriptors were. */
+  tree: TreeDumpState;
 }
 
 export interface FdKind<S extends z.ZodType = z.ZodType> {

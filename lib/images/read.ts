@@ -16,6 +16,8 @@ export interface ProcessImages {
 export interface Images {
   dir: string;
   inventory: Inventory;
+  /** Why the images cannot be restored, if they cannot (see pstree). */
+  unrestorable: string[];
   processes: ProcessImages[];
 }
 
@@ -37,7 +39,7 @@ export function readImages(path: string): Images {
     );
   }
   const inventory = dir.read(inventoryImage);
-  const { processes } = dir.read(pstreeImage);
+  const { processes, unrestorable } = dir.read(pstreeImage);
   if (processes[0].pid !== inventory.rootPid) {
     throw new AmberError(
       `${dir.file("pstree.cbor")}: first process ${
@@ -48,6 +50,7 @@ export function readImages(path: string): Images {
   return {
     dir: path,
     inventory,
+    unrestorable,
     processes: processes.map((entry) => ({
       entry,
       // A zombie is only its pstree entry.

@@ -25,7 +25,11 @@ export const pstreeImage = defineImage(
   "pstree",
   1,
   false,
-  z.object({ processes: z.array(ProcessEntry).min(1) }).refine(
+  z.object({
+    processes: z.array(ProcessEntry).min(1),
+    /** Why these images cannot be restored (objects shared with processes outside the tree). */
+    unrestorable: z.array(z.string()),
+  }).refine(
     (t) => new Set(t.processes.map((p) => p.pid)).size === t.processes.length,
     "a pid is listed twice",
   ).refine(
