@@ -917,3 +917,22 @@ export function sizeOf(dir: string, re: RegExp): number {
   for (const name of listDir(dir)) if (re.test(name)) total += Deno.statSync(`${dir}/${name}`).size;
   return total;
 }
+
+/** Whether PATH exists. */
+export function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return false;
+    throw e;
+  }
+}
+
+/**
+ * No live restore helper among the test process's descendants. Zombies are
+ * left out: what a restored zombie is called is checked on its own.
+ */
+export function assertNoLiveHelper(what: string): void {
+  assertNoHelper(what, helperProcesses().filter(isAlive));
+}

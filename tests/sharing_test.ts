@@ -17,12 +17,12 @@ import {
   assertConsecutive,
   assertCounterFile,
   assertExit,
-  assertNoHelper,
+  assertNoLiveHelper,
   assertOneLineError,
   assertRunningFree,
   childrenOf,
   dumpArgs,
-  helperProcesses,
+  exists,
   isAlive,
   type Json,
   killTree,
@@ -46,21 +46,6 @@ import {
 
 // ---------------------------------------------------------------------------
 // helpers
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return false;
-    throw e;
-  }
-}
-
-/** No live restore helper among the test process's descendants. */
-function assertNoLiveHelper(what: string): void {
-  assertNoHelper(what, helperProcesses().filter(isAlive));
-}
 
 /** The only child of ROOT, once it has exactly one. */
 async function onlyChild(root: number, what: string): Promise<number> {

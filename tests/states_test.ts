@@ -18,12 +18,12 @@ import {
   assertCounterFile,
   assertCounterGoesOn,
   assertExit,
-  assertNoHelper,
+  assertNoLiveHelper,
   assertRunningFree,
   childrenOf,
   commandWorks,
   dumpArgs,
-  helperProcesses,
+  exists,
   isAlive,
   type Json,
   killAndReap,
@@ -52,14 +52,6 @@ import {
 
 // ---------------------------------------------------------------------------
 // helpers
-
-/**
- * No live restore helper among the test process's descendants. Zombies are
- * left out: what a restored zombie is called is checked on its own.
- */
-function assertNoLiveHelper(what: string): void {
-  assertNoHelper(what, helperProcesses().filter(isAlive));
-}
 
 /** The wait status a zombie will report to its parent (field 52 of /proc/PID/stat). */
 function exitCodeOf(pid: number): number {
@@ -112,16 +104,6 @@ async function restoreDetached(
 /** Names of the core files (core, core.PID, ...) in DIR. */
 function coreFiles(dir: string): string[] {
   return listDir(dir).filter((n) => /^core(\.\d+)?$/.test(n)).map((n) => `${dir}/${n}`);
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return false;
-    throw e;
-  }
 }
 
 // ---------------------------------------------------------------------------
