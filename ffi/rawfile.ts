@@ -41,6 +41,11 @@ export class RawFile {
     }
   }
 
+  /** Sets the file's size. */
+  truncate(size: number): void {
+    check(`ftruncate ${this.path}`, libc().ftruncate(this.fd, BigInt(size)));
+  }
+
   /** Writes all of `data` at `offset`. */
   async pwriteAll(data: Uint8Array, offset: number): Promise<void> {
     let done = 0;

@@ -6,6 +6,7 @@ import type { z } from "zod";
 import type { Injector } from "../ffi/inject.ts";
 import type { ImageDir } from "./images/dir.ts";
 import type { FrozenProcess } from "./tree/seize.ts";
+import type { PreparedPages } from "./mm/pages.ts";
 
 /** A few bytes of the tracee's memory amber may use for syscall arguments. */
 export interface Scratch {
@@ -47,6 +48,8 @@ export interface TreeDumpState {
   pending: Map<string, string>;
   /** Objects already recorded once for the whole tree (e.g. "pipe:123"). */
   seen: Set<string>;
+  /** Pages files written ahead of the freeze, by pid; taken by the pages part. */
+  preparedPages: Map<number, PreparedPages>;
 }
 
 export interface RestoreOptions {

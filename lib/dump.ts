@@ -9,12 +9,18 @@ import type { DumpContext, DumpOptions, Scratch, TreeDumpState } from "./context
 import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
-import { pagesFileName } from "./mm/pages.ts";
+import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xfeatures, xstateSize } from "./task/threads.ts";
-import { type FrozenProcess, type FrozenTree, seizeTree, validateTargetPid } from "./tree/seize.ts";
+import {
+  type FrozenProcess,
+  type FrozenTree,
+  listTree,
+  seizeTree,
+  validateTargetPid,
+} from "./tree/seize.ts";
 import {
   AMBER_VERSION,
   inventoryImage,
@@ -140,10 +146,23 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   };
   validateTargetPid(req.pid);
   const dir = new ImageDir(req.dir).openForWrite();
+  const state: TreeDumpState = {
+    openFiles: new Map(),
+    sharedMemory: new Map(),
+    pending: new Map(),
+    seen: new Set(),
+    preparedPages: new Map(),
+  };
   let tree: FrozenTree;
   try {
+    // Grow the page cache for the big pages files while the tree still runs.
+    for (const pid of listTree(req.pid)) {
+      const prepared = await preparePages(dir, pid);
+      if (prepared) state.preparedPages.set(pid, prepared);
+    }
     tree = seizeTree(req.pid);
   } catch (e) {
+    for (const p of state.preparedPages.values()) p.file.close();
     dir.discard();
     throw e;
   }
@@ -158,12 +177,6 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     faultPoint("after-freeze");
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
-    const state: TreeDumpState = {
-      openFiles: new Map(),
-      sharedMemory: new Map(),
-      pending: new Map(),
-      seen: new Set(),
-    };
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const why = await withContextAsync(
         `pid ${proc.pid}`,
@@ -183,6 +196,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
       );
     }
     dir.write(pstreeImage, { processes: entries, unrestorable });
+    // Prepared for a process that was gone by the time of the freeze.
+    for (const p of state.preparedPages.values()) p.drop();
     const root = tree.processes[0].threads[0];
     const inventory = {
       amberVersion: AMBER_VERSION,
@@ -205,6 +220,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     dir.syncAll();
   } catch (e) {
     if (!running) withContext("resuming the tree after a failed dump", () => tree.release());
+    for (const p of state.preparedPages.values()) p.file.close();
     dir.discard();
     throw e;
   }

@@ -42,11 +42,15 @@ export class ImageDir {
    * Reserves a temporary name for file `name`; once its content is written
    * and synced, commit() gives it its real name.
    */
-  reserve(name: string): { tmp: string; commit: () => void } {
+  reserve(name: string): { tmp: string; commit: () => void; drop: () => void } {
     const tmp = this.file(`${name}.tmp`);
     this.written.add(tmp);
     return {
       tmp,
+      drop: () => {
+        this.written.delete(tmp);
+        Deno.removeSync(tmp);
+      },
       commit: () => {
         Deno.renameSync(tmp, this.file(name));
         this.written.delete(tmp);

@@ -24,6 +24,7 @@ import {
   writeRangesAsync,
 } from "../../ffi/memory.ts";
 import { definePart, type DumpContext } from "../context.ts";
+import type { ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import {
@@ -196,15 +197,70 @@ function readSlowly(pid: number, ranges: RemoteRange[], buf: Uint8Array, mapping
   }
 }
 
+/**
+ * A pages file written full of zeros before the tree is frozen, as large
+ * as the process's anonymous memory: growing the page cache is the slowest
+ * part of a dump on our VMs, and this way it happens while the process
+ * still runs. The copy under freeze then overwrites pages that exist.
+ */
+export interface PreparedPages {
+  file: RawFile;
+  size: number;
+  commit: () => void;
+  /** Closes and removes it (its process was not dumped after all). */
+  drop: () => void;
+}
+
+/** Below this, preparing saves less than it costs. */
+const PREPARE_MIN_BYTES = 32 * 1024 * 1024;
+
+/** Anonymous, swapped and shared-memory kB of /proc/PID/smaps_rollup, in bytes. */
+function anonymousBytes(pid: number): number {
+  let text: string;
+  try {
+    text = Deno.readTextFileSync(`/proc/${pid}/smaps_rollup`);
+  } catch {
+    return 0; // gone, or a kernel thread: nothing to prepare
+  }
+  const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? 0);
+  return (kb("Anonymous") + kb("Swap") + kb("Pss_Shmem")) * 1024;
+}
+
+/** Prepares the pages file of a process about to be dumped (see {@link PreparedPages}). */
+export async function preparePages(dir: ImageDir, pid: number): Promise<PreparedPages | undefined> {
+  const estimate = Math.ceil(anonymousBytes(pid) / CHUNK_BYTES) * CHUNK_BYTES;
+  if (estimate < PREPARE_MIN_BYTES) return undefined;
+  const { tmp, commit, drop } = dir.reserve(pagesFileName(pid));
+  const file = RawFile.create(tmp);
+  const list = Array.from(
+    { length: estimate / CHUNK_BYTES },
+    (_, i) => ({ fileOff: i * CHUNK_BYTES, bytes: CHUNK_BYTES, ranges: [] }),
+  );
+  try {
+    // The workers' buffers are still all zeros: nothing is read into them here.
+    await transfer(list, (c, zeros) => file.pwriteAll(zeros, c.fileOff));
+  } catch (e) {
+    file.close();
+    drop();
+    throw e;
+  }
+  return { file, size: estimate, commit, drop: () => (file.close(), drop()) };
+}
+
 /** Copies the planned runs into the pages file; returns bytes written. */
 export async function copyPages(
   ctx: DumpContext,
   runs: PageRun[],
   mappings: MappingImage[],
 ): Promise<number> {
-  const { tmp, commit } = ctx.dir.reserve(pagesFileName(ctx.pid));
-  const file = RawFile.create(tmp);
+  const prepared = ctx.tree.preparedPages.get(ctx.pid);
+  ctx.tree.preparedPages.delete(ctx.pid);
+  const { file, commit } = prepared ?? (() => {
+    const { tmp, commit } = ctx.dir.reserve(pagesFileName(ctx.pid));
+    return { file: RawFile.create(tmp), commit };
+  })();
   const list = chunks(place(runs));
+  const total = list.reduce((s, c) => s + c.bytes, 0);
   try {
     await transfer(list, async (c, buf, i) => {
       const got = await readRangesAsync(ctx.pid, c.ranges, buf);
@@ -212,11 +268,13 @@ export async function copyPages(
       if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
       await file.pwriteAll(buf, c.fileOff);
     });
+    // A prepared file may be larger than what was stored.
+    if (prepared && prepared.size > total) file.truncate(total);
   } finally {
     file.close();
   }
   commit();
-  return list.reduce((s, c) => s + c.bytes, 0);
+  return total;
 }
 
 /**

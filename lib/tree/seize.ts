@@ -174,6 +174,21 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
 }
 
 /**
+ * `rootPid` and its descendants as they are now, the tree still running:
+ * a guess at what seizeTree will find, for work worth doing beforehand.
+ */
+export function listTree(rootPid: number): number[] {
+  const out: number[] = [];
+  const queue = [rootPid];
+  while (queue.length) {
+    const pid = queue.shift()!;
+    out.push(pid);
+    queue.push(...childrenOf(pid, threadsOf(pid)));
+  }
+  return out;
+}
+
+/**
  * Freezes `rootPid` and all its descendants. On failure every thread
  * already frozen is resumed before the error propagates.
  */
