@@ -63,22 +63,6 @@ async function transferAsync(
   return Number(n);
 }
 
-/** Synchronous variant of {@link readRangesAsync}, for small reads. */
-export function readRanges(pid: number, ranges: RemoteRange[], local: Uint8Array): number {
-  const [localIov, remote] = iovecs(ranges, local);
-  const n = libc().process_vm_readv(pid, localIov, 1n, remote, BigInt(ranges.length), 0n);
-  if (n < 0n) throw new SysError("process_vm_readv", 14);
-  return Number(n);
-}
-
-/** Reads one remote range fully, or throws. */
-export function readMemory(pid: number, addr: bigint, len: number): Uint8Array {
-  const buf = new Uint8Array(len);
-  const n = readRanges(pid, [{ addr, len }], buf);
-  if (n !== len) throw new SysError("process_vm_readv", 14);
-  return buf;
-}
-
 /** Reads through /proc/PID/mem: works where process_vm_readv cannot (e.g. PROT_NONE). */
 export function readMemoryProc(pid: number, addr: bigint, len: number): Uint8Array {
   using f = Deno.openSync(`/proc/${pid}/mem`, { read: true });

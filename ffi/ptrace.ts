@@ -48,10 +48,6 @@ export function interrupt(tid: number): void {
   ptrace(PTRACE.INTERRUPT, tid, 0n, 0n, "ptrace(INTERRUPT)");
 }
 
-export function setOptions(tid: number, options: number): void {
-  ptrace(PTRACE.SETOPTIONS, tid, 0n, BigInt(options), "ptrace(SETOPTIONS)");
-}
-
 export function detach(tid: number, signal = 0): void {
   ptrace(PTRACE.DETACH, tid, 0n, BigInt(signal), "ptrace(DETACH)");
 }
