@@ -18,10 +18,11 @@ export const PARTS: Part[] = [
   mappingsPart,
   pagemapPart,
   mmPart,
+  // Before fds: the process's own RLIMIT_NOFILE bounds its descriptor numbers.
+  rlimitsPart,
   fdsPart,
   fsPart,
   sigactionsPart,
-  rlimitsPart,
   threadsPart,
   credsPart,
 ] as Part[];
