@@ -169,7 +169,8 @@ export function openFds(pid: number): number[] {
 
 /** Our children, each with its state, for comparing before/after a restore. */
 export function childrenWithState(): string[] {
-  return ownChildren().map((p) => `${p}:${procState(p)}`);
+  // Only whether a child is a zombie: R and S alternate in any running child.
+  return ownChildren().map((p) => `${p}:${procState(p) === "Z" ? "zombie" : "alive"}`);
 }
 
 /** PID and its descendants whose name (/proc/PID/comm) is `name`; those gone meanwhile left out. */
