@@ -6,7 +6,7 @@
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
-import { fetchFd } from "./fetch.ts";
+import { fetchFd, parkFd } from "./fetch.ts";
 import { pipeFd } from "./pipe.ts";
 import { sameOpenFile } from "../../ffi/libc.ts";
 import { pidNumber } from "../images/codec.ts";
@@ -60,14 +60,9 @@ function parkInherited(ctx: RestoreContext, entries: FdEntryImage[]): number[] {
   for (const fd of listProcNumbers(ctx.pid, "fd")) {
     if (!ctx.inherited.has(fd)) inj.call(`close inherited fd ${fd}`, NR.close, fd);
   }
-  const floor = Math.max(3, ...entries.map((e) => e.fd + 1));
-  ctx.parkFloor = floor;
+  ctx.parkFloor = Math.max(3, ...entries.map((e) => e.fd + 1));
   const parked = new Map<number, string>();
-  for (const [fd, what] of ctx.inherited) {
-    const high = Number(inj.call("fcntl(F_DUPFD_CLOEXEC)", NR.fcntl, fd, 1030, floor));
-    inj.call("close", NR.close, fd);
-    parked.set(high, what);
-  }
+  for (const [fd, what] of ctx.inherited) parked.set(parkFd(ctx, fd), what);
   ctx.inherited.clear();
   for (const [fd, what] of parked) ctx.inherited.set(fd, what);
   return [...parked.keys()];

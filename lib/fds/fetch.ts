@@ -1,4 +1,4 @@
-/** Taking a descriptor from another process of the tree being restored. */
+/** Taking a descriptor from another process of the tree being restored, or parking one. */
 import { NR } from "../../ffi/inject.ts";
 import type { FdPlace, RestoreContext } from "../context.ts";
 
@@ -14,4 +14,17 @@ export function fetchFd(ctx: RestoreContext, from: FdPlace): number {
   } finally {
     inj.call("close", NR.close, pidfd);
   }
+}
+
+/**
+ * Moves descriptor `fd` of this process above every number of its images
+ * (ctx.parkFloor), where no descriptor being restored can land on it.
+ */
+export function parkFd(ctx: RestoreContext, fd: number): number {
+  const F_DUPFD_CLOEXEC = 1030;
+  const high = Number(
+    ctx.injector.call("fcntl(F_DUPFD_CLOEXEC)", NR.fcntl, fd, F_DUPFD_CLOEXEC, ctx.parkFloor),
+  );
+  ctx.injector.call("close", NR.close, fd);
+  return high;
 }

@@ -12,7 +12,7 @@ import { peekPipe } from "../../ffi/pipe.ts";
 import type { RestoreContext, TreeDumpState } from "../context.ts";
 import { bytes } from "../images/codec.ts";
 import { getBytes, putBytes } from "../scratch.ts";
-import { fetchFd } from "./fetch.ts";
+import { fetchFd, parkFd } from "./fetch.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 
 const O_ACCMODE = 3, O_NONBLOCK = 0o4000, O_DIRECT = 0o40000;
@@ -23,6 +23,10 @@ type End = "read" | "write";
 
 function endOf(flags: number): End {
   return (flags & O_ACCMODE) === 0 ? "read" : "write";
+}
+
+function otherEnd(end: End): End {
+  return end === "read" ? "write" : "read";
 }
 
 /**
@@ -36,7 +40,7 @@ function notePipeEnd(tree: TreeDumpState, ino: number, end: End): boolean {
   tree.seen.add(key);
   tree.pending.delete(`${key}:${end}`);
   if (first) {
-    const other: End = end === "read" ? "write" : "read";
+    const other = otherEnd(end);
     tree.pending.set(
       `${key}:${other}`,
       `pipe:[${ino}]: its ${other} end is held outside the dumped tree; not supported yet`,
@@ -73,16 +77,12 @@ function createPipe(ctx: RestoreContext, e: PipeImage): number {
       if (Number(n) !== part.length) throw new Error(`pipe refill: ${n} of ${part.length} bytes`);
     }
   }
-  const [mine, other] = endOf(e.flags) === "read" ? [r, w] : [w, r];
-  // The other end waits, above every number of the images, for whoever needs it.
-  const parked = Number(inj.call("fcntl(F_DUPFD_CLOEXEC)", NR.fcntl, other, 1030, ctx.parkFloor));
-  inj.call("close", NR.close, other);
-  const place = { pid: ctx.pid, fd: parked };
+  const end = endOf(e.flags);
+  const [mine, other] = end === "read" ? [r, w] : [w, r];
+  // The other end waits, out of the images' way, for whoever needs it.
+  const place = { pid: ctx.pid, fd: parkFd(ctx, other) };
   ctx.tree.parked.push(place);
-  ctx.tree.pipes.set(e.ino, {
-    [endOf(e.flags)]: { pid: ctx.pid, fd: e.fd },
-    [endOf(e.flags) === "read" ? "write" : "read"]: place,
-  });
+  ctx.tree.pipes.set(e.ino, { [end]: { pid: ctx.pid, fd: e.fd }, [otherEnd(end)]: place });
   return mine;
 }
 
