@@ -4,41 +4,31 @@
  */
 import { check, libc, SysError } from "./libc.ts";
 
-const O_WRONLY = 0o1, O_CREAT = 0o100, O_TRUNC = 0o1000, O_CLOEXEC = 0o2000000;
+const O_RDONLY = 0, O_WRONLY = 0o1, O_CREAT = 0o100, O_TRUNC = 0o1000, O_CLOEXEC = 0o2000000;
+
+type PositionedCall = ReturnType<typeof libc>["pread64_async"];
 
 export class RawFile {
   private constructor(readonly fd: number, readonly path: string) {}
 
+  private static open(path: string, flags: number, mode: number): RawFile {
+    const name = new TextEncoder().encode(path + "\0");
+    return new RawFile(check(`open ${path}`, libc().open(name, flags | O_CLOEXEC, mode)), path);
+  }
+
   /** Creates (or truncates) `path` for writing with `mode`. */
   static create(path: string, mode = 0o600): RawFile {
-    const name = new TextEncoder().encode(path + "\0");
-    const fd = check(
-      `open ${path}`,
-      libc().open(name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode),
-    );
-    return new RawFile(fd, path);
+    return RawFile.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
   }
 
   /** Opens `path` for reading. */
   static openRead(path: string): RawFile {
-    const name = new TextEncoder().encode(path + "\0");
-    return new RawFile(check(`open ${path}`, libc().open(name, O_CLOEXEC, 0)), path);
+    return RawFile.open(path, O_RDONLY, 0);
   }
 
   /** Fills `data` from `offset`; throws if the file ends first. */
   async preadAll(data: Uint8Array, offset: number): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const n = await libc().pread64_async(
-        this.fd,
-        data.subarray(done),
-        BigInt(data.length - done),
-        BigInt(offset + done),
-      );
-      if (n < 0n) throw new SysError(`read ${this.path}`, 5);
-      if (n === 0n) throw new Error(`${this.path}: ends at ${offset + done}, before the data`);
-      done += Number(n);
-    }
+    await this.positioned(libc().pread64_async, "read", data, offset);
   }
 
   /** Sets the file's size. */
@@ -48,16 +38,26 @@ export class RawFile {
 
   /** Writes all of `data` at `offset`. */
   async pwriteAll(data: Uint8Array, offset: number): Promise<void> {
+    await this.positioned(libc().pwrite64_async, "write", data, offset);
+  }
+
+  /** pread/pwrite until all of `data` moved; errno of a pool thread is lost, so EIO is said. */
+  private async positioned(
+    call: PositionedCall,
+    what: "read" | "write",
+    data: Uint8Array,
+    offset: number,
+  ): Promise<void> {
     let done = 0;
     while (done < data.length) {
-      const n = await libc().pwrite64_async(
+      const n = await call(
         this.fd,
         data.subarray(done),
         BigInt(data.length - done),
         BigInt(offset + done),
       );
-      // errno of a pool thread is lost; ENOSPC/EIO are the likely causes.
-      if (n <= 0n) throw new SysError(`write ${this.path}`, 5);
+      if (n < 0n) throw new SysError(`${what} ${this.path}`, 5);
+      if (n === 0n) throw new Error(`${what} ${this.path}: stopped at ${offset + done}`);
       done += Number(n);
     }
   }
