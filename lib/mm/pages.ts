@@ -40,7 +40,7 @@ const PM_PRESENT = 0x80000000;
 const PM_SWAP = 0x40000000;
 const PM_FILE = 0x20000000;
 const PAGE_SIZE = Number(PAGE);
-/** Bytes read per process_vm_readv batch; two such buffers are in flight. */
+/** Bytes per transfer (one process_vm_readv/writev and one file I/O); WORKERS are in flight. */
 const CHUNK_BYTES = 4 * 1024 * 1024;
 
 const Run = z.object({ addr: u64, pages: z.number().int().min(1) });
@@ -177,8 +177,12 @@ async function transfer(
   if (failed) throw (failed as PromiseRejectedResult).reason;
 }
 
+function mappingAt(mappings: MappingImage[], addr: bigint): MappingImage | undefined {
+  return mappings.find((x) => x.start <= addr && addr < x.end);
+}
+
 function labelFor(mappings: MappingImage[], addr: bigint): string {
-  const m = mappings.find((x) => x.start <= addr && addr < x.end);
+  const m = mappingAt(mappings, addr);
   return m ? mappingLabel(m) : `address ${addr.toString(16)}`;
 }
 
@@ -290,7 +294,7 @@ async function fillPages(
 ): Promise<void> {
   const placed = place(runs);
   const viaMem = (r: Placed) => {
-    const m = mappings.find((x) => x.start <= r.addr && r.addr < x.end);
+    const m = mappingAt(mappings, r.addr);
     return !!m && fillsThroughMem(m);
   };
   const file = RawFile.openRead(pagesPath);
