@@ -107,7 +107,7 @@ async function dumpProcess(
 ): Promise<string | undefined> {
   let unrestorable: string | undefined;
   const leader = proc.threads[0];
-  const injector = Injector.forThread(leader, proc.pid);
+  const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
   const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {}, tree };
   for (const part of PARTS) {

@@ -40,7 +40,8 @@ const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
 const SIGKILL = 9;
 const SIGSTOP = 19;
-const TRACE_OPTIONS = pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE | pt.PTRACE_O.EXITKILL;
+const TRACE_OPTIONS = pt.PTRACE_O.TRACESYSGOOD | pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE |
+  pt.PTRACE_O.EXITKILL;
 
 function isZombie(pid: number): boolean {
   try {
