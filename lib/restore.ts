@@ -16,7 +16,8 @@ import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
-import { findFreeRange, type MappingImage, vdsoDigest } from "./mm/mappings.ts";
+import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
+import { judgeImages } from "./verdict.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
@@ -79,31 +80,9 @@ function pidHolderNow(pid: number): string | undefined {
 
 /** Everything that can be checked before a single process is created. */
 async function precheck(images: Images, options: RestoreOptions, dir: ImageDir): Promise<void> {
-  const inv = images.inventory;
-  const vdso = await vdsoDigest(Deno.pid);
-  if (inv.vdsoSha256 && vdso !== inv.vdsoSha256) {
-    throw new AmberError(
-      `this kernel's [vdso] differs from the image's (dumped on ${inv.kernel}); not supported yet`,
-    );
-  }
-  if (images.unrestorable.length) throw new AmberError(images.unrestorable[0]);
-  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  const reasons = await judgeImages(images, dir, options);
+  if (reasons.length) throw new AmberError(reasons[0]);
   // What can never be restored is reported before what a retry could fix.
-  for (const p of images.processes) {
-    const e = p.entry;
-    if (!pids.has(e.sid) && !options.shellJob) {
-      throw new AmberError(
-        `pid ${e.pid}: its session ${e.sid} is not in the images; restore with --shell-job`,
-      );
-    }
-    if (e.state === "zombie") continue;
-    for (const part of PARTS) {
-      withContext(
-        `pid ${e.pid}: ${part.name}`,
-        () => part.precheck?.(p.parts[part.name], { pid: e.pid, dir, options, images: p.parts }),
-      );
-    }
-  }
   for (const p of images.processes) {
     for (const tid of p.entry.threads) {
       const holder = await pidHolder(tid);

@@ -405,6 +405,14 @@ for (const kind of ["socket"]) {
 
       assertExit(await amber(dumpArgs(pid, img, "-R")), 0, "dump -R");
       await assertRunningFree(pid, "after dump -R");
+      // show gives restore's own verdict, in JSON and in text.
+      const doc = await showJson(img);
+      assert.equal(doc.restorable, false, "show --json: restorable");
+      assert.equal(doc.unrestorable.length, 1, `show --json: ${doc.unrestorable}`);
+      assert.match(doc.unrestorable[0], new RegExp(`fd ${fd}\\b.*${kind}`), "show --json: why");
+      assert.deepEqual(doc.inventory.verdict, doc.unrestorable, "the verdict dump -R recorded");
+      const text = await amber(["show", img]);
+      assert.match(text.stdout, /^restorable: no$/m, `show: ${text.stdout}`);
       const m = (await readLines(out)).length;
       await waitForLines(out, m + 5);
 
