@@ -7,7 +7,7 @@
  *   amber check
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
+import { check, dump, formatCheck, InterruptedError, restore, show, UsageError } from "./mod.ts";
 
 const USAGE = `usage:
   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
@@ -119,6 +119,9 @@ if (import.meta.main) {
     if (e instanceof UsageError) {
       console.error(`amber: ${e.message}\n${USAGE}`);
       code = 2;
+    } else if (e instanceof InterruptedError) {
+      console.error(`amber: ${e.message}; what was started was undone`);
+      code = e.exitCode;
     } else {
       console.error(`amber: ${e instanceof Error ? e.message : e}`);
       if (Deno.env.get("AMBER_DEBUG")) console.error(e);

@@ -12,6 +12,7 @@ import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { readImages } from "./images/read.ts";
+import { SignalGuard } from "./interrupt.ts";
 import { dumpVerdictOptions, judgeImages, partRefusal } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
@@ -33,6 +34,8 @@ import {
 export interface DumpRequest extends Partial<DumpOptions> {
   pid: number;
   dir: string;
+  /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
+  signal?: AbortSignal;
 }
 
 export interface DumpStats {
@@ -107,6 +110,7 @@ async function dumpProcess(
   proc: FrozenProcess,
   options: DumpOptions,
   tree: TreeDumpState,
+  guard: SignalGuard,
 ): Promise<string | undefined> {
   let refusal: string | undefined;
   const leader = proc.threads[0];
@@ -120,6 +124,7 @@ async function dumpProcess(
     images: ctx.done,
   };
   for (const part of PARTS) {
+    await guard.checkpoint();
     const t0 = performance.now();
     await withContextAsync(part.name, async () => {
       const body = await dumpPart(ctx, () => part.dump(ctx));
@@ -161,6 +166,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     verbose: req.verbose ?? false,
   };
   validateTargetPid(req.pid);
+  using guard = new SignalGuard(req.signal);
   const dir = new ImageDir(req.dir).openForWrite();
   const state: TreeDumpState = {
     openFiles: new Map(),
@@ -175,6 +181,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     for (const pid of listTree(req.pid)) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
+      await guard.checkpoint();
     }
     tree = seizeTree(req.pid);
   } catch (e) {
@@ -191,12 +198,13 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   };
   try {
     faultPoint("after-freeze");
+    await guard.checkpoint();
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const why = await withContextAsync(
         `pid ${proc.pid}`,
-        () => dumpProcess(dir, proc, options, state),
+        () => dumpProcess(dir, proc, options, state, guard),
       );
       if (why && !options.leaveRunning) throw refuseToEnd(why);
     }
@@ -218,6 +226,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
       shellJob: options.shellJob,
     };
     faultPoint("before-commit");
+    await guard.checkpoint();
     // Everything is in the page cache: a tree that keeps running need not
     // wait for the disk.
     if (options.leaveRunning) resume();
@@ -230,6 +239,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
       dumpVerdictOptions(options.shellJob),
     );
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
+    await guard.checkpoint();
     // The inventory, rewritten with the verdict and made durable only once
     // all else is, marks the images complete.
     dir.write(inventoryImage, { ...inventory, verdict: reasons });

@@ -18,6 +18,7 @@ import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
+import { SignalGuard } from "./interrupt.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
@@ -27,6 +28,8 @@ import { putBytes, putString, u64Bytes } from "./scratch.ts";
 export interface RestoreRequest extends Partial<RestoreOptions> {
   dir: string;
   pidfile?: string;
+  /** Aborting it stops the restore as SIGINT does: what was created is killed. */
+  signal?: AbortSignal;
 }
 
 export interface RestoreResult {
@@ -319,9 +322,11 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const log = (m: string) => {
     if (options.verbose) console.error(m);
   };
+  using guard = new SignalGuard(req.signal);
   const images = readImages(req.dir);
   const dir = new ImageDir(req.dir);
   await precheck(images, options, dir);
+  await guard.checkpoint();
   log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
@@ -330,6 +335,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
+      await guard.checkpoint();
       if (blank.images.entry.state === "zombie") continue;
       const pid = blank.images.entry.pid;
       await withContextAsync(
@@ -339,6 +345,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
       for (const t of imgs) threads.push([t.tid, t]);
     }
+    await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     for (const [tid, img] of threads) applyThreadState(tid, img);
     if (req.pidfile) {
@@ -366,6 +373,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const pids = [...created.keys()];
   const restoreMs = performance.now() - t0;
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
+  // The tree runs on its own now: signals to amber are amber's again.
+  guard[Symbol.dispose]();
   if (options.detached) return { pids, restoreMs };
   const st = await pt.waitpidAsync(pids[0], 0);
   return { pids, restoreMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
