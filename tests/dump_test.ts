@@ -6,7 +6,6 @@ import assert from "node:assert/strict";
 import {
   amber,
   assertConsecutive,
-  assertCounterFile,
   assertCounterGoesOn,
   assertCounterHealthy,
   assertExit,
@@ -35,7 +34,6 @@ import {
   startThreads,
   tempDir,
   unusedPid,
-  waitForLine,
   waitForLines,
   waitGone,
   withTree,
