@@ -13,6 +13,7 @@ import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { readImages } from "./images/read.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { detailLog, type LogLine } from "./log.ts";
 import { dumpVerdictOptions, judgeImages, partRefusal } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
@@ -36,6 +37,8 @@ export interface DumpRequest extends Partial<DumpOptions> {
   dir: string;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
   signal?: AbortSignal;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
 }
 
 export interface DumpStats {
@@ -111,6 +114,7 @@ async function dumpProcess(
   options: DumpOptions,
   tree: TreeDumpState,
   guard: SignalGuard,
+  log: LogLine,
 ): Promise<string | undefined> {
   let refusal: string | undefined;
   const leader = proc.threads[0];
@@ -135,9 +139,7 @@ async function dumpProcess(
       dir.write(image, body, proc.pid);
     });
     refusal ??= partRefusal(part, ctx.done[part.name], check);
-    if (options.verbose) {
-      console.error(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
-    }
+    log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   return refusal;
 }
@@ -165,6 +167,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
   };
+  const log = detailLog(req);
   validateTargetPid(req.pid);
   using guard = new SignalGuard(req.signal);
   const dir = new ImageDir(req.dir).openForWrite();
@@ -204,7 +207,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const why = await withContextAsync(
         `pid ${proc.pid}`,
-        () => dumpProcess(dir, proc, options, state, guard),
+        () => dumpProcess(dir, proc, options, state, guard, log),
       );
       if (why && !options.leaveRunning) throw refuseToEnd(why);
     }

@@ -19,6 +19,7 @@ import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { detailLog, type LogLine } from "./log.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
@@ -30,6 +31,8 @@ export interface RestoreRequest extends Partial<RestoreOptions> {
   pidfile?: string;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */
   signal?: AbortSignal;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
 }
 
 export interface RestoreResult {
@@ -319,9 +322,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
   };
-  const log = (m: string) => {
-    if (options.verbose) console.error(m);
-  };
+  const log = detailLog(req);
   using guard = new SignalGuard(req.signal);
   const images = readImages(req.dir);
   const dir = new ImageDir(req.dir);
