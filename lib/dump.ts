@@ -177,6 +177,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     pending: new Map(),
     seen: new Set(),
     preparedPages: new Map(),
+    kinds: new Map(),
   };
   let tree: FrozenTree;
   try {

@@ -332,7 +332,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
-  const tree: TreeRestoreState = { pipes: new Map(), parked: [] };
+  const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map() };
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {

@@ -15,10 +15,11 @@ import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/r
 import { fileFd } from "./file.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
+import { unixFd } from "./unix.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** In match order; the last one takes anything. */
-export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unsupportedFd];
+export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unixFd, unsupportedFd];
 
 const FdEntry = z.discriminatedUnion(
   "kind",
