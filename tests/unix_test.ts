@@ -95,10 +95,13 @@ Deno.test("socketpairs between parent and child: queued data, boundaries, shutdo
   }
 });
 
-/** Listens on argv[2] (mode 0640) and on an abstract name; answers each client with a count. */
+/**
+ * Listens on argv[2] (mode 0640) and on an abstract name, waiting with the
+ * selector argv[4]; answers each client with a count.
+ */
 const SERVER_PY = `import os, selectors, socket, sys
-out, path, abstract = sys.argv[1], sys.argv[2], sys.argv[3]
-sel = selectors.SelectSelector()  # not epoll: not supported yet
+out, path, abstract, kind = sys.argv[1:5]
+sel = getattr(selectors, kind)()
 for name in (path, "\\0" + abstract):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(name)
@@ -137,31 +140,33 @@ print(s.recv(64).decode().strip())`;
   return new TextDecoder().decode(r.stdout).trim();
 }
 
-Deno.test("listening unix sockets (path and abstract) accept clients after restore", async () => {
-  await using tmp = await tempDir();
-  const out = `${tmp.path}/server.txt`, path = `${tmp.path}/server.sock`;
-  const abstract = `amber-test-${crypto.randomUUID()}`;
-  const target = await startWriter(
-    ["setsid", "python3", "-c", SERVER_PY, out, path, abstract],
-    out,
-    1,
-  );
-  const { pid } = target;
-  try {
-    assert.equal(await ask(path), "hello 0");
-    assert.equal(await askAbstract(abstract), "hello 1");
-    const mode = Deno.statSync(path).mode! & 0o7777;
-    const img = `${tmp.path}/img`;
-    await dumpKill(pid, [pid], img, "server");
-    await target.child.status;
-    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
-    assert.equal(await ask(path), "hello 2", "a client on the path after restore");
-    assert.equal(await askAbstract(abstract), "hello 3", "a client on the abstract name");
-    assert.equal(Deno.statSync(path).mode! & 0o7777, mode, "socket file mode");
-  } finally {
-    await killAndReap(pid);
-  }
-});
+for (const selector of ["SelectSelector", "EpollSelector"]) {
+  Deno.test(`listening unix sockets (path and abstract), ${selector}: clients served after restore`, async () => {
+    await using tmp = await tempDir();
+    const out = `${tmp.path}/server.txt`, path = `${tmp.path}/server.sock`;
+    const abstract = `amber-test-${crypto.randomUUID()}`;
+    const target = await startWriter(
+      ["setsid", "python3", "-c", SERVER_PY, out, path, abstract, selector],
+      out,
+      1,
+    );
+    const { pid } = target;
+    try {
+      assert.equal(await ask(path), "hello 0");
+      assert.equal(await askAbstract(abstract), "hello 1");
+      const mode = Deno.statSync(path).mode! & 0o7777;
+      const img = `${tmp.path}/img`;
+      await dumpKill(pid, [pid], img, "server");
+      await target.child.status;
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+      assert.equal(await ask(path), "hello 2", "a client on the path after restore");
+      assert.equal(await askAbstract(abstract), "hello 3", "a client on the abstract name");
+      assert.equal(Deno.statSync(path).mode! & 0o7777, mode, "socket file mode");
+    } finally {
+      await killAndReap(pid);
+    }
+  });
+}
 
 /** Connects to argv[2] and counts into argv[1]. */
 const CLIENT_PY = `import socket, sys, time
