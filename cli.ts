@@ -8,6 +8,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
+import { escapeText } from "./lib/errors.ts";
 
 const USAGE = `usage:
   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
@@ -117,10 +118,11 @@ if (import.meta.main) {
     code = await main(Deno.args);
   } catch (e) {
     if (e instanceof UsageError) {
-      console.error(`amber: ${e.message}\n${USAGE}`);
+      console.error(`amber: ${escapeText(e.message)}\n${USAGE}`);
       code = 2;
     } else {
-      console.error(`amber: ${e instanceof Error ? e.message : e}`);
+      // Messages quote image contents: never let them drive the terminal.
+      console.error(`amber: ${escapeText(e instanceof Error ? e.message : String(e))}`);
       if (Deno.env.get("AMBER_DEBUG")) console.error(e);
       code = 1;
     }

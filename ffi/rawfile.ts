@@ -2,7 +2,7 @@
  * A file read or written with positioned I/O on pool threads, so several
  * transfers (and memory copies) can be in flight at once. Bulk page data only.
  */
-import { check, libc, SysError } from "./libc.ts";
+import { check, lastErrno, libc, SysError } from "./libc.ts";
 
 const O_RDONLY = 0, O_WRONLY = 0o1, O_CREAT = 0o100, O_TRUNC = 0o1000, O_CLOEXEC = 0o2000000;
 
@@ -19,6 +19,11 @@ export class RawFile {
   /** Creates (or truncates) `path` for writing with `mode`. */
   static create(path: string, mode = 0o600): RawFile {
     return RawFile.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
+  }
+
+  /** Takes over an already open descriptor (e.g. one opened with openat). */
+  static fromFd(fd: number, path: string): RawFile {
+    return new RawFile(fd, path);
   }
 
   /** Opens `path` for reading. */
@@ -41,7 +46,10 @@ export class RawFile {
     await this.positioned(libc().pwrite64_async, "write", data, offset);
   }
 
-  /** pread/pwrite until all of `data` moved; errno of a pool thread is lost, so EIO is said. */
+  /**
+   * pread/pwrite until all of `data` moved. errno of a pool thread is lost,
+   * so a failed call is repeated on this thread to learn why (ENOSPC, ...).
+   */
   private async positioned(
     call: PositionedCall,
     what: "read" | "write",
@@ -56,7 +64,15 @@ export class RawFile {
         BigInt(data.length - done),
         BigInt(offset + done),
       );
-      if (n < 0n) throw new SysError(`${what} ${this.path}`, 5);
+      if (n < 0n) {
+        const sync = what === "read" ? libc().pread64 : libc().pwrite64;
+        const rest = data.subarray(done);
+        const again = sync(this.fd, rest, BigInt(rest.length), BigInt(offset + done));
+        if (again < 0n) throw new SysError(`${what} ${this.path}`, lastErrno());
+        if (again === 0n) throw new Error(`${what} ${this.path}: stopped at ${offset + done}`);
+        done += Number(again);
+        continue;
+      }
       if (n === 0n) throw new Error(`${what} ${this.path}: stopped at ${offset + done}`);
       done += Number(n);
     }

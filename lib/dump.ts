@@ -218,6 +218,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     dir.syncAll();
+    // The complete image is in dir.stagingPath; publishing it replaces an earlier one.
+    dir.commit();
   } catch (e) {
     if (!running) withContext("resuming the tree after a failed dump", () => tree.release());
     for (const p of state.preparedPages.values()) p.file.close();

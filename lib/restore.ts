@@ -12,6 +12,7 @@ import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { libc } from "../ffi/libc.ts";
+import { replaceFile } from "../ffi/dirfd.ts";
 import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "./context.ts";
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
@@ -365,7 +366,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       const pidfile = req.pidfile;
       withContext(
         `pidfile ${pidfile}`,
-        () => Deno.writeTextFileSync(pidfile, `${images.processes[0].entry.pid}\n`),
+        () => replaceFile(pidfile, new TextEncoder().encode(`${images.processes[0].entry.pid}\n`)),
       );
     }
     for (const blank of created.values()) {

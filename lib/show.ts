@@ -3,6 +3,7 @@
  * them as one JSON document (64-bit values as "0x..." strings, byte blobs
  * as short hex strings or their length; page contents are never read).
  */
+import { escapeText } from "./errors.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import type { MappingImage } from "./mm/mappings.ts";
 import type { MmImage } from "./mm/mm.ts";
@@ -10,6 +11,8 @@ import type { PageRun } from "./mm/pages.ts";
 import type { ThreadImage } from "./task/threads.ts";
 
 const PAGE_SIZE = 4096;
+/** Longest string from an image shown whole. */
+const SHOW_TEXT_MAX = 300;
 /** Byte blobs up to this size are shown as hex, larger ones by length only. */
 const HEX_BLOB_MAX = 256;
 
@@ -274,6 +277,16 @@ function imagesText(images: Images): string {
   return lines.join("\n");
 }
 
+/** A copy of `v` with every string escaped for a terminal (JSON escapes on its own). */
+function escapeStrings<T>(v: T): T {
+  if (typeof v === "string") return escapeText(v, SHOW_TEXT_MAX) as T;
+  if (Array.isArray(v)) return v.map(escapeStrings) as T;
+  if (v && typeof v === "object" && Object.getPrototypeOf(v) === Object.prototype) {
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, escapeStrings(x)])) as T;
+  }
+  return v;
+}
+
 /**
  * The images of `dir`, validated, as text or (with `json`) one JSON
  * document. Invalid images throw the AmberError of readImages.
@@ -281,7 +294,7 @@ function imagesText(images: Images): string {
 export function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
   try {
     const images = readImages(dir);
-    return Promise.resolve(opts.json ? imagesJson(images) : imagesText(images));
+    return Promise.resolve(opts.json ? imagesJson(images) : imagesText(escapeStrings(images)));
   } catch (e) {
     return Promise.reject(e);
   }

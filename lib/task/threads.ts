@@ -10,7 +10,7 @@ import * as pt from "../../ffi/ptrace.ts";
 import { Regs, USER_REGS_SIZE } from "../../ffi/regs.ts";
 import { definePart, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { bytes, pidNumber, u64 } from "../images/codec.ts";
+import { bytes, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { putBytes, putString, u64Bytes } from "../scratch.ts";
 
@@ -101,10 +101,18 @@ function createThread(ctx: RestoreContext, tid: number): Injector {
   return new Injector(tid, ctx.injector.syscallAddr).begin();
 }
 
+/** Why a threads image disagrees with its process's pstree thread list, if it does. */
+export function checkThreadList(pstree: number[], image: unknown): string | undefined {
+  const tids = (image as { threads: ThreadImage[] }).threads.map((t) => t.tid);
+  if (tids.length !== pstree.length || tids.some((t, i) => t !== pstree[i])) {
+    return `threads ${tids.slice(0, 8).join(",")} are not pstree's ${pstree.slice(0, 8).join(",")}`;
+  }
+}
+
 export const threadsPart = definePart({
   name: "threads",
   version: 1,
-  schema: z.object({ threads: z.array(Thread).min(1) }),
+  schema: z.object({ threads: z.array(Thread).min(1).max(PID_MAX) }),
   dump: ({ pid, proc }) => ({ threads: proc.threads.map((tid) => dumpThread(pid, tid)) }),
   precheck({ threads }, { pid }) {
     if (threads[0].tid !== pid) {
