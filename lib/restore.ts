@@ -78,7 +78,11 @@ function pidHolderNow(pid: number): string | undefined {
 }
 
 /** Everything that can be checked before a single process is created. */
-async function precheck(images: Images, options: RestoreOptions, dir: ImageDir): Promise<void> {
+export async function precheck(
+  images: Images,
+  options: RestoreOptions,
+  dir: ImageDir,
+): Promise<void> {
   const inv = images.inventory;
   const vdso = await vdsoDigest(Deno.pid);
   if (inv.vdsoSha256 && vdso !== inv.vdsoSha256) {
