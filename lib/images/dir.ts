@@ -262,8 +262,9 @@ export class ImageDir {
 
   /** Whether file `name` exists (as anything) in the directory. */
   has(name: string): boolean {
+    const dir = this.readFd();
     try {
-      Deno.lstatSync(`/proc/self/fd/${this.readFd().fd}/${name}`);
+      Deno.lstatSync(`/proc/self/fd/${dir.fd}/${name}`);
       return true;
     } catch {
       return false;
