@@ -83,7 +83,10 @@ export class Fd {
     let done = 0;
     while (done < size) {
       const n = Number(
-        check("read", libc().pread64(this.fd, out.subarray(done), BigInt(size - done), BigInt(done))),
+        check(
+          "read",
+          libc().pread64(this.fd, out.subarray(done), BigInt(size - done), BigInt(done)),
+        ),
       );
       if (n === 0) throw new Error(`read: file ended at ${done} of ${size} bytes`);
       done += n;

@@ -39,6 +39,9 @@ import {
 } from "./_util.ts";
 
 const NOBODY = 65534;
+/** Control characters other than tab and newline, as a terminal would act on them. */
+// deno-lint-ignore no-control-regex
+const RAW_CONTROL = /[\x00-\x08\x0b-\x1f\x7f]/;
 const cbor = new Encoder({ useRecords: false, mapsAsObjects: true });
 // deno-lint-ignore no-explicit-any
 type Body = any;
@@ -108,7 +111,9 @@ const REFUSALS: Refusal[] = [
     name: "images directory owned by another user, creds edited to uid 0",
     damage: async (dir, pid) => {
       await editImage(`${dir}/creds-${pid}.cbor`, (b) => {
-        for (const k of Object.keys(b)) if (Array.isArray(b[k]) && b[k].length === 4) b[k] = [0, 0, 0, 0];
+        for (const k of Object.keys(b)) {
+          if (Array.isArray(b[k]) && b[k].length === 4) b[k] = [0, 0, 0, 0];
+        }
       });
       for (const name of listDir(dir)) await Deno.chown(`${dir}/${name}`, NOBODY, NOBODY);
       await Deno.chown(dir, NOBODY, NOBODY);
@@ -231,7 +236,9 @@ const REFUSALS: Refusal[] = [
 
 async function run(cmd: string, ...args: string[]): Promise<void> {
   const r = await new Deno.Command(cmd, { args, stdout: "null", stderr: "piped" }).output();
-  if (!r.success) throw new Error(`${cmd} ${args.join(" ")}: ${new TextDecoder().decode(r.stderr)}`);
+  if (!r.success) {
+    throw new Error(`${cmd} ${args.join(" ")}: ${new TextDecoder().decode(r.stderr)}`);
+  }
 }
 
 function mkfifo(path: string): Promise<void> {
@@ -312,16 +319,18 @@ Deno.test("strings from images are printed escaped, long ones cut", async () => 
   const before = childrenWithState();
   const r = await amber(["restore", "-D", img, "-d"], {}, 60_000);
   const msg = assertOneLineError(r, 1, "restore of an fd path with escapes");
-  assert.ok(!/[\x00-\x08\x0b-\x1f\x7f]/.test(r.stderr), `raw control characters: ${JSON.stringify(msg)}`);
+  assert.ok(
+    !RAW_CONTROL.test(r.stderr),
+    `raw control characters: ${JSON.stringify(msg)}`,
+  );
   assert.ok(msg.includes("/nonexistent/\\x1b[2J\\x1b]0;owned\\x07"), msg);
-  assert.ok(msg.includes(`(${evil.length + long.length + 1}`) || msg.includes("characters)"), msg);
+  assert.match(msg, /\.\.\.\(\d{7} characters\)\.\.\./, "the long path is not cut");
   assert.ok(msg.length < 4096, `message of ${msg.length} characters`);
   assertLeftNothing(before, "restore with escapes");
 
   const s = await amber(["show", img], {}, 60_000);
   assertExit(s, 0, "show");
-  // deno-lint-ignore no-control-regex
-  assert.ok(!/[\x00-\x08\x0b-\x1f\x7f]/.test(s.stdout), "show printed raw control characters");
+  assert.ok(!RAW_CONTROL.test(s.stdout), "show printed raw control characters");
   assert.ok(s.stdout.includes("[heap]\\x1b[2J\\x0d\\x0a"), "show does not print the escaped path");
   assert.ok(s.stdout.length < 64 * 1024, `show printed ${s.stdout.length} characters`);
 });
@@ -350,7 +359,14 @@ Deno.test("dump refuses a directory of another user, and writes through none of 
     await Deno.writeTextFile(victim, "victim\n", { mode: 0o600 });
     const dir = `${tmp}/theirs`;
     await Deno.mkdir(dir, { mode: 0o755 });
-    for (const n of ["inventory.cbor.tmp", `pages-${c.pid}.img.tmp`, `creds-${c.pid}.cbor.tmp`, "inventory.cbor"]) {
+    for (
+      const n of [
+        "inventory.cbor.tmp",
+        `pages-${c.pid}.img.tmp`,
+        `creds-${c.pid}.cbor.tmp`,
+        "inventory.cbor",
+      ]
+    ) {
       await Deno.symlink(victim, `${dir}/${n}`);
     }
     await Deno.chown(dir, NOBODY, NOBODY);
@@ -439,7 +455,10 @@ Deno.test("a second dump into a directory being dumped into fails at once", () =
       assert.match(new TextDecoder().decode(value), /locked/);
       const r = await amber(dumpArgs(c.pid, dir, "-R"));
       const msg = assertOneLineError(r, 1, "dump into a locked directory");
-      assert.ok(msg.includes(`images directory ${dir}: another amber dump is writing into it`), msg);
+      assert.ok(
+        msg.includes(`images directory ${dir}: another amber dump is writing into it`),
+        msg,
+      );
       assert.deepEqual(contents(dir), first, "the earlier image changed");
     } finally {
       holder.kill("SIGKILL");

@@ -28,9 +28,10 @@ const Thread = z.object({
   sigmask: u64,
   rseq: z.object({
     address: u64,
-    length: z.number().int().min(0),
-    flags: z.number().int().min(0),
-    signature: z.number().int().min(0),
+    // u32 arguments of rseq(2).
+    length: z.number().int().min(0).max(0xffffffff),
+    flags: z.number().int().min(0).max(0xffffffff),
+    signature: z.number().int().min(0).max(0xffffffff),
   }),
 });
 export type ThreadImage = z.output<typeof Thread>;
