@@ -112,6 +112,16 @@ export class ImageDir {
 
   /** Prepares writing: the directory checked or created, locked, and a staging directory. */
   openForWrite(): this {
+    try {
+      this.prepareWrite();
+    } catch (e) {
+      this.discard();
+      throw e;
+    }
+    return this;
+  }
+
+  private prepareWrite(): void {
     withContext(`images directory ${this.path}`, () => {
       try {
         Deno.mkdirSync(this.path, { mode: 0o700 });
@@ -133,7 +143,6 @@ export class ImageDir {
       mkdirAt(dir, this.stagingName, 0o700);
       this.stage = dir.openAt(this.stagingName, O_RDONLY | O_DIRECTORY);
     });
-    return this;
   }
 
   private stagingFd(): Fd {
@@ -219,8 +228,10 @@ export class ImageDir {
     this.close();
   }
 
+  /** Closes and removes the staging directory, if this run made one. */
   private closeStage(): void {
-    this.stage?.close();
+    if (!this.stage) return;
+    this.stage.close();
     this.stage = undefined;
     if (this.dirFd) removeDirAt(this.dirFd, this.stagingName);
   }
