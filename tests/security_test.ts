@@ -416,7 +416,7 @@ Deno.test("dump refuses a world-writable or symlinked directory and leaves its m
 /** File name → content, of every file in `dir`. */
 function contents(dir: string): Map<string, string> {
   const out = new Map<string, string>();
-  for (const n of listDir(dir)) {
+  for (const n of listDir(dir).filter((n) => !n.startsWith("."))) {
     const bytes = Deno.readFileSync(`${dir}/${n}`);
     out.set(n, `${bytes.length}:${bytes.reduce((h, b) => (h * 31 + b) >>> 0, 7)}`);
   }
@@ -437,6 +437,42 @@ for (const point of ["after-freeze", "mid-pages", "before-commit"]) {
       await assertCounting(c, `after the fault at ${point}`);
     }));
 }
+
+Deno.test("an earlier image survives a dump killed midway; the next dump clears what it left", async () => {
+  await using tmp = await tempDir();
+  const dir = `${tmp.path}/img`;
+  const c = await startCounter(tmp.path, 4);
+  try {
+    assertExit(await amber(dumpArgs(c.pid, dir, "-R")), 0, "first dump -R");
+    const first = contents(dir);
+    const child = new Deno.Command(DENO, {
+      args: ["run", "-A", CLI, ...dumpArgs(c.pid, dir, "-R")],
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    await waitFor(
+      () => listDir(dir).some((n) => n.startsWith(".amber-dump-")) || undefined,
+      "the second dump's staging directory",
+    );
+    child.kill("SIGKILL");
+    await child.status;
+    assert.deepEqual(contents(dir), first, "the earlier image changed");
+    assertExit(await amber(["show", dir]), 0, "show of the earlier image");
+  } finally {
+    await killAndReap(c.pid);
+  }
+  // The killed dump may have harmed its target (not this test's business): dump another.
+  await Deno.mkdir(`${tmp.path}/second`);
+  const d = await startCounter(`${tmp.path}/second`, 1);
+  try {
+    assertExit(await amber(dumpArgs(d.pid, dir, "-R")), 0, "dump after the killed one");
+    assert.deepEqual(listDir(dir).filter((n) => n.startsWith(".")), [], "staging left");
+    const pids = new Set(listDir(dir).flatMap((n) => /-(\d+)\./.exec(n)?.[1] ?? []));
+    assert.deepEqual([...pids], [String(d.pid)], "files of the earlier image left");
+  } finally {
+    await killAndReap(d.pid);
+  }
+});
 
 Deno.test("a second dump into a directory being dumped into fails at once", () =>
   withCounter(async (c, tmp) => {

@@ -132,7 +132,11 @@ export class ImageDir {
       const dir = openDirectory(this.path);
       this.dirFd = dir;
       const why = distrust(dir.stat(), effectiveUid());
-      if (why) throw new AmberError(`${why}; dump writes only into a directory only you can write`);
+      if (why) {
+        throw new AmberError(
+          `${why}; dump uses only a directory its own user owns and no other can write`,
+        );
+      }
       if (!dir.tryLock()) {
         throw new AmberError("another amber dump is writing into it right now");
       }
@@ -263,7 +267,7 @@ export class ImageDir {
         const why = distrust(dir.stat(), effectiveUid());
         if (why) {
           dir.close();
-          throw new AmberError(`${why}; restore uses only images its own user wrote`);
+          throw new AmberError(`${why}; amber reads only images no other user could have written`);
         }
         return dir;
       });
@@ -302,7 +306,11 @@ export class ImageDir {
       const st = fd.stat();
       if (!st.isFile) throw new AmberError(`${path}: a ${st.type}, not a regular file`);
       const why = distrust(st, effectiveUid());
-      if (why) throw new AmberError(`${path}: ${why}; restore uses only images its own user wrote`);
+      if (why) {
+        throw new AmberError(
+          `${path}: ${why}; amber reads only images no other user could have written`,
+        );
+      }
       if (st.size > maxBytes) {
         throw new AmberError(`${path}: ${st.size} bytes is larger than its limit of ${maxBytes}`);
       }
