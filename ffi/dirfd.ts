@@ -47,7 +47,15 @@ export function effectiveUid(): number {
 
 /** An open descriptor with the path it was opened as (for messages). */
 export class Fd {
-  constructor(readonly fd: number, readonly path: string) {}
+  #fd: number;
+  constructor(fd: number, readonly path: string) {
+    this.#fd = fd;
+  }
+
+  /** The descriptor number; -1 once closed or released. */
+  get fd(): number {
+    return this.#fd;
+  }
 
   /** Opens directory `path` itself (not a symlink to one, unless `follow`). */
   static openDir(path: string, follow = false): Fd {
@@ -117,8 +125,8 @@ export class Fd {
 
   /** Gives the descriptor away (e.g. to a RawFile); this object no longer closes it. */
   release(): number {
-    const fd = this.fd;
-    (this as { fd: number }).fd = -1;
+    const fd = this.#fd;
+    this.#fd = -1;
     return fd;
   }
 

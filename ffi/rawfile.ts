@@ -4,31 +4,17 @@
  */
 import { check, lastErrno, libc, SysError } from "./libc.ts";
 
-const O_RDONLY = 0, O_WRONLY = 0o1, O_CREAT = 0o100, O_TRUNC = 0o1000, O_CLOEXEC = 0o2000000;
-
 type PositionedCall = ReturnType<typeof libc>["pread64_async"];
 
 export class RawFile {
   private constructor(readonly fd: number, readonly path: string) {}
 
-  private static open(path: string, flags: number, mode: number): RawFile {
-    const name = new TextEncoder().encode(path + "\0");
-    return new RawFile(check(`open ${path}`, libc().open(name, flags | O_CLOEXEC, mode)), path);
-  }
-
-  /** Creates (or truncates) `path` for writing with `mode`. */
-  static create(path: string, mode = 0o600): RawFile {
-    return RawFile.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
-  }
-
-  /** Takes over an already open descriptor (e.g. one opened with openat). */
+  /**
+   * Takes over an open descriptor. Image files are opened relative to
+   * their directory, never by path (see lib/images/dir.ts).
+   */
   static fromFd(fd: number, path: string): RawFile {
     return new RawFile(fd, path);
-  }
-
-  /** Opens `path` for reading. */
-  static openRead(path: string): RawFile {
-    return RawFile.open(path, O_RDONLY, 0);
   }
 
   /** Fills `data` from `offset`; throws if the file ends first. */
