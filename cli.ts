@@ -14,6 +14,7 @@ import {
   show,
   UsageError,
 } from "./mod.ts";
+import { escapeText } from "./lib/errors.ts";
 
 interface Flag {
   long: string;
@@ -295,13 +296,14 @@ if (import.meta.main) {
     code = await main(Deno.args);
   } catch (e) {
     if (e instanceof UsageError) {
-      console.error(`amber: ${e.message}`);
+      console.error(`amber: ${escapeText(e.message)}`);
       code = 2;
     } else if (e instanceof InterruptedError) {
       console.error(`amber: ${e.message}; what was started was undone`);
       code = e.exitCode;
     } else {
-      console.error(`amber: ${e instanceof Error ? e.message : e}`);
+      // Messages quote image contents: never let them drive the terminal.
+      console.error(`amber: ${escapeText(e instanceof Error ? e.message : String(e))}`);
       if (Deno.env.get("AMBER_DEBUG")) console.error(e);
       code = 1;
     }

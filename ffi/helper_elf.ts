@@ -3,15 +3,37 @@
  * in C: it loops on pause(2). Restore starts it, seizes it, and makes its
  * clone3 calls create the restored processes; each child starts as a copy
  * of this almost empty address space.
+ *
+ * It cannot outlive amber: its first instructions ask for SIGKILL when its
+ * parent dies (PR_SET_PDEATHSIG) and exit if that parent is already gone
+ * (getppid() is no longer amber's pid, which is built into the code). Its
+ * clone3 children do not inherit the death signal.
  */
 
 const BASE = 0x10000n;
 const EHDR = 64;
 const PHDR = 56;
-/** loop: mov eax, 34 (pause); syscall; jmp loop */
-const CODE = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+function le32(v: number): number[] {
+  return [v & 0xff, (v >> 8) & 0xff, (v >> 16) & 0xff, (v >>> 24) & 0xff];
+}
 
-export function helperElf(): Uint8Array {
+/** The helper's code, for a helper started by process `parent`. */
+function code(parent: number): number[] {
+  return [
+    ...[0xbf, ...le32(1)], // mov edi, PR_SET_PDEATHSIG
+    ...[0xbe, ...le32(9)], // mov esi, SIGKILL
+    ...[0xb8, ...le32(157), 0x0f, 0x05], // prctl
+    ...[0xb8, ...le32(110), 0x0f, 0x05], // getppid
+    ...[0x3d, ...le32(parent)], // cmp eax, parent
+    ...[0x75, 0x09], // jne exit
+    ...[0xb8, ...le32(34), 0x0f, 0x05, 0xeb, 0xf7], // loop: pause; jmp loop
+    ...[0xbf, ...le32(1)], // exit: mov edi, 1
+    ...[0xb8, ...le32(231), 0x0f, 0x05], // exit_group
+  ];
+}
+
+export function helperElf(parent: number): Uint8Array {
+  const CODE = code(parent);
   const size = EHDR + PHDR + CODE.length;
   const buf = new Uint8Array(size);
   const v = new DataView(buf.buffer);
@@ -41,6 +63,6 @@ export function helperElf(): Uint8Array {
 export function writeHelperElf(): string {
   const dir = Deno.makeTempDirSync({ prefix: "amber-helper-" });
   const path = `${dir}/amber-restore-helper`;
-  Deno.writeFileSync(path, helperElf(), { mode: 0o700 });
+  Deno.writeFileSync(path, helperElf(Deno.pid), { mode: 0o700 });
   return path;
 }

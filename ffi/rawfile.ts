@@ -2,28 +2,19 @@
  * A file read or written with positioned I/O on pool threads, so several
  * transfers (and memory copies) can be in flight at once. Bulk page data only.
  */
-import { check, libc, SysError } from "./libc.ts";
-
-const O_RDONLY = 0, O_WRONLY = 0o1, O_CREAT = 0o100, O_TRUNC = 0o1000, O_CLOEXEC = 0o2000000;
+import { check, lastErrno, libc, SysError } from "./libc.ts";
 
 type PositionedCall = ReturnType<typeof libc>["pread64_async"];
 
 export class RawFile {
   private constructor(readonly fd: number, readonly path: string) {}
 
-  private static open(path: string, flags: number, mode: number): RawFile {
-    const name = new TextEncoder().encode(path + "\0");
-    return new RawFile(check(`open ${path}`, libc().open(name, flags | O_CLOEXEC, mode)), path);
-  }
-
-  /** Creates (or truncates) `path` for writing with `mode`. */
-  static create(path: string, mode = 0o600): RawFile {
-    return RawFile.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
-  }
-
-  /** Opens `path` for reading. */
-  static openRead(path: string): RawFile {
-    return RawFile.open(path, O_RDONLY, 0);
+  /**
+   * Takes over an open descriptor. Image files are opened relative to
+   * their directory, never by path (see lib/images/dir.ts).
+   */
+  static fromFd(fd: number, path: string): RawFile {
+    return new RawFile(fd, path);
   }
 
   /** Fills `data` from `offset`; throws if the file ends first. */
@@ -41,7 +32,10 @@ export class RawFile {
     await this.positioned(libc().pwrite64_async, "write", data, offset);
   }
 
-  /** pread/pwrite until all of `data` moved; errno of a pool thread is lost, so EIO is said. */
+  /**
+   * pread/pwrite until all of `data` moved. errno of a pool thread is lost,
+   * so a failed call is repeated on this thread to learn why (ENOSPC, ...).
+   */
   private async positioned(
     call: PositionedCall,
     what: "read" | "write",
@@ -56,7 +50,15 @@ export class RawFile {
         BigInt(data.length - done),
         BigInt(offset + done),
       );
-      if (n < 0n) throw new SysError(`${what} ${this.path}`, 5);
+      if (n < 0n) {
+        const sync = what === "read" ? libc().pread64 : libc().pwrite64;
+        const rest = data.subarray(done);
+        const again = sync(this.fd, rest, BigInt(rest.length), BigInt(offset + done));
+        if (again < 0n) throw new SysError(`${what} ${this.path}`, lastErrno());
+        if (again === 0n) throw new Error(`${what} ${this.path}: stopped at ${offset + done}`);
+        done += Number(again);
+        continue;
+      }
       if (n === 0n) throw new Error(`${what} ${this.path}: stopped at ${offset + done}`);
       done += Number(n);
     }

@@ -11,10 +11,9 @@ import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
-import { readImages } from "./images/read.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
-import { dumpVerdictOptions, judgeImages, partRefusal } from "./verdict.ts";
+import { dumpVerdictOptions, imageRefusal, judgeDirectory } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xfeatures, xstateSize } from "./task/threads.ts";
@@ -105,8 +104,8 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
 
 /**
  * Dumps every part of one process; returns why it could not be restored,
- * if something in it cannot be yet (the verdict's own check of each part,
- * taken early so a doomed dump stops before writing the rest).
+ * if its images alone say so (the verdict's own check of each part, taken
+ * early so a doomed dump stops before writing the rest).
  */
 async function dumpProcess(
   dir: ImageDir,
@@ -121,12 +120,6 @@ async function dumpProcess(
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
   const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {}, tree };
-  const check = {
-    pid: proc.pid,
-    dir,
-    options: dumpVerdictOptions(options.shellJob),
-    images: ctx.done,
-  };
   for (const part of PARTS) {
     await guard.checkpoint();
     const t0 = performance.now();
@@ -138,7 +131,7 @@ async function dumpProcess(
       ctx.done[part.name] = parsed;
       dir.write(image, body, proc.pid);
     });
-    refusal ??= partRefusal(part, ctx.done[part.name], check);
+    refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
     log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   return refusal;
@@ -237,17 +230,15 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.
-    const reasons = await judgeImages(
-      readImages(dir.path),
-      dir,
-      dumpVerdictOptions(options.shellJob),
-    );
+    const reasons = await judgeDirectory(dir.stagingPath, dumpVerdictOptions(options.shellJob));
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
     await guard.checkpoint();
     // The inventory, rewritten with the verdict and made durable only once
     // all else is, marks the images complete.
     dir.write(inventoryImage, { ...inventory, verdict: reasons });
     dir.syncAll();
+    // The complete image is in dir.stagingPath; publishing it replaces an earlier one.
+    dir.commit();
   } catch (e) {
     if (!running) withContext("resuming the tree after a failed dump", () => tree.release());
     for (const p of state.preparedPages.values()) p.file.close();

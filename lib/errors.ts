@@ -57,6 +57,32 @@ export async function withContextAsync<T>(label: string, fn: () => Promise<T>): 
   }
 }
 
+/** Longest text printed whole; longer values are cut, their length given. */
+export const TEXT_MAX = 1000;
+
+// deno-lint-ignore no-control-regex
+const UNPRINTABLE = /[\x00-\x1f\x7f-\x9f\\]/g;
+
+function escapeChars(s: string): string {
+  return s.replace(
+    UNPRINTABLE,
+    (c) => c === "\\" ? "\\\\" : `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
+  );
+}
+
+/**
+ * `s` safe to print on a terminal: control characters (C0, DEL, C1) as
+ * `\x1b`-style escapes and a backslash as `\\`. Text longer than `max` is
+ * cut in the middle (an error's end names the errno), its length given.
+ */
+export function escapeText(s: string, max = TEXT_MAX): string {
+  if (s.length <= max) return escapeChars(s);
+  const tail = Math.floor(max / 4);
+  return `${escapeChars(s.slice(0, max - tail))}...(${s.length} characters)...${
+    escapeChars(s.slice(s.length - tail))
+  }`;
+}
+
 /** Hex without 0x, as /proc/PID/maps prints addresses. */
 export function hex(v: bigint | number): string {
   return v.toString(16);

@@ -12,6 +12,7 @@ import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { libc } from "../ffi/libc.ts";
+import { replaceFile } from "../ffi/dirfd.ts";
 import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "./context.ts";
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
@@ -85,7 +86,11 @@ function pidHolderNow(pid: number): string | undefined {
 }
 
 /** Everything that can be checked before a single process is created. */
-async function precheck(images: Images, options: RestoreOptions, dir: ImageDir): Promise<void> {
+export async function precheck(
+  images: Images,
+  options: RestoreOptions,
+  dir: ImageDir,
+): Promise<void> {
   const reasons = await judgeImages(images, dir, options);
   if (reasons.length) throw new AmberError(reasons[0]);
   // What can never be restored is reported before what a retry could fix.
@@ -353,7 +358,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       const pidfile = req.pidfile;
       withContext(
         `pidfile ${pidfile}`,
-        () => Deno.writeTextFileSync(pidfile, `${images.processes[0].entry.pid}\n`),
+        () => replaceFile(pidfile, new TextEncoder().encode(`${images.processes[0].entry.pid}\n`)),
       );
     }
     for (const blank of created.values()) {

@@ -4,6 +4,7 @@
  * as short hex strings or their length; page contents are never read).
  */
 import { ImageDir } from "./images/dir.ts";
+import { escapeText } from "./errors.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { dumpVerdictOptions, judgeImages } from "./verdict.ts";
 import type { MappingImage } from "./mm/mappings.ts";
@@ -12,6 +13,8 @@ import type { PageRun } from "./mm/pages.ts";
 import type { ThreadImage } from "./task/threads.ts";
 
 const PAGE_SIZE = 4096;
+/** Longest string from an image shown whole. */
+const SHOW_TEXT_MAX = 300;
 /** Byte blobs up to this size are shown as hex, larger ones by length only. */
 const HEX_BLOB_MAX = 256;
 
@@ -283,6 +286,16 @@ function imagesText(images: Images, reasons: string[]): string {
   return lines.join("\n");
 }
 
+/** A copy of `v` with every string escaped for a terminal (JSON escapes on its own). */
+function escapeStrings<T>(v: T): T {
+  if (typeof v === "string") return escapeText(v, SHOW_TEXT_MAX) as T;
+  if (Array.isArray(v)) return v.map(escapeStrings) as T;
+  if (v && typeof v === "object" && Object.getPrototypeOf(v) === Object.prototype) {
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, escapeStrings(x)])) as T;
+  }
+  return v;
+}
+
 /**
  * The images of `dir`, validated, as text or (with `json`) one JSON
  * document. Invalid images throw the AmberError of readImages.
@@ -290,10 +303,9 @@ function imagesText(images: Images, reasons: string[]): string {
 export async function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
   const images = readImages(dir);
   // Judged as restore would judge them, with the flags they were dumped with.
-  const reasons = await judgeImages(
-    images,
-    new ImageDir(dir),
-    dumpVerdictOptions(images.inventory.shellJob),
-  );
-  return opts.json ? imagesJson(images, reasons) : imagesText(images, reasons);
+  using reader = new ImageDir(dir);
+  const reasons = await judgeImages(images, reader, dumpVerdictOptions(images.inventory.shellJob));
+  return opts.json
+    ? imagesJson(images, reasons)
+    : imagesText(escapeStrings(images), escapeStrings(reasons));
 }

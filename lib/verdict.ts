@@ -8,13 +8,19 @@
  */
 import type { Part, PrecheckContext, RestoreOptions } from "./context.ts";
 import { AmberError } from "./errors.ts";
-import type { ImageDir } from "./images/dir.ts";
-import type { Images, ProcessImages } from "./images/read.ts";
+import { ImageDir } from "./images/dir.ts";
+import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { PARTS } from "./parts.ts";
 
 function messageOf(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
+}
+
+/** Why one part's image, by itself, says it cannot be restored (no look at the machine). */
+export function imageRefusal(part: Part, data: unknown, pid: number): string | undefined {
+  const why = part.unrestorable?.(data);
+  if (why) return `pid ${pid}: ${part.name}: ${why}`;
 }
 
 /** Why one part of one process cannot be restored, or undefined. */
@@ -24,8 +30,8 @@ export function partRefusal(
   ctx: PrecheckContext,
 ): string | undefined {
   const label = `pid ${ctx.pid}: ${part.name}`;
-  const why = part.unrestorable?.(data);
-  if (why) return `${label}: ${why}`;
+  const why = imageRefusal(part, data, ctx.pid);
+  if (why) return why;
   try {
     part.precheck?.(data, ctx);
   } catch (e) {
@@ -80,6 +86,13 @@ export async function judgeImages(
   reasons.push(...images.unrestorable);
   for (const p of images.processes) reasons.push(...processRefusals(p, images, dir, options));
   return reasons;
+}
+
+/** The verdict on the images directory `path`, read the way restore reads it. */
+export async function judgeDirectory(path: string, options: RestoreOptions): Promise<string[]> {
+  const images = readImages(path);
+  using dir = new ImageDir(path);
+  return await judgeImages(images, dir, options);
 }
 
 /** The restore options a verdict taken at dump time assumes. */

@@ -19,6 +19,9 @@ import { unixFd } from "./unix.ts";
 import { epollFd } from "./epoll.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
+/** The kernel's fs.nr_open ceiling: no process has more descriptors. */
+const MAX_FDS = 1 << 20;
+
 /** In match order; the last one takes anything. */
 export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unixFd, epollFd, unsupportedFd];
 
@@ -92,6 +95,39 @@ function findOwner(tree: TreeDumpState, probe: FdProbe): { pid: number; fd: numb
   return owner;
 }
 
+/**
+ * Where the shared-descriptor entries of a tree's fds images (in restore
+ * order; undefined for zombies) name something restore cannot take a
+ * descriptor from: a pid outside the tree or restored later, an fd that
+ * process does not have, or, within one process, one installed later.
+ */
+export function checkSharedFds(
+  procs: { pid: number; fds: unknown }[],
+): { pid: number; why: string } | undefined {
+  const order = new Map(procs.map((p, i) => [p.pid, i]));
+  const listed = (i: number) =>
+    ((procs[i].fds as { fds: FdEntryImage[] } | undefined)?.fds ?? []).map((e) => e.fd);
+  for (const [i, p] of procs.entries()) {
+    if (!p.fds) continue;
+    const own = listed(i);
+    for (const s of (p.fds as { shared: SharedFdImage[] }).shared) {
+      const at = order.get(s.pid);
+      const why = !own.includes(s.fd)
+        ? `shared fd ${s.fd} is not in its fds`
+        : at === undefined
+        ? `fd ${s.fd} is shared with pid ${s.pid}, which is not in the tree`
+        : at > i || !procs[at].fds
+        ? `fd ${s.fd} is shared with pid ${s.pid}, which is not restored before it`
+        : !listed(at).includes(s.ownerFd)
+        ? `fd ${s.fd} is shared with fd ${s.ownerFd} of pid ${s.pid}, which it does not have`
+        : at === i && own.indexOf(s.ownerFd) >= own.indexOf(s.fd)
+        ? `fd ${s.fd} is shared with fd ${s.ownerFd}, which is not restored before it`
+        : undefined;
+      if (why) return { pid: p.pid, why };
+    }
+  }
+}
+
 function installFd(ctx: RestoreContext, e: FdEntryImage, shared?: SharedFdImage): void {
   const inj = ctx.injector;
   const tmp = shared
@@ -109,7 +145,7 @@ function installFd(ctx: RestoreContext, e: FdEntryImage, shared?: SharedFdImage)
 export const fdsPart = definePart({
   name: "fds",
   version: 1,
-  schema: z.object({ fds: z.array(FdEntry), shared: z.array(SharedFd) }),
+  schema: z.object({ fds: z.array(FdEntry).max(MAX_FDS), shared: z.array(SharedFd).max(MAX_FDS) }),
   dump({ pid, tree }) {
     const shared: SharedFdImage[] = [];
     const fds = listProcNumbers(pid, "fd").map((fd) =>

@@ -24,6 +24,9 @@ export const fileFd = defineFdKind({
     if (p.link.endsWith(" (deleted)")) {
       throw new AmberError(`${p.link}: open file was deleted; not supported yet`);
     }
+    if (p.stat!.isFifo || p.stat!.isSocket) {
+      throw new AmberError(`${p.link}: named FIFO or socket file; not supported yet`);
+    }
     const type = p.stat!.isFile
       ? "regular" as const
       : p.stat!.isDirectory
@@ -32,11 +35,21 @@ export const fileFd = defineFdKind({
     return { kind: "file" as const, fd: p.fd, flags: p.flags, path: p.link, pos: p.pos, type };
   },
   precheck(e) {
+    let st: Deno.FileInfo;
     try {
-      Deno.statSync(e.path);
+      st = Deno.statSync(e.path);
     } catch {
       throw new AmberError(`${e.path}: no such file`);
     }
+    // Opening a FIFO or socket put there since would block the new process.
+    const now = st.isFile
+      ? "regular"
+      : st.isDirectory
+      ? "directory"
+      : st.isCharDevice || st.isBlockDevice
+      ? "device"
+      : "FIFO or socket";
+    if (now !== e.type) throw new AmberError(`${e.path}: now a ${now}, was a ${e.type}`);
   },
   restore({ pid, injector: inj, scratch }, e) {
     const flags = e.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC) | O_NOCTTY;

@@ -17,6 +17,8 @@ export interface ImageKind<T> {
   perProcess: boolean;
   version: number;
   schema: z.ZodType<T>;
+  /** Largest file of this kind accepted (default MAX_IMAGE_BYTES), checked before reading. */
+  maxBytes?: number;
 }
 
 export function defineImage<S extends z.ZodType>(
@@ -24,8 +26,9 @@ export function defineImage<S extends z.ZodType>(
   version: number,
   perProcess: boolean,
   schema: S,
+  maxBytes?: number,
 ): ImageKind<z.output<S>> {
-  return { name, version, perProcess, schema: schema as z.ZodType<z.output<S>> };
+  return { name, version, perProcess, schema: schema as z.ZodType<z.output<S>>, maxBytes };
 }
 
 export function magicOf(kind: ImageKind<unknown>): string {
@@ -53,8 +56,9 @@ function describeIssue(issue: z.core.$ZodIssue): string {
 
 /** Decodes and validates one image; errors name the file and the field. */
 export function decodeImage<T>(kind: ImageKind<T>, bytes: Uint8Array, file: string): T {
-  if (bytes.length > MAX_IMAGE_BYTES) {
-    throw new AmberError(`${file}: ${bytes.length} bytes is larger than any image`);
+  const limit = kind.maxBytes ?? MAX_IMAGE_BYTES;
+  if (bytes.length > limit) {
+    throw new AmberError(`${file}: ${bytes.length} bytes is larger than its limit of ${limit}`);
   }
   let raw: unknown;
   try {
@@ -91,5 +95,7 @@ export const u64 = z.union([z.bigint(), z.number().int()]).transform((v) => BigI
   (v) => v >= 0n && v < 1n << 64n,
   "not a 64-bit unsigned value",
 );
-export const pidNumber = z.number().int().min(1).max(4194304);
+/** The kernel's largest pid_max: also a bound on how many processes or threads an image lists. */
+export const PID_MAX = 4194304;
+export const pidNumber = z.number().int().min(1).max(PID_MAX);
 export const bytes = z.custom<Uint8Array>((v) => v instanceof Uint8Array, "expected bytes");

@@ -1,116 +1,361 @@
 /**
- * An images directory: created 0700, files 0600, each written to a
- * temporary name and renamed when complete, so a reader never sees half a
- * file; syncAll() makes them durable. A failed dump removes everything it
- * wrote.
+ * An images directory, treated the way OpenSSH treats ~/.ssh: amber runs
+ * as root and images hold a process's memory and credentials.
+ *
+ * Writing: the directory is created 0700, or an existing one is used only
+ * if the caller owns it and nobody else can write it (never chmodded). A
+ * lock on it makes a second dump into it fail at once. Every file goes
+ * into a private staging directory inside it (`.amber-dump-PID`), created
+ * relative to a directory descriptor with O_CREAT|O_EXCL|O_NOFOLLOW, 0600;
+ * commit() moves the complete image into place, inventory.cbor last, so an
+ * earlier complete image survives a failed or interrupted dump.
+ *
+ * Reading: the directory and each file are opened without following
+ * links, and refused unless owned by the reader and writable by nobody
+ * else; a file must be regular and within its kind's size limit, checked
+ * with fstat before a bounded read.
  */
+import { RawFile } from "../../ffi/rawfile.ts";
+import {
+  effectiveUid,
+  Fd,
+  type FdStat,
+  isErrno,
+  listDirFd,
+  mkdirAt,
+  O_CREAT,
+  O_DIRECTORY,
+  O_EXCL,
+  O_NONBLOCK,
+  O_RDONLY,
+  O_WRONLY,
+  renameAt,
+  unlinkAt,
+} from "../../ffi/dirfd.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { decodeImage, encodeImage, imageFileName, type ImageKind } from "./codec.ts";
+import {
+  decodeImage,
+  encodeImage,
+  imageFileName,
+  type ImageKind,
+  MAX_IMAGE_BYTES,
+} from "./codec.ts";
+
+const INVENTORY = "inventory.cbor";
+const STAGING_PREFIX = ".amber-dump-";
+/** Names amber gives image files (and older ambers gave their temporary files). */
+const IMAGE_NAME = /^[a-z]+(-\d+)?\.(cbor|img)(\.tmp)?$/;
+
+function messageOf(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+function octal(mode: number): string {
+  return (mode & 0o7777).toString(8).padStart(4, "0");
+}
+
+/** Why `st` (of `what`) is not to be trusted by the current user, if it is not. */
+function distrust(st: FdStat, uid: number): string | undefined {
+  if (st.uid !== uid) return `owned by uid ${st.uid}, not by uid ${uid}`;
+  if (st.mode & 0o022) return `mode ${octal(st.mode)} lets others write it`;
+}
+
+/** Opens directory `path` itself, naming a symlink or a non-directory as such. */
+function openDirectory(path: string): Fd {
+  try {
+    return Fd.openDir(path);
+  } catch (e) {
+    if (isErrno(e, "ENOENT")) throw new AmberError("does not exist");
+    if (isErrno(e, "ELOOP") || isErrno(e, "ENOTDIR")) {
+      let link = false;
+      try {
+        link = Deno.lstatSync(path).isSymlink;
+      } catch { /* vanished */ }
+      throw new AmberError(link ? "is a symlink; refusing to follow it" : "not a directory");
+    }
+    throw e;
+  }
+}
+
+/** Removes every entry of the directory `name` of `parent` (files only), then it. */
+function removeDirAt(parent: Fd, name: string): void {
+  try {
+    using d = parent.openAt(name, O_RDONLY | O_DIRECTORY);
+    for (const e of listDirFd(d)) unlinkAt(d, e.name);
+  } catch { /* gone, or not ours to empty */ }
+  try {
+    unlinkAt(parent, name, true);
+  } catch { /* gone */ }
+}
 
 export class ImageDir {
-  private written = new Set<string>();
+  /** The images directory (locked while writing). */
+  private dirFd?: Fd;
+  /** The private staging directory files are written into. */
+  private stage?: Fd;
+  private staged = new Set<string>();
   private synced = new Set<string>();
   private createdDir = false;
+  private readonly stagingName = `${STAGING_PREFIX}${Deno.pid}`;
 
   constructor(readonly path: string) {}
 
-  /** Prepares a directory for writing: creates it 0700 or checks it is usable. */
-  openForWrite(): this {
-    withContext(`images directory ${this.path}`, () => {
-      try {
-        const st = Deno.statSync(this.path);
-        if (!st.isDirectory) throw new AmberError("not a directory");
-      } catch (e) {
-        if (!(e instanceof Deno.errors.NotFound)) throw e;
-        Deno.mkdirSync(this.path, { mode: 0o700 });
-        this.createdDir = true;
-      }
-      Deno.chmodSync(this.path, 0o700);
-      // Probe writability now rather than after the tree is frozen.
-      const probe = `${this.path}/.amber-probe-${Deno.pid}`;
-      Deno.writeFileSync(probe, new Uint8Array(), { mode: 0o600 });
-      Deno.removeSync(probe);
-    });
-    return this;
+  /** Where the image being written lives until commit(). */
+  get stagingPath(): string {
+    return `${this.path}/${this.stagingName}`;
   }
 
+  /** The final path of image file `name`. */
   file(name: string): string {
     return `${this.path}/${name}`;
   }
 
+  /** Prepares writing: the directory checked or created, locked, and a staging directory. */
+  openForWrite(): this {
+    try {
+      this.prepareWrite();
+    } catch (e) {
+      this.discard();
+      throw e;
+    }
+    return this;
+  }
+
+  private prepareWrite(): void {
+    withContext(`images directory ${this.path}`, () => {
+      try {
+        Deno.mkdirSync(this.path, { mode: 0o700 });
+        this.createdDir = true;
+      } catch (e) {
+        if (!(e instanceof Deno.errors.AlreadyExists)) throw e;
+      }
+      const dir = openDirectory(this.path);
+      this.dirFd = dir;
+      const why = distrust(dir.stat(), effectiveUid());
+      if (why) {
+        throw new AmberError(
+          `${why}; dump uses only a directory its own user owns and no other can write`,
+        );
+      }
+      if (!dir.tryLock()) {
+        throw new AmberError("another amber dump is writing into it right now");
+      }
+      // With the lock held, any other staging directory is a dead dump's.
+      for (const e of listDirFd(dir)) {
+        if (e.isDirectory && e.name.startsWith(STAGING_PREFIX)) removeDirAt(dir, e.name);
+      }
+      mkdirAt(dir, this.stagingName, 0o700);
+      this.stage = dir.openAt(this.stagingName, O_RDONLY | O_DIRECTORY);
+    });
+  }
+
+  private stagingFd(): Fd {
+    if (!this.stage) throw new Error("images directory not opened for writing");
+    return this.stage;
+  }
+
+  /** Creates staging file `name` (O_CREAT|O_EXCL|O_NOFOLLOW, 0600). */
+  private create(name: string): Fd {
+    const fd = this.stagingFd().openAt(name, O_WRONLY | O_CREAT | O_EXCL, 0o600);
+    this.staged.add(name);
+    return fd;
+  }
+
   /**
-   * Reserves a temporary name for file `name`; once its content is written
-   * and synced, commit() gives it its real name.
+   * Creates file `name` in the staging directory for bulk writing;
+   * commit() marks it complete (to be synced), drop() removes it.
    */
-  reserve(name: string): { tmp: string; commit: () => void; drop: () => void } {
-    const tmp = this.file(`${name}.tmp`);
-    this.written.add(tmp);
+  reserve(name: string): { file: RawFile; commit: () => void; drop: () => void } {
+    const fd = withContext(`image ${name}`, () => this.create(name));
     return {
-      tmp,
+      file: RawFile.fromFd(fd.release(), `${this.stagingPath}/${name}`),
+      commit: () => this.synced.delete(name),
       drop: () => {
-        this.written.delete(tmp);
-        Deno.removeSync(tmp);
-      },
-      commit: () => {
-        Deno.renameSync(tmp, this.file(name));
-        this.written.delete(tmp);
-        this.written.add(this.file(name));
-        this.synced.delete(this.file(name));
+        this.staged.delete(name);
+        unlinkAt(this.stagingFd(), name);
       },
     };
   }
 
+  /** Writes image `kind` into the staging directory; writing it again replaces this run's copy. */
   write<T>(kind: ImageKind<T>, body: T, pid?: number): void {
     const name = imageFileName(kind, pid);
     withContext(`image ${name}`, () => {
-      const { tmp, commit } = this.reserve(name);
       const data = encodeImage(kind, body);
-      {
-        using file = Deno.openSync(tmp, { write: true, create: true, truncate: true, mode: 0o600 });
-        let done = 0;
-        while (done < data.length) done += file.writeSync(data.subarray(done));
-      }
-      commit();
+      if (this.staged.delete(name)) unlinkAt(this.stagingFd(), name);
+      using fd = this.create(name);
+      fd.writeAll(data);
+      this.synced.delete(name);
     });
   }
 
-  read<T>(kind: ImageKind<T>, pid?: number): T {
-    const name = imageFileName(kind, pid);
-    let bytes: Uint8Array;
-    try {
-      bytes = Deno.readFileSync(this.file(name));
-    } catch (e) {
-      throw new AmberError(
-        `${this.file(name)}: cannot read: ${e instanceof Error ? e.message : e}`,
-      );
-    }
-    return decodeImage(kind, bytes, this.file(name));
-  }
-
-  /** Makes every file written so far, and the directory entries, durable. */
+  /** Makes every staged file, and the staging directory, durable. */
   syncAll(): void {
-    for (const f of this.written) {
-      if (this.synced.has(f)) continue;
-      using file = Deno.openSync(f, { read: true });
-      file.syncSync();
-      this.synced.add(f);
+    const stage = this.stagingFd();
+    for (const name of this.staged) {
+      if (this.synced.has(name)) continue;
+      withContext(`image ${name}`, () => {
+        using fd = stage.openAt(name, O_RDONLY);
+        fd.sync();
+      });
+      this.synced.add(name);
     }
-    using d = Deno.openSync(this.path, { read: true });
-    d.syncSync();
+    withContext(`images directory ${this.stagingPath}`, () => stage.sync());
   }
 
-  /** Removes every file this run wrote (and the directory if it made it). */
-  discard(): void {
-    for (const f of this.written) {
+  /**
+   * Publishes the staged image: the old inventory goes first, so a mix of
+   * old and new files is never taken for a complete image; then the new
+   * files, the removal of the old image's other files, and the new
+   * inventory last.
+   */
+  commit(): void {
+    const dir = this.dirFd!, stage = this.stagingFd();
+    if (!this.staged.has(INVENTORY)) throw new Error("commit before the inventory was written");
+    withContext(`images directory ${this.path}`, () => {
       try {
-        Deno.removeSync(f);
-      } catch { /* already gone */ }
-    }
-    this.written.clear();
+        unlinkAt(dir, INVENTORY);
+      } catch (e) {
+        if (!isErrno(e, "ENOENT")) throw e;
+      }
+      dir.sync();
+      for (const name of this.staged) if (name !== INVENTORY) renameAt(stage, name, dir);
+      for (const e of listDirFd(dir)) {
+        if (IMAGE_NAME.test(e.name) && !this.staged.has(e.name) && !e.isDirectory) {
+          unlinkAt(dir, e.name);
+        }
+      }
+      renameAt(stage, INVENTORY, dir);
+      dir.sync();
+      this.staged.clear();
+      this.closeStage();
+      dir.sync();
+    });
+    this.close();
+  }
+
+  /** Closes and removes the staging directory, if this run made one. */
+  private closeStage(): void {
+    if (!this.stage) return;
+    this.stage.close();
+    this.stage = undefined;
+    if (this.dirFd) removeDirAt(this.dirFd, this.stagingName);
+  }
+
+  /**
+   * Removes what this run staged and releases the lock; an earlier
+   * complete image in the directory is left as it was.
+   */
+  discard(): void {
+    this.staged.clear();
+    this.closeStage();
+    this.close();
     if (this.createdDir) {
       try {
         Deno.removeSync(this.path);
       } catch { /* not empty: leave it */ }
     }
+  }
+
+  // Reading.
+
+  private reader?: Fd;
+
+  /** The directory, opened and checked once. */
+  private readFd(): Fd {
+    if (!this.reader) {
+      this.reader = withContext(`images directory ${this.path}`, () => {
+        const dir = openDirectory(this.path);
+        const why = distrust(dir.stat(), effectiveUid());
+        if (why) {
+          dir.close();
+          throw new AmberError(`${why}; amber reads only images no other user could have written`);
+        }
+        return dir;
+      });
+    }
+    return this.reader;
+  }
+
+  /** Whether file `name` exists (as anything) in the directory. */
+  has(name: string): boolean {
+    const dir = this.readFd();
+    try {
+      Deno.lstatSync(`/proc/self/fd/${dir.fd}/${name}`);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Opens file `name` for reading, refusing anything but a regular file of
+   * the reader's own, writable by nobody else, of at most `maxBytes`.
+   */
+  openChecked(name: string, maxBytes: number): { fd: Fd; size: number } {
+    const path = this.file(name);
+    const dir = this.readFd();
+    let fd: Fd;
+    try {
+      // O_NONBLOCK: opening a planted FIFO must not wait for a writer.
+      fd = dir.openAt(name, O_RDONLY | O_NONBLOCK);
+    } catch (e) {
+      if (isErrno(e, "ELOOP")) throw new AmberError(`${path}: is a symlink; refusing to follow it`);
+      if (isErrno(e, "ENOENT")) throw new AmberError(`${path}: missing`);
+      throw new AmberError(`${path}: cannot open: ${messageOf(e)}`);
+    }
+    try {
+      const st = fd.stat();
+      if (!st.isFile) throw new AmberError(`${path}: a ${st.type}, not a regular file`);
+      const why = distrust(st, effectiveUid());
+      if (why) {
+        throw new AmberError(
+          `${path}: ${why}; amber reads only images no other user could have written`,
+        );
+      }
+      if (st.size > maxBytes) {
+        throw new AmberError(`${path}: ${st.size} bytes is larger than its limit of ${maxBytes}`);
+      }
+      return { fd, size: st.size };
+    } catch (e) {
+      fd.close();
+      throw e;
+    }
+  }
+
+  read<T>(kind: ImageKind<T>, pid?: number): T {
+    const name = imageFileName(kind, pid);
+    const { fd, size } = this.openChecked(name, kind.maxBytes ?? MAX_IMAGE_BYTES);
+    let bytes: Uint8Array;
+    try {
+      bytes = fd.readExactly(size);
+    } catch (e) {
+      throw new AmberError(`${this.file(name)}: cannot read: ${messageOf(e)}`);
+    } finally {
+      fd.close();
+    }
+    return decodeImage(kind, bytes, this.file(name));
+  }
+
+  /** Opens a bulk data file (pages) after the same checks; `size` is what it must hold. */
+  openData(name: string, size: number): RawFile {
+    const { fd, size: actual } = this.openChecked(name, Number.MAX_SAFE_INTEGER);
+    if (actual !== size) {
+      fd.close();
+      throw new AmberError(`${this.file(name)}: ${actual} bytes, expected ${size}`);
+    }
+    return RawFile.fromFd(fd.release(), this.file(name));
+  }
+
+  /** Closes the directory descriptors (and so releases a writer's lock). */
+  close(): void {
+    this.dirFd?.close();
+    this.dirFd = undefined;
+    this.reader?.close();
+    this.reader = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
   }
 }

@@ -1,7 +1,12 @@
-/** Reading a whole images directory, every file validated. */
+/**
+ * Reading a whole images directory, every file validated, and every
+ * reference between images checked against the images themselves.
+ */
 import type { z } from "zod";
 import { AmberError } from "../errors.ts";
+import { checkSharedFds } from "../fds/fds.ts";
 import { partImage, PARTS } from "../parts.ts";
+import { checkThreadList } from "../task/threads.ts";
 import { inventoryImage, type ProcessEntryImage, pstreeImage } from "../tree/pstree.ts";
 import { ImageDir } from "./dir.ts";
 
@@ -21,19 +26,25 @@ export interface Images {
   processes: ProcessImages[];
 }
 
+/** Cross-image checks: what one image names must exist in the others. */
+function checkReferences(dir: ImageDir, processes: ProcessImages[]): void {
+  for (const p of processes) {
+    if (p.entry.state === "zombie") continue;
+    const file = dir.file(`threads-${p.entry.pid}.cbor`);
+    const why = checkThreadList(p.entry.threads, p.parts.threads);
+    if (why) throw new AmberError(`${file}: ${why}`);
+  }
+  const bad = checkSharedFds(processes.map((p) => ({
+    pid: p.entry.pid,
+    fds: p.entry.state === "zombie" ? undefined : p.parts.fds,
+  })));
+  if (bad) throw new AmberError(`${dir.file(`fds-${bad.pid}.cbor`)}: ${bad.why}`);
+}
+
 /** Reads and validates every image of `path`; errors name the file and field. */
 export function readImages(path: string): Images {
-  let st;
-  try {
-    st = Deno.statSync(path);
-  } catch {
-    throw new AmberError(`images directory ${path}: does not exist`);
-  }
-  if (!st.isDirectory) throw new AmberError(`images directory ${path}: not a directory`);
-  const dir = new ImageDir(path);
-  try {
-    Deno.statSync(dir.file("inventory.cbor"));
-  } catch {
+  using dir = new ImageDir(path);
+  if (!dir.has("inventory.cbor")) {
     throw new AmberError(
       `${path}: not a complete images directory (no inventory.cbor: nothing dumped here, or the dump failed)`,
     );
@@ -47,16 +58,13 @@ export function readImages(path: string): Images {
       } is not the root ${inventory.rootPid}`,
     );
   }
-  return {
-    dir: path,
-    inventory,
-    unrestorable,
-    processes: processes.map((entry) => ({
-      entry,
-      // A zombie is only its pstree entry.
-      parts: entry.state === "zombie"
-        ? {}
-        : Object.fromEntries(PARTS.map((p) => [p.name, dir.read(partImage(p), entry.pid)])),
-    })),
-  };
+  const all = processes.map((entry) => ({
+    entry,
+    // A zombie is only its pstree entry.
+    parts: entry.state === "zombie"
+      ? {}
+      : Object.fromEntries(PARTS.map((p) => [p.name, dir.read(partImage(p), entry.pid)])),
+  }));
+  checkReferences(dir, all);
+  return { dir: path, inventory, unrestorable, processes: all };
 }

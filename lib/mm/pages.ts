@@ -43,7 +43,12 @@ const PAGE_SIZE = Number(PAGE);
 /** Bytes per transfer (one process_vm_readv/writev and one file I/O); WORKERS are in flight. */
 const CHUNK_BYTES = 4 * 1024 * 1024;
 
-const Run = z.object({ addr: u64, pages: z.number().int().min(1) });
+/** Pages in a 47-bit user address space: no run or process holds more. */
+const MAX_PAGES = 2 ** 35;
+const Run = z.object({ addr: u64, pages: z.number().int().min(1).max(MAX_PAGES) }).refine(
+  (r) => r.addr % PAGE === 0n,
+  "run address is not page-aligned",
+);
 export type PageRun = z.output<typeof Run>;
 
 export function pagesFileName(pid: number): string {
@@ -234,8 +239,7 @@ function anonymousBytes(pid: number): number {
 export async function preparePages(dir: ImageDir, pid: number): Promise<PreparedPages | undefined> {
   const estimate = Math.ceil(anonymousBytes(pid) / CHUNK_BYTES) * CHUNK_BYTES;
   if (estimate < PREPARE_MIN_BYTES) return undefined;
-  const { tmp, commit, drop } = dir.reserve(pagesFileName(pid));
-  const file = RawFile.create(tmp);
+  const { file, commit, drop } = dir.reserve(pagesFileName(pid));
   const list = Array.from(
     { length: estimate / CHUNK_BYTES },
     (_, i) => ({ fileOff: i * CHUNK_BYTES, bytes: CHUNK_BYTES, ranges: [] }),
@@ -259,10 +263,7 @@ export async function copyPages(
 ): Promise<number> {
   const prepared = ctx.tree.preparedPages.get(ctx.pid);
   ctx.tree.preparedPages.delete(ctx.pid);
-  const { file, commit } = prepared ?? (() => {
-    const { tmp, commit } = ctx.dir.reserve(pagesFileName(ctx.pid));
-    return { file: RawFile.create(tmp), commit };
-  })();
+  const { file, commit } = prepared ?? ctx.dir.reserve(pagesFileName(ctx.pid));
   const list = chunks(place(runs));
   const total = list.reduce((s, c) => s + c.bytes, 0);
   try {
@@ -289,7 +290,7 @@ export async function copyPages(
 async function fillPages(
   pid: number,
   runs: PageRun[],
-  pagesPath: string,
+  file: RawFile,
   mappings: MappingImage[],
 ): Promise<void> {
   const placed = place(runs);
@@ -297,7 +298,6 @@ async function fillPages(
     const m = mappingAt(mappings, r.addr);
     return !!m && fillsThroughMem(m);
   };
-  const file = RawFile.openRead(pagesPath);
   try {
     await transfer(chunks(placed.filter((r) => !viaMem(r))), async (c, buf) => {
       await file.preadAll(buf, c.fileOff);
@@ -324,8 +324,8 @@ export const pagemapPart = definePart({
   version: 1,
   schema: z.object({
     pagesFile: z.string().regex(/^pages-\d+\.img$/),
-    runs: z.array(Run),
-    totalPages: z.number().int().min(0),
+    runs: z.array(Run).max(MAX_PAGES),
+    totalPages: z.number().int().min(0).max(MAX_PAGES),
   }),
   async dump(ctx) {
     const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
@@ -334,11 +334,7 @@ export const pagemapPart = definePart({
     return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE };
   },
   precheck({ pagesFile, runs, totalPages }, ctx) {
-    const path = ctx.dir.file(pagesFile);
-    const size = Deno.statSync(path).size;
-    if (size !== totalPages * PAGE_SIZE) {
-      throw new AmberError(`${path}: ${size} bytes, expected ${totalPages * PAGE_SIZE}`);
-    }
+    ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE).close();
     const counted = runs.reduce((s, r) => s + r.pages, 0);
     if (counted !== totalPages) {
       throw new AmberError(`pagemap: runs hold ${counted} pages, not ${totalPages}`);
@@ -356,8 +352,9 @@ export const pagemapPart = definePart({
       }
     }
   },
-  async restore(ctx, { pagesFile, runs }) {
+  async restore(ctx, { pagesFile, runs, totalPages }) {
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
-    await fillPages(ctx.pid, runs, ctx.dir.file(pagesFile), mappings);
+    const file = ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE);
+    await fillPages(ctx.pid, runs, file, mappings);
   },
 });

@@ -10,7 +10,7 @@ import * as pt from "../../ffi/ptrace.ts";
 import { Regs, USER_REGS_SIZE } from "../../ffi/regs.ts";
 import { definePart, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { bytes, pidNumber, u64 } from "../images/codec.ts";
+import { bytes, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { putBytes, putString, u64Bytes } from "../scratch.ts";
 
@@ -28,9 +28,10 @@ const Thread = z.object({
   sigmask: u64,
   rseq: z.object({
     address: u64,
-    length: z.number().int().min(0),
-    flags: z.number().int().min(0),
-    signature: z.number().int().min(0),
+    // u32 arguments of rseq(2).
+    length: z.number().int().min(0).max(0xffffffff),
+    flags: z.number().int().min(0).max(0xffffffff),
+    signature: z.number().int().min(0).max(0xffffffff),
   }),
 });
 export type ThreadImage = z.output<typeof Thread>;
@@ -101,10 +102,18 @@ function createThread(ctx: RestoreContext, tid: number): Injector {
   return new Injector(tid, ctx.injector.syscallAddr).begin();
 }
 
+/** Why a threads image disagrees with its process's pstree thread list, if it does. */
+export function checkThreadList(pstree: number[], image: unknown): string | undefined {
+  const tids = (image as { threads: ThreadImage[] }).threads.map((t) => t.tid);
+  if (tids.length !== pstree.length || tids.some((t, i) => t !== pstree[i])) {
+    return `threads ${tids.slice(0, 8).join(",")} are not pstree's ${pstree.slice(0, 8).join(",")}`;
+  }
+}
+
 export const threadsPart = definePart({
   name: "threads",
   version: 1,
-  schema: z.object({ threads: z.array(Thread).min(1) }),
+  schema: z.object({ threads: z.array(Thread).min(1).max(PID_MAX) }),
   dump: ({ pid, proc }) => ({ threads: proc.threads.map((tid) => dumpThread(pid, tid)) }),
   precheck({ threads }, { pid }) {
     if (threads[0].tid !== pid) {

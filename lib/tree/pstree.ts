@@ -1,6 +1,6 @@
 /** The process tree image and the inventory: what was dumped, where and on what. */
 import { z } from "zod";
-import { defineImage, pidNumber, u64 } from "../images/codec.ts";
+import { defineImage, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
 
 export const IMAGE_FORMAT_VERSION = 1;
 export const AMBER_VERSION = "0.1.0";
@@ -13,7 +13,7 @@ export const ProcessEntry = z.object({
   /** The process name (its main thread's comm). */
   comm: z.string().max(16),
   exitSignal: z.number().int().min(0).max(64),
-  threads: z.array(pidNumber).min(1),
+  threads: z.array(pidNumber).min(1).max(PID_MAX),
   /** "stopped": in a group stop; "zombie": exited, not yet reaped by its parent. */
   state: z.enum(["running", "stopped", "zombie"]),
   /** A zombie's wait status. */
@@ -26,12 +26,18 @@ export const pstreeImage = defineImage(
   1,
   false,
   z.object({
-    processes: z.array(ProcessEntry).min(1),
+    processes: z.array(ProcessEntry).min(1).max(PID_MAX),
     /** Why these images cannot be restored (objects shared with processes outside the tree). */
-    unrestorable: z.array(z.string()),
+    unrestorable: z.array(z.string()).max(PID_MAX),
   }).refine(
     (t) => new Set(t.processes.map((p) => p.pid)).size === t.processes.length,
     "a pid is listed twice",
+  ).refine(
+    (t) => {
+      const tids = t.processes.flatMap((p) => p.threads);
+      return new Set(tids).size === tids.length;
+    },
+    "a thread id is listed twice",
   ).refine(
     (t) =>
       t.processes.every((p, i) => i === 0 || t.processes.slice(0, i).some((q) => q.pid === p.ppid)),
@@ -56,4 +62,5 @@ export const inventoryImage = defineImage(
     /** Why restore would refuse these images, as dump judged them (see lib/verdict.ts). */
     verdict: z.array(z.string()).optional(),
   }),
+  64 * 1024,
 );
