@@ -1,6 +1,6 @@
 /**
- * Threads: registers, FPU/AVX state, signal mask, rseq and name of each
- * thread. Restore creates the extra threads with clone3(set_tid) inside the
+ * Threads: registers, FPU/AVX state, signal mask, rseq, name,
+ * clear_child_tid and robust futex list of each thread. Restore creates the extra threads with clone3(set_tid) inside the
  * process; the final register state is written by applyThreadState once
  * everything else is in place.
  */
@@ -8,11 +8,12 @@ import { z } from "zod";
 import { Injector, NR } from "../../ffi/inject.ts";
 import * as pt from "../../ffi/ptrace.ts";
 import { Regs, USER_REGS_SIZE } from "../../ffi/regs.ts";
-import { definePart, type RestoreContext } from "../context.ts";
+import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { bytes, pidNumber, u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
-import { putBytes, putString, u64Bytes } from "../scratch.ts";
+import { addressOf, rawSyscall } from "../../ffi/libc.ts";
+import { getBytes, putBytes, putString, readU64s, u64Bytes } from "../scratch.ts";
 
 /** Big enough for any xsave layout; the kernel reports the real size. */
 const XSTATE_MAX = 64 * 1024;
@@ -32,17 +33,62 @@ const Thread = z.object({
     flags: z.number().int().min(0),
     signature: z.number().int().min(0),
   }),
+  /** The word the kernel clears (and futex-wakes) when the thread exits: pthread_join waits on it. */
+  clearChildTid: u64,
+  robustList: z.object({ head: u64, length: u64 }),
 });
 export type ThreadImage = z.output<typeof Thread>;
 
-export function dumpThread(pid: number, tid: number): z.input<typeof Thread> {
+const PR_GET_TID_ADDRESS = 40;
+
+/**
+ * Runs fn with an injector on each thread of the process, leader first.
+ * Other threads are begun and ended one at a time, so no thread stays in
+ * an injected state longer than its own calls.
+ */
+export async function forEachThread(
+  ctx: DumpContext,
+  fn: (tid: number, inj: Injector) => void | Promise<void>,
+): Promise<void> {
+  for (const tid of ctx.proc.threads) {
+    if (tid === ctx.pid) {
+      await fn(tid, ctx.injector);
+      continue;
+    }
+    const inj = new Injector(tid, ctx.injector.syscallAddr);
+    try {
+      await fn(tid, inj);
+    } finally {
+      inj.end();
+    }
+  }
+}
+
+/** Only the thread itself can read its clear_child_tid: prctl(PR_GET_TID_ADDRESS). */
+function clearChildTid(ctx: DumpContext, inj: Injector): bigint {
+  inj.call("prctl(GET_TID_ADDRESS)", NR.prctl, PR_GET_TID_ADDRESS, ctx.scratch.addr);
+  return readU64s(getBytes(ctx.pid, ctx.scratch, 8))[0];
+}
+
+/** get_robust_list works from outside on any thread amber may ptrace. */
+function robustList(tid: number): { head: bigint; length: bigint } {
+  const out = new BigUint64Array(2);
+  const addr = (i: number) => addressOf(out) + BigInt(i * 8);
+  rawSyscall("get_robust_list", NR.get_robust_list, tid, addr(0), addr(1));
+  return { head: out[0], length: out[1] };
+}
+
+function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeof Thread> {
   return withContext(`tid ${tid}`, () => ({
     tid,
-    comm: readProcText(pid, `task/${tid}/comm`).replace(/\n$/, ""),
+    comm: readProcText(ctx.pid, `task/${tid}/comm`).replace(/\n$/, ""),
+    // Read before the first injected call: begin() blocks every signal.
     regs: Regs.read(tid).bytes,
     xstate: pt.getRegset(tid, pt.NT_X86_XSTATE, XSTATE_MAX),
     sigmask: pt.getSigmask(tid),
     rseq: pt.getRseqConfig(tid),
+    clearChildTid: clearChildTid(ctx, inj),
+    robustList: robustList(tid),
   }));
 }
 
@@ -103,9 +149,15 @@ function createThread(ctx: RestoreContext, tid: number): Injector {
 
 export const threadsPart = definePart({
   name: "threads",
-  version: 1,
+  version: 2,
   schema: z.object({ threads: z.array(Thread).min(1) }),
-  dump: ({ pid, proc }) => ({ threads: proc.threads.map((tid) => dumpThread(pid, tid)) }),
+  async dump(ctx) {
+    const threads: z.input<typeof Thread>[] = [];
+    await forEachThread(ctx, (tid, inj) => {
+      threads.push(dumpThread(ctx, tid, inj));
+    });
+    return { threads };
+  },
   precheck({ threads }, { pid }) {
     if (threads[0].tid !== pid) {
       throw new AmberError(`first thread is ${threads[0].tid}, not the leader`);
@@ -121,6 +173,10 @@ export const threadsPart = definePart({
         inj.call("prctl(SET_NAME)", NR.prctl, 15, putString(ctx.pid, ctx.scratch, t.comm));
         if (t.rseq.address) {
           inj.call("rseq", NR.rseq, t.rseq.address, t.rseq.length, 0, t.rseq.signature);
+        }
+        inj.call("set_tid_address", NR.set_tid_address, t.clearChildTid);
+        if (t.robustList.head) {
+          inj.call("set_robust_list", NR.set_robust_list, t.robustList.head, t.robustList.length);
         }
       });
     }
