@@ -11,6 +11,7 @@ import { pagemapPart } from "./mm/pages.ts";
 import { credsPart } from "./task/creds.ts";
 import { rlimitsPart } from "./task/rlimits.ts";
 import { sigactionsPart } from "./task/sigactions.ts";
+import { signalsPart } from "./task/signals.ts";
 import { threadsPart } from "./task/threads.ts";
 import { defineImage, type ImageKind } from "./images/codec.ts";
 
@@ -25,6 +26,8 @@ export const PARTS: Part[] = [
   sigactionsPart,
   threadsPart,
   credsPart,
+  // Last: injected calls run with every signal blocked, so these stay pending.
+  signalsPart,
 ] as Part[];
 
 const kinds = new Map<string, ImageKind<unknown>>();
