@@ -1,6 +1,6 @@
 /**
  * Threads: registers, FPU/AVX state, signal mask, rseq, name,
- * clear_child_tid and robust futex list of each thread. Restore creates the extra threads with clone3(set_tid) inside the
+ * clear_child_tid, robust futex list and sigaltstack of each thread. Restore creates the extra threads with clone3(set_tid) inside the
  * process; the final register state is written by applyThreadState once
  * everything else is in place.
  */
@@ -36,6 +36,8 @@ const Thread = z.object({
   /** The word the kernel clears (and futex-wakes) when the thread exits: pthread_join waits on it. */
   clearChildTid: u64,
   robustList: z.object({ head: u64, length: u64 }),
+  /** stack_t of sigaltstack; flags without SS_ONSTACK, which the kernel derives from rsp. */
+  altstack: z.object({ sp: u64, flags: z.number().int(), size: u64 }),
 });
 export type ThreadImage = z.output<typeof Thread>;
 
@@ -78,6 +80,15 @@ function robustList(tid: number): { head: bigint; length: bigint } {
   return { head: out[0], length: out[1] };
 }
 
+const SS_ONSTACK = 1, SS_DISABLE = 2;
+
+/** stack_t { void *ss_sp; int ss_flags; size_t ss_size; } */
+function altstack(ctx: DumpContext, inj: Injector): { sp: bigint; flags: number; size: bigint } {
+  inj.call("sigaltstack", NR.sigaltstack, 0, ctx.scratch.addr);
+  const [sp, flags, size] = readU64s(getBytes(ctx.pid, ctx.scratch, 24));
+  return { sp, flags: Number(BigInt.asIntN(32, flags)) & ~SS_ONSTACK, size };
+}
+
 function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeof Thread> {
   return withContext(`tid ${tid}`, () => ({
     tid,
@@ -89,6 +100,7 @@ function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeo
     rseq: pt.getRseqConfig(tid),
     clearChildTid: clearChildTid(ctx, inj),
     robustList: robustList(tid),
+    altstack: altstack(ctx, inj),
   }));
 }
 
@@ -177,6 +189,15 @@ export const threadsPart = definePart({
         inj.call("set_tid_address", NR.set_tid_address, t.clearChildTid);
         if (t.robustList.head) {
           inj.call("set_robust_list", NR.set_robust_list, t.robustList.head, t.robustList.length);
+        }
+        const ss = t.altstack;
+        if (!(ss.flags & SS_DISABLE)) {
+          const addr = putBytes(
+            ctx.pid,
+            ctx.scratch,
+            u64Bytes([ss.sp, BigInt.asUintN(32, BigInt(ss.flags)), ss.size]),
+          );
+          inj.call("sigaltstack", NR.sigaltstack, addr, 0);
         }
       });
     }
