@@ -13,6 +13,7 @@ import { rlimitsPart } from "./task/rlimits.ts";
 import { sigactionsPart } from "./task/sigactions.ts";
 import { signalsPart } from "./task/signals.ts";
 import { threadsPart } from "./task/threads.ts";
+import { timersPart } from "./task/timers.ts";
 import { defineImage, type ImageKind } from "./images/codec.ts";
 
 export const PARTS: Part[] = [
@@ -26,6 +27,7 @@ export const PARTS: Part[] = [
   sigactionsPart,
   threadsPart,
   credsPart,
+  timersPart,
   // Last: injected calls run with every signal blocked, so these stay pending.
   signalsPart,
 ] as Part[];
