@@ -8,6 +8,7 @@ import { z } from "zod";
 import { Injector, NR } from "../../ffi/inject.ts";
 import * as pt from "../../ffi/ptrace.ts";
 import { Regs, USER_REGS_SIZE } from "../../ffi/regs.ts";
+import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { bytes, pidNumber, u64 } from "../images/codec.ts";
@@ -38,6 +39,8 @@ const Thread = z.object({
   robustList: z.object({ head: u64, length: u64 }),
   /** stack_t of sigaltstack; flags without SS_ONSTACK, which the kernel derives from rsp. */
   altstack: z.object({ sp: u64, flags: z.number().int(), size: u64 }),
+  /** Wall time of the dump (ms since the epoch), for sleeps to end at their deadline. */
+  dumpedAtMs: z.number(),
 });
 export type ThreadImage = z.output<typeof Thread>;
 
@@ -101,6 +104,7 @@ function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeo
     clearChildTid: clearChildTid(ctx, inj),
     robustList: robustList(tid),
     altstack: altstack(ctx, inj),
+    dumpedAtMs: Date.now(),
   }));
 }
 
@@ -138,11 +142,52 @@ export function resumeRegs(img: ThreadImage): Regs {
   return regs;
 }
 
+const NR_NANOSLEEP = 35n, NR_CLOCK_NANOSLEEP = 230n;
+/** Clocks whose sleeps run on while the process is only images. */
+const WALL_CLOCKS = [0n, 1n, 7n]; // REALTIME, MONOTONIC, BOOTTIME
+
+/**
+ * A relative sleep frozen with a remaining-time buffer: the kernel wrote
+ * the time left into it when amber froze the thread. Re-running the call
+ * on that buffer, less the time since the dump, ends the sleep at its
+ * original deadline instead of sleeping its whole length again. Only the
+ * request pointer register changes (callers do not rely on it: glibc's
+ * wrappers do not, and it is caller-saved across the C call). Returns
+ * the register holding the request to repoint, if this is such a sleep.
+ */
+function resumableSleep(
+  regs: Regs,
+): { req: "rdi" | "rdx"; rem: bigint; wall: boolean } | undefined {
+  if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
+  const nr = regs.signed("orig_rax");
+  if (nr === NR_NANOSLEEP && regs.get("rsi")) {
+    return { req: "rdi", rem: regs.get("rsi"), wall: true };
+  }
+  if (nr === NR_CLOCK_NANOSLEEP && regs.get("rsi") === 0n && regs.get("r10")) {
+    return { req: "rdx", rem: regs.get("r10"), wall: WALL_CLOCKS.includes(regs.get("rdi")) };
+  }
+  return undefined;
+}
+
+/** Shortens a frozen sleep's remaining time by the time since the dump; see resumableSleep. */
+function sleepOn(tid: number, img: ThreadImage, regs: Regs): void {
+  const sleep = resumableSleep(new Regs(img.regs));
+  if (!sleep) return;
+  const [sec, nsec] = readU64s(readMemoryProc(tid, sleep.rem, 16));
+  const since = sleep.wall ? BigInt(Math.max(0, Date.now() - img.dumpedAtMs)) * 1_000_000n : 0n;
+  let left = sec * 1_000_000_000n + nsec - since;
+  if (left < 0n) left = 0n;
+  writeMemory(tid, sleep.rem, u64Bytes([left / 1_000_000_000n, left % 1_000_000_000n]));
+  regs.set(sleep.req, sleep.rem);
+}
+
 /** Writes a thread's final FPU state, registers and signal mask. */
 export function applyThreadState(tid: number, img: ThreadImage): void {
   withContext(`tid ${tid}: registers`, () => {
     pt.setRegset(tid, pt.NT_X86_XSTATE, img.xstate);
-    resumeRegs(img).write(tid);
+    const regs = resumeRegs(img);
+    sleepOn(tid, img, regs);
+    regs.write(tid);
     pt.setSigmask(tid, img.sigmask);
   });
 }
