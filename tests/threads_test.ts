@@ -192,3 +192,40 @@ Deno.test("numpy on 2 OpenBLAS threads dumped mid-job ends with the undumped res
   const got = await runDumped(job, `${tmp.path}/img`, "numpy");
   assert.equal(got, want, "numpy: result after dump and restore");
 });
+
+// ---------------------------------------------------------------------------
+// sleeps end at their deadline
+
+const SLEEP_MS = 6000;
+/** How long after the sleeps began the dump starts. */
+const DUMP_AFTER_MS = 1500;
+
+Deno.test("a restored 6 s nanosleep ends 6 s after it began, not 6 s after the restore", async () => {
+  await using tmp = await tempDir();
+  const bin = await buildC("sleeper", ["-pthread"]);
+  const out = `${tmp.path}/sleeper.txt`;
+  const { pid, child } = spawnTarget(["setsid", bin, out]);
+  try {
+    const [first] = await waitForLines(out, 1);
+    const began = Number(first.split(" ")[1]);
+    await new Promise((r) => setTimeout(r, Math.max(0, began + DUMP_AFTER_MS - Date.now())));
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await child.status;
+    assertExit(await amber(["restore", "-D", img]), 0, "restored sleeper");
+    const lines = await waitForLines(out, 4);
+    assert.equal(lines.at(-1), "done");
+    for (const line of lines.slice(1, 3)) {
+      const [name, elapsed, rc] = line.split(" ");
+      assert.equal(rc, "rc=0", `${name}: result`);
+      // Never early; and sooner than a whole new sleep begun at the dump could end.
+      assert.ok(Number(elapsed) >= SLEEP_MS, `${name}: ended after ${elapsed} ms`);
+      assert.ok(
+        Number(elapsed) < SLEEP_MS + DUMP_AFTER_MS,
+        `${name}: ended after ${elapsed} ms: slept its whole length again`,
+      );
+    }
+  } finally {
+    await killAndReap(pid);
+  }
+});
