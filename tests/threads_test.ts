@@ -14,7 +14,9 @@ import {
   dumpArgs,
   killAndReap,
   spawnTarget,
+  statusField,
   tempDir,
+  threadsOf,
   waitForLine,
   waitForLines,
   waitGone,
@@ -225,6 +227,42 @@ Deno.test("a restored 6 s nanosleep ends 6 s after it began, not 6 s after the r
         `${name}: ended after ${elapsed} ms: slept its whole length again`,
       );
     }
+  } finally {
+    await killAndReap(pid);
+  }
+});
+
+// ---------------------------------------------------------------------------
+// per-thread credentials
+
+function threadIds(pid: number): string[] {
+  return threadsOf(pid).map((tid) =>
+    `${tid} uid ${statusField(pid, "Uid", tid)} gid ${statusField(pid, "Gid", tid)}`
+  );
+}
+
+Deno.test("a thread with other uids and gids than its process keeps them", async () => {
+  await using tmp = await tempDir();
+  const bin = await buildC("threadcreds", ["-pthread"]);
+  const out = `${tmp.path}/creds.txt`, go = `${tmp.path}/go`;
+  const { pid, child } = spawnTarget(["setsid", bin, out, go]);
+  try {
+    await waitForLines(out, 1);
+    const before = threadIds(pid);
+    assert.equal(new Set(before.map((l) => l.replace(/^\d+ /, ""))).size, 2, "two sets of ids");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await child.status;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.deepEqual(threadIds(pid), before, "per-thread uids and gids after restore");
+    Deno.writeTextFileSync(go, "");
+    assert.deepEqual(await waitForLines(out, 4), [
+      "ready",
+      "main uid=0 gid=0",
+      "other uid=1234 gid=2345",
+      "PASS",
+    ]);
+    assert.ok(await waitGone(pid), "the restored target did not exit");
   } finally {
     await killAndReap(pid);
   }
