@@ -1,114 +1,292 @@
 /**
  * amber's command line: a thin layer over mod.ts with CRIU's flag names.
- *
- *   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
- *   amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job] [-v]
- *   amber show DIR [--json]
- *   amber check
+ * Each command lists its flags once; parsing, `--help` and the usage
+ * errors all come from that list.
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
+import {
+  AmberError,
+  check,
+  dump,
+  formatCheck,
+  InterruptedError,
+  restore,
+  show,
+  UsageError,
+} from "./mod.ts";
 
-const USAGE = `usage:
-  amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
-  amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job] [-v]
-  amber show DIR [--json]
-  amber check`;
+interface Flag {
+  long: string;
+  short?: string;
+  /** Name of its value; a flag without one is a switch. */
+  value?: string;
+  help: string;
+}
 
 type Values = Record<string, string | boolean | undefined>;
 
-function parse(
-  args: string[],
-  options: ParseArgsConfig["options"],
-): { values: Values; positionals: string[] } {
+interface Command {
+  name: string;
+  args: string;
+  summary: string;
+  flags: Flag[];
+  run(values: Values, positionals: string[]): Promise<number>;
+}
+
+const VERBOSE: Flag = {
+  long: "verbose",
+  short: "v",
+  help: "print what each step does and how long it takes (CRIU's -v0..-v4 also work)",
+};
+const LOG_FILE: Flag = {
+  long: "log-file",
+  short: "o",
+  value: "FILE",
+  help: "also write those details to FILE (created 0600; relative to the current directory)",
+};
+const SHELL_JOB: Flag = {
+  long: "shell-job",
+  short: "j",
+  help: "the tree is a job of a shell: its session or terminal is outside it",
+};
+const IMAGES_DIR: Flag = { long: "images-dir", short: "D", value: "DIR", help: "images directory" };
+const FILE_LOCKS: Flag = {
+  long: "file-locks",
+  help: "accepted for CRIU's sake: amber always handles the file locks it finds",
+};
+
+/** -v0..-v4 (CRIU's levels) → -v for 3 and above, nothing below. */
+function normalizeVerbosity(args: string[]): string[] {
+  return args.flatMap((a) => {
+    const m = /^-v([0-4])$/.exec(a) ?? /^--verbosity=([0-4])$/.exec(a);
+    if (!m) return [a];
+    return Number(m[1]) >= 3 ? ["-v"] : [];
+  });
+}
+
+function parse(cmd: Command, args: string[]): { values: Values; positionals: string[] } {
+  const options: ParseArgsConfig["options"] = { help: { type: "boolean", short: "h" } };
+  for (const f of cmd.flags) {
+    options[f.long] = { type: f.value ? "string" : "boolean", ...(f.short && { short: f.short }) };
+  }
   try {
-    const r = parseArgs({ args, options, allowPositionals: true, strict: true });
+    const r = parseArgs({
+      args: normalizeVerbosity(args),
+      options,
+      allowPositionals: true,
+      strict: true,
+    });
     return { values: r.values as Values, positionals: r.positionals };
   } catch (e) {
-    throw new UsageError(e instanceof Error ? e.message : String(e));
+    const text = e instanceof Error ? e.message : String(e);
+    const option = /'([^']+)'/.exec(text)?.[1]?.split(/[ ,]/)[0] ?? "";
+    const see = `see amber ${cmd.name} --help`;
+    if (/unknown option/i.test(text)) throw new UsageError(`unknown option ${option}; ${see}`);
+    if (/argument missing/i.test(text)) throw new UsageError(`${option} needs a value; ${see}`);
+    throw new UsageError(`${text.split("\n")[0]}; ${see}`);
   }
 }
 
 function pidArg(v: unknown): number {
   if (typeof v !== "string" || !/^\d+$/.test(v)) {
-    throw new UsageError(`-t needs a numeric pid, got ${v ?? "nothing"}`);
+    throw new UsageError(`-t needs a numeric pid, got ${v ?? "nothing"}; see amber dump --help`);
   }
   return Number(v);
 }
 
-function dirArg(v: unknown, flag = "-D"): string {
-  if (typeof v !== "string" || !v) throw new UsageError(`${flag} DIR is required`);
+function dirArg(v: unknown, command: string): string {
+  if (typeof v !== "string" || !v) {
+    throw new UsageError(`-D DIR is required; see amber ${command} --help`);
+  }
   return v;
 }
 
-async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
-  switch (command) {
-    case "dump": {
-      const { values: v, positionals } = parse(rest, {
-        tree: { type: "string", short: "t" },
-        "images-dir": { type: "string", short: "D" },
-        "leave-running": { type: "boolean", short: "R" },
-        "shell-job": { type: "boolean" },
-        verbose: { type: "boolean", short: "v" },
+function noPositionals(command: string, positionals: string[]): void {
+  if (positionals.length) {
+    throw new UsageError(`unexpected argument ${positionals[0]}; see amber ${command} --help`);
+  }
+}
+
+/** The -o log: appended to, never through a symlink, 0600. */
+function openLog(path: string | boolean | undefined): Deno.FsFile | undefined {
+  if (typeof path !== "string") return undefined;
+  try {
+    if (Deno.lstatSync(path).isSymlink) throw new AmberError(`log file ${path}: is a symlink`);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  return Deno.openSync(path, { append: true, create: true, mode: 0o600 });
+}
+
+function logWriter(file: Deno.FsFile | undefined): ((line: string) => void) | undefined {
+  if (!file) return undefined;
+  const enc = new TextEncoder();
+  return (line) => {
+    file.writeSync(enc.encode(`${new Date().toISOString()} ${line}\n`));
+  };
+}
+
+/** Runs fn with the -o log open, if any; the log gets the command line and any failure. */
+async function withLog<T>(
+  v: Values,
+  fn: (log?: (line: string) => void) => Promise<T>,
+): Promise<T> {
+  using file = openLog(v["log-file"]);
+  const log = logWriter(file);
+  log?.(`amber ${Deno.args.join(" ")}`);
+  try {
+    return await fn(log);
+  } catch (e) {
+    log?.(`failed: ${e instanceof Error ? e.message : e}`);
+    throw e;
+  }
+}
+
+const COMMANDS: Command[] = [
+  {
+    name: "dump",
+    args: "-t PID -D DIR",
+    summary: "freeze PID and its descendants and write their images into DIR; then end them",
+    flags: [
+      { long: "tree", short: "t", value: "PID", help: "root of the tree to dump" },
+      IMAGES_DIR,
+      {
+        long: "leave-running",
+        short: "R",
+        help: "let the tree run on after the dump (it is killed otherwise)",
+      },
+      SHELL_JOB,
+      FILE_LOCKS,
+      VERBOSE,
+      LOG_FILE,
+    ],
+    run(v, positionals) {
+      noPositionals("dump", positionals);
+      const pid = pidArg(v.tree), dir = dirArg(v["images-dir"], "dump");
+      return withLog(v, async (log) => {
+        const stats = await dump({
+          pid,
+          dir,
+          leaveRunning: !!v["leave-running"],
+          shellJob: !!v["shell-job"],
+          verbose: !!v.verbose,
+          log,
+        });
+        const summary = `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
+          `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, ` +
+          `frozen ${stats.frozenMs.toFixed(0)} ms, total ${stats.totalMs.toFixed(0)} ms`;
+        log?.(summary);
+        if (v.verbose) console.error(summary);
+        return 0;
       });
-      if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}`);
-      const stats = await dump({
-        pid: pidArg(v.tree),
-        dir: dirArg(v["images-dir"]),
-        leaveRunning: !!v["leave-running"],
-        shellJob: !!v["shell-job"],
-        verbose: !!v.verbose,
+    },
+  },
+  {
+    name: "restore",
+    args: "-D DIR",
+    summary: "rebuild the tree saved in DIR with the same pids; wait for its root unless -d",
+    flags: [
+      IMAGES_DIR,
+      {
+        long: "restore-detached",
+        short: "d",
+        help: "return once the tree runs instead of waiting for its root",
+      },
+      { long: "pidfile", value: "FILE", help: "write the root's pid into FILE" },
+      SHELL_JOB,
+      FILE_LOCKS,
+      VERBOSE,
+      LOG_FILE,
+    ],
+    run(v, positionals) {
+      noPositionals("restore", positionals);
+      const dir = dirArg(v["images-dir"], "restore");
+      return withLog(v, async (log) => {
+        const result = await restore({
+          dir,
+          detached: !!v["restore-detached"],
+          pidfile: v.pidfile as string | undefined,
+          shellJob: !!v["shell-job"],
+          verbose: !!v.verbose,
+          log,
+        });
+        log?.(`restored ${result.pids.join(" ")}`);
+        return result.exitCode ?? 0;
       });
-      if (v.verbose) {
-        console.error(
-          `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
-            `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, frozen ${
-              stats.frozenMs.toFixed(0)
-            } ms, ` +
-            `total ${stats.totalMs.toFixed(0)} ms`,
-        );
+    },
+  },
+  {
+    name: "show",
+    args: "DIR",
+    summary: "print a summary of the images in DIR and whether they can be restored here",
+    flags: [{ long: "json", help: "every image decoded, as one JSON document" }],
+    async run(v, positionals) {
+      if (positionals.length !== 1) {
+        throw new UsageError("show takes one images directory; see amber show --help");
       }
-      return 0;
-    }
-    case "restore": {
-      const { values: v, positionals } = parse(rest, {
-        "images-dir": { type: "string", short: "D" },
-        "restore-detached": { type: "boolean", short: "d" },
-        pidfile: { type: "string" },
-        "shell-job": { type: "boolean" },
-        verbose: { type: "boolean", short: "v" },
-      });
-      if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}`);
-      const result = await restore({
-        dir: dirArg(v["images-dir"]),
-        detached: !!v["restore-detached"],
-        pidfile: v.pidfile as string | undefined,
-        shellJob: !!v["shell-job"],
-        verbose: !!v.verbose,
-      });
-      return result.exitCode ?? 0;
-    }
-    case "show": {
-      const { values: v, positionals } = parse(rest, { json: { type: "boolean" } });
-      if (positionals.length !== 1) throw new UsageError("show takes one images directory");
       console.log(await show(positionals[0], { json: !!v.json }));
       return 0;
-    }
-    case "check": {
-      parse(rest, {});
+    },
+  },
+  {
+    name: "check",
+    args: "",
+    summary: "test each kernel feature amber needs; exit 0 only if dump and restore can work",
+    flags: [],
+    run(_v, positionals) {
+      noPositionals("check", positionals);
       const report = check();
       console.log(formatCheck(report));
-      return report.ok ? 0 : 1;
-    }
-    case "-h":
-    case "--help":
-    case "help":
-      console.log(USAGE);
-      return 0;
-    default:
-      throw new UsageError(command ? `unknown command ${command}` : "no command given");
+      return Promise.resolve(report.ok ? 0 : 1);
+    },
+  },
+];
+
+function commandHelp(cmd: Command): string {
+  const lines = [
+    `usage: amber ${cmd.name}${cmd.args ? " " + cmd.args : ""} [options]`,
+    "",
+    cmd.summary,
+  ];
+  if (cmd.flags.length) lines.push("", "options:");
+  for (const f of cmd.flags) {
+    const names = `${f.short ? `-${f.short}, ` : "    "}--${f.long}${f.value ? " " + f.value : ""}`;
+    lines.push(`  ${names.padEnd(28)} ${f.help}`);
   }
+  lines.push("", "exit codes: 0 success, 1 failure, 2 usage error");
+  return lines.join("\n");
+}
+
+function overview(): string {
+  return [
+    "amber: checkpoint/restore of running Linux process trees (flags follow CRIU's)",
+    "",
+    ...COMMANDS.map((c) => `  amber ${`${c.name} ${c.args}`.padEnd(22)} ${c.summary}`),
+    "",
+    "amber help COMMAND, or amber COMMAND --help, lists a command's options.",
+  ].join("\n");
+}
+
+function findCommand(name: string): Command {
+  const cmd = COMMANDS.find((c) => c.name === name);
+  if (!cmd) throw new UsageError(`unknown command ${name}; see amber help`);
+  return cmd;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (!name) throw new UsageError("no command given; see amber help");
+  if (name === "help" || name === "--help" || name === "-h") {
+    console.log(rest[0] ? commandHelp(findCommand(rest[0])) : overview());
+    return 0;
+  }
+  const cmd = findCommand(name);
+  const { values, positionals } = parse(cmd, rest);
+  if (values.help) {
+    console.log(commandHelp(cmd));
+    return 0;
+  }
+  return await cmd.run(values, positionals);
 }
 
 if (import.meta.main) {
@@ -117,8 +295,11 @@ if (import.meta.main) {
     code = await main(Deno.args);
   } catch (e) {
     if (e instanceof UsageError) {
-      console.error(`amber: ${e.message}\n${USAGE}`);
+      console.error(`amber: ${e.message}`);
       code = 2;
+    } else if (e instanceof InterruptedError) {
+      console.error(`amber: ${e.message}; what was started was undone`);
+      code = e.exitCode;
     } else {
       console.error(`amber: ${e instanceof Error ? e.message : e}`);
       if (Deno.env.get("AMBER_DEBUG")) console.error(e);

@@ -16,7 +16,7 @@ import { type RestoreRequest, type RestoreResult, restoreTree } from "./lib/rest
 import { showImages } from "./lib/show.ts";
 import { checkKernel, type CheckReport, formatCheckReport } from "./lib/check.ts";
 
-export { AmberError, UsageError } from "./lib/errors.ts";
+export { AmberError, InterruptedError, UsageError } from "./lib/errors.ts";
 export type { CheckReport, DumpRequest, DumpStats, Images, RestoreRequest, RestoreResult };
 
 /**

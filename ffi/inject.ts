@@ -1,7 +1,11 @@
 /**
  * Syscall injection: make a stopped tracee execute one system call of our
  * choosing, without touching its memory. We point rip at a `syscall`
- * instruction that already exists in its [vdso] and single-step it.
+ * instruction that already exists in its [vdso] and let it run to the
+ * syscall's entry and exit stops (PTRACE_SYSCALL). Single-stepping would
+ * end each call with a forced SIGTRAP, which the kernel turns into
+ * SIG_DFL when SIGTRAP is blocked or ignored: the target's own SIGTRAP
+ * handler would be lost.
  */
 import { SysError } from "./libc.ts";
 import { readMemoryProc, writeMemory } from "./memory.ts";
@@ -9,6 +13,8 @@ import * as pt from "./ptrace.ts";
 import { Regs } from "./regs.ts";
 
 const SIGTRAP = 5;
+/** A syscall stop's signal with PTRACE_O_TRACESYSGOOD. */
+const SYSCALL_STOP = SIGTRAP | 0x80;
 const ALL_SIGNALS = (1n << 64n) - 1n;
 
 /** Offset of the first `syscall` (0f 05) instruction in a vdso image. */
@@ -35,21 +41,40 @@ export interface ForkEvent {
   child: number;
 }
 
+export interface InjectorOptions {
+  /**
+   * Put the thread back exactly as it was after every call (registers,
+   * mask, and a PTRACE_EVENT_STOP like the freeze's), so that if amber
+   * dies the thread is never left in an injected state for longer than
+   * one syscall. For threads of a dumped tree, which must survive amber.
+   */
+  restoreAfterEachCall?: boolean;
+}
+
 /**
- * Runs syscalls inside a stopped, seized thread. `begin` saves its state and
- * blocks every signal so none can preempt an injected call; `end` puts the
- * registers and signal mask back exactly as they were.
+ * Runs syscalls inside a stopped, seized thread (seized with
+ * PTRACE_O_TRACESYSGOOD). `begin` saves its state and blocks every signal
+ * so none can preempt an injected call; `end` puts the registers and
+ * signal mask back exactly as they were and stops the thread where the
+ * freeze had stopped it, so the kernel's syscall-restart logic still runs
+ * when it resumes.
  */
 export class Injector {
   private saved?: Regs;
   private savedMask = 0n;
+  /** The thread has left its original stop for an injected call. */
+  private moved = false;
   /** Children reported by the last call (clone3, fork). */
   forks: ForkEvent[] = [];
 
-  constructor(readonly tid: number, public syscallAddr: bigint) {}
+  constructor(
+    readonly tid: number,
+    public syscallAddr: bigint,
+    readonly options: InjectorOptions = {},
+  ) {}
 
-  static forThread(tid: number, pid = tid): Injector {
-    return new Injector(tid, vdsoSyscallAddress(pid));
+  static forThread(tid: number, pid = tid, options: InjectorOptions = {}): Injector {
+    return new Injector(tid, vdsoSyscallAddress(pid), options);
   }
 
   begin(): this {
@@ -74,6 +99,49 @@ export class Injector {
     this.saved.write(this.tid);
     pt.setSigmask(this.tid, this.savedMask);
     this.saved = undefined;
+    if (this.moved) this.stopAgain();
+  }
+
+  /**
+   * From a syscall-exit stop back to a PTRACE_EVENT_STOP inside signal
+   * handling, where the freeze left the thread: only from there does the
+   * kernel restart a syscall the thread was in (-ERESTARTSYS...) when it
+   * resumes.
+   */
+  private stopAgain(): void {
+    pt.interrupt(this.tid);
+    pt.cont(this.tid);
+    for (;;) {
+      const st = this.wait();
+      if (st.event === pt.PTRACE_EVENT.STOP) break;
+      // A signal that became deliverable with the mask put back: the
+      // trap comes first, the signal stays queued for when the tree runs.
+      pt.cont(this.tid);
+    }
+    this.moved = false;
+  }
+
+  private wait(): pt.WaitStatus {
+    const st = pt.waitpid(this.tid);
+    if (!st || !st.stopped) {
+      throw new SysError(`thread ${this.tid} ended during an injected syscall`, 3);
+    }
+    return st;
+  }
+
+  /** Resumes to the next syscall stop, noting fork/clone events on the way. */
+  private toSyscallStop(): void {
+    pt.syscall(this.tid);
+    for (;;) {
+      const st = this.wait();
+      if (st.stopSignal === SYSCALL_STOP && st.event === 0) return;
+      if (st.event === pt.PTRACE_EVENT.FORK || st.event === pt.PTRACE_EVENT.CLONE) {
+        this.forks.push({ event: st.event, child: Number(pt.getEventMsg(this.tid)) });
+      }
+      // Any other stop (a group stop, a signal that cannot be blocked) is
+      // passed over: the syscall has not finished yet.
+      pt.syscall(this.tid);
+    }
   }
 
   /** Runs syscall `nr`; returns rax as the kernel left it (-errno on failure). */
@@ -85,21 +153,12 @@ export class Injector {
     regs.set("rax", nr).set("orig_rax", -1n).set("rip", this.syscallAddr);
     regs.write(this.tid);
     this.forks = [];
-    pt.singleStep(this.tid);
-    for (;;) {
-      const st = pt.waitpid(this.tid);
-      if (!st || !st.stopped) {
-        throw new SysError(`thread ${this.tid} ended during an injected syscall ${nr}`, 3);
-      }
-      if (st.event === pt.PTRACE_EVENT.FORK || st.event === pt.PTRACE_EVENT.CLONE) {
-        this.forks.push({ event: st.event, child: Number(pt.getEventMsg(this.tid)) });
-      } else if (st.stopSignal === SIGTRAP && st.event === 0) {
-        return Regs.read(this.tid).signed("rax");
-      }
-      // Any other stop (group stop, a signal that cannot be blocked) is
-      // stepped past: the syscall has not finished yet.
-      pt.singleStep(this.tid);
-    }
+    this.moved = true;
+    this.toSyscallStop(); // entry
+    this.toSyscallStop(); // exit
+    const result = Regs.read(this.tid).signed("rax");
+    if (this.options.restoreAfterEachCall) this.end();
+    return result;
   }
 
   /** Runs a syscall and throws SysError(name) when it fails. */
@@ -135,6 +194,14 @@ export const NR = {
   madvise: 28,
   dup2: 33,
   getpid: 39,
+  socket: 41,
+  sendto: 44,
+  shutdown: 48,
+  bind: 49,
+  listen: 50,
+  socketpair: 53,
+  setsockopt: 54,
+  getsockopt: 55,
   wait4: 61,
   fcntl: 72,
   chdir: 80,
@@ -167,8 +234,10 @@ export const NR = {
   timer_delete: 226,
   exit_group: 231,
   openat: 257,
+  epoll_ctl: 233,
   set_robust_list: 273,
   get_robust_list: 274,
+  epoll_create1: 291,
   dup3: 292,
   rt_tgsigqueueinfo: 297,
   prlimit64: 302,

@@ -62,6 +62,11 @@ const SYMBOLS = {
   fsync: { parameters: ["i32"], result: "i32" },
   kill: { parameters: ["i32", "i32"], result: "i32" },
   prctl: { parameters: ["i32", "u64", "u64", "u64", "u64"], result: "i32" },
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  sendto: { parameters: ["i32", "buffer", "u64", "i32", "buffer", "u32"], result: "i64" },
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "i64" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
@@ -111,6 +116,10 @@ const ERRNO_NAMES: Record<number, string> = {
   30: "EROFS",
   38: "ENOSYS",
   95: "EOPNOTSUPP",
+  98: "EADDRINUSE",
+  104: "ECONNRESET",
+  107: "ENOTCONN",
+  111: "ECONNREFUSED",
 };
 
 /** "EFAULT" for 14; "errno 123" for codes without a name here. */

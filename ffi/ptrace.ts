@@ -5,7 +5,7 @@ export const PTRACE = {
   PEEKDATA: 2,
   CONT: 7,
   KILL: 8,
-  SINGLESTEP: 9,
+  SYSCALL: 24,
   GETREGS: 12,
   SETREGS: 13,
   DETACH: 17,
@@ -57,8 +57,9 @@ export function cont(tid: number, signal = 0): void {
   ptrace(PTRACE.CONT, tid, 0n, BigInt(signal), "ptrace(CONT)");
 }
 
-export function singleStep(tid: number): void {
-  ptrace(PTRACE.SINGLESTEP, tid, 0n, 0n, "ptrace(SINGLESTEP)");
+/** Resumes until the next syscall entry or exit stop. */
+export function syscall(tid: number, signal = 0): void {
+  ptrace(PTRACE.SYSCALL, tid, 0n, BigInt(signal), "ptrace(SYSCALL)");
 }
 
 export function getEventMsg(tid: number): bigint {

@@ -50,6 +50,8 @@ export interface TreeDumpState {
   seen: Set<string>;
   /** Pages files written ahead of the freeze, by pid; taken by the pages part. */
   preparedPages: Map<number, PreparedPages>;
+  /** What a kind of object keeps for the whole tree, by kind name; only that kind reads it. */
+  kinds: Map<string, unknown>;
 }
 
 export interface RestoreOptions {
@@ -90,6 +92,14 @@ export interface TreeRestoreState {
   pipes: Map<number, { read?: FdPlace; write?: FdPlace }>;
   /** Descriptors kept only so a later process can fetch them; closed at the end. */
   parked: FdPlace[];
+  /** What a kind of object keeps for the whole tree, by kind name; only that kind reads it. */
+  kinds: Map<string, unknown>;
+}
+
+/** A kind's own tree-wide state: made on first use, kept in `kinds` under the kind's name. */
+export function kindState<T>(kinds: Map<string, unknown>, name: string, make: () => T): T {
+  if (!kinds.has(name)) kinds.set(name, make());
+  return kinds.get(name) as T;
 }
 
 export interface PrecheckContext {

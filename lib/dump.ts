@@ -11,6 +11,10 @@ import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
+import { readImages } from "./images/read.ts";
+import { SignalGuard } from "./interrupt.ts";
+import { detailLog, type LogLine } from "./log.ts";
+import { dumpVerdictOptions, judgeImages, partRefusal } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xfeatures, xstateSize } from "./task/threads.ts";
@@ -31,6 +35,10 @@ import {
 export interface DumpRequest extends Partial<DumpOptions> {
   pid: number;
   dir: string;
+  /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
+  signal?: AbortSignal;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
 }
 
 export interface DumpStats {
@@ -97,20 +105,30 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
 
 /**
  * Dumps every part of one process; returns why it could not be restored,
- * if something in it cannot be yet.
+ * if something in it cannot be yet (the verdict's own check of each part,
+ * taken early so a doomed dump stops before writing the rest).
  */
 async function dumpProcess(
   dir: ImageDir,
   proc: FrozenProcess,
   options: DumpOptions,
   tree: TreeDumpState,
+  guard: SignalGuard,
+  log: LogLine,
 ): Promise<string | undefined> {
-  let unrestorable: string | undefined;
+  let refusal: string | undefined;
   const leader = proc.threads[0];
-  const injector = Injector.forThread(leader, proc.pid);
+  const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
   const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {}, tree };
+  const check = {
+    pid: proc.pid,
+    dir,
+    options: dumpVerdictOptions(options.shellJob),
+    images: ctx.done,
+  };
   for (const part of PARTS) {
+    await guard.checkpoint();
     const t0 = performance.now();
     await withContextAsync(part.name, async () => {
       const body = await dumpPart(ctx, () => part.dump(ctx));
@@ -119,13 +137,18 @@ async function dumpProcess(
       const parsed = image.schema.parse(body);
       ctx.done[part.name] = parsed;
       dir.write(image, body, proc.pid);
-      unrestorable ??= part.unrestorable?.(parsed);
     });
-    if (options.verbose) {
-      console.error(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
-    }
+    refusal ??= partRefusal(part, ctx.done[part.name], check);
+    log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
-  return unrestorable;
+  return refusal;
+}
+
+/** Ending a tree whose images cannot come back would lose it. */
+function refuseToEnd(why: string): AmberError {
+  return new AmberError(
+    `${why}; the tree is left running (dump -R keeps it running with its images)`,
+  );
 }
 
 function imageBytes(dir: string): number {
@@ -144,7 +167,9 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
   };
+  const log = detailLog(req);
   validateTargetPid(req.pid);
+  using guard = new SignalGuard(req.signal);
   const dir = new ImageDir(req.dir).openForWrite();
   const state: TreeDumpState = {
     openFiles: new Map(),
@@ -152,6 +177,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     pending: new Map(),
     seen: new Set(),
     preparedPages: new Map(),
+    kinds: new Map(),
   };
   let tree: FrozenTree;
   try {
@@ -159,6 +185,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     for (const pid of listTree(req.pid)) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
+      await guard.checkpoint();
     }
     tree = seizeTree(req.pid);
   } catch (e) {
@@ -175,27 +202,19 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   };
   try {
     faultPoint("after-freeze");
+    await guard.checkpoint();
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const why = await withContextAsync(
         `pid ${proc.pid}`,
-        () => dumpProcess(dir, proc, options, state),
+        () => dumpProcess(dir, proc, options, state, guard, log),
       );
-      // Ending a tree that can never come back would lose it.
-      if (why && !options.leaveRunning) {
-        throw new AmberError(
-          `pid ${proc.pid}: ${why}; the tree is left running (dump -R keeps it running with its images)`,
-        );
-      }
+      if (why && !options.leaveRunning) throw refuseToEnd(why);
     }
-    const unrestorable = [...state.pending.values()];
-    if (unrestorable.length && !options.leaveRunning) {
-      throw new AmberError(
-        `${unrestorable[0]}; the tree is left running (dump -R keeps it running with its images)`,
-      );
-    }
-    dir.write(pstreeImage, { processes: entries, unrestorable });
+    const pending = [...state.pending.values()];
+    if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
+    dir.write(pstreeImage, { processes: entries, unrestorable: pending });
     // Prepared for a process that was gone by the time of the freeze.
     for (const p of state.preparedPages.values()) p.drop();
     const root = tree.processes[0].threads[0];
@@ -211,12 +230,23 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
       shellJob: options.shellJob,
     };
     faultPoint("before-commit");
+    await guard.checkpoint();
     // Everything is in the page cache: a tree that keeps running need not
-    // wait for the disk. The inventory, written last and only once all else
-    // is durable, marks the images complete.
+    // wait for the disk.
     if (options.leaveRunning) resume();
     dir.syncAll();
     dir.write(inventoryImage, inventory);
+    // The verdict restore will give, from the images as written.
+    const reasons = await judgeImages(
+      readImages(dir.path),
+      dir,
+      dumpVerdictOptions(options.shellJob),
+    );
+    if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
+    await guard.checkpoint();
+    // The inventory, rewritten with the verdict and made durable only once
+    // all else is, marks the images complete.
+    dir.write(inventoryImage, { ...inventory, verdict: reasons });
     dir.syncAll();
   } catch (e) {
     if (!running) withContext("resuming the tree after a failed dump", () => tree.release());

@@ -20,13 +20,22 @@ export class UsageError extends AmberError {
   }
 }
 
+/** The work was stopped by a signal (or an AbortSignal) and undone: exit 128 + N. */
+export class InterruptedError extends AmberError {
+  constructor(readonly signal: string, readonly exitCode: number) {
+    super(`interrupted by ${signal}`);
+    this.name = "InterruptedError";
+  }
+}
+
 function messageOf(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
 /** Prefixes an error's message with `label: `, keeping its cause. */
 export function wrapError(label: string, e: unknown): AmberError {
-  if (e instanceof UsageError) return e;
+  // Neither is about the object being worked on.
+  if (e instanceof UsageError || e instanceof InterruptedError) return e;
   return new AmberError(`${label}: ${messageOf(e)}`, { cause: e });
 }
 
@@ -55,7 +64,9 @@ export function hex(v: bigint | number): string {
 
 /**
  * Test-only fault hook: when AMBER_TEST_FAULT names this point, the step
- * fails here, so tests can prove a failure mid-dump harms nothing.
+ * fails here, so tests can prove a failure mid-dump harms nothing; with
+ * `POINT:SIGNAL` (e.g. `after-freeze:SIGINT`) amber sends itself that
+ * signal there instead.
  */
 export function faultPoint(name: string): void {
   let wanted: string | undefined;
@@ -65,4 +76,6 @@ export function faultPoint(name: string): void {
     return; // no env permission: no faults
   }
   if (wanted === name) throw new AmberError(`injected test fault at ${name}`);
+  const [point, signal] = wanted?.split(":") ?? [];
+  if (point === name && signal) Deno.kill(Deno.pid, signal as Deno.Signal);
 }

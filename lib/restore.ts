@@ -16,7 +16,10 @@ import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "
 import { AmberError, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
-import { findFreeRange, type MappingImage, vdsoDigest } from "./mm/mappings.ts";
+import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
+import { judgeImages } from "./verdict.ts";
+import { SignalGuard } from "./interrupt.ts";
+import { detailLog, type LogLine } from "./log.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
@@ -26,6 +29,10 @@ import { putBytes, putString, u64Bytes } from "./scratch.ts";
 export interface RestoreRequest extends Partial<RestoreOptions> {
   dir: string;
   pidfile?: string;
+  /** Aborting it stops the restore as SIGINT does: what was created is killed. */
+  signal?: AbortSignal;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
 }
 
 export interface RestoreResult {
@@ -40,7 +47,8 @@ const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
 const SIGKILL = 9;
 const SIGSTOP = 19;
-const TRACE_OPTIONS = pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE | pt.PTRACE_O.EXITKILL;
+const TRACE_OPTIONS = pt.PTRACE_O.TRACESYSGOOD | pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE |
+  pt.PTRACE_O.EXITKILL;
 
 function isZombie(pid: number): boolean {
   try {
@@ -78,31 +86,9 @@ function pidHolderNow(pid: number): string | undefined {
 
 /** Everything that can be checked before a single process is created. */
 async function precheck(images: Images, options: RestoreOptions, dir: ImageDir): Promise<void> {
-  const inv = images.inventory;
-  const vdso = await vdsoDigest(Deno.pid);
-  if (inv.vdsoSha256 && vdso !== inv.vdsoSha256) {
-    throw new AmberError(
-      `this kernel's [vdso] differs from the image's (dumped on ${inv.kernel}); not supported yet`,
-    );
-  }
-  if (images.unrestorable.length) throw new AmberError(images.unrestorable[0]);
-  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  const reasons = await judgeImages(images, dir, options);
+  if (reasons.length) throw new AmberError(reasons[0]);
   // What can never be restored is reported before what a retry could fix.
-  for (const p of images.processes) {
-    const e = p.entry;
-    if (!pids.has(e.sid) && !options.shellJob) {
-      throw new AmberError(
-        `pid ${e.pid}: its session ${e.sid} is not in the images; restore with --shell-job`,
-      );
-    }
-    if (e.state === "zombie") continue;
-    for (const part of PARTS) {
-      withContext(
-        `pid ${e.pid}: ${part.name}`,
-        () => part.precheck?.(p.parts[part.name], { pid: e.pid, dir, options, images: p.parts }),
-      );
-    }
-  }
   for (const p of images.processes) {
     for (const tid of p.entry.threads) {
       const holder = await pidHolder(tid);
@@ -336,20 +322,21 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
   };
-  const log = (m: string) => {
-    if (options.verbose) console.error(m);
-  };
+  const log = detailLog(req);
+  using guard = new SignalGuard(req.signal);
   const images = readImages(req.dir);
   const dir = new ImageDir(req.dir);
   await precheck(images, options, dir);
+  await guard.checkpoint();
   log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
-  const tree: TreeRestoreState = { pipes: new Map(), parked: [] };
+  const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map() };
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
+      await guard.checkpoint();
       if (blank.images.entry.state === "zombie") continue;
       const pid = blank.images.entry.pid;
       await withContextAsync(
@@ -359,6 +346,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
       for (const t of imgs) threads.push([t.tid, t]);
     }
+    await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     for (const [tid, img] of threads) applyThreadState(tid, img);
     if (req.pidfile) {
@@ -386,6 +374,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const pids = [...created.keys()];
   const restoreMs = performance.now() - t0;
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
+  // The tree runs on its own now: signals to amber are amber's again.
+  guard[Symbol.dispose]();
   if (options.detached) return { pids, restoreMs };
   const st = await pt.waitpidAsync(pids[0], 0);
   return { pids, restoreMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };

@@ -3,7 +3,9 @@
  * them as one JSON document (64-bit values as "0x..." strings, byte blobs
  * as short hex strings or their length; page contents are never read).
  */
+import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
+import { dumpVerdictOptions, judgeImages } from "./verdict.ts";
 import type { MappingImage } from "./mm/mappings.ts";
 import type { MmImage } from "./mm/mm.ts";
 import type { PageRun } from "./mm/pages.ts";
@@ -115,7 +117,7 @@ function processJson(p: ProcessImages) {
   };
 }
 
-function imagesJson(images: Images): string {
+function imagesJson(images: Images, reasons: string[]): string {
   const processes = images.processes.map(processJson);
   const totals = processes.reduce(
     (t, p) => ({
@@ -130,7 +132,9 @@ function imagesJson(images: Images): string {
     {
       dir: images.dir,
       inventory: toJson(images.inventory),
-      unrestorable: images.unrestorable,
+      restorable: reasons.length === 0,
+      /** Why restore refuses these images here (the verdict of lib/verdict.ts). */
+      unrestorable: reasons,
       processes,
       totals,
     },
@@ -248,13 +252,18 @@ function processLines(p: ProcessImages): string[] {
   return out;
 }
 
-function imagesText(images: Images): string {
+function verdictLines(reasons: string[]): string[] {
+  if (!reasons.length) return ["restorable: yes"];
+  return ["restorable: no", ...reasons.map((why) => `  cannot be restored: ${why}`)];
+}
+
+function imagesText(images: Images, reasons: string[]): string {
   const inv = images.inventory;
   const lines = [
     `amber images in ${images.dir}`,
     `inventory: amber ${inv.amberVersion}, kernel ${inv.kernel} ${inv.arch}, created ${inv.createdAt}, ` +
     `root pid ${inv.rootPid}${inv.shellJob ? ", shell job" : ""}, xsave ${inv.xsaveSize} bytes`,
-    ...images.unrestorable.map((why) => `cannot be restored: ${why}`),
+    ...verdictLines(reasons),
     "",
     "process tree:",
     ...treeLines(images),
@@ -278,11 +287,13 @@ function imagesText(images: Images): string {
  * The images of `dir`, validated, as text or (with `json`) one JSON
  * document. Invalid images throw the AmberError of readImages.
  */
-export function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
-  try {
-    const images = readImages(dir);
-    return Promise.resolve(opts.json ? imagesJson(images) : imagesText(images));
-  } catch (e) {
-    return Promise.reject(e);
-  }
+export async function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
+  const images = readImages(dir);
+  // Judged as restore would judge them, with the flags they were dumped with.
+  const reasons = await judgeImages(
+    images,
+    new ImageDir(dir),
+    dumpVerdictOptions(images.inventory.shellJob),
+  );
+  return opts.json ? imagesJson(images, reasons) : imagesText(images, reasons);
 }

@@ -560,6 +560,17 @@ export async function startWriter(
   return { ...target, out };
 }
 
+/** Waits for `more` further lines, asks for a memory check, and checks everything written. */
+export async function assertCounterHealthy(c: Writer, more = 10): Promise<void> {
+  assert.ok(isAlive(c.pid), `counter ${c.pid} is not running`);
+  const now = (await readLines(c.out)).length;
+  await waitForLines(c.out, now + more);
+  const checks = (await readCounterLines(c.out)).other.length;
+  Deno.kill(c.pid, "SIGUSR1");
+  await waitForLine(c.out, (lines) => lines.filter((l) => l.startsWith("check")).length > checks);
+  await assertCounterFile(c.out, "memory check after the dump", Array(checks + 1).fill("check ok"));
+}
+
 /**
  * Starts testdata/counter.c filling `mib` MiB, in its own session, writing
  * DIR/counter.txt; returns once it writes (it opens the file only after the

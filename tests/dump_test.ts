@@ -6,8 +6,8 @@ import assert from "node:assert/strict";
 import {
   amber,
   assertConsecutive,
-  assertCounterFile,
   assertCounterGoesOn,
+  assertCounterHealthy,
   assertExit,
   assertPyChecksums,
   dumpArgs,
@@ -34,7 +34,6 @@ import {
   startThreads,
   tempDir,
   unusedPid,
-  waitForLine,
   waitForLines,
   waitGone,
   withTree,
@@ -43,17 +42,6 @@ import {
 
 const MiB = 1024 * 1024;
 const COUNTER_MIB = 64;
-
-/** Waits for `more` further lines, asks for a memory check, and checks everything written. */
-async function assertCounterHealthy(c: Writer, more = 10): Promise<void> {
-  assert.ok(isAlive(c.pid), `counter ${c.pid} is not running`);
-  const now = (await readLines(c.out)).length;
-  await waitForLines(c.out, now + more);
-  const checks = (await readCounterLines(c.out)).other.length;
-  Deno.kill(c.pid, "SIGUSR1");
-  await waitForLine(c.out, (lines) => lines.filter((l) => l.startsWith("check")).length > checks);
-  await assertCounterFile(c.out, "memory check after the dump", Array(checks + 1).fill("check ok"));
-}
 
 /** One line of /proc maps, in the comparable form of show --json. */
 function mapKey(m: { start: bigint; end: bigint }): string {

@@ -24,6 +24,7 @@ import {
   descendants,
   dumpArgs,
   dumpKill,
+  exists,
   isAlive,
   killAndReap,
   ownChildren,
@@ -410,9 +411,14 @@ Deno.test("session leader with its stdio on a terminal: restore names the fd; --
     await until(() => jobOf(pid).sid === pid, "the job did not setsid");
     assert.equal(jobOf(pid).ttyNr, 0, "test bug: the job has a controlling terminal");
 
-    // The whole session is in the tree: dump needs no --shell-job.
+    // The whole session is in the tree, but its terminal is not: a dump
+    // without --shell-job would end a job restore then refuses, so it fails.
     const img = `${tmp}/img`;
-    await dumpKill(pid, [pid], img, "the session");
+    const refused = await amber(dumpArgs(pid, img));
+    assertFailure(refused.code, resultMessages(refused), ["fd 0", ttyA, "--shell-job"], "dump");
+    assert.ok(!exists(img), "the refused dump left images");
+    assert.ok(isAlive(pid), "the refused dump ended the job");
+    await dumpKill(pid, [pid], img, "the session", "--shell-job");
     const n = (await assertCounterFile(out, "at the dump")).numbers.length;
 
     // Without --shell-job the terminal fd is refused, named.

@@ -361,9 +361,9 @@ Deno.test("stopped process: comes back stopped after dump + restore -d and after
 // ---------------------------------------------------------------------------
 // descriptors amber cannot restore yet
 
-/** CPython holding a socket pair, appending a counter to argv[1] every 20 ms. */
+/** CPython holding an inet socket, appending a counter to argv[1] every 20 ms. */
 const HOLDER_PY = `import os, socket, sys, time
-held = socket.socketpair()
+held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # inet: not restored yet
 f = open(sys.argv[1], "a")
 i = 0
 while True:
@@ -405,6 +405,14 @@ for (const kind of ["socket"]) {
 
       assertExit(await amber(dumpArgs(pid, img, "-R")), 0, "dump -R");
       await assertRunningFree(pid, "after dump -R");
+      // show gives restore's own verdict, in JSON and in text.
+      const doc = await showJson(img);
+      assert.equal(doc.restorable, false, "show --json: restorable");
+      assert.equal(doc.unrestorable.length, 1, `show --json: ${doc.unrestorable}`);
+      assert.match(doc.unrestorable[0], new RegExp(`fd ${fd}\\b.*${kind}`), "show --json: why");
+      assert.deepEqual(doc.inventory.verdict, doc.unrestorable, "the verdict dump -R recorded");
+      const text = await amber(["show", img]);
+      assert.match(text.stdout, /^restorable: no$/m, `show: ${text.stdout}`);
       const m = (await readLines(out)).length;
       await waitForLines(out, m + 5);
 

@@ -15,10 +15,12 @@ import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/r
 import { fileFd } from "./file.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
+import { unixFd } from "./unix.ts";
+import { epollFd } from "./epoll.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** In match order; the last one takes anything. */
-export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unsupportedFd];
+export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unixFd, epollFd, unsupportedFd];
 
 const FdEntry = z.discriminatedUnion(
   "kind",
@@ -139,6 +141,9 @@ export const fdsPart = definePart({
     const sharing = new Map(shared.map((s) => [s.fd, s]));
     const parked = parkInherited(ctx, entries);
     for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e, sharing.get(e.fd)));
+    for (const e of entries) {
+      if (!sharing.has(e.fd)) withContext(`fd ${e.fd}`, () => kindOf(e.kind).finish?.(ctx, e));
+    }
     for (const fd of parked) ctx.injector.call("close", NR.close, fd);
   },
 });

@@ -28,6 +28,11 @@ export interface FdKind<S extends z.ZodType = z.ZodType> {
   precheck?(entry: z.output<S>, ctx: PrecheckContext): void;
   /** Returns a descriptor in the tracee holding the file; the caller moves it to its number. */
   restore(ctx: RestoreContext, entry: z.output<S>): number;
+  /**
+   * Runs once every descriptor of the process is at its number (e.g. an
+   * epoll instance adding the descriptors it watches).
+   */
+  finish?(ctx: RestoreContext, entry: z.output<S>): void;
   /** Why this descriptor cannot be restored yet, if it cannot. */
   unrestorable?(entry: z.output<S>): string | undefined;
 }

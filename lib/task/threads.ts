@@ -60,7 +60,7 @@ export async function forEachThread(
       await fn(tid, ctx.injector);
       continue;
     }
-    const inj = new Injector(tid, ctx.injector.syscallAddr);
+    const inj = new Injector(tid, ctx.injector.syscallAddr, ctx.injector.options);
     try {
       await fn(tid, inj);
     } finally {

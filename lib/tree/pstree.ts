@@ -53,5 +53,7 @@ export const inventoryImage = defineImage(
     createdAt: z.string(),
     rootPid: pidNumber,
     shellJob: z.boolean(),
+    /** Why restore would refuse these images, as dump judged them (see lib/verdict.ts). */
+    verdict: z.array(z.string()).optional(),
   }),
 );

@@ -8,6 +8,7 @@ import * as pt from "../../ffi/ptrace.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, readProcText } from "../proc/read.ts";
 import { PF_KTHREAD, readStat } from "../proc/stat.ts";
+import { readStatus } from "../proc/status.ts";
 
 export interface FrozenProcess {
   pid: number;
@@ -69,6 +70,14 @@ export class FrozenTree {
 
 const SIGKILL = 9;
 
+function readStatusSafe(pid: number) {
+  try {
+    return readStatus(pid);
+  } catch {
+    return undefined;
+  }
+}
+
 function readStatSafe(pid: number) {
   try {
     return readStat(pid);
@@ -91,7 +100,11 @@ export function validateTargetPid(pid: number): void {
   }
   if (stat.flags & PF_KTHREAD) throw new AmberError(`pid ${pid}: ${stat.comm} is a kernel thread`);
   if (stat.state === "Z") throw new AmberError(`pid ${pid}: is a zombie`);
-  if (stat.pid !== pid) throw new AmberError(`pid ${pid}: is a thread, not a process`);
+  // /proc/TID/stat of a thread answers with the thread's own id: ask its status.
+  const tgid = Number(readStatusSafe(pid)?.get("Tgid") ?? pid);
+  if (tgid !== pid) {
+    throw new AmberError(`${pid} is a thread of process ${tgid}: dump -t ${tgid}`);
+  }
 }
 
 /** Why PTRACE_SEIZE was refused, in words. */

@@ -1,0 +1,45 @@
+/**
+ * SIGINT, SIGTERM and SIGHUP while amber dumps or restores: the work in
+ * flight unwinds the way a failure does (a dumped tree resumes exactly as
+ * it was and its partial images go; a restore kills what it created), then
+ * amber exits 128 + the signal's number. Dying at once would leave threads
+ * in the middle of an injected syscall.
+ */
+import { InterruptedError } from "./errors.ts";
+
+const SIGNALS = { SIGHUP: 1, SIGINT: 2, SIGTERM: 15 } as const;
+type StopSignal = keyof typeof SIGNALS;
+
+/** Catches the stop signals for as long as it lives (`using`). */
+export class SignalGuard implements Disposable {
+  private caught?: StopSignal;
+  private readonly listeners = new Map<StopSignal, () => void>();
+
+  constructor(private readonly abort?: AbortSignal) {
+    for (const sig of Object.keys(SIGNALS) as StopSignal[]) {
+      const listener = () => this.caught ??= sig;
+      Deno.addSignalListener(sig, listener);
+      this.listeners.set(sig, listener);
+    }
+  }
+
+  /**
+   * Lets signal listeners run (they only run when the event loop polls
+   * its operations, which a settled promise does not do: one cheap async
+   * stat does), then throws if a stop was asked for.
+   */
+  async checkpoint(): Promise<void> {
+    await Deno.stat("/");
+    this.throwIfStopped();
+  }
+
+  throwIfStopped(): void {
+    if (this.caught) throw new InterruptedError(this.caught, 128 + SIGNALS[this.caught]);
+    if (this.abort?.aborted) throw new InterruptedError("abort", 130);
+  }
+
+  [Symbol.dispose](): void {
+    for (const [sig, listener] of this.listeners) Deno.removeSignalListener(sig, listener);
+    this.listeners.clear();
+  }
+}
