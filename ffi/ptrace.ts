@@ -15,6 +15,7 @@ export const PTRACE = {
   SETREGSET: 0x4205,
   SEIZE: 0x4206,
   INTERRUPT: 0x4207,
+  PEEKSIGINFO: 0x4209,
   GETSIGMASK: 0x420a,
   SETSIGMASK: 0x420b,
   GET_RSEQ_CONFIGURATION: 0x420f,
@@ -90,6 +91,33 @@ export function getSigmask(tid: number): bigint {
 export function setSigmask(tid: number, mask: bigint): void {
   const buf = new BigUint64Array([mask]);
   ptrace(PTRACE.SETSIGMASK, tid, 8n, addressOf(buf), "ptrace(SETSIGMASK)");
+}
+
+/** Size of a siginfo_t as the kernel copies it out. */
+export const SIGINFO_SIZE = 128;
+const PEEKSIGINFO_SHARED = 1;
+const PEEK_BATCH = 32;
+
+/**
+ * The siginfo of every signal queued to a stopped tracee, oldest first:
+ * its own queue, or (shared) its process's.
+ */
+export function peekSiginfo(tid: number, shared: boolean): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  const buf = new Uint8Array(SIGINFO_SIZE * PEEK_BATCH);
+  // struct ptrace_peeksiginfo_args { u64 off; u32 flags; s32 nr; }
+  const args = new BigUint64Array(2);
+  const view = new DataView(args.buffer);
+  for (;;) {
+    args[0] = BigInt(out.length);
+    view.setUint32(8, shared ? PEEKSIGINFO_SHARED : 0, true);
+    view.setInt32(12, PEEK_BATCH, true);
+    const n = Number(
+      ptrace(PTRACE.PEEKSIGINFO, tid, addressOf(args), addressOf(buf), "ptrace(PEEKSIGINFO)"),
+    );
+    for (let i = 0; i < n; i++) out.push(buf.slice(i * SIGINFO_SIZE, (i + 1) * SIGINFO_SIZE));
+    if (n < PEEK_BATCH) return out;
+  }
 }
 
 /** rseq registration of a thread: zero address when it has none. */

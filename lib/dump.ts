@@ -6,7 +6,7 @@ import { Injector } from "../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpOptions, Scratch, TreeDumpState } from "./context.ts";
-import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
+import { AmberError, faultPointAsync, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
@@ -194,7 +194,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     running = true;
   };
   try {
-    faultPoint("after-freeze");
+    await faultPointAsync("after-freeze");
     await guard.checkpoint();
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
@@ -222,7 +222,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
       rootPid: req.pid,
       shellJob: options.shellJob,
     };
-    faultPoint("before-commit");
+    await faultPointAsync("before-commit");
     await guard.checkpoint();
     // Everything is in the page cache: a tree that keeps running need not
     // wait for the disk.

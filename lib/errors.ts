@@ -95,13 +95,22 @@ export function hex(v: bigint | number): string {
  * signal there instead.
  */
 export function faultPoint(name: string): void {
-  let wanted: string | undefined;
-  try {
-    wanted = Deno.env.get("AMBER_TEST_FAULT");
-  } catch {
-    return; // no env permission: no faults
-  }
+  const wanted = wantedFault();
   if (wanted === name) throw new AmberError(`injected test fault at ${name}`);
   const [point, signal] = wanted?.split(":") ?? [];
   if (point === name && signal) Deno.kill(Deno.pid, signal as Deno.Signal);
+}
+
+/** faultPoint, then time for a signal it sent to reach amber's listeners. */
+export async function faultPointAsync(name: string): Promise<void> {
+  faultPoint(name);
+  if (wantedFault()?.startsWith(`${name}:`)) await new Promise((r) => setTimeout(r, 50));
+}
+
+function wantedFault(): string | undefined {
+  try {
+    return Deno.env.get("AMBER_TEST_FAULT");
+  } catch {
+    return undefined; // no env permission: no faults
+  }
 }

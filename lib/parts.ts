@@ -11,7 +11,9 @@ import { pagemapPart } from "./mm/pages.ts";
 import { credsPart } from "./task/creds.ts";
 import { rlimitsPart } from "./task/rlimits.ts";
 import { sigactionsPart } from "./task/sigactions.ts";
+import { signalsPart } from "./task/signals.ts";
 import { threadsPart } from "./task/threads.ts";
+import { timersPart } from "./task/timers.ts";
 import { defineImage, type ImageKind } from "./images/codec.ts";
 
 export const PARTS: Part[] = [
@@ -25,6 +27,9 @@ export const PARTS: Part[] = [
   sigactionsPart,
   threadsPart,
   credsPart,
+  timersPart,
+  // Last: injected calls run with every signal blocked, so these stay pending.
+  signalsPart,
 ] as Part[];
 
 const kinds = new Map<string, ImageKind<unknown>>();

@@ -35,8 +35,8 @@ export const CredsSchema = z.object({
 });
 export type Creds = z.output<typeof CredsSchema>;
 
-export function readCreds(pid: number): Creds {
-  const st = readStatus(pid);
+export function readCreds(pid: number, tid?: number): Creds {
+  const st = readStatus(pid, tid);
   return {
     uids: statusNumbers(st, "Uid"),
     gids: statusNumbers(st, "Gid"),
@@ -120,14 +120,28 @@ function applyCreds(
   }
 }
 
+function credsKey(c: Creds): string {
+  return JSON.stringify(c, (_, v) => typeof v === "bigint" ? String(v) : v);
+}
+
+/** Credentials are per thread: those of threads that differ from the leader's. */
+const ThreadCreds = z.object({ tid: z.number().int().min(1), creds: CredsSchema });
+
 export const credsPart = definePart({
   name: "creds",
-  version: 1,
-  schema: CredsSchema,
-  dump: ({ pid }) => readCreds(pid),
-  restore(ctx, creds) {
+  version: 2,
+  schema: CredsSchema.extend({ threads: z.array(ThreadCreds) }),
+  dump({ pid, proc }) {
+    const leader = readCreds(pid);
+    const threads = proc.threads.filter((t) => t !== pid)
+      .map((tid) => ({ tid, creds: readCreds(pid, tid) }))
+      .filter((t) => credsKey(t.creds) !== credsKey(leader));
+    return { ...leader, threads };
+  },
+  restore(ctx, { threads, ...creds }) {
+    const own = new Map(threads.map((t) => [t.tid, t.creds]));
     for (const [tid, inj] of ctx.threads) {
-      applyCreds(inj, ctx, creds, readCreds(tid));
+      applyCreds(inj, ctx, own.get(tid) ?? creds, readCreds(ctx.pid, tid));
     }
   },
 });

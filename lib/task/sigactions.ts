@@ -1,8 +1,13 @@
-/** Signal dispositions (rt_sigaction), read and set by injected syscalls. */
+/**
+ * Signal dispositions (rt_sigaction), read and set by injected syscalls.
+ * Restore sets every one: the restored process starts as a copy of amber's
+ * helper, which inherits whatever amber's own starter ignores.
+ */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { definePart } from "../context.ts";
 import { u64 } from "../images/codec.ts";
+import { readStatus, statusHex } from "../proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
 
 const SIGKILL = 9;
@@ -35,10 +40,17 @@ export const sigactionsPart = definePart({
     return { actions };
   },
   restore({ pid, injector, scratch }, { actions }) {
-    for (const a of actions) {
-      if (a.signal === SIGKILL || a.signal === SIGSTOP) continue;
-      const addr = putBytes(pid, scratch, u64Bytes([a.handler, a.flags, a.restorer, a.mask]));
-      injector.call(`rt_sigaction(${a.signal})`, NR.rt_sigaction, a.signal, addr, 0, 8);
+    const wanted = new Map(actions.map((a) => [a.signal, a]));
+    // Dispositions the process has now (the helper's) that are not SIG_DFL.
+    const status = readStatus(pid);
+    const now = statusHex(status, "SigIgn") | statusHex(status, "SigCgt");
+    for (let sig = 1; sig <= 64; sig++) {
+      if (sig === SIGKILL || sig === SIGSTOP) continue;
+      const a = wanted.get(sig);
+      if (!a && !(now & (1n << BigInt(sig - 1)))) continue;
+      const act = a ? [a.handler, a.flags, a.restorer, a.mask] : [0, 0, 0, 0];
+      const addr = putBytes(pid, scratch, u64Bytes(act));
+      injector.call(`rt_sigaction(${sig})`, NR.rt_sigaction, sig, addr, 0, 8);
     }
   },
 });

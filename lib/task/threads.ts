@@ -1,6 +1,6 @@
 /**
- * Threads: registers, FPU/AVX state, signal mask, rseq and name of each
- * thread. Restore creates the extra threads with clone3(set_tid) inside the
+ * Threads: registers, FPU/AVX state, signal mask, rseq, name,
+ * clear_child_tid, robust futex list and sigaltstack of each thread. Restore creates the extra threads with clone3(set_tid) inside the
  * process; the final register state is written by applyThreadState once
  * everything else is in place.
  */
@@ -8,11 +8,13 @@ import { z } from "zod";
 import { Injector, NR } from "../../ffi/inject.ts";
 import * as pt from "../../ffi/ptrace.ts";
 import { Regs, USER_REGS_SIZE } from "../../ffi/regs.ts";
-import { definePart, type RestoreContext } from "../context.ts";
+import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
+import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { bytes, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
-import { putBytes, putString, u64Bytes } from "../scratch.ts";
+import { addressOf, rawSyscall } from "../../ffi/libc.ts";
+import { getBytes, putBytes, putString, readU64s, u64Bytes } from "../scratch.ts";
 
 /** Big enough for any xsave layout; the kernel reports the real size. */
 const XSTATE_MAX = 64 * 1024;
@@ -33,17 +35,77 @@ const Thread = z.object({
     flags: z.number().int().min(0).max(0xffffffff),
     signature: z.number().int().min(0).max(0xffffffff),
   }),
+  /** The word the kernel clears (and futex-wakes) when the thread exits: pthread_join waits on it. */
+  clearChildTid: u64,
+  robustList: z.object({ head: u64, length: u64 }),
+  /** stack_t of sigaltstack; flags without SS_ONSTACK, which the kernel derives from rsp. */
+  altstack: z.object({ sp: u64, flags: z.number().int(), size: u64 }),
+  /** Wall time of the dump (ms since the epoch), for sleeps to end at their deadline. */
+  dumpedAtMs: z.number(),
 });
 export type ThreadImage = z.output<typeof Thread>;
 
-export function dumpThread(pid: number, tid: number): z.input<typeof Thread> {
+const PR_GET_TID_ADDRESS = 40;
+
+/**
+ * Runs fn with an injector on each thread of the process, leader first.
+ * Other threads are begun and ended one at a time, so no thread stays in
+ * an injected state longer than its own calls.
+ */
+export async function forEachThread(
+  ctx: DumpContext,
+  fn: (tid: number, inj: Injector) => void | Promise<void>,
+): Promise<void> {
+  for (const tid of ctx.proc.threads) {
+    if (tid === ctx.pid) {
+      await fn(tid, ctx.injector);
+      continue;
+    }
+    const inj = new Injector(tid, ctx.injector.syscallAddr, ctx.injector.options);
+    try {
+      await fn(tid, inj);
+    } finally {
+      inj.end();
+    }
+  }
+}
+
+/** Only the thread itself can read its clear_child_tid: prctl(PR_GET_TID_ADDRESS). */
+function clearChildTid(ctx: DumpContext, inj: Injector): bigint {
+  inj.call("prctl(GET_TID_ADDRESS)", NR.prctl, PR_GET_TID_ADDRESS, ctx.scratch.addr);
+  return readU64s(getBytes(ctx.pid, ctx.scratch, 8))[0];
+}
+
+/** get_robust_list works from outside on any thread amber may ptrace. */
+function robustList(tid: number): { head: bigint; length: bigint } {
+  const out = new BigUint64Array(2);
+  const addr = (i: number) => addressOf(out) + BigInt(i * 8);
+  rawSyscall("get_robust_list", NR.get_robust_list, tid, addr(0), addr(1));
+  return { head: out[0], length: out[1] };
+}
+
+const SS_ONSTACK = 1, SS_DISABLE = 2;
+
+/** stack_t { void *ss_sp; int ss_flags; size_t ss_size; } */
+function altstack(ctx: DumpContext, inj: Injector): { sp: bigint; flags: number; size: bigint } {
+  inj.call("sigaltstack", NR.sigaltstack, 0, ctx.scratch.addr);
+  const [sp, flags, size] = readU64s(getBytes(ctx.pid, ctx.scratch, 24));
+  return { sp, flags: Number(BigInt.asIntN(32, flags)) & ~SS_ONSTACK, size };
+}
+
+function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeof Thread> {
   return withContext(`tid ${tid}`, () => ({
     tid,
-    comm: readProcText(pid, `task/${tid}/comm`).replace(/\n$/, ""),
+    comm: readProcText(ctx.pid, `task/${tid}/comm`).replace(/\n$/, ""),
+    // Read before the first injected call: begin() blocks every signal.
     regs: Regs.read(tid).bytes,
     xstate: pt.getRegset(tid, pt.NT_X86_XSTATE, XSTATE_MAX),
     sigmask: pt.getSigmask(tid),
     rseq: pt.getRseqConfig(tid),
+    clearChildTid: clearChildTid(ctx, inj),
+    robustList: robustList(tid),
+    altstack: altstack(ctx, inj),
+    dumpedAtMs: Date.now(),
   }));
 }
 
@@ -81,11 +143,52 @@ export function resumeRegs(img: ThreadImage): Regs {
   return regs;
 }
 
+const NR_NANOSLEEP = 35n, NR_CLOCK_NANOSLEEP = 230n;
+/** Clocks whose sleeps run on while the process is only images. */
+const WALL_CLOCKS = [0n, 1n, 7n]; // REALTIME, MONOTONIC, BOOTTIME
+
+/**
+ * A relative sleep frozen with a remaining-time buffer: the kernel wrote
+ * the time left into it when amber froze the thread. Re-running the call
+ * on that buffer, less the time since the dump, ends the sleep at its
+ * original deadline instead of sleeping its whole length again. Only the
+ * request pointer register changes (callers do not rely on it: glibc's
+ * wrappers do not, and it is caller-saved across the C call). Returns
+ * the register holding the request to repoint, if this is such a sleep.
+ */
+function resumableSleep(
+  regs: Regs,
+): { req: "rdi" | "rdx"; rem: bigint; wall: boolean } | undefined {
+  if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
+  const nr = regs.signed("orig_rax");
+  if (nr === NR_NANOSLEEP && regs.get("rsi")) {
+    return { req: "rdi", rem: regs.get("rsi"), wall: true };
+  }
+  if (nr === NR_CLOCK_NANOSLEEP && regs.get("rsi") === 0n && regs.get("r10")) {
+    return { req: "rdx", rem: regs.get("r10"), wall: WALL_CLOCKS.includes(regs.get("rdi")) };
+  }
+  return undefined;
+}
+
+/** Shortens a frozen sleep's remaining time by the time since the dump; see resumableSleep. */
+function sleepOn(tid: number, img: ThreadImage, regs: Regs): void {
+  const sleep = resumableSleep(new Regs(img.regs));
+  if (!sleep) return;
+  const [sec, nsec] = readU64s(readMemoryProc(tid, sleep.rem, 16));
+  const since = sleep.wall ? BigInt(Math.max(0, Date.now() - img.dumpedAtMs)) * 1_000_000n : 0n;
+  let left = sec * 1_000_000_000n + nsec - since;
+  if (left < 0n) left = 0n;
+  writeMemory(tid, sleep.rem, u64Bytes([left / 1_000_000_000n, left % 1_000_000_000n]));
+  regs.set(sleep.req, sleep.rem);
+}
+
 /** Writes a thread's final FPU state, registers and signal mask. */
 export function applyThreadState(tid: number, img: ThreadImage): void {
   withContext(`tid ${tid}: registers`, () => {
     pt.setRegset(tid, pt.NT_X86_XSTATE, img.xstate);
-    resumeRegs(img).write(tid);
+    const regs = resumeRegs(img);
+    sleepOn(tid, img, regs);
+    regs.write(tid);
     pt.setSigmask(tid, img.sigmask);
   });
 }
@@ -112,9 +215,15 @@ export function checkThreadList(pstree: number[], image: unknown): string | unde
 
 export const threadsPart = definePart({
   name: "threads",
-  version: 1,
+  version: 2,
   schema: z.object({ threads: z.array(Thread).min(1).max(PID_MAX) }),
-  dump: ({ pid, proc }) => ({ threads: proc.threads.map((tid) => dumpThread(pid, tid)) }),
+  async dump(ctx) {
+    const threads: z.input<typeof Thread>[] = [];
+    await forEachThread(ctx, (tid, inj) => {
+      threads.push(dumpThread(ctx, tid, inj));
+    });
+    return { threads };
+  },
   precheck({ threads }, { pid }) {
     if (threads[0].tid !== pid) {
       throw new AmberError(`first thread is ${threads[0].tid}, not the leader`);
@@ -130,6 +239,19 @@ export const threadsPart = definePart({
         inj.call("prctl(SET_NAME)", NR.prctl, 15, putString(ctx.pid, ctx.scratch, t.comm));
         if (t.rseq.address) {
           inj.call("rseq", NR.rseq, t.rseq.address, t.rseq.length, 0, t.rseq.signature);
+        }
+        inj.call("set_tid_address", NR.set_tid_address, t.clearChildTid);
+        if (t.robustList.head) {
+          inj.call("set_robust_list", NR.set_robust_list, t.robustList.head, t.robustList.length);
+        }
+        const ss = t.altstack;
+        if (!(ss.flags & SS_DISABLE)) {
+          const addr = putBytes(
+            ctx.pid,
+            ctx.scratch,
+            u64Bytes([ss.sp, BigInt.asUintN(32, BigInt(ss.flags)), ss.size]),
+          );
+          inj.call("sigaltstack", NR.sigaltstack, addr, 0);
         }
       });
     }

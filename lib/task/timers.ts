@@ -1,0 +1,197 @@
+/**
+ * Timers of a process: the three itimers (ITIMER_REAL is also alarm()'s)
+ * and its POSIX timers (/proc/PID/timers), each with its remaining time
+ * and interval as the process itself reads them (injected getitimer and
+ * timer_gettime). POSIX timers come back with the same ids: the kernel's
+ * PR_TIMER_CREATE_RESTORE_IDS where it has one, else by creating them in
+ * id order. Armed last but for pending signals, so they fire into a
+ * process that is complete. Remaining times continue from where the dump
+ * left them: time spent as images does not count.
+ */
+import { z } from "zod";
+import { type Injector, NR } from "../../ffi/inject.ts";
+import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
+import { AmberError, withContext } from "../errors.ts";
+import { u64 } from "../images/codec.ts";
+import { readProcText } from "../proc/read.ts";
+import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
+
+const ITIMER_NAMES = ["ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF"];
+const SIGEV_SIGNAL = 0, SIGEV_NONE = 1, SIGEV_THREAD_ID = 4;
+const PR_TIMER_CREATE_RESTORE_IDS = 77;
+const EINVAL = -22n;
+/** Without PR_TIMER_CREATE_RESTORE_IDS, ids are reached by creating timers up to them. */
+const MAX_SEQUENTIAL_ID = 4096;
+
+const ns = u64;
+const Itimer = z.object({ which: z.number().int().min(0).max(2), intervalNs: ns, valueNs: ns });
+const PosixTimer = z.object({
+  id: z.number().int().min(0).max(0x7fffffff),
+  clock: z.number().int(),
+  signal: z.number().int().min(0).max(64),
+  /** sigev_value as the kernel shows it (sival_ptr). */
+  value: u64,
+  /** sigev_notify: SIGEV_SIGNAL, SIGEV_NONE, or SIGEV_SIGNAL|SIGEV_THREAD_ID. */
+  notify: z.number().int(),
+  /** The thread SIGEV_THREAD_ID sends to (else the process). */
+  target: z.number().int().min(0),
+  intervalNs: ns,
+  valueNs: ns,
+});
+type PosixTimerImage = z.output<typeof PosixTimer>;
+
+const TimersSchema = z.object({ itimers: z.array(Itimer), posix: z.array(PosixTimer) });
+
+/** Two (seconds, sub-second) pairs as nanoseconds; `unit` is ns per sub-second step. */
+function pairsNs(words: bigint[], unit: bigint): [bigint, bigint] {
+  const ns = (i: number) => words[i] * 1_000_000_000n + words[i + 1] * unit;
+  return [ns(0), ns(2)];
+}
+
+function dumpItimers(ctx: DumpContext) {
+  return ITIMER_NAMES.map((name, which) => {
+    ctx.injector.call(`getitimer(${name})`, NR.getitimer, which, ctx.scratch.addr);
+    const [intervalNs, valueNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1000n);
+    // A periodic ITIMER_REAL whose SIGALRM is pending reads 0: the kernel
+    // rearms it when that signal is taken, at most one interval later. A
+    // setitimer of 0 would disarm it, so it comes back due in one interval.
+    return { which, intervalNs, valueNs: valueNs || intervalNs };
+  }).filter((t) => t.valueNs > 0n);
+}
+
+/**
+ * /proc/PID/timers, one block per timer:
+ *   ID: 1 / signal: 34/0000000000000037 / notify: signal/tid.812 / ClockID: 0
+ */
+export function parseTimers(text: string) {
+  return text.split(/^(?=ID: )/m).filter((b) => b.trim()).map((block) => {
+    const field = (k: string) => {
+      const m = new RegExp(`^${k}: (.*)$`, "m").exec(block);
+      if (!m) throw new AmberError(`/proc timers: no ${k} in ${JSON.stringify(block)}`);
+      return m[1];
+    };
+    const [signal, value] = field("signal").split("/");
+    const notify = /^(\w+)\/(pid|tid)\.(\d+)$/.exec(field("notify"));
+    if (!notify) throw new AmberError(`/proc timers: notify ${field("notify")}`);
+    const kind = { signal: SIGEV_SIGNAL, none: SIGEV_NONE }[notify[1]];
+    return {
+      id: Number(field("ID")),
+      clock: Number(field("ClockID")),
+      signal: Number(signal),
+      value: BigInt("0x" + value),
+      notify: (kind ?? -1) | (notify[2] === "tid" ? SIGEV_THREAD_ID : 0),
+      target: Number(notify[3]),
+    };
+  });
+}
+
+function dumpPosixTimers(ctx: DumpContext) {
+  return parseTimers(readProcText(ctx.pid, "timers")).map((t) =>
+    withContext(`POSIX timer ${t.id}`, () => {
+      ctx.injector.call("timer_gettime", NR.timer_gettime, t.id, ctx.scratch.addr);
+      const [intervalNs, valueNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1n);
+      return { ...t, intervalNs, valueNs };
+    })
+  ).sort((a, b) => a.id - b.id);
+}
+
+/** struct itimerval / itimerspec: interval then value, as (seconds, sub-second) pairs. */
+function timeBytes(intervalNs: bigint, valueNs: bigint, unit: bigint): Uint8Array {
+  const pair = (v: bigint) => [v / 1_000_000_000n, (v % 1_000_000_000n) / unit];
+  return u64Bytes([...pair(intervalNs), ...pair(valueNs)]);
+}
+
+/** CPU clocks (negative ids) name a task by pid: only the process's own threads are supported. */
+function cpuClockTask(clock: number): number {
+  return ~(clock >> 3);
+}
+
+function unrestorableTimer(t: PosixTimerImage, tids: Set<number>): string | undefined {
+  const where = `POSIX timer ${t.id}`;
+  const base = t.notify & ~SIGEV_THREAD_ID;
+  if (base !== SIGEV_SIGNAL && base !== SIGEV_NONE) {
+    return `${where}: notify ${t.notify}: not supported yet`;
+  }
+  if (t.clock < 0 && !tids.has(cpuClockTask(t.clock))) {
+    return `${where}: CPU clock of task ${
+      cpuClockTask(t.clock)
+    } outside the process: not supported yet`;
+  }
+  if (t.notify & SIGEV_THREAD_ID && !tids.has(t.target)) {
+    return `${where}: signals thread ${t.target}, which is not in the images`;
+  }
+  return undefined;
+}
+
+/** timer_create(clock, sigevent, &id) asking for `t.id` (restore-ids mode, or the next id). */
+function createTimer(ctx: RestoreContext, inj: Injector, t: PosixTimerImage): number {
+  // struct sigevent: sigev_value, sigev_signo, sigev_notify, _tid; 64 bytes.
+  const sev = new Uint8Array(64);
+  const v = new DataView(sev.buffer);
+  v.setBigUint64(0, t.value, true);
+  v.setInt32(8, t.signal, true);
+  v.setInt32(12, t.notify, true);
+  v.setInt32(16, t.target, true);
+  const sevAddr = putBytes(ctx.pid, ctx.scratch, sev, 0);
+  const idAddr = putBytes(ctx.pid, ctx.scratch, u64Bytes([t.id]), 64);
+  inj.call("timer_create", NR.timer_create, t.clock, sevAddr, idAddr);
+  return Number(BigInt.asIntN(32, readU64s(getBytes(ctx.pid, ctx.scratch, 8, 64))[0]));
+}
+
+function restorePosixTimers(ctx: RestoreContext, timers: PosixTimerImage[]): void {
+  const inj = ctx.injector;
+  const restoreIds = inj.raw(NR.prctl, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0);
+  if (restoreIds < 0n && restoreIds !== EINVAL) {
+    throw new AmberError(`prctl(PR_TIMER_CREATE_RESTORE_IDS): errno ${-restoreIds}`);
+  }
+  for (const t of timers) {
+    withContext(`POSIX timer ${t.id}`, () => {
+      let id = createTimer(ctx, inj, t);
+      // No restore-ids mode: ids come in order; spend the ones below ours.
+      const spare: number[] = [];
+      while (restoreIds < 0n && id < t.id && id < MAX_SEQUENTIAL_ID) {
+        spare.push(id);
+        id = createTimer(ctx, inj, t);
+      }
+      for (const s of spare) inj.call("timer_delete", NR.timer_delete, s);
+      if (id !== t.id) throw new AmberError(`timer_create gave id ${id}`);
+      if (t.valueNs > 0n) {
+        const its = putBytes(ctx.pid, ctx.scratch, timeBytes(t.intervalNs, t.valueNs, 1n), 128);
+        inj.call("timer_settime", NR.timer_settime, t.id, 0, its, 0);
+      }
+    });
+  }
+  if (restoreIds === 0n) {
+    inj.call(
+      "prctl(PR_TIMER_CREATE_RESTORE_IDS off)",
+      NR.prctl,
+      PR_TIMER_CREATE_RESTORE_IDS,
+      0,
+      0,
+      0,
+      0,
+    );
+  }
+}
+
+export const timersPart = definePart({
+  name: "timers",
+  version: 1,
+  schema: TimersSchema.extend({ tids: z.array(z.number().int()) }),
+  dump: (ctx) => ({
+    itimers: dumpItimers(ctx),
+    posix: dumpPosixTimers(ctx),
+    tids: ctx.proc.threads,
+  }),
+  unrestorable({ posix, tids }) {
+    const threads = new Set(tids);
+    return posix.map((t) => unrestorableTimer(t, threads)).find(Boolean);
+  },
+  restore(ctx, { itimers, posix }) {
+    for (const t of itimers) {
+      const val = putBytes(ctx.pid, ctx.scratch, timeBytes(t.intervalNs, t.valueNs, 1000n));
+      ctx.injector.call(`setitimer(${ITIMER_NAMES[t.which]})`, NR.setitimer, t.which, val, 0);
+    }
+    restorePosixTimers(ctx, posix);
+  },
+});
