@@ -97,10 +97,12 @@ async function precheck(images: Images, options: RestoreOptions, dir: ImageDir):
     }
     if (e.state === "zombie") continue;
     for (const part of PARTS) {
-      withContext(
-        `pid ${e.pid}: ${part.name}`,
-        () => part.precheck?.(p.parts[part.name], { pid: e.pid, dir, options, images: p.parts }),
-      );
+      withContext(`pid ${e.pid}: ${part.name}`, () => {
+        // What a dump -R recorded as unrestorable is refused here too.
+        const why = part.unrestorable?.(p.parts[part.name]);
+        if (why) throw new AmberError(why);
+        part.precheck?.(p.parts[part.name], { pid: e.pid, dir, options, images: p.parts });
+      });
     }
   }
   for (const p of images.processes) {
