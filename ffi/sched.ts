@@ -6,6 +6,8 @@
 import { addressOf, rawSyscall } from "./libc.ts";
 
 const NR = {
+  getpriority: 140,
+  setpriority: 141,
   sched_setaffinity: 203,
   sched_getaffinity: 204,
   ioprio_set: 251,
@@ -17,6 +19,7 @@ const NR = {
 /** struct sched_attr as of Linux 4.13 (with utilization clamps): 56 bytes. */
 const SCHED_ATTR_SIZE = 56;
 const IOPRIO_WHO_PROCESS = 1;
+const PRIO_PROCESS = 0;
 /** Bytes of CPU mask asked for: 1024 CPUs, glibc's cpu_set_t. */
 const CPU_MASK_BYTES = 128;
 
@@ -105,4 +108,14 @@ export function getIoprio(tid: number): number {
 
 export function setIoprio(tid: number, ioprio: number): void {
   rawSyscall(`ioprio_set(${tid})`, NR.ioprio_set, IOPRIO_WHO_PROCESS, tid, ioprio);
+}
+
+/** A thread's nice value (sched_getattr reports none for real-time threads). */
+export function getNice(tid: number): number {
+  // The raw syscall returns 20 - nice, so that no result looks like an error.
+  return 20 - Number(rawSyscall(`getpriority(${tid})`, NR.getpriority, PRIO_PROCESS, tid));
+}
+
+export function setNice(tid: number, nice: number): void {
+  rawSyscall(`setpriority(${tid})`, NR.setpriority, PRIO_PROCESS, tid, nice);
 }

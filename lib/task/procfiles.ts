@@ -79,7 +79,7 @@ export const procfilesPart = definePart({
       writeProcFile(pid, "oom_score_adj", String(img.oomScoreAdj));
     }
     if (parseInt(readProcText(pid, "coredump_filter").trim(), 16) !== img.coredumpFilter) {
-      writeProcFile(pid, "coredump_filter", img.coredumpFilter.toString(16));
+      writeProcFile(pid, "coredump_filter", `0x${img.coredumpFilter.toString(16)}`);
     }
     // The autogroup is the session's (setsid made a new one): set its nice.
     if (img.autogroupNice !== undefined && readAutogroupNice(pid) !== img.autogroupNice) {

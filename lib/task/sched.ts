@@ -8,19 +8,20 @@ import { z } from "zod";
 import {
   getAffinity,
   getIoprio,
+  getNice,
   MAX_CPU,
   type SchedAttr,
   schedGetattr,
   schedSetattr,
   setAffinity,
   setIoprio,
+  setNice,
 } from "../../ffi/sched.ts";
 import { definePart } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { pidNumber, u64 } from "../images/codec.ts";
 
 const u32 = z.number().int().min(0).max(0xffffffff);
-const FAIR_POLICIES = [0, 3, 5]; // SCHED_OTHER, SCHED_BATCH, SCHED_IDLE
 /** Flags sched_getattr reports that sched_setattr takes back: RESET_ON_FORK, RECLAIM, DL_OVERRUN. */
 const KEPT_FLAGS = 0x7n;
 const SCHED_FLAG_UTIL_CLAMP = 0x20n | 0x40n;
@@ -42,34 +43,24 @@ const ThreadSched = z.object({
 type ThreadSched = z.output<typeof ThreadSched>;
 
 function dumpThread(tid: number): z.input<typeof ThreadSched> {
-  return { tid, ...schedGetattr(tid), affinity: getAffinity(tid), ioprio: getIoprio(tid) };
+  const attr = schedGetattr(tid);
+  return { tid, ...attr, nice: getNice(tid), affinity: getAffinity(tid), ioprio: getIoprio(tid) };
 }
 
 function sameAttr(a: SchedAttr, b: SchedAttr): boolean {
   return a.policy === b.policy && (a.flags & KEPT_FLAGS) === (b.flags & KEPT_FLAGS) &&
-    a.nice === b.nice && a.priority === b.priority && a.runtime === b.runtime &&
-    a.deadline === b.deadline && a.period === b.period && a.utilMin === b.utilMin &&
-    a.utilMax === b.utilMax;
+    a.priority === b.priority && a.runtime === b.runtime && a.deadline === b.deadline &&
+    a.period === b.period && a.utilMin === b.utilMin && a.utilMax === b.utilMax;
 }
 
 function restoreAttr(tid: number, want: ThreadSched): void {
+  // A real-time or deadline thread keeps the nice value it had before: set that first.
+  if (getNice(tid) !== want.nice) setNice(tid, want.nice);
   const now = schedGetattr(tid);
   if (sameAttr(now, want)) return;
   const clamp = now.utilMin !== want.utilMin || now.utilMax !== want.utilMax;
-  const attr = { ...want, flags: (want.flags & KEPT_FLAGS) | (clamp ? SCHED_FLAG_UTIL_CLAMP : 0n) };
-  // A real-time or deadline thread keeps the nice value it had before: set that first.
-  if (!FAIR_POLICIES.includes(want.policy) && now.nice !== want.nice) {
-    schedSetattr(tid, {
-      ...attr,
-      policy: 0,
-      priority: 0,
-      flags: 0n,
-      runtime: 0n,
-      deadline: 0n,
-      period: 0n,
-    });
-  }
-  schedSetattr(tid, attr);
+  const flags = (want.flags & KEPT_FLAGS) | (clamp ? SCHED_FLAG_UTIL_CLAMP : 0n);
+  schedSetattr(tid, { ...want, flags });
 }
 
 export const schedPart = definePart({
