@@ -121,6 +121,26 @@ assert libc.prctl(38, 1, 0, 0, 0) == 0
 assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(prog)), 0, 0) == 0
 ` + COUNT;
 
+/** A second thread drops CAP_MKNOD from its bounding set: credentials per thread. */
+const THREAD_CREDS_PY = `import ctypes, threading, time
+libc = ctypes.CDLL(None)
+dropped = threading.Event()
+def drop():
+    libc.prctl(24, 27, 0, 0, 0)
+    dropped.set()
+    while True:
+        time.sleep(1)
+threading.Thread(target=drop, daemon=True).start()
+dropped.wait()
+` + COUNT;
+
+/** set_mempolicy(MPOL_PREFERRED, node 0). */
+const MEMPOLICY_PY = `import ctypes
+libc = ctypes.CDLL(None)
+mask = ctypes.c_ulong(1)
+assert libc.syscall(238, 1, ctypes.byref(mask), 64) == 0
+` + COUNT;
+
 interface Refused {
   what: string;
   argv: (out: string) => string[];
@@ -134,6 +154,16 @@ const REFUSED: Refused[] = [
     what: "seccomp filter",
     argv: (out) => ["setsid", "python3", "-c", SECCOMP_PY, out],
     message: /seccomp mode 2 \(filter, 1 filters\): not supported yet/,
+  },
+  {
+    what: "a thread with its own capabilities",
+    argv: (out) => ["setsid", "python3", "-c", THREAD_CREDS_PY, out],
+    message: /tid \d+: credentials differ from the main thread's: not supported yet/,
+  },
+  {
+    what: "NUMA memory policy",
+    argv: (out) => ["setsid", "python3", "-c", MEMPOLICY_PY, out],
+    message: /tid \d+: NUMA memory policy 1: not supported yet/,
   },
   {
     what: "own UTS namespace",
