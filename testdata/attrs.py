@@ -2,13 +2,16 @@
 then checks them itself whenever the file CHECK appears (after a restore):
 writes "PASS" or "FAIL what..." to OUT, one line per check.
 
-usage: attrs.py OUT CHECK
+usage: attrs.py OUT CHECK [UID]
+With UID, it then runs as that user (keeping its capabilities, as
+SECBIT_NO_SETUID_FIXUP allows).
 First line of OUT: "ready <json of what was set>" (what the kernel refused
 to set here is left out, so the test knows what to expect).
 """
 import ctypes, json, mmap, os, signal, sys, threading, time
 
 OUT, CHECK = sys.argv[1], sys.argv[2]
+UID = int(sys.argv[3]) if len(sys.argv) > 3 else None
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 libc.prctl.restype = ctypes.c_int
@@ -65,6 +68,10 @@ set_["regions"] = {f: hex(a)[2:] for f, (m, a) in regions.items()}
 prctl(24, 27)  # PR_CAPBSET_DROP CAP_MKNOD
 prctl(28, 0x5)  # PR_SET_SECUREBITS: NOROOT | NO_SETUID_FIXUP
 prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
+if UID is not None:
+    os.setgroups([])
+    os.setresgid(UID, UID, UID)
+    os.setresuid(UID, UID, UID)
 
 # A second thread: real-time FIFO 1 after a nice of 3, its own pdeath signal and personality.
 thread_ready = threading.Event()

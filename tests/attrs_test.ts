@@ -51,7 +51,8 @@ function snapshot(pid: number): Record<string, string> {
     vmflags: [...readVmFlags(pid)].map(([a, f]) => `${a.toString(16)}:${f.join(" ")}`).join("\n"),
   };
   for (const tid of threadsOf(pid)) {
-    for (const f of ["NoNewPrivs", "CapBnd", "Cpus_allowed_list", "Speculation_Store_Bypass"]) {
+    const fields = ["Uid", "Gid", "CapEff", "NoNewPrivs", "CapBnd", "Cpus_allowed_list"];
+    for (const f of [...fields, "Speculation_Store_Bypass"]) {
       out[`${tid} ${f}`] = statusField(pid, f, tid);
     }
     out[`${tid} personality`] = proc(pid, `task/${tid}/personality`);
@@ -63,10 +64,11 @@ function snapshot(pid: number): Record<string, string> {
   return out;
 }
 
-Deno.test("non-default task attributes come back after restore", async () => {
+async function roundTrip(user?: number): Promise<void> {
   await using tmp = await tempDir();
   const out = `${tmp.path}/attrs.txt`, check = `${tmp.path}/check`;
-  const target = spawnTarget(["setsid", "python3", ATTRS_PY, out, check]);
+  const extra = user === undefined ? [] : [String(user)];
+  const target = spawnTarget(["setsid", "python3", ATTRS_PY, out, check, ...extra]);
   const { pid } = target;
   try {
     const [ready] = await waitForLines(out, 1, 30_000);
@@ -84,6 +86,9 @@ Deno.test("non-default task attributes come back after restore", async () => {
     assert.equal(before[`${set.thread} personality`], "00200000");
     assert.equal(BigInt("0x" + before[`${pid} CapBnd`]) & (1n << 27n), 0n, "CAP_MKNOD dropped");
     if (set.loginuid) assert.equal(before.loginuid, "1234");
+    if (user !== undefined) {
+      assert.equal(before[`${pid} Uid`], `${user}\t${user}\t${user}\t${user}`);
+    }
     for (const f of ["lo", "dc", "wf", "dd", "sr", "rr", "nh"]) {
       assert.ok(set.regions[f], `region ${f} was set up`);
       assert.match(before.vmflags, new RegExp(`^${set.regions[f]}:.* ${f}( |$)`, "m"), f);
@@ -100,7 +105,12 @@ Deno.test("non-default task attributes come back after restore", async () => {
   } finally {
     await killAndReap(pid);
   }
-});
+}
+
+Deno.test("non-default task attributes come back after restore", () => roundTrip());
+
+Deno.test("non-default task attributes of a process of another user come back", () =>
+  roundTrip(65534));
 
 /** A python target that sets up something amber refuses, then writes "ready" and counts. */
 const COUNT = `import sys, time
