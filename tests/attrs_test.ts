@@ -122,14 +122,73 @@ while True:
     time.sleep(0.02)
 `;
 
-const SECCOMP_PY = `import ctypes, struct
+/**
+ * Installs two seccomp filters (allow everything; then getppid fails with
+ * EPERM). With "before", a second thread is started before them (so it has
+ * none), else after (so it shares them). The main thread writes "tick"
+ * lines until CHECK appears; then both threads see if getppid still fails
+ * and write PASS/FAIL lines to OUT.
+ */
+const SECCOMP_PY = `import ctypes, os, struct, sys, threading, time
+OUT, CHECK, WHEN = sys.argv[1], sys.argv[2], sys.argv[3]
 libc = ctypes.CDLL(None, use_errno=True)
-# One BPF instruction: return SECCOMP_RET_ALLOW.
-insn = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0x7fff0000))
-prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", 1, ctypes.addressof(insn)))
+libc.syscall.restype = ctypes.c_long
+def install(*insns):
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in insns))
+    prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(insns), ctypes.addressof(code)))
+    assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(prog)), 0, 0) == 0
+def getppid_fails():
+    return libc.syscall(110) == -1 and ctypes.get_errno() == 1
+def loop(name):
+    while not os.path.exists(CHECK):
+        if name == "main":
+            with open(OUT, "a") as f:
+                f.write("tick\\n")
+        time.sleep(0.02)
+    with open(OUT, "a") as f:
+        f.write(("PASS " if getppid_fails() else "FAIL ") + name + "\\n")
+    while True:
+        time.sleep(0.05)
+def start():
+    threading.Thread(target=loop, args=("thread",), daemon=True).start()
+if WHEN == "before":
+    start()
 assert libc.prctl(38, 1, 0, 0, 0) == 0
-assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(prog)), 0, 0) == 0
-` + COUNT;
+install((0x06, 0, 0, 0x7fff0000))
+# ld [nr]; jeq 110 ? ret ERRNO|EPERM : ret ALLOW
+install((0x20, 0, 0, 0), (0x15, 0, 1, 110), (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7fff0000))
+if WHEN == "after":
+    start()
+with open(OUT, "a") as f:
+    f.write("ready %d\\n" % getppid_fails())
+loop("main")
+`;
+
+Deno.test("seccomp filters shared by two threads come back, still filtering", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/seccomp.txt`, check = `${tmp.path}/check`;
+  const target = spawnTarget(["setsid", "python3", "-c", SECCOMP_PY, out, check, "after"]);
+  const { pid } = target;
+  try {
+    assert.deepEqual((await waitForLines(out, 1, 30_000)).slice(0, 1), ["ready 1"]);
+    const before = threadsOf(pid).map((t) => statusField(pid, "Seccomp_filters", t));
+    assert.deepEqual(before, ["2", "2"], "both threads have the two filters");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await target.child.status;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    for (const tid of threadsOf(pid)) {
+      assert.equal(statusField(pid, "Seccomp", tid), "2", `tid ${tid}: mode`);
+      assert.equal(statusField(pid, "Seccomp_filters", tid), "2", `tid ${tid}: filters`);
+    }
+    Deno.writeTextFileSync(check, "");
+    const verdicts = (l: string[]) => l.filter((x) => /^(PASS|FAIL) /.test(x));
+    const lines = await waitForLine(out, (l) => verdicts(l).length >= 2);
+    assert.deepEqual(verdicts(lines).sort(), ["PASS main", "PASS thread"]);
+  } finally {
+    await killAndReap(pid);
+  }
+});
 
 /** A second thread drops CAP_MKNOD from its bounding set: credentials per thread. */
 const THREAD_CREDS_PY = `import ctypes, threading, time
@@ -161,9 +220,9 @@ interface Refused {
 
 const REFUSED: Refused[] = [
   {
-    what: "seccomp filter",
-    argv: (out) => ["setsid", "python3", "-c", SECCOMP_PY, out],
-    message: /seccomp mode 2 \(filter, 1 filters\): not supported yet/,
+    what: "seccomp filters on one thread only",
+    argv: (out) => ["setsid", "python3", "-c", SECCOMP_PY, out, `${out}.check`, "before"],
+    message: /tid \d+: seccomp mode 0 \(disabled\): seccomp filters that differ between threads/,
   },
   {
     what: "a thread with its own capabilities",
