@@ -9,15 +9,19 @@ import { getIoprio, schedGetattr } from "../ffi/sched.ts";
 import { readVmFlags } from "../lib/proc/maps.ts";
 import {
   amber,
+  assertCounterGoesOn,
   assertExit,
   assertLeftNothing,
   assertOneLineError,
   assertRunningFree,
+  buildC,
   childrenWithState,
   dumpArgs,
   exists,
   killAndReap,
+  readLines,
   spawnTarget,
+  startWriter,
   statusField,
   tempDir,
   TESTDATA,
@@ -111,6 +115,33 @@ Deno.test("non-default task attributes come back after restore", () => roundTrip
 
 Deno.test("non-default task attributes of a process of another user come back", () =>
   roundTrip(65534));
+
+Deno.test("a thread in seccomp strict mode survives dump -R and comes back strict", async () => {
+  await using tmp = await tempDir();
+  const bin = await buildC("strict");
+  const out = `${tmp.path}/strict.txt`;
+  const target = await startWriter(["setsid", bin, out], out, 3);
+  const { pid } = target;
+  try {
+    const strict = () => threadsOf(pid).filter((t) => statusField(pid, "Seccomp", t) === "1");
+    const [tid] = strict();
+    assert.ok(tid, "one thread is in strict mode");
+    const img = `${tmp.path}/img`;
+    // Injected syscalls are not the thread's own: they must not kill it.
+    assertExit(await amber(dumpArgs(pid, `${img}-R`, "-R")), 0, "dump -R");
+    await assertRunningFree(pid, "after dump -R");
+    let n = (await readLines(out)).length;
+    await assertCounterGoesOn(out, n, 5, "strict thread after dump -R");
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await target.child.status;
+    n = (await readLines(out)).length;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.deepEqual(strict(), [tid], "the same thread is strict after restore");
+    await assertCounterGoesOn(out, n, 5, "strict thread after restore");
+  } finally {
+    await killAndReap(pid);
+  }
+});
 
 /** A python target that sets up something amber refuses, then writes "ready" and counts. */
 const COUNT = `import sys, time
