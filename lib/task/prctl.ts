@@ -2,9 +2,9 @@
  * prctl-style task attributes, read and set by syscalls injected into the
  * process (there is no way to read most of them from outside): per thread
  * pdeath signal, timer slack, personality, TSC mode, machine-check kill
- * policy, speculation controls; per process child subreaper, dumpable,
- * THP disable, membarrier registrations, I/O flusher, KSM merge-all and
- * memory-deny-write-execute. Restored after creds, since a credential
+ * policy, speculation controls, I/O flusher, NUMA policy; per process
+ * child subreaper, dumpable, THP disable, membarrier registrations, KSM
+ * merge-all and memory-deny-write-execute. Restored after creds, since a credential
  * change resets the pdeath signal and dumpable.
  */
 import { z } from "zod";
@@ -12,6 +12,7 @@ import { Injector, NR } from "../../ffi/inject.ts";
 import { definePart, type Scratch } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { pidNumber, u64 } from "../images/codec.ts";
+import { readStat } from "../proc/stat.ts";
 import { getBytes } from "../scratch.ts";
 
 const NR_PERSONALITY = 135;
@@ -21,6 +22,8 @@ const MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9;
 /** REGISTER_GLOBAL_EXPEDITED, _PRIVATE_EXPEDITED, _SYNC_CORE, _RSEQ. */
 const MEMBARRIER_REGISTER_CMDS = [1 << 2, 1 << 4, 1 << 6, 1 << 8];
 const EINVAL = -22n, EPERM = -1n;
+/** PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what PR_SET_IO_FLUSHER sets. */
+const PF_IO_FLUSHER = 0x00080000n | 0x00100000n;
 
 /** Where an attribute's syscalls run: the thread, and scratch memory for pointer results. */
 interface Target {
@@ -82,8 +85,9 @@ function speculation(name: string, which: number): Attr {
     name,
     scope: "thread",
     get(t) {
+      // Not on this CPU or kernel (EINVAL, ENODEV...): nothing to keep.
       const r = t.inj.raw(NR.prctl, 52, which, 0, 0, 0);
-      return r === EINVAL ? undefined : r;
+      return r < 0n ? undefined : r;
     },
     set(t, v) {
       const now = this.get(t);
@@ -126,6 +130,7 @@ const ATTRS: Attr[] = [
   }, 0n),
   speculation("speculative store bypass", 0),
   speculation("indirect branch speculation", 1),
+  speculation("L1D flush", 2),
   pointed("child subreaper", "process", 37, 36),
   {
     ...returned("dumpable", "process", 3, 4),
@@ -162,13 +167,14 @@ const ATTRS: Attr[] = [
     },
   },
   notYet({
-    ...returned("I/O flusher", "process", 58, 57),
-    // Even reading it needs CAP_SYS_RESOURCE: without it amber cannot tell.
+    ...returned("I/O flusher", "thread", 58, 57),
     get(t) {
       const r = t.inj.raw(NR.prctl, 58, 0, 0, 0, 0);
-      if (r === EPERM) return undefined;
-      if (r < 0n) throw new AmberError(`prctl(GET_IO_FLUSHER): errno ${-r}`);
-      return r;
+      if (r >= 0n) return r;
+      if (r !== EPERM) throw new AmberError(`prctl(GET_IO_FLUSHER): errno ${-r}`);
+      // Reading it needs CAP_SYS_RESOURCE too: see the task flags it stands for.
+      const flags = BigInt(readStat(t.pid, t.inj.tid).flags);
+      return (flags & PF_IO_FLUSHER) === PF_IO_FLUSHER ? 1n : 0n;
     },
   }, 0n),
   notYet(returned("KSM merge-all", "process", 68, 67), 0n),
