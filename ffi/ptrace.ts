@@ -27,6 +27,7 @@ export const PTRACE_O = {
   TRACEVFORK: 4,
   TRACECLONE: 8,
   EXITKILL: 0x100000,
+  SUSPEND_SECCOMP: 0x200000,
 } as const;
 
 export const PTRACE_EVENT = { FORK: 1, VFORK: 2, CLONE: 3, EXEC: 4, EXIT: 6, STOP: 128 } as const;

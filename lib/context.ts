@@ -119,6 +119,12 @@ export interface Part<S extends z.ZodType = z.ZodType> {
   /** Checks before anything is created (files exist, kinds supported...). */
   precheck?(data: z.output<S>, ctx: PrecheckContext): void;
   restore(ctx: RestoreContext, data: z.output<S>): void | Promise<void>;
+  /**
+   * Runs once every process of the tree is rebuilt, before the threads get
+   * their final registers: for state that would get in the way of any
+   * later injected syscall (seccomp). ctx.scratch is unmapped by then.
+   */
+  finish?(ctx: RestoreContext, data: z.output<S>): void;
   /** Why an object in this image cannot be restored yet, if one cannot. */
   unrestorable?(data: z.output<S>): string | undefined;
 }

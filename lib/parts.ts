@@ -8,7 +8,14 @@ import { fsPart } from "./fs/fsinfo.ts";
 import { mappingsPart } from "./mm/mappings.ts";
 import { mmPart } from "./mm/mm.ts";
 import { pagemapPart } from "./mm/pages.ts";
+import { vmflagsPart } from "./mm/vmflags.ts";
+import { cgroupPart } from "./task/cgroup.ts";
 import { credsPart } from "./task/creds.ts";
+import { nsPart } from "./task/ns.ts";
+import { prctlPart } from "./task/prctl.ts";
+import { procfilesPart } from "./task/procfiles.ts";
+import { schedPart } from "./task/sched.ts";
+import { seccompPart } from "./task/seccomp.ts";
 import { rlimitsPart } from "./task/rlimits.ts";
 import { sigactionsPart } from "./task/sigactions.ts";
 import { signalsPart } from "./task/signals.ts";
@@ -17,16 +24,27 @@ import { timersPart } from "./task/timers.ts";
 import { defineImage, type ImageKind } from "./images/codec.ts";
 
 export const PARTS: Part[] = [
+  // Nothing to restore: these refuse what amber cannot recreate yet.
+  nsPart,
+  cgroupPart,
+  seccompPart,
   mappingsPart,
   pagemapPart,
   mmPart,
+  vmflagsPart,
   // Before fds: the process's own RLIMIT_NOFILE bounds its descriptor numbers.
   rlimitsPart,
   fdsPart,
   fsPart,
   sigactionsPart,
+  // Before threads (they inherit its loginuid) and creds (which may drop CAP_AUDIT_CONTROL).
+  procfilesPart,
   threadsPart,
   credsPart,
+  // After creds: a credential change resets the pdeath signal and dumpable.
+  prctlPart,
+  // After prctl: a real-time policy zeroes the timer slack, as it did originally.
+  schedPart,
   timersPart,
   // Last: injected calls run with every signal blocked, so these stay pending.
   signalsPart,

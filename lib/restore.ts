@@ -231,7 +231,7 @@ async function rebuildProcess(
   options: RestoreOptions,
   tree: TreeRestoreState,
   log: (m: string) => void,
-): Promise<void> {
+): Promise<RestoreContext> {
   const pid = blank.images.entry.pid;
   const { mappings } = blank.images.parts.mappings as { mappings: MappingImage[] };
   const scratch = mapScratch(blank.injector, mappings);
@@ -256,6 +256,18 @@ async function rebuildProcess(
     log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
+  return ctx;
+}
+
+/** The parts' last steps (lib/context.ts Part.finish), process by process. */
+function finishProcesses(contexts: RestoreContext[]): void {
+  for (const ctx of contexts) {
+    for (const part of PARTS) {
+      if (part.finish) {
+        withContext(`pid ${ctx.pid}: ${part.name}`, () => part.finish!(ctx, ctx.images[part.name]));
+      }
+    }
+  }
 }
 
 /**
@@ -337,6 +349,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
+  const contexts: RestoreContext[] = [];
   const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map() };
   try {
     createTree(images, helper, created, options.detached);
@@ -344,15 +357,15 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       await guard.checkpoint();
       if (blank.images.entry.state === "zombie") continue;
       const pid = blank.images.entry.pid;
-      await withContextAsync(
-        `pid ${pid}`,
-        () => rebuildProcess(blank, dir, options, tree, log),
+      contexts.push(
+        await withContextAsync(`pid ${pid}`, () => rebuildProcess(blank, dir, options, tree, log)),
       );
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
       for (const t of imgs) threads.push([t.tid, t]);
     }
     await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
+    finishProcesses(contexts);
     for (const [tid, img] of threads) applyThreadState(tid, img);
     if (req.pidfile) {
       const pidfile = req.pidfile;

@@ -1,7 +1,7 @@
 /**
  * The mm_struct fields (code/data/brk/stack/args/env bounds, auxv, exe
  * file), set in one PR_SET_MM_MAP call once the mappings exist, and the
- * final protections and madvise flags of every mapping.
+ * final protections of every mapping (lib/mm/vmflags.ts adds madvise/mlock).
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
@@ -16,8 +16,6 @@ import { FileIdentity, type MappingImage, mappingLabel, writableWhileFilled } fr
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
 const PRCTL_MM_MAP_SIZE = 104;
-/** VmFlags → madvise advice that recreates it. */
-const MADVISE: Record<string, number> = { dc: 10, hg: 14, nh: 15, dd: 16, wf: 18 };
 
 export const MmSchema = z.object({
   startCode: u64,
@@ -87,9 +85,6 @@ export const mmPart = definePart({
       withContext(mappingLabel(m), () => {
         if (writableWhileFilled(m)) {
           inj.call("mprotect", NR.mprotect, m.start, m.end - m.start, m.prot);
-        }
-        for (const f of m.vmFlags) {
-          if (MADVISE[f] !== undefined) inj.raw(NR.madvise, m.start, m.end - m.start, MADVISE[f]);
         }
       });
     }

@@ -1,16 +1,20 @@
 /**
- * Credentials: uids, gids, groups, capabilities, no_new_privs. Restored
- * last, per thread (a raw setresuid changes only the calling thread).
+ * Credentials: uids, gids, groups, capabilities, securebits,
+ * no_new_privs. Restored last, per thread (a raw setresuid changes only
+ * the calling thread): the image holds the main thread's and those of the
+ * threads whose credentials differ from it.
  */
 import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
 import { definePart } from "../context.ts";
-import { u64 } from "../images/codec.ts";
+import { PID_MAX, pidNumber, u64 } from "../images/codec.ts";
 import { readStatus, statusHex, statusNumbers } from "../proc/status.ts";
 import { putBytes } from "../scratch.ts";
 
 const PR = {
   SET_KEEPCAPS: 8,
+  GET_SECUREBITS: 27,
+  SET_SECUREBITS: 28,
   CAPBSET_DROP: 24,
   SET_NO_NEW_PRIVS: 38,
   CAP_AMBIENT: 47,
@@ -19,6 +23,11 @@ const CAP_AMBIENT_RAISE = 2;
 const CAP_AMBIENT_CLEAR_ALL = 4;
 const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
 const LAST_CAP = 40;
+const CAP_SETPCAP = 8;
+const SECBIT_NO_SETUID_FIXUP = 1 << 2;
+const SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6;
+/** Every SECBIT_*_LOCKED bit. */
+const SECBIT_LOCKS = 0xaaa;
 
 const Ids = z.array(z.number().int().min(0).max(0xffffffff)).length(4);
 
@@ -32,10 +41,17 @@ export const CredsSchema = z.object({
   capBnd: u64,
   capAmb: u64,
   noNewPrivs: z.boolean(),
+  /** PR_GET_SECUREBITS (of the main thread: every thread keeps that one). */
+  securebits: z.number().int().min(0).default(0),
 });
 export type Creds = z.output<typeof CredsSchema>;
 
-export function readCreds(pid: number, tid?: number): Creds {
+type StatusCreds = Omit<Creds, "securebits">;
+
+/** Credentials of a thread that differ from the main thread's. */
+const ThreadCreds = z.object({ tid: pidNumber, creds: CredsSchema });
+
+export function readCreds(pid: number, tid?: number): StatusCreds {
   const st = readStatus(pid, tid);
   return {
     uids: statusNumbers(st, "Uid"),
@@ -50,19 +66,62 @@ export function readCreds(pid: number, tid?: number): Creds {
   };
 }
 
+const big = (_: string, v: unknown) => typeof v === "bigint" ? v.toString() : v;
+
 function capBits(mask: bigint): number[] {
   const out = [];
   for (let c = 0; c <= LAST_CAP; c++) if (mask & (1n << BigInt(c))) out.push(c);
   return out;
 }
 
-/** Applies creds to the thread behind `inj`, in the order the kernel allows. */
-function applyCreds(
-  inj: Injector,
-  ctx: { pid: number; scratch: { addr: bigint; size: number } },
-  c: Creds,
-  current: Creds,
-): void {
+type Where = { pid: number; scratch: { addr: bigint; size: number } };
+
+function capset(inj: Injector, ctx: Where, eff: bigint, prm: bigint, inh: bigint): void {
+  // struct __user_cap_header_struct + two __user_cap_data_struct (low, high words).
+  const lo = (m: bigint) => Number(m & 0xffffffffn);
+  const hi = (m: bigint) => Number(m >> 32n);
+  const data = new Uint32Array([
+    LINUX_CAPABILITY_VERSION_3,
+    0,
+    lo(eff),
+    lo(prm),
+    lo(inh),
+    hi(eff),
+    hi(prm),
+    hi(inh),
+  ]);
+  const addr = putBytes(ctx.pid, ctx.scratch, new Uint8Array(data.buffer));
+  inj.call("capset", NR.capset, addr, addr + 8n);
+}
+
+function setSecurebits(inj: Injector, bits: number): void {
+  inj.call(
+    `prctl(SET_SECUREBITS 0x${bits.toString(16)})`,
+    NR.prctl,
+    PR.SET_SECUREBITS,
+    bits,
+    0,
+    0,
+    0,
+  );
+}
+
+/**
+ * Applies creds to the thread behind `inj`, in the order the kernel allows.
+ * Securebits need CAP_SETPCAP and may forbid the later steps, so they are
+ * first set unlocked and without NO_CAP_AMBIENT_RAISE (with NO_SETUID_FIXUP,
+ * so the uid change keeps every capability), and set exactly once the
+ * capabilities are in place but CAP_SETPCAP is still held.
+ */
+function applyCreds(inj: Injector, ctx: Where, c: Creds, current: StatusCreds): void {
+  const bitsChange =
+    c.securebits !== Number(inj.call("prctl(GET_SECUREBITS)", NR.prctl, PR.GET_SECUREBITS));
+  if (bitsChange) {
+    setSecurebits(
+      inj,
+      (c.securebits & ~(SECBIT_LOCKS | SECBIT_NO_CAP_AMBIENT_RAISE)) | SECBIT_NO_SETUID_FIXUP,
+    );
+  }
   for (const cap of capBits(current.capBnd & ~c.capBnd)) {
     inj.call(`prctl(CAPBSET_DROP ${cap})`, NR.prctl, PR.CAPBSET_DROP, cap);
   }
@@ -84,22 +143,9 @@ function applyCreds(
     inj.call("setfsuid", NR.setfsuid, c.uids[3]);
     inj.call("prctl(SET_KEEPCAPS)", NR.prctl, PR.SET_KEEPCAPS, 0);
   }
-  if (uidChange || capChange) {
-    // struct __user_cap_header_struct + two __user_cap_data_struct (low, high words).
-    const lo = (m: bigint) => Number(m & 0xffffffffn);
-    const hi = (m: bigint) => Number(m >> 32n);
-    const data = new Uint32Array([
-      LINUX_CAPABILITY_VERSION_3,
-      0,
-      lo(c.capEff),
-      lo(c.capPrm),
-      lo(c.capInh),
-      hi(c.capEff),
-      hi(c.capPrm),
-      hi(c.capInh),
-    ]);
-    const addr = putBytes(ctx.pid, ctx.scratch, new Uint8Array(data.buffer));
-    inj.call("capset", NR.capset, addr, addr + 8n);
+  const setpcap = bitsChange ? 1n << BigInt(CAP_SETPCAP) : 0n;
+  if (uidChange || capChange || bitsChange) {
+    capset(inj, ctx, c.capEff | setpcap, c.capPrm | setpcap, c.capInh);
   }
   if (c.capAmb !== current.capAmb) {
     inj.call("prctl(CAP_AMBIENT)", NR.prctl, PR.CAP_AMBIENT, CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
@@ -115,28 +161,28 @@ function applyCreds(
       );
     }
   }
+  if (bitsChange) {
+    setSecurebits(inj, c.securebits);
+    if (~c.capEff & setpcap) capset(inj, ctx, c.capEff, c.capPrm, c.capInh);
+  }
   if (c.noNewPrivs && !current.noNewPrivs) {
     inj.call("prctl(SET_NO_NEW_PRIVS)", NR.prctl, PR.SET_NO_NEW_PRIVS, 1, 0, 0, 0);
   }
 }
 
-function credsKey(c: Creds): string {
-  return JSON.stringify(c, (_, v) => typeof v === "bigint" ? String(v) : v);
-}
-
-/** Credentials are per thread: those of threads that differ from the leader's. */
-const ThreadCreds = z.object({ tid: z.number().int().min(1), creds: CredsSchema });
-
 export const credsPart = definePart({
   name: "creds",
   version: 2,
-  schema: CredsSchema.extend({ threads: z.array(ThreadCreds) }),
-  dump({ pid, proc }) {
-    const leader = readCreds(pid);
+  schema: CredsSchema.extend({ threads: z.array(ThreadCreds).max(PID_MAX) }),
+  dump({ pid, proc, injector }) {
+    const main = readCreds(pid);
+    const key = (t: StatusCreds) => JSON.stringify(t, big);
+    const securebits = Number(injector.call("prctl(GET_SECUREBITS)", NR.prctl, PR.GET_SECUREBITS));
     const threads = proc.threads.filter((t) => t !== pid)
       .map((tid) => ({ tid, creds: readCreds(pid, tid) }))
-      .filter((t) => credsKey(t.creds) !== credsKey(leader));
-    return { ...leader, threads };
+      .filter((t) => key(t.creds) !== key(main))
+      .map((t) => ({ tid: t.tid, creds: { ...t.creds, securebits } }));
+    return { ...main, securebits, threads };
   },
   restore(ctx, { threads, ...creds }) {
     const own = new Map(threads.map((t) => [t.tid, t.creds]));

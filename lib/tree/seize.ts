@@ -124,7 +124,9 @@ function seizeRefusal(tid: number, e: unknown): AmberError {
 /** Seizes and interrupts one thread; false when it vanished meanwhile. */
 function freezeThread(tid: number): boolean {
   try {
-    pt.seize(tid, pt.PTRACE_O.TRACESYSGOOD);
+    // Seccomp suspended: the syscalls dump injects are not the thread's own,
+    // and its filter (or strict mode) could fail them or kill the process.
+    pt.seize(tid, pt.PTRACE_O.TRACESYSGOOD | pt.PTRACE_O.SUSPEND_SECCOMP);
   } catch (e) {
     if (e instanceof SysError && e.code === "ESRCH") return false;
     throw seizeRefusal(tid, e);

@@ -1,0 +1,260 @@
+/**
+ * prctl-style task attributes, read and set by syscalls injected into the
+ * process (there is no way to read most of them from outside): per thread
+ * pdeath signal, timer slack, personality, TSC mode, machine-check kill
+ * policy, speculation controls, I/O flusher, NUMA policy; per process
+ * child subreaper, dumpable, THP disable, membarrier registrations, KSM
+ * merge-all and memory-deny-write-execute. Restored after creds, since a credential
+ * change resets the pdeath signal and dumpable.
+ */
+import { z } from "zod";
+import { Injector, NR } from "../../ffi/inject.ts";
+import { definePart, type Scratch } from "../context.ts";
+import { AmberError, withContext } from "../errors.ts";
+import { pidNumber, u64 } from "../images/codec.ts";
+import { readStat } from "../proc/stat.ts";
+import { getBytes } from "../scratch.ts";
+
+const NR_PERSONALITY = 135;
+const NR_MEMBARRIER = 324;
+const NR_GET_MEMPOLICY = 239;
+const MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9;
+/** REGISTER_GLOBAL_EXPEDITED, _PRIVATE_EXPEDITED, _SYNC_CORE, _RSEQ. */
+const MEMBARRIER_REGISTER_CMDS = [1 << 2, 1 << 4, 1 << 6, 1 << 8];
+const EINVAL = -22n, EPERM = -1n;
+/** PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what PR_SET_IO_FLUSHER sets. */
+const PF_IO_FLUSHER = 0x00080000n | 0x00100000n;
+
+/** Where an attribute's syscalls run: the thread, and scratch memory for pointer results. */
+interface Target {
+  pid: number;
+  inj: Injector;
+  scratch: Scratch;
+}
+
+interface Attr {
+  name: string;
+  scope: "thread" | "process";
+  /** The current value; undefined when this kernel cannot tell. */
+  get(t: Target): bigint | undefined;
+  set(t: Target, v: bigint): void;
+  /** Why a value cannot be restored, if it cannot. */
+  refuse?(v: bigint): string | undefined;
+}
+
+function prctl(t: Target, what: string, ...args: (number | bigint)[]): bigint {
+  return t.inj.call(`prctl(${what})`, NR.prctl, ...args);
+}
+
+/** A prctl GET whose result is its return value, and the SET that takes it as arg2. */
+function returned(name: string, scope: Attr["scope"], get: number, set: number): Attr {
+  return {
+    name,
+    scope,
+    get: (t) => prctl(t, `${get}`, get, 0, 0, 0, 0),
+    set: (t, v) => void prctl(t, `${set}`, set, v, 0, 0, 0),
+  };
+}
+
+/** A prctl GET that stores an int at arg2, and the SET that takes it as arg2. */
+function pointed(name: string, scope: Attr["scope"], get: number, set: number): Attr {
+  return {
+    name,
+    scope,
+    get(t) {
+      prctl(t, `${get}`, get, t.scratch.addr, 0, 0, 0);
+      const b = getBytes(t.pid, t.scratch, 4);
+      return BigInt(new DataView(b.buffer, b.byteOffset).getInt32(0, true));
+    },
+    set: (t, v) => void prctl(t, `${set}`, set, v, 0, 0, 0),
+  };
+}
+
+/** Refused unless `normal` (setting the I/O flusher or KSM flags needs CAP_SYS_RESOURCE). */
+function notYet(attr: Attr, normal: bigint): Attr {
+  return {
+    ...attr,
+    refuse: (v) => v === normal ? undefined : `${attr.name} ${v}: not supported yet`,
+  };
+}
+
+/** PR_{GET,SET}_SPECULATION_CTRL for one misfeature: PR_SPEC_* state bits. */
+function speculation(name: string, which: number): Attr {
+  const PR_SPEC_PRCTL = 1n, ENABLE = 2n, DISABLE = 4n, FORCE_DISABLE = 8n, DISABLE_NOEXEC = 16n;
+  return {
+    name,
+    scope: "thread",
+    get(t) {
+      // Not on this CPU or kernel (EINVAL, ENODEV...): nothing to keep.
+      const r = t.inj.raw(NR.prctl, 52, which, 0, 0, 0);
+      return r < 0n ? undefined : r;
+    },
+    set(t, v) {
+      const now = this.get(t);
+      if (now === undefined || (now & ~PR_SPEC_PRCTL) === (v & ~PR_SPEC_PRCTL)) return;
+      const ctrl = [FORCE_DISABLE, DISABLE_NOEXEC, DISABLE, ENABLE].find((b) => v & b);
+      if (ctrl === undefined || !(now & PR_SPEC_PRCTL)) {
+        throw new AmberError(`${name}: state 0x${v.toString(16)} cannot be set on this kernel`);
+      }
+      prctl(t, "SET_SPECULATION_CTRL", 53, which, ctrl, 0, 0);
+    },
+  };
+}
+
+const ATTRS: Attr[] = [
+  pointed("pdeath signal", "thread", 2, 1),
+  returned("timer slack", "thread", 30, 29),
+  {
+    name: "personality",
+    scope: "thread",
+    get: (t) => t.inj.call("personality", NR_PERSONALITY, 0xffffffff),
+    set: (t, v) => void t.inj.call("personality", NR_PERSONALITY, v),
+  },
+  pointed("TSC mode", "thread", 25, 26),
+  {
+    name: "machine-check kill policy",
+    scope: "thread",
+    get: (t) => prctl(t, "MCE_KILL_GET", 34, 0, 0, 0, 0),
+    // PR_MCE_KILL_DEFAULT (2) is undone with PR_MCE_KILL_CLEAR, the others set with _SET.
+    set: (t, v) => void prctl(t, "MCE_KILL", 33, v === 2n ? 0 : 1, v === 2n ? 0 : v, 0, 0),
+  },
+  notYet({
+    name: "NUMA memory policy",
+    scope: "thread",
+    get(t) {
+      t.inj.call("get_mempolicy", NR_GET_MEMPOLICY, t.scratch.addr, 0, 0, 0, 0);
+      const b = getBytes(t.pid, t.scratch, 4);
+      return BigInt(new DataView(b.buffer, b.byteOffset).getInt32(0, true));
+    },
+    set() {},
+  }, 0n),
+  speculation("speculative store bypass", 0),
+  speculation("indirect branch speculation", 1),
+  speculation("L1D flush", 2),
+  pointed("child subreaper", "process", 37, 36),
+  {
+    ...returned("dumpable", "process", 3, 4),
+    // 2 (SUID_DUMP_ROOT) is set only by the kernel, on exec of a setuid program.
+    refuse: (v) => v > 1n ? `dumpable ${v} (set by a setuid exec): not supported yet` : undefined,
+  },
+  {
+    name: "THP disable",
+    scope: "process",
+    get: (t) => prctl(t, "GET_THP_DISABLE", 42, 0, 0, 0, 0),
+    // Bit 0: disabled; the other bits are the PR_THP_DISABLE_* flags of arg3.
+    set: (t, v) => void prctl(t, "SET_THP_DISABLE", 41, v & 1n, v & ~1n, 0, 0),
+  },
+  {
+    name: "membarrier registrations",
+    scope: "process",
+    get(t) {
+      // Kernels before 6.3 cannot tell (EINVAL): nothing to compare then.
+      const r = t.inj.raw(NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
+      if (r === EINVAL) return undefined;
+      if (r < 0n) throw new AmberError(`membarrier(GET_REGISTRATIONS): errno ${-r}`);
+      return r;
+    },
+    set(t, v) {
+      for (const cmd of MEMBARRIER_REGISTER_CMDS) {
+        if (v & BigInt(cmd)) {
+          t.inj.call(`membarrier(register 0x${cmd.toString(16)})`, NR_MEMBARRIER, cmd, 0, 0);
+        }
+      }
+    },
+    refuse(v) {
+      const known = MEMBARRIER_REGISTER_CMDS.reduce((m, c) => m | BigInt(c), 0n);
+      if (v & ~known) return `membarrier registrations 0x${v.toString(16)}: not supported yet`;
+    },
+  },
+  notYet({
+    ...returned("I/O flusher", "thread", 58, 57),
+    get(t) {
+      const r = t.inj.raw(NR.prctl, 58, 0, 0, 0, 0);
+      if (r >= 0n) return r;
+      if (r !== EPERM) throw new AmberError(`prctl(GET_IO_FLUSHER): errno ${-r}`);
+      // Reading it needs CAP_SYS_RESOURCE too: see the task flags it stands for.
+      const flags = BigInt(readStat(t.pid, t.inj.tid).flags);
+      return (flags & PF_IO_FLUSHER) === PF_IO_FLUSHER ? 1n : 0n;
+    },
+  }, 0n),
+  notYet(returned("KSM merge-all", "process", 68, 67), 0n),
+  // Last: once set, memory-deny-write-execute forbids making memory executable.
+  returned("memory-deny-write-execute", "process", 66, 65),
+];
+
+const Values = z.record(z.string(), u64);
+
+function readAttrs(t: Target, scope: Attr["scope"]): Record<string, bigint> {
+  const out: Record<string, bigint> = {};
+  for (const a of ATTRS.filter((a) => a.scope === scope)) {
+    const v = withContext(a.name, () => a.get(t));
+    if (v !== undefined) out[a.name] = v;
+  }
+  return out;
+}
+
+/** Sets what differs from the thread's current values, in table order. */
+function applyAttrs(t: Target, scope: Attr["scope"], want: Record<string, bigint>): void {
+  for (const a of ATTRS.filter((a) => a.scope === scope)) {
+    const v = want[a.name];
+    if (v === undefined) continue;
+    withContext(`${a.name} ${v}`, () => {
+      if (a.get(t) !== v) a.set(t, v);
+    });
+  }
+}
+
+/** Runs fn with an injector on thread `tid` (the part's own for the leader). */
+function onThread<T>(pid: number, tid: number, leader: Injector, fn: (inj: Injector) => T): T {
+  if (tid === pid) return fn(leader);
+  const inj = new Injector(tid, leader.syscallAddr);
+  try {
+    return fn(inj);
+  } finally {
+    inj.end();
+  }
+}
+
+function refusal(values: Record<string, bigint>): string | undefined {
+  for (const a of ATTRS) {
+    const v = values[a.name];
+    const why = v === undefined ? undefined : a.refuse?.(v);
+    if (why) return why;
+  }
+}
+
+export const prctlPart = definePart({
+  name: "prctl",
+  version: 1,
+  schema: z.object({
+    process: Values,
+    threads: z.array(z.object({ tid: pidNumber, values: Values })).min(1),
+  }),
+  dump({ pid, proc, injector, scratch }) {
+    const process = readAttrs({ pid, inj: injector, scratch }, "process");
+    const threads = proc.threads.map((tid) =>
+      withContext(`tid ${tid}`, () => ({
+        tid,
+        values: onThread(pid, tid, injector, (inj) => readAttrs({ pid, inj, scratch }, "thread")),
+      }))
+    );
+    return { process, threads };
+  },
+  unrestorable({ process, threads }) {
+    const why = refusal(process);
+    if (why) return why;
+    for (const t of threads) {
+      const w = refusal(t.values);
+      if (w) return `tid ${t.tid}: ${w}`;
+    }
+  },
+  restore(ctx, { process, threads }) {
+    const { pid, scratch } = ctx;
+    for (const t of threads) {
+      const inj = ctx.threads.get(t.tid);
+      if (!inj) throw new AmberError(`tid ${t.tid}: thread not created`);
+      withContext(`tid ${t.tid}`, () => applyAttrs({ pid, inj, scratch }, "thread", t.values));
+    }
+    applyAttrs({ pid, inj: ctx.injector, scratch }, "process", process);
+  },
+});
