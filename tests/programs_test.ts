@@ -378,6 +378,9 @@ function badReaderLines(lines: string[]): string[] {
 // ---------------------------------------------------------------------------
 // the matrix
 
+/** The generated text input of a case. */
+const words = (r: Run) => `${r.input}/words.txt`;
+
 const CASES: Case[] = [
   {
     name: "sort --parallel=2 (3M lines)",
@@ -387,18 +390,7 @@ const CASES: Case[] = [
       "restored threads lose clear_child_tid: the worker exits, main waits in pthread_join " +
       "on its tid word forever",
     prepare: (input) => Deno.writeFile(`${input}/words.txt`, genText(3_000_000, 1)),
-    argv: (
-      r,
-    ) => [
-      "setsid",
-      "sort",
-      "--parallel=2",
-      "-S",
-      "500M",
-      "-o",
-      "sorted.txt",
-      `${r.input}/words.txt`,
-    ],
+    argv: (r) => ["setsid", "sort", "--parallel=2", "-S", "500M", "-o", "sorted.txt", words(r)],
     env: { LC_ALL: "C" },
     midWork: (_r, pid) => until(() => threadCount(pid) > 1, "sort started no thread", 30_000),
     result: (r) => digests(`${r.dir}/sorted.txt`),
@@ -411,7 +403,7 @@ const CASES: Case[] = [
       "restored threads lose clear_child_tid: main waits in pthread_join (futex on the " +
       "exited worker's tid word) forever",
     prepare: (input) => Deno.writeFile(`${input}/words.txt`, genText(2_000_000, 2)),
-    argv: (r) => ["setsid", "zstd", "-q", "-T2", "-12", `${r.input}/words.txt`, "-o", "out.zst"],
+    argv: (r) => ["setsid", "zstd", "-q", "-T2", "-12", words(r), "-o", "out.zst"],
     midWork: async (r, pid) => {
       await untilFile(`${r.dir}/out.zst`);
       await until(() => threadCount(pid) > 1, "zstd started no thread");
@@ -430,7 +422,7 @@ const CASES: Case[] = [
         "-0",
         "--block-size=2MiB",
         "-c",
-        `${r.input}/words.txt`,
+        words(r),
       ]),
     midWork: async (r, pid) => {
       await untilFile(`${r.dir}/out.xz`);
@@ -443,7 +435,7 @@ const CASES: Case[] = [
     commands: ["gzip"],
     expect: "restores",
     prepare: (input) => Deno.writeFile(`${input}/words.txt`, genText(1_200_000, 7)),
-    argv: (r) => toFile(`${r.dir}/out.gz`, ["gzip", "-6", "-n", "-c", `${r.input}/words.txt`]),
+    argv: (r) => toFile(`${r.dir}/out.gz`, ["gzip", "-6", "-n", "-c", words(r)]),
     midWork: (r) => untilFile(`${r.dir}/out.gz`, 65536),
     result: (r) => digests(`${r.dir}/out.gz`),
   },
