@@ -27,6 +27,7 @@ import {
   exists,
   isAlive,
   killTree,
+  procStatFields,
   readLines,
   sleep,
   spawnTarget,
@@ -152,6 +153,16 @@ function toFile(file: string, argv: string[]): string[] {
 function threadCount(pid: number): number {
   try {
     return threadsOf(pid).length;
+  } catch {
+    return 0;
+  }
+}
+
+/** User + system CPU time of PID so far, in clock ticks (0 once it is gone). */
+function cpuTicks(pid: number): number {
+  try {
+    const f = procStatFields(pid);
+    return Number(f[11]) + Number(f[12]);
   } catch {
     return 0;
   }
@@ -566,6 +577,33 @@ const CASES: Case[] = [
       `${await Deno.readTextFile(`${r.dir}/out.txt`)}${await Deno.readTextFile(
         `${r.dir}/progress`,
       )}`,
+  },
+  {
+    name: "vim -es (substitute and sort a big file, then write it)",
+    commands: ["vim"],
+    expect: "restores",
+    prepare: (input) => Deno.writeFile(`${input}/words.txt`, genText(500_000, 8)),
+    setup: (r) => Deno.copyFile(words(r), `${r.dir}/edit.txt`),
+    argv: () => [
+      "setsid",
+      "vim",
+      "-Nu",
+      "NONE",
+      "-i",
+      "NONE",
+      "-n",
+      "-es",
+      "-c",
+      "%s/\\v(a+)(b)/\\2\\1/g",
+      "-c",
+      "sort",
+      "-c",
+      "wq",
+      "edit.txt",
+    ],
+    // It writes nothing before the end: mid-work is half a second of its CPU time.
+    midWork: (_r, pid) => until(() => cpuTicks(pid) >= 50, "vim did not get to work", 30_000),
+    result: (r) => digests(`${r.dir}/edit.txt`),
   },
   {
     name: "a program whose shared library was replaced on disk while it runs",
