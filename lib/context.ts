@@ -125,6 +125,11 @@ export interface Part<S extends z.ZodType = z.ZodType> {
    * later injected syscall (seccomp). ctx.scratch is unmapped by then.
    */
   finish?(ctx: RestoreContext, data: z.output<S>): void;
+  /**
+   * Dumped once more at the very end, the tree still frozen: for state it
+   * can gain meanwhile (a signal sent to it during the dump).
+   */
+  dumpAgainLast?: boolean;
   /** Why an object in this image cannot be restored yet, if one cannot. */
   unrestorable?(data: z.output<S>): string | undefined;
 }

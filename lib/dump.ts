@@ -5,7 +5,7 @@
 import { Injector } from "../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
-import type { DumpContext, DumpOptions, Scratch, TreeDumpState } from "./context.ts";
+import type { DumpContext, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { AmberError, faultPointAsync, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
@@ -102,10 +102,20 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
   }
 }
 
+/** Dumps one part of a process, validated exactly as a reader will, into its image. */
+async function dumpOnePart(ctx: DumpContext, part: Part): Promise<void> {
+  await withContextAsync(part.name, async () => {
+    const body = await dumpPart(ctx, () => part.dump(ctx));
+    const image = partImage(part);
+    ctx.done[part.name] = image.schema.parse(body);
+    ctx.dir.write(image, body, ctx.pid);
+  });
+}
+
 /**
- * Dumps every part of one process; returns why it could not be restored,
- * if its images alone say so (the verdict's own check of each part, taken
- * early so a doomed dump stops before writing the rest).
+ * Dumps every part of one process; returns its context and why it could
+ * not be restored, if its images alone say so (the verdict's own check of
+ * each part, taken early so a doomed dump stops before writing the rest).
  */
 async function dumpProcess(
   dir: ImageDir,
@@ -114,7 +124,7 @@ async function dumpProcess(
   tree: TreeDumpState,
   guard: SignalGuard,
   log: LogLine,
-): Promise<string | undefined> {
+): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
@@ -123,18 +133,24 @@ async function dumpProcess(
   for (const part of PARTS) {
     await guard.checkpoint();
     const t0 = performance.now();
-    await withContextAsync(part.name, async () => {
-      const body = await dumpPart(ctx, () => part.dump(ctx));
-      const image = partImage(part);
-      // Validate what we write exactly as a reader will.
-      const parsed = image.schema.parse(body);
-      ctx.done[part.name] = parsed;
-      dir.write(image, body, proc.pid);
-    });
+    await dumpOnePart(ctx, part);
     refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
     log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
-  return refusal;
+  return { ctx, refusal };
+}
+
+/**
+ * Parts whose state a frozen tree can still gain (signals sent to it while
+ * the dump went on) are dumped once more, the last thing before the images
+ * are judged, so nothing that arrived meanwhile is lost.
+ */
+async function dumpLateParts(contexts: DumpContext[]): Promise<void> {
+  for (const ctx of contexts) {
+    for (const part of PARTS.filter((p) => p.dumpAgainLast)) {
+      await withContextAsync(`pid ${ctx.pid}`, () => dumpOnePart(ctx, part));
+    }
+  }
 }
 
 /** Ending a tree whose images cannot come back would lose it. */
@@ -198,12 +214,14 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     await guard.checkpoint();
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
+    const contexts: DumpContext[] = [];
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
-      const why = await withContextAsync(
+      const { ctx, refusal } = await withContextAsync(
         `pid ${proc.pid}`,
         () => dumpProcess(dir, proc, options, state, guard, log),
       );
-      if (why && !options.leaveRunning) throw refuseToEnd(why);
+      if (refusal && !options.leaveRunning) throw refuseToEnd(refusal);
+      contexts.push(ctx);
     }
     const pending = [...state.pending.values()];
     if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
@@ -224,6 +242,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     };
     await faultPointAsync("before-commit");
     await guard.checkpoint();
+    await dumpLateParts(contexts);
     // Everything is in the page cache: a tree that keeps running need not
     // wait for the disk.
     if (options.leaveRunning) resume();

@@ -98,13 +98,18 @@ export function faultPoint(name: string): void {
   const wanted = wantedFault();
   if (wanted === name) throw new AmberError(`injected test fault at ${name}`);
   const [point, signal] = wanted?.split(":") ?? [];
-  if (point === name && signal) Deno.kill(Deno.pid, signal as Deno.Signal);
+  if (point === name && signal?.startsWith("SIG")) Deno.kill(Deno.pid, signal as Deno.Signal);
 }
 
-/** faultPoint, then time for a signal it sent to reach amber's listeners. */
+/**
+ * faultPoint, then time for a signal it sent to reach amber's listeners;
+ * `POINT:pause` only waits there 2 s (for a test to act on the frozen tree).
+ */
 export async function faultPointAsync(name: string): Promise<void> {
+  const wanted = wantedFault();
+  if (wanted === `${name}:pause`) return await new Promise((r) => setTimeout(r, 2000));
   faultPoint(name);
-  if (wantedFault()?.startsWith(`${name}:`)) await new Promise((r) => setTimeout(r, 50));
+  if (wanted?.startsWith(`${name}:`)) await new Promise((r) => setTimeout(r, 50));
 }
 
 function wantedFault(): string | undefined {

@@ -58,6 +58,8 @@ export const signalsPart = definePart({
   name: "signals",
   version: 1,
   schema: SignalsSchema,
+  // A signal sent to the frozen tree while the dump went on is pending: keep it.
+  dumpAgainLast: true,
   dump({ pid, proc }) {
     const status = readStatus(pid);
     return {
