@@ -114,6 +114,12 @@ export interface Part<S extends z.ZodType = z.ZodType> {
   /** Image name: files are `NAME-PID.cbor`. */
   name: string;
   version: number;
+  /**
+   * Largest image file restore reads for it (checked before reading);
+   * parts whose images grow with the process (mappings, pages, fds) say
+   * how far.
+   */
+  maxBytes?: number;
   schema: S;
   dump(ctx: DumpContext): z.input<S> | Promise<z.input<S>>;
   /** Checks before anything is created (files exist, kinds supported...). */

@@ -50,13 +50,16 @@ export const PARTS: Part[] = [
   signalsPart,
 ] as Part[];
 
+/** Most parts' images are a few KiB: 4 MiB is far more than any honest one. */
+const PART_MAX_BYTES = 4 * 1024 * 1024;
+
 const kinds = new Map<string, ImageKind<unknown>>();
 
 /** The image kind of a part (file `NAME-PID.cbor`). */
 export function partImage(part: Part): ImageKind<unknown> {
   let k = kinds.get(part.name);
   if (!k) {
-    k = defineImage(part.name, part.version, true, part.schema);
+    k = defineImage(part.name, part.version, true, part.schema, part.maxBytes ?? PART_MAX_BYTES);
     kinds.set(part.name, k);
   }
   return k;

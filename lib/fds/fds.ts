@@ -9,7 +9,7 @@ import { definePart, type RestoreContext, type TreeDumpState } from "../context.
 import { fetchFd, parkFd } from "./fetch.ts";
 import { pipeFd } from "./pipe.ts";
 import { sameOpenFile } from "../../ffi/libc.ts";
-import { pidNumber } from "../images/codec.ts";
+import { MAX_IMAGE_BYTES, pidNumber } from "../images/codec.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
 import { fileFd } from "./file.ts";
@@ -144,6 +144,7 @@ function installFd(ctx: RestoreContext, e: FdEntryImage, shared?: SharedFdImage)
 
 export const fdsPart = definePart({
   name: "fds",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ fds: z.array(FdEntry).max(MAX_FDS), shared: z.array(SharedFd).max(MAX_FDS) }),
   dump({ pid, tree }) {

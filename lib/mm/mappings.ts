@@ -10,7 +10,7 @@ import { NR } from "../../ffi/inject.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
-import { u64 } from "../images/codec.ts";
+import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
 import { putString } from "../scratch.ts";
 
@@ -241,6 +241,7 @@ function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>):
 
 export const mappingsPart = definePart({
   name: "mappings",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
   async dump({ pid, tree }) {

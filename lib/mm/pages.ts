@@ -26,7 +26,7 @@ import {
 import { definePart, type DumpContext } from "../context.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
-import { u64 } from "../images/codec.ts";
+import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import {
   fillsThroughMem,
   type MappingImage,
@@ -321,6 +321,7 @@ async function fillPages(
 
 export const pagemapPart = definePart({
   name: "pagemap",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({
     pagesFile: z.string().regex(/^pages-\d+\.img$/),

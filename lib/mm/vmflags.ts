@@ -8,7 +8,7 @@ import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
 import { definePart } from "../context.ts";
 import { withContext } from "../errors.ts";
-import { u64 } from "../images/codec.ts";
+import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { type MappingImage, mappingLabel } from "./mappings.ts";
 
 /** Flags that mapping the same thing again recreates (permissions, kind, growth, accounting). */
@@ -64,6 +64,7 @@ function applied(f: string): boolean {
 
 export const vmflagsPart = definePart({
   name: "vmflags",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Entry) }),
   dump({ done }) {

@@ -11,7 +11,7 @@ import { seccompFilter, seccompFilterFlags } from "../../ffi/seccomp.ts";
 import { Regs } from "../../ffi/regs.ts";
 import { definePart, type RestoreContext, type Scratch } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { bytes, pidNumber } from "../images/codec.ts";
+import { bytes, MAX_IMAGE_BYTES, pidNumber } from "../images/codec.ts";
 import { readMaps } from "../proc/maps.ts";
 import { readStatus, statusHex } from "../proc/status.ts";
 import { getBytes, putBytes, u64Bytes } from "../scratch.ts";
@@ -112,6 +112,7 @@ function installFilters(ctx: RestoreContext, inj: Injector, t: ThreadSeccomp): v
 
 export const seccompPart = definePart({
   name: "seccomp",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ threads: z.array(ThreadSeccomp).min(1) }),
   dump: ({ pid, proc }) => ({

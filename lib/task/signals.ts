@@ -10,7 +10,7 @@ import { NR } from "../../ffi/inject.ts";
 import * as pt from "../../ffi/ptrace.ts";
 import { definePart } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { bytes, pidNumber } from "../images/codec.ts";
+import { bytes, MAX_IMAGE_BYTES, pidNumber } from "../images/codec.ts";
 import { readStatus, statusHex } from "../proc/status.ts";
 import { putBytes } from "../scratch.ts";
 
@@ -56,6 +56,7 @@ function refusal(infos: Uint8Array[], where: string): string | undefined {
 
 export const signalsPart = definePart({
   name: "signals",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: SignalsSchema,
   // A signal sent to the frozen tree while the dump went on is pending: keep it.

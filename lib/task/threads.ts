@@ -11,7 +11,7 @@ import { Regs, USER_REGS_SIZE } from "../../ffi/regs.ts";
 import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { bytes, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
+import { bytes, MAX_IMAGE_BYTES, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { addressOf, rawSyscall } from "../../ffi/libc.ts";
 import { getBytes, putBytes, putString, readU64s, u64Bytes } from "../scratch.ts";
@@ -215,6 +215,7 @@ export function checkThreadList(pstree: number[], image: unknown): string | unde
 
 export const threadsPart = definePart({
   name: "threads",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 2,
   schema: z.object({ threads: z.array(Thread).min(1).max(PID_MAX) }),
   async dump(ctx) {

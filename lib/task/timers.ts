@@ -12,7 +12,7 @@ import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
-import { u64 } from "../images/codec.ts";
+import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
 
@@ -176,6 +176,7 @@ function restorePosixTimers(ctx: RestoreContext, timers: PosixTimerImage[]): voi
 
 export const timersPart = definePart({
   name: "timers",
+  maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: TimersSchema.extend({ tids: z.array(z.number().int()) }),
   dump: (ctx) => ({
