@@ -125,7 +125,11 @@ export const fdsPart = definePart({
     for (const e of fds as FdEntryImage[]) {
       if (seen.has(e.fd)) throw new AmberError(`fd ${e.fd}: listed twice`);
       seen.add(e.fd);
-      withContext(`fd ${e.fd}`, () => kindOf(e.kind).precheck?.(e, ctx));
+      const kind = kindOf(e.kind);
+      // The same verdict the dump gave, so images dumped with -R refuse here.
+      const why = kind.unrestorable?.(e);
+      if (why) throw new AmberError(why);
+      withContext(`fd ${e.fd}`, () => kind.precheck?.(e, ctx));
     }
   },
   unrestorable({ fds }) {

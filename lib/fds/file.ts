@@ -1,49 +1,92 @@
-/** Files reopened by path: regular files, directories, non-terminal devices (/dev/null). */
+/**
+ * Files reopened by path: regular files, directories, symlinks held by an
+ * O_PATH descriptor, non-terminal devices (/dev/null).
+ */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { AmberError } from "../errors.ts";
 import { putString } from "../scratch.ts";
-import { defineFdKind, O_CLOEXEC } from "./kind.ts";
+import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { isTerminal } from "./tty.ts";
 
 const O_CREAT = 0o100, O_EXCL = 0o200, O_NOCTTY = 0o400, O_TRUNC = 0o1000;
+const O_NOFOLLOW = 0o400000, O_PATH = 0o10000000;
 const SEEK_SET = 0;
+const DELETED = " (deleted)";
+/** /proc/PID/...: a file of one process, by number. */
+const PROC_FILE = /^\/proc\/(\d+)(\/|$)/;
+
+function typeOf(st: Deno.FileInfo) {
+  if (st.isFile) return "regular" as const;
+  if (st.isDirectory) return "directory" as const;
+  if (st.isSymlink) return "symlink" as const;
+  return "device" as const;
+}
+
+const FileEntry = z.object({
+  kind: z.literal("file"),
+  fd: z.number().int().min(0),
+  flags: z.number().int().min(0),
+  path: z.string().startsWith("/"),
+  pos: z.number().int().min(0),
+  type: z.enum(["regular", "directory", "symlink", "device"]),
+  /** The file was unlinked while open: no path reaches it any more. */
+  deleted: z.boolean().optional(),
+  /** For /proc/N/... files: the process that held the descriptor. */
+  owner: z.number().int().optional(),
+});
+type FileImage = z.output<typeof FileEntry>;
+
+function whyNot(e: FileImage): string | undefined {
+  if (e.deleted) return `${e.path}: open file was deleted; not supported yet`;
+  const proc = PROC_FILE.exec(e.path);
+  // Its own /proc files come back with the process; another's pid may be anyone's then.
+  if (proc && Number(proc[1]) !== e.owner) {
+    return `${e.path}: a /proc file of another process: not supported yet`;
+  }
+}
 
 export const fileFd = defineFdKind({
   name: "file",
-  schema: z.object({
-    kind: z.literal("file"),
-    fd: z.number().int().min(0),
-    flags: z.number().int().min(0),
-    path: z.string().startsWith("/"),
-    pos: z.number().int().min(0),
-    type: z.enum(["regular", "directory", "device"]),
-  }),
+  schema: FileEntry,
   matches: (p) => p.link.startsWith("/") && !!p.stat && !isTerminal(p),
-  dump(p) {
-    if (p.link.endsWith(" (deleted)")) {
-      throw new AmberError(`${p.link}: open file was deleted; not supported yet`);
-    }
-    const type = p.stat!.isFile
-      ? "regular" as const
-      : p.stat!.isDirectory
-      ? "directory" as const
-      : "device" as const;
-    return { kind: "file" as const, fd: p.fd, flags: p.flags, path: p.link, pos: p.pos, type };
+  dump(p: FdProbe) {
+    const deleted = p.link.endsWith(DELETED) || undefined;
+    return {
+      kind: "file" as const,
+      fd: p.fd,
+      flags: p.flags,
+      path: p.link,
+      pos: p.pos,
+      type: typeOf(p.stat!),
+      deleted,
+      owner: PROC_FILE.test(p.link) ? p.pid : undefined,
+    };
   },
-  precheck(e) {
+  unrestorable: (e) => {
+    const why = whyNot(e);
+    return why && `fd ${e.fd}: ${why}`;
+  },
+  precheck(e, ctx) {
+    // A file of the process's own /proc directory exists once the process does.
+    if (PROC_FILE.exec(e.path)?.[1] === String(ctx.pid)) return;
     try {
-      Deno.statSync(e.path);
+      // The descriptor's own file: a symlink is not followed.
+      if (e.type === "symlink") Deno.lstatSync(e.path);
+      else Deno.statSync(e.path);
     } catch {
       throw new AmberError(`${e.path}: no such file`);
     }
   },
   restore({ pid, injector: inj, scratch }, e) {
-    const flags = e.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC) | O_NOCTTY;
+    let flags = e.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC) | O_NOCTTY;
+    if (e.type === "symlink") flags |= O_PATH | O_NOFOLLOW;
     const fd = Number(
       inj.call(`open ${e.path}`, NR.openat, -100, putString(pid, scratch, e.path), flags, 0),
     );
-    if (e.type === "regular" && e.pos) inj.call("lseek", NR.lseek, fd, e.pos, SEEK_SET);
+    if (e.type === "regular" && e.pos && !(flags & O_PATH)) {
+      inj.call("lseek", NR.lseek, fd, e.pos, SEEK_SET);
+    }
     return fd;
   },
 });

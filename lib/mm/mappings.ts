@@ -239,6 +239,34 @@ function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>):
   }
 }
 
+const DELETED = " (deleted)";
+
+/** What a mapping whose file has no name any more (or never had one) is, for the refusal. */
+function deletedWhat(path: string): string {
+  if (path.startsWith("/[aio]")) return "AIO ring (io_setup)";
+  if (path.startsWith("/anon_hugepage")) return "hugetlb anonymous memory";
+  if (path.startsWith("/memfd:")) return "memfd memory";
+  if (path.startsWith("/dev/shm/")) return "POSIX shared memory whose file was deleted";
+  return "a file deleted (or replaced) since it was mapped";
+}
+
+/** Why one mapping cannot be restored yet, if it cannot. */
+function whyNot(m: MappingImage): string | undefined {
+  if (m.sharedWith !== undefined) {
+    return `anonymous memory shared with pid ${m.sharedWith}: not supported yet`;
+  }
+  if (m.path.startsWith("/SYSV")) return "SysV shared memory: not supported yet";
+  if (m.kind === "special" || m.kind === "vsyscall") return undefined;
+  if (m.vmFlags.includes("ht")) return "hugetlb memory: not supported yet";
+  // Device memory (VM_IO / VM_PFNMAP): its pages are not memory amber can copy.
+  if (m.vmFlags.includes("io") || m.vmFlags.includes("pf")) {
+    return "device memory (VM_IO/VM_PFNMAP): not supported yet";
+  }
+  if (m.kind === "file" && m.path.endsWith(DELETED)) {
+    return `${deletedWhat(m.path)}: not supported yet`;
+  }
+}
+
 export const mappingsPart = definePart({
   name: "mappings",
   version: 1,
@@ -247,11 +275,9 @@ export const mappingsPart = definePart({
     return { mappings: dumpMappings(pid, tree), vdsoSha256: await vdsoDigest(pid) };
   },
   unrestorable({ mappings }) {
-    const m = mappings.find((m) => m.sharedWith !== undefined);
-    if (m) {
-      return `${
-        mappingLabel(m)
-      }: anonymous memory shared with pid ${m.sharedWith}: not supported yet`;
+    for (const m of mappings) {
+      const why = whyNot(m);
+      if (why) return `${mappingLabel(m)}: ${why}`;
     }
   },
   precheck({ mappings }) {
@@ -259,16 +285,10 @@ export const mappingsPart = definePart({
     for (const m of mappings) {
       withContext(mappingLabel(m), () => {
         if (m.start < prevEnd) throw new AmberError("overlaps the previous mapping");
-        if (m.sharedWith !== undefined) {
-          throw new AmberError(
-            `anonymous memory shared with pid ${m.sharedWith}: not supported yet`,
-          );
-        }
+        const why = whyNot(m);
+        if (why) throw new AmberError(why);
         prevEnd = m.end;
         if (m.kind !== "file") return;
-        if (m.path.endsWith(" (deleted)")) {
-          throw new AmberError("the mapped file was deleted; not supported yet");
-        }
         let now;
         try {
           now = identity(m.path);

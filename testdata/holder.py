@@ -1,0 +1,166 @@
+"""holder.py OUTFILE WORKDIR CASE
+
+Test target for amber: holds one kind of kernel object (CASE, below), then
+every 20 ms uses it and writes "N" to OUTFILE (flushed); if using it fails
+it writes "BAD N <why>" instead. WORKDIR is where it may create files.
+
+Cases:
+  replaced-so   a copy of libz mapped by ctypes, then replaced on disk
+  mp-lock       multiprocessing.Lock (a deleted /dev/shm/sem.* mapping)
+  aio           an io_setup context (the /[aio] ring mapping)
+  hugetlb       2 MiB of MAP_HUGETLB anonymous memory (/anon_hugepage)
+  memfd         a memfd mapped, its descriptor closed
+  sysv-shm      a SysV shared memory segment attached, marked for removal
+  ptmx          a pseudo-terminal pair from os.openpty()
+  proc-child    /proc/CHILD/status of its forked child, open
+  proc-self     /proc/PID/status of itself, open (read again every tick)
+  deleted-file  a file opened, written, then unlinked
+  opath-dangling  an O_PATH descriptor on a symlink to nothing
+"""
+
+import ctypes
+import mmap
+import os
+import shutil
+import stat
+import sys
+import time
+
+OUT, WORK, CASE = sys.argv[1], sys.argv[2], sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+
+
+def replaced_so():
+    path = f"{WORK}/libz-copy.so"
+    shutil.copy("/usr/lib/x86_64-linux-gnu/libz.so.1", path)
+    z = ctypes.CDLL(path)
+    z.crc32.restype = ctypes.c_ulong
+    # A package upgrade: a new file renamed over the old name.
+    shutil.copy(path, path + ".new")
+    os.rename(path + ".new", path)
+    want = z.crc32(0, b"amber", 5)
+    return lambda: z.crc32(0, b"amber", 5) == want
+
+
+def mp_lock():
+    import multiprocessing
+    lock = multiprocessing.Lock()
+
+    def use():
+        with lock:
+            return True
+    return use
+
+
+def aio():
+    ctx = ctypes.c_ulong(0)
+    if libc.syscall(206, 8, ctypes.byref(ctx)) != 0:  # io_setup
+        raise OSError(ctypes.get_errno(), "io_setup")
+    return lambda: ctx.value != 0
+
+
+def hugetlb():
+    size = 2 << 20
+    # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB
+    addr = libc.mmap(None, size, 3, 0x02 | 0x20 | 0x40000, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap MAP_HUGETLB")
+    buf = (ctypes.c_char * size).from_address(addr)
+    buf[0] = b"h"
+    return lambda: buf[0] == b"h"
+
+
+def memfd():
+    fd = os.memfd_create("amber-test")
+    os.ftruncate(fd, 4096)
+    m = mmap.mmap(fd, 4096)
+    os.close(fd)
+    m[0:5] = b"memfd"
+    return lambda: m[0:5] == b"memfd"
+
+
+def sysv_shm():
+    shmid = libc.shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    if shmid < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    addr = libc.shmat(shmid, None, 0)
+    libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
+    buf = (ctypes.c_char * 4096).from_address(addr)
+    buf[0] = b"s"
+    return lambda: buf[0] == b"s"
+
+
+def ptmx():
+    master, slave = os.openpty()
+    return lambda: os.isatty(slave)
+
+
+def proc_child():
+    child = os.fork()
+    if child == 0:
+        while True:
+            time.sleep(1)
+    fd = os.open(f"/proc/{child}/status", os.O_RDONLY)
+    return lambda: b"Pid:" in os.pread(fd, 4096, 0)
+
+
+def proc_self():
+    fd = os.open(f"/proc/{os.getpid()}/status", os.O_RDONLY)
+    want = f"Pid:\t{os.getpid()}\n".encode()
+    return lambda: want in os.pread(fd, 4096, 0)
+
+
+def deleted_file():
+    path = f"{WORK}/deleted.txt"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, b"still here")
+    os.unlink(path)
+    return lambda: os.pread(fd, 10, 0) == b"still here"
+
+
+def opath_dangling():
+    path = f"{WORK}/dangling"
+    os.symlink(f"{WORK}/nothing-here", path)
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+    return lambda: stat.S_ISLNK(os.fstat(fd).st_mode) and \
+        os.readlink(f"/proc/self/fd/{fd}") == path
+
+
+CASES = {
+    "replaced-so": replaced_so,
+    "mp-lock": mp_lock,
+    "aio": aio,
+    "hugetlb": hugetlb,
+    "memfd": memfd,
+    "sysv-shm": sysv_shm,
+    "ptmx": ptmx,
+    "proc-child": proc_child,
+    "proc-self": proc_self,
+    "deleted-file": deleted_file,
+    "opath-dangling": opath_dangling,
+}
+
+
+def main():
+    use = CASES[CASE]()
+    with open(OUT, "w", encoding="ascii") as out:
+        n = 0
+        while True:
+            try:
+                ok = use()
+                why = ""
+            except OSError as e:
+                ok, why = False, str(e)
+            out.write(f"{n}\n" if ok else f"BAD {n} {why}\n")
+            out.flush()
+            n += 1
+            time.sleep(0.02)
+
+
+main()
