@@ -2,7 +2,8 @@
  * amber's command line: a thin layer over mod.ts with CRIU's flag names.
  *
  *   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
- *   amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job] [-v]
+ *   amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job]
+ *                [--allow-changed-files] [-v]
  *   amber show DIR [--json]
  *   amber check
  */
@@ -11,7 +12,8 @@ import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
 
 const USAGE = `usage:
   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
-  amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job] [-v]
+  amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job]
+                [--allow-changed-files] [-v]
   amber show DIR [--json]
   amber check`;
 
@@ -77,6 +79,7 @@ async function main(argv: string[]): Promise<number> {
         "restore-detached": { type: "boolean", short: "d" },
         pidfile: { type: "string" },
         "shell-job": { type: "boolean" },
+        "allow-changed-files": { type: "boolean" },
         verbose: { type: "boolean", short: "v" },
       });
       if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}`);
@@ -85,6 +88,7 @@ async function main(argv: string[]): Promise<number> {
         detached: !!v["restore-detached"],
         pidfile: v.pidfile as string | undefined,
         shellJob: !!v["shell-job"],
+        allowChangedFiles: !!v["allow-changed-files"],
         verbose: !!v.verbose,
       });
       return result.exitCode ?? 0;

@@ -56,6 +56,8 @@ export interface RestoreOptions {
   detached: boolean;
   shellJob: boolean;
   verbose: boolean;
+  /** Reopen regular files even if they changed since the dump (--allow-changed-files). */
+  allowChangedFiles: boolean;
 }
 
 export interface RestoreContext {

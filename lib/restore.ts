@@ -335,6 +335,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     detached: req.detached ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
+    allowChangedFiles: req.allowChangedFiles ?? false,
   };
   const log = (m: string) => {
     if (options.verbose) console.error(m);

@@ -26,6 +26,7 @@ import {
   startWriter,
   tempDir,
   TESTDATA,
+  waitForLines,
   waitVanished,
   type Writer,
 } from "./_util.ts";
@@ -168,4 +169,46 @@ Deno.test("restored: the process's own /proc/PID/status, open", async () => {
 
 Deno.test("restored: an O_PATH descriptor on a dangling symlink", async () => {
   await assertRestored("opath-dangling");
+});
+
+/** Writes "N" lines through a plain (not O_APPEND) descriptor, at its own offset. */
+const WRITER_PY = `import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+n = 0
+while True:
+    os.write(fd, b"%d\\n" % n)
+    n += 1
+    time.sleep(0.02)
+`;
+
+Deno.test("a file appended to since the dump: restore refuses, --allow-changed-files accepts", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/written.txt`;
+  const t = await startWriter(["setsid", "python3", "-c", WRITER_PY, out], out, 3, 30_000);
+  try {
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(t.pid, img)), 0, "dump");
+    await t.child.status;
+    // Someone else appends to the file meanwhile.
+    const added = "written by another process\n";
+    Deno.writeTextFileSync(out, added, { append: true });
+    const content = Deno.readTextFileSync(out);
+
+    const before = childrenWithState();
+    const msg = assertOneLineError(await amber(["restore", "-D", img, "-d"]), 1, "restore");
+    for (const want of [out, "changed since the dump", "size", "--allow-changed-files"]) {
+      assert.ok(msg.includes(want), `restore: no "${want}": ${msg}`);
+    }
+    assert.equal(procState(t.pid), null, "the refused restore left the process");
+    assertLeftNothing(before, "refused restore");
+    assert.equal(Deno.readTextFileSync(out), content, "the refused restore touched the file");
+
+    const rr = await amber(["restore", "-D", img, "-d", "--allow-changed-files"]);
+    assertExit(rr, 0, "restore --allow-changed-files");
+    await assertRunningFree(t.pid, "restored");
+    const n = content.split("\n").length;
+    await waitForLines(out, n + 5);
+  } finally {
+    await killTree(t.pid);
+  }
 });

@@ -10,7 +10,7 @@ import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { isTerminal } from "./tty.ts";
 
 const O_CREAT = 0o100, O_EXCL = 0o200, O_NOCTTY = 0o400, O_TRUNC = 0o1000;
-const O_NOFOLLOW = 0o400000, O_PATH = 0o10000000;
+const O_NOFOLLOW = 0o400000, O_PATH = 0o10000000, O_ACCMODE = 3, O_RDONLY = 0;
 const SEEK_SET = 0;
 const DELETED = " (deleted)";
 /** /proc/PID/...: a file of one process, by number. */
@@ -34,6 +34,8 @@ const FileEntry = z.object({
   deleted: z.boolean().optional(),
   /** For /proc/N/... files: the process that held the descriptor. */
   owner: z.number().int().optional(),
+  /** Regular files: what the file was at the dump, to notice a change before reopening it. */
+  identity: z.object({ ino: z.number(), size: z.number(), mtimeMs: z.number() }).optional(),
 });
 type FileImage = z.output<typeof FileEntry>;
 
@@ -43,6 +45,35 @@ function whyNot(e: FileImage): string | undefined {
   // Its own /proc files come back with the process; another's pid may be anyone's then.
   if (proc && Number(proc[1]) !== e.owner) {
     return `${e.path}: a /proc file of another process: not supported yet`;
+  }
+}
+
+/** Whether PID is a live (not zombie) process now. */
+function running(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) [ZX]/s.test(Deno.readTextFileSync(`/proc/${pid}/stat`));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * How the file differs from its identity at the dump, if in a way that
+ * matters: any change for a descriptor that can write (it would write over
+ * what others added), only replacement or shrinking for a read-only one.
+ */
+function changed(e: FileImage, now: Deno.FileInfo): string | undefined {
+  const was = e.identity!;
+  const ino = now.ino ?? 0, mtimeMs = now.mtime?.getTime() ?? 0;
+  if (ino !== was.ino) return `inode ${was.ino} is now ${ino}: replaced`;
+  const writes = (e.flags & O_ACCMODE) !== O_RDONLY && !(e.flags & O_PATH);
+  if (now.size < was.size || (writes && now.size !== was.size)) {
+    return `size ${was.size} is now ${now.size} bytes`;
+  }
+  if (writes && mtimeMs !== was.mtimeMs) {
+    return `modified at ${new Date(mtimeMs).toISOString()}, after the dump's ${
+      new Date(was.mtimeMs).toISOString()
+    }`;
   }
 }
 
@@ -61,6 +92,9 @@ export const fileFd = defineFdKind({
       type: typeOf(p.stat!),
       deleted,
       owner: PROC_FILE.test(p.link) ? p.pid : undefined,
+      identity: p.stat!.isFile && !PROC_FILE.test(p.link)
+        ? { ino: p.stat!.ino ?? 0, size: p.stat!.size, mtimeMs: p.stat!.mtime?.getTime() ?? 0 }
+        : undefined,
     };
   },
   unrestorable: (e) => {
@@ -70,12 +104,22 @@ export const fileFd = defineFdKind({
   precheck(e, ctx) {
     // A file of the process's own /proc directory exists once the process does.
     if (PROC_FILE.exec(e.path)?.[1] === String(ctx.pid)) return;
+    let now: Deno.FileInfo;
     try {
       // The descriptor's own file: a symlink is not followed.
-      if (e.type === "symlink") Deno.lstatSync(e.path);
-      else Deno.statSync(e.path);
+      now = e.type === "symlink" ? Deno.lstatSync(e.path) : Deno.statSync(e.path);
     } catch {
       throw new AmberError(`${e.path}: no such file`);
+    }
+    // While the dumped process still runs, restore refuses its pid as in use
+    // (checked last); the file it keeps writing is no news then.
+    const change = e.identity && !ctx.options.allowChangedFiles && !running(ctx.pid) &&
+      changed(e, now);
+    if (change) {
+      throw new AmberError(
+        `${e.path}: changed since the dump (${change}); the restored process would ` +
+          "overwrite or misread it: restore with --allow-changed-files to accept the file as it is",
+      );
     }
   },
   restore({ pid, injector: inj, scratch }, e) {
