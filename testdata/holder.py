@@ -16,6 +16,7 @@ Cases:
   proc-self     /proc/PID/status of itself, open (read again every tick)
   deleted-file  a file opened, written, then unlinked
   opath-dangling  an O_PATH descriptor on a symlink to nothing
+  lease         a read lease on a file of WORKDIR
 """
 
 import ctypes
@@ -132,7 +133,18 @@ def opath_dangling():
         os.readlink(f"/proc/self/fd/{fd}") == path
 
 
+def lease():
+    import fcntl
+    path = f"{WORK}/leased.txt"
+    with open(path, "w") as f:
+        f.write("leased")
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.fcntl(fd, 1024, fcntl.F_RDLCK)  # F_SETLEASE
+    return lambda: fcntl.fcntl(fd, 1025) == fcntl.F_RDLCK  # F_GETLEASE
+
+
 CASES = {
+    "lease": lease,
     "replaced-so": replaced_so,
     "mp-lock": mp_lock,
     "aio": aio,
