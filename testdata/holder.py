@@ -17,6 +17,8 @@ Cases:
   deleted-file  a file opened, written, then unlinked
   opath-dangling  an O_PATH descriptor on a symlink to nothing
   lease         a read lease on a file of WORKDIR
+  shm-split     8 KiB of shared anonymous memory, forked; the parent then
+                unmaps its second page (the child's mapping is wider)
 """
 
 import ctypes
@@ -143,7 +145,21 @@ def lease():
     return lambda: fcntl.fcntl(fd, 1025) == fcntl.F_RDLCK  # F_GETLEASE
 
 
+def shm_split():
+    size = 8192
+    addr = libc.mmap(None, size, 3, 0x01 | 0x20, -1, 0)  # MAP_SHARED|MAP_ANONYMOUS
+    buf = (ctypes.c_char * 4096).from_address(addr)
+    buf[0] = b"m"
+    if os.fork() == 0:
+        while True:
+            time.sleep(1)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap(addr + 4096, 4096)
+    return lambda: buf[0] == b"m"
+
+
 CASES = {
+    "shm-split": shm_split,
     "lease": lease,
     "replaced-so": replaced_so,
     "mp-lock": mp_lock,

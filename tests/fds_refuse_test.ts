@@ -147,6 +147,12 @@ Deno.test("refused: a file unlinked while open", async () => {
   ]);
 });
 
+Deno.test("refused: shared anonymous memory the first holder maps only in part", async () => {
+  await assertRefused("shm-split", [
+    /mapping [0-9a-f]+\.\.[0-9a-f]+ \/dev\/zero \(deleted\): anonymous memory shared with pid \d+, which maps it differently/,
+  ]);
+});
+
 Deno.test("refused: a file lease", async () => {
   await assertRefused("lease", [/fd \d+: \/tmp\/\S+\/leased\.txt: LEASE read lock/]);
 });

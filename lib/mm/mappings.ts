@@ -46,6 +46,8 @@ export const Mapping = z.object({
   file: FileIdentity.optional(),
   /** Shared anonymous memory also mapped by this earlier process of the tree. */
   sharedWith: z.number().int().optional(),
+  /** That process's mapping of the same memory, which covers this one. */
+  sharedFrom: z.object({ start: u64, end: u64, offset: u64 }).optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
 export type MappingImage = z.output<typeof Mapping>;
 
@@ -75,15 +77,30 @@ function identity(path: string): z.input<typeof FileIdentity> {
   return { ino: st.ino ?? 0, size: st.size, mtimeMs: st.mtime?.getTime() ?? 0 };
 }
 
+/**
+ * The first holder's mapping of the same shared memory object that covers
+ * all of `e` (offsets into the object), if one does.
+ */
+function coveringMapping(first: number, e: MapsEntry): MapsEntry | undefined {
+  const len = e.end - e.start;
+  return readMaps(first).find((f) =>
+    f.inode === e.inode && f.dev === e.dev && f.perms[3] === "s" && f.offset <= e.offset &&
+    e.offset + len <= f.offset + (f.end - f.start)
+  );
+}
+
 export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof Mapping>[] {
   const flags = readVmFlags(pid);
   return readMaps(pid).map((e) => {
     const kind = kindOf(e);
     let sharedWith: number | undefined;
+    let sharedFrom: MapsEntry | undefined;
     if (kind === "shmem") {
       sharedWith = tree.sharedMemory.get(e.inode);
       if (sharedWith === pid) sharedWith = undefined;
       if (!tree.sharedMemory.has(e.inode)) tree.sharedMemory.set(e.inode, pid);
+      // The first holder is frozen: its mappings are as they were.
+      if (sharedWith !== undefined) sharedFrom = coveringMapping(sharedWith, e);
     }
     return withContext(mappingLabel(e), () => ({
       start: e.start,
@@ -98,6 +115,8 @@ export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof M
         ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
         : undefined,
       sharedWith,
+      sharedFrom: sharedFrom &&
+        { start: sharedFrom.start, end: sharedFrom.end, offset: sharedFrom.offset },
     }));
   });
 }
@@ -111,8 +130,12 @@ export async function vdsoDigest(pid: number, maps = readMaps(pid)): Promise<str
   return Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Whether the pages part will write into this mapping. */
+/**
+ * Whether the pages part will write into this mapping. Memory shared with
+ * an earlier process gets its pages once, through that process.
+ */
 export function receivesPages(m: MappingImage): boolean {
+  if (m.sharedWith !== undefined) return false;
   return m.kind === "anon" || m.kind === "shmem" || (m.kind === "file" && !m.shared);
 }
 
@@ -207,29 +230,46 @@ function unmapHelper(ctx: RestoreContext): void {
   }
 }
 
+function openAt(ctx: RestoreContext, path: string, mode: number): number {
+  const at = putString(ctx.pid, ctx.scratch, path);
+  return Number(ctx.injector.call(`open ${path}`, NR.openat, AT_FDCWD, at, mode | O_CLOEXEC, 0));
+}
+
+/**
+ * The file a mapping maps and the offset into it: its own file (opened once
+ * per path and mode, in `fds`), or for memory shared with an earlier
+ * process of the tree, that process's restored mapping of it (one shared
+ * object; its mapping starts at the object's offset 0); -1 for anonymous.
+ */
+function backing(
+  ctx: RestoreContext,
+  m: MappingImage,
+  fds: Map<string, number>,
+): { fd: number; offset: bigint } {
+  if (m.sharedWith !== undefined && m.sharedFrom) {
+    const from = m.sharedFrom;
+    const path = `/proc/${m.sharedWith}/map_files/${hex(from.start)}-${hex(from.end)}`;
+    const key = `${O_RDWR}:${path}`;
+    if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
+    return { fd: fds.get(key)!, offset: m.offset - from.offset };
+  }
+  if (m.kind !== "file") return { fd: -1, offset: 0n };
+  const mode = m.shared && m.prot & PROT.WRITE ? O_RDWR : O_RDONLY;
+  const key = `${mode}:${m.path}`;
+  if (!fds.has(key)) fds.set(key, openAt(ctx, m.path, mode));
+  return { fd: fds.get(key)!, offset: m.offset };
+}
+
 function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {
   const inj = ctx.injector;
   const prot = m.prot | (writableWhileFilled(m) ? PROT.READ | PROT.WRITE : 0);
   let flags = MAP.FIXED | (m.shared ? MAP.SHARED : MAP.PRIVATE);
   if (m.vmFlags.includes("gd")) flags |= MAP.GROWSDOWN;
   if (m.vmFlags.includes("nr")) flags |= MAP.NORESERVE;
-  let fd = -1;
-  if (m.kind === "file") {
-    const mode = m.shared && m.prot & PROT.WRITE ? O_RDWR : O_RDONLY;
-    const key = `${mode}:${m.path}`;
-    if (!fds.has(key)) {
-      const path = putString(ctx.pid, ctx.scratch, m.path);
-      fds.set(
-        key,
-        Number(inj.call(`open ${m.path}`, NR.openat, AT_FDCWD, path, mode | O_CLOEXEC, 0)),
-      );
-    }
-    fd = fds.get(key)!;
-  } else {
-    flags |= MAP.ANONYMOUS;
-  }
+  const { fd, offset } = backing(ctx, m, fds);
+  if (fd < 0) flags |= MAP.ANONYMOUS;
   const len = m.end - m.start;
-  const got = inj.call("mmap", NR.mmap, m.start, len, prot, flags, fd, fd >= 0 ? m.offset : 0);
+  const got = inj.call("mmap", NR.mmap, m.start, len, prot, flags, fd, offset);
   if (BigInt.asUintN(64, got) !== m.start) throw new AmberError(`mmap landed at ${hex(got)}`);
   const anonName = /^\[anon(_shmem)?:(.*)\]$/.exec(m.path);
   if (anonName) {
@@ -252,8 +292,8 @@ function deletedWhat(path: string): string {
 
 /** Why one mapping cannot be restored yet, if it cannot. */
 function whyNot(m: MappingImage): string | undefined {
-  if (m.sharedWith !== undefined) {
-    return `anonymous memory shared with pid ${m.sharedWith}: not supported yet`;
+  if (m.sharedWith !== undefined && !m.sharedFrom) {
+    return `anonymous memory shared with pid ${m.sharedWith}, which maps it differently: not supported yet`;
   }
   if (m.path.startsWith("/SYSV")) return "SysV shared memory: not supported yet";
   if (m.kind === "special" || m.kind === "vsyscall") return undefined;
