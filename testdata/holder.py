@@ -17,6 +17,7 @@ Cases:
   deleted-file  a file opened, written, then unlinked
   opath-dangling  an O_PATH descriptor on a symlink to nothing
   lease         a read lease on a file of WORKDIR
+  eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
 """
@@ -158,7 +159,24 @@ def shm_split():
     return lambda: buf[0] == b"m"
 
 
+def eventfd():
+    efd = os.eventfd(12, os.EFD_SEMAPHORE | os.EFD_NONBLOCK)
+
+    def use():
+        # Semaphore mode: each read takes 1; the 13th finds the count at 0.
+        if [os.eventfd_read(efd) for _ in range(12)] != [1] * 12:
+            return False
+        try:
+            os.eventfd_read(efd)
+            return False
+        except BlockingIOError:
+            os.eventfd_write(efd, 12)
+            return True
+    return use
+
+
 CASES = {
+    "eventfd": eventfd,
     "shm-split": shm_split,
     "lease": lease,
     "replaced-so": replaced_so,

@@ -178,6 +178,10 @@ Deno.test("restored: the process's own /proc/PID/status, open", async () => {
   await assertRestored("proc-self");
 });
 
+Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
+  await assertRestored("eventfd");
+});
+
 Deno.test("restored: an O_PATH descriptor on a dangling symlink", async () => {
   await assertRestored("opath-dangling");
 });
