@@ -1,7 +1,7 @@
 /**
  * amber's command line: a thin layer over mod.ts with CRIU's flag names.
  *
- *   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
+ *   amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [--ghost-limit SIZE] [-v]
  *   amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job]
  *                [--allow-changed-files] [-v]
  *   amber show DIR [--json]
@@ -11,7 +11,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { check, dump, formatCheck, restore, show, UsageError } from "./mod.ts";
 
 const USAGE = `usage:
-  amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [-v]
+  amber dump -t PID -D DIR [-R|--leave-running] [--shell-job] [--ghost-limit SIZE] [-v]
   amber restore -D DIR [-d|--restore-detached] [--pidfile FILE] [--shell-job]
                 [--allow-changed-files] [-v]
   amber show DIR [--json]
@@ -38,6 +38,13 @@ function pidArg(v: unknown): number {
   return Number(v);
 }
 
+/** A size in bytes, with an optional K, M or G suffix (CRIU's --ghost-limit 10M). */
+function sizeArg(v: unknown): number {
+  const m = typeof v === "string" ? /^(\d+)([KMG]?)$/i.exec(v) : null;
+  if (!m) throw new UsageError(`--ghost-limit needs a size like 1048576 or 10M, got ${v}`);
+  return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
+}
+
 function dirArg(v: unknown, flag = "-D"): string {
   if (typeof v !== "string" || !v) throw new UsageError(`${flag} DIR is required`);
   return v;
@@ -52,6 +59,7 @@ async function main(argv: string[]): Promise<number> {
         "images-dir": { type: "string", short: "D" },
         "leave-running": { type: "boolean", short: "R" },
         "shell-job": { type: "boolean" },
+        "ghost-limit": { type: "string" },
         verbose: { type: "boolean", short: "v" },
       });
       if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}`);
@@ -60,6 +68,7 @@ async function main(argv: string[]): Promise<number> {
         dir: dirArg(v["images-dir"]),
         leaveRunning: !!v["leave-running"],
         shellJob: !!v["shell-job"],
+        ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
         verbose: !!v.verbose,
       });
       if (v.verbose) {

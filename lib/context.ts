@@ -18,6 +18,8 @@ export interface DumpOptions {
   leaveRunning: boolean;
   shellJob: boolean;
   verbose: boolean;
+  /** Largest deleted file whose contents dump saves (--ghost-limit), bytes. */
+  ghostLimit: number;
 }
 
 export interface DumpContext {

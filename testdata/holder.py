@@ -17,6 +17,10 @@ Cases:
   deleted-file  a file opened, written, then unlinked
   opath-dangling  an O_PATH descriptor on a symlink to nothing
   lease         a read lease on a file of WORKDIR
+  deleted-big   a 2 MiB file opened, then unlinked
+  mp-value      a multiprocessing.Value (a deleted /dev/shm arena, open and
+                mapped) and its lock, shared with a multiprocessing.Process
+                child that answers each tick by making the value even
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -128,6 +132,39 @@ def deleted_file():
     return lambda: os.pread(fd, 10, 0) == b"still here"
 
 
+def deleted_big():
+    path = f"{WORK}/big.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, b"b" * (2 << 20))
+    os.unlink(path)
+    return lambda: os.pread(fd, 4, (2 << 20) - 4) == b"bbbb"
+
+
+def answer(v):
+    while True:
+        with v.get_lock():
+            if v.value % 2 == 1:
+                v.value += 1
+        time.sleep(0.001)
+
+
+def mp_value():
+    import multiprocessing
+    v = multiprocessing.Value("q", 0)
+    multiprocessing.Process(target=answer, args=(v,), daemon=True).start()
+
+    def use():
+        with v.get_lock():
+            v.value += 1
+        # Waits for the child's answer through the shared memory.
+        while True:
+            with v.get_lock():
+                if v.value % 2 == 0:
+                    return True
+            time.sleep(0.001)
+    return use
+
+
 def opath_dangling():
     path = f"{WORK}/dangling"
     os.symlink(f"{WORK}/nothing-here", path)
@@ -176,6 +213,8 @@ def eventfd():
 
 
 CASES = {
+    "deleted-big": deleted_big,
+    "mp-value": mp_value,
     "eventfd": eventfd,
     "shm-split": shm_split,
     "lease": lease,

@@ -11,6 +11,7 @@ import { pipeFd } from "./pipe.ts";
 import { sameOpenFile } from "../../ffi/libc.ts";
 import { pidNumber } from "../images/codec.ts";
 import { AmberError, withContext } from "../errors.ts";
+import type { ImageDir } from "../images/dir.ts";
 import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
 import { eventFd } from "./eventfd.ts";
 import { fileFd } from "./file.ts";
@@ -33,7 +34,13 @@ function kindOf(name: string): FdKind {
   return k;
 }
 
-export function probeFd(pid: number, fd: number, tree: TreeDumpState): FdProbe {
+export function probeFd(
+  pid: number,
+  fd: number,
+  tree: TreeDumpState,
+  dir: ImageDir,
+  ghostLimit: number,
+): FdProbe {
   const link = readProcLink(pid, `fd/${fd}`);
   const info = readProcText(pid, `fdinfo/${fd}`);
   const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, "m").exec(info)?.[1] ?? "0";
@@ -49,6 +56,8 @@ export function probeFd(pid: number, fd: number, tree: TreeDumpState): FdProbe {
     pos: Number(field("pos")),
     stat,
     tree,
+    dir,
+    ghostLimit,
   };
 }
 
@@ -109,11 +118,11 @@ export const fdsPart = definePart({
   name: "fds",
   version: 1,
   schema: z.object({ fds: z.array(FdEntry), shared: z.array(SharedFd) }),
-  dump({ pid, tree }) {
+  dump({ pid, tree, dir, options }) {
     const shared: SharedFdImage[] = [];
     const fds = listProcNumbers(pid, "fd").map((fd) =>
       withContext(`fd ${fd}`, () => {
-        const probe = probeFd(pid, fd, tree);
+        const probe = probeFd(pid, fd, tree, dir, options.ghostLimit);
         const owner = findOwner(tree, probe);
         if (owner) shared.push({ fd, pid: owner.pid, ownerFd: owner.fd });
         return FD_KINDS.find((k) => k.matches(probe))!.dump(probe);

@@ -4,7 +4,11 @@
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
+import type { FdPlace, RestoreContext, TreeRestoreState } from "../context.ts";
 import { AmberError } from "../errors.ts";
+import { procPath } from "../proc/read.ts";
+import { u64 } from "../images/codec.ts";
+import { checkGhost, deletedPlaces, Ghost, restoreGhost, saveGhost, tooBig } from "./ghost.ts";
 import { putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { isTerminal } from "./tty.ts";
@@ -32,6 +36,12 @@ const FileEntry = z.object({
   type: z.enum(["regular", "directory", "symlink", "device"]),
   /** The file was unlinked while open: no path reaches it any more. */
   deleted: z.boolean().optional(),
+  /** A deleted file's contents, saved (absent: above the ghost limit, see `size`). */
+  ghost: Ghost.optional(),
+  /** A deleted file's size at the dump. */
+  size: z.number().int().min(0).optional(),
+  /** A deleted file the tree maps shared: reopened through that (earlier restored) mapping. */
+  viaMapping: z.object({ pid: z.number().int(), start: u64, end: u64 }).optional(),
   /** For /proc/N/... files: the process that held the descriptor. */
   owner: z.number().int().optional(),
   /** Regular files: what the file was at the dump, to notice a change before reopening it. */
@@ -40,7 +50,9 @@ const FileEntry = z.object({
 type FileImage = z.output<typeof FileEntry>;
 
 function whyNot(e: FileImage): string | undefined {
-  if (e.deleted) return `${e.path}: open file was deleted; not supported yet`;
+  if (e.deleted && !e.ghost && !e.viaMapping) {
+    return `${e.path}: ${tooBig("the deleted open file", e.size ?? 0)}`;
+  }
   const proc = PROC_FILE.exec(e.path);
   // Its own /proc files come back with the process; another's pid may be anyone's then.
   if (proc && Number(proc[1]) !== e.owner) {
@@ -77,13 +89,66 @@ function changed(e: FileImage, now: Deno.FileInfo): string | undefined {
   }
 }
 
+/**
+ * A deleted file: reopened through the tree's shared mapping of it if
+ * there is one (mappings are restored first: one file for both), else
+ * saved as a ghost. Noted for the mappings of later processes.
+ */
+function dumpGhost(p: FdProbe): Partial<FileImage> {
+  const key = `${p.stat!.dev}:${p.stat!.ino}`;
+  const held = deletedPlaces(p.tree);
+  if (!held.open.has(key)) held.open.set(key, { pid: p.pid, fd: p.fd });
+  const mapped = held.mapped.get(key);
+  if (mapped) return { viaMapping: mapped, size: p.stat!.size };
+  const source = procPath(p.pid, `fd/${p.fd}`);
+  return { ghost: saveGhost(p.dir, p.tree, source, p.ghostLimit), size: p.stat!.size };
+}
+
+/** Opens a /proc magic link (which O_NOFOLLOW, kept from the original open, would refuse). */
+function openPath(ctx: RestoreContext, path: string, flags: number): number {
+  const at = putString(ctx.pid, ctx.scratch, path);
+  return Number(
+    ctx.injector.call(`open ${path}`, NR.openat, -100, at, flags & ~O_NOFOLLOW, 0),
+  );
+}
+
+/** Per restore: the first descriptor restored on each ghost, by ghost file. */
+const restoredGhosts = new WeakMap<TreeRestoreState, Map<string, FdPlace>>();
+
+function ghostsOf(tree: TreeRestoreState): Map<string, FdPlace> {
+  let m = restoredGhosts.get(tree);
+  if (!m) restoredGhosts.set(tree, m = new Map());
+  return m;
+}
+
+/**
+ * Opens the ghost with the entry's own flags, through /proc: the one an
+ * earlier descriptor of the tree already holds (one file, as before the
+ * dump), or a new one made here.
+ */
+function openGhost(ctx: RestoreContext, e: FileImage, flags: number): number {
+  if (e.viaMapping) {
+    const { pid, start, end } = e.viaMapping;
+    return openPath(ctx, `/proc/${pid}/map_files/${start.toString(16)}-${end.toString(16)}`, flags);
+  }
+  const known = ghostsOf(ctx.tree).get(e.ghost!.file);
+  const tmp = known ? undefined : restoreGhost(ctx, e.ghost!, e.path);
+  const path = known ? `/proc/${known.pid}/fd/${known.fd}` : `/proc/${ctx.pid}/fd/${tmp}`;
+  const fd = openPath(ctx, path, flags);
+  if (tmp !== undefined) ctx.injector.call("close", NR.close, tmp);
+  ghostsOf(ctx.tree).set(e.ghost!.file, { pid: ctx.pid, fd: e.fd });
+  return fd;
+}
+
 export const fileFd = defineFdKind({
   name: "file",
   schema: FileEntry,
   matches: (p) => p.link.startsWith("/") && !!p.stat && !isTerminal(p),
   dump(p: FdProbe) {
     const deleted = p.link.endsWith(DELETED) || undefined;
+    const ghost = deleted && dumpGhost(p);
     return {
+      ...ghost,
       kind: "file" as const,
       fd: p.fd,
       flags: p.flags,
@@ -102,6 +167,8 @@ export const fileFd = defineFdKind({
     return why && `fd ${e.fd}: ${why}`;
   },
   precheck(e, ctx) {
+    if (e.ghost) return checkGhost(ctx, e.ghost);
+    if (e.viaMapping) return;
     // A file of the process's own /proc directory exists once the process does.
     if (PROC_FILE.exec(e.path)?.[1] === String(ctx.pid)) return;
     let now: Deno.FileInfo;
@@ -122,10 +189,11 @@ export const fileFd = defineFdKind({
       );
     }
   },
-  restore({ pid, injector: inj, scratch }, e) {
+  restore(ctx, e) {
+    const { pid, injector: inj, scratch } = ctx;
     let flags = e.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC) | O_NOCTTY;
     if (e.type === "symlink") flags |= O_PATH | O_NOFOLLOW;
-    const fd = Number(
+    const fd = e.ghost || e.viaMapping ? openGhost(ctx, e, flags) : Number(
       inj.call(`open ${e.path}`, NR.openat, -100, putString(pid, scratch, e.path), flags, 0),
     );
     if (e.type === "regular" && e.pos && !(flags & O_PATH)) {

@@ -1,6 +1,7 @@
 /** What every kind of file descriptor module provides. */
 import type { z } from "zod";
 import type { PrecheckContext, RestoreContext, TreeDumpState } from "../context.ts";
+import type { ImageDir } from "../images/dir.ts";
 
 /** What /proc says about one open descriptor. */
 export interface FdProbe {
@@ -16,6 +17,10 @@ export interface FdProbe {
   stat?: Deno.FileInfo;
   /** What the tree's earlier descriptors were. */
   tree: TreeDumpState;
+  /** Where a kind may save contents besides its entry (ghost files). */
+  dir: ImageDir;
+  /** Largest deleted file saved as a ghost, bytes (--ghost-limit). */
+  ghostLimit: number;
 }
 
 export interface FdKind<S extends z.ZodType = z.ZodType> {

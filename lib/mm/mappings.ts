@@ -13,6 +13,9 @@ import { AmberError, hex, withContext } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
 import { putString } from "../scratch.ts";
+import { readProcLink } from "../proc/read.ts";
+import type { ImageDir } from "../images/dir.ts";
+import { checkGhost, deletedPlaces, Ghost, restoreGhost, saveGhost, tooBig } from "../fds/ghost.ts";
 
 export const PAGE = 4096n;
 export const PROT = { READ: 1, WRITE: 2, EXEC: 4 } as const;
@@ -48,6 +51,12 @@ export const Mapping = z.object({
   sharedWith: z.number().int().optional(),
   /** That process's mapping of the same memory, which covers this one. */
   sharedFrom: z.object({ start: u64, end: u64, offset: u64 }).optional(),
+  /** A deleted (or replaced) file's contents, saved (absent: above the ghost limit). */
+  ghost: Ghost.optional(),
+  /** Deleted files: size at the dump, whether it is the executable. */
+  deleted: z.object({ size: z.number().int().min(0), exe: z.boolean() }).optional(),
+  /** A deleted file shared with a descriptor of an earlier process: mapped through it. */
+  viaFd: z.object({ pid: z.number().int(), fd: z.number().int().min(0) }).optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
 export type MappingImage = z.output<typeof Mapping>;
 
@@ -89,8 +98,46 @@ function coveringMapping(first: number, e: MapsEntry): MapsEntry | undefined {
   );
 }
 
-export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof Mapping>[] {
+interface DumpWhere {
+  pid: number;
+  tree: TreeDumpState;
+  dir: ImageDir;
+  ghostLimit: number;
+}
+
+/**
+ * A mapping of a file deleted since it was mapped. A shared one is one
+ * file with every other holder in the tree: an earlier process's mapping
+ * of it, or else an earlier process's descriptor. Otherwise its contents
+ * are saved as a ghost.
+ */
+function dumpDeleted(w: DumpWhere, e: MapsEntry, exe: string): Partial<MappingImage> {
+  const source = `/proc/${w.pid}/map_files/${hex(e.start)}-${hex(e.end)}`;
+  const st = Deno.statSync(source);
+  const key = `${st.dev}:${st.ino}`;
+  const deleted = { size: st.size, exe: exe === e.path };
+  if (e.perms[3] === "s") {
+    const held = deletedPlaces(w.tree);
+    const first = held.mapped.get(key);
+    if (first && first.pid !== w.pid) {
+      const from = coveringMapping(first.pid, e);
+      return {
+        deleted,
+        sharedWith: first.pid,
+        sharedFrom: from && { start: from.start, end: from.end, offset: from.offset },
+      };
+    }
+    if (!first) held.mapped.set(key, { pid: w.pid, start: e.start, end: e.end });
+    const open = held.open.get(key);
+    if (open) return { deleted, viaFd: open };
+  }
+  return { deleted, ghost: saveGhost(w.dir, w.tree, source, w.ghostLimit) };
+}
+
+export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
+  const { pid, tree } = w;
   const flags = readVmFlags(pid);
+  const exe = readProcLink(pid, "exe");
   return readMaps(pid).map((e) => {
     const kind = kindOf(e);
     let sharedWith: number | undefined;
@@ -117,6 +164,10 @@ export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof M
       sharedWith,
       sharedFrom: sharedFrom &&
         { start: sharedFrom.start, end: sharedFrom.end, offset: sharedFrom.offset },
+      // (Last: a deleted file shared with an earlier process sets sharedWith/From.)
+      ...(kind === "file" && e.path.endsWith(DELETED) && !pseudoDeleted(e.path)
+        ? dumpDeleted(w, e, exe)
+        : {}),
     }));
   });
 }
@@ -251,7 +302,19 @@ function backing(
     const path = `/proc/${m.sharedWith}/map_files/${hex(from.start)}-${hex(from.end)}`;
     const key = `${O_RDWR}:${path}`;
     if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
-    return { fd: fds.get(key)!, offset: m.offset - from.offset };
+    // A file's offsets are its own; a new shared anonymous object starts at 0.
+    return { fd: fds.get(key)!, offset: m.kind === "shmem" ? m.offset - from.offset : m.offset };
+  }
+  if (m.viaFd) {
+    const path = `/proc/${m.viaFd.pid}/fd/${m.viaFd.fd}`;
+    const key = `${O_RDWR}:${path}`;
+    if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
+    return { fd: fds.get(key)!, offset: m.offset };
+  }
+  if (m.ghost) {
+    const key = `ghost:${m.ghost.file}`;
+    if (!fds.has(key)) fds.set(key, restoreGhost(ctx, m.ghost, m.path));
+    return { fd: fds.get(key)!, offset: m.offset };
   }
   if (m.kind !== "file") return { fd: -1, offset: 0n };
   const mode = m.shared && m.prot & PROT.WRITE ? O_RDWR : O_RDONLY;
@@ -281,19 +344,18 @@ function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>):
 
 const DELETED = " (deleted)";
 
-/** What a mapping whose file has no name any more (or never had one) is, for the refusal. */
-function deletedWhat(path: string): string {
+/** Kernel objects maps shows as deleted files; undefined for a file that really was deleted. */
+function pseudoDeleted(path: string): string | undefined {
   if (path.startsWith("/[aio]")) return "AIO ring (io_setup)";
   if (path.startsWith("/anon_hugepage")) return "hugetlb anonymous memory";
   if (path.startsWith("/memfd:")) return "memfd memory";
-  if (path.startsWith("/dev/shm/")) return "POSIX shared memory whose file was deleted";
-  return "a file deleted (or replaced) since it was mapped";
 }
 
 /** Why one mapping cannot be restored yet, if it cannot. */
 function whyNot(m: MappingImage): string | undefined {
   if (m.sharedWith !== undefined && !m.sharedFrom) {
-    return `anonymous memory shared with pid ${m.sharedWith}, which maps it differently: not supported yet`;
+    const what = m.kind === "shmem" ? "anonymous memory" : "a deleted file's memory";
+    return `${what} shared with pid ${m.sharedWith}, which maps it differently: not supported yet`;
   }
   if (m.path.startsWith("/SYSV")) return "SysV shared memory: not supported yet";
   if (m.kind === "special" || m.kind === "vsyscall") return undefined;
@@ -302,8 +364,12 @@ function whyNot(m: MappingImage): string | undefined {
   if (m.vmFlags.includes("io") || m.vmFlags.includes("pf")) {
     return "device memory (VM_IO/VM_PFNMAP): not supported yet";
   }
-  if (m.kind === "file" && m.path.endsWith(DELETED)) {
-    return `${deletedWhat(m.path)}: not supported yet`;
+  if (m.kind !== "file" || !m.path.endsWith(DELETED)) return undefined;
+  const pseudo = pseudoDeleted(m.path);
+  if (pseudo || !m.deleted) return `${pseudo ?? "a deleted file"}: not supported yet`;
+  if (m.deleted.exe) return "the executable was deleted or replaced: not supported yet";
+  if (m.sharedWith === undefined && !m.ghost && !m.viaFd) {
+    return tooBig("the deleted (or replaced) mapped file", m.deleted.size);
   }
 }
 
@@ -311,8 +377,9 @@ export const mappingsPart = definePart({
   name: "mappings",
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
-  async dump({ pid, tree }) {
-    return { mappings: dumpMappings(pid, tree), vdsoSha256: await vdsoDigest(pid) };
+  async dump({ pid, tree, dir, options }) {
+    const mappings = dumpMappings({ pid, tree, dir, ghostLimit: options.ghostLimit });
+    return { mappings, vdsoSha256: await vdsoDigest(pid) };
   },
   unrestorable({ mappings }) {
     for (const m of mappings) {
@@ -320,7 +387,7 @@ export const mappingsPart = definePart({
       if (why) return `${mappingLabel(m)}: ${why}`;
     }
   },
-  precheck({ mappings }) {
+  precheck({ mappings }, ctx) {
     let prevEnd = 0n;
     for (const m of mappings) {
       withContext(mappingLabel(m), () => {
@@ -328,7 +395,8 @@ export const mappingsPart = definePart({
         const why = whyNot(m);
         if (why) throw new AmberError(why);
         prevEnd = m.end;
-        if (m.kind !== "file") return;
+        if (m.ghost) checkGhost(ctx, m.ghost);
+        if (m.kind !== "file" || m.deleted) return;
         let now;
         try {
           now = identity(m.path);
