@@ -21,6 +21,8 @@ Cases:
   mp-value      a multiprocessing.Value (a deleted /dev/shm arena, open and
                 mapped) and its lock, shared with a multiprocessing.Process
                 child that answers each tick by making the value even
+  fifo          a FIFO of WORKDIR open at both ends (read end non-blocking),
+                8-byte records written one tick ahead of reading them
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -212,7 +214,25 @@ def eventfd():
     return use
 
 
+def fifo():
+    path = f"{WORK}/fifo"
+    os.mkfifo(path)
+    r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    w = os.open(path, os.O_WRONLY)
+    n = [0]
+    os.write(w, b"%07d\n" % 0)
+
+    def use():
+        # The record written last tick is waiting in the FIFO.
+        want = b"%07d\n" % n[0]
+        n[0] += 1
+        os.write(w, b"%07d\n" % n[0])
+        return os.read(r, 8) == want and not os.get_blocking(r) and os.get_blocking(w)
+    return use
+
+
 CASES = {
+    "fifo": fifo,
     "deleted-big": deleted_big,
     "mp-value": mp_value,
     "eventfd": eventfd,

@@ -192,6 +192,10 @@ Deno.test("restored: the process's own /proc/PID/status, open", async () => {
   await assertRestored("proc-self");
 });
 
+Deno.test("restored: a FIFO with bytes waiting in it, each end with its own flags", async () => {
+  await assertRestored("fifo");
+});
+
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
   await assertRestored("eventfd");
 });

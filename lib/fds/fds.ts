@@ -14,13 +14,14 @@ import { AmberError, withContext } from "../errors.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
 import { eventFd } from "./eventfd.ts";
+import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** In match order; the last one takes anything. */
-export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, eventFd, unsupportedFd];
+export const FD_KINDS: FdKind[] = [ttyFd, fifoFd, fileFd, pipeFd, eventFd, unsupportedFd];
 
 const FdEntry = z.discriminatedUnion(
   "kind",
