@@ -23,6 +23,9 @@ Cases:
                 child that answers each tick by making the value even
   fifo          a FIFO of WORKDIR open at both ends (read end non-blocking),
                 8-byte records written one tick ahead of reading them
+  signalfd      SIGUSR1 blocked and taken through a non-blocking signalfd
+  timerfd       a 10 ms periodic timerfd (each tick reads an expiration) and
+                a one-hour one-shot one whose time left must stay under an hour
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -231,7 +234,43 @@ def fifo():
     return use
 
 
+def signalfd():
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    mask = ctypes.c_uint64(1 << (signal.SIGUSR1 - 1) | 1 << (signal.SIGUSR2 - 1))
+    sfd = libc.signalfd(-1, ctypes.byref(mask), os.O_NONBLOCK)
+    if sfd < 0:
+        raise OSError(ctypes.get_errno(), "signalfd")
+
+    def use():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        info = os.read(sfd, 128)  # struct signalfd_siginfo, ssi_signo first
+        return int.from_bytes(info[:4], "little") == signal.SIGUSR1
+    return use
+
+
+class Itimerspec(ctypes.Structure):
+    _fields_ = [("interval_sec", ctypes.c_long), ("interval_nsec", ctypes.c_long),
+                ("value_sec", ctypes.c_long), ("value_nsec", ctypes.c_long)]
+
+
+def timerfd():
+    fast = libc.timerfd_create(1, 0)  # CLOCK_MONOTONIC
+    slow = libc.timerfd_create(1, 0)
+    libc.timerfd_settime(fast, 0, ctypes.byref(Itimerspec(0, 10_000_000, 0, 10_000_000)), None)
+    libc.timerfd_settime(slow, 0, ctypes.byref(Itimerspec(0, 0, 3600, 0)), None)
+
+    def use():
+        expirations = int.from_bytes(os.read(fast, 8), "little")
+        left = Itimerspec()
+        libc.timerfd_gettime(slow, ctypes.byref(left))
+        return expirations >= 1 and 0 < left.value_sec < 3600
+    return use
+
+
 CASES = {
+    "signalfd": signalfd,
+    "timerfd": timerfd,
     "fifo": fifo,
     "deleted-big": deleted_big,
     "mp-value": mp_value,

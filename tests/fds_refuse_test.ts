@@ -196,6 +196,14 @@ Deno.test("restored: a FIFO with bytes waiting in it, each end with its own flag
   await assertRestored("fifo");
 });
 
+Deno.test("restored: a signalfd's mask and O_NONBLOCK", async () => {
+  await assertRestored("signalfd");
+});
+
+Deno.test("restored: timerfds, periodic and one-shot, still armed", async () => {
+  await assertRestored("timerfd");
+});
+
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
   await assertRestored("eventfd");
 });

@@ -16,12 +16,23 @@ import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/r
 import { eventFd } from "./eventfd.ts";
 import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
+import { signalFd } from "./signalfd.ts";
+import { timerFd } from "./timerfd.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** In match order; the last one takes anything. */
-export const FD_KINDS: FdKind[] = [ttyFd, fifoFd, fileFd, pipeFd, eventFd, unsupportedFd];
+export const FD_KINDS: FdKind[] = [
+  ttyFd,
+  fifoFd,
+  fileFd,
+  pipeFd,
+  eventFd,
+  signalFd,
+  timerFd,
+  unsupportedFd,
+];
 
 const FdEntry = z.discriminatedUnion(
   "kind",
