@@ -26,6 +26,8 @@ Cases:
   signalfd      SIGUSR1 blocked and taken through a non-blocking signalfd
   timerfd       a 10 ms periodic timerfd (each tick reads an expiration) and
                 a one-hour one-shot one whose time left must stay under an hour
+  epoll         an epoll watching a pipe's read end (edge-triggered, data 77)
+                and an eventfd, inside a second epoll that watches the first
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -268,7 +270,39 @@ def timerfd():
     return use
 
 
+class EpollEvent(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+def epoll():
+    import select
+    ep = select.epoll()
+    r, w = os.pipe()
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    ev = EpollEvent(select.EPOLLIN | select.EPOLLET, 77)
+    if libc.epoll_ctl(ep.fileno(), 1, r, ctypes.byref(ev)) != 0:
+        raise OSError(ctypes.get_errno(), "epoll_ctl")
+    ep.register(efd, select.EPOLLIN)
+    outer = select.epoll()
+    outer.register(ep.fileno(), select.EPOLLIN)
+    got = (EpollEvent * 4)()
+
+    def use():
+        os.write(w, b"x")
+        os.eventfd_write(efd, 1)
+        if outer.poll(0) != [(ep.fileno(), select.EPOLLIN)]:
+            return False
+        n = libc.epoll_wait(ep.fileno(), got, 4, 0)
+        seen = sorted((got[i].data, got[i].events) for i in range(n))
+        os.read(r, 1)
+        os.eventfd_read(efd)
+        return seen == sorted([(77, select.EPOLLIN), (efd, select.EPOLLIN)])
+    return use
+
+
 CASES = {
+    "epoll": epoll,
     "signalfd": signalfd,
     "timerfd": timerfd,
     "fifo": fifo,

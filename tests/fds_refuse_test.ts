@@ -204,6 +204,10 @@ Deno.test("restored: timerfds, periodic and one-shot, still armed", async () => 
   await assertRestored("timerfd");
 });
 
+Deno.test("restored: epoll interest lists (edge-triggered, own data, nested epoll)", async () => {
+  await assertRestored("epoll");
+});
+
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
   await assertRestored("eventfd");
 });

@@ -13,6 +13,7 @@ import { pidNumber } from "../images/codec.ts";
 import { AmberError, withContext } from "../errors.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
+import { epollFd } from "./epoll.ts";
 import { eventFd } from "./eventfd.ts";
 import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
@@ -31,6 +32,7 @@ export const FD_KINDS: FdKind[] = [
   eventFd,
   signalFd,
   timerFd,
+  epollFd,
   unsupportedFd,
 ];
 
@@ -165,6 +167,9 @@ export const fdsPart = definePart({
     const sharing = new Map(shared.map((s) => [s.fd, s]));
     const parked = parkInherited(ctx, entries);
     for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e, sharing.get(e.fd)));
+    for (const e of entries) {
+      if (!sharing.has(e.fd)) withContext(`fd ${e.fd}`, () => kindOf(e.kind).afterAll?.(ctx, e));
+    }
     for (const fd of parked) ctx.injector.call("close", NR.close, fd);
   },
 });

@@ -33,6 +33,12 @@ export interface FdKind<S extends z.ZodType = z.ZodType> {
   precheck?(entry: z.output<S>, ctx: PrecheckContext): void;
   /** Returns a descriptor in the tracee holding the file; the caller moves it to its number. */
   restore(ctx: RestoreContext, entry: z.output<S>): number;
+  /**
+   * Runs once every descriptor of the process is in place, for state that
+   * refers to other descriptors (epoll's interest list). Not run for a
+   * descriptor shared with an earlier one: that one's kind did it.
+   */
+  afterAll?(ctx: RestoreContext, entry: z.output<S>): void;
   /** Why this descriptor cannot be restored yet, if it cannot. */
   unrestorable?(entry: z.output<S>): string | undefined;
 }
