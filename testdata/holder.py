@@ -28,6 +28,9 @@ Cases:
                 a one-hour one-shot one whose time left must stay under an hour
   epoll         an epoll watching a pipe's read end (edge-triggered, data 77)
                 and an eventfd, inside a second epoll that watches the first
+  inotify       inotify watching WORKDIR/watched for IN_CREATE as wd 2 (wd 1
+                removed); each tick creates a file there and reads its event
+  inotify-queued  the same, with one event left unread
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -301,7 +304,40 @@ def epoll():
     return use
 
 
+def inotify(leave_one=False):
+    import struct
+    d = f"{WORK}/watched"
+    os.mkdir(d)
+    ifd = libc.inotify_init1(0)
+    first = libc.inotify_add_watch(ifd, WORK.encode(), 0x100)
+    wd = libc.inotify_add_watch(ifd, d.encode(), 0x100)  # IN_CREATE
+    libc.inotify_rm_watch(ifd, first)
+    ignored = os.read(ifd, 4096)  # the IN_IGNORED of the removed watch
+    n = [0]
+    if leave_one:
+        def use_leaving_one():
+            # Reads what is queued, then queues one event for the next tick.
+            ev = os.read(ifd, 4096)
+            open(f"{d}/p{n[0]}", "w").close()
+            n[0] += 1
+            return len(ev) >= 16
+        open(f"{d}/first", "w").close()
+        return use_leaving_one
+
+    def use():
+        name = f"f{n[0]}"
+        n[0] += 1
+        open(f"{d}/{name}", "w").close()
+        ev = os.read(ifd, 4096)
+        w, mask, _, length = struct.unpack("iIII", ev[:16])
+        return bool(ignored) and w == wd == 2 and mask == 0x100 and \
+            ev[16:16 + length].rstrip(b"\0") == name.encode()
+    return use
+
+
 CASES = {
+    "inotify": inotify,
+    "inotify-queued": lambda: inotify(True),
     "epoll": epoll,
     "signalfd": signalfd,
     "timerfd": timerfd,

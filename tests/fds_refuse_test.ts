@@ -208,6 +208,14 @@ Deno.test("restored: epoll interest lists (edge-triggered, own data, nested epol
   await assertRestored("epoll");
 });
 
+Deno.test("restored: inotify watches, same wd, events after the restore", async () => {
+  await assertRestored("inotify");
+});
+
+Deno.test("refused: inotify events queued and not read", async () => {
+  await assertRefused("inotify-queued", [/fd \d+: inotify: \d+ bytes of events not read yet/]);
+});
+
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
   await assertRestored("eventfd");
 });

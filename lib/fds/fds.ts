@@ -17,6 +17,7 @@ import { epollFd } from "./epoll.ts";
 import { eventFd } from "./eventfd.ts";
 import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
+import { inotifyFd } from "./inotify.ts";
 import { signalFd } from "./signalfd.ts";
 import { timerFd } from "./timerfd.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
@@ -33,6 +34,7 @@ export const FD_KINDS: FdKind[] = [
   signalFd,
   timerFd,
   epollFd,
+  inotifyFd,
   unsupportedFd,
 ];
 
@@ -54,6 +56,7 @@ export function probeFd(
   tree: TreeDumpState,
   dir: ImageDir,
   ghostLimit: number,
+  inject?: FdProbe["inject"],
 ): FdProbe {
   const link = readProcLink(pid, `fd/${fd}`);
   const info = readProcText(pid, `fdinfo/${fd}`);
@@ -72,6 +75,7 @@ export function probeFd(
     tree,
     dir,
     ghostLimit,
+    inject,
   };
 }
 
@@ -132,11 +136,11 @@ export const fdsPart = definePart({
   name: "fds",
   version: 1,
   schema: z.object({ fds: z.array(FdEntry), shared: z.array(SharedFd) }),
-  dump({ pid, tree, dir, options }) {
+  dump({ pid, tree, dir, options, injector, scratch }) {
     const shared: SharedFdImage[] = [];
     const fds = listProcNumbers(pid, "fd").map((fd) =>
       withContext(`fd ${fd}`, () => {
-        const probe = probeFd(pid, fd, tree, dir, options.ghostLimit);
+        const probe = probeFd(pid, fd, tree, dir, options.ghostLimit, { injector, scratch });
         const owner = findOwner(tree, probe);
         if (owner) shared.push({ fd, pid: owner.pid, ownerFd: owner.fd });
         return FD_KINDS.find((k) => k.matches(probe))!.dump(probe);

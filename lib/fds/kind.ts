@@ -1,6 +1,7 @@
 /** What every kind of file descriptor module provides. */
 import type { z } from "zod";
-import type { PrecheckContext, RestoreContext, TreeDumpState } from "../context.ts";
+import type { Injector } from "../../ffi/inject.ts";
+import type { PrecheckContext, RestoreContext, Scratch, TreeDumpState } from "../context.ts";
 import type { ImageDir } from "../images/dir.ts";
 
 /** What /proc says about one open descriptor. */
@@ -21,6 +22,8 @@ export interface FdProbe {
   dir: ImageDir;
   /** Largest deleted file saved as a ghost, bytes (--ghost-limit). */
   ghostLimit: number;
+  /** Injection into the frozen process, for kinds that must ask it (inotify). */
+  inject?: { injector: Injector; scratch: Scratch };
 }
 
 export interface FdKind<S extends z.ZodType = z.ZodType> {
