@@ -10,6 +10,7 @@ Cases:
   aio           an io_setup context (the /[aio] ring mapping)
   hugetlb       2 MiB of MAP_HUGETLB anonymous memory (/anon_hugepage)
   memfd         a memfd mapped, its descriptor closed
+  memfd-fd      a memfd open (not mapped)
   sysv-shm      a SysV shared memory segment attached, marked for removal
   ptmx          a pseudo-terminal pair from os.openpty()
   proc-child    /proc/CHILD/status of its forked child, open
@@ -335,7 +336,14 @@ def inotify(leave_one=False):
     return use
 
 
+def memfd_fd():
+    fd = os.memfd_create("amber-fd")
+    os.write(fd, b"memfd")
+    return lambda: os.pread(fd, 5, 0) == b"memfd"
+
+
 CASES = {
+    "memfd-fd": memfd_fd,
     "inotify": inotify,
     "inotify-queued": lambda: inotify(True),
     "epoll": epoll,

@@ -108,6 +108,12 @@ Deno.test("refused: a memfd mapping", async () => {
   await assertRefused("memfd", [mapping("/memfd:amber-test"), "memfd"]);
 });
 
+Deno.test("refused: a memfd descriptor", async () => {
+  await assertRefused("memfd-fd", [
+    /fd \d+: \/memfd:amber-fd \(deleted\): a memfd: not supported yet/,
+  ]);
+});
+
 Deno.test("refused: an attached SysV shared memory segment", async () => {
   await assertRefused("sysv-shm", [mapping("/SYSV"), "SysV shared memory"]);
 });

@@ -8,7 +8,15 @@ import type { FdPlace, RestoreContext, TreeRestoreState } from "../context.ts";
 import { AmberError } from "../errors.ts";
 import { procPath } from "../proc/read.ts";
 import { u64 } from "../images/codec.ts";
-import { checkGhost, deletedPlaces, Ghost, restoreGhost, saveGhost, tooBig } from "./ghost.ts";
+import {
+  checkGhost,
+  deletedPlaces,
+  Ghost,
+  notGhostable,
+  restoreGhost,
+  saveGhost,
+  tooBig,
+} from "./ghost.ts";
 import { putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { isTerminal } from "./tty.ts";
@@ -40,6 +48,8 @@ const FileEntry = z.object({
   ghost: Ghost.optional(),
   /** A deleted file's size at the dump. */
   size: z.number().int().min(0).optional(),
+  /** What a deleted file with no place to be recreated in is (a memfd...). */
+  internal: z.string().optional(),
   /** A deleted file the tree maps shared: reopened through that (earlier restored) mapping. */
   viaMapping: z.object({ pid: z.number().int(), start: u64, end: u64 }).optional(),
   /** For /proc/N/... files: the process that held the descriptor. */
@@ -50,6 +60,7 @@ const FileEntry = z.object({
 type FileImage = z.output<typeof FileEntry>;
 
 function whyNot(e: FileImage): string | undefined {
+  if (e.internal) return `${e.path}: ${e.internal}: not supported yet`;
   if (e.deleted && !e.ghost && !e.viaMapping) {
     return `${e.path}: ${tooBig("the deleted open file", e.size ?? 0)}`;
   }
@@ -95,6 +106,8 @@ function changed(e: FileImage, now: Deno.FileInfo): string | undefined {
  * saved as a ghost. Noted for the mappings of later processes.
  */
 function dumpGhost(p: FdProbe): Partial<FileImage> {
+  const internal = notGhostable(p.link, p.stat!.dev);
+  if (internal) return { internal, size: p.stat!.size };
   const key = `${p.stat!.dev}:${p.stat!.ino}`;
   const held = deletedPlaces(p.tree);
   if (!held.open.has(key)) held.open.set(key, { pid: p.pid, fd: p.fd });

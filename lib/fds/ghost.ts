@@ -102,6 +102,18 @@ export function checkGhost(ctx: { dir: ImageDir }, g: GhostImage): void {
   }
 }
 
+/**
+ * Why a deleted file cannot come back as a ghost, if it cannot: a memfd or
+ * another file of a kernel-internal filesystem has no directory to be
+ * recreated in (its name's directory is on another filesystem).
+ */
+export function notGhostable(link: string, dev: number): string | undefined {
+  if (link.startsWith("/memfd:")) return "a memfd";
+  if (Deno.statSync(hostDir(originalPath(link))).dev !== dev) {
+    return "a file of a kernel-internal filesystem";
+  }
+}
+
 /** The nearest existing directory of `path` (its own, or a parent if that is gone too). */
 function hostDir(path: string): string {
   let d = path.replace(/\/[^/]*$/, "") || "/";

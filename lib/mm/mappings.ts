@@ -15,7 +15,15 @@ import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
 import { putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
-import { checkGhost, deletedPlaces, Ghost, restoreGhost, saveGhost, tooBig } from "../fds/ghost.ts";
+import {
+  checkGhost,
+  deletedPlaces,
+  Ghost,
+  notGhostable,
+  restoreGhost,
+  saveGhost,
+  tooBig,
+} from "../fds/ghost.ts";
 
 export const PAGE = 4096n;
 export const PROT = { READ: 1, WRITE: 2, EXEC: 4 } as const;
@@ -53,8 +61,12 @@ export const Mapping = z.object({
   sharedFrom: z.object({ start: u64, end: u64, offset: u64 }).optional(),
   /** A deleted (or replaced) file's contents, saved (absent: above the ghost limit). */
   ghost: Ghost.optional(),
-  /** Deleted files: size at the dump, whether it is the executable. */
-  deleted: z.object({ size: z.number().int().min(0), exe: z.boolean() }).optional(),
+  /** Deleted files: size at the dump, whether it is the executable, what it is if not a file. */
+  deleted: z.object({
+    size: z.number().int().min(0),
+    exe: z.boolean(),
+    internal: z.string().optional(),
+  }).optional(),
   /** A deleted file shared with a descriptor of an earlier process: mapped through it. */
   viaFd: z.object({ pid: z.number().int(), fd: z.number().int().min(0) }).optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
@@ -115,7 +127,9 @@ function dumpDeleted(w: DumpWhere, e: MapsEntry, exe: string): Partial<MappingIm
   const source = `/proc/${w.pid}/map_files/${hex(e.start)}-${hex(e.end)}`;
   const st = Deno.statSync(source);
   const key = `${st.dev}:${st.ino}`;
-  const deleted = { size: st.size, exe: exe === e.path };
+  const internal = notGhostable(e.path, st.dev);
+  const deleted = { size: st.size, exe: exe === e.path, internal };
+  if (internal) return { deleted };
   if (e.perms[3] === "s") {
     const held = deletedPlaces(w.tree);
     const first = held.mapped.get(key);
@@ -367,6 +381,7 @@ function whyNot(m: MappingImage): string | undefined {
   if (m.kind !== "file" || !m.path.endsWith(DELETED)) return undefined;
   const pseudo = pseudoDeleted(m.path);
   if (pseudo || !m.deleted) return `${pseudo ?? "a deleted file"}: not supported yet`;
+  if (m.deleted.internal) return `${m.deleted.internal}: not supported yet`;
   if (m.deleted.exe) return "the executable was deleted or replaced: not supported yet";
   if (m.sharedWith === undefined && !m.ghost && !m.viaFd) {
     return tooBig("the deleted (or replaced) mapped file", m.deleted.size);
