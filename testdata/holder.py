@@ -32,6 +32,8 @@ Cases:
   inotify       inotify watching WORKDIR/watched for IN_CREATE as wd 2 (wd 1
                 removed); each tick creates a file there and reads its event
   inotify-queued  the same, with one event left unread
+  pidfd         a pidfd of its forked child, signalled (0) every tick
+  pidfd-outside a pidfd of its parent, outside the dumped tree
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -342,7 +344,29 @@ def memfd_fd():
     return lambda: os.pread(fd, 5, 0) == b"memfd"
 
 
+def pidfd():
+    import signal
+    child = os.fork()
+    if child == 0:
+        while True:
+            time.sleep(1)
+    pfd = os.pidfd_open(child)
+
+    def use():
+        signal.pidfd_send_signal(pfd, 0)
+        return os.waitid(os.P_PIDFD, pfd, os.WEXITED | os.WNOHANG) is None
+    return use
+
+
+def pidfd_outside():
+    import signal
+    pfd = os.pidfd_open(os.getppid())
+    return lambda: signal.pidfd_send_signal(pfd, 0) is None
+
+
 CASES = {
+    "pidfd": pidfd,
+    "pidfd-outside": pidfd_outside,
     "memfd-fd": memfd_fd,
     "inotify": inotify,
     "inotify-queued": lambda: inotify(True),

@@ -222,6 +222,14 @@ Deno.test("refused: inotify events queued and not read", async () => {
   await assertRefused("inotify-queued", [/fd \d+: inotify: \d+ bytes of events not read yet/]);
 });
 
+Deno.test("restored: a pidfd of a child in the tree", async () => {
+  await assertRestored("pidfd");
+});
+
+Deno.test("refused: a pidfd of a process outside the tree", async () => {
+  await assertRefused("pidfd-outside", [/fd \d+: pidfd of pid \d+, outside the dumped tree/]);
+});
+
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
   await assertRestored("eventfd");
 });

@@ -18,6 +18,7 @@ import { eventFd } from "./eventfd.ts";
 import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
 import { inotifyFd } from "./inotify.ts";
+import { pidFd } from "./pidfd.ts";
 import { signalFd } from "./signalfd.ts";
 import { timerFd } from "./timerfd.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
@@ -35,6 +36,7 @@ export const FD_KINDS: FdKind[] = [
   timerFd,
   epollFd,
   inotifyFd,
+  pidFd,
   unsupportedFd,
 ];
 
