@@ -34,6 +34,8 @@ Cases:
   inotify-queued  the same, with one event left unread
   pidfd         a pidfd of its forked child, signalled (0) every tick
   pidfd-outside a pidfd of its parent, outside the dumped tree
+  shared-ro-map a file opened read-write, mapped shared read-only; each tick
+                makes the mapping writable, writes through it, and back
   eventfd       an eventfd in semaphore mode, non-blocking, count 5
   shm-split     8 KiB of shared anonymous memory, forked; the parent then
                 unmaps its second page (the child's mapping is wider)
@@ -364,7 +366,28 @@ def pidfd_outside():
     return lambda: signal.pidfd_send_signal(pfd, 0) is None
 
 
+def shared_ro_map():
+    path = f"{WORK}/mapped.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 4096)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    addr = libc.mmap(None, 4096, 1, 0x01, fd, 0)  # PROT_READ, MAP_SHARED
+    os.close(fd)
+    n = [0]
+
+    def use():
+        if libc.mprotect(addr, 4096, 3) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect(PROT_WRITE)")
+        n[0] = (n[0] + 1) % 256
+        ctypes.memset(addr, n[0], 1)
+        libc.mprotect(addr, 4096, 1)
+        with open(path, "rb") as f:
+            return f.read(1)[0] == n[0]
+    return use
+
+
 CASES = {
+    "shared-ro-map": shared_ro_map,
     "pidfd": pidfd,
     "pidfd-outside": pidfd_outside,
     "memfd-fd": memfd_fd,

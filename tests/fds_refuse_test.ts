@@ -230,6 +230,10 @@ Deno.test("refused: a pidfd of a process outside the tree", async () => {
   await assertRefused("pidfd-outside", [/fd \d+: pidfd of pid \d+, outside the dumped tree/]);
 });
 
+Deno.test("restored: a read-only shared mapping of a read-write file can still be made writable", async () => {
+  await assertRestored("shared-ro-map");
+});
+
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {
   await assertRestored("eventfd");
 });

@@ -331,7 +331,8 @@ function backing(
     return { fd: fds.get(key)!, offset: m.offset };
   }
   if (m.kind !== "file") return { fd: -1, offset: 0n };
-  const mode = m.shared && m.prot & PROT.WRITE ? O_RDWR : O_RDONLY;
+  // VM_MAYWRITE ("mw"): the file was opened for writing, so mprotect may make it writable.
+  const mode = m.shared && (m.prot & PROT.WRITE || m.vmFlags.includes("mw")) ? O_RDWR : O_RDONLY;
   const key = `${mode}:${m.path}`;
   if (!fds.has(key)) fds.set(key, openAt(ctx, m.path, mode));
   return { fd: fds.get(key)!, offset: m.offset };
