@@ -7,7 +7,6 @@
  * (closed, or another process's number on a shared instance) is refused.
  */
 import { z } from "zod";
-import { NR } from "../../ffi/inject.ts";
 import { AmberError } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
