@@ -1,8 +1,8 @@
 /**
  * Anonymous memory shared across fork (MAP_SHARED | MAP_ANONYMOUS) comes
- * back as one shared object at the same address in every holder, its
- * contents stored once (with the first holder): after the restore each
- * process still sees the other's writes.
+ * back as one shared object at the same address in every holder: after
+ * the restore each process still sees the other's writes, and a page only
+ * the child ever touched keeps its contents.
  */
 import assert from "node:assert/strict";
 import {
@@ -25,10 +25,11 @@ import {
 /**
  * Parent and child write their counters into the shared page (slots 0 and
  * 8) and log "N OTHER" (OTHER: the other's counter as read from the page)
- * to argv[1].P / argv[1].C every 20 ms.
+ * to argv[1].P / argv[1].C every 20 ms. The child also keeps its counter in
+ * the third page, which the parent never touches, and checks it each tick.
  */
 const SHARE_PY = `import mmap, os, sys, time
-m = mmap.mmap(-1, 8192)
+m = mmap.mmap(-1, 12288)
 m[4096:4100] = b"page"
 tag = "C" if os.fork() == 0 else "P"
 slot, oslot = (0, 8) if tag == "P" else (8, 0)
@@ -37,14 +38,18 @@ i = 0
 while True:
     m[slot:slot + 8] = i.to_bytes(8, "little")
     other = int.from_bytes(m[oslot:oslot + 8], "little")
-    f.write("%d %d\\n" % (i, other) if m[4096:4100] == b"page" else "BAD %d\\n" % i)
+    ok = m[4096:4100] == b"page"
+    if tag == "C":
+        ok = ok and int.from_bytes(m[8192:8200], "little") == max(i - 1, 0)
+        m[8192:8200] = i.to_bytes(8, "little")
+    f.write("%d %d\\n" % (i, other) if ok else "BAD %d\\n" % i)
     f.flush()
     i += 1
     time.sleep(0.02)
 `;
 
 const isShared = (m: { perms: string; path: string; start: bigint; end: bigint }) =>
-  m.perms[3] === "s" && m.path.startsWith("/dev/zero") && m.end - m.start === 8192n;
+  m.perms[3] === "s" && m.path.startsWith("/dev/zero") && m.end - m.start === 12288n;
 
 /** The "OTHER" values of a log's lines. */
 async function others(out: string): Promise<number[]> {

@@ -196,11 +196,12 @@ export async function vdsoDigest(pid: number, maps = readMaps(pid)): Promise<str
 }
 
 /**
- * Whether the pages part will write into this mapping. Memory shared with
- * an earlier process gets its pages once, through that process.
+ * Whether the pages part will write into this mapping. Every holder of
+ * shared anonymous memory stores the pages present in its own page tables
+ * (a page only one of them touched is present only there), each written
+ * into the one shared object at restore.
  */
 export function receivesPages(m: MappingImage): boolean {
-  if (m.sharedWith !== undefined) return false;
   return m.kind === "anon" || m.kind === "shmem" || (m.kind === "file" && !m.shared);
 }
 
