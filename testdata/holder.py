@@ -11,7 +11,10 @@ Cases:
   hugetlb       2 MiB of MAP_HUGETLB anonymous memory (/anon_hugepage)
   memfd         a memfd mapped, its descriptor closed
   memfd-fd      a memfd open (not mapped)
-  sysv-shm      a SysV shared memory segment attached, marked for removal
+  sysv-shm      a SysV shared memory segment attached, marked for removal,
+                shared with a forked child; each checks the other's writes
+                and that the segment keeps its id (in WORKDIR/shmid)
+  sysv-shm-kept the same, not marked for removal (it outlives the process)
   ptmx          a pseudo-terminal pair from os.openpty()
   proc-child    /proc/CHILD/status of its forked child, open
   proc-self     /proc/PID/status of itself, open (read again every tick)
@@ -108,15 +111,32 @@ def memfd():
     return lambda: m[0:5] == b"memfd"
 
 
-def sysv_shm():
-    shmid = libc.shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+def sysv_shm(keep=False):
+    shmid = libc.shmget(0, 8192, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
     if shmid < 0:
         raise OSError(ctypes.get_errno(), "shmget")
+    with open(f"{WORK}/shmid", "w") as f:
+        f.write(str(shmid))
     addr = libc.shmat(shmid, None, 0)
-    libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
-    buf = (ctypes.c_char * 4096).from_address(addr)
-    buf[0] = b"s"
-    return lambda: buf[0] == b"s"
+    if not keep:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
+    counters = (ctypes.c_int64 * 2).from_address(addr)
+    page2 = (ctypes.c_char * 4096).from_address(addr + 4096)
+    page2[0] = b"s"
+    if os.fork() == 0:
+        # The child answers each odd value of counter 0 in counter 1.
+        while True:
+            if counters[0] % 2 == 1 and counters[1] != counters[0]:
+                counters[1] = counters[0]
+            time.sleep(0.001)
+    stat = ctypes.create_string_buffer(112)
+
+    def use():
+        counters[0] += 2 if counters[0] % 2 else 1
+        while counters[1] != counters[0]:
+            time.sleep(0.001)
+        return page2[0] == b"s" and libc.shmctl(shmid, 2, stat) == 0  # IPC_STAT
+    return use
 
 
 def ptmx():
@@ -408,6 +428,7 @@ CASES = {
     "hugetlb": hugetlb,
     "memfd": memfd,
     "sysv-shm": sysv_shm,
+    "sysv-shm-kept": lambda: sysv_shm(True),
     "ptmx": ptmx,
     "proc-child": proc_child,
     "proc-self": proc_self,

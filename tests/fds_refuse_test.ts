@@ -114,10 +114,6 @@ Deno.test("refused: a memfd descriptor", async () => {
   ]);
 });
 
-Deno.test("refused: an attached SysV shared memory segment", async () => {
-  await assertRefused("sysv-shm", [mapping("/SYSV"), "SysV shared memory"]);
-});
-
 Deno.test("refused: hugetlb anonymous memory", async () => {
   const knob = "/proc/sys/vm/nr_hugepages";
   const old = Deno.readTextFileSync(knob).trim();
@@ -150,9 +146,9 @@ Deno.test("refused: a file lease", async () => {
 });
 
 /** Dump (killing the target), restore -d, and the target goes on using its object. */
-async function assertRestored(kase: string, ...dumpExtra: string[]): Promise<void> {
+async function assertRestored(kase: string, work?: string, ...dumpExtra: string[]): Promise<void> {
   await using tmp = await tempDir();
-  const t = await startHolder(tmp.path, kase);
+  const t = await startHolder(work ?? tmp.path, kase);
   let pids = [t.pid];
   try {
     pids = descendants(t.pid);
@@ -191,7 +187,7 @@ Deno.test("a deleted file above the ghost limit is refused; --ghost-limit saves 
   await assertRefused("deleted-big", [
     /fd \d+: \/tmp\/\S+\/big\.bin \(deleted\): the deleted open file is 2097152 bytes, above the ghost limit: dump with --ghost-limit 2097152/,
   ], false);
-  await assertRestored("deleted-big", "--ghost-limit", "3M");
+  await assertRestored("deleted-big", undefined, "--ghost-limit", "3M");
 });
 
 Deno.test("restored: the process's own /proc/PID/status, open", async () => {
@@ -232,6 +228,20 @@ Deno.test("refused: a pidfd of a process outside the tree", async () => {
 
 Deno.test("restored: a read-only shared mapping of a read-write file can still be made writable", async () => {
   await assertRestored("shared-ro-map");
+});
+
+Deno.test("restored: a SysV shared memory segment marked for removal, shared with a child", async () => {
+  await assertRestored("sysv-shm");
+});
+
+Deno.test("restored: a SysV shared memory segment that outlives its processes", async () => {
+  await using tmp = await tempDir();
+  try {
+    await assertRestored("sysv-shm-kept", tmp.path);
+  } finally {
+    const id = Deno.readTextFileSync(`${tmp.path}/shmid`).trim();
+    await new Deno.Command("ipcrm", { args: ["-m", id] }).output();
+  }
 });
 
 Deno.test("restored: an eventfd's count, semaphore mode and O_NONBLOCK", async () => {

@@ -15,6 +15,7 @@ import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
 import { putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
+import { attachSysvShm, dumpSysvShm, sysvConflict, SysvShm } from "./sysvshm.ts";
 import {
   checkGhost,
   deletedPlaces,
@@ -67,6 +68,8 @@ export const Mapping = z.object({
     exe: z.boolean(),
     internal: z.string().optional(),
   }).optional(),
+  /** A SysV shared memory attachment: the segment. */
+  sysv: SysvShm.optional(),
   /** A deleted file shared with a descriptor of an earlier process: mapped through it. */
   viaFd: z.object({ pid: z.number().int(), fd: z.number().int().min(0) }).optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
@@ -156,10 +159,13 @@ export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
     const kind = kindOf(e);
     let sharedWith: number | undefined;
     let sharedFrom: MapsEntry | undefined;
+    const sysv = e.path.startsWith("/SYSV") ? dumpSysvShm(e.inode) : undefined;
     if (kind === "shmem") {
-      sharedWith = tree.sharedMemory.get(e.inode);
+      // A SysV segment's inode number is its id: kept apart from other shared memory.
+      const key = sysv ? -1 - e.inode : e.inode;
+      sharedWith = tree.sharedMemory.get(key);
       if (sharedWith === pid) sharedWith = undefined;
-      if (!tree.sharedMemory.has(e.inode)) tree.sharedMemory.set(e.inode, pid);
+      if (!tree.sharedMemory.has(key)) tree.sharedMemory.set(key, pid);
       // The first holder is frozen: its mappings are as they were.
       if (sharedWith !== undefined) sharedFrom = coveringMapping(sharedWith, e);
     }
@@ -175,6 +181,7 @@ export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
       file: kind === "file"
         ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
         : undefined,
+      sysv,
       sharedWith,
       sharedFrom: sharedFrom &&
         { start: sharedFrom.start, end: sharedFrom.end, offset: sharedFrom.offset },
@@ -341,6 +348,7 @@ function backing(
 
 function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {
   const inj = ctx.injector;
+  if (m.sysv && m.sharedWith === undefined) return attachSysvShm(ctx, m.sysv, m.start);
   const prot = m.prot | (writableWhileFilled(m) ? PROT.READ | PROT.WRITE : 0);
   let flags = MAP.FIXED | (m.shared ? MAP.SHARED : MAP.PRIVATE);
   if (m.vmFlags.includes("gd")) flags |= MAP.GROWSDOWN;
@@ -373,7 +381,11 @@ function whyNot(m: MappingImage): string | undefined {
     const what = m.kind === "shmem" ? "anonymous memory" : "a deleted file's memory";
     return `${what} shared with pid ${m.sharedWith}, which maps it differently: not supported yet`;
   }
-  if (m.path.startsWith("/SYSV")) return "SysV shared memory: not supported yet";
+  if (m.path.startsWith("/SYSV") && !m.sysv) return "SysV shared memory: not supported yet";
+  // The first holder attaches the whole segment again.
+  if (m.sysv && m.sharedWith === undefined && (m.offset || m.end - m.start < BigInt(m.sysv.size))) {
+    return `SysV shared memory segment ${m.sysv.id} attached in part: not supported yet`;
+  }
   if (m.kind === "special" || m.kind === "vsyscall") return undefined;
   if (m.vmFlags.includes("ht")) return "hugetlb memory: not supported yet";
   // Device memory (VM_IO / VM_PFNMAP): its pages are not memory amber can copy.
@@ -413,6 +425,8 @@ export const mappingsPart = definePart({
         if (why) throw new AmberError(why);
         prevEnd = m.end;
         if (m.ghost) checkGhost(ctx, m.ghost);
+        const conflict = m.sysv && m.sharedWith === undefined && sysvConflict(m.sysv);
+        if (conflict) throw new AmberError(conflict);
         if (m.kind !== "file" || m.deleted) return;
         let now;
         try {
