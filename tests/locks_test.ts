@@ -13,6 +13,7 @@ import {
   assertExit,
   commandWorks,
   dumpArgs,
+  exists,
   killTree,
   readLines,
   showJson,
@@ -166,3 +167,59 @@ Deno.test("sqlite3 writer mid-transaction keeps its lock across dump and restore
     await killTree(pid);
   }
 });
+
+/** Takes an exclusive flock on argv[1] (waiting for it), then logs "got" to argv[2] and sleeps. */
+const WAITER_PY = `import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+with open(sys.argv[2], "w") as f:
+    f.write("got\\n")
+while True:
+    time.sleep(1)
+`;
+
+/** Holds an exclusive flock on argv[1] until killed; logs "held" to argv[2] once it has it. */
+const HOLDER_PY = `import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+open(sys.argv[2], "w").write("held\\n")
+while True:
+    time.sleep(1)
+`;
+
+Deno.test("a process waiting for a lock held outside the tree waits again after restore", async () => {
+  await using tmp = await tempDir();
+  const file = `${tmp.path}/lock.f`;
+  Deno.writeTextFileSync(file, "x");
+  const held = `${tmp.path}/held.txt`, got = `${tmp.path}/got.txt`;
+  const holder = await startWriter(["setsid", "python3", "-c", HOLDER_PY, file, held], held, 1);
+  const waiter = spawnTarget(["setsid", "python3", "-c", WAITER_PY, file, got]);
+  try {
+    await until(
+      () =>
+        /flock/.test(Deno.readTextFileSync(`/proc/${waiter.pid}/wchan`)) ||
+        /locks_lock_inode_wait|flock/.test(Deno.readTextFileSync(`/proc/${waiter.pid}/stack`)),
+      "the waiter is not waiting for the lock",
+      30_000,
+    );
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(waiter.pid, img)), 0, "dump of the waiter");
+    await waiter.child.status;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    await waitUntraced(waiter.pid);
+    assert.equal(await readLines(got).then((l) => l.length), 0, "it got the lock while held");
+    await killTree(holder.pid);
+    await until(() => exists(got), "the restored waiter never got the lock once released");
+  } finally {
+    await killTree(holder.pid);
+    await killTree(waiter.pid);
+  }
+});
+
+/** Waits until amber has let go of PID (it may be blocked, so not "running"). */
+async function waitUntraced(pid: number): Promise<void> {
+  await until(
+    () => /^TracerPid:\s*0$/m.test(Deno.readTextFileSync(`/proc/${pid}/status`)),
+    `${pid} is still traced`,
+  );
+}
