@@ -8,13 +8,27 @@ import { addressOf, check, libc, rawSyscall, SysError } from "../ffi/libc.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
 
+/** One kernel feature, as {@link checkKernel} found it. */
+export interface CheckFeature {
+  /** What was probed, e.g. "clone3 set_tid". */
+  name: string;
+  /** It works here. */
+  ok: boolean;
+  /** dump or restore cannot work without it. */
+  required: boolean;
+  /** What was seen, or why it does not work. */
+  detail: string;
+}
+
+/** What {@link checkKernel} found. */
 export interface CheckReport {
   /** True when every required feature works. */
   ok: boolean;
-  features: { name: string; ok: boolean; required: boolean; detail: string }[];
+  /** Each feature probed. */
+  features: CheckFeature[];
 }
 
-type Feature = CheckReport["features"][number];
+type Feature = CheckFeature;
 
 const SIGKILL = 9;
 const CAP_SYS_PTRACE = 19;

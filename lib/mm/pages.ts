@@ -34,6 +34,7 @@ import {
   PAGE,
   receivesPages,
 } from "./mappings.ts";
+import { trackerIn } from "../progress.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
@@ -266,12 +267,15 @@ export async function copyPages(
   const { file, commit } = prepared ?? ctx.dir.reserve(pagesFileName(ctx.pid));
   const list = chunks(place(runs));
   const total = list.reduce((s, c) => s + c.bytes, 0);
+  const tracker = trackerIn(ctx.tree.kinds);
+  tracker?.addTotal(total);
   try {
     await transfer(list, async (c, buf, i) => {
       const got = await readRangesAsync(ctx.pid, c.ranges, buf);
       if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
       if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
       await file.pwriteAll(buf, c.fileOff);
+      tracker?.pages(c.bytes);
     });
     // A prepared file may be larger than what was stored.
     if (prepared && prepared.size > total) file.truncate(total);
@@ -292,6 +296,7 @@ async function fillPages(
   runs: PageRun[],
   file: RawFile,
   mappings: MappingImage[],
+  moved?: (bytes: number) => void,
 ): Promise<void> {
   const placed = place(runs);
   const viaMem = (r: Placed) => {
@@ -304,6 +309,7 @@ async function fillPages(
       const label = labelFor(mappings, c.ranges[0].addr);
       const n = await withContextAsync(label, () => writeRangesAsync(pid, c.ranges, buf));
       if (n !== c.bytes) throw new AmberError(`${label}: process_vm_writev: EFAULT`);
+      moved?.(c.bytes);
     });
     await transfer(chunks(placed.filter(viaMem)), async (c, buf) => {
       await file.preadAll(buf, c.fileOff);
@@ -313,6 +319,7 @@ async function fillPages(
         withContext(labelFor(mappings, r.addr), () => writeMemory(pid, r.addr, data));
         off += r.len;
       }
+      moved?.(c.bytes);
     });
   } finally {
     file.close();
@@ -356,6 +363,7 @@ export const pagemapPart = definePart({
   async restore(ctx, { pagesFile, runs, totalPages }) {
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
     const file = ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE);
-    await fillPages(ctx.pid, runs, file, mappings);
+    const tracker = trackerIn(ctx.tree.kinds);
+    await fillPages(ctx.pid, runs, file, mappings, (n) => tracker?.pages(n));
   },
 });
