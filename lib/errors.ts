@@ -64,7 +64,9 @@ function fieldsOf(message: string, cause: unknown): ErrorFields {
     rest = cut < 0 ? "" : rest.slice(0, cut);
   }
   const m = /^pid (\d+)(?:: |$)/.exec(rest);
-  const pid = m ? Number(m[1]) : undefined;
+  // "pid 812 is in use by ..." names its process too.
+  const named = m ?? /^pid (\d+)\b/.exec(message);
+  const pid = named ? Number(named[1]) : undefined;
   if (m) rest = rest.slice(m[0].length);
   const inherited = chain.find((c) => c instanceof AmberError && c.code !== "failed") as
     | AmberError

@@ -7,6 +7,7 @@ import { ImageDir } from "./images/dir.ts";
 import { escapeText } from "./errors.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { dumpVerdictOptions, judgeImages } from "./verdict.ts";
+import { resolveImagesDir } from "./run.ts";
 import type { MappingImage } from "./mm/mappings.ts";
 import type { MmImage } from "./mm/mm.ts";
 import type { PageRun } from "./mm/pages.ts";
@@ -300,7 +301,8 @@ function escapeStrings<T>(v: T): T {
  * The images of `dir`, validated, as text or (with `json`) one JSON
  * document. Invalid images throw the AmberError of readImages.
  */
-export async function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
+export async function showImages(path: string, opts: { json?: boolean } = {}): Promise<string> {
+  const dir = resolveImagesDir(path);
   const images = readImages(dir);
   // Judged as restore would judge them, with the flags they were dumped with.
   using reader = new ImageDir(dir);
