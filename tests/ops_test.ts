@@ -296,3 +296,53 @@ Deno.test("restore follows no other symlink: one to a directory that is not a ch
     await killAndReap(c.pid);
   }
 });
+
+function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** amber ARGS with stderr (and stdout) on a pseudo-terminal made by `script`; what it printed. */
+async function amberOnTerminal(args: string[], env: Record<string, string>): Promise<string> {
+  const cmd = [DENO, "run", "-A", CLI, ...args].map(shellQuote).join(" ");
+  const r = await new Deno.Command("script", {
+    args: ["-qfec", cmd, "/dev/null"],
+    cwd: ROOT,
+    env: { NO_COLOR: "1", ...env },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(r.stdout);
+  assert.equal(r.code, 0, `amber ${args.join(" ")} under script:\n${text}`);
+  return text;
+}
+
+const PROGRESS = (op: string) =>
+  new RegExp(`amber ${op}: pid \\d+ \\w+: \\d+/\\d+ pages \\(\\d+%\\), \\d+ MiB/s`);
+
+Deno.test("progress: a line on a terminal during a long dump and restore, none on a pipe", async () => {
+  await using tmp = await tempDir();
+  const c = await startCounter(tmp.path, 32);
+  try {
+    // Each waits 2 s at its end (a long operation), once all parts were reported.
+    const slowDump = { AMBER_TEST_FAULT: "before-commit:pause" };
+    const tty = await amberOnTerminal(dumpArgs(c.pid, `${tmp.path}/a`, "-R"), slowDump);
+    assert.match(tty, PROGRESS("dump"), `dump on a terminal:\n${JSON.stringify(tty)}`);
+    assert.ok(tty.endsWith("\r\x1b[K"), `the line is erased at the end: ${JSON.stringify(tty)}`);
+
+    const pipe = await amber(dumpArgs(c.pid, `${tmp.path}/b`, "-R"), slowDump);
+    assertExit(pipe, 0, "dump on a pipe");
+    assert.equal(pipe.stderr, "", "nothing on a pipe");
+
+    await killAndReap(c.pid);
+    const slowRestore = { AMBER_TEST_FAULT: "before-detach:pause" };
+    const restored = await amberOnTerminal(["restore", "-D", `${tmp.path}/a`, "-d"], slowRestore);
+    assert.match(restored, PROGRESS("restore"), `restore on a terminal:\n${restored}`);
+    await killAndReap(c.pid);
+    const quiet = await amber(["restore", "-D", `${tmp.path}/b`, "-d"], slowRestore);
+    assertExit(quiet, 0, "restore on a pipe");
+    assert.equal(quiet.stderr, "", "nothing on a pipe");
+  } finally {
+    await killAndReap(c.pid);
+  }
+});
