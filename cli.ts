@@ -18,6 +18,7 @@ import {
 import { escapeText } from "./lib/errors.ts";
 import { type ProgressLine, terminalProgress } from "./lib/progress.ts";
 import { parseDuration } from "./lib/run.ts";
+import { diffImages, formatDiff } from "./lib/diff.ts";
 
 interface Flag {
   long: string;
@@ -269,12 +270,29 @@ const COMMANDS: Command[] = [
     name: "show",
     args: "DIR",
     summary: "print a summary of the images in DIR and whether they can be restored here",
-    flags: [{ long: "json", help: "every image decoded, as one JSON document" }],
+    flags: [
+      { long: "json", help: "every image decoded (or the --diff), as one JSON document" },
+      {
+        long: "tree",
+        help: "one line per process: threads, memory, descriptor kinds, why not restorable",
+      },
+      {
+        long: "diff",
+        value: "DIR2",
+        help: "what changed from DIR to DIR2 (two checkpoints of one job): processes, " +
+          "mappings, descriptors, pages",
+      },
+    ],
     async run(v, positionals) {
       if (positionals.length !== 1) {
         throw new UsageError("show takes one images directory; see amber show --help");
       }
-      console.log(await show(positionals[0], { json: !!v.json }));
+      if (typeof v.diff === "string") {
+        const d = await diffImages(positionals[0], v.diff);
+        console.log(v.json ? JSON.stringify(d, null, 2) : formatDiff(d));
+        return 0;
+      }
+      console.log(await show(positionals[0], { json: !!v.json, tree: !!v.tree }));
       return 0;
     },
   },

@@ -229,6 +229,8 @@ export function readImages(dir: string): Images {
 export interface ShowOptions {
   /** Every image decoded, as one JSON document. */
   json?: boolean;
+  /** One line per process: threads, memory, descriptor kinds, why not restorable. */
+  tree?: boolean;
 }
 
 /**
