@@ -92,7 +92,7 @@ function parse(cmd: Command, args: string[]): { values: Values; positionals: str
     const see = `see amber ${cmd.name} --help`;
     if (/unknown option/i.test(text)) throw new UsageError(`unknown option ${option}; ${see}`);
     if (/argument missing/i.test(text)) throw new UsageError(`${option} needs a value; ${see}`);
-    throw new UsageError(`${text.split("\n")[0]}; ${see}`);
+    throw new UsageError(`${text.split("\n")[0].replace(/\.$/, "")}; ${see}`);
   }
 }
 

@@ -207,8 +207,10 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
   try {
-    // Grow the page cache for the big pages files while the tree still runs.
-    for (const pid of listTree(req.pid)) {
+    // Grow the page cache for the big pages files while the tree still runs
+    // (for -R, whose tree is frozen only for the copy; a killed tree's pages
+    // go straight to the disk instead).
+    for (const pid of options.leaveRunning ? listTree(req.pid) : []) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
       await guard.checkpoint();
