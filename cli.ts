@@ -103,6 +103,13 @@ function pidArg(v: unknown): number {
   return Number(v);
 }
 
+/** A size in bytes, with an optional K, M or G suffix (CRIU's --ghost-limit 10M). */
+function sizeArg(v: unknown): number {
+  const m = typeof v === "string" ? /^(\d+)([KMG]?)$/i.exec(v) : null;
+  if (!m) throw new UsageError(`--ghost-limit needs a size like 1048576 or 10M, got ${v}`);
+  return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
+}
+
 function dirArg(v: unknown, command: string): string {
   if (typeof v !== "string" || !v) {
     throw new UsageError(`-D DIR is required; see amber ${command} --help`);
@@ -192,6 +199,11 @@ const COMMANDS: Command[] = [
         help: "let the tree run on after the dump (it is killed otherwise)",
       },
       SHELL_JOB,
+      {
+        long: "ghost-limit",
+        value: "SIZE",
+        help: "largest deleted file whose contents go into the images (default 1M; K, M, G)",
+      },
       FILE_LOCKS,
       VERBOSE,
       LOG_FILE,
@@ -206,6 +218,7 @@ const COMMANDS: Command[] = [
           dir,
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
+          ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
           log: detail,
           progress: progress?.callback,
         });
@@ -234,6 +247,10 @@ const COMMANDS: Command[] = [
       },
       { long: "pidfile", value: "FILE", help: "write the root's pid into FILE" },
       SHELL_JOB,
+      {
+        long: "allow-changed-files",
+        help: "restore even if open files changed since the dump (they are used as they are now)",
+      },
       FILE_LOCKS,
       VERBOSE,
       LOG_FILE,
@@ -249,6 +266,7 @@ const COMMANDS: Command[] = [
           detached: !!v["restore-detached"],
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
+          allowChangedFiles: !!v["allow-changed-files"],
           log: detail,
           progress: progress?.callback,
         });

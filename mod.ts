@@ -49,6 +49,8 @@ export interface DumpRequest {
   leaveRunning?: boolean;
   /** The tree is a job of a shell: its session or terminal is outside it (CRIU's --shell-job). */
   shellJob?: boolean;
+  /** Largest deleted file whose contents dump saves, in bytes (CRIU's --ghost-limit). */
+  ghostLimit?: number;
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -87,6 +89,8 @@ export interface RestoreRequest {
   pidfile?: string;
   /** The images are of a shell job: the restored tree joins amber's session and terminal. */
   shellJob?: boolean;
+  /** Reopen regular files even if they changed since the dump (CRIU's --allow-changed-files). */
+  allowChangedFiles?: boolean;
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */

@@ -85,6 +85,28 @@ export class RawFile {
     }
   }
 
+  /** Fills `data` from `offset`, on this thread (small files); throws if the file ends first. */
+  preadAllSync(data: Uint8Array, offset: number): void {
+    for (let done = 0; done < data.length;) {
+      const rest = data.subarray(done);
+      const n = libc().pread64(this.fd, rest, BigInt(rest.length), BigInt(offset + done));
+      if (n < 0n) throw new SysError(`read ${this.path}`, lastErrno());
+      if (n === 0n) throw new Error(`read ${this.path}: ends at ${offset + done}`);
+      done += Number(n);
+    }
+  }
+
+  /** Writes all of `data` at `offset`, on this thread (small files). */
+  pwriteAllSync(data: Uint8Array, offset: number): void {
+    for (let done = 0; done < data.length;) {
+      const rest = data.subarray(done);
+      const n = libc().pwrite64(this.fd, rest, BigInt(rest.length), BigInt(offset + done));
+      if (n < 0n) throw new SysError(`write ${this.path}`, lastErrno());
+      if (n === 0n) throw new Error(`write ${this.path}: stopped at ${offset + done}`);
+      done += Number(n);
+    }
+  }
+
   sync(): void {
     check(`fsync ${this.path}`, libc().fsync(this.fd));
   }

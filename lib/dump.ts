@@ -14,6 +14,7 @@ import {
   withContextAsync,
 } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
+import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
@@ -191,6 +192,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     leaveRunning: req.leaveRunning ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
+    ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);
