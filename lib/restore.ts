@@ -219,22 +219,57 @@ function createTree(
   created: Map<number, Blank>,
   detached: boolean,
 ): void {
-  const order = images.processes;
-  for (const p of order) {
-    const { pid, ppid, exitSignal } = p.entry;
-    withContext(`pid ${pid}: create`, () => {
-      const parent = created.get(ppid);
-      const injector = parent
-        ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
-        : detached
-        // Detached: a child of the helper, handed to init (or a subreaper) when the helper ends.
-        ? cloneProcess(helper.injector, helper.scratch, pid, 0, SIGCHLD)
-        // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
-        : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
-      created.set(pid, { images: p, injector });
-      joinSession(injector, p, new Set(created.keys()));
-    });
+  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  const standIns: { leader: Injector; parent: Injector }[] = [];
+  try {
+    for (const p of images.processes) {
+      const { pid, ppid, pgid, exitSignal } = p.entry;
+      withContext(`pid ${pid}: create`, () => {
+        const parent = created.get(ppid);
+        if (parent && !pids.has(pgid) && !created.has(pgid) && !pidHolderNow(pgid)) {
+          standIns.push({
+            leader: standInLeader(parent.injector, helper.scratch, pgid),
+            parent: parent.injector,
+          });
+        }
+        const injector = parent
+          ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
+          : detached
+          // Detached: a child of the helper, handed to init (or a subreaper) when the helper ends.
+          ? cloneProcess(helper.injector, helper.scratch, pid, 0, SIGCHLD)
+          // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
+          : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
+        created.set(pid, { images: p, injector });
+        const groups = new Set([...created.keys(), ...standIns.map((s) => s.leader.tid)]);
+        joinSession(injector, p, groups);
+      });
+    }
+  } finally {
+    for (const s of standIns) endStandIn(s.leader, s.parent);
   }
+}
+
+/**
+ * A process group whose leader has exited (a pipeline's first command, the
+ * group of a zombie) can only be joined while it exists: a stand-in with
+ * the leader's pid makes it, and ends once its members have joined; the
+ * group lives on with them.
+ */
+function standInLeader(parent: Injector, scratch: Scratch, pgid: number): Injector {
+  const leader = withContext(`group ${pgid}: stand-in leader`, () => {
+    return cloneProcess(parent, scratch, pgid, 0, SIGCHLD);
+  });
+  leader.call("setpgid", NR.setpgid, 0, 0);
+  return leader;
+}
+
+/** Kills a stand-in leader and has its parent reap it, so its pid is free again. */
+function endStandIn(leader: Injector, parent: Injector): void {
+  libc().kill(leader.tid, SIGKILL);
+  try {
+    pt.waitpid(leader.tid);
+  } catch { /* reaped */ }
+  parent.raw(NR.wait4, leader.tid, 0, pt.WALL, 0);
 }
 
 async function rebuildProcess(
