@@ -20,6 +20,7 @@ import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { ShellJob } from "./fds/shelljob.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
@@ -385,8 +386,12 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     await helper.child.status;
     throw e;
   }
+  // The terminal is the job's before it runs, or its first read would stop it (SIGTTIN).
+  const job = options.shellJob ? ShellJob.find(images) : undefined;
+  job?.attach(options.detached);
   // Children first, so no parent runs before its children exist as they were.
   for (const [tid] of threads.reverse()) pt.detach(tid);
+  job?.started();
   helper.child.kill("SIGKILL");
   await helper.child.status;
   const pids = [...created.keys()];
@@ -395,6 +400,6 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
   if (options.detached) return { pids, restoreMs };
-  const st = await pt.waitpidAsync(pids[0], 0);
+  const st = job ? await job.wait() : await pt.waitpidAsync(pids[0], 0);
   return { pids, restoreMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
 }
