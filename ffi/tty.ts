@@ -73,7 +73,11 @@ export function getWinSize(fd: number): WinSize {
 }
 
 export function setWinSize(fd: number, w: WinSize): void {
-  ioctl(fd, "TIOCSWINSZ", new Uint8Array(new Uint16Array([w.rows, w.cols, w.xpixel, w.ypixel]).buffer));
+  ioctl(
+    fd,
+    "TIOCSWINSZ",
+    new Uint8Array(new Uint16Array([w.rows, w.cols, w.xpixel, w.ypixel]).buffer),
+  );
 }
 
 /** An int-valued ioctl (TIOCGPGRP, TIOCGPTN, FIONREAD...). */

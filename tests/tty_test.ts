@@ -1,0 +1,359 @@
+/**
+ * Interactive shell jobs, driven through tmux as a person would: a program
+ * runs in the foreground of a tmux pane's shell, is dumped with
+ * --shell-job from outside, and is restored by typing `amber restore
+ * --shell-job -D DIR` into the same pane. What is typed afterwards must
+ * reach it at once, full-screen programs must redraw, job control must
+ * work, and the shell's prompt must come back with amber's exit status.
+ * Run with: deno test -A tests/tty_test.ts
+ */
+import assert from "node:assert/strict";
+import {
+  amber,
+  assertExit,
+  buildC,
+  childrenOf,
+  CLI,
+  CLOSE_FDS_AND_EXEC,
+  commandWorks,
+  DENO,
+  descendants,
+  dumpArgs,
+  isAlive,
+  killAndReap,
+  procState,
+  procStatFields,
+  readLines,
+  sleep,
+  tempDir,
+  until,
+  waitForLine,
+  waitVanished,
+} from "./_util.ts";
+
+function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** `amber ARGS...` as a shell command line, as a person would type it. */
+function amberLine(...args: string[]): string {
+  return [DENO, "run", "-A", CLI, ...args].map(shellQuote).join(" ");
+}
+
+// After Ctrl-C the terminal echoed "^C" where the prompt then starts.
+const PROMPT = /^(?:\^C)?rc=(\d+) \$$/;
+
+/**
+ * A tmux server of its own (socket in the test's directory) with one
+ * session whose pane runs a plain bash with the prompt "rc=$? $ ".
+ */
+class Tmux {
+  readonly socket: string;
+  server = 0;
+
+  constructor(readonly dir: string) {
+    this.socket = `${dir}/tmux.sock`;
+  }
+
+  async run(...args: string[]): Promise<string> {
+    const r = await new Deno.Command("/bin/bash", {
+      args: [
+        "-c",
+        CLOSE_FDS_AND_EXEC,
+        "tmux",
+        "tmux",
+        "-S",
+        this.socket,
+        "-f",
+        "/dev/null",
+        ...args,
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      clearEnv: true,
+      env: { PATH: "/usr/bin:/bin", TERM: "xterm" },
+    }).output();
+    const text = new TextDecoder().decode(r.stdout);
+    if (!r.success) {
+      throw new Error(`tmux ${args.join(" ")}: ${new TextDecoder().decode(r.stderr).trim()}`);
+    }
+    return text;
+  }
+
+  async start(cols = 80, rows = 24): Promise<void> {
+    const shell = `env -i PATH=/usr/bin:/bin TERM=screen HOME=${shellQuote(this.dir)} ` +
+      `LESSHISTFILE=- PS1='rc=$? $ ' bash --norc --noprofile`;
+    await this.run("new-session", "-d", "-s", "t", "-x", `${cols}`, "-y", `${rows}`, shell);
+    this.server = Number(await this.run("display", "-p", "-t", "t", "#{pid}"));
+    await this.waitPrompt(0, "the pane's first prompt");
+  }
+
+  async panePid(): Promise<number> {
+    return Number(await this.run("display", "-p", "-t", "t", "#{pane_pid}"));
+  }
+
+  /** Presses keys (tmux key names: Enter, C-c, Escape...). */
+  async keys(...keys: string[]): Promise<void> {
+    await this.run("send-keys", "-t", "t", ...keys);
+  }
+
+  /** Types text literally. */
+  async type(text: string): Promise<void> {
+    await this.run("send-keys", "-t", "t", "-l", text);
+  }
+
+  /** Types a command line and Enter. */
+  async command(line: string): Promise<void> {
+    await this.type(line);
+    await this.keys("Enter");
+  }
+
+  /** The pane's visible lines, trailing blanks trimmed. */
+  async screen(): Promise<string[]> {
+    return (await this.run("capture-pane", "-p", "-t", "t")).split("\n").map((l) => l.trimEnd());
+  }
+
+  /** Waits until `pred` holds for the screen; fails showing the last screen. */
+  async waitScreen(pred: (lines: string[]) => boolean, what: string, ms = 20_000): Promise<void> {
+    const deadline = Date.now() + ms;
+    let lines: string[] = [];
+    while (Date.now() < deadline) {
+      lines = await this.screen();
+      if (pred(lines)) return;
+      await sleep(50);
+    }
+    assert.fail(`${what}: not on the screen after ${ms} ms:\n${lines.join("\n")}`);
+  }
+
+  /** Waits for the shell's prompt, with exit status `rc`, on the cursor's line. */
+  async waitPrompt(rc: number, what: string): Promise<void> {
+    const deadline = Date.now() + 20_000;
+    let lines: string[] = [];
+    while (Date.now() < deadline) {
+      const y = Number(await this.run("display", "-p", "-t", "t", "#{cursor_y}"));
+      lines = await this.screen();
+      if (PROMPT.exec(lines[y] ?? "")?.[1] === String(rc)) return;
+      await sleep(50);
+    }
+    assert.fail(`${what}: no prompt "rc=${rc} $" at the cursor:\n${lines.join("\n")}`);
+  }
+
+  /** The first process named `name` under the pane's shell. */
+  async job(name: string): Promise<number> {
+    const shell = await this.panePid();
+    let pid = 0;
+    await until(() => {
+      pid = descendants(shell).find((p) => comm(p) === name) ?? 0;
+      return pid !== 0;
+    }, `no ${name} in the pane`);
+    return pid;
+  }
+
+  async close(): Promise<void> {
+    const pids = this.server ? descendants(this.server) : [];
+    await this.run("kill-server").catch(() => {});
+    for (const p of pids.reverse()) await killAndReap(p);
+  }
+}
+
+function comm(pid: number): string | undefined {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/comm`).trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** The terminal's foreground group as PID's /proc/PID/stat shows it (tpgid). */
+function tpgid(pid: number): number {
+  return Number(procStatFields(pid)[5]);
+}
+
+function pgid(pid: number): number {
+  return Number(procStatFields(pid)[2]);
+}
+
+/**
+ * Runs `body` with a tmux pane whose shell has started `cmd` in its
+ * foreground, then kills everything.
+ */
+async function inPane(
+  body: (t: Tmux, dir: string) => Promise<void>,
+  size?: [number, number],
+): Promise<void> {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  await using tmp = await tempDir();
+  const t = new Tmux(tmp.path);
+  try {
+    await t.start(...(size ?? []));
+    await body(t, tmp.path);
+  } finally {
+    await t.close();
+  }
+}
+
+/**
+ * Dumps the pane's foreground job `pid` with --shell-job (the shell then
+ * shows it killed), clears the screen so a redraw can be seen, and types
+ * the restore into the pane. Returns once the job is back in the terminal's
+ * foreground, a child of amber.
+ */
+async function dumpAndRestoreInPane(
+  t: Tmux,
+  dir: string,
+  pid: number,
+  between?: () => Promise<void>,
+) {
+  const img = `${dir}/img`;
+  assertExit(await amber(dumpArgs(pid, img, "--shell-job")), 0, "dump --shell-job");
+  await t.waitPrompt(128 + 9, "the dumped job ended");
+  await waitVanished([pid]);
+  await between?.();
+  await t.command("clear");
+  await t.waitScreen((l) => PROMPT.test(l[0]) && !l.slice(1).some((x) => x), "a clear screen");
+  await t.command(amberLine("restore", "--shell-job", "-D", img));
+  await until(
+    () => isAlive(pid) && tpgid(pid) === pgid(pid),
+    "the job is not back in the foreground",
+  );
+  const shell = await t.panePid();
+  const amberPid = childrenOf(shell)[0];
+  assert.equal(Number(procStatFields(pid)[1]), amberPid, "the restored job's parent is not amber");
+  assert.equal(comm(amberPid), "deno", "the pane shell's child is not amber");
+  return amberPid;
+}
+
+Deno.test("raw-mode program restored in its tmux pane: keys reach it at once, Ctrl-C is a key, its exit status is the shell's", async () => {
+  const bin = await buildC("rawkeys");
+  await inPane(async (t, dir) => {
+    const out = `${dir}/keys.txt`;
+    await t.command(`${bin} ${out}`);
+    await waitForLine(out, (l) => l.includes("ready"));
+    const pid = await t.job("rawkeys");
+    await t.type("a");
+    await waitForLine(out, (l) => l.includes("key 61"));
+
+    await dumpAndRestoreInPane(t, dir, pid);
+    // No Enter: raw mode came back, and the job reads the terminal as its foreground.
+    await t.type("b");
+    await waitForLine(out, (l) => l.includes("key 62"));
+    await t.waitScreen((l) => l.some((x) => x.includes("[62]")), "the key shown by the program");
+    // ISIG is off as at the dump: Ctrl-C is a key, not a signal.
+    await t.keys("C-c");
+    await waitForLine(out, (l) => l.includes("key 03"));
+    assert.ok(isAlive(pid), "Ctrl-C killed the raw-mode program");
+    await t.type("q");
+    await t.waitPrompt(7, "the program quit with 7");
+    const lines = await readLines(out);
+    assert.deepEqual(
+      lines.filter((l) => l.startsWith("BAD")),
+      [],
+      "the program saw its terminal wrong",
+    );
+    assert.deepEqual(lines, ["ready", "key 61", "key 62", "key 03", "key 71"], "keys read");
+    // Echo was off: the typed "b" never showed by itself.
+    assert.ok(!(await t.screen()).some((l) => /b\[62\]/.test(l)), "the terminal echoed a key");
+    const shell = await t.panePid();
+    assert.equal(tpgid(shell), shell, "the shell did not get its terminal back");
+  });
+});
+
+Deno.test("cooked-mode job (cat) restored in its pane: lines echo, Ctrl-C ends it, amber exits 130", async () => {
+  await inPane(async (t, dir) => {
+    await t.command("cat");
+    const pid = await t.job("cat");
+    const amberPid = await dumpAndRestoreInPane(t, dir, pid);
+    await t.type("hello there");
+    await t.keys("Enter");
+    // Once echoed by the terminal, once written by cat.
+    await t.waitScreen(
+      (l) => l.filter((x) => x === "hello there").length === 2,
+      "the line echoed and written back",
+    );
+    await t.keys("C-c");
+    await t.waitPrompt(130, "cat ended by Ctrl-C");
+    await waitVanished([pid, amberPid]);
+  });
+});
+
+Deno.test("vim restored in its pane: redraws, Ctrl-Z stops amber with it, fg continues both, :wq writes", async () => {
+  await inPane(async (t, dir) => {
+    const file = `${dir}/f.txt`;
+    await Deno.writeTextFile(file, "alpha\nbeta\n");
+    await t.command(`vim -u NONE -i NONE -N ${file}`);
+    await t.waitScreen((l) => l[0] === "alpha" && l[1] === "beta", "vim's screen");
+    const pid = await t.job("vim");
+
+    const amberPid = await dumpAndRestoreInPane(t, dir, pid);
+    await t.waitScreen((l) => l[0] === "alpha" && l[1] === "beta", "vim's redrawn screen");
+
+    // Ctrl-Z: the job stops, and so does amber, so the shell shows it stopped.
+    await t.keys("C-z");
+    await until(() => procState(pid) === "T" && procState(amberPid) === "T", "vim and amber stop");
+    await t.waitScreen((l) => l.some((x) => x.includes("Stopped")), "the shell's Stopped line");
+    await t.waitPrompt(128 + 20, "the shell's prompt after Ctrl-Z");
+    const shell = await t.panePid();
+    assert.equal(
+      tpgid(shell),
+      shell,
+      "the shell does not have the terminal while the job is stopped",
+    );
+
+    await t.command("fg");
+    await until(
+      () => procState(pid) === "S" && tpgid(pid) === pid,
+      "vim runs in the foreground again",
+    );
+    await t.waitScreen((l) => l[0] === "alpha" && l[1] === "beta", "vim's screen after fg");
+    await t.type("ggOnew line");
+    await t.keys("Escape");
+    await t.command(":wq");
+    await t.waitPrompt(0, "vim quit");
+    assert.equal(await Deno.readTextFile(file), "new line\nalpha\nbeta\n", "the file vim wrote");
+    await waitVanished([pid, amberPid]);
+  });
+});
+
+Deno.test("less restored in its pane: redraws, G moves at once, q quits", async () => {
+  await inPane(async (t, dir) => {
+    const file = `${dir}/nums.txt`;
+    await Deno.writeTextFile(
+      file,
+      Array.from({ length: 200 }, (_, i) => `n${i + 1}`).join("\n") + "\n",
+    );
+    await t.command(`less ${file}`);
+    await t.waitScreen((l) => l[0] === "n1", "less's first page");
+    const pid = await t.job("less");
+
+    await dumpAndRestoreInPane(t, dir, pid);
+    await t.waitScreen((l) => l[0] === "n1" && l[1] === "n2", "less's redrawn page");
+    await t.type("G");
+    await t.waitScreen((l) => l.includes("n200"), "less at the end");
+    await t.type("q");
+    await t.waitPrompt(0, "less quit");
+  });
+});
+
+Deno.test("vim restored in a pane resized since the dump redraws at the new size", async () => {
+  await inPane(async (t, dir) => {
+    const file = `${dir}/f.txt`;
+    await Deno.writeTextFile(file, "alpha\nbeta\n");
+    await t.command(`vim -u NONE -i NONE -N ${file}`);
+    await t.waitScreen((l) => l[0] === "alpha", "vim's screen");
+    const pid = await t.job("vim");
+
+    await dumpAndRestoreInPane(t, dir, pid, async () => {
+      await t.run("resize-window", "-t", "t", "-x", "100", "-y", "30");
+      assert.equal(
+        (await t.run("display", "-p", "-t", "t", "#{pane_width}x#{pane_height}")).trim(),
+        "100x30",
+      );
+    });
+    await t.waitScreen((l) => l[0] === "alpha", "vim's redrawn screen");
+    await t.command(":echo &columns &lines");
+    await t.waitScreen((l) => l.length >= 30 && l[29] === "100 30", "vim's size, on its last line");
+    await t.command(":q");
+    await t.waitPrompt(0, "vim quit");
+  });
+});
