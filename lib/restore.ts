@@ -21,6 +21,7 @@ import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { ShellJob } from "./fds/shelljob.ts";
+import { restoreControllingTerminal } from "./fds/tty.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { PARTS } from "./parts.ts";
 import { readMaps } from "./proc/maps.ts";
@@ -256,6 +257,8 @@ async function rebuildProcess(
     });
     log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
+  // Its session leader and group exist by now (parents are rebuilt first).
+  withContext("terminal", () => restoreControllingTerminal(ctx));
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
   return ctx;
 }

@@ -14,7 +14,7 @@ import { errnoName, libc } from "../../ffi/libc.ts";
 import type { RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { readStat } from "../proc/stat.ts";
-import { putString } from "../scratch.ts";
+import { putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
 
 /** Terminal char devices: /dev/tty*, /dev/pts/*, /dev/console, /dev/ptmx. */
@@ -47,6 +47,8 @@ export const TerminalImage = z.object({
   /** Its session and foreground process group, when it was the controlling terminal. */
   sid: z.number().int().min(0).optional(),
   pgrp: z.number().int().min(0).optional(),
+  /** The process was in that foreground group. */
+  fg: z.boolean().optional(),
 });
 export type TerminalImage = z.output<typeof TerminalImage>;
 
@@ -79,18 +81,26 @@ export function terminalKind(path: string, rdev?: number): string {
   return "unknown";
 }
 
-/** Reads the terminal behind fd `fd` of `pid` through a copy of the descriptor in amber. */
-function readTerminal(p: FdProbe, rdev: number): TerminalImage {
+/**
+ * What a terminal is, read through `fd`, amber's copy of a descriptor of
+ * process `pid` whose device is `rdev`.
+ */
+export function readTerminal(pid: number, fd: number, rdev: number): TerminalImage {
+  const st = readStat(pid);
+  const ctty = st.ttyNr !== 0 && st.ttyNr === rdev;
+  return {
+    termios: getTermios(fd),
+    winSize: getWinSize(fd),
+    ctty,
+    ...(ctty ? { sid: st.sid, pgrp: st.tpgid, fg: st.pgid === st.tpgid } : {}),
+  };
+}
+
+/** Runs fn on amber's copy of fd `p.fd` of `p.pid`. */
+export function withFdCopy<T>(p: FdProbe, fn: (fd: number) => T): T {
   const fd = takeFd(p.pid, p.fd);
   try {
-    const st = readStat(p.pid);
-    const ctty = st.ttyNr !== 0 && st.ttyNr === rdev;
-    return {
-      termios: getTermios(fd),
-      winSize: getWinSize(fd),
-      ctty,
-      ...(ctty ? { sid: st.sid, pgrp: st.tpgid } : {}),
-    };
+    return fn(fd);
   } finally {
     libc().close(fd);
   }
@@ -111,12 +121,13 @@ export const ttyFd = defineFdKind({
   dump(p) {
     const rdev = p.stat!.rdev ?? 0;
     const kind = terminalKind(p.link, rdev);
-    const terminal = kind === "pts" || kind === "tty" ? readTerminal(p, rdev) : undefined;
+    const terminal = kind === "pts" || kind === "tty"
+      ? withFdCopy(p, (fd) => readTerminal(p.pid, fd, rdev))
+      : undefined;
     return { kind: "tty" as const, fd: p.fd, flags: p.flags, path: p.link, rdev, terminal };
   },
   unrestorable(e) {
     const kind = terminalKind(e.path, e.rdev);
-    if (kind === "ptmx") return `fd ${e.fd}: pty master ${e.path}: not supported yet`;
     if (kind !== "pts" && kind !== "tty") {
       return `fd ${e.fd}: ${e.path} is a ${kind}: not supported`;
     }
@@ -132,18 +143,43 @@ export const ttyFd = defineFdKind({
     if (!tty) throw new AmberError("--shell-job needs amber to run on a terminal");
     return Number(ctx.injector.call("dup", NR.fcntl, tty[0], 0, /* F_DUPFD */ 0));
   },
-  finish(ctx, e) {
-    // A session leader gets its terminal back as controlling terminal; a
-    // process of another session has it through its session already.
-    if (!e.terminal?.ctty || e.terminal.sid !== ctx.pid) return;
-    withContext(`${e.path} was its controlling terminal`, () => {
-      const r = ctx.injector.raw(NR.ioctl, e.fd, TTY_IOCTL.TIOCSCTTY, 0);
-      if (r === -EPERM) {
+});
+
+interface TerminalEntry {
+  kind: string;
+  fd: number;
+  path?: string;
+  terminal?: TerminalImage;
+}
+
+/**
+ * Once a process's parts are restored (its scratch still mapped): a
+ * session leader gets its controlling terminal back (TIOCSCTTY), and a
+ * process of a pty's foreground group makes its group the foreground
+ * again (TIOCSPGRP; amber's own terminal is handed over by
+ * lib/fds/shelljob.ts instead). Other processes of a session have their
+ * controlling terminal through it. Shared descriptors count too: a shell
+ * usually holds its terminal only as descriptors inherited from its parent.
+ */
+export function restoreControllingTerminal(ctx: RestoreContext): void {
+  const fds = (ctx.images.fds as { fds: TerminalEntry[] } | undefined)?.fds ?? [];
+  const ctty = fds.find((e) => (e.kind === "tty" || e.kind === "pty") && e.terminal?.ctty);
+  if (!ctty?.terminal) return;
+  const { sid, pgrp, fg } = ctty.terminal;
+  const what = `fd ${ctty.fd}: ${ctty.path ?? "its terminal"} was its controlling terminal`;
+  withContext(what, () => {
+    if (sid === ctx.pid) {
+      const r = ctx.injector.raw(NR.ioctl, ctty.fd, TTY_IOCTL.TIOCSCTTY, 0);
+      if (r === -EPERM && ctty.kind === "tty") {
         throw new AmberError(
           "TIOCSCTTY: EPERM (amber's terminal is the controlling terminal of another session)",
         );
       }
       if (r < 0n) throw new AmberError(`TIOCSCTTY: ${errnoName(Number(-r))}`);
-    });
-  },
-});
+    }
+    if (ctty.kind === "pty" && fg && pgrp !== undefined) {
+      const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(new Int32Array([pgrp]).buffer));
+      ctx.injector.call(`ioctl(TIOCSPGRP ${pgrp})`, NR.ioctl, ctty.fd, TTY_IOCTL.TIOCSPGRP, at);
+    }
+  });
+}
