@@ -21,10 +21,12 @@ import {
   dumpArgs,
   isAlive,
   killAndReap,
+  killTree,
   procState,
   procStatFields,
   readLines,
   sleep,
+  spawnTarget,
   tempDir,
   until,
   waitForLine,
@@ -357,3 +359,112 @@ Deno.test("vim restored in a pane resized since the dump redraws at the new size
     await t.waitPrompt(0, "vim quit");
   });
 });
+
+// ---------------------------------------------------------------------------
+// ptys inside the tree
+
+/** `stty -F DEV ARGS...` (coreutils): reads or sets a terminal from outside. */
+async function stty(dev: string, ...args: string[]): Promise<string> {
+  const r = await new Deno.Command("stty", { args: ["-F", dev, ...args], stdout: "piped" })
+    .output();
+  assert.ok(r.success, `stty -F ${dev} ${args.join(" ")} failed`);
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+function fdLink(pid: number, fd: number): string {
+  return Deno.readLinkSync(`/proc/${pid}/fd/${fd}`);
+}
+
+/** The pty index of pid's /dev/ptmx descriptor `fd` (fdinfo tty-index). */
+function ptyIndex(pid: number, fd: number): number {
+  const info = Deno.readTextFileSync(`/proc/${pid}/fdinfo/${fd}`);
+  return Number(/^tty-index:\s*(\d+)$/m.exec(info)?.[1]);
+}
+
+/**
+ * Dumps (without -R) the tree of `root`. A pty's bytes in flight (written
+ * by one side, not read yet by the other) make an honest dump refuse; the
+ * dump is then tried again, a few times.
+ */
+async function dumpRetryingInFlight(root: number, img: string): Promise<void> {
+  for (let i = 0;; i++) {
+    const r = await amber(dumpArgs(root, img));
+    if (r.code === 0) return;
+    assert.ok(i < 5 && /not read yet would be lost/.test(r.stderr), `dump: ${r.stderr}`);
+    assert.ok(isAlive(root), "a refused dump ended the tree");
+  }
+}
+
+Deno.test("script -qfc CMD (a pty pair inside the tree) dumped and restored -d keeps running on the same pty", async () => {
+  await using tmp = await tempDir();
+  const ts = `${tmp.path}/typescript`;
+  // CMD writes through /dev/tty, its controlling terminal: the pty's slave.
+  const cmd = `exec 7<>/dev/tty; i=0; while :; do echo "line $i" >&7; i=$((i+1)); ` +
+    `read -t 0.05 -u 7; done`;
+  const target = spawnTarget(["setsid", "script", "-qfc", cmd, ts], {
+    env: { SHELL: "/bin/bash", PATH: "/usr/bin:/bin" },
+  });
+  const script = target.pid;
+  try {
+    let job = 0;
+    await until(() => {
+      job = childrenOf(script)[0] ?? 0;
+      return job !== 0 && /^\/dev\/pts\/\d+$/.test(fdLink(job, 1)) && exists7(job);
+    }, "script's child does not run on the pty");
+    const slave = fdLink(job, 1);
+    const index = Number(slave.slice("/dev/pts/".length));
+    const master = [...Deno.readDirSync(`/proc/${script}/fd`)].map((e) => Number(e.name))
+      .find((fd) => fdLink(script, fd) === "/dev/ptmx")!;
+    assert.equal(ptyIndex(script, master), index, "test bug: script's master");
+    // Settings of its own, to be found again after the restore.
+    await stty(slave, "rows", "33", "cols", "77", "-echo", "intr", "^K");
+    const settings = await stty(slave, "-g");
+    const before = { job: procStatFields(job), lines: (await Deno.readTextFile(ts)).length };
+    await waitForText(ts, before.lines + 1);
+
+    const img = `${tmp.path}/img`;
+    await dumpRetryingInFlight(script, img);
+    await waitVanished([script, job]);
+    const dumpedText = await Deno.readTextFile(ts);
+    const last = Math.max(...[...dumpedText.matchAll(/line (\d+)/g)].map((m) => Number(m[1])));
+
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+    assert.ok(isAlive(script) && isAlive(job), "script and its child are not back");
+    assert.equal(fdLink(job, 1), slave, "the child's terminal is another pty");
+    assert.equal(fdLink(job, 7), "/dev/tty", "fd 7 is not /dev/tty");
+    assert.equal(fdLink(script, master), "/dev/ptmx", "script's master fd");
+    assert.equal(ptyIndex(script, master), index, "the master's index");
+    const now = procStatFields(job);
+    // sid, tty_nr (controlling terminal) and tpgid (its foreground group).
+    assert.deepEqual([now[2], now[3], now[4], now[5]], [
+      before.job[2],
+      before.job[3],
+      before.job[4],
+      before.job[5],
+    ], "the child's group, session, controlling terminal and foreground group");
+    assert.equal(await stty(slave, "-g"), settings, "the pty's termios");
+    assert.equal(await stty(slave, "size"), "33 77", "the pty's window size");
+    // What the child writes to /dev/tty goes through the pty to script again.
+    await waitForLine(ts, (l) => l.some((x) => /^line (\d+)/.exec(x)?.[1] === `${last + 5}`));
+  } finally {
+    await killTree(script);
+  }
+});
+
+function exists7(pid: number): boolean {
+  try {
+    return fdLink(pid, 7) === "/dev/tty";
+  } catch {
+    return false;
+  }
+}
+
+async function waitForText(file: string, longerThan: number): Promise<void> {
+  await until(() => {
+    try {
+      return Deno.readTextFileSync(file).length > longerThan;
+    } catch {
+      return false;
+    }
+  }, `${file} does not grow`);
+}

@@ -21,14 +21,16 @@ import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
 import { encodeTermios, TTY_IOCTL } from "../../ffi/tty.ts";
 import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
-import { readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
+import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
+import { readStat } from "../proc/stat.ts";
 
 const PtyImage = z.object({
   kind: z.literal("pty"),
   fd: z.number().int().min(0),
   flags: z.number().int().min(0),
   path: z.string(),
-  side: z.enum(["master", "slave"]),
+  /** "tty": /dev/tty in a process whose controlling terminal is the pty. */
+  side: z.enum(["master", "slave", "tty"]),
   index: z.number().int().min(0).max(1 << 20),
   terminal: TerminalImage,
   /** Master only: unlockpt(3) not called yet; packet mode (TIOCPKT) on. */
@@ -96,9 +98,15 @@ function isMaster(p: FdProbe): boolean {
   return terminalKind(p.link, p.stat?.rdev ?? undefined) === "ptmx";
 }
 
+/** The pty index of a slave, or of the controlling terminal behind /dev/tty. */
 function slaveIndex(p: FdProbe): number | undefined {
   const m = SLAVE.exec(p.link);
-  return m ? Number(m[1]) : undefined;
+  if (m) return Number(m[1]);
+  if (terminalKind(p.link, p.stat?.rdev ?? undefined) !== "tty") return undefined;
+  const ttyNr = readStat(p.pid).ttyNr;
+  const major = (ttyNr >>> 8) & 0xfff;
+  if (major !== 136) return undefined;
+  return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
 }
 
 function dumpMaster(p: FdProbe, fd: number): PtyImage {
@@ -154,14 +162,16 @@ export const ptyFd = defineFdKind({
         }) in restore order: not supported yet`,
       );
     }
+    const devTty = !SLAVE.test(p.link);
+    const rdev = devTty ? readStat(p.pid).ttyNr : p.stat!.rdev ?? 0;
     return withFdCopy(p, (fd): PtyImage => ({
       kind: "pty",
       fd: p.fd,
       flags: p.flags,
       path: p.link,
-      side: "slave",
+      side: devTty ? "tty" : "slave",
       index,
-      terminal: readTerminal(p.pid, fd, p.stat!.rdev ?? 0),
+      terminal: readTerminal(p.pid, fd, rdev),
       waiting: getInt(fd, "FIONREAD"),
     }));
   },
@@ -171,6 +181,7 @@ export const ptyFd = defineFdKind({
     return `fd ${e.fd}: pty ${e.index}: ${e.waiting} bytes ${what} and not read yet would be lost`;
   },
   restore(ctx, e) {
+    if (e.side === "tty") return openDevTty(ctx, e);
     return e.side === "master" ? openMaster(ctx, e) : openSlave(ctx, e);
   },
 });

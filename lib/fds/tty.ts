@@ -107,7 +107,9 @@ export function withFdCopy<T>(p: FdProbe, fn: (fd: number) => T): T {
 }
 
 /** Reopens /dev/tty inside the process: its controlling terminal, as restored. */
-function openDevTty(ctx: RestoreContext, e: TtyImage): number {
+export function openDevTty(ctx: RestoreContext, e: { flags: number }): number {
+  // A session leader's controlling terminal is set at the end: set it now.
+  restoreControllingTerminal(ctx);
   const path = putString(ctx.pid, ctx.scratch, "/dev/tty");
   // Access mode, O_APPEND and O_NONBLOCK; never O_CREAT and the like.
   const flags = (e.flags & (0o3 | 0o2000 | 0o4000)) | O_NOCTTY;
