@@ -53,8 +53,14 @@ class Tmux {
   readonly socket: string;
   server = 0;
 
-  constructor(readonly dir: string) {
-    this.socket = `${dir}/tmux.sock`;
+  constructor(readonly dir: string, name = "tmux") {
+    this.socket = `${dir}/${name}.sock`;
+  }
+
+  /** The pane's shell: a plain bash, prompt "rc=$? $ ". */
+  get shell(): string {
+    return `env -i PATH=/usr/bin:/bin TERM=screen HOME=${shellQuote(this.dir)} ` +
+      `LESSHISTFILE=- PS1='rc=$? $ ' bash --norc --noprofile`;
   }
 
   async run(...args: string[]): Promise<string> {
@@ -84,9 +90,7 @@ class Tmux {
   }
 
   async start(cols = 80, rows = 24): Promise<void> {
-    const shell = `env -i PATH=/usr/bin:/bin TERM=screen HOME=${shellQuote(this.dir)} ` +
-      `LESSHISTFILE=- PS1='rc=$? $ ' bash --norc --noprofile`;
-    await this.run("new-session", "-d", "-s", "t", "-x", `${cols}`, "-y", `${rows}`, shell);
+    await this.run("new-session", "-d", "-s", "t", "-x", `${cols}`, "-y", `${rows}`, this.shell);
     this.server = Number(await this.run("display", "-p", "-t", "t", "#{pid}"));
     await this.waitPrompt(0, "the pane's first prompt");
   }
@@ -112,16 +116,21 @@ class Tmux {
   }
 
   /** The pane's visible lines, trailing blanks trimmed. */
-  async screen(): Promise<string[]> {
-    return (await this.run("capture-pane", "-p", "-t", "t")).split("\n").map((l) => l.trimEnd());
+  async screen(pane = "t"): Promise<string[]> {
+    return (await this.run("capture-pane", "-p", "-t", pane)).split("\n").map((l) => l.trimEnd());
   }
 
   /** Waits until `pred` holds for the screen; fails showing the last screen. */
-  async waitScreen(pred: (lines: string[]) => boolean, what: string, ms = 20_000): Promise<void> {
+  async waitScreen(
+    pred: (lines: string[]) => boolean,
+    what: string,
+    ms = 20_000,
+    pane = "t",
+  ): Promise<void> {
     const deadline = Date.now() + ms;
     let lines: string[] = [];
     while (Date.now() < deadline) {
-      lines = await this.screen();
+      lines = await this.screen(pane);
       if (pred(lines)) return;
       await sleep(50);
     }
@@ -468,3 +477,48 @@ async function waitForText(file: string, longerThan: number): Promise<void> {
     }
   }, `${file} does not grow`);
 }
+
+Deno.test("a tmux server with two panes dumped and restored -d: its panes run on, and tmux attach works", async () => {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  await using tmp = await tempDir();
+  const inner = new Tmux(tmp.path, "inner"), outer = new Tmux(tmp.path, "outer");
+  try {
+    await inner.start();
+    await inner.run("split-window", "-t", "t", inner.shell);
+    const panes = async () =>
+      await inner.run("list-panes", "-t", "t", "-F", "#{pane_pid} #{pane_tty}");
+    const before = await panes();
+    assert.equal(before.trim().split("\n").length, 2, "test bug: two panes");
+    for (const pane of ["t.0", "t.1"]) {
+      await inner.run("send-keys", "-t", pane, "-l", `echo ${pane} before $((6*7))`);
+      await inner.run("send-keys", "-t", pane, "Enter");
+      await inner.waitScreen((l) => l.includes(`${pane} before 42`), pane, 20_000, pane);
+    }
+    const tree = descendants(inner.server);
+
+    const img = `${tmp.path}/img`;
+    await dumpRetryingInFlight(inner.server, img);
+    await waitVanished(tree);
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+    assert.deepEqual(descendants(inner.server), tree, "the restored server's processes");
+    // Its listening socket came back: a new client gets the same panes, on the same ptys.
+    assert.equal(await panes(), before, "the panes' shells and ptys");
+    for (const pane of ["t.0", "t.1"]) {
+      await inner.run("send-keys", "-t", pane, "-l", `echo ${pane} after $((6*7))`);
+      await inner.run("send-keys", "-t", pane, "Enter");
+      await inner.waitScreen((l) => l.includes(`${pane} after 42`), pane, 20_000, pane);
+    }
+
+    // A person attaches to it from another terminal (a pane of another tmux).
+    await outer.start();
+    await outer.command(`tmux -S ${shellQuote(inner.socket)} attach -t t`);
+    await outer.waitScreen(
+      (l) => l.some((x) => x.includes("t.0 after 42")),
+      "the attached session",
+    );
+    assert.match(await inner.run("list-clients"), /\S/, "no client attached");
+  } finally {
+    await outer.close();
+    await inner.close();
+  }
+});

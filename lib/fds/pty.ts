@@ -45,10 +45,48 @@ const NAME = "pty";
 const SLAVE = /^\/dev\/pts\/(\d+)$/;
 const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
 
-/** Dump side: the masters the tree holds (index → "pid:fd"), and those dumped so far. */
+/**
+ * Dump side: the masters the tree holds (index → "pid:fd"), those dumped
+ * so far, and the ptys whose session leader, and foreground group, hold a
+ * descriptor on them (restore sets both through one).
+ */
 interface DumpState {
   masters: Map<number, string>;
   dumped: Set<number>;
+  leaders: Set<number>;
+  foreground: Set<number>;
+}
+
+/** At a pty's first master: what restore will need a slave descriptor for. */
+function expectHolders(p: FdProbe, state: DumpState, e: PtyImage): void {
+  const { sid, pgrp } = e.terminal;
+  if (sid !== undefined && !state.leaders.has(e.index)) {
+    p.tree.pending.set(
+      `pty ${e.index} session`,
+      `pty ${e.index}: its session leader ${sid} holds no descriptor on it: not supported yet`,
+    );
+  }
+  if (pgrp !== undefined && pgrp !== sid && !state.foreground.has(e.index)) {
+    p.tree.pending.set(
+      `pty ${e.index} foreground`,
+      `pty ${e.index}: no process of its foreground group ${pgrp} holds a descriptor on it: ` +
+        "not supported yet",
+    );
+  }
+}
+
+/** A slave descriptor of the session leader, or of the foreground group. */
+function noteHolder(p: FdProbe, state: DumpState, e: PtyImage): void {
+  const t = e.terminal;
+  if (!t.ctty) return;
+  if (t.sid === p.pid) {
+    state.leaders.add(e.index);
+    p.tree.pending.delete(`pty ${e.index} session`);
+  }
+  if (t.fg) {
+    state.foreground.add(e.index);
+    p.tree.pending.delete(`pty ${e.index} foreground`);
+  }
 }
 
 function tracedByUs(pid: number): boolean {
@@ -91,6 +129,8 @@ function dumpState(tree: TreeDumpState, pid: number): DumpState {
   return kindState(tree.kinds, NAME, () => ({
     masters: new Map(frozenTree(pid).flatMap(mastersOf)),
     dumped: new Set<number>(),
+    leaders: new Set<number>(),
+    foreground: new Set<number>(),
   }));
 }
 
@@ -150,6 +190,7 @@ export const ptyFd = defineFdKind({
     const state = dumpState(p.tree, p.pid);
     if (isMaster(p)) {
       const e = withFdCopy(p, (fd) => dumpMaster(p, fd));
+      if (!state.dumped.has(e.index)) expectHolders(p, state, e);
       state.dumped.add(e.index);
       return e;
     }
@@ -164,7 +205,7 @@ export const ptyFd = defineFdKind({
     }
     const devTty = !SLAVE.test(p.link);
     const rdev = devTty ? readStat(p.pid).ttyNr : p.stat!.rdev ?? 0;
-    return withFdCopy(p, (fd): PtyImage => ({
+    const e = withFdCopy(p, (fd): PtyImage => ({
       kind: "pty",
       fd: p.fd,
       flags: p.flags,
@@ -174,6 +215,8 @@ export const ptyFd = defineFdKind({
       terminal: readTerminal(p.pid, fd, rdev),
       waiting: getInt(fd, "FIONREAD"),
     }));
+    noteHolder(p, state, e);
+    return e;
   },
   unrestorable(e) {
     if (!e.waiting) return;
