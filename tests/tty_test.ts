@@ -11,14 +11,18 @@ import assert from "node:assert/strict";
 import {
   amber,
   assertExit,
+  assertLeftNothing,
+  assertOneLineError,
   buildC,
   childrenOf,
+  childrenWithState,
   CLI,
   CLOSE_FDS_AND_EXEC,
   commandWorks,
   DENO,
   descendants,
   dumpArgs,
+  exists,
   isAlive,
   killAndReap,
   killTree,
@@ -520,5 +524,127 @@ Deno.test("a tmux server with two panes dumped and restored -d: its panes run on
   } finally {
     await outer.close();
     await inner.close();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// refusals
+
+const PY_PTY = `
+import os, sys, time, tty
+m, s = os.openpty()
+mode = sys.argv[1]
+if mode == "out":
+    os.write(s, b"hello")
+elif mode == "in":
+    tty.setraw(s)
+    os.write(m, b"typed\\n")
+time.sleep(600)
+`;
+
+/** A python3 holding a pty pair, in `mode`: "out"/"in" leaves bytes unread on one side. */
+async function startPtyHolder(mode: string): Promise<{ pid: number; slave: string }> {
+  const t = spawnTarget(["setsid", "python3", "-c", PY_PTY, mode]);
+  let slave = "";
+  await until(() => {
+    try {
+      slave = fdLink(t.pid, 4);
+      return SLAVE_RE.test(slave);
+    } catch {
+      return false;
+    }
+  }, "python3 does not hold its pty");
+  return { pid: t.pid, slave };
+}
+
+const SLAVE_RE = /^\/dev\/pts\/\d+$/;
+
+Deno.test("pty bytes not read yet: the dump says they would be lost and leaves the tree running", async () => {
+  await using tmp = await tempDir();
+  for (
+    const [mode, said] of [
+      ["out", /fd 3: pty \d+: 5 bytes written on its slave side and not read yet would be lost/],
+      ["in", /fd 4: pty \d+: 6 bytes typed on its master side and not read yet would be lost/],
+    ] as const
+  ) {
+    const { pid } = await startPtyHolder(mode);
+    try {
+      const img = `${tmp.path}/img-${mode}`;
+      const msg = assertOneLineError(await amber(dumpArgs(pid, img)), 1, `dump (${mode})`);
+      assert.match(msg, said, `dump (${mode}): ${msg}`);
+      assert.ok(isAlive(pid), `the refused dump (${mode}) ended the tree`);
+      assert.ok(!exists(img), `the refused dump (${mode}) left images`);
+    } finally {
+      await killAndReap(pid);
+    }
+  }
+});
+
+Deno.test("a pty whose index is taken at restore: refused clearly, nothing left; restored once it is free", async () => {
+  await using tmp = await tempDir();
+  const { pid, slave } = await startPtyHolder("quiet");
+  const index = Number(slave.slice("/dev/pts/".length));
+  const img = `${tmp.path}/img`;
+  let holder = 0;
+  try {
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await waitVanished([pid]);
+    // Someone else's pty now has that number.
+    const take = `
+import fcntl, os, struct, time
+held = []
+while True:
+    fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    held.append(fd)
+    if struct.unpack("i", fcntl.ioctl(fd, 0x80045430, b"0000"))[0] >= ${index}:
+        break
+time.sleep(600)
+`;
+    holder = spawnTarget(["python3", "-c", take]).pid;
+    await until(() => exists(slave), `${slave} is not taken`);
+    const before = childrenWithState();
+    const msg = assertOneLineError(await amber(["restore", "-D", img, "-d"]), 1, "restore");
+    assert.ok(msg.includes(`pty ${index}: ${slave} is in use`), `restore: ${msg}`);
+    assert.equal(procState(pid), null, "the refused restore left the process");
+    assertLeftNothing(before, "the refused restore");
+
+    await killAndReap(holder);
+    holder = 0;
+    await until(() => !exists(slave), `${slave} is not free again`);
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore once it is free");
+    assert.equal(fdLink(pid, 4), slave, "the restored slave");
+  } finally {
+    if (holder) await killAndReap(holder);
+    await killAndReap(pid);
+  }
+});
+
+Deno.test("consoles, virtual consoles and serial lines are refused, named", async () => {
+  await using tmp = await tempDir();
+  const devices = [
+    ["/dev/console", "console"],
+    ["/dev/tty1", "virtual console"],
+    ["/dev/ttyS0", "serial line"],
+  ].filter(([dev]) => exists(dev));
+  assert.ok(devices.length > 0, "this machine has none of the devices (test bug)");
+  for (const [dev, kind] of devices) {
+    const hold = `import os, time; os.open("${dev}", os.O_RDWR | os.O_NOCTTY); time.sleep(600)`;
+    const pid = spawnTarget(["python3", "-c", hold]).pid;
+    try {
+      await until(() => {
+        try {
+          return fdLink(pid, 3) === dev;
+        } catch {
+          return false;
+        }
+      }, `python3 does not hold ${dev}`);
+      const img = `${tmp.path}/img`;
+      const r = await amber(dumpArgs(pid, img, "--shell-job"));
+      const msg = assertOneLineError(r, 1, `dump holding ${dev}`);
+      assert.ok(msg.includes(`fd 3: ${dev} is a ${kind}: not supported`), msg);
+      assert.ok(isAlive(pid), `the refused dump (${dev}) ended the process`);
+    } finally {
+      await killAndReap(pid);
+    }
   }
 });
