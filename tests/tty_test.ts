@@ -274,6 +274,25 @@ Deno.test("raw-mode program restored in its tmux pane: keys reach it at once, Ct
   });
 });
 
+Deno.test("a restored raw-mode job killed by a signal: amber puts the shell's terminal settings back", async () => {
+  const bin = await buildC("rawkeys");
+  await inPane(async (t, dir) => {
+    const out = `${dir}/keys.txt`;
+    const tty = (await t.run("display", "-p", "-t", "t", "#{pane_tty}")).trim();
+    await t.command(`${bin} ${out}`);
+    await waitForLine(out, (l) => l.includes("ready"));
+    const pid = await t.job("rawkeys");
+    await dumpAndRestoreInPane(t, dir, pid);
+    assert.match(await stty(tty, "-a"), /-icanon/, "the restored job's terminal is not raw");
+    Deno.kill(pid, "SIGKILL");
+    await t.waitPrompt(128 + 9, "the killed job");
+    // At its prompt the shell's readline has its own mode (-icanon -echo), made from what it
+    // found: rawkeys' -isig -ixon would have stayed.
+    const modes = await stty(tty, "-a");
+    assert.doesNotMatch(modes, /-isig|-ixon/, `the shell's settings: ${modes}`);
+  });
+});
+
 Deno.test("cooked-mode job (cat) restored in its pane: lines echo, Ctrl-C ends it, amber exits 130", async () => {
   await inPane(async (t, dir) => {
     await t.command("cat");

@@ -47,8 +47,8 @@ function amberTerminal(): number | undefined {
 }
 
 export class ShellJob {
-  /** amber's own process group, while the job holds the terminal for it. */
-  private ownGroup?: number;
+  /** The settings amber found on its terminal, once it handed the terminal to the job. */
+  private shellModes?: Termios;
 
   private constructor(
     private readonly fd: number,
@@ -81,16 +81,17 @@ export class ShellJob {
   }
 
   /**
-   * Before the tree runs: the dump's terminal settings, and the terminal
-   * handed to the job when amber waits for it (not -d).
+   * Before the tree runs, when amber waits for it (not -d) in its
+   * terminal's foreground: the dump's terminal settings, and the terminal
+   * handed to the job. A detached job runs in the background, where it
+   * must not change the shell's terminal.
    */
   attach(detached: boolean): void {
-    if (!this.amberInForeground()) return;
+    if (detached || !this.amberInForeground()) return;
     withoutTtou(() => {
+      this.shellModes = getTermios(this.fd);
       setTermios(this.fd, this.terminal.termios);
-      if (detached || this.group === undefined) return;
-      this.ownGroup = ownProcessGroup();
-      setForeground(this.fd, this.group);
+      if (this.group !== undefined) setForeground(this.fd, this.group);
     });
   }
 
@@ -102,7 +103,7 @@ export class ShellJob {
   started(): void {
     const now = getWinSize(this.fd), then = this.terminal.winSize;
     const resized = now.rows !== then.rows || now.cols !== then.cols;
-    if (resized || this.ownGroup !== undefined) this.signal(SIGWINCH);
+    if (resized || this.shellModes) this.signal(SIGWINCH);
   }
 
   /**
@@ -110,14 +111,15 @@ export class ShellJob {
    * then gives the terminal back to amber's group.
    */
   async wait(): Promise<pt.WaitStatus> {
+    let st: pt.WaitStatus | undefined;
     try {
       for (;;) {
-        const st = await pt.waitpidAsync(this.root, WUNTRACED);
+        st = await pt.waitpidAsync(this.root, WUNTRACED);
         if (!st.stopped) return st;
         this.stopWithJob(st.stopSignal);
       }
     } finally {
-      this.release();
+      this.release(st?.signaled ?? false);
     }
   }
 
@@ -128,10 +130,10 @@ export class ShellJob {
     } catch { /* the terminal is gone */ }
     // Returns once the shell continues amber (fg or bg).
     stopSelf(signal);
-    if (this.ownGroup !== undefined && this.amberInForeground()) {
+    if (this.shellModes && this.amberInForeground()) {
       withoutTtou(() => {
         if (modes) setTermios(this.fd, modes);
-        setForeground(this.fd, this.group!);
+        if (this.group !== undefined) setForeground(this.fd, this.group);
       });
     }
     this.signal(SIGCONT);
@@ -142,13 +144,20 @@ export class ShellJob {
     sendSignal(this.group !== undefined ? -this.group : this.root, signal);
   }
 
-  private release(): void {
-    const own = this.ownGroup;
-    if (own === undefined) return;
-    this.ownGroup = undefined;
+  /**
+   * The terminal back to amber's group; and, as a shell does for a job
+   * killed by a signal (which had no chance to), the settings amber found.
+   */
+  private release(killed: boolean): void {
+    const modes = this.shellModes;
+    if (!modes) return;
+    this.shellModes = undefined;
     try {
       withoutTtou(() => {
-        if (getInt(this.fd, "TIOCGPGRP") === this.group) setForeground(this.fd, own);
+        if (this.group !== undefined && getInt(this.fd, "TIOCGPGRP") === this.group) {
+          setForeground(this.fd, ownProcessGroup());
+        }
+        if (killed) setTermios(this.fd, modes);
       });
     } catch { /* the terminal is gone */ }
   }
