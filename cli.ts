@@ -84,7 +84,7 @@ function parse(cmd: Command, args: string[]): { values: Values; positionals: str
     const see = `see amber ${cmd.name} --help`;
     if (/unknown option/i.test(text)) throw new UsageError(`unknown option ${option}; ${see}`);
     if (/argument missing/i.test(text)) throw new UsageError(`${option} needs a value; ${see}`);
-    throw new UsageError(`${text.split("\n")[0]}; ${see}`);
+    throw new UsageError(`${text.split("\n")[0].replace(/\.$/, "")}; ${see}`);
   }
 }
 
@@ -93,6 +93,13 @@ function pidArg(v: unknown): number {
     throw new UsageError(`-t needs a numeric pid, got ${v ?? "nothing"}; see amber dump --help`);
   }
   return Number(v);
+}
+
+/** A size in bytes, with an optional K, M or G suffix (CRIU's --ghost-limit 10M). */
+function sizeArg(v: unknown): number {
+  const m = typeof v === "string" ? /^(\d+)([KMG]?)$/i.exec(v) : null;
+  if (!m) throw new UsageError(`--ghost-limit needs a size like 1048576 or 10M, got ${v}`);
+  return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
 }
 
 function dirArg(v: unknown, command: string): string {
@@ -157,6 +164,11 @@ const COMMANDS: Command[] = [
         help: "let the tree run on after the dump (it is killed otherwise)",
       },
       SHELL_JOB,
+      {
+        long: "ghost-limit",
+        value: "SIZE",
+        help: "largest deleted file whose contents go into the images (default 1M; K, M, G)",
+      },
       FILE_LOCKS,
       VERBOSE,
       LOG_FILE,
@@ -170,6 +182,7 @@ const COMMANDS: Command[] = [
           dir,
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
+          ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
           verbose: !!v.verbose,
           log,
         });
@@ -195,6 +208,10 @@ const COMMANDS: Command[] = [
       },
       { long: "pidfile", value: "FILE", help: "write the root's pid into FILE" },
       SHELL_JOB,
+      {
+        long: "allow-changed-files",
+        help: "restore even if open files changed since the dump (they are used as they are now)",
+      },
       FILE_LOCKS,
       VERBOSE,
       LOG_FILE,
@@ -208,6 +225,7 @@ const COMMANDS: Command[] = [
           detached: !!v["restore-detached"],
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
+          allowChangedFiles: !!v["allow-changed-files"],
           verbose: !!v.verbose,
           log,
         });

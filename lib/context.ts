@@ -18,6 +18,8 @@ export interface DumpOptions {
   leaveRunning: boolean;
   shellJob: boolean;
   verbose: boolean;
+  /** Largest deleted file whose contents dump saves (--ghost-limit), bytes. */
+  ghostLimit: number;
 }
 
 export interface DumpContext {
@@ -58,6 +60,8 @@ export interface RestoreOptions {
   detached: boolean;
   shellJob: boolean;
   verbose: boolean;
+  /** Reopen regular files even if they changed since the dump (--allow-changed-files). */
+  allowChangedFiles: boolean;
 }
 
 export interface RestoreContext {

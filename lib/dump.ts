@@ -8,6 +8,7 @@ import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { AmberError, faultPointAsync, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
+import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
@@ -175,6 +176,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     leaveRunning: req.leaveRunning ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
+    ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);
@@ -190,8 +192,10 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   };
   let tree: FrozenTree;
   try {
-    // Grow the page cache for the big pages files while the tree still runs.
-    for (const pid of listTree(req.pid)) {
+    // Grow the page cache for the big pages files while the tree still runs
+    // (for -R, whose tree is frozen only for the copy; a killed tree's pages
+    // go straight to the disk instead).
+    for (const pid of options.leaveRunning ? listTree(req.pid) : []) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
       await guard.checkpoint();

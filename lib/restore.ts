@@ -342,6 +342,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     detached: req.detached ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
+    allowChangedFiles: req.allowChangedFiles ?? false,
   };
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);

@@ -14,7 +14,7 @@
  * - [vdso]/[vvar]/[vsyscall]: nothing, the kernel provides them.
  */
 import { z } from "zod";
-import { RawFile } from "../../ffi/rawfile.ts";
+import { alignedBuffer, RawFile } from "../../ffi/rawfile.ts";
 import {
   IOV_MAX,
   readMemoryProc,
@@ -169,7 +169,7 @@ async function transfer(
   let next = 0;
   const size = Math.max(0, ...list.map((c) => c.bytes));
   const worker = async () => {
-    const buf = new Uint8Array(size);
+    const buf = alignedBuffer(size);
     while (next < list.length) {
       const i = next++;
       await move(list[i], buf.subarray(0, list[i].bytes), i);
@@ -255,15 +255,18 @@ export async function preparePages(dir: ImageDir, pid: number): Promise<Prepared
   return { file, size: estimate, commit, drop: () => (file.close(), drop()) };
 }
 
-/** Copies the planned runs into the pages file; returns bytes written. */
+/** Copies the planned runs into the pages file; returns bytes written and whether it went past the page cache. */
 export async function copyPages(
   ctx: DumpContext,
   runs: PageRun[],
   mappings: MappingImage[],
-): Promise<number> {
+): Promise<{ bytes: number; direct: boolean }> {
   const prepared = ctx.tree.preparedPages.get(ctx.pid);
   ctx.tree.preparedPages.delete(ctx.pid);
   const { file, commit } = prepared ?? ctx.dir.reserve(pagesFileName(ctx.pid));
+  // A tree that dies after the dump waits for the disk anyway: straight to
+  // it, without growing the page cache (the slow part here) or writing twice.
+  const direct = !prepared && !ctx.options.leaveRunning && file.setDirect();
   const list = chunks(place(runs));
   const total = list.reduce((s, c) => s + c.bytes, 0);
   try {
@@ -279,7 +282,7 @@ export async function copyPages(
     file.close();
   }
   commit();
-  return total;
+  return { bytes: total, direct };
 }
 
 /**
@@ -327,12 +330,14 @@ export const pagemapPart = definePart({
     pagesFile: z.string().regex(/^pages-\d+\.img$/),
     runs: z.array(Run).max(MAX_PAGES),
     totalPages: z.number().int().min(0).max(MAX_PAGES),
+    /** Written past the page cache: its pages are on the disk only, read them the same way. */
+    direct: z.boolean().optional(),
   }),
   async dump(ctx) {
     const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
     const runs = planRuns(ctx.pid, mappings);
-    const bytes = await copyPages(ctx, runs, mappings);
-    return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE };
+    const { bytes, direct } = await copyPages(ctx, runs, mappings);
+    return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE, direct };
   },
   precheck({ pagesFile, runs, totalPages }, ctx) {
     ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE).close();
@@ -353,9 +358,11 @@ export const pagemapPart = definePart({
       }
     }
   },
-  async restore(ctx, { pagesFile, runs, totalPages }) {
+  async restore(ctx, { pagesFile, runs, totalPages, direct }) {
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
     const file = ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE);
+    // Parallel direct reads beat the page cache's readahead for data not in it.
+    if (direct) file.setDirect();
     await fillPages(ctx.pid, runs, file, mappings);
   },
 });
