@@ -667,3 +667,40 @@ Deno.test("consoles, virtual consoles and serial lines are refused, named", asyn
     }
   }
 });
+
+Deno.test("a pty's session leader that holds no descriptor on it is refused, named", async () => {
+  await using tmp = await tempDir();
+  // The child makes the slave its controlling terminal, then closes it.
+  const py = `
+import fcntl, os, termios, time
+m, s = os.openpty()
+if os.fork() == 0:
+    os.setsid()
+    fcntl.ioctl(s, termios.TIOCSCTTY, 0)
+    os.close(s)
+    os.close(m)
+    time.sleep(600)
+os.close(s)
+time.sleep(600)
+`;
+  const t = spawnTarget(["setsid", "python3", "-c", py]);
+  try {
+    let child = 0;
+    await until(() => {
+      child = childrenOf(t.pid)[0] ?? 0;
+      return child !== 0 && Number(procStatFields(child)[3]) === child &&
+        Number(procStatFields(child)[4]) !== 0;
+    }, "the child has no controlling terminal");
+    const img = `${tmp.path}/img`;
+    const msg = assertOneLineError(await amber(dumpArgs(t.pid, img)), 1, "dump");
+    assert.match(
+      msg,
+      new RegExp(
+        `pty \\d+: its session leader ${child} holds no descriptor on it: not supported yet`,
+      ),
+    );
+    assert.ok(isAlive(t.pid) && isAlive(child), "the refused dump ended the tree");
+  } finally {
+    await killTree(t.pid);
+  }
+});

@@ -70,7 +70,9 @@ const minor = (rdev: number) => (rdev & 0xff) | ((rdev >>> 12) & 0xfff00);
 
 /** What kind of terminal a device is (Documentation/admin-guide/devices.txt). */
 export function terminalKind(path: string, rdev?: number): string {
-  if (rdev === undefined) return /^\/dev\/pts\/\d+$/.test(path) ? "pts" : "unknown";
+  if (rdev === undefined) {
+    return /^\/dev\/pts\/\d+$/.test(path) ? "pts" : "terminal amber does not know";
+  }
   const [ma, mi] = [major(rdev), minor(rdev)];
   if (ma >= 136 && ma <= 143) return "pts";
   if (ma === 5 && mi === 0) return "tty";
@@ -78,7 +80,7 @@ export function terminalKind(path: string, rdev?: number): string {
   if ((ma === 5 && mi === 2) || path.endsWith("/ptmx")) return "ptmx";
   if (ma === 4 && mi < 64) return "virtual console";
   if (ma === 4 || ma === 204) return "serial line";
-  return "unknown";
+  return `terminal amber does not know (device ${ma}:${mi})`;
 }
 
 /**
