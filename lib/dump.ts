@@ -6,7 +6,13 @@ import { Injector } from "../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
-import { AmberError, faultPointAsync, withContext, withContextAsync } from "./errors.ts";
+import {
+  AmberError,
+  faultPointAsync,
+  RefusalError,
+  withContext,
+  withContextAsync,
+} from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
@@ -14,6 +20,7 @@ import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
+import { type ProgressCallback, Tracker } from "./progress.ts";
 import { dumpVerdictOptions, imageRefusal, judgeDirectory } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
@@ -39,6 +46,8 @@ export interface DumpRequest extends Partial<DumpOptions> {
   signal?: AbortSignal;
   /** Receives every detail line (what -v prints). */
   log?: LogLine;
+  /** Receives how far the dump is: at each part of each process, and as pages are copied. */
+  progress?: ProgressCallback;
 }
 
 export interface DumpStats {
@@ -48,6 +57,10 @@ export interface DumpStats {
   totalMs: number;
   pageBytes: number;
   imageBytes: number;
+  /** Milliseconds spent in each part, summed over the processes. */
+  partMs: Record<string, number>;
+  /** The images directory written. */
+  dir: string;
 }
 
 const SCRATCH_SIZE = 4096;
@@ -125,6 +138,7 @@ async function dumpProcess(
   tree: TreeDumpState,
   guard: SignalGuard,
   log: LogLine,
+  tracker: Tracker,
 ): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
   const leader = proc.threads[0];
@@ -134,8 +148,10 @@ async function dumpProcess(
   for (const part of PARTS) {
     await guard.checkpoint();
     const t0 = performance.now();
+    tracker.at(proc.pid, part.name);
     await dumpOnePart(ctx, part);
     refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
+    tracker.took(part.name, performance.now() - t0);
     log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   return { ctx, refusal };
@@ -156,7 +172,7 @@ async function dumpLateParts(contexts: DumpContext[]): Promise<void> {
 
 /** Ending a tree whose images cannot come back would lose it. */
 function refuseToEnd(why: string): AmberError {
-  return new AmberError(
+  return new RefusalError(
     `${why}; the tree is left running (dump -R keeps it running with its images)`,
   );
 }
@@ -190,6 +206,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     preparedPages: new Map(),
     kinds: new Map(),
   };
+  const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
   try {
     // Grow the page cache for the big pages files while the tree still runs
@@ -222,7 +239,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const { ctx, refusal } = await withContextAsync(
         `pid ${proc.pid}`,
-        () => dumpProcess(dir, proc, options, state, guard, log),
+        () => dumpProcess(dir, proc, options, state, guard, log, tracker),
       );
       if (refusal && !options.leaveRunning) throw refuseToEnd(refusal);
       contexts.push(ctx);
@@ -272,6 +289,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     frozenMs = performance.now() - tree.frozenAt;
     tree.kill();
   }
+  tracker.finish();
   const pageBytes = tree.pids.reduce((s, pid) => {
     try {
       return s + Deno.statSync(dir.file(pagesFileName(pid))).size;
@@ -285,5 +303,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     totalMs: performance.now() - t0,
     pageBytes,
     imageBytes: imageBytes(req.dir),
+    partMs: tracker.partMs,
+    dir: req.dir,
   };
 }

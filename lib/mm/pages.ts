@@ -34,6 +34,7 @@ import {
   PAGE,
   receivesPages,
 } from "./mappings.ts";
+import { trackerIn } from "../progress.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
@@ -269,12 +270,15 @@ export async function copyPages(
   const direct = !prepared && !ctx.options.leaveRunning && file.setDirect();
   const list = chunks(place(runs));
   const total = list.reduce((s, c) => s + c.bytes, 0);
+  const tracker = trackerIn(ctx.tree.kinds);
+  tracker?.addTotal(total);
   try {
     await transfer(list, async (c, buf, i) => {
       const got = await readRangesAsync(ctx.pid, c.ranges, buf);
       if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
       if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
       await file.pwriteAll(buf, c.fileOff);
+      tracker?.pages(c.bytes);
     });
     // A prepared file may be larger than what was stored.
     if (prepared && prepared.size > total) file.truncate(total);
@@ -295,6 +299,7 @@ async function fillPages(
   runs: PageRun[],
   file: RawFile,
   mappings: MappingImage[],
+  moved?: (bytes: number) => void,
 ): Promise<void> {
   const placed = place(runs);
   const viaMem = (r: Placed) => {
@@ -307,6 +312,7 @@ async function fillPages(
       const label = labelFor(mappings, c.ranges[0].addr);
       const n = await withContextAsync(label, () => writeRangesAsync(pid, c.ranges, buf));
       if (n !== c.bytes) throw new AmberError(`${label}: process_vm_writev: EFAULT`);
+      moved?.(c.bytes);
     });
     await transfer(chunks(placed.filter(viaMem)), async (c, buf) => {
       await file.preadAll(buf, c.fileOff);
@@ -316,6 +322,7 @@ async function fillPages(
         withContext(labelFor(mappings, r.addr), () => writeMemory(pid, r.addr, data));
         off += r.len;
       }
+      moved?.(c.bytes);
     });
   } finally {
     file.close();
@@ -363,6 +370,7 @@ export const pagemapPart = definePart({
     const file = ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE);
     // Parallel direct reads beat the page cache's readahead for data not in it.
     if (direct) file.setDirect();
-    await fillPages(ctx.pid, runs, file, mappings);
+    const tracker = trackerIn(ctx.tree.kinds);
+    await fillPages(ctx.pid, runs, file, mappings, (n) => tracker?.pages(n));
   },
 });
