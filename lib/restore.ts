@@ -412,6 +412,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     await helper.child.status;
     throw e;
   }
+  // The progress line is erased before a shell job owns the terminal, not over its screen.
+  tracker.finish();
   // The terminal is the job's before it runs, or its first read would stop it (SIGTTIN).
   const job = options.shellJob ? ShellJob.find(images) : undefined;
   job?.attach(options.detached);
@@ -425,7 +427,6 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
-  tracker.finish();
   const partMs = tracker.partMs;
   if (options.detached) return { pids, restoreMs, partMs };
   const st = job ? await job.wait() : await pt.waitpidAsync(pids[0], 0);
