@@ -26,6 +26,8 @@ import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { ShellJob } from "./fds/shelljob.ts";
+import { restoreControllingTerminal } from "./fds/tty.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker, trackerIn } from "./progress.ts";
 import { PARTS } from "./parts.ts";
@@ -305,6 +307,8 @@ async function rebuildProcess(
     tracker?.took(part.name, performance.now() - t0);
     log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
+  // Its session leader and group exist by now (parents are rebuilt first).
+  withContext("terminal", () => restoreControllingTerminal(ctx));
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
   return ctx;
 }
@@ -443,8 +447,14 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     await helper.child.status;
     throw e;
   }
+  // The progress line is erased before a shell job owns the terminal, not over its screen.
+  tracker.finish();
+  // The terminal is the job's before it runs, or its first read would stop it (SIGTTIN).
+  const job = options.shellJob ? ShellJob.find(images) : undefined;
+  job?.attach(options.detached);
   // Children first, so no parent runs before its children exist as they were.
   for (const [tid] of threads.reverse()) pt.detach(tid);
+  job?.started();
   helper.child.kill("SIGKILL");
   await helper.child.status;
   const pids = [...created.keys()];
@@ -452,9 +462,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
-  tracker.finish();
   const partMs = tracker.partMs;
   if (options.detached) return { pids, restoreMs, partMs };
-  const st = await pt.waitpidAsync(pids[0], 0);
+  const st = job ? await job.wait() : await pt.waitpidAsync(pids[0], 0);
   return { pids, restoreMs, partMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
 }
