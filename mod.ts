@@ -18,14 +18,12 @@
  * ```
  * @module
  */
-import { dumpTree } from "./lib/dump.ts";
+import { type DumpRequest, type DumpStats, dumpTree } from "./lib/dump.ts";
 import { readImages as readImagesImpl } from "./lib/images/read.ts";
-import { restoreTree } from "./lib/restore.ts";
+import { type RestoreRequest, type RestoreResult, restoreTree } from "./lib/restore.ts";
 import { showImages } from "./lib/show.ts";
 import { checkKernel, type CheckReport, formatCheckReport } from "./lib/check.ts";
 import { type CheckpointResult, runJob, type RunRequest, type RunResult } from "./lib/run.ts";
-import type { LogLine } from "./lib/log.ts";
-import type { ProgressCallback } from "./lib/progress.ts";
 
 export {
   AmberError,
@@ -38,80 +36,8 @@ export type { Progress, ProgressCallback } from "./lib/progress.ts";
 export type { LogLine } from "./lib/log.ts";
 export type { CheckFeature, CheckReport } from "./lib/check.ts";
 export type { CheckpointResult, RunRequest, RunResult };
-
-/** What to dump, and how ({@link dump}). */
-export interface DumpRequest {
-  /** Root of the tree: this process and all its descendants are dumped. */
-  pid: number;
-  /** Images directory: created 0700, or an existing one owned by the caller that nobody else can write. */
-  dir: string;
-  /** Let the tree run on after the dump (CRIU's -R); it is killed otherwise. */
-  leaveRunning?: boolean;
-  /** The tree is a job of a shell: its session or terminal is outside it (CRIU's --shell-job). */
-  shellJob?: boolean;
-  /** Largest deleted file whose contents dump saves, in bytes (CRIU's --ghost-limit). */
-  ghostLimit?: number;
-  /** Print the detail lines (per-part times) on stderr. */
-  verbose?: boolean;
-  /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
-  signal?: AbortSignal;
-  /** Receives every detail line (what -v prints). */
-  log?: LogLine;
-  /** Receives how far the dump is: at each part of each process, and as pages are copied. */
-  progress?: ProgressCallback;
-}
-
-/** What a dump did ({@link dump}). */
-export interface DumpStats {
-  /** The processes dumped, root first. */
-  pids: number[];
-  /** Milliseconds the tree was frozen. */
-  frozenMs: number;
-  /** Milliseconds the whole dump took. */
-  totalMs: number;
-  /** Bytes of memory pages stored. */
-  pageBytes: number;
-  /** Bytes of all image files. */
-  imageBytes: number;
-  /** Milliseconds spent in each part (kind of kernel object), summed over the processes. */
-  partMs: Record<string, number>;
-  /** The images directory written. */
-  dir: string;
-}
-
-/** What to restore, and how ({@link restore}). */
-export interface RestoreRequest {
-  /** Images directory (or DIR/latest of {@link run}). */
-  dir: string;
-  /** Return once the tree runs instead of waiting for its root (CRIU's -d). */
-  detached?: boolean;
-  /** Write the root's pid into this file (replaced atomically, never through a symlink). */
-  pidfile?: string;
-  /** The images are of a shell job: the restored tree joins amber's session and terminal. */
-  shellJob?: boolean;
-  /** Reopen regular files even if they changed since the dump (CRIU's --allow-changed-files). */
-  allowChangedFiles?: boolean;
-  /** Print the detail lines (per-part times) on stderr. */
-  verbose?: boolean;
-  /** Aborting it stops the restore as SIGINT does: what was created is killed. */
-  signal?: AbortSignal;
-  /** Receives every detail line (what -v prints). */
-  log?: LogLine;
-  /** Receives how far the restore is: at each part of each process, and as pages are filled. */
-  progress?: ProgressCallback;
-}
-
-/** What a restore did ({@link restore}). */
-export interface RestoreResult {
-  /** The processes restored, root first. */
-  pids: number[];
-  /** Exit code of the root when not detached (128 + signal if killed). */
-  exitCode?: number;
-  /** Milliseconds until the tree ran. */
-  restoreMs: number;
-  /** Milliseconds spent in each part, summed over the processes. */
-  partMs: Record<string, number>;
-}
+export type { DumpRequest, DumpStats } from "./lib/dump.ts";
+export type { RestoreRequest, RestoreResult } from "./lib/restore.ts";
 
 /** The inventory of an images directory: where and how it was dumped. */
 export interface Inventory {

@@ -39,9 +39,20 @@ import {
   pstreeImage,
 } from "./tree/pstree.ts";
 
-export interface DumpRequest extends Partial<DumpOptions> {
+/** What to dump, and how (mod.ts `dump`). */
+export interface DumpRequest {
+  /** Root of the tree: this process and all its descendants are dumped. */
   pid: number;
+  /** Images directory: created 0700, or an existing one owned by the caller that nobody else can write. */
   dir: string;
+  /** Let the tree run on after the dump (CRIU's -R); it is killed otherwise. */
+  leaveRunning?: boolean;
+  /** The tree is a job of a shell: its session or terminal is outside it (CRIU's --shell-job). */
+  shellJob?: boolean;
+  /** Largest deleted file whose contents dump saves, in bytes (CRIU's --ghost-limit). */
+  ghostLimit?: number;
+  /** Print the detail lines (per-part times) on stderr. */
+  verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
   signal?: AbortSignal;
   /** Receives every detail line (what -v prints). */
@@ -50,14 +61,19 @@ export interface DumpRequest extends Partial<DumpOptions> {
   progress?: ProgressCallback;
 }
 
+/** What a dump did (mod.ts `dump`). */
 export interface DumpStats {
+  /** The processes dumped, root first. */
   pids: number[];
   /** Milliseconds the tree was frozen. */
   frozenMs: number;
+  /** Milliseconds the whole dump took. */
   totalMs: number;
+  /** Bytes of memory pages stored. */
   pageBytes: number;
+  /** Bytes of all image files. */
   imageBytes: number;
-  /** Milliseconds spent in each part, summed over the processes. */
+  /** Milliseconds spent in each part (kind of kernel object), summed over the processes. */
   partMs: Record<string, number>;
   /** The images directory written. */
   dir: string;

@@ -37,9 +37,20 @@ import { listProcNumbers } from "./proc/read.ts";
 import { applyThreadState, type ThreadImage, xfeatures, xstateSize } from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
 
-export interface RestoreRequest extends Partial<RestoreOptions> {
+/** What to restore, and how (mod.ts `restore`). */
+export interface RestoreRequest {
+  /** Images directory (or DIR/latest of `amber run`). */
   dir: string;
+  /** Return once the tree runs instead of waiting for its root (CRIU's -d). */
+  detached?: boolean;
+  /** Write the root's pid into this file (replaced atomically, never through a symlink). */
   pidfile?: string;
+  /** The images are of a shell job: the restored tree joins amber's session and terminal. */
+  shellJob?: boolean;
+  /** Reopen regular files even if they changed since the dump (CRIU's --allow-changed-files). */
+  allowChangedFiles?: boolean;
+  /** Print the detail lines (per-part times) on stderr. */
+  verbose?: boolean;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */
   signal?: AbortSignal;
   /** Receives every detail line (what -v prints). */
@@ -48,10 +59,13 @@ export interface RestoreRequest extends Partial<RestoreOptions> {
   progress?: ProgressCallback;
 }
 
+/** What a restore did (mod.ts `restore`). */
 export interface RestoreResult {
+  /** The processes restored, root first. */
   pids: number[];
-  /** Exit code of the root when not detached (128+signal if killed). */
+  /** Exit code of the root when not detached (128 + signal if killed). */
   exitCode?: number;
+  /** Milliseconds until the tree ran. */
   restoreMs: number;
   /** Milliseconds spent in each part, summed over the processes. */
   partMs: Record<string, number>;
