@@ -56,6 +56,11 @@ const FILE_LOCKS: Flag = {
   help: "accepted for CRIU's sake: amber always handles the file locks it finds",
 };
 
+const TCP_ESTABLISHED: Flag = {
+  long: "tcp-established",
+  help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
+};
+
 /** -v0..-v4 (CRIU's levels) → -v for 3 and above, nothing below. */
 function normalizeVerbosity(args: string[]): string[] {
   return args.flatMap((a) => {
@@ -158,6 +163,7 @@ const COMMANDS: Command[] = [
       },
       SHELL_JOB,
       FILE_LOCKS,
+      TCP_ESTABLISHED,
       VERBOSE,
       LOG_FILE,
     ],
@@ -171,6 +177,7 @@ const COMMANDS: Command[] = [
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
           verbose: !!v.verbose,
+          tcpEstablished: !!v["tcp-established"],
           log,
         });
         const summary = `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
@@ -196,6 +203,7 @@ const COMMANDS: Command[] = [
       { long: "pidfile", value: "FILE", help: "write the root's pid into FILE" },
       SHELL_JOB,
       FILE_LOCKS,
+      TCP_ESTABLISHED,
       VERBOSE,
       LOG_FILE,
     ],

@@ -7,6 +7,7 @@
 import { addressOf, check, libc, rawSyscall, SysError } from "../ffi/libc.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
+import { probeLock } from "./net/netlock.ts";
 
 export interface CheckReport {
   /** True when every required feature works. */
@@ -335,6 +336,8 @@ export function checkKernel(): CheckReport {
     probe("userfaultfd", false, userfaultfdProbe),
     // Dump finds descriptors that processes share with kcmp(KCMP_FILE).
     probe("kcmp", true, kcmpProbe),
+    // Established TCP connections are dumped under an nftables lock.
+    probe("nftables network lock", false, probeLock),
   ];
   return { ok: features.every((f) => f.ok || !f.required), features };
 }

@@ -26,6 +26,7 @@ import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
 import { applyThreadState, type ThreadImage, xfeatures, xstateSize } from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
+import { unlock } from "./net/netlock.ts";
 
 export interface RestoreRequest extends Partial<RestoreOptions> {
   dir: string;
@@ -331,6 +332,23 @@ function becomeZombie(blank: Blank): void {
   }
 }
 
+/**
+ * A failed restore removes the dump's network lock too. CRIU keeps it so a
+ * retry may still find the peers waiting, but then a restore never retried
+ * would leave it in the ruleset for good, dropping that address pair's
+ * packets; here nothing amber added outlives it, and the peers of the
+ * dumped connections see them reset.
+ */
+function releaseLock(lock: string | undefined, log: (m: string) => void): void {
+  if (!lock) return;
+  try {
+    unlock(lock);
+    log(`network lock ${lock} removed: the dumped connections are lost`);
+  } catch (e) {
+    log(`network lock ${lock}: ${e instanceof Error ? e.message : e}`);
+  }
+}
+
 /** Restores the images in `req.dir`. */
 export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const t0 = performance.now();
@@ -343,14 +361,20 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   using guard = new SignalGuard(req.signal);
   const images = readImages(req.dir);
   const dir = new ImageDir(req.dir);
-  await precheck(images, options, dir);
-  await guard.checkpoint();
+  const lock = images.inventory.netLock;
+  try {
+    await precheck(images, options, dir);
+    await guard.checkpoint();
+  } catch (e) {
+    releaseLock(lock, log);
+    throw e;
+  }
   log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
   const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
   const contexts: RestoreContext[] = [];
-  const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map() };
+  const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map(), onEnd: [] };
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
@@ -379,10 +403,16 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       // A pending SIGSTOP puts it back into its group stop once detached.
       if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
     }
+    // As CRIU does: the lock goes just before the tree runs, then repair
+    // mode (its window probe reaches the peer at once).
+    if (lock) withContext("network lock", () => unlock(lock));
+    for (const end of tree.onEnd.splice(0)) end(true);
   } catch (e) {
+    for (const end of tree.onEnd.splice(0)) end(false);
     killCreated(created, helper);
     helper.child.kill("SIGKILL");
     await helper.child.status;
+    releaseLock(lock, log);
     throw e;
   }
   // Children first, so no parent runs before its children exist as they were.
