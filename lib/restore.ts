@@ -14,7 +14,7 @@ import * as pt from "../ffi/ptrace.ts";
 import { libc } from "../ffi/libc.ts";
 import { replaceFile } from "../ffi/dirfd.ts";
 import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "./context.ts";
-import { AmberError, withContext, withContextAsync } from "./errors.ts";
+import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
@@ -403,6 +403,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       // A pending SIGSTOP puts it back into its group stop once detached.
       if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
     }
+    faultPoint("restore-before-run");
     // As CRIU does: the lock goes just before the tree runs, then repair
     // mode (its window probe reaches the peer at once).
     if (lock) withContext("network lock", () => unlock(lock));
