@@ -381,7 +381,7 @@ Deno.test({
       try {
         // Nothing is read: the server's send queue fills and stays full.
         await until(
-          () => Deno.readTextFileSync(`/proc/${target.pid}/wchan`) === "sk_stream_wait_memory",
+          () => Deno.readTextFileSync(`/proc/${target.pid}/wchan`) === "wait_woken",
           "the server does not block in send",
           30_000,
         );
