@@ -12,6 +12,7 @@ export const SOCKOPT = {
   TYPE: 3,
   REUSEADDR: 2,
   KEEPALIVE: 9,
+  BROADCAST: 6,
   OOBINLINE: 10,
   SNDBUF: 7,
   RCVBUF: 8,

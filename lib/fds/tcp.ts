@@ -26,11 +26,7 @@ import {
   dupSocket,
   fillRepairQueue,
   getInt,
-  identity,
   type InetAddr,
-  IP_TOS,
-  IPV6_TCLASS,
-  IPV6_V6ONLY,
   listenOn,
   localName,
   peekRepairQueue,
@@ -45,7 +41,6 @@ import {
   setRepair,
   setRepairOptions,
   setRepairWindow,
-  setStatusFlags,
   SOCKOPT,
   SOL,
   TCP_STATES,
@@ -59,37 +54,23 @@ import { AmberError } from "../errors.ts";
 import { bytes } from "../images/codec.ts";
 import { lockConnection, lockTableName, validTableName } from "../net/netlock.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
+import {
+  Addr,
+  applyOptions,
+  bindAgain,
+  fmt,
+  inetFields,
+  InetFields,
+  inode,
+  isInet,
+  TCP_OPTIONS,
+} from "./inet.ts";
 
-const LINK = /^socket:\[(\d+)\]$/;
 const SOCK_STREAM = 1, IPPROTO_TCP = 6;
 const STATE = { ESTABLISHED: 1, CLOSE: 7, LISTEN: 10 } as const;
-const O_NONBLOCK = 0o4000;
 const TCPI_OPT = { TIMESTAMPS: 1, SACK: 2, WSCALE: 4 } as const;
 /** Most bytes amber keeps for one connection's queues. */
 const QUEUE_LIMIT = 64 * 1024 * 1024;
-
-const Addr = z.object({
-  family: z.union([z.literal(AF.INET), z.literal(AF.INET6)]),
-  addr: z.string().max(64).regex(/^[0-9a-f.:]+$/),
-  port: z.number().int().min(0).max(65535),
-});
-
-/** Integer options copied as they are: [level, option]. */
-const INT_OPTIONS: [number, number][] = [
-  [SOL.SOCKET, SOCKOPT.REUSEPORT],
-  [SOL.SOCKET, SOCKOPT.KEEPALIVE],
-  [SOL.SOCKET, SOCKOPT.OOBINLINE],
-  [SOL.TCP, TCPOPT.NODELAY],
-  [SOL.TCP, TCPOPT.CORK],
-  [SOL.TCP, TCPOPT.KEEPIDLE],
-  [SOL.TCP, TCPOPT.KEEPINTVL],
-  [SOL.TCP, TCPOPT.KEEPCNT],
-  [SOL.TCP, TCPOPT.USER_TIMEOUT],
-];
-const V4_OPTIONS: [number, number][] = [[SOL.IP, IP_TOS]];
-const V6_OPTIONS: [number, number][] = [[SOL.IPV6, IPV6_V6ONLY], [SOL.IPV6, IPV6_TCLASS]];
-
-const SockOpt = z.object({ level: z.number().int(), option: z.number().int(), value: z.number() });
 
 const u32 = z.number().int().min(0).max(0xffffffff);
 
@@ -114,19 +95,10 @@ const Repair = z.object({
 
 const TcpEntry = z.object({
   kind: z.literal("tcp"),
-  fd: z.number().int().min(0),
-  flags: z.number().int().min(0),
-  ino: z.number().int().min(0),
-  family: z.union([z.literal(AF.INET), z.literal(AF.INET6)]),
+  ...InetFields,
   /** tcp_info state: 1 established, 7 closed (unconnected), 10 listening... */
   state: z.number().int().min(0).max(255),
-  local: Addr,
-  peer: Addr.optional(),
   backlog: z.number().int().min(0).optional(),
-  reuseaddr: z.boolean(),
-  sndbuf: z.number().int(),
-  rcvbuf: z.number().int(),
-  options: z.array(SockOpt).max(32),
   repair: Repair.optional(),
   /** The nftables table that locks this connection until it is restored. */
   lock: z.string().refine(validTableName, "not an amber lock table").optional(),
@@ -134,16 +106,6 @@ const TcpEntry = z.object({
   refusal: z.string().optional(),
 });
 type TcpImage = z.output<typeof TcpEntry>;
-
-function inode(link: string): number | undefined {
-  const m = LINK.exec(link);
-  return m ? Number(m[1]) : undefined;
-}
-
-function fmt(a?: { addr: string; port: number }): string {
-  if (!a) return "?";
-  return a.addr.includes(":") ? `[${a.addr}]:${a.port}` : `${a.addr}:${a.port}`;
-}
 
 function describe(e: { state: number; local: InetAddr; peer?: InetAddr }): string {
   const state = TCP_STATES[e.state] ?? `state ${e.state}`;
@@ -153,8 +115,6 @@ function describe(e: { state: number; local: InetAddr; peer?: InetAddr }): strin
 }
 
 interface DumpState {
-  /** Whether each socket inode seen is a TCP socket. */
-  isTcp: Map<number, boolean>;
   /** Entries already dumped, by inode: a second holder gets the same. */
   entries: Map<number, z.input<typeof TcpEntry>>;
   /** amber's duplicates of the sockets put in repair mode. */
@@ -163,7 +123,7 @@ interface DumpState {
 
 function dumpState(tree: TreeDumpState): DumpState {
   return kindState(tree.kinds, "tcp", () => {
-    const st: DumpState = { isTcp: new Map(), entries: new Map(), repaired: [] };
+    const st: DumpState = { entries: new Map(), repaired: [] };
     tree.onEnd.push((end) => endRepair(st, end));
     return st;
   });
@@ -183,31 +143,6 @@ function endRepair(st: DumpState, end: "resume" | "kill"): void {
     }
   }
   st.repaired = [];
-}
-
-function isTcpSocket(p: FdProbe): boolean {
-  const ino = inode(p.link);
-  if (ino === undefined) return false;
-  const st = dumpState(p.tree);
-  if (!st.isTcp.has(ino)) {
-    const sock = takeFd(p.pid, p.fd);
-    try {
-      const id = identity(sock);
-      st.isTcp.set(
-        ino,
-        (id.family === AF.INET || id.family === AF.INET6) && id.type === SOCK_STREAM &&
-          id.protocol === IPPROTO_TCP,
-      );
-    } finally {
-      libc().close(sock);
-    }
-  }
-  return st.isTcp.get(ino)!;
-}
-
-function optionsOf(sock: number, family: number): z.input<typeof SockOpt>[] {
-  const list = [...INT_OPTIONS, ...(family === AF.INET ? V4_OPTIONS : V6_OPTIONS)];
-  return list.map(([level, option]) => ({ level, option, value: getInt(sock, level, option) }));
 }
 
 /** Locks the connection, puts it in repair mode and reads everything TCP_REPAIR shows. */
@@ -281,10 +216,7 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
       local: local as z.input<typeof Addr>,
       peer: peer as z.input<typeof Addr> | undefined,
       backlog: info.state === STATE.LISTEN ? info.sacked : undefined,
-      reuseaddr: getInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR) !== 0,
-      sndbuf: getInt(sock, SOL.SOCKET, SOCKOPT.SNDBUF),
-      rcvbuf: getInt(sock, SOL.SOCKET, SOCKOPT.RCVBUF),
-      options: optionsOf(sock, family),
+      ...inetFields(sock, family, TCP_OPTIONS),
       refusal,
     };
     if (!refusal && info.state === STATE.ESTABLISHED && peer) {
@@ -298,31 +230,6 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
 
 // ---------------------------------------------------------------------------
 // restore
-
-/** Options that differ from a fresh socket's, set before bind (V6ONLY and REUSEPORT must be). */
-function applyOptions(sock: number, e: TcpImage): void {
-  for (const o of e.options) {
-    if (getInt(sock, o.level, o.option) !== o.value) setInt(sock, o.level, o.option, o.value);
-  }
-  // The kernel doubles what it is given; set only what differs from a fresh socket's.
-  if (getInt(sock, SOL.SOCKET, SOCKOPT.SNDBUF) !== e.sndbuf) {
-    setInt(sock, SOL.SOCKET, SOCKOPT.SNDBUFFORCE, e.sndbuf >> 1);
-  }
-  if (getInt(sock, SOL.SOCKET, SOCKOPT.RCVBUF) !== e.rcvbuf) {
-    setInt(sock, SOL.SOCKET, SOCKOPT.RCVBUFFORCE, e.rcvbuf >> 1);
-  }
-  if (e.flags & O_NONBLOCK) setStatusFlags(sock, O_NONBLOCK);
-}
-
-/** A listening or unconnected socket: bound again (its port may still be held), listening. */
-function setupUnconnected(sock: number, e: TcpImage): void {
-  // Like a restarting server's SO_REUSEADDR: the dumped socket's port may
-  // linger (TIME_WAIT, a connection restored before it).
-  setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, 1);
-  if (e.local.port !== 0) bindTo(sock, e.local);
-  if (e.state === STATE.LISTEN) listenOn(sock, e.backlog ?? 128);
-  setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, e.reuseaddr ? 1 : 0);
-}
 
 /**
  * An established connection rebuilt in repair mode: sequence numbers,
@@ -366,7 +273,9 @@ function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
   try {
     applyOptions(sock, e);
     if (e.state === STATE.ESTABLISHED) setupEstablished(ctx, sock, e);
-    else setupUnconnected(sock, e);
+    else {
+      bindAgain(sock, e, () => e.state === STATE.LISTEN && listenOn(sock, e.backlog ?? 128));
+    }
   } catch (err) {
     throw new AmberError(`${describe(e)}: ${err instanceof Error ? err.message : err}`);
   } finally {
@@ -378,7 +287,7 @@ function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
 export const tcpFd = defineFdKind({
   name: "tcp",
   schema: TcpEntry,
-  matches: isTcpSocket,
+  matches: (p: FdProbe) => isInet(p, SOCK_STREAM, IPPROTO_TCP),
   dump(p: FdProbe) {
     const ino = inode(p.link)!;
     const st = dumpState(p.tree);
