@@ -303,3 +303,18 @@ export function dupSocket(sock: number): number {
 export function setStatusFlags(sock: number, flags: number): void {
   check("fcntl(F_SETFL)", libc().fcntl(sock, 4, BigInt(flags)));
 }
+
+/** Whether a datagram waits in the socket's receive queue (peeked, not taken). */
+export function hasDatagram(sock: number): boolean {
+  const buf = new Uint8Array(1);
+  const n = Number(libc().recvfrom(sock, buf, 1n, MSG_PEEK | MSG_DONTWAIT | 0x20, null, null));
+  if (n >= 0) return true;
+  const errno = lastErrno();
+  if (errno === 11) return false; // EAGAIN
+  throw new SysError("recv(MSG_PEEK)", errno);
+}
+
+/** Bytes the socket holds on its way out (a UDP socket: corked data not yet sent). */
+export function outQueue(sock: number): number {
+  return ioctlInt(sock, SIOCOUTQ, "ioctl(SIOCOUTQ)");
+}

@@ -218,7 +218,8 @@ async function startEcho(dir: string): Promise<{ target: Target; port: number; o
 }
 
 Deno.test({
-  name: "an established connection is refused without --tcp-established, with it the stream stays exact",
+  name:
+    "an established connection is refused without --tcp-established, with it the stream stays exact",
   ignore: !HAVE_NFT,
   async fn() {
     await using tmp = await tempDir();
@@ -232,7 +233,10 @@ Deno.test({
         await until(() => progress.got > 256 << 10, "no echo", 30_000);
         const img = `${tmp.path}/img`;
         const msg = assertOneLineError(await amber(dumpArgs(target.pid, img)), 1, "plain dump");
-        assert.match(msg, /fd \d+: tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \(ESTABLISHED\).*--tcp-established/);
+        assert.match(
+          msg,
+          /fd \d+: tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \(ESTABLISHED\).*--tcp-established/,
+        );
         await assertNoLock("after a refused dump");
         assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
         await target.child.status;
@@ -374,7 +378,15 @@ Deno.test({
     await using tmp = await tempDir();
     const port = freePort(), total = 16 << 20;
     const ready = `${tmp.path}/ready`;
-    const target = spawnTarget(["setsid", PYTHON, "-c", PUSH_PY, String(port), ready, String(total)]);
+    const target = spawnTarget([
+      "setsid",
+      PYTHON,
+      "-c",
+      PUSH_PY,
+      String(port),
+      ready,
+      String(total),
+    ]);
     try {
       await waitForLines(ready, 1, 30_000);
       const conn = await Deno.connect({ hostname: "127.0.0.1", port });
@@ -461,11 +473,14 @@ Deno.test({
     try {
       await waitForLines(a, 5, 30_000);
       await waitForLines(b, 5, 30_000);
-      pids = [target.pid, ...(await waitFor(() => {
-        const kids = Deno.readTextFileSync(`/proc/${target.pid}/task/${target.pid}/children`)
-          .trim();
-        return kids ? kids.split(" ").map(Number) : undefined;
-      }, "no child"))];
+      pids = [
+        target.pid,
+        ...(await waitFor(() => {
+          const kids = Deno.readTextFileSync(`/proc/${target.pid}/task/${target.pid}/children`)
+            .trim();
+          return kids ? kids.split(" ").map(Number) : undefined;
+        }, "no child")),
+      ];
       const img = `${tmp.path}/img`;
       assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
       await waitVanished(pids);
@@ -473,11 +488,15 @@ Deno.test({
       assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
       await assertNoLock("after restore");
       for (const [i, f] of [a, b].entries()) {
-        await until(() => {
-          const last = Deno.readTextFileSync(f).trim().split("\n").at(-1) ?? "";
-          if (!/^\d+$/.test(last)) throw new Error(`${f}: ${last}`);
-          return Number(last) > at[i] + (256 << 10);
-        }, `${f}: the stream does not go on`, 60_000);
+        await until(
+          () => {
+            const last = Deno.readTextFileSync(f).trim().split("\n").at(-1) ?? "";
+            if (!/^\d+$/.test(last)) throw new Error(`${f}: ${last}`);
+            return Number(last) > at[i] + (256 << 10);
+          },
+          `${f}: the stream does not go on`,
+          60_000,
+        );
       }
     } finally {
       for (const p of pids) await killTree(p);
@@ -536,7 +555,10 @@ Deno.test({
             if (n === null) throw new Error(`the connection ended after ${replies} replies`);
             pending += new TextDecoder().decode(buf.subarray(0, n));
           }
-          const [line, rest] = [pending.slice(0, pending.indexOf("\r\n")), pending.slice(pending.indexOf("\r\n") + 2)];
+          const [line, rest] = [
+            pending.slice(0, pending.indexOf("\r\n")),
+            pending.slice(pending.indexOf("\r\n") + 2),
+          ];
           pending = rest;
           assert.equal(line, `:${replies + 1}`, "the reply to INCR");
           replies++;
@@ -565,3 +587,114 @@ Deno.test({
     }
   },
 });
+
+/**
+ * UDP echo on 127.0.0.1 and ::1 (one socket each), plus a socket connected
+ * to the v4 one that sends "ping" through it when asked on the v4 echo.
+ */
+const UDP_PY = `import select, socket, sys
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+a.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+a.bind(("127.0.0.1", int(sys.argv[1])))
+b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+b.bind(("::1", int(sys.argv[2])))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.1", int(sys.argv[1])))
+open(sys.argv[3], "w").write("ready\\n")
+while True:
+    for s in select.select([a, b, c], [], [])[0]:
+        data, src = s.recvfrom(65536)
+        if s is c:
+            continue
+        if data == b"via c":
+            c.send(b"from c")
+            data = s.recv(65536) + b" " + repr(c.getpeername()).encode()
+        s.sendto(data + b" " + repr(s.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST)).encode(), src)
+`;
+
+async function udpAsk(family: "4" | "6", port: number, msg: string): Promise<string> {
+  const [af, host] = family === "4" ? ["AF_INET", "127.0.0.1"] : ["AF_INET6", "::1"];
+  const py = `import socket, sys
+s = socket.socket(socket.${af}, socket.SOCK_DGRAM)
+s.settimeout(20)
+s.sendto(sys.argv[1].encode(), ("${host}", ${port}))
+print(s.recv(65536).decode())`;
+  const r = await new Deno.Command(PYTHON, { args: ["-c", py, msg], stdout: "piped" }).output();
+  assert.ok(r.success, `udp ${family} ${msg}: no answer`);
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+Deno.test("UDP sockets come back bound, connected and with their options", async () => {
+  await using tmp = await tempDir();
+  const [p4, p6] = [freePort(), freePort()];
+  const ready = `${tmp.path}/ready`;
+  const target = spawnTarget(["setsid", PYTHON, "-c", UDP_PY, String(p4), String(p6), ready]);
+  try {
+    await waitForLines(ready, 1, 30_000);
+    const before = [
+      await udpAsk("4", p4, "hello"),
+      await udpAsk("6", p6, "hi"),
+      await udpAsk("4", p4, "via c"),
+    ];
+    assert.equal(before[0], "hello 1");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(target.pid, img)), 0, "dump");
+    await target.child.status;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    const after = [
+      await udpAsk("4", p4, "hello"),
+      await udpAsk("6", p6, "hi"),
+      await udpAsk("4", p4, "via c"),
+    ];
+    assert.deepEqual(after, before);
+  } finally {
+    await killTree(target.pid);
+  }
+});
+
+/** A UDP socket nobody reads, and (second argument "netlink") a netlink socket. */
+const IDLE_PY = `import socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", int(sys.argv[1])))
+if sys.argv[2] == "netlink":
+    n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    n.bind((0, 1))
+open(sys.argv[3], "w").write("ready\\n")
+time.sleep(600)
+`;
+
+for (
+  const [what, arg, refusal] of [
+    [
+      "a datagram waiting in a UDP socket's queue",
+      "udp",
+      /udp 127\.0\.0\.1:\d+: datagrams are waiting/,
+    ],
+    ["a netlink socket", "netlink", /netlink raw NETLINK_ROUTE socket:\[\d+\]: netlink sockets/],
+  ] as const
+) {
+  Deno.test(`${what} is refused, naming it; the tree runs on`, async () => {
+    await using tmp = await tempDir();
+    const port = freePort();
+    const ready = `${tmp.path}/ready`;
+    const target = spawnTarget(["setsid", PYTHON, "-c", IDLE_PY, String(port), arg, ready]);
+    try {
+      await waitForLines(ready, 1, 30_000);
+      if (arg === "udp") {
+        const py = "import socket, sys\n" +
+          "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'queued', ('127.0.0.1', int(sys.argv[1])))";
+        const r = await new Deno.Command(PYTHON, { args: ["-c", py, String(port)] }).output();
+        assert.ok(r.success, "sending the datagram");
+      }
+      const msg = assertOneLineError(
+        await amber(dumpArgs(target.pid, `${tmp.path}/img`)),
+        1,
+        "dump",
+      );
+      assert.match(msg, refusal);
+      assert.ok(isAlive(target.pid), "the target runs on");
+    } finally {
+      await killTree(target.pid);
+    }
+  });
+}

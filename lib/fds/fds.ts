@@ -18,13 +18,25 @@ import { ttyFd } from "./tty.ts";
 import { unixFd } from "./unix.ts";
 import { epollFd } from "./epoll.ts";
 import { tcpFd } from "./tcp.ts";
+import { udpFd } from "./udp.ts";
+import { socketFd } from "./socket.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** The kernel's fs.nr_open ceiling: no process has more descriptors. */
 const MAX_FDS = 1 << 20;
 
 /** In match order; the last one takes anything. */
-export const FD_KINDS: FdKind[] = [ttyFd, fileFd, pipeFd, unixFd, epollFd, tcpFd, unsupportedFd];
+export const FD_KINDS: FdKind[] = [
+  ttyFd,
+  fileFd,
+  pipeFd,
+  unixFd,
+  epollFd,
+  tcpFd,
+  udpFd,
+  socketFd,
+  unsupportedFd,
+];
 
 const FdEntry = z.discriminatedUnion(
   "kind",
