@@ -5,14 +5,7 @@
 import { Injector } from "../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
-import type {
-  DumpContext,
-  DumpEnd,
-  DumpOptions,
-  Part,
-  Scratch,
-  TreeDumpState,
-} from "./context.ts";
+import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { unlock } from "./net/netlock.ts";
 import { AmberError, faultPointAsync, withContext, withContextAsync } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";

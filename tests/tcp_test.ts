@@ -66,13 +66,23 @@ def report(s):
              reuseaddr=s.getsockopt(S, socket.SO_REUSEADDR), reuseport=s.getsockopt(S, socket.SO_REUSEPORT),
              keepalive=s.getsockopt(S, socket.SO_KEEPALIVE), nodelay=s.getsockopt(T, socket.TCP_NODELAY),
              keepidle=s.getsockopt(T, socket.TCP_KEEPIDLE), rcvbuf=s.getsockopt(S, socket.SO_RCVBUF),
-             blocking=s.getblocking())
+             blocking=s.getblocking(), linger=list(s.getsockopt(S, socket.SO_LINGER, 8)),
+             cc=s.getsockopt(T, socket.TCP_CONGESTION, 16).rstrip(b"\\0").decode(),
+             priority=s.getsockopt(S, socket.SO_PRIORITY), mss=s.getsockopt(T, socket.TCP_MAXSEG),
+             defer=s.getsockopt(T, socket.TCP_DEFER_ACCEPT))
     if s.family == socket.AF_INET6:
         o["v6only"] = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        o["hops"] = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
+    else:
+        o["ttl"] = s.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
     return o
 a = socket.socket()
 a.setsockopt(S, socket.SO_REUSEADDR, 1)
 a.setsockopt(T, socket.TCP_NODELAY, 1)
+a.setsockopt(S, socket.SO_LINGER, struct.pack("ii", 1, 5))
+a.setsockopt(T, socket.TCP_CONGESTION, b"reno")
+a.setsockopt(S, socket.SO_PRIORITY, 3)
+a.setsockopt(T, socket.TCP_MAXSEG, 1200)
 a.bind(("127.0.0.1", int(sys.argv[1])))
 a.listen(7)
 b = socket.socket(socket.AF_INET6)
@@ -81,6 +91,8 @@ b.setsockopt(S, socket.SO_REUSEPORT, 1)
 b.setsockopt(S, socket.SO_KEEPALIVE, 1)
 b.setsockopt(T, socket.TCP_KEEPIDLE, 77)
 b.setsockopt(S, socket.SO_RCVBUF, 65536)
+b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 9)
+b.setsockopt(T, socket.TCP_DEFER_ACCEPT, 3)
 b.bind(("::1", int(sys.argv[2])))
 b.listen(3)
 b.setblocking(False)
@@ -161,9 +173,12 @@ Deno.test("a listener with a connection waiting to be accepted is refused, the t
  * pattern i % 251; prints "PASS n" or "FAIL at n" at the end.
  */
 const ECHO_PY = `import socket, sys
-l = socket.socket()
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", int(sys.argv[1])))
+if host == "::":
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind((host, int(sys.argv[1])))
 l.listen(4)
 open(sys.argv[2], "w").write("ready\\n")
 c, _ = l.accept()
@@ -209,10 +224,13 @@ function streamThrough(conn: Deno.Conn, total: number, progress: { got: number }
   return Promise.all([writer, reader]);
 }
 
-async function startEcho(dir: string): Promise<{ target: Target; port: number; out: string }> {
+async function startEcho(
+  dir: string,
+  host = "127.0.0.1",
+): Promise<{ target: Target; port: number; out: string }> {
   const port = freePort();
   const out = `${dir}/echo.txt`;
-  const target = spawnTarget(["setsid", PYTHON, "-c", ECHO_PY, String(port), out]);
+  const target = spawnTarget(["setsid", PYTHON, "-c", ECHO_PY, String(port), out, host]);
   await waitForLines(out, 1, 30_000);
   return { target, port, out };
 }
@@ -257,6 +275,37 @@ Deno.test({
     }
   },
 });
+
+for (const [listen, connect] of [["::1", "::1"], ["::", "127.0.0.1"]]) {
+  Deno.test({
+    name: `an IPv6 connection (listening on ${listen}, client to ${connect}) keeps its stream`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const { target, port, out } = await startEcho(tmp.path, listen);
+      try {
+        const conn = await Deno.connect({ hostname: connect, port });
+        const total = 2 << 20;
+        const progress = { got: 0 };
+        const stream = streamThrough(conn, total, progress);
+        try {
+          await until(() => progress.got > 128 << 10, "no echo", 30_000);
+          const img = `${tmp.path}/img`;
+          assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+          await target.child.status;
+          assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+          await assertNoLock("after restore");
+          await stream;
+        } finally {
+          conn.close();
+        }
+        assert.equal((await waitForLines(out, 2, 30_000))[1], `PASS ${total}`);
+      } finally {
+        await killTree(target.pid);
+      }
+    },
+  });
+}
 
 Deno.test({
   name: "dump -R --tcp-established: the connection goes on, the lock is gone at once",
@@ -698,3 +747,12 @@ for (
     }
   });
 }
+
+Deno.test({
+  name: "amber check says whether the network lock works",
+  ignore: !HAVE_NFT,
+  async fn() {
+    const r = await amber(["check"]);
+    assert.match(r.stdout, /^ok +nftables network lock: /m, r.stdout);
+  },
+});

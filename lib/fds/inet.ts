@@ -8,11 +8,13 @@ import {
   AF,
   bindTo,
   getInt,
+  getRaw,
   identity,
   IP_TOS,
   IPV6_TCLASS,
   IPV6_V6ONLY,
   setInt,
+  setRaw,
   setStatusFlags,
   SOCKOPT,
   SOL,
@@ -21,6 +23,7 @@ import {
 import { takeFd } from "../../ffi/socket.ts";
 import { libc } from "../../ffi/libc.ts";
 import { kindState } from "../context.ts";
+import { bytes } from "../images/codec.ts";
 import type { FdProbe } from "./kind.ts";
 
 const LINK = /^socket:\[(\d+)\]$/;
@@ -32,29 +35,71 @@ export const Addr = z.object({
   port: z.number().int().min(0).max(65535),
 });
 
+/** An option as getsockopt gave it: an int, or the bytes of a struct or name. */
 export const SockOpt = z.object({
   level: z.number().int(),
   option: z.number().int(),
-  value: z.number(),
+  value: z.union([z.number(), bytes.refine((b) => b.length <= 64, "option value too long")]),
 });
 
-/** Integer options copied as they are: [level, option]. */
-const SOCKET_OPTIONS: [number, number][] = [
+/** Options copied as they are: [level, option], with a size for those that are not ints. */
+type OptionSpec = [number, number] | [number, number, number];
+
+const SOCKET_OPTIONS: OptionSpec[] = [
   [SOL.SOCKET, SOCKOPT.REUSEPORT],
   [SOL.SOCKET, SOCKOPT.KEEPALIVE],
   [SOL.SOCKET, SOCKOPT.OOBINLINE],
   [SOL.SOCKET, SOCKOPT.BROADCAST],
+  [SOL.SOCKET, 12], // SO_PRIORITY
+  [SOL.SOCKET, 18], // SO_RCVLOWAT
+  [SOL.SOCKET, 29], // SO_TIMESTAMP
+  [SOL.SOCKET, 36], // SO_MARK
+  [SOL.SOCKET, 13, 8], // SO_LINGER: struct linger
+  [SOL.SOCKET, 25, 16], // SO_BINDTODEVICE: an interface name
 ];
-export const TCP_OPTIONS: [number, number][] = [
+export const TCP_OPTIONS: OptionSpec[] = [
   [SOL.TCP, TCPOPT.NODELAY],
   [SOL.TCP, TCPOPT.CORK],
   [SOL.TCP, TCPOPT.KEEPIDLE],
   [SOL.TCP, TCPOPT.KEEPINTVL],
   [SOL.TCP, TCPOPT.KEEPCNT],
   [SOL.TCP, TCPOPT.USER_TIMEOUT],
+  [SOL.TCP, 8], // TCP_LINGER2
+  [SOL.TCP, 9], // TCP_DEFER_ACCEPT
+  [SOL.TCP, 23], // TCP_FASTOPEN
+  [SOL.TCP, 25], // TCP_NOTSENT_LOWAT
+  [SOL.TCP, 13, 16], // TCP_CONGESTION: an algorithm's name
 ];
-const V4_OPTIONS: [number, number][] = [[SOL.IP, IP_TOS]];
-const V6_OPTIONS: [number, number][] = [[SOL.IPV6, IPV6_V6ONLY], [SOL.IPV6, IPV6_TCLASS]];
+/** Multicast options, which only datagram sockets may set. */
+export const UDP_V4_OPTIONS: OptionSpec[] = [
+  [SOL.IP, 33], // IP_MULTICAST_TTL
+  [SOL.IP, 34], // IP_MULTICAST_LOOP
+];
+export const UDP_V6_OPTIONS: OptionSpec[] = [
+  [SOL.IPV6, 18], // IPV6_MULTICAST_HOPS
+  [SOL.IPV6, 19], // IPV6_MULTICAST_LOOP
+];
+/** TCP options that mean something else once connected (the MSS comes from TCP_REPAIR then). */
+export const TCP_UNCONNECTED_OPTIONS: OptionSpec[] = [[SOL.TCP, TCPOPT.MAXSEG]];
+const V4_OPTIONS: OptionSpec[] = [
+  [SOL.IP, IP_TOS],
+  [SOL.IP, 2], // IP_TTL
+  [SOL.IP, 8], // IP_PKTINFO
+  [SOL.IP, 10], // IP_MTU_DISCOVER
+  [SOL.IP, 11], // IP_RECVERR
+  [SOL.IP, 15], // IP_FREEBIND
+  [SOL.IP, 19], // IP_TRANSPARENT
+];
+const V6_OPTIONS: OptionSpec[] = [
+  [SOL.IPV6, IPV6_V6ONLY],
+  [SOL.IPV6, IPV6_TCLASS],
+  [SOL.IPV6, 16], // IPV6_UNICAST_HOPS
+  [SOL.IPV6, 23], // IPV6_MTU_DISCOVER
+  [SOL.IPV6, 25], // IPV6_RECVERR
+  [SOL.IPV6, 49], // IPV6_RECVPKTINFO
+  [SOL.IPV6, 75], // IPV6_TRANSPARENT
+  [SOL.IPV6, 78], // IPV6_FREEBIND
+];
 
 /** What every inet entry holds besides its kind's own state. */
 export const InetFields = {
@@ -67,7 +112,7 @@ export const InetFields = {
   reuseaddr: z.boolean(),
   sndbuf: z.number().int(),
   rcvbuf: z.number().int(),
-  options: z.array(SockOpt).max(32),
+  options: z.array(SockOpt).max(64),
 };
 export interface InetImage {
   flags: number;
@@ -114,20 +159,35 @@ export function isInet(p: FdProbe, type: number, protocol: number): boolean {
 }
 
 /** The fields of InetFields amber reads from the socket itself. */
-export function inetFields(sock: number, family: number, extra: [number, number][]) {
+export function inetFields(sock: number, family: number, extra: OptionSpec[]) {
   const list = [...SOCKET_OPTIONS, ...extra, ...(family === AF.INET ? V4_OPTIONS : V6_OPTIONS)];
   return {
     reuseaddr: getInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR) !== 0,
     sndbuf: getInt(sock, SOL.SOCKET, SOCKOPT.SNDBUF),
     rcvbuf: getInt(sock, SOL.SOCKET, SOCKOPT.RCVBUF),
-    options: list.map(([level, option]) => ({ level, option, value: getInt(sock, level, option) })),
+    options: list.map(([level, option, size]) => ({
+      level,
+      option,
+      value: size ? getRaw(sock, level, option, size).slice() : getInt(sock, level, option),
+    })),
   };
+}
+
+function sameValue(a: number | Uint8Array, b: number | Uint8Array): boolean {
+  if (typeof a === "number" || typeof b === "number") return a === b;
+  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 /** Options that differ from a fresh socket's, set before bind (V6ONLY and REUSEPORT must be). */
 export function applyOptions(sock: number, e: InetImage): void {
   for (const o of e.options) {
-    if (getInt(sock, o.level, o.option) !== o.value) setInt(sock, o.level, o.option, o.value);
+    const v = o.value;
+    const now = typeof v === "number"
+      ? getInt(sock, o.level, o.option)
+      : getRaw(sock, o.level, o.option, Math.max(v.length, 16)).slice();
+    if (sameValue(now, v)) continue;
+    if (typeof v === "number") setInt(sock, o.level, o.option, v);
+    else setRaw(sock, o.level, o.option, v);
   }
   // The kernel doubles what it is given; set only what differs from a fresh socket's.
   if (getInt(sock, SOL.SOCKET, SOCKOPT.SNDBUF) !== e.sndbuf) {

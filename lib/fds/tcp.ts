@@ -59,11 +59,12 @@ import {
   applyOptions,
   bindAgain,
   fmt,
-  inetFields,
   InetFields,
+  inetFields,
   inode,
   isInet,
   TCP_OPTIONS,
+  TCP_UNCONNECTED_OPTIONS,
 } from "./inet.ts";
 
 const SOCK_STREAM = 1, IPPROTO_TCP = 6;
@@ -216,7 +217,13 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
       local: local as z.input<typeof Addr>,
       peer: peer as z.input<typeof Addr> | undefined,
       backlog: info.state === STATE.LISTEN ? info.sacked : undefined,
-      ...inetFields(sock, family, TCP_OPTIONS),
+      ...inetFields(
+        sock,
+        family,
+        info.state === STATE.ESTABLISHED
+          ? TCP_OPTIONS
+          : [...TCP_OPTIONS, ...TCP_UNCONNECTED_OPTIONS],
+      ),
       refusal,
     };
     if (!refusal && info.state === STATE.ESTABLISHED && peer) {

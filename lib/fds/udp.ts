@@ -31,6 +31,8 @@ import {
   inetFields,
   inode,
   isInet,
+  UDP_V4_OPTIONS,
+  UDP_V6_OPTIONS,
 } from "./inet.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 
@@ -69,7 +71,10 @@ function dumpSocket(p: FdProbe): z.input<typeof UdpEntry> {
       family,
       local: localName(sock) as z.input<typeof Addr>,
       peer: peerName(sock) as z.input<typeof Addr> | undefined,
-      ...inetFields(sock, family, [[SOL_UDP, UDP_CORK]]),
+      ...inetFields(sock, family, [
+        [SOL_UDP, UDP_CORK],
+        ...(family === AF.INET ? UDP_V4_OPTIONS : UDP_V6_OPTIONS),
+      ]),
       refusal: refusalOf(sock),
     };
   } finally {

@@ -67,7 +67,9 @@ export function lockConnection(table: string, c: LockedConn, create: boolean): v
       `add chain inet ${table} out { type filter hook output priority -300 ; policy accept ; }`,
     );
   }
-  for (const r of rules(c)) cmds.push(`add rule inet ${table} in ${r}`, `add rule inet ${table} out ${r}`);
+  for (const r of rules(c)) {
+    cmds.push(`add rule inet ${table} in ${r}`, `add rule inet ${table} out ${r}`);
+  }
   nft([cmds.join(" ; ")], `locking ${c.local.addr}:${c.local.port}`);
 }
 
