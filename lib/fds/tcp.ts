@@ -136,14 +136,17 @@ function dumpState(tree: TreeDumpState): DumpState {
  * last close sends nothing (no FIN, no RST) and the peer waits for restore.
  */
 function endRepair(st: DumpState, end: "resume" | "kill"): void {
-  for (const sock of st.repaired) {
+  let failed: unknown;
+  for (const sock of st.repaired.splice(0)) {
     try {
       if (end === "resume") setRepair(sock, -1);
+    } catch (e) {
+      failed ??= e; // the others still get theirs
     } finally {
       libc().close(sock);
     }
   }
-  st.repaired = [];
+  if (failed) throw failed;
 }
 
 /** Locks the connection, puts it in repair mode and reads everything TCP_REPAIR shows. */
