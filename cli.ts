@@ -11,10 +11,14 @@ import {
   formatCheck,
   InterruptedError,
   restore,
+  run,
   show,
   UsageError,
 } from "./mod.ts";
 import { escapeText } from "./lib/errors.ts";
+import { type ProgressLine, terminalProgress } from "./lib/progress.ts";
+import { parseDuration } from "./lib/run.ts";
+import { diffImages, formatDiff } from "./lib/diff.ts";
 
 interface Flag {
   long: string;
@@ -51,6 +55,10 @@ const SHELL_JOB: Flag = {
   help: "the tree is a job of a shell: its session or terminal is outside it",
 };
 const IMAGES_DIR: Flag = { long: "images-dir", short: "D", value: "DIR", help: "images directory" };
+const JSON_OUT: Flag = {
+  long: "json",
+  help: "print the result as one JSON object on stdout (a failure too: code, pid, object, step)",
+};
 const FILE_LOCKS: Flag = {
   long: "file-locks",
   help: "accepted for CRIU's sake: amber always handles the file locks it finds",
@@ -89,7 +97,7 @@ function parse(cmd: Command, args: string[]): { values: Values; positionals: str
     const see = `see amber ${cmd.name} --help`;
     if (/unknown option/i.test(text)) throw new UsageError(`unknown option ${option}; ${see}`);
     if (/argument missing/i.test(text)) throw new UsageError(`${option} needs a value; ${see}`);
-    throw new UsageError(`${text.split("\n")[0]}; ${see}`);
+    throw new UsageError(`${text.split("\n")[0].replace(/\.$/, "")}; ${see}`);
   }
 }
 
@@ -98,6 +106,13 @@ function pidArg(v: unknown): number {
     throw new UsageError(`-t needs a numeric pid, got ${v ?? "nothing"}; see amber dump --help`);
   }
   return Number(v);
+}
+
+/** A size in bytes, with an optional K, M or G suffix (CRIU's --ghost-limit 10M). */
+function sizeArg(v: unknown): number {
+  const m = typeof v === "string" ? /^(\d+)([KMG]?)$/i.exec(v) : null;
+  if (!m) throw new UsageError(`--ghost-limit needs a size like 1048576 or 10M, got ${v}`);
+  return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
 }
 
 function dirArg(v: unknown, command: string): string {
@@ -132,20 +147,47 @@ function logWriter(file: Deno.FsFile | undefined): ((line: string) => void) | un
   };
 }
 
-/** Runs fn with the -o log open, if any; the log gets the command line and any failure. */
-async function withLog<T>(
-  v: Values,
-  fn: (log?: (line: string) => void) => Promise<T>,
-): Promise<T> {
+/** What a dump or restore reports to: the -o log, -v on stderr, and the progress line. */
+interface Output {
+  /** Detail lines: to the -o log, and to stderr with -v. */
+  detail: (line: string) => void;
+  /** The -o log only. */
+  log?: (line: string) => void;
+  progress?: ProgressLine;
+}
+
+/**
+ * Runs fn with the -o log open, if any, and a progress line on a terminal;
+ * the log gets the command line and any failure.
+ */
+async function withLog<T>(v: Values, fn: (out: Output) => Promise<T>): Promise<T> {
   using file = openLog(v["log-file"]);
   const log = logWriter(file);
+  using progress = terminalProgress();
+  const detail = (line: string) => {
+    log?.(line);
+    if (!v.verbose) return;
+    progress?.clear();
+    console.error(line);
+  };
   log?.(`amber ${Deno.args.join(" ")}`);
   try {
-    return await fn(log);
+    return await fn({ detail, log, progress });
   } catch (e) {
     log?.(`failed: ${e instanceof Error ? e.message : e}`);
     throw e;
   }
+}
+
+function printJson(v: unknown): void {
+  console.log(JSON.stringify(v));
+}
+
+/** A failure as `--json` prints it. */
+function errorJson(e: unknown): object {
+  return e instanceof AmberError
+    ? e.toJSON()
+    : { message: e instanceof Error ? e.message : String(e), code: "failed" };
 }
 
 const COMMANDS: Command[] = [
@@ -162,29 +204,39 @@ const COMMANDS: Command[] = [
         help: "let the tree run on after the dump (it is killed otherwise)",
       },
       SHELL_JOB,
+      {
+        long: "ghost-limit",
+        value: "SIZE",
+        help: "largest deleted file whose contents go into the images (default 1M; K, M, G)",
+      },
       FILE_LOCKS,
       TCP_ESTABLISHED,
       VERBOSE,
       LOG_FILE,
+      JSON_OUT,
     ],
     run(v, positionals) {
       noPositionals("dump", positionals);
       const pid = pidArg(v.tree), dir = dirArg(v["images-dir"], "dump");
-      return withLog(v, async (log) => {
+      return withLog(v, async ({ detail, progress }) => {
         const stats = await dump({
           pid,
           dir,
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
-          verbose: !!v.verbose,
+          ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
           tcpEstablished: !!v["tcp-established"],
-          log,
+          log: detail,
+          progress: progress?.callback,
         });
-        const summary = `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
-          `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, ` +
-          `frozen ${stats.frozenMs.toFixed(0)} ms, total ${stats.totalMs.toFixed(0)} ms`;
-        log?.(summary);
-        if (v.verbose) console.error(summary);
+        progress?.clear();
+        detail(
+          `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
+            `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, ` +
+            `frozen ${stats.frozenMs.toFixed(0)} ms, total ${stats.totalMs.toFixed(0)} ms`,
+        );
+        const { dir: imagesDir, ...rest } = stats;
+        if (v.json) printJson({ ok: true, command: "dump", ...rest, imagesDir });
         return 0;
       });
     },
@@ -202,24 +254,40 @@ const COMMANDS: Command[] = [
       },
       { long: "pidfile", value: "FILE", help: "write the root's pid into FILE" },
       SHELL_JOB,
+      {
+        long: "allow-changed-files",
+        help: "restore even if open files changed since the dump (they are used as they are now)",
+      },
       FILE_LOCKS,
       TCP_ESTABLISHED,
       VERBOSE,
       LOG_FILE,
+      JSON_OUT,
     ],
     run(v, positionals) {
       noPositionals("restore", positionals);
       const dir = dirArg(v["images-dir"], "restore");
-      return withLog(v, async (log) => {
+      return withLog(v, async ({ detail, log, progress }) => {
+        const t0 = performance.now();
         const result = await restore({
           dir,
           detached: !!v["restore-detached"],
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
-          verbose: !!v.verbose,
-          log,
+          allowChangedFiles: !!v["allow-changed-files"],
+          log: detail,
+          progress: progress?.callback,
         });
         log?.(`restored ${result.pids.join(" ")}`);
+        if (v.json) {
+          printJson({
+            ok: true,
+            command: "restore",
+            ...result,
+            totalMs: performance.now() - t0,
+            imagesDir: dir,
+          });
+        }
         return result.exitCode ?? 0;
       });
     },
@@ -228,24 +296,98 @@ const COMMANDS: Command[] = [
     name: "show",
     args: "DIR",
     summary: "print a summary of the images in DIR and whether they can be restored here",
-    flags: [{ long: "json", help: "every image decoded, as one JSON document" }],
+    flags: [
+      { long: "json", help: "every image decoded (or the --diff), as one JSON document" },
+      {
+        long: "tree",
+        help: "one line per process: threads, memory, descriptor kinds, why not restorable",
+      },
+      {
+        long: "diff",
+        value: "DIR2",
+        help: "what changed from DIR to DIR2 (two checkpoints of one job): processes, " +
+          "mappings, descriptors, pages",
+      },
+    ],
     async run(v, positionals) {
       if (positionals.length !== 1) {
         throw new UsageError("show takes one images directory; see amber show --help");
       }
-      console.log(await show(positionals[0], { json: !!v.json }));
+      if (typeof v.diff === "string") {
+        const d = await diffImages(positionals[0], v.diff);
+        console.log(v.json ? JSON.stringify(d, null, 2) : formatDiff(d));
+        return 0;
+      }
+      console.log(await show(positionals[0], { json: !!v.json, tree: !!v.tree }));
       return 0;
+    },
+  },
+  {
+    name: "run",
+    args: "--every PERIOD -D DIR -- CMD [ARGS...]",
+    summary: "start CMD and checkpoint it every PERIOD into DIR/ckpt-N; exit with its status",
+    flags: [
+      {
+        long: "every",
+        value: "PERIOD",
+        help: "time between checkpoints: 10m, 30s, 500ms, 2h (like dmtcp_launch --interval)",
+      },
+      { long: "keep", value: "K", help: "keep the newest K complete checkpoints (default 3)" },
+      {
+        ...IMAGES_DIR,
+        help: "checkpoints directory: DIR/ckpt-N, DIR/latest names the newest complete one",
+      },
+      {
+        ...SHELL_JOB,
+        help: "the job keeps amber's session and stdin (dumped with --shell-job)",
+      },
+      VERBOSE,
+      LOG_FILE,
+      JSON_OUT,
+    ],
+    run(v, positionals) {
+      const everyText = v.every;
+      if (typeof everyText !== "string") {
+        throw new UsageError("--every PERIOD is required; see amber run --help");
+      }
+      const keepText = (v.keep as string | undefined) ?? "3";
+      if (!/^\d+$/.test(keepText) || Number(keepText) < 1) {
+        throw new UsageError(`--keep needs a number, at least 1, got ${keepText}`);
+      }
+      const dir = dirArg(v["images-dir"], "run");
+      if (!positionals.length) {
+        throw new UsageError("run needs -- CMD [ARGS...]; see amber run --help");
+      }
+      return withLog(v, async ({ detail, progress }) => {
+        progress?.[Symbol.dispose](); // the job owns the terminal
+        const result = await run({
+          command: positionals,
+          dir,
+          everyMs: parseDuration(everyText),
+          keep: Number(keepText),
+          shellJob: !!v["shell-job"],
+          log: detail,
+          onCheckpoint: (c) => {
+            if (!c.ok) {
+              console.error(`amber run: checkpoint ${c.n} failed: ${escapeText(c.error ?? "")}`);
+            } else detail(`checkpoint ${c.n} complete: ${c.dir}`);
+          },
+        });
+        if (v.json) printJson({ ok: true, command: "run", ...result });
+        return result.exitCode;
+      });
     },
   },
   {
     name: "check",
     args: "",
     summary: "test each kernel feature amber needs; exit 0 only if dump and restore can work",
-    flags: [],
-    run(_v, positionals) {
+    flags: [JSON_OUT],
+    run(v, positionals) {
       noPositionals("check", positionals);
       const report = check();
-      console.log(formatCheck(report));
+      if (v.json) printJson({ command: "check", ...report });
+      else console.log(formatCheck(report));
       return Promise.resolve(report.ok ? 0 : 1);
     },
   },
@@ -290,12 +432,21 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   const cmd = findCommand(name);
-  const { values, positionals } = parse(cmd, rest);
-  if (values.help) {
-    console.log(commandHelp(cmd));
-    return 0;
+  // After `--` come a job's own arguments (amber run).
+  const dashes = rest.indexOf("--");
+  const own = dashes < 0 ? rest : rest.slice(0, dashes);
+  const json = own.includes("--json") && cmd.flags.some((f) => f.long === "json");
+  try {
+    const { values, positionals } = parse(cmd, rest);
+    if (values.help) {
+      console.log(commandHelp(cmd));
+      return 0;
+    }
+    return await cmd.run(values, positionals);
+  } catch (e) {
+    if (json) printJson({ ok: false, command: cmd.name, error: errorJson(e) });
+    throw e;
   }
-  return await cmd.run(values, positionals);
 }
 
 if (import.meta.main) {

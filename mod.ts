@@ -1,33 +1,203 @@
 /**
  * amber: checkpoint/restore of running Linux processes from userspace.
  *
- * @example
+ * Every function here throws {@link AmberError} on failure: a one-line
+ * `message` naming the object and the step, and the same facts as fields
+ * (`code`, `pid`, `object`, `step`).
+ *
+ * @example Dump a process, look at its images, restore it
  * ```ts
- * import { dump, readImages, restore } from "./mod.ts";
- * await dump({ pid: 1234, dir: "/tmp/img", leaveRunning: true });
- * console.log(readImages("/tmp/img").processes.length);
- * await restore({ dir: "/tmp/img", detached: true });
+ * import { AmberError, dump, readImages, restore } from "./mod.ts";
+ * try {
+ *   await dump({ pid: 1234, dir: "/tmp/img", leaveRunning: true });
+ *   console.log(readImages("/tmp/img").processes.length);
+ *   await restore({ dir: "/tmp/img", detached: true });
+ * } catch (e) {
+ *   if (e instanceof AmberError) console.error(e.code, e.pid, e.object, e.step);
+ * }
  * ```
  * @module
  */
-import { type DumpRequest, type DumpStats, dumpTree } from "./lib/dump.ts";
-import { type Images, readImages as readImagesImpl } from "./lib/images/read.ts";
-import { type RestoreRequest, type RestoreResult, restoreTree } from "./lib/restore.ts";
+import { dumpTree } from "./lib/dump.ts";
+import { readImages as readImagesImpl } from "./lib/images/read.ts";
+import { restoreTree } from "./lib/restore.ts";
 import { showImages } from "./lib/show.ts";
 import { checkKernel, type CheckReport, formatCheckReport } from "./lib/check.ts";
+import { type CheckpointResult, runJob, type RunRequest, type RunResult } from "./lib/run.ts";
+import type { LogLine } from "./lib/log.ts";
+import type { ProgressCallback } from "./lib/progress.ts";
 
-export { AmberError, InterruptedError, UsageError } from "./lib/errors.ts";
-export type { CheckReport, DumpRequest, DumpStats, Images, RestoreRequest, RestoreResult };
+export {
+  AmberError,
+  type ErrorFields,
+  InterruptedError,
+  RefusalError,
+  UsageError,
+} from "./lib/errors.ts";
+export type { Progress, ProgressCallback } from "./lib/progress.ts";
+export type { LogLine } from "./lib/log.ts";
+export type { CheckFeature, CheckReport } from "./lib/check.ts";
+export type { CheckpointResult, RunRequest, RunResult };
+
+/** What to dump, and how ({@link dump}). */
+export interface DumpRequest {
+  /** Root of the tree: this process and all its descendants are dumped. */
+  pid: number;
+  /** Images directory: created 0700, or an existing one owned by the caller that nobody else can write. */
+  dir: string;
+  /** Let the tree run on after the dump (CRIU's -R); it is killed otherwise. */
+  leaveRunning?: boolean;
+  /** The tree is a job of a shell: its session or terminal is outside it (CRIU's --shell-job). */
+  shellJob?: boolean;
+  /** Largest deleted file whose contents dump saves, in bytes (CRIU's --ghost-limit). */
+  ghostLimit?: number;
+  /**
+   * Checkpoint established TCP connections with TCP_REPAIR under an nftables lock (CRIU's
+   * --tcp-established); without it a dump of a tree holding one fails naming it.
+   */
+  tcpEstablished?: boolean;
+  /** Print the detail lines (per-part times) on stderr. */
+  verbose?: boolean;
+  /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
+  signal?: AbortSignal;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
+  /** Receives how far the dump is: at each part of each process, and as pages are copied. */
+  progress?: ProgressCallback;
+}
+
+/** What a dump did ({@link dump}). */
+export interface DumpStats {
+  /** The processes dumped, root first. */
+  pids: number[];
+  /** Milliseconds the tree was frozen. */
+  frozenMs: number;
+  /** Milliseconds the whole dump took. */
+  totalMs: number;
+  /** Bytes of memory pages stored. */
+  pageBytes: number;
+  /** Bytes of all image files. */
+  imageBytes: number;
+  /** Milliseconds spent in each part (kind of kernel object), summed over the processes. */
+  partMs: Record<string, number>;
+  /** The images directory written. */
+  dir: string;
+}
+
+/** What to restore, and how ({@link restore}). */
+export interface RestoreRequest {
+  /** Images directory (or DIR/latest of {@link run}). */
+  dir: string;
+  /** Return once the tree runs instead of waiting for its root (CRIU's -d). */
+  detached?: boolean;
+  /** Write the root's pid into this file (replaced atomically, never through a symlink). */
+  pidfile?: string;
+  /** The images are of a shell job: the restored tree joins amber's session and terminal. */
+  shellJob?: boolean;
+  /** Reopen regular files even if they changed since the dump (CRIU's --allow-changed-files). */
+  allowChangedFiles?: boolean;
+  /** Print the detail lines (per-part times) on stderr. */
+  verbose?: boolean;
+  /** Aborting it stops the restore as SIGINT does: what was created is killed. */
+  signal?: AbortSignal;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
+  /** Receives how far the restore is: at each part of each process, and as pages are filled. */
+  progress?: ProgressCallback;
+}
+
+/** What a restore did ({@link restore}). */
+export interface RestoreResult {
+  /** The processes restored, root first. */
+  pids: number[];
+  /** Exit code of the root when not detached (128 + signal if killed). */
+  exitCode?: number;
+  /** Milliseconds until the tree ran. */
+  restoreMs: number;
+  /** Milliseconds spent in each part, summed over the processes. */
+  partMs: Record<string, number>;
+}
+
+/** The inventory of an images directory: where and how it was dumped. */
+export interface Inventory {
+  /** Version of the amber that wrote the images. */
+  amberVersion: string;
+  /** Kernel release of the machine dumped on. */
+  kernel: string;
+  /** CPU architecture. */
+  arch: "x86_64";
+  /** Bytes of FPU (xsave) state per thread. */
+  xsaveSize: number;
+  /** xsave feature bits of the CPU dumped on. */
+  xfeatures: bigint;
+  /** SHA-256 of the [vdso] the images expect. */
+  vdsoSha256: string;
+  /** When the dump was taken (ISO 8601). */
+  createdAt: string;
+  /** Root of the dumped tree. */
+  rootPid: number;
+  /** Dumped with --shell-job. */
+  shellJob: boolean;
+  /** Why restore would refuse these images, as dump judged them. */
+  verdict?: string[];
+}
+
+/** A process as the process tree image lists it. */
+export interface ProcessEntry {
+  /** Its pid, and its parent's, group's and session's. */
+  pid: number;
+  /** Parent pid. */
+  ppid: number;
+  /** Process group. */
+  pgid: number;
+  /** Session. */
+  sid: number;
+  /** Its name (the main thread's comm). */
+  comm: string;
+  /** Signal its parent gets when it ends. */
+  exitSignal: number;
+  /** Its thread ids, main thread first. */
+  threads: number[];
+  /** "stopped": in a group stop; "zombie": exited, not yet reaped by its parent. */
+  state: "running" | "stopped" | "zombie";
+  /** A zombie's wait status. */
+  exitStatus?: number;
+}
+
+/** The images of one process. */
+export interface ProcessImages {
+  /** Its entry in the process tree image. */
+  entry: ProcessEntry;
+  /** Decoded part images by part name (mappings, pagemap, mm, fds, fs, ...). */
+  parts: Record<string, unknown>;
+}
+
+/** A whole images directory, read and validated ({@link readImages}). */
+export interface Images {
+  /** The directory read. */
+  dir: string;
+  /** Where and how the images were dumped. */
+  inventory: Inventory;
+  /** Why the images cannot be restored, if they cannot (objects shared outside the tree). */
+  unrestorable: string[];
+  /** The processes, each after its parent. */
+  processes: ProcessImages[];
+}
 
 /**
  * Freezes process `pid` and all its descendants, writes their images into
  * `dir` (created 0700 if missing), then kills the tree, or resumes it with
  * `leaveRunning`. On failure the tree is resumed untouched and no image is
- * left behind.
+ * left behind; aborting `signal` unwinds the same way.
  *
  * @example
  * ```ts
- * const stats = await dump({ pid: 1234, dir: "/tmp/img", leaveRunning: true });
+ * const stats = await dump({
+ *   pid: 1234,
+ *   dir: "/tmp/img",
+ *   leaveRunning: true,
+ *   progress: (p) => console.log(`${p.pagesDone}/${p.pagesTotal} pages`),
+ * });
  * console.log(`${stats.pageBytes} bytes of memory, frozen ${stats.frozenMs} ms`);
  * ```
  */
@@ -38,7 +208,8 @@ export function dump(req: DumpRequest): Promise<DumpStats> {
 /**
  * Rebuilds the tree saved in `dir` with the same PIDs and lets it run.
  * With `detached` it returns once the tree runs; otherwise it waits for the
- * root process and returns its exit code.
+ * root process and returns its exit code. A failed or aborted restore
+ * leaves nothing running.
  *
  * @example
  * ```ts
@@ -63,6 +234,14 @@ export function readImages(dir: string): Images {
   return readImagesImpl(dir);
 }
 
+/** What {@link show} prints. */
+export interface ShowOptions {
+  /** Every image decoded, as one JSON document. */
+  json?: boolean;
+  /** One line per process: threads, memory, descriptor kinds, why not restorable. */
+  tree?: boolean;
+}
+
 /**
  * A readable summary of the images in `dir`, or with `json` all images as
  * one JSON document (addresses as hex strings, page contents left out).
@@ -72,7 +251,7 @@ export function readImages(dir: string): Images {
  * console.log(await show("/tmp/img", { json: true }));
  * ```
  */
-export function show(dir: string, opts: { json?: boolean } = {}): Promise<string> {
+export function show(dir: string, opts: ShowOptions = {}): Promise<string> {
   return showImages(dir, opts);
 }
 
@@ -100,4 +279,26 @@ export function check(): CheckReport {
  */
 export function formatCheck(report: CheckReport): string {
   return formatCheckReport(report);
+}
+
+/**
+ * Starts `command` and checkpoints it every `everyMs` into `dir/ckpt-N`
+ * (each one a `dump -R`), keeping the newest `keep` complete ones and
+ * `dir/latest` pointing at the newest; resolves with the job's exit status
+ * when it ends. A failed checkpoint is reported to `onCheckpoint` and the
+ * job goes on. `restore({ dir: dir + "/latest" })` continues the job.
+ *
+ * @example
+ * ```ts
+ * const { exitCode, checkpoints } = await run({
+ *   command: ["python3", "job.py"],
+ *   dir: "/var/tmp/job",
+ *   everyMs: 600_000,
+ *   keep: 3,
+ *   onCheckpoint: (c) => console.log(c.ok ? `checkpoint ${c.n}` : c.error),
+ * });
+ * ```
+ */
+export function run(req: RunRequest): Promise<RunResult> {
+  return runJob(req);
 }

@@ -1,25 +1,36 @@
 /**
- * deno task bench: dump (-R) and restore processes holding 64 MiB, 512 MiB
- * and 2 GiB of touched memory; prints figures, asserts nothing.
+ * deno task bench: dump and restore processes holding 64 MiB, 512 MiB and
+ * 2 GiB of touched memory, a process of 100 threads and a tree of 50
+ * processes; prints figures, asserts nothing.
  *
- *   deno task bench [MiB ...]
+ *   deno task bench [--vs-criu] [MiB ...]
  *
- * Each size runs ROUNDS cycles of dump -R (timed), dump (ends the process)
- * and restore -d (timed); the table shows the median and the best round.
+ * Each case runs ROUNDS cycles of dump -R (frozen time as amber measures
+ * it), dump (ends the tree) and restore -d, each the whole command; the
+ * table shows the median and the best round. With --vs-criu, CRIU
+ * (CRIU_BIN, default the reference copy in ../shared/reference) dumps and
+ * restores the same target in each round too, and the ratios amber/CRIU
+ * are printed.
  */
 import {
   amber,
   buildC,
+  descendants,
   dumpArgs,
   killAndReap,
+  killTree,
+  ROOT,
   sizeOf,
   spawnTarget,
   tempDir,
   waitForLines,
-  waitGone,
+  waitVanished,
 } from "../tests/_util.ts";
 
 const ROUNDS = 3;
+const args = Deno.args.filter((a) => a !== "--vs-criu");
+const VS_CRIU = args.length !== Deno.args.length;
+const CRIU = Deno.env.get("CRIU_BIN") ?? `${ROOT}/../shared/reference/criu`;
 
 /**
  * The VM returns freed memory to its host, and touching such memory again is
@@ -39,11 +50,12 @@ async function warmMemory(dir: string, bytes: number): Promise<void> {
 
 interface Round {
   frozenMs: number;
+  dumpRMs: number;
   dumpMs: number;
   restoreMs: number;
-  restoreWallMs: number;
   pageBytes: number;
-  imageBytes: number;
+  criuDumpMs?: number;
+  criuRestoreMs?: number;
 }
 
 /** Runs the CLI with -v, as an operator would; returns its wall time and what it printed. */
@@ -55,75 +67,168 @@ async function timed(args: string[]): Promise<{ ms: number; text: string }> {
   return { ms, text: r.stderr };
 }
 
+async function timedCriu(args: string[]): Promise<number> {
+  const t0 = performance.now();
+  const r = await new Deno.Command(CRIU, { args, stdin: "null", stdout: "null", stderr: "piped" })
+    .output();
+  const ms = performance.now() - t0;
+  if (r.code !== 0) {
+    throw new Error(`criu ${args.join(" ")}: ${new TextDecoder().decode(r.stderr).trim()}`);
+  }
+  return ms;
+}
+
 function figure(text: string, re: RegExp): number {
   const m = re.exec(text);
   if (!m) throw new Error(`no ${re} in: ${text}`);
   return Number(m[1]);
 }
 
-async function cycle(path: string, pid: number, size: number): Promise<Round> {
-  const bytes = size * 1048576;
+interface Target {
+  root: number;
+  pids: number[];
+}
+
+/** One amber round on a target, which comes back each time. */
+async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
   await warmMemory(path, bytes * 2);
-  const d = await timed(dumpArgs(pid, `${path}/img-R`, "-R"));
-  const imageBytes = sizeOf(`${path}/img-R`, /./);
+  const d = await timed(dumpArgs(t.root, `${path}/img-R`, "-R"));
   const pageBytes = sizeOf(`${path}/img-R`, /^pages-/);
   await Deno.remove(`${path}/img-R`, { recursive: true });
-  await timed(dumpArgs(pid, `${path}/img`));
-  await waitGone(pid);
+  await warmMemory(path, bytes * 2);
+  const k = await timed(dumpArgs(t.root, `${path}/img`));
+  await waitVanished(t.pids);
   await warmMemory(path, bytes * 2);
   const r = await timed(["restore", "-D", `${path}/img`, "-d"]);
   await Deno.remove(`${path}/img`, { recursive: true });
   return {
     frozenMs: figure(d.text, /frozen (\d+) ms/),
-    dumpMs: d.ms,
-    restoreMs: figure(r.text, / in (\d+) ms/),
-    restoreWallMs: r.ms,
+    dumpRMs: d.ms,
+    dumpMs: k.ms,
+    restoreMs: r.ms,
     pageBytes,
-    imageBytes,
   };
+}
+
+/**
+ * One CRIU round on a target of its own (CRIU restores into a time
+ * namespace of its own, which amber would refuse to dump afterwards).
+ */
+async function criuCycle(path: string, t: Target, bytes: number, round: Round): Promise<void> {
+  await Deno.mkdir(`${path}/criu`);
+  await warmMemory(path, bytes * 2);
+  round.criuDumpMs = await timedCriu(["dump", "-t", String(t.root), "-D", `${path}/criu`]);
+  await waitVanished(t.pids);
+  await warmMemory(path, bytes * 2);
+  round.criuRestoreMs = await timedCriu(["restore", "-D", `${path}/criu`, "-d"]);
+  await Deno.remove(`${path}/criu`, { recursive: true });
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const best = (xs: number[]) => Math.min(...xs);
 const gbs = (bytes: number, ms: number) => (bytes / 1e9 / (ms / 1000)).toFixed(2);
-const cell = (v: string, w: number) => v.padStart(w);
+const both = (xs: number[]) => `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
 
-const sizes = Deno.args.length ? Deno.args.map(Number) : [64, 512, 2048];
+interface Case {
+  name: string;
+  bytes: number;
+  /** Starts the target; returns its root and, once it runs, all its pids. */
+  start(dir: string): Promise<Target>;
+}
+
 const counter = await buildC("counter");
-console.log(`amber bench: median (best) of ${ROUNDS} rounds; images in /tmp (page cache).`);
-console.log("dump ms / restore ms: wall time of the whole command (Deno start-up included);");
-console.log("dump GB/s: pages over the frozen time, until the page cache holds them (the");
-console.log("fsync follows with the tree running); restore GB/s: pages over the restore itself.");
+const threads = await buildC("threads");
+const tree = await buildC("tree");
+
+function memoryCase(mib: number): Case {
+  return {
+    name: `${mib} MiB`,
+    bytes: mib * 1048576,
+    async start(dir) {
+      await Deno.mkdir(dir, { recursive: true });
+      const out = `${dir}/out.txt`;
+      const { pid } = spawnTarget([counter, out, String(mib), "--setsid"]);
+      await waitForLines(out, 2, 120_000);
+      return { root: pid, pids: [pid] };
+    },
+  };
+}
+
+const CASES: Case[] = [
+  ...(args.length ? args.map(Number) : [64, 512, 1024, 2048]).map(memoryCase),
+  {
+    name: "100 threads",
+    bytes: 0,
+    async start(dir) {
+      await Deno.mkdir(dir, { recursive: true });
+      const out = `${dir}/threads.txt`;
+      const { pid } = spawnTarget(["setsid", threads, out, "100"]);
+      await waitForLines(out, 300, 60_000);
+      return { root: pid, pids: [pid] };
+    },
+  },
+  {
+    name: "50 processes",
+    bytes: 0,
+    async start(dir) {
+      const out = `${dir}/tree`;
+      await Deno.mkdir(out, { recursive: true });
+      const { pid } = spawnTarget([tree, out, "1", "49", "--setsid"]);
+      for (let i = 0; i < 500 && descendants(pid).length < 50; i++) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await new Promise((r) => setTimeout(r, 200));
+      return { root: pid, pids: descendants(pid) };
+    },
+  },
+];
+
 console.log(
-  "MiB  | frozen ms     | dump ms       | dump GB/s   | image MiB | restore ms    | restore GB/s",
+  `amber bench, ${new Date().toISOString().slice(0, 10)}, ${Deno.osRelease()}, ` +
+    `${navigator.hardwareConcurrency} CPUs: median (best) of ${ROUNDS} rounds, whole commands (ms).`,
 );
-for (const size of sizes) {
+console.log("frozen: dump -R as amber measures it; dump: a dump that ends the tree (images");
+console.log("durable); restore: restore -d; GB/s: pages over the median.");
+const header = ["case", "frozen", "dump -R", "dump", "dump GB/s", "restore", "restore GB/s"];
+if (VS_CRIU) header.push("CRIU dump", "CRIU restore", "dump ratio", "restore ratio");
+console.log(header.join(" | "));
+for (const c of CASES) {
   await using tmp = await tempDir("amber-bench-");
-  const out = `${tmp.path}/out.txt`;
-  const target = spawnTarget([counter, out, String(size), "--setsid"]);
+  const targets: Target[] = [await c.start(`${tmp.path}/a`)];
   try {
-    await waitForLines(out, 2, 120_000);
+    if (VS_CRIU) targets.push(await c.start(`${tmp.path}/c`));
     const rounds: Round[] = [];
-    // The restored process keeps the pid; its parent is now this process.
-    for (let i = 0; i < ROUNDS; i++) rounds.push(await cycle(tmp.path, target.pid, size));
-    const col = (f: (r: Round) => number) => rounds.map(f);
-    const both = (xs: number[]) => `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
+    for (let i = 0; i < ROUNDS; i++) {
+      const round = await cycle(`${tmp.path}/a`, targets[0], c.bytes);
+      if (VS_CRIU) await criuCycle(`${tmp.path}/c`, targets[1], c.bytes, round);
+      rounds.push(round);
+    }
+    const col = (f: (r: Round) => number | undefined) => rounds.map((r) => f(r) ?? NaN);
     const pages = rounds[0].pageBytes;
-    /** GB/s of the pages over the times `f`: median (best). */
-    const rate = (f: (r: Round) => number) =>
-      `${gbs(pages, median(col(f)))} (${gbs(pages, best(col(f)))})`;
-    console.log(
-      [
-        String(size).padEnd(4),
-        cell(both(col((r) => r.frozenMs)), 13),
-        cell(both(col((r) => r.dumpMs)), 13),
-        cell(rate((r) => r.frozenMs), 11),
-        cell((rounds[0].imageBytes / 1048576).toFixed(0), 9),
-        cell(both(col((r) => r.restoreWallMs)), 13),
-        cell(rate((r) => r.restoreMs), 12),
-      ].join(" | "),
-    );
+    const row = [
+      c.name,
+      both(col((r) => r.frozenMs)),
+      both(col((r) => r.dumpRMs)),
+      both(col((r) => r.dumpMs)),
+      gbs(pages, median(col((r) => r.dumpMs))),
+      both(col((r) => r.restoreMs)),
+      gbs(pages, median(col((r) => r.restoreMs))),
+    ];
+    if (VS_CRIU) {
+      const ratio = (a: (r: Round) => number | undefined, b: (r: Round) => number | undefined) =>
+        (median(col(a)) / median(col(b))).toFixed(2) + "x";
+      row.push(
+        both(col((r) => r.criuDumpMs)),
+        both(col((r) => r.criuRestoreMs)),
+        ratio((r) => r.dumpMs, (r) => r.criuDumpMs),
+        ratio((r) => r.restoreMs, (r) => r.criuRestoreMs),
+      );
+    }
+    console.log(row.join(" | "));
   } finally {
-    await killAndReap(target.pid).catch(() => {});
+    for (const t of targets) {
+      await killTree(t.root).catch(() => {});
+      await killAndReap(t.root).catch(() => {});
+    }
   }
 }

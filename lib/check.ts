@@ -9,13 +9,93 @@ import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
 import { probeLock } from "./net/netlock.ts";
 
+/** One kernel feature, as {@link checkKernel} found it. */
+export interface CheckFeature {
+  /** What was probed, e.g. "clone3 set_tid". */
+  name: string;
+  /** It works here. */
+  ok: boolean;
+  /** dump or restore cannot work without it. */
+  required: boolean;
+  /** What was seen, or why it does not work. */
+  detail: string;
+  /** What amber does with it. */
+  enables: string;
+  /** What does not work here because it is missing (empty when it works). */
+  missing: string;
+}
+
+/** What {@link checkKernel} found. */
 export interface CheckReport {
   /** True when every required feature works. */
   ok: boolean;
-  features: { name: string; ok: boolean; required: boolean; detail: string }[];
+  /** Each feature probed. */
+  features: CheckFeature[];
 }
 
-type Feature = CheckReport["features"][number];
+type Feature = CheckFeature;
+type Probed = Omit<Feature, "enables" | "missing">;
+
+/** What each feature is for: what it enables, and what is lost without it. */
+const PURPOSE: Record<string, { enables: string; without: string }> = {
+  "root capabilities": {
+    enables: "seizing any process and setting its pids, memory layout and credentials",
+    without: "dump and restore",
+  },
+  "ptrace seize/interrupt/detach": {
+    enables: "freezing a tree without signals, injecting syscalls",
+    without: "dump and restore",
+  },
+  "process_vm_readv": { enables: "copying memory pages at dump", without: "dump" },
+  "/proc/PID/pagemap present bits": {
+    enables: "storing only the pages that exist",
+    without: "dump",
+  },
+  "/proc/PID/map_files": { enables: "identifying file-backed mappings", without: "dump" },
+  "/proc/PID/task/TID/children": { enables: "finding a tree's processes", without: "dump" },
+  "PTRACE_GET_RSEQ_CONFIGURATION": {
+    enables: "restartable sequences (glibc registers one per thread)",
+    without: "dump of any glibc program",
+  },
+  "NT_X86_XSTATE": { enables: "FPU/AVX registers", without: "dump and restore" },
+  "clone3 set_tid": { enables: "restoring processes with their own pids", without: "restore" },
+  "PR_SET_MM_MAP": { enables: "restoring mm fields (brk, auxv, exe link)", without: "restore" },
+  "/proc/sys/kernel/ns_last_pid": {
+    enables: "nothing yet (clone3 set_tid is used instead)",
+    without: "nothing",
+  },
+  "userfaultfd": {
+    enables: "lazy restore and write tracking, once amber has them",
+    without: "nothing amber does yet",
+  },
+  "userfaultfd WP async": {
+    enables: "incremental dumps by write tracking, once amber has them",
+    without: "nothing amber does yet (pre-dump will need it)",
+  },
+  "PAGEMAP_SCAN": {
+    enables: "fast scans of written pages for incremental dumps, once amber has them",
+    without: "nothing amber does yet",
+  },
+  "kcmp": { enables: "finding descriptors processes share", without: "dump" },
+  "TCP_REPAIR": {
+    enables: "established TCP connections (--tcp-established)",
+    without: "dump and restore of TCP connections",
+  },
+  "nftables": {
+    enables: "the network lock of established TCP connections (CRIU's nftables lock)",
+    without: "dump --tcp-established",
+  },
+  "time namespaces": {
+    enables: "monotonic clocks that go on from where they were, once amber has them",
+    without: "nothing amber does yet (CLOCK_MONOTONIC jumps after restore)",
+  },
+};
+
+/** A probe's result with what the feature is for. */
+function described(f: Probed): Feature {
+  const p = PURPOSE[f.name] ?? { enables: "", without: "" };
+  return { ...f, enables: p.enables, missing: f.ok ? "" : p.without };
+}
 
 const SIGKILL = 9;
 const CAP_SYS_PTRACE = 19;
@@ -49,7 +129,7 @@ function readText(path: string): string {
 }
 
 /** Runs one probe; an exception is a failure whose detail is its message. */
-function probe(name: string, required: boolean, fn: () => string): Feature {
+function probe(name: string, required: boolean, fn: () => string): Probed {
   try {
     return { name, required, ok: true, detail: fn() };
   } catch (e) {
@@ -111,6 +191,83 @@ function mmMapProbe(): string {
     throw new Error(`struct prctl_mm_map is ${size[0]} bytes, amber knows ${PRCTL_MM_MAP_SIZE}`);
   }
   return `struct prctl_mm_map ${size[0]} bytes`;
+}
+
+const NR_IOCTL = 16;
+const NR_OPEN = 2;
+const NR_SOCKET = 41;
+const NR_SETSOCKOPT = 54;
+/** _IOWR(0xAA, 0x3F, struct uffdio_api): 24 bytes. */
+const UFFDIO_API = 0xc018aa3fn;
+const UFFD_API = 0xaan;
+const UFFD_FEATURE_WP_ASYNC = 1n << 15n;
+/** _IOWR('f', 16, struct pm_scan_arg): 96 bytes. */
+const PAGEMAP_SCAN = 0xc0606610n;
+const AF_INET = 2;
+const SOCK_STREAM = 1;
+const IPPROTO_TCP = 6;
+const TCP_REPAIR = 19;
+
+function withFd<T>(fd: bigint, fn: (fd: bigint) => T): T {
+  try {
+    return fn(fd);
+  } finally {
+    rawSyscall("close", NR.close, fd);
+  }
+}
+
+/** UFFDIO_API with no features asked for reports those the kernel has. */
+function uffdWpAsyncProbe(): string {
+  const fd = rawSyscall("userfaultfd", NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+  return withFd(fd, () => {
+    const api = new BigUint64Array([UFFD_API, 0n, 0n]);
+    rawSyscall("ioctl(UFFDIO_API)", NR_IOCTL, fd, UFFDIO_API, addressOf(api));
+    if (!(api[1] & UFFD_FEATURE_WP_ASYNC)) {
+      throw new Error(`features 0x${api[1].toString(16)}: no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)`);
+    }
+    return `features 0x${api[1].toString(16)}`;
+  });
+}
+
+/**
+ * PAGEMAP_SCAN exists when the pagemap ioctl does: a kernel without it
+ * answers ENOTTY; one with it checks the (here empty) arguments.
+ */
+function pagemapScanProbe(): string {
+  const path = new TextEncoder().encode("/proc/self/pagemap\0");
+  const fd = rawSyscall("open(/proc/self/pagemap)", NR_OPEN, addressOf(path), O_CLOEXEC);
+  return withFd(fd, () => {
+    const arg = new BigUint64Array(12);
+    arg[0] = 96n; // size
+    try {
+      rawSyscall("ioctl(PAGEMAP_SCAN)", NR_IOCTL, fd, PAGEMAP_SCAN, addressOf(arg));
+    } catch (e) {
+      if (errnoOf(e) === "ENOTTY") throw new Error("no PAGEMAP_SCAN ioctl (Linux 6.7+)");
+      if (errnoOf(e) !== "EINVAL") throw e;
+    }
+    return "the pagemap ioctl answers";
+  });
+}
+
+function tcpRepairProbe(): string {
+  const fd = rawSyscall("socket(AF_INET, SOCK_STREAM)", NR_SOCKET, AF_INET, SOCK_STREAM, 0);
+  return withFd(fd, () => {
+    const one = new Int32Array([1]);
+    rawSyscall(
+      "setsockopt(TCP_REPAIR)",
+      NR_SETSOCKOPT,
+      fd,
+      IPPROTO_TCP,
+      TCP_REPAIR,
+      addressOf(one),
+      4,
+    );
+    return "a socket can enter repair mode";
+  });
+}
+
+function timeNsProbe(): string {
+  return `${Deno.readLinkSync("/proc/self/ns/time")}`;
 }
 
 function userfaultfdProbe(): string {
@@ -255,7 +412,7 @@ function xstateProbe(pid: number): string {
 }
 
 /** Probes that need a live, ptrace-stopped target. */
-function targetProbes(): Feature[] {
+function targetProbes(): Probed[] {
   const names: [string, boolean, (pid: number) => string][] = [
     ["process_vm_readv", true, vmReadvProbe],
     ["/proc/PID/pagemap present bits", true, pagemapProbe],
@@ -280,9 +437,9 @@ function targetProbes(): Feature[] {
     ];
   }
   let attached = false;
-  const out: Feature[] = [];
+  const out: Probed[] = [];
   try {
-    let ptraceOk: Feature;
+    let ptraceOk: Probed;
     try {
       freeze(pid);
       attached = true;
@@ -334,21 +491,30 @@ export function checkKernel(): CheckReport {
     probe("PR_SET_MM_MAP", true, mmMapProbe),
     probe("/proc/sys/kernel/ns_last_pid", false, nsLastPidProbe),
     probe("userfaultfd", false, userfaultfdProbe),
+    probe("userfaultfd WP async", false, uffdWpAsyncProbe),
+    probe("PAGEMAP_SCAN", false, pagemapScanProbe),
     // Dump finds descriptors that processes share with kcmp(KCMP_FILE).
     probe("kcmp", true, kcmpProbe),
+    probe("TCP_REPAIR", false, tcpRepairProbe),
     // Established TCP connections are dumped under an nftables lock.
-    probe("nftables network lock", false, probeLock),
-  ];
+    probe("nftables", false, probeLock),
+    probe("time namespaces", false, timeNsProbe),
+  ].map(described);
   return { ok: features.every((f) => f.ok || !f.required), features };
 }
 
 /** One line per feature ("ok", "FAIL", or "warn" for optional ones) and a verdict. */
 export function formatCheckReport(r: CheckReport): string {
-  const lines = r.features.map((f) => {
+  const lines = r.features.flatMap((f) => {
     const tag = f.ok ? "ok" : f.required ? "FAIL" : "warn";
-    return `${tag.padEnd(6)}${f.name}${f.detail ? `: ${f.detail}` : ""}${
+    const head = `${tag.padEnd(6)}${f.name}${f.detail ? `: ${f.detail}` : ""}${
       !f.ok && !f.required ? " (optional)" : ""
     }`;
+    return [
+      head,
+      ...(f.enables ? [`      for: ${f.enables}`] : []),
+      ...(f.missing ? [`      missing here: ${f.missing}`] : []),
+    ];
   });
   const failed = r.features.filter((f) => !f.ok && f.required).map((f) => f.name);
   lines.push(

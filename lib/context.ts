@@ -18,6 +18,8 @@ export interface DumpOptions {
   leaveRunning: boolean;
   shellJob: boolean;
   verbose: boolean;
+  /** Largest deleted file whose contents dump saves (--ghost-limit), bytes. */
+  ghostLimit: number;
   /** Established TCP connections may be dumped (with TCP_REPAIR, under a network lock). */
   tcpEstablished: boolean;
 }
@@ -75,6 +77,8 @@ export interface RestoreOptions {
   detached: boolean;
   shellJob: boolean;
   verbose: boolean;
+  /** Reopen regular files even if they changed since the dump (--allow-changed-files). */
+  allowChangedFiles: boolean;
   /** Accepted as CRIU's flag; the images say which connections come back. */
   tcpEstablished?: boolean;
 }

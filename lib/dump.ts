@@ -7,13 +7,21 @@ import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { unlock } from "./net/netlock.ts";
-import { AmberError, faultPointAsync, withContext, withContextAsync } from "./errors.ts";
+import {
+  AmberError,
+  faultPointAsync,
+  RefusalError,
+  withContext,
+  withContextAsync,
+} from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
+import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
+import { type ProgressCallback, Tracker } from "./progress.ts";
 import { dumpVerdictOptions, imageRefusal, judgeDirectory } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
@@ -39,6 +47,8 @@ export interface DumpRequest extends Partial<DumpOptions> {
   signal?: AbortSignal;
   /** Receives every detail line (what -v prints). */
   log?: LogLine;
+  /** Receives how far the dump is: at each part of each process, and as pages are copied. */
+  progress?: ProgressCallback;
 }
 
 export interface DumpStats {
@@ -48,6 +58,10 @@ export interface DumpStats {
   totalMs: number;
   pageBytes: number;
   imageBytes: number;
+  /** Milliseconds spent in each part, summed over the processes. */
+  partMs: Record<string, number>;
+  /** The images directory written. */
+  dir: string;
 }
 
 const SCRATCH_SIZE = 4096;
@@ -125,6 +139,7 @@ async function dumpProcess(
   tree: TreeDumpState,
   guard: SignalGuard,
   log: LogLine,
+  tracker: Tracker,
 ): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
   const leader = proc.threads[0];
@@ -134,8 +149,10 @@ async function dumpProcess(
   for (const part of PARTS) {
     await guard.checkpoint();
     const t0 = performance.now();
+    tracker.at(proc.pid, part.name);
     await dumpOnePart(ctx, part);
     refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
+    tracker.took(part.name, performance.now() - t0);
     log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   return { ctx, refusal };
@@ -156,7 +173,7 @@ async function dumpLateParts(contexts: DumpContext[]): Promise<void> {
 
 /** Ending a tree whose images cannot come back would lose it. */
 function refuseToEnd(why: string): AmberError {
-  return new AmberError(
+  return new RefusalError(
     `${why}; the tree is left running (dump -R keeps it running with its images)`,
   );
 }
@@ -190,6 +207,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     leaveRunning: req.leaveRunning ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
+    ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
     tcpEstablished: req.tcpEstablished ?? false,
   };
   const log = detailLog(req);
@@ -206,10 +224,13 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     options,
     onEnd: [],
   };
+  const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
   try {
-    // Grow the page cache for the big pages files while the tree still runs.
-    for (const pid of listTree(req.pid)) {
+    // Grow the page cache for the big pages files while the tree still runs
+    // (for -R, whose tree is frozen only for the copy; a killed tree's pages
+    // go straight to the disk instead).
+    for (const pid of options.leaveRunning ? listTree(req.pid) : []) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
       await guard.checkpoint();
@@ -244,7 +265,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     for (const proc of tree.processes.filter((p) => !p.zombie)) {
       const { ctx, refusal } = await withContextAsync(
         `pid ${proc.pid}`,
-        () => dumpProcess(dir, proc, options, state, guard, log),
+        () => dumpProcess(dir, proc, options, state, guard, log, tracker),
       );
       if (refusal && !options.leaveRunning) throw refuseToEnd(refusal);
       contexts.push(ctx);
@@ -298,6 +319,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // The lock stays, recorded in the inventory, until restore.
     endKinds(state, "kill");
   }
+  tracker.finish();
   const pageBytes = tree.pids.reduce((s, pid) => {
     try {
       return s + Deno.statSync(dir.file(pagesFileName(pid))).size;
@@ -311,5 +333,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     totalMs: performance.now() - t0,
     pageBytes,
     imageBytes: imageBytes(req.dir),
+    partMs: tracker.partMs,
+    dir: req.dir,
   };
 }

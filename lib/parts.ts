@@ -5,6 +5,7 @@
 import type { Part } from "./context.ts";
 import { fdsPart } from "./fds/fds.ts";
 import { fsPart } from "./fs/fsinfo.ts";
+import { locksPart } from "./fds/locks.ts";
 import { mappingsPart } from "./mm/mappings.ts";
 import { mmPart } from "./mm/mm.ts";
 import { pagemapPart } from "./mm/pages.ts";
@@ -35,6 +36,8 @@ export const PARTS: Part[] = [
   // Before fds: the process's own RLIMIT_NOFILE bounds its descriptor numbers.
   rlimitsPart,
   fdsPart,
+  // After fds (closing a descriptor drops its file's POSIX locks), before anything runs.
+  locksPart,
   fsPart,
   sigactionsPart,
   // Before threads (they inherit its loginuid) and creds (which may drop CAP_AUDIT_CONTROL).

@@ -14,14 +14,22 @@ import * as pt from "../ffi/ptrace.ts";
 import { libc } from "../ffi/libc.ts";
 import { replaceFile } from "../ffi/dirfd.ts";
 import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "./context.ts";
-import { AmberError, faultPoint, withContext, withContextAsync } from "./errors.ts";
+import {
+  AmberError,
+  faultPointAsync,
+  RefusalError,
+  withContext,
+  withContextAsync,
+} from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
+import { type ProgressCallback, Tracker, trackerIn } from "./progress.ts";
 import { PARTS } from "./parts.ts";
+import { resolveImagesDir } from "./run.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
 import { applyThreadState, type ThreadImage, xfeatures, xstateSize } from "./task/threads.ts";
@@ -35,6 +43,8 @@ export interface RestoreRequest extends Partial<RestoreOptions> {
   signal?: AbortSignal;
   /** Receives every detail line (what -v prints). */
   log?: LogLine;
+  /** Receives how far the restore is: at each part of each process, and as pages are filled. */
+  progress?: ProgressCallback;
 }
 
 export interface RestoreResult {
@@ -42,6 +52,8 @@ export interface RestoreResult {
   /** Exit code of the root when not detached (128+signal if killed). */
   exitCode?: number;
   restoreMs: number;
+  /** Milliseconds spent in each part, summed over the processes. */
+  partMs: Record<string, number>;
 }
 
 const SCRATCH_SIZE = 64 * 1024;
@@ -93,7 +105,7 @@ export async function precheck(
   dir: ImageDir,
 ): Promise<void> {
   const reasons = await judgeImages(images, dir, options);
-  if (reasons.length) throw new AmberError(reasons[0]);
+  if (reasons.length) throw new RefusalError(reasons[0]);
   // What can never be restored is reported before what a retry could fix.
   for (const p of images.processes) {
     for (const tid of p.entry.threads) {
@@ -249,11 +261,14 @@ async function rebuildProcess(
     tree,
     log,
   };
+  const tracker = trackerIn(tree.kinds);
   for (const part of PARTS) {
     const t0 = performance.now();
+    tracker?.at(pid, part.name);
     await withContextAsync(part.name, async () => {
       await part.restore(ctx, blank.images.parts[part.name]);
     });
+    tracker?.took(part.name, performance.now() - t0);
     log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
@@ -356,25 +371,33 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     detached: req.detached ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
+    allowChangedFiles: req.allowChangedFiles ?? false,
   };
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);
-  const images = readImages(req.dir);
-  const dir = new ImageDir(req.dir);
+  // DIR/latest of amber run is followed, explicitly; no other link is.
+  const path = resolveImagesDir(req.dir);
+  const images = readImages(path);
+  const dir = new ImageDir(path);
   const lock = images.inventory.netLock;
+  let helper: Helper;
   try {
     await precheck(images, options, dir);
     await guard.checkpoint();
+    log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
+    helper = await startHelper(images.inventory);
   } catch (e) {
     releaseLock(lock, log);
     throw e;
   }
-  log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
-  const helper = await startHelper(images.inventory);
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
   const contexts: RestoreContext[] = [];
   const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map(), onEnd: [] };
+  const tracker = new Tracker("restore", req.progress).attach(tree.kinds);
+  for (const p of images.processes) {
+    tracker.addTotal(((p.parts.pagemap as { totalPages?: number })?.totalPages ?? 0) * 4096);
+  }
   try {
     createTree(images, helper, created, options.detached);
     for (const blank of created.values()) {
@@ -398,12 +421,12 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
         () => replaceFile(pidfile, new TextEncoder().encode(`${images.processes[0].entry.pid}\n`)),
       );
     }
+    await faultPointAsync("before-detach");
     for (const blank of created.values()) {
       if (blank.images.entry.state === "zombie") becomeZombie(blank);
       // A pending SIGSTOP puts it back into its group stop once detached.
       if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
     }
-    faultPoint("restore-before-run");
     // As CRIU does: the lock goes just before the tree runs, then repair
     // mode (its window probe reaches the peer at once).
     if (lock) withContext("network lock", () => unlock(lock));
@@ -425,7 +448,9 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
-  if (options.detached) return { pids, restoreMs };
+  tracker.finish();
+  const partMs = tracker.partMs;
+  if (options.detached) return { pids, restoreMs, partMs };
   const st = await pt.waitpidAsync(pids[0], 0);
-  return { pids, restoreMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
+  return { pids, restoreMs, partMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
 }

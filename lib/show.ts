@@ -7,6 +7,7 @@ import { ImageDir } from "./images/dir.ts";
 import { escapeText } from "./errors.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { dumpVerdictOptions, judgeImages } from "./verdict.ts";
+import { resolveImagesDir } from "./run.ts";
 import type { MappingImage } from "./mm/mappings.ts";
 import type { MmImage } from "./mm/mm.ts";
 import type { PageRun } from "./mm/pages.ts";
@@ -286,6 +287,49 @@ function imagesText(images: Images, reasons: string[]): string {
   return lines.join("\n");
 }
 
+/** Descriptor kinds of a process, counted: "file 3, pipe 2". */
+function fdKinds(fds: FdImage[]): string {
+  const counts = new Map<string, number>();
+  for (const f of fds) counts.set(f.kind, (counts.get(f.kind) ?? 0) + 1);
+  return [...counts].map(([k, n]) => `${k} ${n}`).join(", ") || "none";
+}
+
+/**
+ * One line per process, children indented under their parent: pid, name,
+ * threads, memory stored, descriptor kinds, and why it cannot be restored.
+ */
+function compactTree(images: Images, reasons: string[]): string {
+  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  const why = (pid: number) => reasons.filter((r) => r.startsWith(`pid ${pid}: `));
+  const general = reasons.filter((r) =>
+    !/^pid (\d+): /.test(r) || !pids.has(Number(/\d+/.exec(r)![0]))
+  );
+  const lines = [
+    `${images.dir}: ${reasons.length ? "not restorable" : "restorable"}`,
+    ...general.map((r) => `  cannot be restored: ${r}`),
+  ];
+  const children = new Map<number, ProcessImages[]>();
+  const roots: ProcessImages[] = [];
+  for (const p of images.processes) {
+    if (!pids.has(p.entry.ppid) || p.entry.pid === images.inventory.rootPid) roots.push(p);
+    else children.set(p.entry.ppid, [...(children.get(p.entry.ppid) ?? []), p]);
+  }
+  const walk = (p: ProcessImages, depth: number) => {
+    const e = p.entry;
+    const { threads, pagemap, fds } = partsOf(p);
+    const pad = "  ".repeat(depth);
+    const state = e.state === "running" ? "" : ` ${e.state}`;
+    lines.push(
+      `${pad}${e.pid} ${threads[0]?.comm ?? e.comm}${state}: ${e.threads.length} thread(s), ` +
+        `${mib(pagemap.totalPages * PAGE_SIZE)} MiB, fds: ${fdKinds(fds)}`,
+    );
+    for (const r of why(e.pid)) lines.push(`${pad}  x ${r.slice(`pid ${e.pid}: `.length)}`);
+    for (const c of children.get(e.pid) ?? []) walk(c, depth + 1);
+  };
+  for (const r of roots) walk(r, 0);
+  return lines.join("\n");
+}
+
 /** A copy of `v` with every string escaped for a terminal (JSON escapes on its own). */
 function escapeStrings<T>(v: T): T {
   if (typeof v === "string") return escapeText(v, SHOW_TEXT_MAX) as T;
@@ -300,12 +344,16 @@ function escapeStrings<T>(v: T): T {
  * The images of `dir`, validated, as text or (with `json`) one JSON
  * document. Invalid images throw the AmberError of readImages.
  */
-export async function showImages(dir: string, opts: { json?: boolean } = {}): Promise<string> {
+export async function showImages(
+  path: string,
+  opts: { json?: boolean; tree?: boolean } = {},
+): Promise<string> {
+  const dir = resolveImagesDir(path);
   const images = readImages(dir);
   // Judged as restore would judge them, with the flags they were dumped with.
   using reader = new ImageDir(dir);
   const reasons = await judgeImages(images, reader, dumpVerdictOptions(images.inventory.shellJob));
-  return opts.json
-    ? imagesJson(images, reasons)
-    : imagesText(escapeStrings(images), escapeStrings(reasons));
+  if (opts.json) return imagesJson(images, reasons);
+  if (opts.tree) return compactTree(escapeStrings(images), escapeStrings(reasons));
+  return imagesText(escapeStrings(images), escapeStrings(reasons));
 }

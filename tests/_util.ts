@@ -634,14 +634,17 @@ export const TREE_DEPTH = 2, TREE_WIDTH = 2;
 export async function startTree(
   outDir: string,
   onStart: (root: number) => void,
+  depth = TREE_DEPTH,
+  width = TREE_WIDTH,
 ): Promise<number[]> {
   const bin = await buildC("tree");
-  const count = 1 + TREE_WIDTH + TREE_WIDTH * TREE_WIDTH;
+  let count = 1;
+  for (let level = 1, n = 1; level <= depth; level++) count += n *= width;
   await Deno.mkdir(outDir);
-  const root = spawnTarget([bin, outDir, String(TREE_DEPTH), String(TREE_WIDTH), "--setsid"]).pid;
+  const root = spawnTarget([bin, outDir, String(depth), String(width), "--setsid"]).pid;
   onStart(root);
   // Every process writes its own PID.txt once its children are forked.
-  const deadline = Date.now() + 10_000;
+  const deadline = Date.now() + 10_000 + count * 100;
   for (;;) {
     const files = listDir(outDir);
     if (files.length === count) {

@@ -146,7 +146,12 @@ async function checkImages(dir: string, what: string): Promise<string> {
   try {
     const images = readImages(dir);
     using d = new ImageDir(dir);
-    await precheck(images, { detached: true, shellJob: false, verbose: false }, d);
+    await precheck(images, {
+      detached: true,
+      shellJob: false,
+      verbose: false,
+      allowChangedFiles: false,
+    }, d);
     return "ok";
   } catch (e) {
     if (!(e instanceof AmberError)) {

@@ -1,7 +1,9 @@
 /**
  * Pipes: a parent and child talking through a pipe with bytes still in it
- * come back connected, the bytes in place; a pipe to a process outside the
- * tree is refused without harming anyone.
+ * come back connected, the bytes in place; each end keeps its own status
+ * flags; a pipe whose other end is closed everywhere comes back so (make
+ * -j2 mid-build finishes); a pipe to a process outside the tree is refused
+ * without harming anyone.
  */
 import assert from "node:assert/strict";
 import {
@@ -10,15 +12,20 @@ import {
   assertExit,
   assertNoHelper,
   childrenOf,
+  commandWorks,
   dumpArgs,
+  exists,
   killAndReap,
   killTree,
+  listDir,
   procState,
   readCounterLines,
   readLines,
   showJson,
   spawnTarget,
+  startWriter,
   tempDir,
+  until,
   waitForLines,
   waitGone,
 } from "./_util.ts";
@@ -128,4 +135,102 @@ while True:
     await killTree(shell);
   }
   assertConsecutive((await readCounterLines(out)).numbers, "what cat received");
+});
+
+/**
+ * Two pipes, each with one non-blocking end: the read end of the first,
+ * the write end of the second. The target checks its ends every tick and
+ * that reading the empty non-blocking end does not block.
+ */
+const FLAGS_PY = `import os, sys, time
+r1, w1 = os.pipe()
+r2, w2 = os.pipe()
+os.set_blocking(r1, False)
+os.set_blocking(w2, False)
+out = open(sys.argv[1], "w")
+n = 0
+while True:
+    want = [(r1, False), (w1, True), (r2, True), (w2, False)]
+    bad = [fd for fd, b in want if os.get_blocking(fd) != b]
+    try:
+        os.read(r1, 1)
+        bad.append("r1 read")
+    except BlockingIOError:
+        pass
+    out.write("%d\\n" % n if not bad else "BAD %d %s\\n" % (n, bad))
+    out.flush()
+    n += 1
+    time.sleep(0.02)
+`;
+
+/** fdinfo flags of every pipe end of PID, by fd. */
+function pipeFlags(pid: number): Record<number, string> {
+  const out: Record<number, string> = {};
+  for (const e of Deno.readDirSync(`/proc/${pid}/fd`)) {
+    if (!Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`).startsWith("pipe:")) continue;
+    const info = Deno.readTextFileSync(`/proc/${pid}/fdinfo/${e.name}`);
+    out[Number(e.name)] = /^flags:\s*(\d+)/m.exec(info)![1];
+  }
+  return out;
+}
+
+Deno.test("each pipe end keeps its own O_NONBLOCK", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/flags.txt`;
+  const t = await startWriter(["setsid", "python3", "-c", FLAGS_PY, out], out, 3, 30_000);
+  try {
+    const before = pipeFlags(t.pid);
+    assert.equal(Object.keys(before).length, 4, "test setup: four pipe ends");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(t.pid, img)), 0, "dump");
+    await t.child.status;
+    const n = (await readLines(out)).length;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.deepEqual(pipeFlags(t.pid), before, "fdinfo flags of the pipe ends after restore");
+    await waitForLines(out, n + 10);
+    assertConsecutive((await readCounterLines(out)).numbers, "the target's checks");
+    assert.deepEqual((await readCounterLines(out)).other, [], "the target saw wrong flags");
+  } finally {
+    await killAndReap(t.pid);
+  }
+});
+
+/**
+ * A small build where every job takes a while. make gives every job but
+ * one a pipe whose write end it closed as stdin: that end is held by
+ * nobody.
+ */
+const MAKEFILE = `OUTS := $(addsuffix .out,a b c d e f)
+all.txt: $(OUTS)
+\tcat $(OUTS) > all.tmp && mv all.tmp all.txt
+%.out:
+\tsleep 0.5; echo $@ > $@.tmp && mv $@.tmp $@
+`;
+
+Deno.test("make -j2 dumped mid-build finishes the build after restore", async () => {
+  assert.ok(await commandWorks("make", "--version"), "this test needs make (Debian package make)");
+  await using tmp = await tempDir();
+  const build = `${tmp.path}/build`;
+  Deno.mkdirSync(build);
+  Deno.writeTextFileSync(`${build}/Makefile`, MAKEFILE);
+  const { pid, child } = spawnTarget(["setsid", "make", "-j2", "-C", build]);
+  try {
+    // Mid-build: jobs running, some done, not all.
+    await until(() => listDir(build).some((f) => f.endsWith(".out")), "no job finished", 30_000);
+    assert.ok(!exists(`${build}/all.txt`), "test setup: the build ended before the dump");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump mid-build");
+    await child.status;
+    const doc = await showJson(img);
+    const closedEnds = pipeFds(doc).filter((f) => (f as { otherClosed?: boolean }).otherClosed);
+    assert.ok(closedEnds.length > 0, "no pipe end whose other end is closed everywhere");
+    for (const p of doc.processes) assert.ok(await waitGone(p.pid), `${p.pid} lingers`);
+    assert.ok(!exists(`${build}/all.txt`), "the build ended before the dump");
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.ok(await waitGone(pid, 30_000), "the restored make did not finish");
+    const outs = ["a", "b", "c", "d", "e", "f"].map((x) => `${x}.out\n`).join("");
+    assert.equal(Deno.readTextFileSync(`${build}/all.txt`), outs, "the build's result");
+  } finally {
+    await killTree(pid);
+  }
 });

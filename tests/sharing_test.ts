@@ -1,9 +1,8 @@
 /**
  * Kernel objects processes share: open file descriptions held by two
  * processes (inherited over fork) and by two descriptors of one process
- * (dup2) come back as one description, with one offset; anonymous memory
- * shared between two processes is refused, clearly, without harming the
- * tree.
+ * (dup2) come back as one description, with one offset. (Shared anonymous
+ * memory: tests/shmem_test.ts.)
  * Run with: deno test -A tests/sharing_test.ts
  *
  * Like the other test files, these look at the test process's children (we
@@ -12,35 +11,26 @@
 import assert from "node:assert/strict";
 import { sameOpenFile } from "../ffi/libc.ts";
 import {
-  addr,
   amber,
   assertConsecutive,
-  assertCounterFile,
   assertExit,
   assertNoLiveHelper,
-  assertOneLineError,
   assertRunningFree,
   childrenOf,
   dumpArgs,
-  exists,
-  isAlive,
   type Json,
   killTree,
-  listDir,
   openFds,
   ownChildren,
   pidOf,
   processesOf,
-  procMaps,
   procState,
   readLines,
   showJson,
-  sleep,
   startWriter,
   tempDir,
   until,
   waitForLine,
-  waitForLines,
   waitVanished,
 } from "./_util.ts";
 
@@ -255,116 +245,4 @@ Deno.test("shared open file (dup2 + fork, no O_APPEND): 3 rounds of dump + resto
     lines.map((l) => `${l}\n`).join(""),
     "the output file ends with a complete line",
   );
-});
-
-// ---------------------------------------------------------------------------
-// anonymous memory shared between processes
-
-/**
- * Maps shared anonymous memory (mmap.mmap(-1, ...) is MAP_SHARED) and forks;
- * parent and child each write their counter into the shared page and append
- * it to argv[1].P / argv[1].C every 20 ms.
- */
-const SHAREMEM_PY = `import mmap, os, sys, time
-m = mmap.mmap(-1, 4096)
-tag = "C" if os.fork() == 0 else "P"
-slot = 0 if tag == "P" else 8
-f = open("%s.%s" % (sys.argv[1], tag), "a")
-i = 0
-while True:
-    m[slot:slot + 8] = i.to_bytes(8, "little")
-    f.write("%d\\n" % i)
-    f.flush()
-    i += 1
-    time.sleep(0.02)
-`;
-
-Deno.test("anonymous memory shared by parent and child: dump refuses, dump -R works, restore refuses", async () => {
-  await using tmp = await tempDir();
-  const base = `${tmp.path}/mem`;
-  const outP = `${base}.P`, outC = `${base}.C`;
-  const argv = ["setsid", "python3", "-c", SHAREMEM_PY, base];
-  const { pid: root } = await startWriter(argv, outP, 3, 30_000);
-  let child = 0;
-  let alive = true;
-  try {
-    child = await onlyChild(root, "start");
-    await waitForLines(outC, 3);
-    const isShm = (m: { perms: string; path: string; start: bigint; end: bigint }) =>
-      m.perms[3] === "s" && m.path.startsWith("/dev/zero") && m.end - m.start === 4096n;
-    const shm = procMaps(child).filter(isShm);
-    assert.equal(shm.length, 1, `test setup: shared anonymous mappings of ${child}`);
-    const start = shm[0].start.toString(16);
-    assert.equal(procMaps(root).filter(isShm).length, 1, `test setup: mappings of ${root}`);
-
-    /** Both run freely and both counters go on. */
-    const assertBothRun = async (what: string) => {
-      for (const pid of [root, child]) {
-        assert.ok(isAlive(pid), `${what}: ${pid} is gone`);
-        await assertRunningFree(pid, what);
-      }
-      for (const out of [outP, outC]) {
-        const n = (await readLines(out)).length;
-        await waitForLines(out, n + 5);
-        await assertCounterFile(out, `${what}: ${out}`);
-      }
-    };
-
-    const img = `${tmp.path}/img`;
-    const r = await amber(dumpArgs(root, img));
-    const msg = assertOneLineError(r, 1, "dump without -R");
-    assert.ok(msg.includes(start), `dump without -R: does not name the mapping ${start}: ${msg}`);
-    assert.ok(
-      msg.includes(`shared with pid ${root}`),
-      `dump without -R: does not say "shared with pid ${root}": ${msg}`,
-    );
-    assert.ok(msg.includes("-R"), `dump without -R: does not mention -R: ${msg}`);
-    assert.ok(!exists(img), `dump without -R left ${img}: ${listDir(img).join(" ")}`);
-    await assertBothRun("after the refused dump");
-
-    assertExit(await amber(dumpArgs(root, img, "-R")), 0, "dump -R");
-    await assertBothRun("after dump -R");
-    // The images say whose memory the child's mapping is.
-    const doc = await showJson(img);
-    const mapping = (pid: number): Json =>
-      (procIn(doc, pid).images?.mappings?.mappings ?? []).find((m: Json) =>
-        addr(m.start) === shm[0].start
-      );
-    assert.ok(mapping(child), `no mapping at ${start} in the images of ${child}`);
-    assert.ok(mapping(root), `no mapping at ${start} in the images of ${root}`);
-    assert.equal(mapping(child)?.sharedWith, root, "sharedWith of the child's mapping");
-    assert.equal(mapping(root)?.sharedWith, undefined, "sharedWith of the parent's mapping");
-
-    await killTree(root);
-    await killTree(child);
-    await waitVanished([root, child]);
-    alive = false;
-
-    const before = ownChildren();
-    const rr = await amber(["restore", "-D", img, "-d"]);
-    const rmsg = assertOneLineError(rr, 1, "restore of the -R images");
-    assert.ok(
-      rmsg.includes(`anonymous memory shared with pid ${root}`),
-      `restore: does not say "anonymous memory shared with pid ${root}": ${rmsg}`,
-    );
-    for (const pid of [root, child]) {
-      assert.equal(procState(pid), null, `restore left process ${pid} behind`);
-    }
-    assert.deepEqual(ownChildren().filter((p) => !before.includes(p)), [], "new children");
-    assertNoLiveHelper("failed restore");
-    const lines = [(await readLines(outP)).length, (await readLines(outC)).length];
-    await sleep(50);
-    assert.deepEqual(
-      [(await readLines(outP)).length, (await readLines(outC)).length],
-      lines,
-      "someone writes after the failed restore",
-    );
-  } finally {
-    if (alive) {
-      await killTree(root);
-      if (child) await killTree(child);
-    }
-  }
-  await assertCounterFile(outP, "the parent's whole output");
-  await assertCounterFile(outC, "the child's whole output");
 });

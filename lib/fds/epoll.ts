@@ -1,83 +1,76 @@
 /**
- * epoll instances. Dump reads the interest list from fdinfo (`tfd`,
- * events, data, and the watched file's inode, checked against the
- * process's own descriptor so a watch whose descriptor was closed is
- * refused rather than pointed at the wrong file). Restore creates the
- * instance and, once every descriptor of the process is in place, adds
- * each watch again with its events and data; readiness comes back from
- * the files themselves.
+ * epoll: the interest list (each watched descriptor with its events and
+ * data) from fdinfo `tfd:` lines. Restore creates the instance with the
+ * other descriptors, and fills it once every descriptor of the process is
+ * in place (a watched descriptor may have a higher number, or be another
+ * epoll). A watch whose descriptor number no longer holds the watched file
+ * (closed, or another process's number on a shared instance) is refused.
  */
 import { z } from "zod";
-import { NR } from "../../ffi/inject.ts";
-import type { RestoreContext } from "../context.ts";
+import { AmberError } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
-import { procPath, readProcText } from "../proc/read.ts";
+import { readProcText } from "../proc/read.ts";
 import { putBytes } from "../scratch.ts";
-import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
+import { defineFdKind, O_CLOEXEC } from "./kind.ts";
 
+const NR_EPOLL_CREATE1 = 291, NR_EPOLL_CTL = 233;
 const EPOLL_CTL_ADD = 1;
-const WATCH =
-  /^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)\s+pos:\d+\s+ino:([0-9a-f]+)/gm;
 
-const Watch = z.object({
-  tfd: z.number().int().min(0),
-  events: z.number().int().min(0).max(0xffffffff),
-  data: u64,
-});
+const LINE =
+  /^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)\s+pos:\s*-?\d+\s+ino:\s*([0-9a-f]+)\s+sdev:\s*([0-9a-f]+)/;
 
-const EpollEntry = z.object({
-  kind: z.literal("epoll"),
-  fd: z.number().int().min(0),
-  flags: z.number().int().min(0),
-  watches: z.array(Watch).max(1 << 20),
-  /** A watch on a file no descriptor of the process holds as that number any more. */
-  refusal: z.string().optional(),
-});
-type EpollImage = z.output<typeof EpollEntry>;
+const Watch = z.object({ fd: z.number().int().min(0), events: z.number().int(), data: u64 });
 
+/** The inode number of fd `fd` of `pid`, if open. */
 function inodeOf(pid: number, fd: number): number | undefined {
   try {
-    return Deno.statSync(procPath(pid, `fd/${fd}`)).ino ?? undefined;
+    return Deno.statSync(`/proc/${pid}/fd/${fd}`).ino ?? undefined;
   } catch {
     return undefined;
   }
 }
 
-/** struct epoll_event, packed on x86-64: u32 events, u64 data. */
-function epollEvent(events: number, data: bigint): Uint8Array {
-  const b = new Uint8Array(12);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, events, true);
-  v.setBigUint64(4, data, true);
-  return b;
-}
-
 export const epollFd = defineFdKind({
   name: "epoll",
-  schema: EpollEntry,
-  matches: (p: FdProbe) => p.link === "anon_inode:[eventpoll]",
-  dump(p: FdProbe) {
-    const info = readProcText(p.pid, `fdinfo/${p.fd}`);
-    const watches = [];
-    let refusal: string | undefined;
-    for (const m of info.matchAll(WATCH)) {
-      const tfd = Number(m[1]), ino = parseInt(m[4], 16);
-      if (inodeOf(p.pid, tfd) !== ino) {
-        refusal ??= `watches inode ${ino} as fd ${tfd}, which that fd no longer is ` +
-          "(closed or replaced after epoll_ctl): not supported yet";
-      }
-      watches.push({ tfd, events: parseInt(m[2], 16), data: BigInt("0x" + m[3]) });
+  schema: z.object({
+    kind: z.literal("epoll"),
+    fd: z.number().int().min(0),
+    flags: z.number().int().min(0),
+    watches: z.array(Watch),
+    /** A watch amber could not tie to a descriptor of this process. */
+    stale: z.number().int().optional(),
+  }),
+  matches: (p) => p.link === "anon_inode:[eventpoll]",
+  dump(p) {
+    const watches: z.input<typeof Watch>[] = [];
+    let stale: number | undefined;
+    for (const line of readProcText(p.pid, `fdinfo/${p.fd}`).split("\n")) {
+      if (!line.startsWith("tfd:")) continue;
+      const m = LINE.exec(line);
+      if (!m) throw new AmberError(`fdinfo: cannot parse "${line}"`);
+      const fd = Number(m[1]);
+      if (inodeOf(p.pid, fd) !== parseInt(m[4], 16)) stale ??= fd;
+      watches.push({ fd, events: parseInt(m[2], 16) | 0, data: BigInt(`0x${m[3]}`) });
     }
-    return { kind: "epoll" as const, fd: p.fd, flags: p.flags, watches, refusal };
+    return { kind: "epoll" as const, fd: p.fd, flags: p.flags, watches, stale };
   },
-  unrestorable: (e) => e.refusal && `fd ${e.fd}: epoll: ${e.refusal}`,
-  restore(ctx, _e) {
-    return Number(ctx.injector.call("epoll_create1", NR.epoll_create1, O_CLOEXEC));
+  unrestorable(e) {
+    if (e.stale !== undefined) {
+      return `fd ${e.fd}: epoll watch of fd ${e.stale}, which no longer holds the watched file ` +
+        "(closed, or another process's): not supported yet";
+    }
   },
-  finish(ctx: RestoreContext, e: EpollImage) {
+  restore(ctx) {
+    return Number(ctx.injector.call("epoll_create1", NR_EPOLL_CREATE1, O_CLOEXEC));
+  },
+  afterAll(ctx, e) {
     for (const w of e.watches) {
-      const at = putBytes(ctx.pid, ctx.scratch, epollEvent(w.events, w.data));
-      ctx.injector.call(`epoll_ctl(ADD fd ${w.tfd})`, NR.epoll_ctl, e.fd, EPOLL_CTL_ADD, w.tfd, at);
+      // struct epoll_event is packed: u32 events, u64 data.
+      const ev = new DataView(new ArrayBuffer(12));
+      ev.setUint32(0, w.events >>> 0, true);
+      ev.setBigUint64(4, w.data, true);
+      const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(ev.buffer));
+      ctx.injector.call(`epoll_ctl(ADD fd ${w.fd})`, NR_EPOLL_CTL, e.fd, EPOLL_CTL_ADD, w.fd, at);
     }
   },
 });

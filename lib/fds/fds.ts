@@ -11,12 +11,19 @@ import { pipeFd } from "./pipe.ts";
 import { sameOpenFile } from "../../ffi/libc.ts";
 import { MAX_IMAGE_BYTES, pidNumber } from "../images/codec.ts";
 import { AmberError, withContext } from "../errors.ts";
+import type { ImageDir } from "../images/dir.ts";
 import { listProcNumbers, procPath, readProcLink, readProcText } from "../proc/read.ts";
+import { epollFd } from "./epoll.ts";
+import { eventFd } from "./eventfd.ts";
+import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
+import { inotifyFd } from "./inotify.ts";
+import { pidFd } from "./pidfd.ts";
+import { signalFd } from "./signalfd.ts";
+import { timerFd } from "./timerfd.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
 import { unixFd } from "./unix.ts";
-import { epollFd } from "./epoll.ts";
 import { tcpFd } from "./tcp.ts";
 import { udpFd } from "./udp.ts";
 import { socketFd } from "./socket.ts";
@@ -28,10 +35,16 @@ const MAX_FDS = 1 << 20;
 /** In match order; the last one takes anything. */
 export const FD_KINDS: FdKind[] = [
   ttyFd,
+  fifoFd,
   fileFd,
   pipeFd,
-  unixFd,
+  eventFd,
+  signalFd,
+  timerFd,
   epollFd,
+  inotifyFd,
+  pidFd,
+  unixFd,
   tcpFd,
   udpFd,
   socketFd,
@@ -50,7 +63,14 @@ function kindOf(name: string): FdKind {
   return k;
 }
 
-export function probeFd(pid: number, fd: number, tree: TreeDumpState): FdProbe {
+export function probeFd(
+  pid: number,
+  fd: number,
+  tree: TreeDumpState,
+  dir: ImageDir,
+  ghostLimit: number,
+  inject?: FdProbe["inject"],
+): FdProbe {
   const link = readProcLink(pid, `fd/${fd}`);
   const info = readProcText(pid, `fdinfo/${fd}`);
   const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, "m").exec(info)?.[1] ?? "0";
@@ -66,6 +86,9 @@ export function probeFd(pid: number, fd: number, tree: TreeDumpState): FdProbe {
     pos: Number(field("pos")),
     stat,
     tree,
+    dir,
+    ghostLimit,
+    inject,
   };
 }
 
@@ -160,11 +183,11 @@ export const fdsPart = definePart({
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ fds: z.array(FdEntry).max(MAX_FDS), shared: z.array(SharedFd).max(MAX_FDS) }),
-  dump({ pid, tree }) {
+  dump({ pid, tree, dir, options, injector, scratch }) {
     const shared: SharedFdImage[] = [];
     const fds = listProcNumbers(pid, "fd").map((fd) =>
       withContext(`fd ${fd}`, () => {
-        const probe = probeFd(pid, fd, tree);
+        const probe = probeFd(pid, fd, tree, dir, options.ghostLimit, { injector, scratch });
         const owner = findOwner(tree, probe);
         if (owner) shared.push({ fd, pid: owner.pid, ownerFd: owner.fd });
         return FD_KINDS.find((k) => k.matches(probe))!.dump(probe);
@@ -177,7 +200,11 @@ export const fdsPart = definePart({
     for (const e of fds as FdEntryImage[]) {
       if (seen.has(e.fd)) throw new AmberError(`fd ${e.fd}: listed twice`);
       seen.add(e.fd);
-      withContext(`fd ${e.fd}`, () => kindOf(e.kind).precheck?.(e, ctx));
+      const kind = kindOf(e.kind);
+      // The same verdict the dump gave, so images dumped with -R refuse here.
+      const why = kind.unrestorable?.(e);
+      if (why) throw new AmberError(why);
+      withContext(`fd ${e.fd}`, () => kind.precheck?.(e, ctx));
     }
   },
   unrestorable({ fds }) {
@@ -192,7 +219,7 @@ export const fdsPart = definePart({
     const parked = parkInherited(ctx, entries);
     for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e, sharing.get(e.fd)));
     for (const e of entries) {
-      if (!sharing.has(e.fd)) withContext(`fd ${e.fd}`, () => kindOf(e.kind).finish?.(ctx, e));
+      if (!sharing.has(e.fd)) withContext(`fd ${e.fd}`, () => kindOf(e.kind).afterAll?.(ctx, e));
     }
     for (const fd of parked) ctx.injector.call("close", NR.close, fd);
   },

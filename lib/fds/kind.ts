@@ -1,6 +1,8 @@
 /** What every kind of file descriptor module provides. */
 import type { z } from "zod";
-import type { PrecheckContext, RestoreContext, TreeDumpState } from "../context.ts";
+import type { Injector } from "../../ffi/inject.ts";
+import type { PrecheckContext, RestoreContext, Scratch, TreeDumpState } from "../context.ts";
+import type { ImageDir } from "../images/dir.ts";
 
 /** What /proc says about one open descriptor. */
 export interface FdProbe {
@@ -16,6 +18,12 @@ export interface FdProbe {
   stat?: Deno.FileInfo;
   /** What the tree's earlier descriptors were. */
   tree: TreeDumpState;
+  /** Where a kind may save contents besides its entry (ghost files). */
+  dir: ImageDir;
+  /** Largest deleted file saved as a ghost, bytes (--ghost-limit). */
+  ghostLimit: number;
+  /** Injection into the frozen process, for kinds that must ask it (inotify). */
+  inject?: { injector: Injector; scratch: Scratch };
 }
 
 export interface FdKind<S extends z.ZodType = z.ZodType> {
@@ -29,10 +37,11 @@ export interface FdKind<S extends z.ZodType = z.ZodType> {
   /** Returns a descriptor in the tracee holding the file; the caller moves it to its number. */
   restore(ctx: RestoreContext, entry: z.output<S>): number;
   /**
-   * Runs once every descriptor of the process is at its number (e.g. an
-   * epoll instance adding the descriptors it watches).
+   * Runs once every descriptor of the process is in place, for state that
+   * refers to other descriptors (epoll's interest list). Not run for a
+   * descriptor shared with an earlier one: that one's kind did it.
    */
-  finish?(ctx: RestoreContext, entry: z.output<S>): void;
+  afterAll?(ctx: RestoreContext, entry: z.output<S>): void;
   /** Why this descriptor cannot be restored yet, if it cannot. */
   unrestorable?(entry: z.output<S>): string | undefined;
 }

@@ -13,10 +13,13 @@ import type { RestoreContext, TreeDumpState } from "../context.ts";
 import { bytes } from "../images/codec.ts";
 import { getBytes, putBytes } from "../scratch.ts";
 import { fetchFd, parkFd } from "./fetch.ts";
+import { holdersOf } from "./holders.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 
-const O_ACCMODE = 3, O_NONBLOCK = 0o4000, O_DIRECT = 0o40000;
-const F_SETPIPE_SZ = 1031;
+const O_ACCMODE = 3, O_NONBLOCK = 0o4000, O_DIRECT = 0o40000, O_NOATIME = 0o1000000;
+/** Status flags an end keeps on its own and F_SETFL can set (O_DIRECT: packet mode). */
+const END_FLAGS = O_NONBLOCK | O_DIRECT | O_NOATIME;
+const F_SETFL = 4, F_SETPIPE_SZ = 1031;
 const LINK = /^pipe:\[(\d+)\]$/;
 
 type End = "read" | "write";
@@ -32,14 +35,15 @@ function otherEnd(end: End): End {
 /**
  * Notes that the tree holds this end of pipe `ino`; returns true the first
  * time the pipe is seen. An end never seen by the end of the dump is left
- * in `pending`: restore could not reconnect it.
+ * in `pending`: restore could not reconnect it. An end no process holds
+ * (closed everywhere) needs nothing.
  */
-function notePipeEnd(tree: TreeDumpState, ino: number, end: End): boolean {
+function notePipeEnd(tree: TreeDumpState, ino: number, end: End, otherClosed: boolean): boolean {
   const key = `pipe:${ino}`;
   const first = !tree.seen.has(key);
   tree.seen.add(key);
   tree.pending.delete(`${key}:${end}`);
-  if (first) {
+  if (first && !otherClosed) {
     const other = otherEnd(end);
     tree.pending.set(
       `${key}:${other}`,
@@ -59,6 +63,8 @@ const PipeEntry = z.object({
     size: z.number().int().min(4096).max(1 << 30),
     data: bytes,
   }).refine((c) => c.data.length <= c.size, "more data than the pipe holds").optional(),
+  /** No process holds the other end (e.g. make's stdin pipe for its jobs): closed at restore. */
+  otherClosed: z.boolean().optional(),
 });
 type PipeImage = z.output<typeof PipeEntry>;
 
@@ -66,7 +72,8 @@ type PipeImage = z.output<typeof PipeEntry>;
 function createPipe(ctx: RestoreContext, e: PipeImage): number {
   const inj = ctx.injector;
   const fdsAt = putBytes(ctx.pid, ctx.scratch, new Uint8Array(8));
-  inj.call("pipe2", 293, fdsAt, (e.flags & (O_NONBLOCK | O_DIRECT)) | O_CLOEXEC);
+  // Each end's own status flags are set when that end is installed (setEndFlags).
+  inj.call("pipe2", 293, fdsAt, O_CLOEXEC);
   const [r, w] = new Int32Array(getBytes(ctx.pid, ctx.scratch, 8).slice().buffer);
   if (e.contents) {
     inj.call("fcntl(F_SETPIPE_SZ)", NR.fcntl, w, F_SETPIPE_SZ, e.contents.size);
@@ -79,11 +86,27 @@ function createPipe(ctx: RestoreContext, e: PipeImage): number {
   }
   const end = endOf(e.flags);
   const [mine, other] = end === "read" ? [r, w] : [w, r];
+  const here = { pid: ctx.pid, fd: e.fd };
+  if (e.otherClosed) {
+    inj.call(`close the ${otherEnd(end)} end nobody holds`, NR.close, other);
+    ctx.tree.pipes.set(e.ino, { [end]: here });
+    return mine;
+  }
   // The other end waits, out of the images' way, for whoever needs it.
   const place = { pid: ctx.pid, fd: parkFd(ctx, other) };
   ctx.tree.parked.push(place);
-  ctx.tree.pipes.set(e.ino, { [end]: { pid: ctx.pid, fd: e.fd }, [otherEnd(end)]: place });
+  ctx.tree.pipes.set(e.ino, { [end]: here, [otherEnd(end)]: place });
   return mine;
+}
+
+/** The end's open file description gets the status flags of the image (O_NONBLOCK...). */
+function setEndFlags(ctx: RestoreContext, fd: number, e: PipeImage): void {
+  ctx.injector.call("fcntl(F_SETFL)", NR.fcntl, fd, F_SETFL, e.flags & END_FLAGS);
+}
+
+/** Whether any process of the system holds the `end` end of pipe `ino`. */
+function anyoneHolds(tree: TreeDumpState, ino: number, end: End): boolean {
+  return holdersOf(tree, `pipe:[${ino}]`).some((h) => endOf(h.flags) === end);
 }
 
 export const pipeFd = defineFdKind({
@@ -92,13 +115,17 @@ export const pipeFd = defineFdKind({
   matches: (p: FdProbe) => LINK.test(p.link),
   dump(p: FdProbe) {
     const ino = Number(LINK.exec(p.link)![1]);
-    const first = notePipeEnd(p.tree, ino, endOf(p.flags));
+    const end = endOf(p.flags);
+    const otherClosed = !anyoneHolds(p.tree, ino, otherEnd(end)) || undefined;
+    const first = notePipeEnd(p.tree, ino, end, !!otherClosed);
     // The buffer belongs to the pipe, not to an end: record it once.
     const contents = first ? peekPipe(p.pid, p.fd) : undefined;
-    return { kind: "pipe" as const, fd: p.fd, flags: p.flags, ino, contents };
+    return { kind: "pipe" as const, fd: p.fd, flags: p.flags, ino, contents, otherClosed };
   },
   restore(ctx, e) {
     const known = ctx.tree.pipes.get(e.ino)?.[endOf(e.flags)];
-    return known ? fetchFd(ctx, known) : createPipe(ctx, e);
+    const fd = known ? fetchFd(ctx, known) : createPipe(ctx, e);
+    setEndFlags(ctx, fd, e);
+    return fd;
   },
 });

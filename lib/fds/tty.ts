@@ -1,6 +1,8 @@
 /**
  * Terminals. A process attached to a terminal can only come back with
- * --shell-job: it then gets the terminal amber was started on.
+ * --shell-job: it then gets the terminal amber was started on. A
+ * pseudo-terminal master (/dev/ptmx) the process opened itself is a
+ * terminal of its own, not its job's: refused for now.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
@@ -23,6 +25,11 @@ export const ttyFd = defineFdKind({
   }),
   matches: isTerminal,
   dump: (p) => ({ kind: "tty" as const, fd: p.fd, flags: p.flags, path: p.link }),
+  unrestorable(e) {
+    if (e.path === "/dev/ptmx") {
+      return `fd ${e.fd}: /dev/ptmx: a pseudo-terminal the process opened itself: not supported yet`;
+    }
+  },
   precheck(e, ctx) {
     if (!ctx.options.shellJob) {
       throw new AmberError(`${e.path} is a terminal: restore with --shell-job`);

@@ -30,9 +30,6 @@ export const unsupportedFd = defineFdKind({
     link: p.link,
   }),
   unrestorable: (e) => `fd ${e.fd}: ${e.link}: ${e.type} descriptors are not supported yet`,
-  precheck(e) {
-    throw new AmberError(`${e.link}: ${e.type} descriptors are not supported yet`);
-  },
   restore(_ctx, e) {
     throw new AmberError(`${e.type} descriptors are not supported yet`);
   },

@@ -13,6 +13,18 @@ import { AmberError, hex, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
 import { putString } from "../scratch.ts";
+import { readProcLink } from "../proc/read.ts";
+import type { ImageDir } from "../images/dir.ts";
+import { attachSysvShm, dumpSysvShm, sysvConflict, SysvShm } from "./sysvshm.ts";
+import {
+  checkGhost,
+  deletedPlaces,
+  Ghost,
+  notGhostable,
+  restoreGhost,
+  saveGhost,
+  tooBig,
+} from "../fds/ghost.ts";
 
 export const PAGE = 4096n;
 export const PROT = { READ: 1, WRITE: 2, EXEC: 4 } as const;
@@ -46,6 +58,20 @@ export const Mapping = z.object({
   file: FileIdentity.optional(),
   /** Shared anonymous memory also mapped by this earlier process of the tree. */
   sharedWith: z.number().int().optional(),
+  /** That process's mapping of the same memory, which covers this one. */
+  sharedFrom: z.object({ start: u64, end: u64, offset: u64 }).optional(),
+  /** A deleted (or replaced) file's contents, saved (absent: above the ghost limit). */
+  ghost: Ghost.optional(),
+  /** Deleted files: size at the dump, whether it is the executable, what it is if not a file. */
+  deleted: z.object({
+    size: z.number().int().min(0),
+    exe: z.boolean(),
+    internal: z.string().optional(),
+  }).optional(),
+  /** A SysV shared memory attachment: the segment. */
+  sysv: SysvShm.optional(),
+  /** A deleted file shared with a descriptor of an earlier process: mapped through it. */
+  viaFd: z.object({ pid: z.number().int(), fd: z.number().int().min(0) }).optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
 export type MappingImage = z.output<typeof Mapping>;
 
@@ -75,15 +101,73 @@ function identity(path: string): z.input<typeof FileIdentity> {
   return { ino: st.ino ?? 0, size: st.size, mtimeMs: st.mtime?.getTime() ?? 0 };
 }
 
-export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof Mapping>[] {
+/**
+ * The first holder's mapping of the same shared memory object that covers
+ * all of `e` (offsets into the object), if one does.
+ */
+function coveringMapping(first: number, e: MapsEntry): MapsEntry | undefined {
+  const len = e.end - e.start;
+  return readMaps(first).find((f) =>
+    f.inode === e.inode && f.dev === e.dev && f.perms[3] === "s" && f.offset <= e.offset &&
+    e.offset + len <= f.offset + (f.end - f.start)
+  );
+}
+
+interface DumpWhere {
+  pid: number;
+  tree: TreeDumpState;
+  dir: ImageDir;
+  ghostLimit: number;
+}
+
+/**
+ * A mapping of a file deleted since it was mapped. A shared one is one
+ * file with every other holder in the tree: an earlier process's mapping
+ * of it, or else an earlier process's descriptor. Otherwise its contents
+ * are saved as a ghost.
+ */
+function dumpDeleted(w: DumpWhere, e: MapsEntry, exe: string): Partial<MappingImage> {
+  const source = `/proc/${w.pid}/map_files/${hex(e.start)}-${hex(e.end)}`;
+  const st = Deno.statSync(source);
+  const key = `${st.dev}:${st.ino}`;
+  const internal = notGhostable(e.path, st.dev);
+  const deleted = { size: st.size, exe: exe === e.path, internal };
+  if (internal) return { deleted };
+  if (e.perms[3] === "s") {
+    const held = deletedPlaces(w.tree);
+    const first = held.mapped.get(key);
+    if (first && first.pid !== w.pid) {
+      const from = coveringMapping(first.pid, e);
+      return {
+        deleted,
+        sharedWith: first.pid,
+        sharedFrom: from && { start: from.start, end: from.end, offset: from.offset },
+      };
+    }
+    if (!first) held.mapped.set(key, { pid: w.pid, start: e.start, end: e.end });
+    const open = held.open.get(key);
+    if (open) return { deleted, viaFd: open };
+  }
+  return { deleted, ghost: saveGhost(w.dir, w.tree, source, w.ghostLimit) };
+}
+
+export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
+  const { pid, tree } = w;
   const flags = readVmFlags(pid);
+  const exe = readProcLink(pid, "exe");
   return readMaps(pid).map((e) => {
     const kind = kindOf(e);
     let sharedWith: number | undefined;
+    let sharedFrom: MapsEntry | undefined;
+    const sysv = e.path.startsWith("/SYSV") ? dumpSysvShm(e.inode) : undefined;
     if (kind === "shmem") {
-      sharedWith = tree.sharedMemory.get(e.inode);
+      // A SysV segment's inode number is its id: kept apart from other shared memory.
+      const key = sysv ? -1 - e.inode : e.inode;
+      sharedWith = tree.sharedMemory.get(key);
       if (sharedWith === pid) sharedWith = undefined;
-      if (!tree.sharedMemory.has(e.inode)) tree.sharedMemory.set(e.inode, pid);
+      if (!tree.sharedMemory.has(key)) tree.sharedMemory.set(key, pid);
+      // The first holder is frozen: its mappings are as they were.
+      if (sharedWith !== undefined) sharedFrom = coveringMapping(sharedWith, e);
     }
     return withContext(mappingLabel(e), () => ({
       start: e.start,
@@ -97,7 +181,14 @@ export function dumpMappings(pid: number, tree: TreeDumpState): z.input<typeof M
       file: kind === "file"
         ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
         : undefined,
+      sysv,
       sharedWith,
+      sharedFrom: sharedFrom &&
+        { start: sharedFrom.start, end: sharedFrom.end, offset: sharedFrom.offset },
+      // (Last: a deleted file shared with an earlier process sets sharedWith/From.)
+      ...(kind === "file" && e.path.endsWith(DELETED) && !pseudoDeleted(e.path)
+        ? dumpDeleted(w, e, exe)
+        : {}),
     }));
   });
 }
@@ -111,7 +202,12 @@ export async function vdsoDigest(pid: number, maps = readMaps(pid)): Promise<str
   return Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Whether the pages part will write into this mapping. */
+/**
+ * Whether the pages part will write into this mapping. Every holder of
+ * shared anonymous memory stores the pages present in its own page tables
+ * (a page only one of them touched is present only there), each written
+ * into the one shared object at restore.
+ */
 export function receivesPages(m: MappingImage): boolean {
   return m.kind === "anon" || m.kind === "shmem" || (m.kind === "file" && !m.shared);
 }
@@ -207,29 +303,60 @@ function unmapHelper(ctx: RestoreContext): void {
   }
 }
 
+function openAt(ctx: RestoreContext, path: string, mode: number): number {
+  const at = putString(ctx.pid, ctx.scratch, path);
+  return Number(ctx.injector.call(`open ${path}`, NR.openat, AT_FDCWD, at, mode | O_CLOEXEC, 0));
+}
+
+/**
+ * The file a mapping maps and the offset into it: its own file (opened once
+ * per path and mode, in `fds`), or for memory shared with an earlier
+ * process of the tree, that process's restored mapping of it (one shared
+ * object; its mapping starts at the object's offset 0); -1 for anonymous.
+ */
+function backing(
+  ctx: RestoreContext,
+  m: MappingImage,
+  fds: Map<string, number>,
+): { fd: number; offset: bigint } {
+  if (m.sharedWith !== undefined && m.sharedFrom) {
+    const from = m.sharedFrom;
+    const path = `/proc/${m.sharedWith}/map_files/${hex(from.start)}-${hex(from.end)}`;
+    const key = `${O_RDWR}:${path}`;
+    if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
+    // A file's offsets are its own; a new shared anonymous object starts at 0.
+    return { fd: fds.get(key)!, offset: m.kind === "shmem" ? m.offset - from.offset : m.offset };
+  }
+  if (m.viaFd) {
+    const path = `/proc/${m.viaFd.pid}/fd/${m.viaFd.fd}`;
+    const key = `${O_RDWR}:${path}`;
+    if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
+    return { fd: fds.get(key)!, offset: m.offset };
+  }
+  if (m.ghost) {
+    const key = `ghost:${m.ghost.file}`;
+    if (!fds.has(key)) fds.set(key, restoreGhost(ctx, m.ghost, m.path));
+    return { fd: fds.get(key)!, offset: m.offset };
+  }
+  if (m.kind !== "file") return { fd: -1, offset: 0n };
+  // VM_MAYWRITE ("mw"): the file was opened for writing, so mprotect may make it writable.
+  const mode = m.shared && (m.prot & PROT.WRITE || m.vmFlags.includes("mw")) ? O_RDWR : O_RDONLY;
+  const key = `${mode}:${m.path}`;
+  if (!fds.has(key)) fds.set(key, openAt(ctx, m.path, mode));
+  return { fd: fds.get(key)!, offset: m.offset };
+}
+
 function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {
   const inj = ctx.injector;
+  if (m.sysv && m.sharedWith === undefined) return attachSysvShm(ctx, m.sysv, m.start);
   const prot = m.prot | (writableWhileFilled(m) ? PROT.READ | PROT.WRITE : 0);
   let flags = MAP.FIXED | (m.shared ? MAP.SHARED : MAP.PRIVATE);
   if (m.vmFlags.includes("gd")) flags |= MAP.GROWSDOWN;
   if (m.vmFlags.includes("nr")) flags |= MAP.NORESERVE;
-  let fd = -1;
-  if (m.kind === "file") {
-    const mode = m.shared && m.prot & PROT.WRITE ? O_RDWR : O_RDONLY;
-    const key = `${mode}:${m.path}`;
-    if (!fds.has(key)) {
-      const path = putString(ctx.pid, ctx.scratch, m.path);
-      fds.set(
-        key,
-        Number(inj.call(`open ${m.path}`, NR.openat, AT_FDCWD, path, mode | O_CLOEXEC, 0)),
-      );
-    }
-    fd = fds.get(key)!;
-  } else {
-    flags |= MAP.ANONYMOUS;
-  }
+  const { fd, offset } = backing(ctx, m, fds);
+  if (fd < 0) flags |= MAP.ANONYMOUS;
   const len = m.end - m.start;
-  const got = inj.call("mmap", NR.mmap, m.start, len, prot, flags, fd, fd >= 0 ? m.offset : 0);
+  const got = inj.call("mmap", NR.mmap, m.start, len, prot, flags, fd, offset);
   if (BigInt.asUintN(64, got) !== m.start) throw new AmberError(`mmap landed at ${hex(got)}`);
   const anonName = /^\[anon(_shmem)?:(.*)\]$/.exec(m.path);
   if (anonName) {
@@ -239,37 +366,69 @@ function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>):
   }
 }
 
+const DELETED = " (deleted)";
+
+/** Kernel objects maps shows as deleted files; undefined for a file that really was deleted. */
+function pseudoDeleted(path: string): string | undefined {
+  if (path.startsWith("/[aio]")) return "AIO ring (io_setup)";
+  if (path.startsWith("/anon_hugepage")) return "hugetlb anonymous memory";
+  if (path.startsWith("/memfd:")) return "memfd memory";
+}
+
+/** Why one mapping cannot be restored yet, if it cannot. */
+function whyNot(m: MappingImage): string | undefined {
+  if (m.sharedWith !== undefined && !m.sharedFrom) {
+    const what = m.kind === "shmem" ? "anonymous memory" : "a deleted file's memory";
+    return `${what} shared with pid ${m.sharedWith}, which maps it differently: not supported yet`;
+  }
+  if (m.path.startsWith("/SYSV") && !m.sysv) return "SysV shared memory: not supported yet";
+  // The first holder attaches the whole segment again.
+  if (m.sysv && m.sharedWith === undefined && (m.offset || m.end - m.start < BigInt(m.sysv.size))) {
+    return `SysV shared memory segment ${m.sysv.id} attached in part: not supported yet`;
+  }
+  if (m.kind === "special" || m.kind === "vsyscall") return undefined;
+  if (m.vmFlags.includes("ht")) return "hugetlb memory: not supported yet";
+  // Device memory (VM_IO / VM_PFNMAP): its pages are not memory amber can copy.
+  if (m.vmFlags.includes("io") || m.vmFlags.includes("pf")) {
+    return "device memory (VM_IO/VM_PFNMAP): not supported yet";
+  }
+  if (m.kind !== "file" || !m.path.endsWith(DELETED)) return undefined;
+  const pseudo = pseudoDeleted(m.path);
+  if (pseudo || !m.deleted) return `${pseudo ?? "a deleted file"}: not supported yet`;
+  if (m.deleted.internal) return `${m.deleted.internal}: not supported yet`;
+  if (m.deleted.exe) return "the executable was deleted or replaced: not supported yet";
+  if (m.sharedWith === undefined && !m.ghost && !m.viaFd) {
+    return tooBig("the deleted (or replaced) mapped file", m.deleted.size);
+  }
+}
+
 export const mappingsPart = definePart({
   name: "mappings",
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
-  async dump({ pid, tree }) {
-    return { mappings: dumpMappings(pid, tree), vdsoSha256: await vdsoDigest(pid) };
+  async dump({ pid, tree, dir, options }) {
+    const mappings = dumpMappings({ pid, tree, dir, ghostLimit: options.ghostLimit });
+    return { mappings, vdsoSha256: await vdsoDigest(pid) };
   },
   unrestorable({ mappings }) {
-    const m = mappings.find((m) => m.sharedWith !== undefined);
-    if (m) {
-      return `${
-        mappingLabel(m)
-      }: anonymous memory shared with pid ${m.sharedWith}: not supported yet`;
+    for (const m of mappings) {
+      const why = whyNot(m);
+      if (why) return `${mappingLabel(m)}: ${why}`;
     }
   },
-  precheck({ mappings }) {
+  precheck({ mappings }, ctx) {
     let prevEnd = 0n;
     for (const m of mappings) {
       withContext(mappingLabel(m), () => {
         if (m.start < prevEnd) throw new AmberError("overlaps the previous mapping");
-        if (m.sharedWith !== undefined) {
-          throw new AmberError(
-            `anonymous memory shared with pid ${m.sharedWith}: not supported yet`,
-          );
-        }
+        const why = whyNot(m);
+        if (why) throw new AmberError(why);
         prevEnd = m.end;
-        if (m.kind !== "file") return;
-        if (m.path.endsWith(" (deleted)")) {
-          throw new AmberError("the mapped file was deleted; not supported yet");
-        }
+        if (m.ghost) checkGhost(ctx, m.ghost);
+        const conflict = m.sysv && m.sharedWith === undefined && sysvConflict(m.sysv);
+        if (conflict) throw new AmberError(conflict);
+        if (m.kind !== "file" || m.deleted) return;
         let now;
         try {
           now = identity(m.path);

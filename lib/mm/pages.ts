@@ -14,7 +14,7 @@
  * - [vdso]/[vvar]/[vsyscall]: nothing, the kernel provides them.
  */
 import { z } from "zod";
-import { RawFile } from "../../ffi/rawfile.ts";
+import { alignedBuffer, RawFile } from "../../ffi/rawfile.ts";
 import {
   IOV_MAX,
   readMemoryProc,
@@ -34,6 +34,7 @@ import {
   PAGE,
   receivesPages,
 } from "./mappings.ts";
+import { trackerIn } from "../progress.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
@@ -169,7 +170,7 @@ async function transfer(
   let next = 0;
   const size = Math.max(0, ...list.map((c) => c.bytes));
   const worker = async () => {
-    const buf = new Uint8Array(size);
+    const buf = alignedBuffer(size);
     while (next < list.length) {
       const i = next++;
       await move(list[i], buf.subarray(0, list[i].bytes), i);
@@ -255,23 +256,29 @@ export async function preparePages(dir: ImageDir, pid: number): Promise<Prepared
   return { file, size: estimate, commit, drop: () => (file.close(), drop()) };
 }
 
-/** Copies the planned runs into the pages file; returns bytes written. */
+/** Copies the planned runs into the pages file; returns bytes written and whether it went past the page cache. */
 export async function copyPages(
   ctx: DumpContext,
   runs: PageRun[],
   mappings: MappingImage[],
-): Promise<number> {
+): Promise<{ bytes: number; direct: boolean }> {
   const prepared = ctx.tree.preparedPages.get(ctx.pid);
   ctx.tree.preparedPages.delete(ctx.pid);
   const { file, commit } = prepared ?? ctx.dir.reserve(pagesFileName(ctx.pid));
+  // A tree that dies after the dump waits for the disk anyway: straight to
+  // it, without growing the page cache (the slow part here) or writing twice.
+  const direct = !prepared && !ctx.options.leaveRunning && file.setDirect();
   const list = chunks(place(runs));
   const total = list.reduce((s, c) => s + c.bytes, 0);
+  const tracker = trackerIn(ctx.tree.kinds);
+  tracker?.addTotal(total);
   try {
     await transfer(list, async (c, buf, i) => {
       const got = await readRangesAsync(ctx.pid, c.ranges, buf);
       if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
       if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
       await file.pwriteAll(buf, c.fileOff);
+      tracker?.pages(c.bytes);
     });
     // A prepared file may be larger than what was stored.
     if (prepared && prepared.size > total) file.truncate(total);
@@ -279,7 +286,7 @@ export async function copyPages(
     file.close();
   }
   commit();
-  return total;
+  return { bytes: total, direct };
 }
 
 /**
@@ -292,6 +299,7 @@ async function fillPages(
   runs: PageRun[],
   file: RawFile,
   mappings: MappingImage[],
+  moved?: (bytes: number) => void,
 ): Promise<void> {
   const placed = place(runs);
   const viaMem = (r: Placed) => {
@@ -304,6 +312,7 @@ async function fillPages(
       const label = labelFor(mappings, c.ranges[0].addr);
       const n = await withContextAsync(label, () => writeRangesAsync(pid, c.ranges, buf));
       if (n !== c.bytes) throw new AmberError(`${label}: process_vm_writev: EFAULT`);
+      moved?.(c.bytes);
     });
     await transfer(chunks(placed.filter(viaMem)), async (c, buf) => {
       await file.preadAll(buf, c.fileOff);
@@ -313,6 +322,7 @@ async function fillPages(
         withContext(labelFor(mappings, r.addr), () => writeMemory(pid, r.addr, data));
         off += r.len;
       }
+      moved?.(c.bytes);
     });
   } finally {
     file.close();
@@ -327,12 +337,14 @@ export const pagemapPart = definePart({
     pagesFile: z.string().regex(/^pages-\d+\.img$/),
     runs: z.array(Run).max(MAX_PAGES),
     totalPages: z.number().int().min(0).max(MAX_PAGES),
+    /** Written past the page cache: its pages are on the disk only, read them the same way. */
+    direct: z.boolean().optional(),
   }),
   async dump(ctx) {
     const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
     const runs = planRuns(ctx.pid, mappings);
-    const bytes = await copyPages(ctx, runs, mappings);
-    return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE };
+    const { bytes, direct } = await copyPages(ctx, runs, mappings);
+    return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE, direct };
   },
   precheck({ pagesFile, runs, totalPages }, ctx) {
     ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE).close();
@@ -353,9 +365,12 @@ export const pagemapPart = definePart({
       }
     }
   },
-  async restore(ctx, { pagesFile, runs, totalPages }) {
+  async restore(ctx, { pagesFile, runs, totalPages, direct }) {
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
     const file = ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE);
-    await fillPages(ctx.pid, runs, file, mappings);
+    // Parallel direct reads beat the page cache's readahead for data not in it.
+    if (direct) file.setDirect();
+    const tracker = trackerIn(ctx.tree.kinds);
+    await fillPages(ctx.pid, runs, file, mappings, (n) => tracker?.pages(n));
   },
 });

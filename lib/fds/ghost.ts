@@ -1,0 +1,204 @@
+/**
+ * Ghost files: the contents of a file that was deleted (or replaced) while
+ * a process of the tree still had it open or mapped. Dump copies it once
+ * per tree into the images (`ghost-DEV-INO.img`), up to a size limit
+ * (--ghost-limit, 1 MiB by default, like CRIU's); restore recreates it as
+ * an unnamed file (O_TMPFILE) in the directory it was in, so it is as
+ * deleted as it was, on the same filesystem.
+ */
+import { z } from "zod";
+import type { RawFile } from "../../ffi/rawfile.ts";
+import { NR } from "../../ffi/inject.ts";
+import type { RestoreContext, TreeDumpState } from "../context.ts";
+import type { ImageDir } from "../images/dir.ts";
+import { putString } from "../scratch.ts";
+
+export const GHOST_LIMIT_DEFAULT = 1 << 20;
+const DELETED = " (deleted)";
+const O_RDWR = 2, O_CREAT = 0o100, O_EXCL = 0o200, O_CLOEXEC = 0o2000000, O_TMPFILE = 0o20200000;
+const AT_FDCWD = -100;
+
+export const Ghost = z.object({
+  /** Image file holding the contents. */
+  file: z.string().regex(/^ghost-\d+-\d+\.img$/),
+  size: z.number().int().min(0),
+  mode: z.number().int().min(0).max(0o7777),
+  uid: z.number().int().min(0),
+  gid: z.number().int().min(0),
+});
+export type GhostImage = z.output<typeof Ghost>;
+
+/** Where the tree holds a deleted file, so that every holder comes back on one file. */
+export interface DeletedPlaces {
+  /** The first descriptor of the tree open on each deleted file, by "dev:ino". */
+  open: Map<string, { pid: number; fd: number }>;
+  /** The first shared mapping of each deleted file, by "dev:ino". */
+  mapped: Map<string, { pid: number; start: bigint; end: bigint }>;
+}
+
+const places = new WeakMap<TreeDumpState, DeletedPlaces>();
+
+/** Per dump: the deleted files held so far. */
+export function deletedPlaces(tree: TreeDumpState): DeletedPlaces {
+  let p = places.get(tree);
+  if (!p) places.set(tree, p = { open: new Map(), mapped: new Map() });
+  return p;
+}
+
+/** The path a deleted file had, without the " (deleted)" the kernel adds. */
+export function originalPath(link: string): string {
+  return link.endsWith(DELETED) ? link.slice(0, -DELETED.length) : link;
+}
+
+/**
+ * Saves the file behind `source` (a /proc/PID/fd/N or map_files link) as a
+ * ghost, once per tree; undefined when it is larger than `limit`.
+ */
+export function saveGhost(
+  dir: ImageDir,
+  tree: TreeDumpState,
+  source: string,
+  limit: number,
+): GhostImage | undefined {
+  const st = Deno.statSync(source);
+  if (st.size > limit) return undefined;
+  const file = `ghost-${st.dev}-${st.ino}.img`;
+  const ghost = {
+    file,
+    size: st.size,
+    mode: (st.mode ?? 0o600) & 0o7777,
+    uid: st.uid ?? 0,
+    gid: st.gid ?? 0,
+  };
+  if (tree.seen.has(file)) return ghost;
+  const { file: out, commit, drop } = dir.reserve(file);
+  try {
+    // The file may have changed size since the stat; what was copied is the ghost.
+    ghost.size = copyInto(source, out, limit);
+  } finally {
+    out.close();
+  }
+  if (ghost.size > limit) {
+    drop();
+    return undefined;
+  }
+  commit();
+  tree.seen.add(file);
+  return ghost;
+}
+
+/** Copies `source` into `out`, stopping once past `limit` bytes; returns the bytes read. */
+function copyInto(source: string, out: RawFile, limit: number): number {
+  using src = Deno.openSync(source, { read: true });
+  const buf = new Uint8Array(1 << 20);
+  let total = 0;
+  for (;;) {
+    const n = src.readSync(buf);
+    if (n === null) return total;
+    if (total + n <= limit) out.pwriteAllSync(buf.subarray(0, n), total);
+    total += n;
+    if (total > limit) return total;
+  }
+}
+
+/** Why a deleted file was not saved: it is above the ghost limit. */
+export function tooBig(what: string, size: number): string {
+  return `${what} is ${size} bytes, above the ghost limit: dump with --ghost-limit ${size} ` +
+    "(or more) to save it";
+}
+
+/** The ghost's file is in the images, checked as every image file is, and of its size. */
+export function checkGhost(ctx: { dir: ImageDir }, g: GhostImage): void {
+  ctx.dir.openData(g.file, g.size).close();
+}
+
+/**
+ * Why a deleted file cannot come back as a ghost, if it cannot: a memfd or
+ * another file of a kernel-internal filesystem has no directory to be
+ * recreated in (its name's directory is on another filesystem).
+ */
+export function notGhostable(link: string, dev: number): string | undefined {
+  if (link.startsWith("/memfd:")) return "a memfd";
+  if (Deno.statSync(hostDir(originalPath(link))).dev !== dev) {
+    return "a file of a kernel-internal filesystem";
+  }
+}
+
+/** The nearest existing directory of `path` (its own, or a parent if that is gone too). */
+function hostDir(path: string): string {
+  let d = path.replace(/\/[^/]*$/, "") || "/";
+  for (;;) {
+    try {
+      if (Deno.statSync(d).isDirectory) return d;
+    } catch { /* gone too */ }
+    d = d.replace(/\/[^/]*$/, "") || "/";
+  }
+}
+
+/**
+ * Creates the file for a ghost: under its own name, unlinked once filled,
+ * so /proc shows the name it had; where that name is taken again (a
+ * replaced library) or gone, an O_TMPFILE file in the nearest directory.
+ */
+function createGhost(
+  ctx: RestoreContext,
+  g: GhostImage,
+  path: string,
+): { fd: number; named?: string } {
+  const inj = ctx.injector;
+  const orig = originalPath(path);
+  const mode = O_RDWR | O_CLOEXEC;
+  const named = inj.raw(
+    NR.openat,
+    AT_FDCWD,
+    putString(ctx.pid, ctx.scratch, orig),
+    mode | O_CREAT | O_EXCL,
+    g.mode,
+  );
+  if (named >= 0n) return { fd: Number(named), named: orig };
+  const dir = hostDir(orig);
+  const at = putString(ctx.pid, ctx.scratch, dir);
+  return {
+    fd: Number(
+      inj.call(`open O_TMPFILE in ${dir}`, NR.openat, AT_FDCWD, at, O_TMPFILE | mode, g.mode),
+    ),
+  };
+}
+
+/**
+ * Recreates a ghost in the process, deleted as it was, with its contents,
+ * mode and owner. Returns its descriptor, open read-write.
+ */
+export function restoreGhost(ctx: RestoreContext, g: GhostImage, path: string): number {
+  const inj = ctx.injector;
+  const { fd, named } = createGhost(ctx, g, path);
+  try {
+    fillGhost(ctx, g, fd);
+  } finally {
+    if (named) {
+      inj.call(`unlink ${named}`, NR_UNLINKAT, AT_FDCWD, putString(ctx.pid, ctx.scratch, named), 0);
+    }
+  }
+  inj.call("fchmod", NR_FCHMOD, fd, g.mode);
+  inj.call("fchown", NR_FCHOWN, fd, g.uid, g.gid);
+  return fd;
+}
+
+/** amber fills the ghost from outside, through the process's descriptor. */
+function fillGhost(ctx: RestoreContext, g: GhostImage, fd: number): void {
+  using out = Deno.openSync(`/proc/${ctx.pid}/fd/${fd}`, { write: true });
+  const src = ctx.dir.openData(g.file, g.size);
+  try {
+    const buf = new Uint8Array(1 << 20);
+    for (let done = 0; done < g.size; done += buf.length) {
+      const part = buf.subarray(0, Math.min(buf.length, g.size - done));
+      src.preadAllSync(part, done);
+      let w = 0;
+      while (w < part.length) w += out.writeSync(part.subarray(w));
+    }
+  } finally {
+    src.close();
+  }
+}
+
+const NR_FCHMOD = 91, NR_FCHOWN = 93, NR_UNLINKAT = 263;
