@@ -185,6 +185,7 @@ export const NR = {
   mprotect: 10,
   munmap: 11,
   brk: 12,
+  ioctl: 16,
   rt_sigaction: 13,
   rt_sigprocmask: 14,
   getitimer: 36,

@@ -26,6 +26,8 @@ import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { findFreeRange, type MappingImage } from "./mm/mappings.ts";
 import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { ShellJob } from "./fds/shelljob.ts";
+import { restoreControllingTerminal } from "./fds/tty.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker, trackerIn } from "./progress.ts";
 import { PARTS } from "./parts.ts";
@@ -220,22 +222,57 @@ function createTree(
   created: Map<number, Blank>,
   detached: boolean,
 ): void {
-  const order = images.processes;
-  for (const p of order) {
-    const { pid, ppid, exitSignal } = p.entry;
-    withContext(`pid ${pid}: create`, () => {
-      const parent = created.get(ppid);
-      const injector = parent
-        ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
-        : detached
-        // Detached: a child of the helper, handed to init (or a subreaper) when the helper ends.
-        ? cloneProcess(helper.injector, helper.scratch, pid, 0, SIGCHLD)
-        // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
-        : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
-      created.set(pid, { images: p, injector });
-      joinSession(injector, p, new Set(created.keys()));
-    });
+  const pids = new Set(images.processes.map((p) => p.entry.pid));
+  const standIns: { leader: Injector; parent: Injector }[] = [];
+  try {
+    for (const p of images.processes) {
+      const { pid, ppid, pgid, exitSignal } = p.entry;
+      withContext(`pid ${pid}: create`, () => {
+        const parent = created.get(ppid);
+        if (parent && !pids.has(pgid) && !created.has(pgid) && !pidHolderNow(pgid)) {
+          standIns.push({
+            leader: standInLeader(parent.injector, helper.scratch, pgid),
+            parent: parent.injector,
+          });
+        }
+        const injector = parent
+          ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
+          : detached
+          // Detached: a child of the helper, handed to init (or a subreaper) when the helper ends.
+          ? cloneProcess(helper.injector, helper.scratch, pid, 0, SIGCHLD)
+          // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
+          : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
+        created.set(pid, { images: p, injector });
+        const groups = new Set([...created.keys(), ...standIns.map((s) => s.leader.tid)]);
+        joinSession(injector, p, groups);
+      });
+    }
+  } finally {
+    for (const s of standIns) endStandIn(s.leader, s.parent);
   }
+}
+
+/**
+ * A process group whose leader has exited (a pipeline's first command, the
+ * group of a zombie) can only be joined while it exists: a stand-in with
+ * the leader's pid makes it, and ends once its members have joined; the
+ * group lives on with them.
+ */
+function standInLeader(parent: Injector, scratch: Scratch, pgid: number): Injector {
+  const leader = withContext(`group ${pgid}: stand-in leader`, () => {
+    return cloneProcess(parent, scratch, pgid, 0, SIGCHLD);
+  });
+  leader.call("setpgid", NR.setpgid, 0, 0);
+  return leader;
+}
+
+/** Kills a stand-in leader and has its parent reap it, so its pid is free again. */
+function endStandIn(leader: Injector, parent: Injector): void {
+  libc().kill(leader.tid, SIGKILL);
+  try {
+    pt.waitpid(leader.tid);
+  } catch { /* reaped */ }
+  parent.raw(NR.wait4, leader.tid, 0, pt.WALL, 0);
 }
 
 async function rebuildProcess(
@@ -271,6 +308,8 @@ async function rebuildProcess(
     tracker?.took(part.name, performance.now() - t0);
     log(`pid ${pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
   }
+  // Its session leader and group exist by now (parents are rebuilt first).
+  withContext("terminal", () => restoreControllingTerminal(ctx));
   blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
   return ctx;
 }
@@ -439,8 +478,14 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     releaseLock(lock, log);
     throw e;
   }
+  // The progress line is erased before a shell job owns the terminal, not over its screen.
+  tracker.finish();
+  // The terminal is the job's before it runs, or its first read would stop it (SIGTTIN).
+  const job = options.shellJob ? ShellJob.find(images) : undefined;
+  job?.attach(options.detached);
   // Children first, so no parent runs before its children exist as they were.
   for (const [tid] of threads.reverse()) pt.detach(tid);
+  job?.started();
   helper.child.kill("SIGKILL");
   await helper.child.status;
   const pids = [...created.keys()];
@@ -448,9 +493,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
-  tracker.finish();
   const partMs = tracker.partMs;
   if (options.detached) return { pids, restoreMs, partMs };
-  const st = await pt.waitpidAsync(pids[0], 0);
+  const st = job ? await job.wait() : await pt.waitpidAsync(pids[0], 0);
   return { pids, restoreMs, partMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
 }

@@ -23,6 +23,7 @@ import { signalFd } from "./signalfd.ts";
 import { timerFd } from "./timerfd.ts";
 import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
+import { ptyFd } from "./pty.ts";
 import { unixFd } from "./unix.ts";
 import { tcpFd } from "./tcp.ts";
 import { udpFd } from "./udp.ts";
@@ -34,6 +35,7 @@ const MAX_FDS = 1 << 20;
 
 /** In match order; the last one takes anything. */
 export const FD_KINDS: FdKind[] = [
+  ptyFd,
   ttyFd,
   fifoFd,
   fileFd,

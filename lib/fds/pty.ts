@@ -1,0 +1,299 @@
+/**
+ * Pseudo-terminals inside the tree (script, tmux, expect, sshd): a
+ * /dev/ptmx master held by a process of the tree, and the /dev/pts/N
+ * slaves of such a master. Restore opens /dev/ptmx until the kernel hands
+ * out index N again (it gives the lowest free one), sets the dump's
+ * termios, window size, packet mode and lock state through the master,
+ * and reopens /dev/pts/N for each slave. Sessions and foreground groups
+ * come back through restoreControllingTerminal (lib/fds/tty.ts).
+ *
+ * Bytes waiting in either direction cannot be read without taking them
+ * away from the tree: the dump records how many there are and refuses.
+ * (A line being typed in canonical mode is not counted by the kernel.)
+ */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import { getInt } from "../../ffi/tty.ts";
+import type { RestoreContext, TreeDumpState } from "../context.ts";
+import { kindState } from "../context.ts";
+import { AmberError } from "../errors.ts";
+import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
+import { encodeTermios, TTY_IOCTL } from "../../ffi/tty.ts";
+import { getBytes, putBytes, putString } from "../scratch.ts";
+import { defineFdKind, type FdProbe } from "./kind.ts";
+import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
+import { readStat } from "../proc/stat.ts";
+
+const PtyImage = z.object({
+  kind: z.literal("pty"),
+  fd: z.number().int().min(0),
+  flags: z.number().int().min(0),
+  path: z.string(),
+  /** "tty": /dev/tty in a process whose controlling terminal is the pty. */
+  side: z.enum(["master", "slave", "tty"]),
+  index: z.number().int().min(0).max(1 << 20),
+  terminal: TerminalImage,
+  /** Master only: unlockpt(3) not called yet; packet mode (TIOCPKT) on. */
+  locked: z.boolean().optional(),
+  packet: z.boolean().optional(),
+  /** Bytes readable on this side that nobody has read yet. */
+  waiting: z.number().int().min(0),
+});
+type PtyImage = z.output<typeof PtyImage>;
+
+const NAME = "pty";
+const SLAVE = /^\/dev\/pts\/(\d+)$/;
+const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
+
+/**
+ * Dump side: the masters the tree holds (index → "pid:fd"), those dumped
+ * so far, and the ptys whose session leader, and foreground group, hold a
+ * descriptor on them (restore sets both through one).
+ */
+interface DumpState {
+  masters: Map<number, string>;
+  dumped: Set<number>;
+  leaders: Set<number>;
+  foreground: Set<number>;
+}
+
+/** At a pty's first master: what restore will need a slave descriptor for. */
+function expectHolders(p: FdProbe, state: DumpState, e: PtyImage): void {
+  const { sid, pgrp } = e.terminal;
+  if (sid !== undefined && !state.leaders.has(e.index)) {
+    p.tree.pending.set(
+      `pty ${e.index} session`,
+      `pty ${e.index}: its session leader ${sid} holds no descriptor on it: not supported yet`,
+    );
+  }
+  if (pgrp !== undefined && pgrp !== sid && !state.foreground.has(e.index)) {
+    p.tree.pending.set(
+      `pty ${e.index} foreground`,
+      `pty ${e.index}: no process of its foreground group ${pgrp} holds a descriptor on it: ` +
+        "not supported yet",
+    );
+  }
+}
+
+/** A slave descriptor of the session leader, or of the foreground group. */
+function noteHolder(p: FdProbe, state: DumpState, e: PtyImage): void {
+  const t = e.terminal;
+  if (!t.ctty) return;
+  if (t.sid === p.pid) {
+    state.leaders.add(e.index);
+    p.tree.pending.delete(`pty ${e.index} session`);
+  }
+  if (t.fg) {
+    state.foreground.add(e.index);
+    p.tree.pending.delete(`pty ${e.index} foreground`);
+  }
+}
+
+function tracedByUs(pid: number): boolean {
+  try {
+    return /^TracerPid:\s*(\d+)$/m.exec(readProcText(pid, "status"))?.[1] === String(Deno.pid);
+  } catch {
+    return false;
+  }
+}
+
+function parentOf(pid: number): number {
+  const stat = readProcText(pid, "stat");
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+}
+
+function childrenOf(pid: number): number[] {
+  return listProcNumbers(pid, "task").flatMap((t) =>
+    readProcText(pid, `task/${t}/children`).trim().split(/\s+/).filter((x) => x).map(Number)
+  );
+}
+
+/** The frozen tree holding `pid`: every process amber traces around it. */
+function frozenTree(pid: number): number[] {
+  let root = pid;
+  for (let p = parentOf(root); p > 1 && tracedByUs(p); p = parentOf(p)) root = p;
+  const out = [root];
+  for (let i = 0; i < out.length; i++) out.push(...childrenOf(out[i]).filter(tracedByUs));
+  return out;
+}
+
+function mastersOf(pid: number): [number, string][] {
+  return listProcNumbers(pid, "fd").flatMap((fd): [number, string][] => {
+    if (!readProcLink(pid, `fd/${fd}`).endsWith("/ptmx")) return [];
+    const index = /^tty-index:\s*(\d+)$/m.exec(readProcText(pid, `fdinfo/${fd}`))?.[1];
+    return index === undefined ? [] : [[Number(index), `pid ${pid} fd ${fd}`]];
+  });
+}
+
+function dumpState(tree: TreeDumpState, pid: number): DumpState {
+  return kindState(tree.kinds, NAME, () => ({
+    masters: new Map(frozenTree(pid).flatMap(mastersOf)),
+    dumped: new Set<number>(),
+    leaders: new Set<number>(),
+    foreground: new Set<number>(),
+  }));
+}
+
+function isMaster(p: FdProbe): boolean {
+  return terminalKind(p.link, p.stat?.rdev ?? undefined) === "ptmx";
+}
+
+/** The pty index of a slave, or of the controlling terminal behind /dev/tty. */
+function slaveIndex(p: FdProbe): number | undefined {
+  const m = SLAVE.exec(p.link);
+  if (m) return Number(m[1]);
+  if (terminalKind(p.link, p.stat?.rdev ?? undefined) !== "tty") return undefined;
+  const ttyNr = readStat(p.pid).ttyNr;
+  const major = (ttyNr >>> 8) & 0xfff;
+  if (major !== 136) return undefined;
+  return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
+}
+
+function dumpMaster(p: FdProbe, fd: number): PtyImage {
+  const index = getInt(fd, "TIOCGPTN");
+  // The pty's session and foreground group, as its master sees them.
+  const asked = (name: "TIOCGSID" | "TIOCGPGRP") => {
+    try {
+      return getInt(fd, name);
+    } catch {
+      return undefined; // ENOTTY: no session has it as controlling terminal
+    }
+  };
+  const sid = asked("TIOCGSID");
+  return {
+    kind: "pty",
+    fd: p.fd,
+    flags: p.flags,
+    path: p.link,
+    side: "master",
+    index,
+    terminal: {
+      ...readTerminal(p.pid, fd, -1),
+      ...(sid !== undefined ? { sid, pgrp: asked("TIOCGPGRP") } : {}),
+    },
+    locked: getInt(fd, "TIOCGPTLCK") !== 0,
+    packet: getInt(fd, "TIOCGPKT") !== 0,
+    waiting: getInt(fd, "FIONREAD"),
+  };
+}
+
+export const ptyFd = defineFdKind({
+  name: NAME,
+  schema: PtyImage,
+  matches(p) {
+    if (!p.stat?.isCharDevice) return false;
+    if (isMaster(p)) return true;
+    const index = slaveIndex(p);
+    return index !== undefined && dumpState(p.tree, p.pid).masters.has(index);
+  },
+  dump(p) {
+    const state = dumpState(p.tree, p.pid);
+    if (isMaster(p)) {
+      const e = withFdCopy(p, (fd) => dumpMaster(p, fd));
+      if (!state.dumped.has(e.index)) expectHolders(p, state, e);
+      state.dumped.add(e.index);
+      return e;
+    }
+    const index = slaveIndex(p)!;
+    if (!state.dumped.has(index)) {
+      p.tree.pending.set(
+        `pty ${index} order`,
+        `pid ${p.pid}: fd ${p.fd}: ${p.link} comes before its master (${
+          state.masters.get(index)
+        }) in restore order: not supported yet`,
+      );
+    }
+    const devTty = !SLAVE.test(p.link);
+    const rdev = devTty ? readStat(p.pid).ttyNr : p.stat!.rdev ?? 0;
+    const e = withFdCopy(p, (fd): PtyImage => ({
+      kind: "pty",
+      fd: p.fd,
+      flags: p.flags,
+      path: p.link,
+      side: devTty ? "tty" : "slave",
+      index,
+      terminal: readTerminal(p.pid, fd, rdev),
+      waiting: getInt(fd, "FIONREAD"),
+    }));
+    noteHolder(p, state, e);
+    return e;
+  },
+  unrestorable(e) {
+    if (!e.waiting) return;
+    const what = e.side === "master" ? "written on its slave side" : "typed on its master side";
+    return `fd ${e.fd}: pty ${e.index}: ${e.waiting} bytes ${what} and not read yet would be lost`;
+  },
+  restore(ctx, e) {
+    if (e.side === "tty") return openDevTty(ctx, e);
+    return e.side === "master" ? openMaster(ctx, e) : openSlave(ctx, e);
+  },
+});
+
+/** Restore side: the masters recreated so far, by index. */
+function created(ctx: RestoreContext): Set<number> {
+  return kindState(ctx.tree.kinds, NAME, () => new Set<number>());
+}
+
+function setInt(ctx: RestoreContext, fd: number, name: keyof typeof TTY_IOCTL, v: number): void {
+  const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(new Int32Array([v]).buffer));
+  ctx.injector.call(`ioctl(${name})`, NR.ioctl, fd, TTY_IOCTL[name], at);
+}
+
+function ptyNumber(ctx: RestoreContext, fd: number): number {
+  const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(4));
+  ctx.injector.call("ioctl(TIOCGPTN)", NR.ioctl, fd, TTY_IOCTL.TIOCGPTN, at);
+  return new Int32Array(getBytes(ctx.pid, ctx.scratch, 4).slice().buffer)[0];
+}
+
+/** Opens /dev/ptmx until the kernel gives index `e.index` (the lowest free one comes first). */
+function openMaster(ctx: RestoreContext, e: PtyImage): number {
+  const inj = ctx.injector;
+  const flags = O_RDWR | O_NOCTTY | (e.flags & O_NONBLOCK);
+  const others: number[] = [];
+  let fd = -1;
+  try {
+    for (let i = 0; i <= e.index; i++) {
+      const path = putString(ctx.pid, ctx.scratch, "/dev/ptmx", 64);
+      const got = Number(inj.call("open /dev/ptmx", NR.open, path, flags, 0));
+      const n = ptyNumber(ctx, got);
+      if (n === e.index) {
+        fd = got;
+        break;
+      }
+      others.push(got);
+      if (n > e.index) break;
+    }
+  } finally {
+    for (const o of others) inj.call("close", NR.close, o);
+  }
+  // Like a pid, an index in use is for a later retry: checked here, not in the verdict.
+  if (fd < 0) {
+    throw new AmberError(`pty ${e.index}: /dev/pts/${e.index} is in use: restore needs it free`);
+  }
+  setInt(ctx, fd, "TIOCSPTLCK", 0);
+  const termios = putBytes(ctx.pid, ctx.scratch, encodeTermios(e.terminal.termios));
+  inj.call("ioctl(TCSETS)", NR.ioctl, fd, TTY_IOCTL.TCSETS, termios);
+  const w = e.terminal.winSize;
+  const ws = new Uint8Array(new Uint16Array([w.rows, w.cols, w.xpixel, w.ypixel]).buffer);
+  inj.call(
+    "ioctl(TIOCSWINSZ)",
+    NR.ioctl,
+    fd,
+    TTY_IOCTL.TIOCSWINSZ,
+    putBytes(ctx.pid, ctx.scratch, ws),
+  );
+  if (e.packet) setInt(ctx, fd, "TIOCPKT", 1);
+  // Locked: nobody could have opened the slave, so nobody will need to.
+  if (e.locked) setInt(ctx, fd, "TIOCSPTLCK", 1);
+  created(ctx).add(e.index);
+  return fd;
+}
+
+function openSlave(ctx: RestoreContext, e: PtyImage): number {
+  if (!created(ctx).has(e.index)) {
+    throw new AmberError(`pty ${e.index}: its master is not restored yet`);
+  }
+  const path = putString(ctx.pid, ctx.scratch, `/dev/pts/${e.index}`);
+  const flags = (e.flags & (0o3 | 0o2000 | O_NONBLOCK)) | O_NOCTTY;
+  return Number(ctx.injector.call(`open /dev/pts/${e.index}`, NR.open, path, flags, 0));
+}

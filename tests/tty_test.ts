@@ -1,0 +1,706 @@
+/**
+ * Interactive shell jobs, driven through tmux as a person would: a program
+ * runs in the foreground of a tmux pane's shell, is dumped with
+ * --shell-job from outside, and is restored by typing `amber restore
+ * --shell-job -D DIR` into the same pane. What is typed afterwards must
+ * reach it at once, full-screen programs must redraw, job control must
+ * work, and the shell's prompt must come back with amber's exit status.
+ * Run with: deno test -A tests/tty_test.ts
+ */
+import assert from "node:assert/strict";
+import {
+  amber,
+  assertExit,
+  assertLeftNothing,
+  assertOneLineError,
+  buildC,
+  childrenOf,
+  childrenWithState,
+  CLI,
+  CLOSE_FDS_AND_EXEC,
+  commandWorks,
+  DENO,
+  descendants,
+  dumpArgs,
+  exists,
+  isAlive,
+  killAndReap,
+  killTree,
+  procState,
+  procStatFields,
+  readLines,
+  sleep,
+  spawnTarget,
+  tempDir,
+  until,
+  waitForLine,
+  waitVanished,
+} from "./_util.ts";
+
+function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** `amber ARGS...` as a shell command line, as a person would type it. */
+function amberLine(...args: string[]): string {
+  return [DENO, "run", "-A", CLI, ...args].map(shellQuote).join(" ");
+}
+
+// After Ctrl-C the terminal echoed "^C" where the prompt then starts.
+const PROMPT = /^(?:\^C)?rc=(\d+) \$$/;
+
+/**
+ * A tmux server of its own (socket in the test's directory) with one
+ * session whose pane runs a plain bash with the prompt "rc=$? $ ".
+ */
+class Tmux {
+  readonly socket: string;
+  server = 0;
+
+  constructor(readonly dir: string, name = "tmux") {
+    this.socket = `${dir}/${name}.sock`;
+  }
+
+  /** The pane's shell: a plain bash, prompt "rc=$? $ ". */
+  get shell(): string {
+    return `env -i PATH=/usr/bin:/bin TERM=screen HOME=${shellQuote(this.dir)} ` +
+      `LESSHISTFILE=- PS1='rc=$? $ ' bash --norc --noprofile`;
+  }
+
+  async run(...args: string[]): Promise<string> {
+    const r = await new Deno.Command("/bin/bash", {
+      args: [
+        "-c",
+        CLOSE_FDS_AND_EXEC,
+        "tmux",
+        "tmux",
+        "-S",
+        this.socket,
+        "-f",
+        "/dev/null",
+        ...args,
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      clearEnv: true,
+      env: { PATH: "/usr/bin:/bin", TERM: "xterm" },
+    }).output();
+    const text = new TextDecoder().decode(r.stdout);
+    if (!r.success) {
+      throw new Error(`tmux ${args.join(" ")}: ${new TextDecoder().decode(r.stderr).trim()}`);
+    }
+    return text;
+  }
+
+  async start(cols = 80, rows = 24): Promise<void> {
+    await this.run("new-session", "-d", "-s", "t", "-x", `${cols}`, "-y", `${rows}`, this.shell);
+    this.server = Number(await this.run("display", "-p", "-t", "t", "#{pid}"));
+    await this.waitPrompt(0, "the pane's first prompt");
+  }
+
+  async panePid(): Promise<number> {
+    return Number(await this.run("display", "-p", "-t", "t", "#{pane_pid}"));
+  }
+
+  /** Presses keys (tmux key names: Enter, C-c, Escape...). */
+  async keys(...keys: string[]): Promise<void> {
+    await this.run("send-keys", "-t", "t", ...keys);
+  }
+
+  /** Types text literally. */
+  async type(text: string): Promise<void> {
+    await this.run("send-keys", "-t", "t", "-l", text);
+  }
+
+  /** Types a command line and Enter. */
+  async command(line: string): Promise<void> {
+    await this.type(line);
+    await this.keys("Enter");
+  }
+
+  /** The pane's visible lines, trailing blanks trimmed. */
+  async screen(pane = "t"): Promise<string[]> {
+    return (await this.run("capture-pane", "-p", "-t", pane)).split("\n").map((l) => l.trimEnd());
+  }
+
+  /** Waits until `pred` holds for the screen; fails showing the last screen. */
+  async waitScreen(
+    pred: (lines: string[]) => boolean,
+    what: string,
+    ms = 20_000,
+    pane = "t",
+  ): Promise<void> {
+    const deadline = Date.now() + ms;
+    let lines: string[] = [];
+    while (Date.now() < deadline) {
+      lines = await this.screen(pane);
+      if (pred(lines)) return;
+      await sleep(50);
+    }
+    assert.fail(`${what}: not on the screen after ${ms} ms:\n${lines.join("\n")}`);
+  }
+
+  /** Waits for the shell's prompt, with exit status `rc`, on the cursor's line. */
+  async waitPrompt(rc: number, what: string): Promise<void> {
+    const deadline = Date.now() + 20_000;
+    let lines: string[] = [];
+    while (Date.now() < deadline) {
+      const y = Number(await this.run("display", "-p", "-t", "t", "#{cursor_y}"));
+      lines = await this.screen();
+      if (PROMPT.exec(lines[y] ?? "")?.[1] === String(rc)) return;
+      await sleep(50);
+    }
+    assert.fail(`${what}: no prompt "rc=${rc} $" at the cursor:\n${lines.join("\n")}`);
+  }
+
+  /** The first process named `name` under the pane's shell. */
+  async job(name: string): Promise<number> {
+    const shell = await this.panePid();
+    let pid = 0;
+    await until(() => {
+      pid = descendants(shell).find((p) => comm(p) === name) ?? 0;
+      return pid !== 0;
+    }, `no ${name} in the pane`);
+    return pid;
+  }
+
+  async close(): Promise<void> {
+    const pids = this.server ? descendants(this.server) : [];
+    await this.run("kill-server").catch(() => {});
+    for (const p of pids.reverse()) await killAndReap(p);
+  }
+}
+
+function comm(pid: number): string | undefined {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/comm`).trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** The terminal's foreground group as PID's /proc/PID/stat shows it (tpgid). */
+function tpgid(pid: number): number {
+  return Number(procStatFields(pid)[5]);
+}
+
+function pgid(pid: number): number {
+  return Number(procStatFields(pid)[2]);
+}
+
+/**
+ * Runs `body` with a tmux pane whose shell has started `cmd` in its
+ * foreground, then kills everything.
+ */
+async function inPane(
+  body: (t: Tmux, dir: string) => Promise<void>,
+  size?: [number, number],
+): Promise<void> {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  await using tmp = await tempDir();
+  const t = new Tmux(tmp.path);
+  try {
+    await t.start(...(size ?? []));
+    await body(t, tmp.path);
+  } finally {
+    await t.close();
+  }
+}
+
+/**
+ * Dumps the pane's foreground job `pid` with --shell-job (the shell then
+ * shows it killed), clears the screen so a redraw can be seen, and types
+ * the restore into the pane. Returns once the job is back in the terminal's
+ * foreground, a child of amber.
+ */
+async function dumpAndRestoreInPane(
+  t: Tmux,
+  dir: string,
+  pid: number,
+  between?: () => Promise<void>,
+) {
+  const img = `${dir}/img`;
+  assertExit(await amber(dumpArgs(pid, img, "--shell-job")), 0, "dump --shell-job");
+  await t.waitPrompt(128 + 9, "the dumped job ended");
+  await waitVanished([pid]);
+  await between?.();
+  await t.command("clear");
+  await t.waitScreen((l) => PROMPT.test(l[0]) && !l.slice(1).some((x) => x), "a clear screen");
+  await t.command(amberLine("restore", "--shell-job", "-D", img));
+  await until(
+    () => isAlive(pid) && tpgid(pid) === pgid(pid),
+    "the job is not back in the foreground",
+  );
+  const shell = await t.panePid();
+  const amberPid = childrenOf(shell)[0];
+  assert.equal(Number(procStatFields(pid)[1]), amberPid, "the restored job's parent is not amber");
+  assert.equal(comm(amberPid), "deno", "the pane shell's child is not amber");
+  return amberPid;
+}
+
+Deno.test("raw-mode program restored in its tmux pane: keys reach it at once, Ctrl-C is a key, its exit status is the shell's", async () => {
+  const bin = await buildC("rawkeys");
+  await inPane(async (t, dir) => {
+    const out = `${dir}/keys.txt`;
+    await t.command(`${bin} ${out}`);
+    await waitForLine(out, (l) => l.includes("ready"));
+    const pid = await t.job("rawkeys");
+    await t.type("a");
+    await waitForLine(out, (l) => l.includes("key 61"));
+
+    await dumpAndRestoreInPane(t, dir, pid);
+    // No Enter: raw mode came back, and the job reads the terminal as its foreground.
+    await t.type("b");
+    await waitForLine(out, (l) => l.includes("key 62"));
+    await t.waitScreen((l) => l.some((x) => x.includes("[62]")), "the key shown by the program");
+    // ISIG is off as at the dump: Ctrl-C is a key, not a signal.
+    await t.keys("C-c");
+    await waitForLine(out, (l) => l.includes("key 03"));
+    assert.ok(isAlive(pid), "Ctrl-C killed the raw-mode program");
+    await t.type("q");
+    await t.waitPrompt(7, "the program quit with 7");
+    const lines = await readLines(out);
+    assert.deepEqual(
+      lines.filter((l) => l.startsWith("BAD")),
+      [],
+      "the program saw its terminal wrong",
+    );
+    assert.deepEqual(lines, ["ready", "key 61", "key 62", "key 03", "key 71"], "keys read");
+    // Echo was off: the typed "b" never showed by itself.
+    assert.ok(!(await t.screen()).some((l) => /b\[62\]/.test(l)), "the terminal echoed a key");
+    const shell = await t.panePid();
+    assert.equal(tpgid(shell), shell, "the shell did not get its terminal back");
+  });
+});
+
+Deno.test("a restored raw-mode job killed by a signal: amber puts the shell's terminal settings back", async () => {
+  const bin = await buildC("rawkeys");
+  await inPane(async (t, dir) => {
+    const out = `${dir}/keys.txt`;
+    const tty = (await t.run("display", "-p", "-t", "t", "#{pane_tty}")).trim();
+    await t.command(`${bin} ${out}`);
+    await waitForLine(out, (l) => l.includes("ready"));
+    const pid = await t.job("rawkeys");
+    await dumpAndRestoreInPane(t, dir, pid);
+    assert.match(await stty(tty, "-a"), /-icanon/, "the restored job's terminal is not raw");
+    Deno.kill(pid, "SIGKILL");
+    await t.waitPrompt(128 + 9, "the killed job");
+    // At its prompt the shell's readline has its own mode (-icanon -echo), made from what it
+    // found: rawkeys' -isig -ixon would have stayed.
+    const modes = await stty(tty, "-a");
+    assert.doesNotMatch(modes, /-isig|-ixon/, `the shell's settings: ${modes}`);
+  });
+});
+
+Deno.test("cooked-mode job (cat) restored in its pane: lines echo, Ctrl-C ends it, amber exits 130", async () => {
+  await inPane(async (t, dir) => {
+    await t.command("cat");
+    const pid = await t.job("cat");
+    const amberPid = await dumpAndRestoreInPane(t, dir, pid);
+    await t.type("hello there");
+    await t.keys("Enter");
+    // Once echoed by the terminal, once written by cat.
+    await t.waitScreen(
+      (l) => l.filter((x) => x === "hello there").length === 2,
+      "the line echoed and written back",
+    );
+    await t.keys("C-c");
+    await t.waitPrompt(130, "cat ended by Ctrl-C");
+    await waitVanished([pid, amberPid]);
+  });
+});
+
+Deno.test("vim restored in its pane: redraws, Ctrl-Z stops amber with it, fg continues both, :wq writes", async () => {
+  await inPane(async (t, dir) => {
+    const file = `${dir}/f.txt`;
+    await Deno.writeTextFile(file, "alpha\nbeta\n");
+    await t.command(`vim -u NONE -i NONE -N ${file}`);
+    await t.waitScreen((l) => l[0] === "alpha" && l[1] === "beta", "vim's screen");
+    const pid = await t.job("vim");
+
+    const amberPid = await dumpAndRestoreInPane(t, dir, pid);
+    await t.waitScreen((l) => l[0] === "alpha" && l[1] === "beta", "vim's redrawn screen");
+
+    // Ctrl-Z: the job stops, and so does amber, so the shell shows it stopped.
+    await t.keys("C-z");
+    await until(() => procState(pid) === "T" && procState(amberPid) === "T", "vim and amber stop");
+    await t.waitScreen((l) => l.some((x) => x.includes("Stopped")), "the shell's Stopped line");
+    await t.waitPrompt(128 + 20, "the shell's prompt after Ctrl-Z");
+    const shell = await t.panePid();
+    assert.equal(
+      tpgid(shell),
+      shell,
+      "the shell does not have the terminal while the job is stopped",
+    );
+
+    await t.command("fg");
+    await until(
+      () => procState(pid) === "S" && tpgid(pid) === pid,
+      "vim runs in the foreground again",
+    );
+    await t.waitScreen((l) => l[0] === "alpha" && l[1] === "beta", "vim's screen after fg");
+    await t.type("ggOnew line");
+    await t.keys("Escape");
+    await t.command(":wq");
+    await t.waitPrompt(0, "vim quit");
+    assert.equal(await Deno.readTextFile(file), "new line\nalpha\nbeta\n", "the file vim wrote");
+    await waitVanished([pid, amberPid]);
+  });
+});
+
+Deno.test("less restored in its pane: redraws, G moves at once, q quits", async () => {
+  await inPane(async (t, dir) => {
+    const file = `${dir}/nums.txt`;
+    await Deno.writeTextFile(
+      file,
+      Array.from({ length: 200 }, (_, i) => `n${i + 1}`).join("\n") + "\n",
+    );
+    await t.command(`less ${file}`);
+    await t.waitScreen((l) => l[0] === "n1", "less's first page");
+    const pid = await t.job("less");
+
+    await dumpAndRestoreInPane(t, dir, pid);
+    await t.waitScreen((l) => l[0] === "n1" && l[1] === "n2", "less's redrawn page");
+    await t.type("G");
+    await t.waitScreen((l) => l.includes("n200"), "less at the end");
+    await t.type("q");
+    await t.waitPrompt(0, "less quit");
+  });
+});
+
+Deno.test("vim restored in a pane resized since the dump redraws at the new size", async () => {
+  await inPane(async (t, dir) => {
+    const file = `${dir}/f.txt`;
+    await Deno.writeTextFile(file, "alpha\nbeta\n");
+    await t.command(`vim -u NONE -i NONE -N ${file}`);
+    await t.waitScreen((l) => l[0] === "alpha", "vim's screen");
+    const pid = await t.job("vim");
+
+    await dumpAndRestoreInPane(t, dir, pid, async () => {
+      await t.run("resize-window", "-t", "t", "-x", "100", "-y", "30");
+      assert.equal(
+        (await t.run("display", "-p", "-t", "t", "#{pane_width}x#{pane_height}")).trim(),
+        "100x30",
+      );
+    });
+    await t.waitScreen((l) => l[0] === "alpha", "vim's redrawn screen");
+    await t.command(":echo &columns &lines");
+    await t.waitScreen((l) => l.length >= 30 && l[29] === "100 30", "vim's size, on its last line");
+    await t.command(":q");
+    await t.waitPrompt(0, "vim quit");
+  });
+});
+
+// ---------------------------------------------------------------------------
+// ptys inside the tree
+
+/** `stty -F DEV ARGS...` (coreutils): reads or sets a terminal from outside. */
+async function stty(dev: string, ...args: string[]): Promise<string> {
+  const r = await new Deno.Command("stty", { args: ["-F", dev, ...args], stdout: "piped" })
+    .output();
+  assert.ok(r.success, `stty -F ${dev} ${args.join(" ")} failed`);
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+function fdLink(pid: number, fd: number): string {
+  return Deno.readLinkSync(`/proc/${pid}/fd/${fd}`);
+}
+
+/** The pty index of pid's /dev/ptmx descriptor `fd` (fdinfo tty-index). */
+function ptyIndex(pid: number, fd: number): number {
+  const info = Deno.readTextFileSync(`/proc/${pid}/fdinfo/${fd}`);
+  return Number(/^tty-index:\s*(\d+)$/m.exec(info)?.[1]);
+}
+
+/**
+ * Dumps (without -R) the tree of `root`. A pty's bytes in flight (written
+ * by one side, not read yet by the other) make an honest dump refuse; the
+ * dump is then tried again, a few times.
+ */
+async function dumpRetryingInFlight(root: number, img: string): Promise<void> {
+  for (let i = 0;; i++) {
+    const r = await amber(dumpArgs(root, img));
+    if (r.code === 0) return;
+    assert.ok(i < 5 && /not read yet would be lost/.test(r.stderr), `dump: ${r.stderr}`);
+    assert.ok(isAlive(root), "a refused dump ended the tree");
+  }
+}
+
+Deno.test("script -qfc CMD (a pty pair inside the tree) dumped and restored -d keeps running on the same pty", async () => {
+  await using tmp = await tempDir();
+  const ts = `${tmp.path}/typescript`;
+  // CMD writes through /dev/tty, its controlling terminal: the pty's slave.
+  const cmd = `exec 7<>/dev/tty; i=0; while :; do echo "line $i" >&7; i=$((i+1)); ` +
+    `read -t 0.05 -u 7; done`;
+  const target = spawnTarget(["setsid", "script", "-qfc", cmd, ts], {
+    env: { SHELL: "/bin/bash", PATH: "/usr/bin:/bin" },
+  });
+  const script = target.pid;
+  try {
+    let job = 0;
+    await until(() => {
+      job = childrenOf(script)[0] ?? 0;
+      return job !== 0 && /^\/dev\/pts\/\d+$/.test(fdLink(job, 1)) && exists7(job);
+    }, "script's child does not run on the pty");
+    const slave = fdLink(job, 1);
+    const index = Number(slave.slice("/dev/pts/".length));
+    const master = [...Deno.readDirSync(`/proc/${script}/fd`)].map((e) => Number(e.name))
+      .find((fd) => fdLink(script, fd) === "/dev/ptmx")!;
+    assert.equal(ptyIndex(script, master), index, "test bug: script's master");
+    // Settings of its own, to be found again after the restore.
+    await stty(slave, "rows", "33", "cols", "77", "-echo", "intr", "^K");
+    const settings = await stty(slave, "-g");
+    const before = { job: procStatFields(job), lines: (await Deno.readTextFile(ts)).length };
+    await waitForText(ts, before.lines + 1);
+
+    const img = `${tmp.path}/img`;
+    await dumpRetryingInFlight(script, img);
+    await waitVanished([script, job]);
+    const dumpedText = await Deno.readTextFile(ts);
+    const last = Math.max(...[...dumpedText.matchAll(/line (\d+)/g)].map((m) => Number(m[1])));
+
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+    assert.ok(isAlive(script) && isAlive(job), "script and its child are not back");
+    assert.equal(fdLink(job, 1), slave, "the child's terminal is another pty");
+    assert.equal(fdLink(job, 7), "/dev/tty", "fd 7 is not /dev/tty");
+    assert.equal(fdLink(script, master), "/dev/ptmx", "script's master fd");
+    assert.equal(ptyIndex(script, master), index, "the master's index");
+    const now = procStatFields(job);
+    // sid, tty_nr (controlling terminal) and tpgid (its foreground group).
+    assert.deepEqual([now[2], now[3], now[4], now[5]], [
+      before.job[2],
+      before.job[3],
+      before.job[4],
+      before.job[5],
+    ], "the child's group, session, controlling terminal and foreground group");
+    assert.equal(await stty(slave, "-g"), settings, "the pty's termios");
+    assert.equal(await stty(slave, "size"), "33 77", "the pty's window size");
+    // What the child writes to /dev/tty goes through the pty to script again.
+    await waitForLine(ts, (l) => l.some((x) => /^line (\d+)/.exec(x)?.[1] === `${last + 5}`));
+  } finally {
+    await killTree(script);
+  }
+});
+
+function exists7(pid: number): boolean {
+  try {
+    return fdLink(pid, 7) === "/dev/tty";
+  } catch {
+    return false;
+  }
+}
+
+async function waitForText(file: string, longerThan: number): Promise<void> {
+  await until(() => {
+    try {
+      return Deno.readTextFileSync(file).length > longerThan;
+    } catch {
+      return false;
+    }
+  }, `${file} does not grow`);
+}
+
+Deno.test("a tmux server with two panes dumped and restored -d: its panes run on, and tmux attach works", async () => {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  await using tmp = await tempDir();
+  const inner = new Tmux(tmp.path, "inner"), outer = new Tmux(tmp.path, "outer");
+  try {
+    await inner.start();
+    await inner.run("split-window", "-t", "t", inner.shell);
+    const panes = async () =>
+      await inner.run("list-panes", "-t", "t", "-F", "#{pane_pid} #{pane_tty}");
+    const before = await panes();
+    assert.equal(before.trim().split("\n").length, 2, "test bug: two panes");
+    for (const pane of ["t.0", "t.1"]) {
+      await inner.run("send-keys", "-t", pane, "-l", `echo ${pane} before $((6*7))`);
+      await inner.run("send-keys", "-t", pane, "Enter");
+      await inner.waitScreen((l) => l.includes(`${pane} before 42`), pane, 20_000, pane);
+    }
+    const tree = descendants(inner.server);
+
+    const img = `${tmp.path}/img`;
+    await dumpRetryingInFlight(inner.server, img);
+    await waitVanished(tree);
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+    assert.deepEqual(descendants(inner.server), tree, "the restored server's processes");
+    // Its listening socket came back: a new client gets the same panes, on the same ptys.
+    assert.equal(await panes(), before, "the panes' shells and ptys");
+    for (const pane of ["t.0", "t.1"]) {
+      await inner.run("send-keys", "-t", pane, "-l", `echo ${pane} after $((6*7))`);
+      await inner.run("send-keys", "-t", pane, "Enter");
+      await inner.waitScreen((l) => l.includes(`${pane} after 42`), pane, 20_000, pane);
+    }
+
+    // A person attaches to it from another terminal (a pane of another tmux).
+    await outer.start();
+    await outer.command(`tmux -S ${shellQuote(inner.socket)} attach -t t`);
+    await outer.waitScreen(
+      (l) => l.some((x) => x.includes("t.0 after 42")),
+      "the attached session",
+    );
+    assert.match(await inner.run("list-clients"), /\S/, "no client attached");
+  } finally {
+    await outer.close();
+    await inner.close();
+  }
+});
+
+// ---------------------------------------------------------------------------
+// refusals
+
+const PY_PTY = `
+import os, sys, time, tty
+m, s = os.openpty()
+mode = sys.argv[1]
+if mode == "out":
+    os.write(s, b"hello")
+elif mode == "in":
+    tty.setraw(s)
+    os.write(m, b"typed\\n")
+time.sleep(600)
+`;
+
+/** A python3 holding a pty pair, in `mode`: "out"/"in" leaves bytes unread on one side. */
+async function startPtyHolder(mode: string): Promise<{ pid: number; slave: string }> {
+  const t = spawnTarget(["setsid", "python3", "-c", PY_PTY, mode]);
+  let slave = "";
+  await until(() => {
+    try {
+      slave = fdLink(t.pid, 4);
+      return SLAVE_RE.test(slave);
+    } catch {
+      return false;
+    }
+  }, "python3 does not hold its pty");
+  return { pid: t.pid, slave };
+}
+
+const SLAVE_RE = /^\/dev\/pts\/\d+$/;
+
+Deno.test("pty bytes not read yet: the dump says they would be lost and leaves the tree running", async () => {
+  await using tmp = await tempDir();
+  for (
+    const [mode, said] of [
+      ["out", /fd 3: pty \d+: 5 bytes written on its slave side and not read yet would be lost/],
+      ["in", /fd 4: pty \d+: 6 bytes typed on its master side and not read yet would be lost/],
+    ] as const
+  ) {
+    const { pid } = await startPtyHolder(mode);
+    try {
+      const img = `${tmp.path}/img-${mode}`;
+      const msg = assertOneLineError(await amber(dumpArgs(pid, img)), 1, `dump (${mode})`);
+      assert.match(msg, said, `dump (${mode}): ${msg}`);
+      assert.ok(isAlive(pid), `the refused dump (${mode}) ended the tree`);
+      assert.ok(!exists(img), `the refused dump (${mode}) left images`);
+    } finally {
+      await killAndReap(pid);
+    }
+  }
+});
+
+Deno.test("a pty whose index is taken at restore: refused clearly, nothing left; restored once it is free", async () => {
+  await using tmp = await tempDir();
+  const { pid, slave } = await startPtyHolder("quiet");
+  const index = Number(slave.slice("/dev/pts/".length));
+  const img = `${tmp.path}/img`;
+  let holder = 0;
+  try {
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await waitVanished([pid]);
+    // Someone else's pty now has that number.
+    const take = `
+import fcntl, os, struct, time
+held = []
+while True:
+    fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    held.append(fd)
+    if struct.unpack("i", fcntl.ioctl(fd, 0x80045430, b"0000"))[0] >= ${index}:
+        break
+time.sleep(600)
+`;
+    holder = spawnTarget(["python3", "-c", take]).pid;
+    await until(() => exists(slave), `${slave} is not taken`);
+    const before = childrenWithState();
+    const msg = assertOneLineError(await amber(["restore", "-D", img, "-d"]), 1, "restore");
+    assert.ok(msg.includes(`pty ${index}: ${slave} is in use`), `restore: ${msg}`);
+    assert.equal(procState(pid), null, "the refused restore left the process");
+    assertLeftNothing(before, "the refused restore");
+
+    await killAndReap(holder);
+    holder = 0;
+    await until(() => !exists(slave), `${slave} is not free again`);
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore once it is free");
+    assert.equal(fdLink(pid, 4), slave, "the restored slave");
+  } finally {
+    if (holder) await killAndReap(holder);
+    await killAndReap(pid);
+  }
+});
+
+Deno.test("consoles, virtual consoles and serial lines are refused, named", async () => {
+  await using tmp = await tempDir();
+  const devices = [
+    ["/dev/console", "console"],
+    ["/dev/tty1", "virtual console"],
+    ["/dev/ttyS0", "serial line"],
+  ].filter(([dev]) => exists(dev));
+  assert.ok(devices.length > 0, "this machine has none of the devices (test bug)");
+  for (const [dev, kind] of devices) {
+    const hold = `import os, time; os.open("${dev}", os.O_RDWR | os.O_NOCTTY); time.sleep(600)`;
+    const pid = spawnTarget(["python3", "-c", hold]).pid;
+    try {
+      await until(() => {
+        try {
+          return fdLink(pid, 3) === dev;
+        } catch {
+          return false;
+        }
+      }, `python3 does not hold ${dev}`);
+      const img = `${tmp.path}/img`;
+      const r = await amber(dumpArgs(pid, img, "--shell-job"));
+      const msg = assertOneLineError(r, 1, `dump holding ${dev}`);
+      assert.ok(msg.includes(`fd 3: ${dev} is a ${kind}: not supported`), msg);
+      assert.ok(isAlive(pid), `the refused dump (${dev}) ended the process`);
+    } finally {
+      await killAndReap(pid);
+    }
+  }
+});
+
+Deno.test("a pty's session leader that holds no descriptor on it is refused, named", async () => {
+  await using tmp = await tempDir();
+  // The child makes the slave its controlling terminal, then closes it.
+  const py = `
+import fcntl, os, termios, time
+m, s = os.openpty()
+if os.fork() == 0:
+    os.setsid()
+    fcntl.ioctl(s, termios.TIOCSCTTY, 0)
+    os.close(s)
+    os.close(m)
+    time.sleep(600)
+os.close(s)
+time.sleep(600)
+`;
+  const t = spawnTarget(["setsid", "python3", "-c", py]);
+  try {
+    let child = 0;
+    await until(() => {
+      child = childrenOf(t.pid)[0] ?? 0;
+      return child !== 0 && Number(procStatFields(child)[3]) === child &&
+        Number(procStatFields(child)[4]) !== 0;
+    }, "the child has no controlling terminal");
+    const img = `${tmp.path}/img`;
+    const msg = assertOneLineError(await amber(dumpArgs(t.pid, img)), 1, "dump");
+    assert.match(
+      msg,
+      new RegExp(
+        `pty \\d+: its session leader ${child} holds no descriptor on it: not supported yet`,
+      ),
+    );
+    assert.ok(isAlive(t.pid) && isAlive(child), "the refused dump ended the tree");
+  } finally {
+    await killTree(t.pid);
+  }
+});
