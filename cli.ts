@@ -64,6 +64,11 @@ const FILE_LOCKS: Flag = {
   help: "accepted for CRIU's sake: amber always handles the file locks it finds",
 };
 
+const TCP_ESTABLISHED: Flag = {
+  long: "tcp-established",
+  help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
+};
+
 /** -v0..-v4 (CRIU's levels) → -v for 3 and above, nothing below. */
 function normalizeVerbosity(args: string[]): string[] {
   return args.flatMap((a) => {
@@ -205,6 +210,7 @@ const COMMANDS: Command[] = [
         help: "largest deleted file whose contents go into the images (default 1M; K, M, G)",
       },
       FILE_LOCKS,
+      TCP_ESTABLISHED,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -219,6 +225,7 @@ const COMMANDS: Command[] = [
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
+          tcpEstablished: !!v["tcp-established"],
           log: detail,
           progress: progress?.callback,
         });
@@ -252,6 +259,7 @@ const COMMANDS: Command[] = [
         help: "restore even if open files changed since the dump (they are used as they are now)",
       },
       FILE_LOCKS,
+      TCP_ESTABLISHED,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,

@@ -7,6 +7,7 @@
 import { addressOf, check, libc, rawSyscall, SysError } from "../ffi/libc.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
+import { probeLock } from "./net/netlock.ts";
 
 /** One kernel feature, as {@link checkKernel} found it. */
 export interface CheckFeature {
@@ -81,8 +82,8 @@ const PURPOSE: Record<string, { enables: string; without: string }> = {
     without: "dump and restore of TCP connections",
   },
   "nftables": {
-    enables: "locking the network of a dumped tree (CRIU's nftables lock)",
-    without: "nothing amber does yet",
+    enables: "the network lock of established TCP connections (CRIU's nftables lock)",
+    without: "dump --tcp-established",
   },
   "time namespaces": {
     enables: "monotonic clocks that go on from where they were, once amber has them",
@@ -263,15 +264,6 @@ function tcpRepairProbe(): string {
     );
     return "a socket can enter repair mode";
   });
-}
-
-function nftablesProbe(): string {
-  try {
-    Deno.statSync("/sys/module/nf_tables");
-    return "nf_tables module loaded";
-  } catch {
-    throw new Error("nf_tables is not loaded (modprobe nf_tables)");
-  }
 }
 
 function timeNsProbe(): string {
@@ -504,7 +496,8 @@ export function checkKernel(): CheckReport {
     // Dump finds descriptors that processes share with kcmp(KCMP_FILE).
     probe("kcmp", true, kcmpProbe),
     probe("TCP_REPAIR", false, tcpRepairProbe),
-    probe("nftables", false, nftablesProbe),
+    // Established TCP connections are dumped under an nftables lock.
+    probe("nftables", false, probeLock),
     probe("time namespaces", false, timeNsProbe),
   ].map(described);
   return { ok: features.every((f) => f.ok || !f.required), features };

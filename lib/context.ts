@@ -20,7 +20,12 @@ export interface DumpOptions {
   verbose: boolean;
   /** Largest deleted file whose contents dump saves (--ghost-limit), bytes. */
   ghostLimit: number;
+  /** Established TCP connections may be dumped (with TCP_REPAIR, under a network lock). */
+  tcpEstablished: boolean;
 }
+
+/** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */
+export type DumpEnd = "resume" | "kill";
 
 export interface DumpContext {
   pid: number;
@@ -54,6 +59,18 @@ export interface TreeDumpState {
   preparedPages: Map<number, PreparedPages>;
   /** What a kind of object keeps for the whole tree, by kind name; only that kind reads it. */
   kinds: Map<string, unknown>;
+  options: DumpOptions;
+  /**
+   * The nftables table locking the dumped TCP connections (lib/net/netlock.ts),
+   * once a kind made one: recorded in the inventory, removed when the tree
+   * runs again or by restore.
+   */
+  netLock?: string;
+  /**
+   * Run just before the tree is resumed, or after it is killed: for state
+   * a kind put on the live objects while dumping (TCP repair mode).
+   */
+  onEnd: ((end: DumpEnd) => void)[];
 }
 
 export interface RestoreOptions {
@@ -62,6 +79,8 @@ export interface RestoreOptions {
   verbose: boolean;
   /** Reopen regular files even if they changed since the dump (--allow-changed-files). */
   allowChangedFiles: boolean;
+  /** Accepted as CRIU's flag; the images say which connections come back. */
+  tcpEstablished?: boolean;
 }
 
 export interface RestoreContext {
@@ -98,6 +117,11 @@ export interface TreeRestoreState {
   parked: FdPlace[];
   /** What a kind of object keeps for the whole tree, by kind name; only that kind reads it. */
   kinds: Map<string, unknown>;
+  /**
+   * Run once the tree is rebuilt, just before it runs (ok), or when the
+   * restore fails (not ok): e.g. TCP repair mode turned off.
+   */
+  onEnd: ((ok: boolean) => void)[];
 }
 
 /** A kind's own tree-wide state: made on first use, kept in `kinds` under the kind's name. */

@@ -5,7 +5,8 @@
 import { Injector } from "../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
-import type { DumpContext, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
+import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
+import { unlock } from "./net/netlock.ts";
 import {
   AmberError,
   faultPointAsync,
@@ -51,6 +52,11 @@ export interface DumpRequest {
   shellJob?: boolean;
   /** Largest deleted file whose contents dump saves, in bytes (CRIU's --ghost-limit). */
   ghostLimit?: number;
+  /**
+   * Checkpoint established TCP connections with TCP_REPAIR under an nftables lock (CRIU's
+   * --tcp-established); without it a dump of a tree holding one fails naming it.
+   */
+  tcpEstablished?: boolean;
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -201,6 +207,20 @@ function imageBytes(dir: string): number {
   return total;
 }
 
+/** Runs the kinds' end-of-dump steps, all of them even if one fails; throws the first failure. */
+function endKinds(state: TreeDumpState, end: DumpEnd): void {
+  const hooks = state.onEnd.splice(0);
+  let first: unknown;
+  for (const h of hooks) {
+    try {
+      h(end);
+    } catch (e) {
+      first ??= e;
+    }
+  }
+  if (first) throw first;
+}
+
 /** Dumps the tree rooted at `req.pid` into `req.dir`. */
 export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   const t0 = performance.now();
@@ -209,6 +229,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
+    tcpEstablished: req.tcpEstablished ?? false,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);
@@ -221,6 +242,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     seen: new Set(),
     preparedPages: new Map(),
     kinds: new Map(),
+    options,
+    onEnd: [],
   };
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
@@ -241,10 +264,18 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   }
   let frozenMs = 0;
   let running = false;
+  // Objects a kind changed while dumping (TCP repair mode) go back first,
+  // then the network lock goes: the tree runs as it was.
   const resume = () => {
     frozenMs = performance.now() - tree.frozenAt;
-    tree.release();
-    running = true;
+    try {
+      endKinds(state, "resume");
+    } finally {
+      if (state.netLock) unlock(state.netLock);
+      state.netLock = undefined;
+      tree.release();
+      running = true;
+    }
   };
   try {
     await faultPointAsync("after-freeze");
@@ -276,6 +307,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
       createdAt: new Date().toISOString(),
       rootPid: req.pid,
       shellJob: options.shellJob,
+      // With -R the lock is gone as soon as the tree runs again.
+      netLock: options.leaveRunning ? undefined : state.netLock,
     };
     await faultPointAsync("before-commit");
     await guard.checkpoint();
@@ -296,7 +329,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // The complete image is in dir.stagingPath; publishing it replaces an earlier one.
     dir.commit();
   } catch (e) {
-    if (!running) withContext("resuming the tree after a failed dump", () => tree.release());
+    if (!running) withContext("resuming the tree after a failed dump", resume);
     for (const p of state.preparedPages.values()) p.file.close();
     dir.discard();
     throw e;
@@ -304,6 +337,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   if (!options.leaveRunning) {
     frozenMs = performance.now() - tree.frozenAt;
     tree.kill();
+    // The lock stays, recorded in the inventory, until restore.
+    endKinds(state, "kill");
   }
   tracker.finish();
   const pageBytes = tree.pids.reduce((s, pid) => {

@@ -36,6 +36,7 @@ import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
 import { applyThreadState, type ThreadImage, xfeatures, xstateSize } from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
+import { unlock } from "./net/netlock.ts";
 
 /** What to restore, and how (mod.ts `restore`). */
 export interface RestoreRequest {
@@ -399,6 +400,23 @@ function becomeZombie(blank: Blank): void {
   }
 }
 
+/**
+ * A failed restore removes the dump's network lock too. CRIU keeps it so a
+ * retry may still find the peers waiting, but then a restore never retried
+ * would leave it in the ruleset for good, dropping that address pair's
+ * packets; here nothing amber added outlives it, and the peers of the
+ * dumped connections see them reset.
+ */
+function releaseLock(lock: string | undefined, log: (m: string) => void): void {
+  if (!lock) return;
+  try {
+    unlock(lock);
+    log(`network lock ${lock} removed: the dumped connections are lost`);
+  } catch (e) {
+    log(`network lock ${lock}: ${e instanceof Error ? e.message : e}`);
+  }
+}
+
 /** Restores the images in `req.dir`. */
 export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const t0 = performance.now();
@@ -414,14 +432,21 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const path = resolveImagesDir(req.dir);
   const images = readImages(path);
   const dir = new ImageDir(path);
-  await precheck(images, options, dir);
-  await guard.checkpoint();
-  log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
-  const helper = await startHelper(images.inventory);
+  const lock = images.inventory.netLock;
+  let helper: Helper;
+  try {
+    await precheck(images, options, dir);
+    await guard.checkpoint();
+    log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
+    helper = await startHelper(images.inventory);
+  } catch (e) {
+    releaseLock(lock, log);
+    throw e;
+  }
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
   const contexts: RestoreContext[] = [];
-  const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map() };
+  const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map(), onEnd: [] };
   const tracker = new Tracker("restore", req.progress).attach(tree.kinds);
   for (const p of images.processes) {
     tracker.addTotal(((p.parts.pagemap as { totalPages?: number })?.totalPages ?? 0) * 4096);
@@ -455,10 +480,16 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
       // A pending SIGSTOP puts it back into its group stop once detached.
       if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
     }
+    // As CRIU does: the lock goes just before the tree runs, then repair
+    // mode (its window probe reaches the peer at once).
+    if (lock) withContext("network lock", () => unlock(lock));
+    for (const end of tree.onEnd.splice(0)) end(true);
   } catch (e) {
+    for (const end of tree.onEnd.splice(0)) end(false);
     killCreated(created, helper);
     helper.child.kill("SIGKILL");
     await helper.child.status;
+    releaseLock(lock, log);
     throw e;
   }
   // The progress line is erased before a shell job owns the terminal, not over its screen.

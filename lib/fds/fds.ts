@@ -25,6 +25,9 @@ import { type FdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import { ttyFd } from "./tty.ts";
 import { ptyFd } from "./pty.ts";
 import { unixFd } from "./unix.ts";
+import { tcpFd } from "./tcp.ts";
+import { udpFd } from "./udp.ts";
+import { socketFd } from "./socket.ts";
 import { unsupportedFd } from "./unsupported.ts";
 
 /** The kernel's fs.nr_open ceiling: no process has more descriptors. */
@@ -44,6 +47,9 @@ export const FD_KINDS: FdKind[] = [
   inotifyFd,
   pidFd,
   unixFd,
+  tcpFd,
+  udpFd,
+  socketFd,
   unsupportedFd,
 ];
 

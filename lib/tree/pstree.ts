@@ -59,6 +59,8 @@ export const inventoryImage = defineImage(
     createdAt: z.string(),
     rootPid: pidNumber,
     shellJob: z.boolean(),
+    /** The nftables table (lib/net/netlock.ts) locking the dumped TCP connections until restore. */
+    netLock: z.string().regex(/^amber_[a-z0-9_]{1,40}$/).optional(),
     /** Why restore would refuse these images, as dump judged them (see lib/verdict.ts). */
     verdict: z.array(z.string()).optional(),
   }),

@@ -1,0 +1,318 @@
+/**
+ * TCP sockets, IPv4 and IPv6. Dump looks at each through amber's own
+ * duplicate (pidfd_getfd): addresses, TCP_INFO, options. Restore creates
+ * the socket in the process (injected socket()) and sets it up through a
+ * duplicate amber takes of it, so each step is one plain call:
+ * - unconnected sockets come back with their options, bound again if they
+ *   were bound;
+ * - listening sockets come back bound to the same address and port with
+ *   the same backlog; one with connections waiting to be accepted is
+ *   refused (they would be lost);
+ * - established connections (only with --tcp-established) are checkpointed
+ *   with TCP_REPAIR under a network lock (lib/net/netlock.ts): sequence
+ *   numbers, both queues (the send queue split into sent-unacknowledged and
+ *   never-sent bytes), MSS, window, timestamps, SACK and window scaling;
+ *   restore rebuilds them in repair mode (no handshake), refills the
+ *   queues and turns repair off just before the tree runs, once the lock is
+ *   gone, so the kernel's window probe reaches the peer at once.
+ * Other states (connecting, closing) are refused.
+ */
+import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
+import {
+  AF,
+  bindTo,
+  connectTo,
+  dupSocket,
+  fillRepairQueue,
+  getInt,
+  type InetAddr,
+  listenOn,
+  localName,
+  peekRepairQueue,
+  peerName,
+  QUEUE,
+  queueSeq,
+  queueSizes,
+  repairWindow,
+  sendAll,
+  setInt,
+  setQueueSeq,
+  setRepair,
+  setRepairOptions,
+  setRepairWindow,
+  SOCKOPT,
+  SOL,
+  TCP_STATES,
+  tcpInfo,
+  TCPOPT,
+} from "../../ffi/inet.ts";
+import { takeFd } from "../../ffi/socket.ts";
+import { libc } from "../../ffi/libc.ts";
+import { kindState, type RestoreContext, type TreeDumpState } from "../context.ts";
+import { AmberError } from "../errors.ts";
+import { bytes } from "../images/codec.ts";
+import { lockConnection, lockTableName, validTableName } from "../net/netlock.ts";
+import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
+import {
+  Addr,
+  applyOptions,
+  bindAgain,
+  fmt,
+  InetFields,
+  inetFields,
+  inode,
+  isInet,
+  TCP_OPTIONS,
+  TCP_UNCONNECTED_OPTIONS,
+} from "./inet.ts";
+
+const SOCK_STREAM = 1, IPPROTO_TCP = 6;
+const STATE = { ESTABLISHED: 1, CLOSE: 7, LISTEN: 10 } as const;
+const TCPI_OPT = { TIMESTAMPS: 1, SACK: 2, WSCALE: 4 } as const;
+/** Most bytes amber keeps for one connection's queues. */
+const QUEUE_LIMIT = 64 * 1024 * 1024;
+
+const u32 = z.number().int().min(0).max(0xffffffff);
+
+const Repair = z.object({
+  /** Sequence number after the last byte of the send queue (write_seq). */
+  sndSeq: u32,
+  /** Next sequence number expected from the peer (rcv_nxt). */
+  rcvSeq: u32,
+  /** Everything not yet acknowledged by the peer; its last `unsent` bytes were never sent. */
+  sendQueue: bytes,
+  unsent: z.number().int().min(0),
+  /** Received, not yet read by the process. */
+  recvQueue: bytes,
+  mss: z.number().int().min(0),
+  window: z.object({ sndWl1: u32, sndWnd: u32, maxWindow: u32, rcvWnd: u32, rcvWup: u32 }),
+  timestamps: z.boolean(),
+  sack: z.boolean(),
+  wscale: z.object({ snd: z.number().int().min(0).max(14), rcv: z.number().int().min(0).max(14) })
+    .optional(),
+  timestamp: u32,
+}).refine((r) => r.unsent <= r.sendQueue.length, "more unsent bytes than queued");
+
+const TcpEntry = z.object({
+  kind: z.literal("tcp"),
+  ...InetFields,
+  /** tcp_info state: 1 established, 7 closed (unconnected), 10 listening... */
+  state: z.number().int().min(0).max(255),
+  backlog: z.number().int().min(0).optional(),
+  repair: Repair.optional(),
+  /** The nftables table that locks this connection until it is restored. */
+  lock: z.string().refine(validTableName, "not an amber lock table").optional(),
+  /** Why it cannot be restored, when it cannot (seen at dump). */
+  refusal: z.string().optional(),
+});
+type TcpImage = z.output<typeof TcpEntry>;
+
+function describe(e: { state: number; local: InetAddr; peer?: InetAddr }): string {
+  const state = TCP_STATES[e.state] ?? `state ${e.state}`;
+  return e.peer
+    ? `tcp ${fmt(e.local)} -> ${fmt(e.peer)} (${state})`
+    : `tcp ${fmt(e.local)} (${state})`;
+}
+
+interface DumpState {
+  /** Entries already dumped, by inode: a second holder gets the same. */
+  entries: Map<number, z.input<typeof TcpEntry>>;
+  /** amber's duplicates of the sockets put in repair mode. */
+  repaired: number[];
+}
+
+function dumpState(tree: TreeDumpState): DumpState {
+  return kindState(tree.kinds, "tcp", () => {
+    const st: DumpState = { entries: new Map(), repaired: [] };
+    tree.onEnd.push((end) => endRepair(st, end));
+    return st;
+  });
+}
+
+/**
+ * A tree that runs again gets its connections out of repair mode (without
+ * a window probe: nothing changed); a killed tree's stay in it, so their
+ * last close sends nothing (no FIN, no RST) and the peer waits for restore.
+ */
+function endRepair(st: DumpState, end: "resume" | "kill"): void {
+  let failed: unknown;
+  for (const sock of st.repaired.splice(0)) {
+    try {
+      if (end === "resume") setRepair(sock, -1);
+    } catch (e) {
+      failed ??= e; // the others still get theirs
+    } finally {
+      libc().close(sock);
+    }
+  }
+  if (failed) throw failed;
+}
+
+/** Locks the connection, puts it in repair mode and reads everything TCP_REPAIR shows. */
+function checkpointConnection(
+  p: FdProbe,
+  sock: number,
+  local: InetAddr,
+  peer: InetAddr,
+): { repair: z.input<typeof Repair>; lock: string } {
+  const tree = p.tree;
+  const create = tree.netLock === undefined;
+  const lock = tree.netLock ?? lockTableName(p.pid);
+  lockConnection(lock, { local, peer }, create);
+  tree.netLock = lock;
+  setRepair(sock, 1);
+  const st = dumpState(tree);
+  st.repaired.push(dupSocket(sock));
+  const sizes = queueSizes(sock);
+  if (sizes.inq + sizes.outq > QUEUE_LIMIT) {
+    throw new AmberError(`more than ${QUEUE_LIMIT} bytes queued: not supported yet`);
+  }
+  const info = tcpInfo(sock);
+  const repair = {
+    sndSeq: queueSeq(sock, QUEUE.SEND),
+    sendQueue: peekRepairQueue(sock, QUEUE.SEND, sizes.outq),
+    rcvSeq: queueSeq(sock, QUEUE.RECV),
+    recvQueue: peekRepairQueue(sock, QUEUE.RECV, sizes.inq),
+    unsent: sizes.unsent,
+    mss: getInt(sock, SOL.TCP, TCPOPT.MAXSEG),
+    window: repairWindow(sock),
+    timestamps: (info.options & TCPI_OPT.TIMESTAMPS) !== 0,
+    sack: (info.options & TCPI_OPT.SACK) !== 0,
+    wscale: info.options & TCPI_OPT.WSCALE
+      ? { snd: info.sndWscale, rcv: info.rcvWscale }
+      : undefined,
+    timestamp: getInt(sock, SOL.TCP, TCPOPT.TIMESTAMP) >>> 0,
+  };
+  setInt(sock, SOL.TCP, TCPOPT.REPAIR_QUEUE, QUEUE.NONE);
+  return { repair, lock };
+}
+
+function refusalOf(state: number, info: { unacked: number }, tcpEstablished: boolean) {
+  if (state === STATE.LISTEN) {
+    return info.unacked
+      ? `${info.unacked} connection(s) waiting to be accepted: not supported yet`
+      : undefined;
+  }
+  if (state === STATE.ESTABLISHED) {
+    return tcpEstablished ? undefined : "an established connection: dump with --tcp-established";
+  }
+  if (state !== STATE.CLOSE) return "connecting or closing: not supported yet";
+}
+
+function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
+  const sock = takeFd(p.pid, p.fd);
+  try {
+    const family = getInt(sock, SOL.SOCKET, SOCKOPT.DOMAIN) as typeof AF.INET | typeof AF.INET6;
+    const info = tcpInfo(sock);
+    const local = localName(sock);
+    const peer = info.state === STATE.LISTEN || info.state === STATE.CLOSE
+      ? undefined
+      : peerName(sock);
+    const refusal = refusalOf(info.state, info, p.tree.options.tcpEstablished);
+    const entry: z.input<typeof TcpEntry> = {
+      kind: "tcp" as const,
+      fd: p.fd,
+      flags: p.flags,
+      ino,
+      family,
+      state: info.state,
+      local: local as z.input<typeof Addr>,
+      peer: peer as z.input<typeof Addr> | undefined,
+      backlog: info.state === STATE.LISTEN ? info.sacked : undefined,
+      ...inetFields(
+        sock,
+        family,
+        info.state === STATE.ESTABLISHED
+          ? TCP_OPTIONS
+          : [...TCP_OPTIONS, ...TCP_UNCONNECTED_OPTIONS],
+      ),
+      refusal,
+    };
+    if (!refusal && info.state === STATE.ESTABLISHED && peer) {
+      Object.assign(entry, checkpointConnection(p, sock, local, peer));
+    }
+    return entry;
+  } finally {
+    libc().close(sock);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// restore
+
+/**
+ * An established connection rebuilt in repair mode: sequence numbers,
+ * bind, connect (no handshake), negotiated options, timestamp, queues,
+ * window. Repair stays on until the tree is about to run.
+ */
+function setupEstablished(ctx: RestoreContext, sock: number, e: TcpImage): void {
+  const r = e.repair!;
+  setRepair(sock, 1); // also lets bind share the port with the listener
+  setQueueSeq(sock, QUEUE.SEND, (r.sndSeq - r.sendQueue.length) >>> 0);
+  setQueueSeq(sock, QUEUE.RECV, (r.rcvSeq - r.recvQueue.length) >>> 0);
+  setInt(sock, SOL.TCP, TCPOPT.REPAIR_QUEUE, QUEUE.NONE);
+  bindTo(sock, e.local);
+  connectTo(sock, e.peer!);
+  setRepairOptions(sock, r);
+  setInt(sock, SOL.TCP, TCPOPT.TIMESTAMP, r.timestamp | 0);
+  fillRepairQueue(sock, QUEUE.RECV, r.recvQueue);
+  const sent = r.sendQueue.length - r.unsent;
+  fillRepairQueue(sock, QUEUE.SEND, r.sendQueue.subarray(0, sent));
+  setInt(sock, SOL.TCP, TCPOPT.REPAIR_QUEUE, QUEUE.NONE);
+  setRepairWindow(sock, r.window);
+  const copy = dupSocket(sock);
+  ctx.tree.onEnd.push((ok) => {
+    try {
+      if (!ok) return; // closed in repair mode: nothing reaches the peer
+      setRepair(copy, 0);
+      // Bytes never sent go out the ordinary way.
+      sendAll(copy, r.sendQueue.subarray(sent), `${describe(e)}: unsent bytes`);
+      setInt(copy, SOL.SOCKET, SOCKOPT.REUSEADDR, e.reuseaddr ? 1 : 0);
+    } finally {
+      libc().close(copy);
+    }
+  });
+}
+
+function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
+  const fd = Number(
+    ctx.injector.call("socket", NR.socket, e.family, SOCK_STREAM | O_CLOEXEC, IPPROTO_TCP),
+  );
+  const sock = takeFd(ctx.pid, fd);
+  try {
+    applyOptions(sock, e);
+    if (e.state === STATE.ESTABLISHED) setupEstablished(ctx, sock, e);
+    else {
+      bindAgain(sock, e, () => e.state === STATE.LISTEN && listenOn(sock, e.backlog ?? 128));
+    }
+  } catch (err) {
+    throw new AmberError(`${describe(e)}: ${err instanceof Error ? err.message : err}`);
+  } finally {
+    libc().close(sock);
+  }
+  return fd;
+}
+
+export const tcpFd = defineFdKind({
+  name: "tcp",
+  schema: TcpEntry,
+  matches: (p: FdProbe) => isInet(p, SOCK_STREAM, IPPROTO_TCP),
+  dump(p: FdProbe) {
+    const ino = inode(p.link)!;
+    const st = dumpState(p.tree);
+    const known = st.entries.get(ino);
+    // A second holder (dup, fork) is restored from the first: one checkpoint.
+    if (known) return { ...known, fd: p.fd, flags: p.flags };
+    const entry = dumpSocket(p, ino);
+    st.entries.set(ino, entry);
+    return entry;
+  },
+  unrestorable(e) {
+    if (e.refusal) return `fd ${e.fd}: ${describe(e)}: ${e.refusal}`;
+    if (e.state === STATE.ESTABLISHED && (!e.repair || !e.peer)) {
+      return `fd ${e.fd}: ${describe(e)}: no repair state in the images`;
+    }
+  },
+  restore: restoreSocket,
+});

@@ -1,0 +1,762 @@
+/**
+ * TCP sockets: listeners (IPv4 and IPv6) with their options and backlog,
+ * unconnected sockets, and established connections checkpointed with
+ * TCP_REPAIR under the nftables network lock. After every dump, restore
+ * and failure the ruleset is read: no amber table may be left, except
+ * between a dump that ended the tree and its restore.
+ */
+import assert from "node:assert/strict";
+import {
+  amber,
+  assertExit,
+  assertOneLineError,
+  commandWorks,
+  dumpArgs,
+  isAlive,
+  type Json,
+  killTree,
+  readLines,
+  showJson,
+  spawnTarget,
+  type Target,
+  tempDir,
+  until,
+  waitFor,
+  waitForLines,
+  waitVanished,
+} from "./_util.ts";
+
+const PYTHON = "/usr/bin/python3";
+const HAVE_NFT = await commandWorks("nft", "list", "tables");
+const HAVE_REDIS = await commandWorks("redis-server", "--version");
+
+/** amber's lock tables in the ruleset (amber check's probe table left out: another test's). */
+async function lockTables(): Promise<string[]> {
+  const r = await new Deno.Command("nft", { args: ["list", "ruleset"], stdout: "piped" }).output();
+  const text = new TextDecoder().decode(r.stdout);
+  return [...text.matchAll(/^table inet (amber_\S+)/gm)].map((m) => m[1])
+    .filter((t) => !t.startsWith("amber_check_"));
+}
+
+async function assertNoLock(what: string): Promise<void> {
+  assert.deepEqual(await lockTables(), [], `${what}: an amber table is left in the ruleset`);
+}
+
+function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+async function readAll(conn: Deno.Conn): Promise<string> {
+  return await new Response(conn.readable).text();
+}
+
+/**
+ * Listeners and an unconnected socket with options set; every connection
+ * to the first listener gets a report of all of them (addresses, options,
+ * backlog from TCP_INFO), so the test compares before and after.
+ */
+const LISTENERS_PY = `import json, socket, struct, sys
+S, T = socket.SOL_SOCKET, socket.IPPROTO_TCP
+def report(s):
+    info = s.getsockopt(T, socket.TCP_INFO, 104)
+    o = dict(name=s.getsockname(), state=info[0], backlog=struct.unpack_from("I", info, 28)[0],
+             reuseaddr=s.getsockopt(S, socket.SO_REUSEADDR), reuseport=s.getsockopt(S, socket.SO_REUSEPORT),
+             keepalive=s.getsockopt(S, socket.SO_KEEPALIVE), nodelay=s.getsockopt(T, socket.TCP_NODELAY),
+             keepidle=s.getsockopt(T, socket.TCP_KEEPIDLE), rcvbuf=s.getsockopt(S, socket.SO_RCVBUF),
+             blocking=s.getblocking(), linger=list(s.getsockopt(S, socket.SO_LINGER, 8)),
+             cc=s.getsockopt(T, socket.TCP_CONGESTION, 16).rstrip(b"\\0").decode(),
+             priority=s.getsockopt(S, socket.SO_PRIORITY), mss=s.getsockopt(T, socket.TCP_MAXSEG),
+             defer=s.getsockopt(T, socket.TCP_DEFER_ACCEPT))
+    if s.family == socket.AF_INET6:
+        o["v6only"] = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        o["hops"] = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
+    else:
+        o["ttl"] = s.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+    return o
+a = socket.socket()
+a.setsockopt(S, socket.SO_REUSEADDR, 1)
+a.setsockopt(T, socket.TCP_NODELAY, 1)
+a.setsockopt(S, socket.SO_LINGER, struct.pack("ii", 1, 5))
+a.setsockopt(T, socket.TCP_CONGESTION, b"reno")
+a.setsockopt(S, socket.SO_PRIORITY, 3)
+a.setsockopt(T, socket.TCP_MAXSEG, 1200)
+a.bind(("127.0.0.1", int(sys.argv[1])))
+a.listen(7)
+b = socket.socket(socket.AF_INET6)
+b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+b.setsockopt(S, socket.SO_REUSEPORT, 1)
+b.setsockopt(S, socket.SO_KEEPALIVE, 1)
+b.setsockopt(T, socket.TCP_KEEPIDLE, 77)
+b.setsockopt(S, socket.SO_RCVBUF, 65536)
+b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 9)
+b.setsockopt(T, socket.TCP_DEFER_ACCEPT, 3)
+b.bind(("::1", int(sys.argv[2])))
+b.listen(3)
+b.setblocking(False)
+c = socket.socket()
+c.setsockopt(S, socket.SO_KEEPALIVE, 1)
+d = socket.socket(socket.AF_INET6)
+d.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+d.bind(("::", 0))
+while True:
+    conn, _ = a.accept()
+    conn.sendall(json.dumps([report(s) for s in (a, b, c, d)]).encode())
+    conn.close()
+`;
+
+async function listenersReport(port: number): Promise<string> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  return await readAll(conn);
+}
+
+Deno.test("TCP listeners (IPv4, IPv6) and unconnected sockets come back with their options", async () => {
+  await using tmp = await tempDir();
+  const [p4, p6] = [freePort(), freePort()];
+  const target = spawnTarget(["setsid", PYTHON, "-c", LISTENERS_PY, String(p4), String(p6)]);
+  try {
+    const before = await waitFor(
+      () => listenersReport(p4).catch(() => undefined),
+      "the target does not answer",
+      30_000,
+    );
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(target.pid, img)), 0, "dump");
+    await target.child.status;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.equal(await listenersReport(p4), before, "sockets after restore");
+    // The IPv6 listener takes connections as well.
+    const c6 = await Deno.connect({ hostname: "::1", port: p6 });
+    c6.close();
+  } finally {
+    await killTree(target.pid);
+  }
+});
+
+/** A listener nobody accepts from. */
+const NO_ACCEPT_PY = `import socket, sys, time
+a = socket.socket()
+a.bind(("127.0.0.1", int(sys.argv[1])))
+a.listen(5)
+open(sys.argv[2], "w").write("ready\\n")
+time.sleep(600)
+`;
+
+Deno.test("a listener with a connection waiting to be accepted is refused, the tree runs on", async () => {
+  await using tmp = await tempDir();
+  const port = freePort();
+  const ready = `${tmp.path}/ready`;
+  const target = spawnTarget(["setsid", PYTHON, "-c", NO_ACCEPT_PY, String(port), ready]);
+  try {
+    await waitForLines(ready, 1, 30_000);
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      const msg = assertOneLineError(
+        await amber(dumpArgs(target.pid, `${tmp.path}/img`)),
+        1,
+        "dump",
+      );
+      assert.match(msg, new RegExp(`tcp 127\\.0\\.0\\.1:${port} \\(LISTEN\\): 1 connection`));
+      assert.ok(isAlive(target.pid), "the target runs on");
+    } finally {
+      conn.close();
+    }
+  } finally {
+    await killTree(target.pid);
+  }
+});
+
+/**
+ * Echoes one connection, checking that what it receives is the byte
+ * pattern i % 251; prints "PASS n" or "FAIL at n" at the end.
+ */
+const ECHO_PY = `import socket, sys
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if host == "::":
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind((host, int(sys.argv[1])))
+l.listen(4)
+open(sys.argv[2], "w").write("ready\\n")
+c, _ = l.accept()
+n = 0
+verdict = None
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    if verdict is None and b != bytes((n + i) % 251 for i in range(len(b))):
+        verdict = "FAIL at %d" % n
+    n += len(b)
+    c.sendall(b)
+open(sys.argv[2], "a").write((verdict or "PASS %d" % n) + "\\n")
+`;
+
+function pattern(from: number, len: number): Uint8Array {
+  return Uint8Array.from({ length: len }, (_, i) => (from + i) % 251);
+}
+
+/** Streams `total` patterned bytes through `conn` while reading the echo; resolves to the bytes checked. */
+function streamThrough(conn: Deno.Conn, total: number, progress: { got: number }) {
+  const writer = (async () => {
+    for (let sent = 0; sent < total;) {
+      const chunk = pattern(sent, Math.min(16384, total - sent));
+      for (let at = 0; at < chunk.length;) at += await conn.write(chunk.subarray(at));
+      sent += chunk.length;
+      await new Promise((r) => setTimeout(r, 2));
+    }
+  })();
+  const reader = (async () => {
+    const buf = new Uint8Array(65536);
+    while (progress.got < total) {
+      const n = await conn.read(buf);
+      if (n === null) throw new Error(`the echo ended after ${progress.got} bytes`);
+      const want = pattern(progress.got, n);
+      if (!buf.subarray(0, n).every((b, i) => b === want[i])) {
+        throw new Error(`the echo differs from what was sent at byte ${progress.got}`);
+      }
+      progress.got += n;
+    }
+  })();
+  return Promise.all([writer, reader]);
+}
+
+async function startEcho(
+  dir: string,
+  host = "127.0.0.1",
+): Promise<{ target: Target; port: number; out: string }> {
+  const port = freePort();
+  const out = `${dir}/echo.txt`;
+  const target = spawnTarget(["setsid", PYTHON, "-c", ECHO_PY, String(port), out, host]);
+  await waitForLines(out, 1, 30_000);
+  return { target, port, out };
+}
+
+Deno.test({
+  name:
+    "an established connection is refused without --tcp-established, with it the stream stays exact",
+  ignore: !HAVE_NFT,
+  async fn() {
+    await using tmp = await tempDir();
+    const { target, port, out } = await startEcho(tmp.path);
+    try {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      const total = 4 << 20;
+      const progress = { got: 0 };
+      const stream = streamThrough(conn, total, progress);
+      try {
+        await until(() => progress.got > 256 << 10, "no echo", 30_000);
+        const img = `${tmp.path}/img`;
+        const msg = assertOneLineError(await amber(dumpArgs(target.pid, img)), 1, "plain dump");
+        assert.match(
+          msg,
+          /fd \d+: tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \(ESTABLISHED\).*--tcp-established/,
+        );
+        await assertNoLock("after a refused dump");
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        assert.equal((await lockTables()).length, 1, "the lock table between dump and restore");
+        const during = progress.got;
+        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+        await assertNoLock("after restore");
+        await stream;
+        assert.ok(progress.got > during, "the echo went on after restore");
+      } finally {
+        conn.close();
+      }
+      const lines = await waitForLines(out, 2, 30_000);
+      assert.equal(lines[1], `PASS ${total}`, "what the server received");
+    } finally {
+      await killTree(target.pid);
+      await assertNoLock("at the end");
+    }
+  },
+});
+
+for (const [listen, connect] of [["::1", "::1"], ["::", "127.0.0.1"]]) {
+  Deno.test({
+    name: `an IPv6 connection (listening on ${listen}, client to ${connect}) keeps its stream`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const { target, port, out } = await startEcho(tmp.path, listen);
+      try {
+        const conn = await Deno.connect({ hostname: connect, port });
+        const total = 2 << 20;
+        const progress = { got: 0 };
+        const stream = streamThrough(conn, total, progress);
+        try {
+          await until(() => progress.got > 128 << 10, "no echo", 30_000);
+          const img = `${tmp.path}/img`;
+          assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+          await target.child.status;
+          assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+          await assertNoLock("after restore");
+          await stream;
+        } finally {
+          conn.close();
+        }
+        assert.equal((await waitForLines(out, 2, 30_000))[1], `PASS ${total}`);
+      } finally {
+        await killTree(target.pid);
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "dump -R --tcp-established: the connection goes on, the lock is gone at once",
+  ignore: !HAVE_NFT,
+  async fn() {
+    await using tmp = await tempDir();
+    const { target, port, out } = await startEcho(tmp.path);
+    try {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      const total = 2 << 20;
+      const progress = { got: 0 };
+      const stream = streamThrough(conn, total, progress);
+      try {
+        await until(() => progress.got > 128 << 10, "no echo", 30_000);
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "-R", "--tcp-established")), 0, "dump");
+        await assertNoLock("after dump -R");
+        await stream;
+      } finally {
+        conn.close();
+      }
+      assert.equal((await waitForLines(out, 2, 30_000))[1], `PASS ${total}`);
+    } finally {
+      await killTree(target.pid);
+    }
+  },
+});
+
+for (const fault of ["before-commit", "before-commit:SIGINT"]) {
+  Deno.test({
+    name: `a dump that fails (${fault}) unlocks at once; the connection goes on`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const { target, port, out } = await startEcho(tmp.path);
+      try {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+        const total = 1 << 20;
+        const progress = { got: 0 };
+        const stream = streamThrough(conn, total, progress);
+        try {
+          await until(() => progress.got > 64 << 10, "no echo", 30_000);
+          const r = await amber(dumpArgs(target.pid, `${tmp.path}/img`, "--tcp-established"), {
+            AMBER_TEST_FAULT: fault,
+          });
+          assert.notEqual(r.code, 0, "the dump fails");
+          await assertNoLock("after a failed dump");
+          assert.ok(isAlive(target.pid), "the target runs on");
+          await stream;
+        } finally {
+          conn.close();
+        }
+        assert.equal((await waitForLines(out, 2, 30_000))[1], `PASS ${total}`);
+      } finally {
+        await killTree(target.pid);
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "a restore that fails removes the lock and leaves nothing running",
+  ignore: !HAVE_NFT,
+  async fn() {
+    await using tmp = await tempDir();
+    const { target, port } = await startEcho(tmp.path);
+    try {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      try {
+        await conn.write(pattern(0, 1000));
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        await waitVanished([target.pid]);
+        const r = await amber(["restore", "-D", img, "-d"], {
+          AMBER_TEST_FAULT: "before-detach",
+        });
+        assertOneLineError(r, 1, "restore");
+        await assertNoLock("after a failed restore");
+        assert.ok(!isAlive(target.pid), "nothing of the tree runs");
+      } finally {
+        conn.close();
+      }
+    } finally {
+      await killTree(target.pid);
+    }
+  },
+});
+
+/** Sends the byte pattern to one connection as fast as it is taken, then waits. */
+const PUSH_PY = `import socket, sys, time
+l = socket.socket()
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(1)
+open(sys.argv[2], "w").write("ready\\n")
+c, _ = l.accept()
+c.sendall(bytes(i % 251 for i in range(int(sys.argv[3]))))
+time.sleep(600)
+`;
+
+/** Every tcp entry of the images, from show --json. */
+function tcpEntries(doc: Json): Json[] {
+  const out: Json[] = [];
+  const walk = (v: Json) => {
+    if (Array.isArray(v)) v.forEach(walk);
+    else if (v && typeof v === "object") {
+      if (v.kind === "tcp") out.push(v);
+      Object.values(v).forEach(walk);
+    }
+  };
+  walk(doc);
+  return out;
+}
+
+Deno.test({
+  name: "bytes a connection could not send yet (its peer did not read) are sent after restore",
+  ignore: !HAVE_NFT,
+  async fn() {
+    await using tmp = await tempDir();
+    const port = freePort(), total = 16 << 20;
+    const ready = `${tmp.path}/ready`;
+    const target = spawnTarget([
+      "setsid",
+      PYTHON,
+      "-c",
+      PUSH_PY,
+      String(port),
+      ready,
+      String(total),
+    ]);
+    try {
+      await waitForLines(ready, 1, 30_000);
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      try {
+        // Nothing is read: the server's send queue fills and stays full.
+        await until(
+          () => Deno.readTextFileSync(`/proc/${target.pid}/wchan`) === "wait_woken",
+          "the server does not block in send",
+          30_000,
+        );
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        const queued = tcpEntries(await showJson(img)).find((e) => e.state === 1)?.repair;
+        assert.ok(queued?.unsent > 0, "the dump saw never-sent bytes in the send queue");
+        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+        await assertNoLock("after restore");
+        const buf = new Uint8Array(65536);
+        for (let got = 0; got < total;) {
+          const n = await conn.read(buf);
+          if (n === null) throw new Error(`the stream ended after ${got} bytes`);
+          const want = pattern(got, n);
+          assert.ok(buf.subarray(0, n).every((b, i) => b === want[i]), `byte ${got} differs`);
+          got += n;
+        }
+      } finally {
+        conn.close();
+      }
+    } finally {
+      await killTree(target.pid);
+    }
+  },
+});
+
+/**
+ * A parent and its child talking over loopback TCP, both checking the
+ * other's byte pattern; each appends its received total to its own file.
+ */
+const PAIR_PY = `import os, socket, sys, time
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+port = l.getsockname()[1]
+def run(s, out):
+    s.setblocking(False)
+    sent = got = 0
+    while True:
+        try:
+            sent += s.send(bytes((sent + i) % 251 for i in range(4096)))
+        except BlockingIOError:
+            pass
+        try:
+            b = s.recv(65536)
+            if not b:
+                out.write("EOF\\n"); return
+            if b != bytes((got + i) % 251 for i in range(len(b))):
+                out.write("FAIL at %d\\n" % got); return
+            got += len(b)
+            out.write("%d\\n" % got); out.flush()
+        except BlockingIOError:
+            pass
+        time.sleep(0.005)
+if os.fork() == 0:
+    l.close()
+    s = socket.create_connection(("127.0.0.1", port))
+    run(s, open(sys.argv[2], "w"))
+else:
+    s, _ = l.accept()
+    run(s, open(sys.argv[1], "w"))
+`;
+
+async function lastCount(file: string): Promise<string> {
+  return (await readLines(file)).at(-1) ?? "";
+}
+
+Deno.test({
+  name: "a loopback connection between a parent and its child keeps its byte stream exact",
+  ignore: !HAVE_NFT,
+  async fn() {
+    await using tmp = await tempDir();
+    const [a, b] = [`${tmp.path}/parent.txt`, `${tmp.path}/child.txt`];
+    const target = spawnTarget(["setsid", PYTHON, "-c", PAIR_PY, a, b]);
+    let pids: number[] = [];
+    try {
+      await waitForLines(a, 5, 30_000);
+      await waitForLines(b, 5, 30_000);
+      pids = [
+        target.pid,
+        ...(await waitFor(() => {
+          const kids = Deno.readTextFileSync(`/proc/${target.pid}/task/${target.pid}/children`)
+            .trim();
+          return kids ? kids.split(" ").map(Number) : undefined;
+        }, "no child")),
+      ];
+      const img = `${tmp.path}/img`;
+      assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+      await waitVanished(pids);
+      const at = [Number(await lastCount(a)), Number(await lastCount(b))];
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+      await assertNoLock("after restore");
+      for (const [i, f] of [a, b].entries()) {
+        await until(
+          () => {
+            const last = Deno.readTextFileSync(f).trim().split("\n").at(-1) ?? "";
+            if (!/^\d+$/.test(last)) throw new Error(`${f}: ${last}`);
+            return Number(last) > at[i] + (256 << 10);
+          },
+          `${f}: the stream does not go on`,
+          60_000,
+        );
+      }
+    } finally {
+      for (const p of pids) await killTree(p);
+      await killTree(target.pid);
+    }
+  },
+});
+
+/** RESP: one INCR command, and its reply read off the stream. */
+const INCR = new TextEncoder().encode("*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n");
+
+async function redisCli(port: number, ...args: string[]): Promise<string> {
+  const r = await new Deno.Command("redis-cli", {
+    args: ["-p", String(port), ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.ok(r.success, `redis-cli ${args.join(" ")}: ${new TextDecoder().decode(r.stderr)}`);
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+Deno.test({
+  name: "redis-server on TCP: one client connection sends INCR through dump and restore",
+  ignore: !HAVE_NFT || !HAVE_REDIS,
+  async fn() {
+    await using tmp = await tempDir();
+    const port = freePort();
+    const target = spawnTarget([
+      "setsid",
+      "redis-server",
+      "--port",
+      String(port),
+      "--bind",
+      "127.0.0.1",
+      "--save",
+      "",
+      "--appendonly",
+      "no",
+      "--dir",
+      tmp.path,
+      "--enable-debug-command",
+      "yes",
+    ]);
+    try {
+      await waitFor(() => redisCli(port, "PING").catch(() => undefined), "no redis", 30_000);
+      await redisCli(port, "DEBUG", "POPULATE", "20000", "key", "64");
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      let replies = 0, stop = false;
+      const client = (async () => {
+        const buf = new Uint8Array(64);
+        let pending = "";
+        while (!stop) {
+          await conn.write(INCR);
+          while (!pending.includes("\r\n")) {
+            const n = await conn.read(buf);
+            if (n === null) throw new Error(`the connection ended after ${replies} replies`);
+            pending += new TextDecoder().decode(buf.subarray(0, n));
+          }
+          const [line, rest] = [
+            pending.slice(0, pending.indexOf("\r\n")),
+            pending.slice(pending.indexOf("\r\n") + 2),
+          ];
+          pending = rest;
+          assert.equal(line, `:${replies + 1}`, "the reply to INCR");
+          replies++;
+        }
+      })();
+      try {
+        await until(() => replies > 200, "no replies", 30_000);
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        const during = replies;
+        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+        await assertNoLock("after restore");
+        await until(() => replies > during + 200, "no replies after restore", 60_000);
+        stop = true;
+        await client;
+      } finally {
+        stop = true;
+        conn.close();
+        await client.catch(() => {});
+      }
+      assert.equal(await redisCli(port, "GET", "counter"), String(replies), "the counter");
+      assert.equal(await redisCli(port, "DBSIZE"), "20001", "the dataset");
+    } finally {
+      await killTree(target.pid);
+    }
+  },
+});
+
+/**
+ * UDP echo on 127.0.0.1 and ::1 (one socket each), plus a socket connected
+ * to the v4 one that sends "ping" through it when asked on the v4 echo.
+ */
+const UDP_PY = `import select, socket, sys
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+a.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+a.bind(("127.0.0.1", int(sys.argv[1])))
+b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+b.bind(("::1", int(sys.argv[2])))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.1", int(sys.argv[1])))
+open(sys.argv[3], "w").write("ready\\n")
+while True:
+    for s in select.select([a, b, c], [], [])[0]:
+        data, src = s.recvfrom(65536)
+        if s is c:
+            continue
+        if data == b"via c":
+            c.send(b"from c")
+            data = s.recv(65536) + b" " + repr(c.getpeername()).encode()
+        s.sendto(data + b" " + repr(s.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST)).encode(), src)
+`;
+
+async function udpAsk(family: "4" | "6", port: number, msg: string): Promise<string> {
+  const [af, host] = family === "4" ? ["AF_INET", "127.0.0.1"] : ["AF_INET6", "::1"];
+  const py = `import socket, sys
+s = socket.socket(socket.${af}, socket.SOCK_DGRAM)
+s.settimeout(20)
+s.sendto(sys.argv[1].encode(), ("${host}", ${port}))
+print(s.recv(65536).decode())`;
+  const r = await new Deno.Command(PYTHON, { args: ["-c", py, msg], stdout: "piped" }).output();
+  assert.ok(r.success, `udp ${family} ${msg}: no answer`);
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+Deno.test("UDP sockets come back bound, connected and with their options", async () => {
+  await using tmp = await tempDir();
+  const [p4, p6] = [freePort(), freePort()];
+  const ready = `${tmp.path}/ready`;
+  const target = spawnTarget(["setsid", PYTHON, "-c", UDP_PY, String(p4), String(p6), ready]);
+  try {
+    await waitForLines(ready, 1, 30_000);
+    const before = [
+      await udpAsk("4", p4, "hello"),
+      await udpAsk("6", p6, "hi"),
+      await udpAsk("4", p4, "via c"),
+    ];
+    assert.equal(before[0], "hello 1");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(target.pid, img)), 0, "dump");
+    await target.child.status;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    const after = [
+      await udpAsk("4", p4, "hello"),
+      await udpAsk("6", p6, "hi"),
+      await udpAsk("4", p4, "via c"),
+    ];
+    assert.deepEqual(after, before);
+  } finally {
+    await killTree(target.pid);
+  }
+});
+
+/** A UDP socket nobody reads, and (second argument "netlink") a netlink socket. */
+const IDLE_PY = `import socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", int(sys.argv[1])))
+if sys.argv[2] == "netlink":
+    n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    n.bind((0, 1))
+open(sys.argv[3], "w").write("ready\\n")
+time.sleep(600)
+`;
+
+for (
+  const [what, arg, refusal] of [
+    [
+      "a datagram waiting in a UDP socket's queue",
+      "udp",
+      /udp 127\.0\.0\.1:\d+: datagrams are waiting/,
+    ],
+    ["a netlink socket", "netlink", /netlink raw NETLINK_ROUTE socket:\[\d+\]: netlink sockets/],
+  ] as const
+) {
+  Deno.test(`${what} is refused, naming it; the tree runs on`, async () => {
+    await using tmp = await tempDir();
+    const port = freePort();
+    const ready = `${tmp.path}/ready`;
+    const target = spawnTarget(["setsid", PYTHON, "-c", IDLE_PY, String(port), arg, ready]);
+    try {
+      await waitForLines(ready, 1, 30_000);
+      if (arg === "udp") {
+        const py = "import socket, sys\n" +
+          "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'queued', ('127.0.0.1', int(sys.argv[1])))";
+        const r = await new Deno.Command(PYTHON, { args: ["-c", py, String(port)] }).output();
+        assert.ok(r.success, "sending the datagram");
+      }
+      const msg = assertOneLineError(
+        await amber(dumpArgs(target.pid, `${tmp.path}/img`)),
+        1,
+        "dump",
+      );
+      assert.match(msg, refusal);
+      assert.ok(isAlive(target.pid), "the target runs on");
+    } finally {
+      await killTree(target.pid);
+    }
+  });
+}
+
+Deno.test({
+  name: "amber check says whether the network lock works",
+  ignore: !HAVE_NFT,
+  async fn() {
+    const r = await amber(["check"]);
+    assert.match(
+      r.stdout,
+      /^ok +nftables: an nftables table dropping a connection.s packets can be added and removed/m,
+      r.stdout,
+    );
+  },
+});
