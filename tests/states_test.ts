@@ -365,9 +365,9 @@ Deno.test("stopped process: comes back stopped after dump + restore -d and after
 // ---------------------------------------------------------------------------
 // descriptors amber cannot restore yet
 
-/** CPython holding an inet socket, appending a counter to argv[1] every 20 ms. */
+/** CPython holding a netlink socket, appending a counter to argv[1] every 20 ms. */
 const HOLDER_PY = `import os, socket, sys, time
-held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # inet: not restored yet
+held = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)  # not restored yet
 f = open(sys.argv[1], "a")
 i = 0
 while True:
