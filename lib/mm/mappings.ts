@@ -372,7 +372,6 @@ const DELETED = " (deleted)";
 function pseudoDeleted(path: string): string | undefined {
   if (path.startsWith("/[aio]")) return "AIO ring (io_setup)";
   if (path.startsWith("/anon_hugepage")) return "hugetlb anonymous memory";
-  if (path.startsWith("/memfd:")) return "memfd memory";
 }
 
 /** Why one mapping cannot be restored yet, if it cannot. */
