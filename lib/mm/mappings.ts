@@ -386,6 +386,8 @@ function whyNot(m: MappingImage): string | undefined {
     return `SysV shared memory segment ${m.sysv.id} attached in part: not supported yet`;
   }
   if (m.kind === "special" || m.kind === "vsyscall") return undefined;
+  // The memory of a kernel object (io_uring rings, perf buffers): not plain shared memory.
+  if (m.path.startsWith("anon_inode:")) return `${m.path} memory: not supported yet`;
   if (m.vmFlags.includes("ht")) return "hugetlb memory: not supported yet";
   // Device memory (VM_IO / VM_PFNMAP): its pages are not memory amber can copy.
   if (m.vmFlags.includes("io") || m.vmFlags.includes("pf")) {
