@@ -23,7 +23,7 @@ export interface DumpOptions {
   /** Established TCP connections may be dumped (with TCP_REPAIR, under a network lock). */
   tcpEstablished: boolean;
   /** Objects outside the tree the images may refer to (CRIU's --external), e.g. "pipe:[123]". */
-  external: string[];
+  external?: string[];
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */
@@ -84,7 +84,7 @@ export interface RestoreOptions {
   /** Accepted as CRIU's flag; the images say which connections come back. */
   tcpEstablished?: boolean;
   /** Amber's own descriptors standing in for external objects (CRIU's --inherit-fd). */
-  inheritFds: InheritFd[];
+  inheritFds?: InheritFd[];
   /**
    * The verdict a dump (or show) takes: each external object is assumed to
    * be given with --inherit-fd at restore.

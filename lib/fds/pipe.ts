@@ -86,7 +86,7 @@ function noteExternalEnd(tree: TreeDumpState, ino: number, end: End): boolean {
 }
 
 function isExternal(tree: TreeDumpState, ino: number): boolean {
-  return tree.options.external.includes(`pipe:[${ino}]`);
+  return (tree.options.external ?? []).includes(`pipe:[${ino}]`);
 }
 
 const PipeEntry = z.object({
@@ -144,7 +144,7 @@ function refill(ctx: RestoreContext, w: number, data: Uint8Array): void {
 
 /** The --inherit-fd entry standing in for external pipe `ino`, if one was given. */
 function inheritFor(ctx: PrecheckContext | RestoreContext, ino: number) {
-  return ctx.options.inheritFds.find((i) => i.resource === `pipe:[${ino}]`);
+  return (ctx.options.inheritFds ?? []).find((i) => i.resource === `pipe:[${ino}]`);
 }
 
 /** amber's fd N must be there, a pipe end of the same direction as the one it stands for. */
