@@ -25,10 +25,12 @@ interface Flag {
   short?: string;
   /** Name of its value; a flag without one is a switch. */
   value?: string;
+  /** It may be given several times; its values come as a list. */
+  multiple?: boolean;
   help: string;
 }
 
-type Values = Record<string, string | boolean | undefined>;
+type Values = Record<string, string | boolean | string[] | undefined>;
 
 interface Command {
   name: string;
@@ -81,7 +83,11 @@ function normalizeVerbosity(args: string[]): string[] {
 function parse(cmd: Command, args: string[]): { values: Values; positionals: string[] } {
   const options: ParseArgsConfig["options"] = { help: { type: "boolean", short: "h" } };
   for (const f of cmd.flags) {
-    options[f.long] = { type: f.value ? "string" : "boolean", ...(f.short && { short: f.short }) };
+    options[f.long] = {
+      type: f.value ? "string" : "boolean",
+      ...(f.short && { short: f.short }),
+      ...(f.multiple && { multiple: true }),
+    };
   }
   try {
     const r = parseArgs({
@@ -115,6 +121,27 @@ function sizeArg(v: unknown): number {
   return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
 }
 
+/** `--inherit-fd fd[N]:RESOURCE` (CRIU's syntax), each. */
+function inheritFdArgs(v: unknown): { fd: number; resource: string }[] {
+  return ((v ?? []) as string[]).map((a) => {
+    const m = /^fd\[(\d+)\]:(.+)$/.exec(a);
+    if (!m) {
+      throw new UsageError(`--inherit-fd needs fd[N]:RESOURCE like fd[7]:pipe:[1234], got ${a}`);
+    }
+    return { fd: Number(m[1]), resource: m[2] };
+  });
+}
+
+/** `--external RESOURCE`, each: only pipes so far. */
+function externalArgs(v: unknown): string[] {
+  return ((v ?? []) as string[]).map((a) => {
+    if (!/^pipe:\[\d+\]$/.test(a)) {
+      throw new UsageError(`--external takes pipe:[INO] (as /proc/PID/fd shows it), got ${a}`);
+    }
+    return a;
+  });
+}
+
 function dirArg(v: unknown, command: string): string {
   if (typeof v !== "string" || !v) {
     throw new UsageError(`-D DIR is required; see amber ${command} --help`);
@@ -129,7 +156,7 @@ function noPositionals(command: string, positionals: string[]): void {
 }
 
 /** The -o log: appended to, never through a symlink, 0600. */
-function openLog(path: string | boolean | undefined): Deno.FsFile | undefined {
+function openLog(path: Values[string]): Deno.FsFile | undefined {
   if (typeof path !== "string") return undefined;
   try {
     if (Deno.lstatSync(path).isSymlink) throw new AmberError(`log file ${path}: is a symlink`);
@@ -211,6 +238,12 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      {
+        long: "external",
+        value: "RESOURCE",
+        multiple: true,
+        help: "a pipe:[INO] whose other end is outside the tree: recorded as external",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -226,6 +259,7 @@ const COMMANDS: Command[] = [
           shellJob: !!v["shell-job"],
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
           tcpEstablished: !!v["tcp-established"],
+          external: externalArgs(v.external),
           log: detail,
           progress: progress?.callback,
         });
@@ -260,6 +294,12 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      {
+        long: "inherit-fd",
+        value: "fd[N]:RESOURCE",
+        multiple: true,
+        help: "amber's fd N takes the place of the external RESOURCE (e.g. fd[7]:pipe:[1234])",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -275,6 +315,7 @@ const COMMANDS: Command[] = [
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
           allowChangedFiles: !!v["allow-changed-files"],
+          inheritFds: inheritFdArgs(v["inherit-fd"]),
           log: detail,
           progress: progress?.callback,
         });

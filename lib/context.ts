@@ -22,6 +22,8 @@ export interface DumpOptions {
   ghostLimit: number;
   /** Established TCP connections may be dumped (with TCP_REPAIR, under a network lock). */
   tcpEstablished: boolean;
+  /** Objects outside the tree the images may refer to (CRIU's --external), e.g. "pipe:[123]". */
+  external?: string[];
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */
@@ -81,6 +83,19 @@ export interface RestoreOptions {
   allowChangedFiles: boolean;
   /** Accepted as CRIU's flag; the images say which connections come back. */
   tcpEstablished?: boolean;
+  /** Amber's own descriptors standing in for external objects (CRIU's --inherit-fd). */
+  inheritFds?: InheritFd[];
+  /**
+   * The verdict a dump (or show) takes: each external object is assumed to
+   * be given with --inherit-fd at restore.
+   */
+  assumeInherited?: boolean;
+}
+
+/** `--inherit-fd fd[N]:RESOURCE`: amber's fd N takes the place of RESOURCE (e.g. "pipe:[123]"). */
+export interface InheritFd {
+  fd: number;
+  resource: string;
 }
 
 export interface RestoreContext {

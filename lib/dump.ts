@@ -57,6 +57,11 @@ export interface DumpRequest {
    * --tcp-established); without it a dump of a tree holding one fails naming it.
    */
   tcpEstablished?: boolean;
+  /**
+   * Objects outside the tree its descriptors may lead to, recorded as external (CRIU's
+   * --external), e.g. "pipe:[123]"; restore then needs an inheritFds entry for each.
+   */
+  external?: string[];
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -230,6 +235,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     verbose: req.verbose ?? false,
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
     tcpEstablished: req.tcpEstablished ?? false,
+    external: req.external ?? [],
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);

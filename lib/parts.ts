@@ -13,6 +13,7 @@ import { vmflagsPart } from "./mm/vmflags.ts";
 import { cgroupPart } from "./task/cgroup.ts";
 import { credsPart } from "./task/creds.ts";
 import { nsPart } from "./task/ns.ts";
+import { sysvIpcPart } from "./ipc/sysvipc.ts";
 import { prctlPart } from "./task/prctl.ts";
 import { procfilesPart } from "./task/procfiles.ts";
 import { schedPart } from "./task/sched.ts";
@@ -27,6 +28,7 @@ import { defineImage, type ImageKind } from "./images/codec.ts";
 export const PARTS: Part[] = [
   // Nothing to restore: these refuse what amber cannot recreate yet.
   nsPart,
+  sysvIpcPart,
   cgroupPart,
   seccompPart,
   mappingsPart,

@@ -13,7 +13,13 @@ import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { libc } from "../ffi/libc.ts";
 import { replaceFile } from "../ffi/dirfd.ts";
-import type { RestoreContext, RestoreOptions, Scratch, TreeRestoreState } from "./context.ts";
+import type {
+  InheritFd,
+  RestoreContext,
+  RestoreOptions,
+  Scratch,
+  TreeRestoreState,
+} from "./context.ts";
 import {
   AmberError,
   faultPointAsync,
@@ -50,6 +56,8 @@ export interface RestoreRequest {
   shellJob?: boolean;
   /** Reopen regular files even if they changed since the dump (CRIU's --allow-changed-files). */
   allowChangedFiles?: boolean;
+  /** amber's own descriptors put in the place of external objects (CRIU's --inherit-fd). */
+  inheritFds?: InheritFd[];
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */
@@ -425,6 +433,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
     allowChangedFiles: req.allowChangedFiles ?? false,
+    inheritFds: req.inheritFds ?? [],
   };
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);

@@ -34,6 +34,7 @@ interface FdImage {
   type?: string;
   pos?: number;
   ino?: number;
+  external?: boolean;
 }
 
 interface FsImage {
@@ -200,7 +201,10 @@ function treeLines(images: Images): string[] {
 
 function fdTarget(f: FdImage): string {
   if (f.kind === "unsupported") return `${f.link ?? ""} (${f.type ?? "?"}, not restorable)`;
-  if (f.kind === "pipe") return `pipe:[${f.ino}] ${(f.flags & 3) === 0 ? "read" : "write"} end`;
+  if (f.kind === "pipe") {
+    const end = `pipe:[${f.ino}] ${(f.flags & 3) === 0 ? "read" : "write"} end`;
+    return f.external ? `${end}, external (restore needs --inherit-fd)` : end;
+  }
   return f.path ?? f.link ?? "";
 }
 

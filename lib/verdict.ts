@@ -97,5 +97,12 @@ export async function judgeDirectory(path: string, options: RestoreOptions): Pro
 
 /** The restore options a verdict taken at dump time assumes. */
 export function dumpVerdictOptions(shellJob: boolean): RestoreOptions {
-  return { detached: false, shellJob, verbose: false, allowChangedFiles: false };
+  return {
+    detached: false,
+    shellJob,
+    verbose: false,
+    allowChangedFiles: false,
+    inheritFds: [],
+    assumeInherited: true,
+  };
 }

@@ -104,16 +104,6 @@ Deno.test("refused: the AIO ring of an io_setup context", async () => {
   await assertRefused("aio", [mapping("/\\[aio\\]"), "AIO ring"]);
 });
 
-Deno.test("refused: a memfd mapping", async () => {
-  await assertRefused("memfd", [mapping("/memfd:amber-test"), "memfd"]);
-});
-
-Deno.test("refused: a memfd descriptor", async () => {
-  await assertRefused("memfd-fd", [
-    /fd \d+: \/memfd:amber-fd \(deleted\): a memfd: not supported yet/,
-  ]);
-});
-
 Deno.test("refused: hugetlb anonymous memory", async () => {
   const knob = "/proc/sys/vm/nr_hugepages";
   const old = Deno.readTextFileSync(knob).trim();
@@ -188,6 +178,14 @@ Deno.test("a deleted file above the ghost limit is refused; --ghost-limit saves 
     /fd \d+: \/tmp\/\S+\/big\.bin \(deleted\): the deleted open file is 2097152 bytes, above the ghost limit: dump with --ghost-limit 2097152/,
   ], false);
   await assertRestored("deleted-big", undefined, "--ghost-limit", "3M");
+});
+
+Deno.test("restored: a memfd mapped, its descriptor closed", async () => {
+  await assertRestored("memfd");
+});
+
+Deno.test("restored: a memfd descriptor (not mapped)", async () => {
+  await assertRestored("memfd-fd");
 });
 
 Deno.test("restored: the process's own /proc/PID/status, open", async () => {

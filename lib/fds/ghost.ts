@@ -5,6 +5,10 @@
  * (--ghost-limit, 1 MiB by default, like CRIU's); restore recreates it as
  * an unnamed file (O_TMPFILE) in the directory it was in, so it is as
  * deleted as it was, on the same filesystem.
+ *
+ * A memfd is a ghost too (its inode has no directory): saved the same way,
+ * under the same limit, and made again with memfd_create under its name,
+ * with its seals added once it is filled.
  */
 import { z } from "zod";
 import type { RawFile } from "../../ffi/rawfile.ts";
@@ -12,6 +16,7 @@ import { NR } from "../../ffi/inject.ts";
 import type { RestoreContext, TreeDumpState } from "../context.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { putString } from "../scratch.ts";
+import { memfdSeals } from "../../ffi/memfd.ts";
 
 export const GHOST_LIMIT_DEFAULT = 1 << 20;
 const DELETED = " (deleted)";
@@ -25,6 +30,9 @@ export const Ghost = z.object({
   mode: z.number().int().min(0).max(0o7777),
   uid: z.number().int().min(0),
   gid: z.number().int().min(0),
+  /** A memfd: the name given to memfd_create and its seals (F_SEAL_*). */
+  memfd: z.object({ name: z.string().max(249), seals: z.number().int().min(0).max(0xff) })
+    .optional(),
 });
 export type GhostImage = z.output<typeof Ghost>;
 
@@ -63,12 +71,16 @@ export function saveGhost(
   const st = Deno.statSync(source);
   if (st.size > limit) return undefined;
   const file = `ghost-${st.dev}-${st.ino}.img`;
+  const link = Deno.readLinkSync(source);
   const ghost = {
     file,
     size: st.size,
     mode: (st.mode ?? 0o600) & 0o7777,
     uid: st.uid ?? 0,
     gid: st.gid ?? 0,
+    memfd: link.startsWith(MEMFD)
+      ? { name: originalPath(link).slice(MEMFD.length), seals: memfdSeals(source) }
+      : undefined,
   };
   if (tree.seen.has(file)) return ghost;
   const { file: out, commit, drop } = dir.reserve(file);
@@ -115,10 +127,11 @@ export function checkGhost(ctx: { dir: ImageDir }, g: GhostImage): void {
 /**
  * Why a deleted file cannot come back as a ghost, if it cannot: a memfd or
  * another file of a kernel-internal filesystem has no directory to be
- * recreated in (its name's directory is on another filesystem).
+ * recreated in (its name's directory is on another filesystem). A memfd
+ * has none either, but memfd_create makes it again.
  */
 export function notGhostable(link: string, dev: number): string | undefined {
-  if (link.startsWith("/memfd:")) return "a memfd";
+  if (link.startsWith(MEMFD)) return undefined;
   if (Deno.statSync(hostDir(originalPath(link))).dev !== dev) {
     return "a file of a kernel-internal filesystem";
   }
@@ -146,6 +159,10 @@ function createGhost(
   path: string,
 ): { fd: number; named?: string } {
   const inj = ctx.injector;
+  if (g.memfd) {
+    const name = putString(ctx.pid, ctx.scratch, g.memfd.name);
+    return { fd: Number(inj.call("memfd_create", NR_MEMFD_CREATE, name, MFD_CLOEXEC_SEALING)) };
+  }
   const orig = originalPath(path);
   const mode = O_RDWR | O_CLOEXEC;
   const named = inj.raw(
@@ -181,6 +198,8 @@ export function restoreGhost(ctx: RestoreContext, g: GhostImage, path: string): 
   }
   inj.call("fchmod", NR_FCHMOD, fd, g.mode);
   inj.call("fchown", NR_FCHOWN, fd, g.uid, g.gid);
+  // Last: a write seal would stop the fill. (F_SEAL_SEAL alone: made without MFD_ALLOW_SEALING.)
+  if (g.memfd?.seals) inj.call("fcntl(F_ADD_SEALS)", NR.fcntl, fd, F_ADD_SEALS, g.memfd.seals);
   return fd;
 }
 
@@ -201,4 +220,8 @@ function fillGhost(ctx: RestoreContext, g: GhostImage, fd: number): void {
   }
 }
 
-const NR_FCHMOD = 91, NR_FCHOWN = 93, NR_UNLINKAT = 263;
+const NR_FCHMOD = 91, NR_FCHOWN = 93, NR_UNLINKAT = 263, NR_MEMFD_CREATE = 319;
+const MEMFD = "/memfd:";
+/** MFD_CLOEXEC | MFD_ALLOW_SEALING: seals are added as the image says. */
+const MFD_CLOEXEC_SEALING = 3;
+const F_ADD_SEALS = 1033;

@@ -5,13 +5,26 @@
  * parks the other end there until every process that needs it has taken
  * it with pidfd_getfd. Descriptors inherited over fork are the same open
  * file and are shared by the fds part before they get here.
+ *
+ * A pipe whose other end is held outside the tree (stdout into an outside
+ * `tee`) is refused, unless the dump lists it with `--external pipe:[INO]`
+ * (CRIU's spelling): it is then recorded as external, and restore puts
+ * amber's own descriptor given by `--inherit-fd fd[N]:pipe:[INO]` in its
+ * place. Bytes buffered for a read end the tree holds are recorded and
+ * written into the new pipe, after whatever it holds already.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { peekPipe } from "../../ffi/pipe.ts";
-import type { RestoreContext, TreeDumpState } from "../context.ts";
+import {
+  kindState,
+  type PrecheckContext,
+  type RestoreContext,
+  type TreeDumpState,
+} from "../context.ts";
+import { AmberError } from "../errors.ts";
 import { bytes } from "../images/codec.ts";
-import { getBytes, putBytes } from "../scratch.ts";
+import { getBytes, putBytes, putString } from "../scratch.ts";
 import { fetchFd, parkFd } from "./fetch.ts";
 import { holdersOf } from "./holders.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
@@ -47,10 +60,33 @@ function notePipeEnd(tree: TreeDumpState, ino: number, end: End, otherClosed: bo
     const other = otherEnd(end);
     tree.pending.set(
       `${key}:${other}`,
-      `pipe:[${ino}]: its ${other} end is held outside the dumped tree; not supported yet`,
+      `pipe:[${ino}]: its ${other} end is held outside the dumped tree; not supported yet ` +
+        `(dump --external pipe:[${ino}] records it as external)`,
     );
   }
   return first;
+}
+
+/**
+ * An external pipe's end, noted for the tree: the tree may hold only one
+ * end of it (the other is what is outside), and the first holder records
+ * the buffered bytes when that end is the read end.
+ */
+function noteExternalEnd(tree: TreeDumpState, ino: number, end: End): boolean {
+  const ends = kindState(tree.kinds, "pipe", () => new Map<number, End>());
+  const known = ends.get(ino);
+  ends.set(ino, end);
+  if (known && known !== end) {
+    tree.pending.set(
+      `pipe:${ino}:external`,
+      `pipe:[${ino}]: listed with --external, but the tree holds both its ends`,
+    );
+  }
+  return !known;
+}
+
+function isExternal(tree: TreeDumpState, ino: number): boolean {
+  return (tree.options.external ?? []).includes(`pipe:[${ino}]`);
 }
 
 const PipeEntry = z.object({
@@ -65,6 +101,8 @@ const PipeEntry = z.object({
   }).refine((c) => c.data.length <= c.size, "more data than the pipe holds").optional(),
   /** No process holds the other end (e.g. make's stdin pipe for its jobs): closed at restore. */
   otherClosed: z.boolean().optional(),
+  /** The other end is outside the tree (--external): restore needs --inherit-fd. */
+  external: z.boolean().optional(),
 });
 type PipeImage = z.output<typeof PipeEntry>;
 
@@ -77,12 +115,7 @@ function createPipe(ctx: RestoreContext, e: PipeImage): number {
   const [r, w] = new Int32Array(getBytes(ctx.pid, ctx.scratch, 8).slice().buffer);
   if (e.contents) {
     inj.call("fcntl(F_SETPIPE_SZ)", NR.fcntl, w, F_SETPIPE_SZ, e.contents.size);
-    const chunk = ctx.scratch.size / 2;
-    for (let off = 0; off < e.contents.data.length; off += chunk) {
-      const part = e.contents.data.subarray(off, off + chunk);
-      const n = inj.call("write", NR.write, w, putBytes(ctx.pid, ctx.scratch, part), part.length);
-      if (Number(n) !== part.length) throw new Error(`pipe refill: ${n} of ${part.length} bytes`);
-    }
+    refill(ctx, w, e.contents.data);
   }
   const end = endOf(e.flags);
   const [mine, other] = end === "read" ? [r, w] : [w, r];
@@ -97,6 +130,75 @@ function createPipe(ctx: RestoreContext, e: PipeImage): number {
   ctx.tree.parked.push(place);
   ctx.tree.pipes.set(e.ino, { [end]: here, [otherEnd(end)]: place });
   return mine;
+}
+
+function refill(ctx: RestoreContext, w: number, data: Uint8Array): void {
+  const inj = ctx.injector;
+  const chunk = ctx.scratch.size / 2;
+  for (let off = 0; off < data.length; off += chunk) {
+    const part = data.subarray(off, off + chunk);
+    const n = inj.call("write", NR.write, w, putBytes(ctx.pid, ctx.scratch, part), part.length);
+    if (Number(n) !== part.length) throw new Error(`pipe refill: ${n} of ${part.length} bytes`);
+  }
+}
+
+/** The --inherit-fd entry standing in for external pipe `ino`, if one was given. */
+function inheritFor(ctx: PrecheckContext | RestoreContext, ino: number) {
+  return (ctx.options.inheritFds ?? []).find((i) => i.resource === `pipe:[${ino}]`);
+}
+
+/** amber's fd N must be there, a pipe end of the same direction as the one it stands for. */
+function checkInherited(ctx: PrecheckContext, e: PipeImage): void {
+  const flag = `--inherit-fd fd[N]:pipe:[${e.ino}]`;
+  const given = inheritFor(ctx, e.ino);
+  if (!given) {
+    if (ctx.options.assumeInherited) return;
+    throw new AmberError(
+      `pipe:[${e.ino}] (${endOf(e.flags)} end) is external: restore with ${flag}`,
+    );
+  }
+  let link: string, flags: number;
+  try {
+    link = Deno.readLinkSync(`/proc/self/fd/${given.fd}`);
+    const info = Deno.readTextFileSync(`/proc/self/fdinfo/${given.fd}`);
+    flags = parseInt(/^flags:\s*(\d+)/m.exec(info)?.[1] ?? "0", 8);
+  } catch {
+    throw new AmberError(`--inherit-fd fd[${given.fd}]: amber has no fd ${given.fd}`);
+  }
+  if (!LINK.test(link) || endOf(flags) !== endOf(e.flags)) {
+    throw new AmberError(
+      `--inherit-fd fd[${given.fd}]: amber's fd ${given.fd} is ${link}, ` +
+        `not the ${endOf(e.flags)} end of a pipe`,
+    );
+  }
+}
+
+/** amber's inherited descriptor, taken into this process; buffered bytes written after. */
+function inheritPipe(ctx: RestoreContext, e: PipeImage): number {
+  const given = inheritFor(ctx, e.ino);
+  if (!given) throw new AmberError(`pipe:[${e.ino}] is external: no --inherit-fd for it`);
+  const fd = fetchFd(ctx, { pid: Deno.pid, fd: given.fd });
+  if (e.contents?.data.length) {
+    // A write end of the same pipe, through /proc, only for the refill.
+    const O_WRONLY = 1;
+    const path = putString(ctx.pid, ctx.scratch, `/proc/self/fd/${fd}`);
+    const w = Number(
+      ctx.injector.call(
+        "open pipe for refill",
+        NR.open,
+        path,
+        O_WRONLY | O_NONBLOCK | O_CLOEXEC,
+        0,
+      ),
+    );
+    try {
+      refill(ctx, w, e.contents.data);
+    } finally {
+      ctx.injector.call("close", NR.close, w);
+    }
+  }
+  ctx.tree.pipes.set(e.ino, { [endOf(e.flags)]: { pid: ctx.pid, fd: e.fd } });
+  return fd;
 }
 
 /** The end's open file description gets the status flags of the image (O_NONBLOCK...). */
@@ -116,15 +218,24 @@ export const pipeFd = defineFdKind({
   dump(p: FdProbe) {
     const ino = Number(LINK.exec(p.link)![1]);
     const end = endOf(p.flags);
+    if (isExternal(p.tree, ino)) {
+      // The bytes waiting for an outside reader are its business, not the tree's.
+      const first = noteExternalEnd(p.tree, ino, end);
+      const contents = first && end === "read" ? peekPipe(p.pid, p.fd) : undefined;
+      return { kind: "pipe" as const, fd: p.fd, flags: p.flags, ino, contents, external: true };
+    }
     const otherClosed = !anyoneHolds(p.tree, ino, otherEnd(end)) || undefined;
     const first = notePipeEnd(p.tree, ino, end, !!otherClosed);
     // The buffer belongs to the pipe, not to an end: record it once.
     const contents = first ? peekPipe(p.pid, p.fd) : undefined;
     return { kind: "pipe" as const, fd: p.fd, flags: p.flags, ino, contents, otherClosed };
   },
+  precheck(e, ctx) {
+    if (e.external) checkInherited(ctx, e);
+  },
   restore(ctx, e) {
     const known = ctx.tree.pipes.get(e.ino)?.[endOf(e.flags)];
-    const fd = known ? fetchFd(ctx, known) : createPipe(ctx, e);
+    const fd = known ? fetchFd(ctx, known) : e.external ? inheritPipe(ctx, e) : createPipe(ctx, e);
     setEndFlags(ctx, fd, e);
     return fd;
   },

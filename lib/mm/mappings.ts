@@ -372,7 +372,6 @@ const DELETED = " (deleted)";
 function pseudoDeleted(path: string): string | undefined {
   if (path.startsWith("/[aio]")) return "AIO ring (io_setup)";
   if (path.startsWith("/anon_hugepage")) return "hugetlb anonymous memory";
-  if (path.startsWith("/memfd:")) return "memfd memory";
 }
 
 /** Why one mapping cannot be restored yet, if it cannot. */
@@ -387,6 +386,8 @@ function whyNot(m: MappingImage): string | undefined {
     return `SysV shared memory segment ${m.sysv.id} attached in part: not supported yet`;
   }
   if (m.kind === "special" || m.kind === "vsyscall") return undefined;
+  // The memory of a kernel object (io_uring rings, perf buffers): not plain shared memory.
+  if (m.path.startsWith("anon_inode:")) return `${m.path} memory: not supported yet`;
   if (m.vmFlags.includes("ht")) return "hugetlb memory: not supported yet";
   // Device memory (VM_IO / VM_PFNMAP): its pages are not memory amber can copy.
   if (m.vmFlags.includes("io") || m.vmFlags.includes("pf")) {
