@@ -38,6 +38,7 @@ export type { CheckFeature, CheckReport } from "./lib/check.ts";
 export type { CheckpointResult, RunRequest, RunResult };
 export type { DumpRequest, DumpStats } from "./lib/dump.ts";
 export type { RestoreRequest, RestoreResult } from "./lib/restore.ts";
+export type { InheritFd } from "./lib/context.ts";
 
 /** The inventory of an images directory: where and how it was dumped. */
 export interface Inventory {

@@ -94,7 +94,9 @@ export interface RestoreOptions {
 
 /** `--inherit-fd fd[N]:RESOURCE`: amber's fd N takes the place of RESOURCE (e.g. "pipe:[123]"). */
 export interface InheritFd {
+  /** amber's own descriptor that takes the resource's place. */
   fd: number;
+  /** What the image names as external, e.g. "pipe:[123]". */
   resource: string;
 }
 
