@@ -21,12 +21,14 @@ import {
 
 /**
  * argv: OUT GO. SIGCHLD at SIG_DFL with SA_NOCLDSTOP|SA_NOCLDWAIT, SIGUSR1
- * handled, SIGPIPE ignored. Sleeps with a relative nanosleep (a frozen one
+ * handled, SIGPIPE ignored, two resource limits changed. Sleeps with a relative nanosleep (a frozen one
  * restarts through restart_syscall), checking its result: a line per
  * tick. Once GO exists it reads the actions back: "PASS" or "FAIL ...".
  */
-const TARGET_PY = `import ctypes, os, signal, sys
+const TARGET_PY = `import ctypes, os, resource, signal, sys
 out, go = sys.argv[1], sys.argv[2]
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+resource.setrlimit(resource.RLIMIT_CORE, (4096, 8192))
 libc = ctypes.CDLL(None, use_errno=True)
 class SA(ctypes.Structure):
     _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16),
@@ -73,16 +75,21 @@ function signalState(pid: number): string[] {
   return ["SigBlk", "SigCgt", "SigIgn"].map((f) => `${f} ${statusField(pid, f)}`);
 }
 
-Deno.test("SIGCHLD flags at SIG_DFL, handled and ignored signals come back", async () => {
+const limits = (pid: number) => Deno.readTextFileSync(`/proc/${pid}/limits`);
+
+Deno.test("SIGCHLD flags at SIG_DFL, handled and ignored signals, limits come back", async () => {
   await using tmp = await tempDir();
   const t = await startTarget(tmp.path);
   try {
     const img = `${tmp.path}/img`;
+    const before = limits(t.pid);
+    assert.match(before, /^Max open files\s+512\s/m);
     assertExit(await amber(dumpArgs(t.pid, img)), 0, "dump");
     await t.child.status;
     assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
     const n = (await readLines(t.out)).length;
     await waitForLines(t.out, n + 2);
+    assert.equal(limits(t.pid), before, "resource limits after restore");
     assert.equal(await verdict(t.out, t.go), "PASS");
   } finally {
     await killAndReap(t.pid);
