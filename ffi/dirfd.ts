@@ -115,6 +115,11 @@ export class Fd {
     check("fsync", libc().fsync(this.fd));
   }
 
+  /** Makes everything written to this descriptor's filesystem durable (syncfs). */
+  syncFilesystem(): void {
+    check("syncfs", libc().syncfs(this.fd));
+  }
+
   /** flock(LOCK_EX | LOCK_NB): false if another descriptor holds it. */
   tryLock(): boolean {
     if (libc().flock(this.fd, LOCK_EX | LOCK_NB) === 0) return true;

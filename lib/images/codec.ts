@@ -3,7 +3,8 @@
  * checked against its kind's zod schema on every read. Page data never
  * passes through here (see lib/mm/pages.ts).
  */
-import { decode, Encoder } from "cbor-x";
+// This subpath skips cbor-x's node entry (node:stream, a native addon: ~25 ms of start-up).
+import { decode, Encoder } from "cbor-x/decode";
 import { z } from "zod";
 import { AmberError } from "../errors.ts";
 
@@ -54,6 +55,9 @@ function describeIssue(issue: z.core.$ZodIssue): string {
   return `field ${path || "(top)"}: ${issue.message}`;
 }
 
+/** Built once: a zod schema compiles its parser on first use. */
+const HEAD = z.object({ magic: z.string(), version: z.number(), body: z.unknown() });
+
 /** Decodes and validates one image; errors name the file and the field. */
 export function decodeImage<T>(kind: ImageKind<T>, bytes: Uint8Array, file: string): T {
   const limit = kind.maxBytes ?? MAX_IMAGE_BYTES;
@@ -70,8 +74,7 @@ export function decodeImage<T>(kind: ImageKind<T>, bytes: Uint8Array, file: stri
       }`,
     );
   }
-  const head = z.object({ magic: z.string(), version: z.number(), body: z.unknown() })
-    .safeParse(raw);
+  const head = HEAD.safeParse(raw);
   if (!head.success) throw new AmberError(`${file}: not an amber image (no magic/version/body)`);
   if (head.data.magic !== magicOf(kind)) {
     throw new AmberError(`${file}: magic "${head.data.magic}", expected "${magicOf(kind)}"`);

@@ -32,7 +32,11 @@ export const rlimitsPart = definePart({
   dump: ({ pid }) => ({ limits: parseLimits(readProcText(pid, "limits")) }),
   restore(ctx, { limits }) {
     const { pid, injector: inj, scratch } = ctx;
-    for (const l of limits) {
+    // One read instead of a call per limit: most are inherited as they were.
+    const now = parseLimits(readProcText(pid, "limits"));
+    const same = (l: typeof limits[number]) =>
+      now.some((n) => n.resource === l.resource && n.cur === l.cur && n.max === l.max);
+    for (const l of limits.filter((l) => !same(l))) {
       const addr = putBytes(pid, scratch, u64Bytes([l.cur, l.max]));
       const r = inj.raw(NR.prlimit64, 0, l.resource, addr, 0);
       if (r === 0n) continue;
