@@ -24,7 +24,7 @@ import {
   writeRangesAsync,
 } from "../../ffi/memory.ts";
 import { definePart, type DumpContext } from "../context.ts";
-import type { ImageDir } from "../images/dir.ts";
+import { ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
 import { defineImage, imageFileName, MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import {
@@ -457,6 +457,31 @@ function resolveChain(dir: ImageDir, pid: number, image: PagemapImage): Level[] 
     throw e;
   }
   return levels;
+}
+
+/**
+ * Which image of the chain holds which of the process's pages (for show):
+ * per image, its directory and the pages restore takes from it; or why
+ * the chain cannot be followed.
+ */
+export function describeChain(
+  path: string,
+  pid: number,
+  image: z.output<typeof PagemapSchema>,
+): { dir: string; runs: number; pages: number }[] | string {
+  using dir = new ImageDir(path);
+  let levels: Level[];
+  try {
+    levels = resolveChain(dir, pid, image);
+  } catch (e) {
+    return e instanceof Error ? e.message : String(e);
+  }
+  for (const l of levels.slice(1)) l.dir.close();
+  return levels.map((l) => ({
+    dir: l.dir.path,
+    runs: l.placed.length,
+    pages: l.placed.reduce((s, p) => s + p.len / PAGE_SIZE, 0),
+  }));
 }
 
 export const pagemapPart = definePart({
