@@ -151,6 +151,13 @@ Deno.test("--track-mem without a chain is refused; dump -R with one disarms trac
     assert.match(assertOneLineError(noParent, 1, "missing parent"), /none/);
     assert.ok(isAlive(w.pid), "the target runs on");
 
+    // A pre-dump that fails leaves no tracking behind.
+    const failed = await amber(["pre-dump", "-t", String(w.pid), "-D", `${tmp.path}/f`], {
+      AMBER_TEST_FAULT: "before-commit",
+    });
+    assertOneLineError(failed, 1, "failed pre-dump");
+    assert.equal(trackerFds(w.pid).length, 0, "a failed pre-dump disarms its tracking");
+    await assertChecksOk(w, "after the failed pre-dump");
     assertExit(await amber(["pre-dump", "-t", String(w.pid), "-D", `${tmp.path}/pre`]), 0, "pre");
     await letItWrite(w);
     const r = await amber([
