@@ -286,7 +286,9 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // Grow the page cache for the big pages files while the tree still runs
     // (for -R, whose tree is frozen only for the copy; a killed tree's pages
     // go straight to the disk instead).
-    for (const pid of options.leaveRunning ? listTree(req.pid) : []) {
+    // (Not for an incremental round: it stores a fraction of the memory.)
+    const prepare = options.leaveRunning && req.prevImagesDir === undefined;
+    for (const pid of prepare ? listTree(req.pid) : []) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
       await guard.checkpoint();
