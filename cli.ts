@@ -10,6 +10,7 @@ import {
   dump,
   formatCheck,
   InterruptedError,
+  preDump,
   restore,
   run,
   show,
@@ -66,6 +67,11 @@ const FILE_LOCKS: Flag = {
   help: "accepted for CRIU's sake: amber always handles the file locks it finds",
 };
 
+const PREV_IMAGES_DIR: Flag = {
+  long: "prev-images-dir",
+  value: "DIR",
+  help: "the pre-dump this one builds on (relative to -D unless absolute)",
+};
 const TCP_ESTABLISHED: Flag = {
   long: "tcp-established",
   help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
@@ -244,6 +250,11 @@ const COMMANDS: Command[] = [
         multiple: true,
         help: "a pipe:[INO] whose other end is outside the tree: recorded as external",
       },
+      PREV_IMAGES_DIR,
+      {
+        long: "track-mem",
+        help: "store only the pages written since --prev-images-dir (a pre-dump) was dumped",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -260,6 +271,8 @@ const COMMANDS: Command[] = [
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
           tcpEstablished: !!v["tcp-established"],
           external: externalArgs(v.external),
+          prevImagesDir: v["prev-images-dir"] as string | undefined,
+          trackMem: !!v["track-mem"],
           log: detail,
           progress: progress?.callback,
         });
@@ -271,6 +284,52 @@ const COMMANDS: Command[] = [
         );
         const { dir: imagesDir, ...rest } = stats;
         if (v.json) printJson({ ok: true, command: "dump", ...rest, imagesDir });
+        return 0;
+      });
+    },
+  },
+  {
+    name: "pre-dump",
+    args: "-t PID -D DIR",
+    summary:
+      "dump PID's tree and let it run with write tracking armed, for a later --track-mem dump",
+    flags: [
+      { long: "tree", short: "t", value: "PID", help: "root of the tree to pre-dump" },
+      IMAGES_DIR,
+      PREV_IMAGES_DIR,
+      {
+        long: "track-mem",
+        help: "accepted for CRIU's sake: a pre-dump always tracks memory",
+      },
+      SHELL_JOB,
+      FILE_LOCKS,
+      TCP_ESTABLISHED,
+      VERBOSE,
+      LOG_FILE,
+      JSON_OUT,
+    ],
+    run(v, positionals) {
+      noPositionals("pre-dump", positionals);
+      const pid = pidArg(v.tree), dir = dirArg(v["images-dir"], "pre-dump");
+      return withLog(v, async ({ detail, progress }) => {
+        const stats = await preDump({
+          pid,
+          dir,
+          prevImagesDir: v["prev-images-dir"] as string | undefined,
+          shellJob: !!v["shell-job"],
+          tcpEstablished: !!v["tcp-established"],
+          log: detail,
+          progress: progress?.callback,
+        });
+        progress?.clear();
+        detail(
+          `pre-dumped ${stats.pids.length} process(es): ` +
+            `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, frozen ${
+              stats.frozenMs.toFixed(0)
+            } ms`,
+        );
+        const { dir: imagesDir, ...rest } = stats;
+        if (v.json) printJson({ ok: true, command: "pre-dump", ...rest, imagesDir });
         return 0;
       });
     },

@@ -127,6 +127,29 @@ export function dump(req: DumpRequest): Promise<DumpStats> {
   return dumpTree(req);
 }
 
+/** What to pre-dump (mod.ts `preDump`): a dump request, less what a pre-dump decides itself. */
+export type PreDumpRequest = Omit<DumpRequest, "preDump" | "leaveRunning" | "trackMem">;
+
+/**
+ * Pre-dump (CRIU's `pre-dump`): dumps the tree like `dump` with
+ * `leaveRunning`, and arms write tracking in it (userfaultfd write-protect
+ * in async mode, read back with PAGEMAP_SCAN), so that the next round, a
+ * pre-dump or a dump with `prevImagesDir` and `trackMem`, stores only the
+ * pages written since. Any number of pre-dumps form a chain; restore of
+ * the last image reads the pages it does not hold from its parents.
+ *
+ * @example
+ * ```ts
+ * await preDump({ pid: 1234, dir: "/tmp/img/1" });
+ * await preDump({ pid: 1234, dir: "/tmp/img/2", prevImagesDir: "../1" });
+ * const stats = await dump({ pid: 1234, dir: "/tmp/img/3", prevImagesDir: "../2", trackMem: true });
+ * console.log(`${stats.pageBytes} bytes written since the last pre-dump`);
+ * ```
+ */
+export function preDump(req: PreDumpRequest): Promise<DumpStats> {
+  return dumpTree({ ...req, preDump: true, leaveRunning: true });
+}
+
 /**
  * Rebuilds the tree saved in `dir` with the same PIDs and lets it run.
  * With `detached` it returns once the tree runs; otherwise it waits for the

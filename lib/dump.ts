@@ -11,6 +11,7 @@ import {
   AmberError,
   faultPointAsync,
   RefusalError,
+  UsageError,
   withContext,
   withContextAsync,
 } from "./errors.ts";
@@ -18,6 +19,7 @@ import { ImageDir } from "./images/dir.ts";
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { pagesFileName, preparePages } from "./mm/pages.ts";
+import { disarmArmed, openParent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
@@ -62,6 +64,18 @@ export interface DumpRequest {
    * --external), e.g. "pipe:[123]"; restore then needs an inheritFds entry for each.
    */
   external?: string[];
+  /**
+   * Pre-dump (mod.ts `preDump`): the tree runs on and write tracking is
+   * armed in it, so a later dump with `prevImagesDir` stores only what changed.
+   */
+  preDump?: boolean;
+  /**
+   * The earlier images (a pre-dump) this one builds on, relative to `dir`
+   * unless absolute (CRIU's --prev-images-dir); needs `trackMem`.
+   */
+  prevImagesDir?: string;
+  /** Store only the pages written since `prevImagesDir` was dumped (CRIU's --track-mem). */
+  trackMem?: boolean;
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -226,11 +240,31 @@ function endKinds(state: TreeDumpState, end: DumpEnd): void {
   if (first) throw first;
 }
 
+/** What the request says about write tracking (lib/mm/tracking.ts). */
+function trackingFor(req: DumpRequest, log: LogLine): TrackingState {
+  if (req.prevImagesDir !== undefined && !req.trackMem && !req.preDump) {
+    throw new UsageError("--prev-images-dir needs --track-mem");
+  }
+  if (req.trackMem && !req.preDump && req.prevImagesDir === undefined) {
+    throw new UsageError(
+      "--track-mem needs --prev-images-dir (the pre-dump this dump builds on)",
+    );
+  }
+  const parent = req.prevImagesDir === undefined
+    ? undefined
+    : openParent(req.dir, req.prevImagesDir);
+  return { arm: !!req.preDump, parent, armed: [], log };
+}
+
+function closeParent(state: TreeDumpState): void {
+  (state.kinds.get("tracking") as TrackingState | undefined)?.parent?.dir.close();
+}
+
 /** Dumps the tree rooted at `req.pid` into `req.dir`. */
 export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   const t0 = performance.now();
   const options: DumpOptions = {
-    leaveRunning: req.leaveRunning ?? false,
+    leaveRunning: (req.leaveRunning || req.preDump) ?? false,
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
@@ -254,10 +288,13 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
   try {
+    state.kinds.set("tracking", trackingFor(req, log));
     // Grow the page cache for the big pages files while the tree still runs
     // (for -R, whose tree is frozen only for the copy; a killed tree's pages
     // go straight to the disk instead).
-    for (const pid of options.leaveRunning ? listTree(req.pid) : []) {
+    // (Not for an incremental round: it stores a fraction of the memory.)
+    const prepare = options.leaveRunning && req.prevImagesDir === undefined;
+    for (const pid of prepare ? listTree(req.pid) : []) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
       await guard.checkpoint();
@@ -265,6 +302,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     tree = seizeTree(req.pid);
   } catch (e) {
     for (const p of state.preparedPages.values()) p.file.close();
+    closeParent(state);
     dir.discard();
     throw e;
   }
@@ -335,11 +373,16 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // The complete image is in dir.stagingPath; publishing it replaces an earlier one.
     dir.commit();
   } catch (e) {
-    if (!running) withContext("resuming the tree after a failed dump", resume);
+    if (!running) {
+      disarmArmed(state.kinds);
+      withContext("resuming the tree after a failed dump", resume);
+    }
     for (const p of state.preparedPages.values()) p.file.close();
+    closeParent(state);
     dir.discard();
     throw e;
   }
+  closeParent(state);
   if (!options.leaveRunning) {
     frozenMs = performance.now() - tree.frozenAt;
     tree.kill();

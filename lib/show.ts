@@ -10,7 +10,7 @@ import { dumpVerdictOptions, judgeImages } from "./verdict.ts";
 import { resolveImagesDir } from "./run.ts";
 import type { MappingImage } from "./mm/mappings.ts";
 import type { MmImage } from "./mm/mm.ts";
-import type { PageRun } from "./mm/pages.ts";
+import { describeChain, type PageRun } from "./mm/pages.ts";
 import type { ThreadImage } from "./task/threads.ts";
 
 const PAGE_SIZE = 4096;
@@ -23,6 +23,7 @@ interface PagemapImage {
   pagesFile: string;
   runs: PageRun[];
   totalPages: number;
+  parentRuns?: PageRun[];
 }
 
 interface FdImage {
@@ -91,6 +92,17 @@ function toJson(v: unknown): unknown {
     return out;
   }
   return v;
+}
+
+/** Which image of an incremental chain holds which pages. */
+function chainLines(dirPath: string, pid: number, pagemap: PagemapImage): string[] {
+  const chain = describeChain(dirPath, pid, pagemap as Parameters<typeof describeChain>[2]);
+  if (typeof chain === "string") return [`  pages from parent images: ${chain}`];
+  return chain.map((l, i) =>
+    `  ${i ? "from parent" : "held here"}: ${l.dir}: ${l.runs} runs, ${l.pages} pages, ${
+      mib(l.pages * PAGE_SIZE)
+    } MiB`
+  );
 }
 
 function pageTotals(pm: PagemapImage) {
@@ -208,7 +220,7 @@ function fdTarget(f: FdImage): string {
   return f.path ?? f.link ?? "";
 }
 
-function processLines(p: ProcessImages): string[] {
+function processLines(p: ProcessImages, dirPath: string): string[] {
   const e = p.entry;
   const { mappings, pagemap, mm, fds, fs, threads } = partsOf(p);
   const out: string[] = [];
@@ -257,6 +269,7 @@ function processLines(p: ProcessImages): string[] {
   }
   const t = pageTotals(pagemap);
   out.push(`  pages: ${t.runs} runs, ${t.pages} pages, ${mib(t.bytes)} MiB (${pagemap.pagesFile})`);
+  if (pagemap.parentRuns?.length) out.push(...chainLines(dirPath, p.entry.pid, pagemap));
   return out;
 }
 
@@ -278,7 +291,7 @@ function imagesText(images: Images, reasons: string[]): string {
   ];
   let runs = 0, pages = 0;
   for (const p of images.processes) {
-    lines.push("", ...processLines(p));
+    lines.push("", ...processLines(p, images.dir));
     const pm = partsOf(p).pagemap;
     runs += pm.runs.length;
     pages += pm.totalPages;

@@ -29,6 +29,7 @@ import { tcpFd } from "./tcp.ts";
 import { udpFd } from "./udp.ts";
 import { socketFd } from "./socket.ts";
 import { unsupportedFd } from "./unsupported.ts";
+import { trackerFd } from "../mm/tracking.ts";
 
 /** The kernel's fs.nr_open ceiling: no process has more descriptors. */
 const MAX_FDS = 1 << 20;
@@ -187,7 +188,9 @@ export const fdsPart = definePart({
   schema: z.object({ fds: z.array(FdEntry).max(MAX_FDS), shared: z.array(SharedFd).max(MAX_FDS) }),
   dump({ pid, tree, dir, options, injector, scratch }) {
     const shared: SharedFdImage[] = [];
-    const fds = listProcNumbers(pid, "fd").map((fd) =>
+    // amber's own write tracker (lib/mm/tracking.ts) is not the process's.
+    const tracker = trackerFd(pid);
+    const fds = listProcNumbers(pid, "fd").filter((fd) => fd !== tracker).map((fd) =>
       withContext(`fd ${fd}`, () => {
         const probe = probeFd(pid, fd, tree, dir, options.ghostLimit, { injector, scratch });
         const owner = findOwner(tree, probe);

@@ -45,6 +45,12 @@ const INVENTORY = "inventory.cbor";
 const STAGING_PREFIX = ".amber-dump-";
 /** Unsynced files beyond which syncAll syncs the filesystem rather than each file. */
 const SYNCFS_FROM = 8;
+
+/** Where the images of `path` end up: a staging directory's are published in its parent. */
+export function publishedPath(path: string): string {
+  const i = path.lastIndexOf("/");
+  return path.slice(i + 1).startsWith(STAGING_PREFIX) ? path.slice(0, Math.max(i, 1)) : path;
+}
 /** Names amber gives image files (and older ambers gave their temporary files). */
 const IMAGE_NAME = /^[a-z]+(-\d+)?\.(cbor|img)(\.tmp)?$/;
 

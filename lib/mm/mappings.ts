@@ -5,6 +5,7 @@
  * created empty and filled by the pages part. Mappings that will receive
  * page data are created writable; the mm part applies final protections.
  */
+import { findTracker } from "./tracking.ts";
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
@@ -154,6 +155,8 @@ function dumpDeleted(w: DumpWhere, e: MapsEntry, exe: string): Partial<MappingIm
 export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
   const { pid, tree } = w;
   const flags = readVmFlags(pid);
+  // Write-protect registration by amber's own tracker is not the process's.
+  const tracker = findTracker(pid) !== undefined;
   const exe = readProcLink(pid, "exe");
   return readMaps(pid).map((e) => {
     const kind = kindOf(e);
@@ -177,7 +180,9 @@ export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
       offset: e.offset,
       path: e.path,
       kind,
-      vmFlags: flags.get(e.start) ?? [],
+      vmFlags: (flags.get(e.start) ?? []).filter((f) =>
+        !(tracker && f === "uw" && kind === "anon" && e.perms[3] !== "s")
+      ),
       file: kind === "file"
         ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
         : undefined,

@@ -24,22 +24,48 @@ import {
   writeRangesAsync,
 } from "../../ffi/memory.ts";
 import { definePart, type DumpContext } from "../context.ts";
-import type { ImageDir } from "../images/dir.ts";
+import { ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
-import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
+import { defineImage, imageFileName, MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import {
   fillsThroughMem,
   type MappingImage,
   mappingLabel,
+  mappingsPart,
   PAGE,
   receivesPages,
 } from "./mappings.ts";
+import {
+  intersect,
+  MAX_CHAIN,
+  openParent,
+  type ParentPages,
+  retrack,
+  runsToSpans,
+  type Span,
+  spansToRuns,
+  splitAgainstParent,
+  subtract,
+  trackingState,
+  union,
+} from "./tracking.ts";
 import { trackerIn } from "../progress.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
 const PM_SWAP = 0x40000000;
 const PM_FILE = 0x20000000;
+const PM_UFFD_WP = 0x02000000;
+/**
+ * Swap type 31 in the low word: not swap but the kernel's marker for an
+ * empty page under userfaultfd write-protect (write tracking, lib/mm/tracking.ts).
+ */
+const SWAP_TYPE_MASK = 0x1f;
+
+/** An entry that is a write-protect marker on an empty page, not a swapped-out page. */
+function isMarker(high: number, low: number): boolean {
+  return (high & PM_UFFD_WP) !== 0 && (low & SWAP_TYPE_MASK) === SWAP_TYPE_MASK;
+}
 const PAGE_SIZE = Number(PAGE);
 /** Bytes per transfer (one process_vm_readv/writev and one file I/O); WORKERS are in flight. */
 const CHUNK_BYTES = 4 * 1024 * 1024;
@@ -56,9 +82,11 @@ export function pagesFileName(pid: number): string {
   return `pages-${pid}.img`;
 }
 
-/** Which pagemap entries (high words) of mapping `m` hold a page to store. */
-function pageFilter(m: MappingImage): (high: number) => boolean {
-  if (m.kind === "anon" || m.kind === "shmem") return (h) => (h & (PM_PRESENT | PM_SWAP)) !== 0;
+/** Which pagemap entries (high and low words) of mapping `m` hold a page to store. */
+function pageFilter(m: MappingImage): (high: number, low: number) => boolean {
+  if (m.kind === "anon" || m.kind === "shmem") {
+    return (h, l) => (h & PM_PRESENT) !== 0 || ((h & PM_SWAP) !== 0 && !isMarker(h, l));
+  }
   if (m.kind === "file" && !m.shared) {
     // (`&` yields signed 32-bit numbers: test bits against zero only.)
     return (h) => (h & PM_SWAP) !== 0 || ((h & PM_PRESENT) !== 0 && (h & PM_FILE) === 0);
@@ -96,7 +124,7 @@ export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
     let runStart = -1;
     for (let i = 0; i <= pages; i++) {
       // Numbers, not BigInt: this runs once per page of the address space.
-      const keep = i < pages && stores(entries[2 * i + 1]);
+      const keep = i < pages && stores(entries[2 * i + 1], entries[2 * i]);
       if (keep && runStart < 0) runStart = i;
       if (!keep && runStart >= 0) {
         runs.push({ addr: m.start + BigInt(runStart) * PAGE, pages: i - runStart });
@@ -296,12 +324,11 @@ export async function copyPages(
  */
 async function fillPages(
   pid: number,
-  runs: PageRun[],
+  placed: Placed[],
   file: RawFile,
   mappings: MappingImage[],
   moved?: (bytes: number) => void,
 ): Promise<void> {
-  const placed = place(runs);
   const viaMem = (r: Placed) => {
     const m = mappingAt(mappings, r.addr);
     return !!m && fillsThroughMem(m);
@@ -329,31 +356,182 @@ async function fillPages(
   }
 }
 
+/** The parts of the runs' pages that lie in `take` (sorted, disjoint), with their file offsets. */
+function placeWithin(runs: PageRun[], take: Span[]): Placed[] {
+  return place(runs).flatMap((p) => {
+    const s = Number(p.addr / PAGE);
+    return intersect([[s, s + p.len / PAGE_SIZE]], take).map(([a, b]) => ({
+      addr: BigInt(a) * PAGE,
+      len: (b - a) * PAGE_SIZE,
+      fileOff: p.fileOff + (a - s) * PAGE_SIZE,
+    }));
+  });
+}
+
+const PagemapSchema = z.object({
+  pagesFile: z.string().regex(/^pages-\d+\.img$/),
+  runs: z.array(Run).max(MAX_PAGES),
+  totalPages: z.number().int().min(0).max(MAX_PAGES),
+  /** Written past the page cache: its pages are on the disk only, read them the same way. */
+  direct: z.boolean().optional(),
+  /**
+   * The earlier image (pre-dump) holding the pages of `parentRuns`: its
+   * path relative to this images directory (unless absolute), and its
+   * inventory's createdAt, so a directory dumped again there is refused.
+   */
+  parent: z.object({ dir: z.string().min(1).max(4096), createdAt: z.string().max(100) })
+    .optional(),
+  /** Pages unchanged since the parent image: restored from it (or its own parents). */
+  parentRuns: z.array(Run).max(MAX_PAGES).optional(),
+  /** Write tracking armed in the process after this image (pre-dump), for the next round. */
+  tracking: z.object({
+    fd: z.number().int().min(0),
+    ino: z.number().int().min(0),
+    starttime: z.number().int().min(0),
+  }).optional(),
+});
+type PagemapImage = z.output<typeof PagemapSchema>;
+
+const pagemapImage = defineImage("pagemap", 1, true, PagemapSchema, MAX_IMAGE_BYTES);
+const mappingsImage = defineImage("mappings", 1, true, mappingsPart.schema, MAX_IMAGE_BYTES);
+
+/** What the parent image of this dump holds for this process, if it has it. */
+function parentPages(ctx: DumpContext): ParentPages | undefined {
+  const parent = trackingState(ctx.tree.kinds).parent;
+  if (!parent || !parent.dir.has(imageFileName(pagemapImage, ctx.pid))) return undefined;
+  const pm = parent.dir.read(pagemapImage, ctx.pid);
+  const { mappings } = parent.dir.read(mappingsImage, ctx.pid);
+  return { ...pm, mappings };
+}
+
+/** One image of a chain and the pages restore takes from it. */
+interface Level {
+  dir: ImageDir;
+  image: PagemapImage;
+  placed: Placed[];
+}
+
+/**
+ * Follows `image`'s parents (each opened and checked like any images
+ * directory) for the pages it does not hold itself; throws if a parent is
+ * missing, was replaced, or lacks pages the child says it has. The
+ * caller closes the levels' directories (all but the first).
+ */
+function resolveChain(dir: ImageDir, pid: number, image: PagemapImage): Level[] {
+  const levels: Level[] = [{ dir, image, placed: place(image.runs) }];
+  let need = union(runsToSpans(image.parentRuns ?? []));
+  let child = image, childDir = dir;
+  try {
+    while (need.length) {
+      if (levels.length > MAX_CHAIN) {
+        throw new AmberError(`pagemap: more than ${MAX_CHAIN} parents`);
+      }
+      if (!child.parent) throw new AmberError("pagemap: pages from a parent image, but no parent");
+      const p = openParent(childDir.path, child.parent.dir);
+      levels.push({ dir: p.dir, image: child, placed: [] });
+      const where = `parent images ${p.dir.path}`;
+      if (p.createdAt !== child.parent.createdAt) {
+        throw new AmberError(`${where}: dumped again since (not the image this one builds on)`);
+      }
+      if (!p.dir.has(imageFileName(pagemapImage, pid))) {
+        throw new AmberError(`${where}: no pages of pid ${pid}`);
+      }
+      const pm = p.dir.read(pagemapImage, pid);
+      const own = union(runsToSpans(pm.runs));
+      const more = union(runsToSpans(pm.parentRuns ?? []));
+      const missing = subtract(need, union(own, more));
+      if (missing.length) {
+        throw new AmberError(
+          `${where}: lacks page ${(BigInt(missing[0][0]) * PAGE).toString(16)} of pid ${pid}`,
+        );
+      }
+      const level = levels[levels.length - 1];
+      level.image = pm;
+      level.placed = placeWithin(pm.runs, intersect(need, own));
+      need = intersect(need, more);
+      child = pm;
+      childDir = p.dir;
+    }
+  } catch (e) {
+    for (const l of levels.slice(1)) l.dir.close();
+    throw e;
+  }
+  return levels;
+}
+
+/**
+ * Which image of the chain holds which of the process's pages (for show):
+ * per image, its directory and the pages restore takes from it; or why
+ * the chain cannot be followed.
+ */
+export function describeChain(
+  path: string,
+  pid: number,
+  image: z.output<typeof PagemapSchema>,
+): { dir: string; runs: number; pages: number }[] | string {
+  using dir = new ImageDir(path);
+  let levels: Level[];
+  try {
+    levels = resolveChain(dir, pid, image);
+  } catch (e) {
+    return e instanceof Error ? e.message : String(e);
+  }
+  for (const l of levels.slice(1)) l.dir.close();
+  return levels.map((l) => ({
+    dir: l.dir.path,
+    runs: l.placed.length,
+    pages: l.placed.reduce((s, p) => s + p.len / PAGE_SIZE, 0),
+  }));
+}
+
 export const pagemapPart = definePart({
   name: "pagemap",
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
-  schema: z.object({
-    pagesFile: z.string().regex(/^pages-\d+\.img$/),
-    runs: z.array(Run).max(MAX_PAGES),
-    totalPages: z.number().int().min(0).max(MAX_PAGES),
-    /** Written past the page cache: its pages are on the disk only, read them the same way. */
-    direct: z.boolean().optional(),
-  }),
+  schema: PagemapSchema,
   async dump(ctx) {
     const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
-    const runs = planRuns(ctx.pid, mappings);
+    const planned = planRuns(ctx.pid, mappings);
+    const { own, fromParent } = splitAgainstParent(ctx, planned, mappings, parentPages(ctx));
+    const runs = spansToRuns(own);
     const { bytes, direct } = await copyPages(ctx, runs, mappings);
-    return { pagesFile: pagesFileName(ctx.pid), runs, totalPages: bytes / PAGE_SIZE, direct };
+    // The tracker read, a pre-dump arms a new one (still frozen: no write is missed).
+    const tracking = retrack(ctx, mappings);
+    const parent = trackingState(ctx.tree.kinds).parent;
+    return {
+      pagesFile: pagesFileName(ctx.pid),
+      runs,
+      totalPages: bytes / PAGE_SIZE,
+      direct,
+      tracking,
+      ...(fromParent.length && parent
+        ? {
+          parent: { dir: parent.path, createdAt: parent.createdAt },
+          parentRuns: spansToRuns(fromParent),
+        }
+        : {}),
+    };
   },
-  precheck({ pagesFile, runs, totalPages }, ctx) {
+  precheck(image, ctx) {
+    const { pagesFile, runs, totalPages } = image;
     ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE).close();
     const counted = runs.reduce((s, r) => s + r.pages, 0);
     if (counted !== totalPages) {
       throw new AmberError(`pagemap: runs hold ${counted} pages, not ${totalPages}`);
     }
+    const fromParent = runsToSpans(image.parentRuns ?? []);
+    if (intersect(union(runsToSpans(runs)), union(fromParent)).length) {
+      throw new AmberError("pagemap: a page is both in this image and in its parent");
+    }
+    for (const l of resolveChain(ctx.dir, ctx.pid, image).slice(1)) {
+      try {
+        l.dir.openData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE).close();
+      } finally {
+        l.dir.close();
+      }
+    }
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
-    for (const r of runs) {
+    for (const r of [...runs, ...(image.parentRuns ?? [])]) {
       const end = r.addr + BigInt(r.pages) * PAGE;
       const m = mappings.find((x) => x.start <= r.addr && end <= x.end);
       if (!m || !receivesPages(m)) {
@@ -365,12 +543,20 @@ export const pagemapPart = definePart({
       }
     }
   },
-  async restore(ctx, { pagesFile, runs, totalPages, direct }) {
+  async restore(ctx, image) {
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
-    const file = ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE);
-    // Parallel direct reads beat the page cache's readahead for data not in it.
-    if (direct) file.setDirect();
     const tracker = trackerIn(ctx.tree.kinds);
-    await fillPages(ctx.pid, runs, file, mappings, (n) => tracker?.pages(n));
+    // Oldest first is not needed: the levels' pages are disjoint.
+    const levels = resolveChain(ctx.dir, ctx.pid, image);
+    try {
+      for (const l of levels) {
+        const file = l.dir.openData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
+        // Parallel direct reads beat the page cache's readahead for data not in it.
+        if (l.image.direct) file.setDirect();
+        await fillPages(ctx.pid, l.placed, file, mappings, (n) => tracker?.pages(n));
+      }
+    } finally {
+      for (const l of levels.slice(1)) l.dir.close();
+    }
   },
 });
