@@ -47,11 +47,24 @@ function pendingOf(tid: number, shared: boolean, mask: bigint): Uint8Array[] {
   return queued;
 }
 
+const SI_TIMER = -2;
+
+/** si_overrun of a POSIX timer's siginfo (si_code SI_TIMER), else 0. */
+function timerOverrun(info: Uint8Array): number {
+  const v = new DataView(info.buffer, info.byteOffset);
+  return v.getInt32(8, true) === SI_TIMER ? v.getInt32(20, true) : 0;
+}
+
 function refusal(infos: Uint8Array[], where: string): string | undefined {
   const sig = infos.map(signalOf).find((s) => s === SIGKILL || s === SIGSTOP);
-  return sig
-    ? `${where}: pending ${sig === SIGKILL ? "SIGKILL" : "SIGSTOP"}: not supported yet`
-    : undefined;
+  if (sig) return `${where}: pending ${sig === SIGKILL ? "SIGKILL" : "SIGSTOP"}: not supported yet`;
+  // A queued copy is an ordinary signal: no timer would count its overruns again.
+  const timer = infos.find((i) => timerOverrun(i) !== 0);
+  if (timer) {
+    return `${where}: pending POSIX timer signal ${signalOf(timer)} with overrun ${
+      timerOverrun(timer)
+    }: not supported yet`;
+  }
 }
 
 export const signalsPart = definePart({

@@ -37,6 +37,8 @@ const PosixTimer = z.object({
   target: z.number().int().min(0),
   intervalNs: ns,
   valueNs: ns,
+  /** timer_getoverrun: the overruns of the expiry last delivered (a new timer has none). */
+  overrun: z.number().int().min(0).default(0),
 });
 type PosixTimerImage = z.output<typeof PosixTimer>;
 
@@ -90,7 +92,8 @@ function dumpPosixTimers(ctx: DumpContext) {
     withContext(`POSIX timer ${t.id}`, () => {
       ctx.injector.call("timer_gettime", NR.timer_gettime, t.id, ctx.scratch.addr);
       const [intervalNs, valueNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1n);
-      return { ...t, intervalNs, valueNs };
+      const overrun = Number(ctx.injector.call("timer_getoverrun", NR.timer_getoverrun, t.id));
+      return { ...t, intervalNs, valueNs, overrun };
     })
   ).sort((a, b) => a.id - b.id);
 }
@@ -117,6 +120,8 @@ function unrestorableTimer(t: PosixTimerImage, tids: Set<number>): string | unde
       cpuClockTask(t.clock)
     } outside the process: not supported yet`;
   }
+  // Only expiries the process missed make an overrun; a new timer cannot be given one.
+  if (t.overrun > 0) return `${where}: overrun count ${t.overrun}: not supported yet`;
   if (t.notify & SIGEV_THREAD_ID && !tids.has(t.target)) {
     return `${where}: signals thread ${t.target}, which is not in the images`;
   }
