@@ -62,6 +62,8 @@ export interface InetAddr {
   family: number;
   addr: string;
   port: number;
+  /** sin6_scope_id: the interface index of a link-local IPv6 address. */
+  scope?: number;
 }
 
 export function getInt(sock: number, level: number, option: number): number {
@@ -104,7 +106,8 @@ function decodeAddr(b: Uint8Array): InetAddr {
   const words = Array.from({ length: 8 }, (_, i) => v.getUint16(8 + 2 * i, false).toString(16));
   const mapped = words.slice(0, 5).every((w) => w === "0") && words[5] === "ffff";
   const addr = mapped ? `::ffff:${[...b.subarray(20, 24)].join(".")}` : compressV6(words);
-  return { family, port, addr };
+  const scope = b.byteLength >= 28 ? v.getUint32(24, true) : 0;
+  return scope ? { family, port, addr, scope } : { family, port, addr };
 }
 
 function compressV6(words: string[]): string {
@@ -141,6 +144,7 @@ export function encodeAddr(a: InetAddr): Uint8Array {
   words.forEach((w, i) => {
     if (!(v4 && i >= 6)) v.setUint16(8 + 2 * i, parseInt(w, 16), false);
   });
+  v.setUint32(24, a.scope ?? 0, true);
   return b;
 }
 
