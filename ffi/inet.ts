@@ -322,3 +322,41 @@ export function hasDatagram(sock: number): boolean {
 export function outQueue(sock: number): number {
   return ioctlInt(sock, SIOCOUTQ, "ioctl(SIOCOUTQ)");
 }
+
+const MCAST_JOIN_GROUP = 42, MCAST_MSFILTER = 48;
+const EADDRNOTAVAIL = 99, ENODEV = 19, EINVAL = 22;
+
+/** struct group_req / group_filter's head: u32 interface, padding, sockaddr_storage group. */
+function groupStruct(ifindex: number, group: InetAddr, size: number): Uint8Array {
+  const b = new Uint8Array(size);
+  new DataView(b.buffer).setUint32(0, ifindex, true);
+  b.set(encodeAddr(group), 8);
+  return b;
+}
+
+/**
+ * Whether the socket joined `group` on interface `ifindex`, with its
+ * source filter (mode 0 exclude, 1 include; number of sources):
+ * getsockopt(MCAST_MSFILTER) only reads, and fails for a group the
+ * socket has not joined there.
+ */
+export function membership(
+  sock: number,
+  level: number,
+  ifindex: number,
+  group: InetAddr,
+): { mode: number; sources: number } | undefined {
+  const buf = groupStruct(ifindex, group, 272), len = new Uint32Array([272]);
+  if (libc().getsockopt(sock, level, MCAST_MSFILTER, buf, len) === -1) {
+    const errno = lastErrno();
+    if ([EADDRNOTAVAIL, ENODEV, EINVAL].includes(errno)) return undefined;
+    throw new SysError("getsockopt(MCAST_MSFILTER)", errno);
+  }
+  const v = new DataView(buf.buffer);
+  return { mode: v.getUint32(136, true), sources: v.getUint32(140, true) };
+}
+
+/** setsockopt(MCAST_JOIN_GROUP): joins `group` on interface `ifindex`, any source. */
+export function joinGroup(sock: number, level: number, ifindex: number, group: InetAddr): void {
+  setRaw(sock, level, MCAST_JOIN_GROUP, groupStruct(ifindex, group, 136));
+}

@@ -82,3 +82,89 @@ Deno.test({
     }
   },
 });
+
+/**
+ * UDP sockets that joined multicast groups on lo (IPv4, IPv6, and an IPv4
+ * group on an IPv6 socket). On SIGUSR1 each joins again: EADDRINUSE says it
+ * is still a member ("member"), success that it was not ("lost").
+ */
+const MCAST_PY = `import signal, socket, struct, sys, time
+out = sys.argv[1]
+lo = socket.if_nametoindex("lo")
+g4 = struct.pack("4s4si", socket.inet_aton("239.255.77.1"), b"\\0" * 4, lo)
+g6 = struct.pack("16si", socket.inet_pton(socket.AF_INET6, "ff15::77"), lo)
+g46 = struct.pack("4s4si", socket.inet_aton("239.255.77.2"), b"\\0" * 4, lo)
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+joins = [(a, socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, g4),
+         (b, socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, g6),
+         (c, socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, g46)]
+for s, level, opt, g in joins:
+    s.setsockopt(level, opt, g)
+def check(*_):
+    res = []
+    for s, level, opt, g in joins:
+        try:
+            s.setsockopt(level, opt, g)
+            res.append("lost")
+        except OSError as e:
+            res.append("member" if e.errno == 98 else "errno %d" % e.errno)
+    with open(out, "a") as f:
+        f.write(" ".join(res) + "\\n")
+signal.signal(signal.SIGUSR1, check)
+with open(out, "a") as f:
+    f.write("ready\\n")
+while True:
+    time.sleep(1)
+`;
+
+Deno.test("UDP multicast memberships (IPv4, IPv6, IPv4 on an IPv6 socket) come back", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/mcast.txt`;
+  const { pid } = spawnTarget(["setsid", "python3", "-c", MCAST_PY, out]);
+  try {
+    await waitForLines(out, 1, 30_000);
+    Deno.kill(pid, "SIGUSR1");
+    const [, before] = await waitForLines(out, 2, 10_000);
+    assert.equal(before, "member member member", "before the dump (test bug)");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    assert.ok(await waitGone(pid), "the dumped target still runs");
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    Deno.kill(pid, "SIGUSR1");
+    const lines = await waitForLines(out, 3, 10_000);
+    assert.equal(lines[2], "member member member", "memberships after restore");
+  } finally {
+    await killAndReap(pid);
+  }
+});
+
+/** Joins 239.255.77.3 on lo with a source filter (IP_ADD_SOURCE_MEMBERSHIP). */
+const MCAST_SOURCE_PY = `import socket, struct, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+mreq = struct.pack("4s4s4s", socket.inet_aton("239.255.77.3"), socket.inet_aton("127.0.0.1"),
+                   socket.inet_aton("127.0.0.1"))
+s.setsockopt(socket.IPPROTO_IP, 39, mreq)
+open(__import__("sys").argv[1], "w").write("ready\\n")
+time.sleep(600)
+`;
+
+Deno.test("a multicast membership with a source filter is refused, named", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/ready.txt`;
+  const { pid } = spawnTarget(["setsid", "python3", "-c", MCAST_SOURCE_PY, out]);
+  try {
+    await waitForLines(out, 1, 30_000);
+    const img = `${tmp.path}/img`;
+    const msg = assertOneLineError(await amber(dumpArgs(pid, img)), 1, "dump");
+    assert.match(
+      msg,
+      /udp 0\.0\.0\.0:0: multicast group 239\.255\.77\.3 on interface 1 with a source filter: not supported yet/,
+    );
+    assert.ok(isAlive(pid), "the refused dump ended the target");
+    assert.ok(!exists(img), "the refused dump left images");
+  } finally {
+    await killAndReap(pid);
+  }
+});
