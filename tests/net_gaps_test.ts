@@ -14,7 +14,6 @@ import {
   exists,
   isAlive,
   killAndReap,
-  readLines,
   spawnTarget,
   tempDir,
   waitForLine,
@@ -167,4 +166,74 @@ Deno.test("a multicast membership with a source filter is refused, named", async
   } finally {
     await killAndReap(pid);
   }
+});
+
+/** Connects to 127.0.0.1:PORT and answers each line "ping N" with "pong N". */
+const PONG_PY = `import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = c.makefile("rwb", buffering=0)
+for line in f:
+    c.sendall(line.replace(b"ping", b"pong"))
+`;
+
+async function lockTables(): Promise<string[]> {
+  const r = await new Deno.Command("nft", { args: ["list", "tables"], stdout: "piped" }).output();
+  return [...new TextDecoder().decode(r.stdout).matchAll(/^table inet (amber_\S+)$/gm)]
+    .map((m) => m[1]).filter((t) => !t.startsWith("amber_check_"));
+}
+
+/** Sends "ping N" and reads the answer line, through `reader`. */
+async function ping(conn: Deno.Conn, lines: AsyncIterator<string>, n: number): Promise<string> {
+  await conn.write(new TextEncoder().encode(`ping ${n}\n`));
+  return (await lines.next()).value ?? "";
+}
+
+async function* linesOf(conn: Deno.Conn): AsyncGenerator<string> {
+  let buf = "";
+  for await (const chunk of conn.readable.pipeThrough(new TextDecoderStream())) {
+    buf += chunk;
+    let i;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      yield buf.slice(0, i);
+      buf = buf.slice(i + 1);
+    }
+  }
+}
+
+Deno.test({
+  name:
+    "amber SIGKILLed mid-dump: the connection is not left in repair mode; the next run removes the lock",
+  ignore: !HAVE_NFT,
+  async fn() {
+    await using tmp = await tempDir();
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = (listener.addr as Deno.NetAddr).port;
+    const { pid } = spawnTarget(["setsid", "python3", "-c", PONG_PY, String(port)]);
+    let conn: Deno.Conn | undefined;
+    try {
+      conn = await listener.accept();
+      const lines = linesOf(conn);
+      assert.equal(await ping(conn, lines, 1), "pong 1", "before the dump");
+      const before = await lockTables();
+      const img = `${tmp.path}/img`;
+      const r = await amber(dumpArgs(pid, img, "--tcp-established"), {
+        AMBER_TEST_FAULT: "before-commit:SIGKILL",
+      });
+      assert.notEqual(r.code, 0, "the dump was not killed (test bug)");
+      const stale = (await lockTables()).filter((t) => !before.includes(t));
+      assert.equal(stale.length, 1, `the killed dump left no lock (test bug): ${stale}`);
+      // Its tracer dead, the target runs on.
+      assert.ok(isAlive(pid), "the target died with amber");
+      const check = await amber(["check"]);
+      assert.match(check.stdout, new RegExp(`removed stale ${stale[0]} of a dump that died`));
+      const left = await lockTables();
+      assert.ok(!left.includes(stale[0]), `check left the stale table ${stale[0]}`);
+      // Neither in repair mode nor locked: the connection works as before.
+      assert.equal(await ping(conn, lines, 2), "pong 2", "after the cleanup");
+    } finally {
+      conn?.close();
+      listener.close();
+      await killAndReap(pid);
+    }
+  },
 });
