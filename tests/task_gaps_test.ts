@@ -21,6 +21,7 @@ import {
   until,
   waitForLine,
   waitForLines,
+  waitGone,
 } from "./_util.ts";
 
 Deno.test("a POSIX timer with an overrun count is refused, named, and the target runs on", async () => {
@@ -39,6 +40,25 @@ Deno.test("a POSIX timer with an overrun count is refused, named, and the target
     );
     assert.ok(isAlive(pid) && procState(pid) !== "Z", "the target did not survive the refusal");
     assert.ok(!exists(`${img}/inventory.cbor`), "images were published");
+  } finally {
+    await killAndReap(pid);
+  }
+});
+
+Deno.test("a POSIX timer's pending signal comes back as the timer's own, its overruns counted", async () => {
+  await using tmp = await tempDir();
+  const bin = await buildC("overrun");
+  const out = `${tmp.path}/overrun.txt`, go = `${tmp.path}/go`;
+  const { pid } = spawnTarget(["setsid", bin, out, "pending", go]);
+  try {
+    await waitForLines(out, 1, 30_000);
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    assert.ok(await waitGone(pid), "the dumped target still runs");
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    Deno.writeTextFileSync(go, "");
+    const lines = await waitForLine(out, (l) => l.length >= 2, 30_000);
+    assert.equal(lines[1], "PASS", "the signal taken after restore");
   } finally {
     await killAndReap(pid);
   }
