@@ -142,10 +142,28 @@ function dumpState(tree: TreeDumpState, pid: number): DumpState {
   });
 }
 
-/** Processes outside the tree with a descriptor on the slave of pty `index`. */
+/** The pty index of a tty_nr (major 136: /dev/pts), if it is one. */
+function ptsIndex(ttyNr: number): number | undefined {
+  if (((ttyNr >>> 8) & 0xfff) !== 136) return undefined;
+  return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
+}
+
+/**
+ * Processes outside the tree with a descriptor on the slave of pty
+ * `index`: /dev/pts/N itself, or /dev/tty where it is their controlling
+ * terminal.
+ */
 function outsideHolders(p: FdProbe, state: DumpState, index: number): number[] {
-  const pids = holdersOf(p.tree, `/dev/pts/${index}`).map((h) => h.pid);
-  return [...new Set(pids)].filter((pid) => !state.inTree.has(pid)).slice(0, 64);
+  const outside = (pids: number[]) => pids.filter((pid) => !state.inTree.has(pid));
+  const viaTty = outside(holdersOf(p.tree, "/dev/tty").map((h) => h.pid)).filter((pid) => {
+    try {
+      return ptsIndex(readStat(pid).ttyNr) === index;
+    } catch {
+      return false; // gone since the scan
+    }
+  });
+  const pids = [...outside(holdersOf(p.tree, `/dev/pts/${index}`).map((h) => h.pid)), ...viaTty];
+  return [...new Set(pids)].slice(0, 64);
 }
 
 function isMaster(p: FdProbe): boolean {
@@ -157,10 +175,7 @@ function slaveIndex(p: FdProbe): number | undefined {
   const m = SLAVE.exec(p.link);
   if (m) return Number(m[1]);
   if (terminalKind(p.link, p.stat?.rdev ?? undefined) !== "tty") return undefined;
-  const ttyNr = readStat(p.pid).ttyNr;
-  const major = (ttyNr >>> 8) & 0xfff;
-  if (major !== 136) return undefined;
-  return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
+  return ptsIndex(readStat(p.pid).ttyNr);
 }
 
 function dumpMaster(p: FdProbe, fd: number): PtyImage {
