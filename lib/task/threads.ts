@@ -128,7 +128,8 @@ function validTimespec(tid: number, addr: bigint): boolean {
 
 function u32At(tid: number, addr: bigint): bigint | undefined {
   try {
-    return BigInt(new DataView(readMemoryProc(tid, addr, 4).buffer).getUint32(0, true));
+    const b = readMemoryProc(tid, addr, 4);
+    return BigInt(new DataView(b.buffer, b.byteOffset).getUint32(0, true));
   } catch {
     return undefined;
   }
