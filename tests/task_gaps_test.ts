@@ -98,41 +98,79 @@ Deno.test("a SIGSTOP sent during the dump is refused, named; the tree is left to
 });
 
 /**
- * A loop of relative clock_nanosleep(CLOCK_MONOTONIC, 6 s) without a
- * remaining-time buffer (raw syscall 230), writing "slept N ok" or
- * "slept N err ERRNO" after each.
+ * One thread per call that restarts through restart_syscall, each a raw
+ * syscall (so no libc retries an EINTR) with a 6 s timeout and no
+ * remaining-time buffer: clock_nanosleep(CLOCK_MONOTONIC), nanosleep,
+ * futex(FUTEX_WAIT_PRIVATE), poll(NULL, 0). After each call a thread
+ * writes "NAME N ok", or "NAME N err ERRNO" for an unexpected result.
  */
-const SLEEPER_PY = `import ctypes, sys, time
+const SLEEPER_PY = `import ctypes, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
 class ts(ctypes.Structure):
     _fields_ = [("s", ctypes.c_long), ("ns", ctypes.c_long)]
 out = open(sys.argv[1], "a", buffering=1)
+lock = threading.Lock()
+word = ctypes.c_uint32(0)
+CALLS = {
+    "clock_nanosleep": (lambda t: libc.syscall(230, 1, 0, ctypes.byref(t), None), 0),
+    "nanosleep": (lambda t: libc.syscall(35, ctypes.byref(t), None), 0),
+    "futex": (lambda t: libc.syscall(202, ctypes.byref(word), 128, 0, ctypes.byref(t)), 110),
+    "poll": (lambda t: libc.syscall(7, None, 0, 6000), 0),
+}
+def loop(name):
+    call, want = CALLS[name]
+    n = 0
+    while True:
+        t = ts(6, 0)
+        r = call(t)
+        got = ctypes.get_errno() if r < 0 else 0
+        with lock:
+            out.write("%s %d %s\\n" % (name, n, "ok" if got == want else "err %d" % got))
+        n += 1
+for name in CALLS:
+    threading.Thread(target=loop, args=(name,), daemon=True).start()
 out.write("start\\n")
-n = 0
 while True:
-    r = libc.syscall(230, 1, 0, ctypes.byref(ts(6, 0)), None)
-    out.write("slept %d %s\\n" % (n, "ok" if r == 0 else "err %d" % ctypes.get_errno()))
-    n += 1
+    time.sleep(100)
 `;
 
-Deno.test("a sleep already in restart_syscall at the dump comes back without EINTR", async () => {
+function syscallsOf(pid: number): string[] {
+  return [...Deno.readDirSync(`/proc/${pid}/task`)].map((t) =>
+    Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/syscall`).split(" ")[0]
+  );
+}
+
+Deno.test("calls already in restart_syscall at the dump come back without EINTR", async () => {
   await using tmp = await tempDir();
   const out = `${tmp.path}/sleep.txt`;
   const { pid } = spawnTarget(["setsid", "python3", "-c", SLEEPER_PY, out]);
   try {
     await waitForLines(out, 1, 30_000);
-    // dump -R interrupts the sleep: it then goes on through restart_syscall.
+    // The main thread sleeps too (an absolute clock_nanosleep, which restarts plainly).
+    const inCalls = () => syscallsOf(pid).filter((s) => ["35", "230", "202", "7"].includes(s));
+    await until(() => inCalls().length === 5, "the threads are not in their calls", 10_000);
+    // dump -R interrupts the calls: they then go on through restart_syscall.
     assertExit(await amber(dumpArgs(pid, `${tmp.path}/first`, "-R")), 0, "dump -R");
-    const syscall = Deno.readTextFileSync(`/proc/${pid}/syscall`).split(" ")[0];
-    assert.equal(syscall, "219", "the sleep is not in restart_syscall (test bug)");
+    const restarting = syscallsOf(pid).filter((s) => s === "219").length;
+    assert.equal(
+      restarting,
+      4,
+      `not every call is in restart_syscall (test bug): ${syscallsOf(pid)}`,
+    );
     const img = `${tmp.path}/img`;
     assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
-    await until(() => !isAlive(pid), "the dumped target still runs", 10_000);
+    assert.ok(await waitGone(pid), "the dumped target still runs");
     assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
-    const before = (await readLines(out)).length;
-    const lines = await waitForLine(out, (l) => l.length >= before + 2, 30_000);
-    const bad = lines.filter((l) => l.startsWith("slept") && !l.endsWith(" ok"));
-    assert.deepEqual(bad, [], "a sleep failed");
+    // Each thread ends its call once more (6 s at most: the calls start again).
+    const names = ["clock_nanosleep", "nanosleep", "futex", "poll"];
+    const lines = await waitForLine(
+      out,
+      (l) => names.every((n) => l.some((x) => x.startsWith(`${n} `))),
+      30_000,
+    );
+    const bad = lines.filter((l) => l !== "start" && !l.endsWith(" ok"));
+    assert.deepEqual(bad, [], "a call failed after restore");
   } finally {
     await killAndReap(pid);
   }

@@ -126,6 +126,18 @@ function validTimespec(tid: number, addr: bigint): boolean {
   }
 }
 
+/**
+ * Whether a register holds a clockid_t clock_nanosleep restarts on: an
+ * int (sign- or zero-extended, unlike a pointer), one of SLEEP_CLOCKS or
+ * a CPU clock (~pid << 3 | per-thread bit | type 0..2).
+ */
+function isSleepClock(reg: bigint): boolean {
+  const clock = BigInt.asIntN(32, reg);
+  if (reg !== BigInt.asUintN(64, clock) && reg !== BigInt.asUintN(32, clock)) return false;
+  if (clock >= 0n) return SLEEP_CLOCKS.includes(clock);
+  return (clock & 3n) !== 3n && ~(clock >> 3n) <= BigInt(PID_MAX);
+}
+
 function u32At(tid: number, addr: bigint): bigint | undefined {
   try {
     const b = readMemoryProc(tid, addr, 4);
@@ -149,8 +161,7 @@ function restartedCall(tid: number, regs: Regs): number | undefined {
   if (regs.signed("orig_rax") !== NR_RESTART_SYSCALL) return undefined;
   if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
   const [rdi, rsi, rdx, r10] = (["rdi", "rsi", "rdx", "r10"] as const).map((r) => regs.get(r));
-  const clock = BigInt.asIntN(32, rdi);
-  if (rsi === 0n && (SLEEP_CLOCKS.includes(clock) || clock < 0n) && validTimespec(tid, rdx)) {
+  if (rsi === 0n && isSleepClock(rdi) && validTimespec(tid, rdx)) {
     return Number(NR_CLOCK_NANOSLEEP);
   }
   const op = rsi & ~(128n | 256n); // FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
