@@ -21,6 +21,7 @@
 import { type DumpRequest, type DumpStats, dumpTree } from "./lib/dump.ts";
 import { readImages as readImagesImpl } from "./lib/images/read.ts";
 import { type RestoreRequest, type RestoreResult, restoreTree } from "./lib/restore.ts";
+import { cleanStaleLocks } from "./lib/net/netlock.ts";
 import { showImages } from "./lib/show.ts";
 import { checkKernel, type CheckReport, formatCheckReport } from "./lib/check.ts";
 import { type CheckpointResult, runJob, type RunRequest, type RunResult } from "./lib/run.ts";
@@ -124,6 +125,7 @@ export interface Images {
  * ```
  */
 export function dump(req: DumpRequest): Promise<DumpStats> {
+  cleanStaleLocks(); // a dump SIGKILLed earlier may have left its network lock
   return dumpTree(req);
 }
 
@@ -162,6 +164,7 @@ export function preDump(req: PreDumpRequest): Promise<DumpStats> {
  * ```
  */
 export function restore(req: RestoreRequest): Promise<RestoreResult> {
+  cleanStaleLocks();
   return restoreTree(req);
 }
 

@@ -62,6 +62,8 @@ export interface InetAddr {
   family: number;
   addr: string;
   port: number;
+  /** sin6_scope_id: the interface index of a link-local IPv6 address. */
+  scope?: number;
 }
 
 export function getInt(sock: number, level: number, option: number): number {
@@ -104,7 +106,8 @@ function decodeAddr(b: Uint8Array): InetAddr {
   const words = Array.from({ length: 8 }, (_, i) => v.getUint16(8 + 2 * i, false).toString(16));
   const mapped = words.slice(0, 5).every((w) => w === "0") && words[5] === "ffff";
   const addr = mapped ? `::ffff:${[...b.subarray(20, 24)].join(".")}` : compressV6(words);
-  return { family, port, addr };
+  const scope = b.byteLength >= 28 ? v.getUint32(24, true) : 0;
+  return scope ? { family, port, addr, scope } : { family, port, addr };
 }
 
 function compressV6(words: string[]): string {
@@ -141,6 +144,7 @@ export function encodeAddr(a: InetAddr): Uint8Array {
   words.forEach((w, i) => {
     if (!(v4 && i >= 6)) v.setUint16(8 + 2 * i, parseInt(w, 16), false);
   });
+  v.setUint32(24, a.scope ?? 0, true);
   return b;
 }
 
@@ -317,4 +321,42 @@ export function hasDatagram(sock: number): boolean {
 /** Bytes the socket holds on its way out (a UDP socket: corked data not yet sent). */
 export function outQueue(sock: number): number {
   return ioctlInt(sock, SIOCOUTQ, "ioctl(SIOCOUTQ)");
+}
+
+const MCAST_JOIN_GROUP = 42, MCAST_MSFILTER = 48;
+const EADDRNOTAVAIL = 99, ENODEV = 19, EINVAL = 22;
+
+/** struct group_req / group_filter's head: u32 interface, padding, sockaddr_storage group. */
+function groupStruct(ifindex: number, group: InetAddr, size: number): Uint8Array {
+  const b = new Uint8Array(size);
+  new DataView(b.buffer).setUint32(0, ifindex, true);
+  b.set(encodeAddr(group), 8);
+  return b;
+}
+
+/**
+ * Whether the socket joined `group` on interface `ifindex`, with its
+ * source filter (mode 0 exclude, 1 include; number of sources):
+ * getsockopt(MCAST_MSFILTER) only reads, and fails for a group the
+ * socket has not joined there.
+ */
+export function membership(
+  sock: number,
+  level: number,
+  ifindex: number,
+  group: InetAddr,
+): { mode: number; sources: number } | undefined {
+  const buf = groupStruct(ifindex, group, 272), len = new Uint32Array([272]);
+  if (libc().getsockopt(sock, level, MCAST_MSFILTER, buf, len) === -1) {
+    const errno = lastErrno();
+    if ([EADDRNOTAVAIL, ENODEV, EINVAL].includes(errno)) return undefined;
+    throw new SysError("getsockopt(MCAST_MSFILTER)", errno);
+  }
+  const v = new DataView(buf.buffer);
+  return { mode: v.getUint32(136, true), sources: v.getUint32(140, true) };
+}
+
+/** setsockopt(MCAST_JOIN_GROUP): joins `group` on interface `ifindex`, any source. */
+export function joinGroup(sock: number, level: number, ifindex: number, group: InetAddr): void {
+  setRaw(sock, level, MCAST_JOIN_GROUP, groupStruct(ifindex, group, 136));
 }

@@ -33,6 +33,8 @@ export const Addr = z.object({
   family: z.union([z.literal(AF.INET), z.literal(AF.INET6)]),
   addr: z.string().max(64).regex(/^[0-9a-f.:]+$/),
   port: z.number().int().min(0).max(65535),
+  /** Interface index of a link-local IPv6 address (sin6_scope_id). */
+  scope: z.number().int().min(1).max(0xffffffff).optional(),
 });
 
 /** An option as getsockopt gave it: an int, or the bytes of a struct or name. */
@@ -128,9 +130,10 @@ export function inode(link: string): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
-export function fmt(a?: { addr: string; port: number }): string {
+export function fmt(a?: { addr: string; port: number; scope?: number }): string {
   if (!a) return "?";
-  return a.addr.includes(":") ? `[${a.addr}]:${a.port}` : `${a.addr}:${a.port}`;
+  const addr = a.scope ? `${a.addr}%${a.scope}` : a.addr;
+  return a.addr.includes(":") ? `[${addr}]:${a.port}` : `${addr}:${a.port}`;
 }
 
 /**

@@ -23,6 +23,7 @@ import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
 import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
 import { readStat } from "../proc/stat.ts";
+import { holdersOf } from "./holders.ts";
 
 const PtyImage = z.object({
   kind: z.literal("pty"),
@@ -38,6 +39,8 @@ const PtyImage = z.object({
   packet: z.boolean().optional(),
   /** Bytes readable on this side that nobody has read yet. */
   waiting: z.number().int().min(0),
+  /** Master only: processes outside the tree holding its slave (the new pair cannot reach them). */
+  outside: z.array(z.number().int().min(1)).max(64).optional(),
 });
 type PtyImage = z.output<typeof PtyImage>;
 
@@ -51,6 +54,7 @@ const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
  * descriptor on them (restore sets both through one).
  */
 interface DumpState {
+  inTree: Set<number>;
   masters: Map<number, string>;
   dumped: Set<number>;
   leaders: Set<number>;
@@ -126,12 +130,40 @@ function mastersOf(pid: number): [number, string][] {
 }
 
 function dumpState(tree: TreeDumpState, pid: number): DumpState {
-  return kindState(tree.kinds, NAME, () => ({
-    masters: new Map(frozenTree(pid).flatMap(mastersOf)),
-    dumped: new Set<number>(),
-    leaders: new Set<number>(),
-    foreground: new Set<number>(),
-  }));
+  return kindState(tree.kinds, NAME, () => {
+    const pids = frozenTree(pid);
+    return {
+      inTree: new Set(pids),
+      masters: new Map(pids.flatMap(mastersOf)),
+      dumped: new Set<number>(),
+      leaders: new Set<number>(),
+      foreground: new Set<number>(),
+    };
+  });
+}
+
+/** The pty index of a tty_nr (major 136: /dev/pts), if it is one. */
+function ptsIndex(ttyNr: number): number | undefined {
+  if (((ttyNr >>> 8) & 0xfff) !== 136) return undefined;
+  return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
+}
+
+/**
+ * Processes outside the tree with a descriptor on the slave of pty
+ * `index`: /dev/pts/N itself, or /dev/tty where it is their controlling
+ * terminal.
+ */
+function outsideHolders(p: FdProbe, state: DumpState, index: number): number[] {
+  const outside = (pids: number[]) => pids.filter((pid) => !state.inTree.has(pid));
+  const viaTty = outside(holdersOf(p.tree, "/dev/tty").map((h) => h.pid)).filter((pid) => {
+    try {
+      return ptsIndex(readStat(pid).ttyNr) === index;
+    } catch {
+      return false; // gone since the scan
+    }
+  });
+  const pids = [...outside(holdersOf(p.tree, `/dev/pts/${index}`).map((h) => h.pid)), ...viaTty];
+  return [...new Set(pids)].slice(0, 64);
 }
 
 function isMaster(p: FdProbe): boolean {
@@ -143,10 +175,7 @@ function slaveIndex(p: FdProbe): number | undefined {
   const m = SLAVE.exec(p.link);
   if (m) return Number(m[1]);
   if (terminalKind(p.link, p.stat?.rdev ?? undefined) !== "tty") return undefined;
-  const ttyNr = readStat(p.pid).ttyNr;
-  const major = (ttyNr >>> 8) & 0xfff;
-  if (major !== 136) return undefined;
-  return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
+  return ptsIndex(readStat(p.pid).ttyNr);
 }
 
 function dumpMaster(p: FdProbe, fd: number): PtyImage {
@@ -190,6 +219,8 @@ export const ptyFd = defineFdKind({
     const state = dumpState(p.tree, p.pid);
     if (isMaster(p)) {
       const e = withFdCopy(p, (fd) => dumpMaster(p, fd));
+      const outside = outsideHolders(p, state, e.index);
+      if (outside.length) e.outside = outside;
       if (!state.dumped.has(e.index)) expectHolders(p, state, e);
       state.dumped.add(e.index);
       return e;
@@ -219,6 +250,11 @@ export const ptyFd = defineFdKind({
     return e;
   },
   unrestorable(e) {
+    if (e.outside?.length) {
+      return `fd ${e.fd}: pty ${e.index}: /dev/pts/${e.index} is held by pid ${
+        e.outside.join(", pid ")
+      } outside the dumped tree: not supported yet`;
+    }
     if (!e.waiting) return;
     const what = e.side === "master" ? "written on its slave side" : "typed on its master side";
     return `fd ${e.fd}: pty ${e.index}: ${e.waiting} bytes ${what} and not read yet would be lost`;

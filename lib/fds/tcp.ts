@@ -52,7 +52,7 @@ import { libc } from "../../ffi/libc.ts";
 import { kindState, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError } from "../errors.ts";
 import { bytes } from "../images/codec.ts";
-import { lockConnection, lockTableName, validTableName } from "../net/netlock.ts";
+import { holdForRestore, lockConnection, lockTableName, validTableName } from "../net/netlock.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 import {
   Addr,
@@ -125,27 +125,30 @@ interface DumpState {
 function dumpState(tree: TreeDumpState): DumpState {
   return kindState(tree.kinds, "tcp", () => {
     const st: DumpState = { entries: new Map(), repaired: [] };
-    tree.onEnd.push((end) => endRepair(st, end));
+    tree.onEnd.push((end) => endRepair(st, end, tree.netLock));
     return st;
   });
 }
 
 /**
- * A tree that runs again gets its connections out of repair mode (without
- * a window probe: nothing changed); a killed tree's stay in it, so their
- * last close sends nothing (no FIN, no RST) and the peer waits for restore.
+ * Repair mode lasts only while a connection is read (an amber killed
+ * meanwhile leaves a tree whose connections work once the lock is gone).
+ * A killed tree's connections go back into it through amber's duplicates,
+ * the last holders, so their close sends nothing (no FIN, no RST) and the
+ * peer waits for restore; their lock is then kept for restore.
  */
-function endRepair(st: DumpState, end: "resume" | "kill"): void {
+function endRepair(st: DumpState, end: "resume" | "kill", lock: string | undefined): void {
   let failed: unknown;
   for (const sock of st.repaired.splice(0)) {
     try {
-      if (end === "resume") setRepair(sock, -1);
+      if (end === "kill") setRepair(sock, 1);
     } catch (e) {
       failed ??= e; // the others still get theirs
     } finally {
       libc().close(sock);
     }
   }
+  if (end === "kill" && lock) holdForRestore(lock);
   if (failed) throw failed;
 }
 
@@ -155,6 +158,7 @@ function checkpointConnection(
   sock: number,
   local: InetAddr,
   peer: InetAddr,
+  reuseaddr: boolean,
 ): { repair: z.input<typeof Repair>; lock: string } {
   const tree = p.tree;
   const create = tree.netLock === undefined;
@@ -164,6 +168,18 @@ function checkpointConnection(
   setRepair(sock, 1);
   const st = dumpState(tree);
   st.repaired.push(dupSocket(sock));
+  try {
+    return { repair: readRepair(sock), lock };
+  } finally {
+    // Out of repair without a window probe (nothing changed); that resets
+    // SO_REUSEADDR, which the dump read before.
+    setRepair(sock, -1);
+    setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, reuseaddr ? 1 : 0);
+  }
+}
+
+/** Everything TCP_REPAIR shows of a connection in repair mode. */
+function readRepair(sock: number): z.input<typeof Repair> {
   const sizes = queueSizes(sock);
   if (sizes.inq + sizes.outq > QUEUE_LIMIT) {
     throw new AmberError(`more than ${QUEUE_LIMIT} bytes queued: not supported yet`);
@@ -185,7 +201,7 @@ function checkpointConnection(
     timestamp: getInt(sock, SOL.TCP, TCPOPT.TIMESTAMP) >>> 0,
   };
   setInt(sock, SOL.TCP, TCPOPT.REPAIR_QUEUE, QUEUE.NONE);
-  return { repair, lock };
+  return repair;
 }
 
 function refusalOf(state: number, info: { unacked: number }, tcpEstablished: boolean) {
@@ -230,7 +246,7 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
       refusal,
     };
     if (!refusal && info.state === STATE.ESTABLISHED && peer) {
-      Object.assign(entry, checkpointConnection(p, sock, local, peer));
+      Object.assign(entry, checkpointConnection(p, sock, local, peer, entry.reuseaddr));
     }
     return entry;
   } finally {

@@ -5,6 +5,11 @@
  * The table is named after the dump and recorded in the images; it is
  * removed when the dumped tree runs again (dump -R, or a failed dump), or
  * when restore has rebuilt the connections (or failed to).
+ *
+ * While its dump goes on, a table holds an empty chain dumping_PID naming
+ * the dumping amber; a complete dump deletes it (the table then waits for
+ * restore). A table whose dumping amber died (SIGKILL) is stale: the tree
+ * ran on when its tracer died, so the next amber run removes the table.
  */
 import { AmberError } from "../errors.ts";
 
@@ -20,6 +25,9 @@ const TABLE = /^amber_[a-z0-9_]{1,40}$/;
 export function lockTableName(pid: number): string {
   return `amber_${pid}_${Date.now().toString(36)}`;
 }
+
+const DUMPING = /^\s*chain dumping_(\d+) \{/m;
+const dumpingChain = () => `dumping_${Deno.pid}`;
 
 export function validTableName(name: string): boolean {
   return TABLE.test(name);
@@ -61,8 +69,10 @@ export function lockConnection(table: string, c: LockedConn, create: boolean): v
   if (!validTableName(table)) throw new AmberError(`network lock: bad table name ${table}`);
   const cmds: string[] = [];
   if (create) {
+    cleanStaleLocks();
     cmds.push(
       `add table inet ${table}`,
+      `add chain inet ${table} ${dumpingChain()}`,
       `add chain inet ${table} in { type filter hook input priority -300 ; policy accept ; }`,
       `add chain inet ${table} out { type filter hook output priority -300 ; policy accept ; }`,
     );
@@ -80,6 +90,60 @@ export function unlock(table: string): void {
   nft(["delete", "table", "inet", table], `removing table ${table}`);
 }
 
+/** The dump is complete: its table now waits for restore, whatever becomes of this amber. */
+export function holdForRestore(table: string): void {
+  if (!validTableName(table)) return;
+  nft(["delete", "chain", "inet", table, dumpingChain()], `keeping table ${table} for restore`);
+}
+
+/** Seconds since the epoch at which process `pid` started, or undefined if it is gone. */
+function startedAt(pid: number): number | undefined {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (fields[0] === "Z") return undefined;
+    const btime = Number(/^btime (\d+)$/m.exec(Deno.readTextFileSync("/proc/stat"))![1]);
+    return btime + Number(fields[19]) / 100; // starttime, in USER_HZ (100) ticks since boot
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether the amber that made `table` (named at `lockTableName` time) and dumps into it is gone. */
+function dumperGone(table: string, text: string): boolean {
+  const m = DUMPING.exec(text);
+  if (!m) return false; // complete: it waits for restore
+  const started = startedAt(Number(m[1]));
+  if (started === undefined) return true;
+  // A process that started after the table was made only reuses the pid.
+  const made = parseInt(table.split("_").at(-1)!, 36) / 1000;
+  return started > made + 1;
+}
+
+/**
+ * Removes the lock tables whose dumping amber died in the middle of its
+ * dump; returns their names. Never fails: without nft there is nothing
+ * to clean.
+ */
+export function cleanStaleLocks(): string[] {
+  let tables: string[];
+  try {
+    tables = lockedTables();
+  } catch {
+    return [];
+  }
+  return tables.filter((t) => {
+    try {
+      if (!validTableName(t)) return false;
+      if (!dumperGone(t, nft(["list", "table", "inet", t], `reading table ${t}`))) return false;
+      nft(["delete", "table", "inet", t], `removing stale table ${t}`);
+      return true;
+    } catch {
+      return false; // removed meanwhile, by its restore or another amber
+    }
+  });
+}
+
 /** amber's lock tables present now. */
 export function lockedTables(): string[] {
   const out = nft(["list", "tables"], "listing tables");
@@ -88,11 +152,13 @@ export function lockedTables(): string[] {
 
 /** For `amber check`: creates and removes a lock table; throws when that does not work. */
 export function probeLock(): string {
+  const stale = cleanStaleLocks();
   const table = `amber_check_${Deno.pid}`;
   lockConnection(table, {
     local: { addr: "127.0.0.1", port: 9 },
     peer: { addr: "127.0.0.1", port: 9 },
   }, true);
   unlock(table);
-  return "an nftables table dropping a connection's packets can be added and removed";
+  const cleaned = stale.length ? `; removed stale ${stale.join(", ")} of a dump that died` : "";
+  return `an nftables table dropping a connection's packets can be added and removed${cleaned}`;
 }

@@ -13,6 +13,8 @@ import { AmberError, withContext } from "../errors.ts";
 import { bytes, MAX_IMAGE_BYTES, pidNumber } from "../images/codec.ts";
 import { readStatus, statusHex } from "../proc/status.ts";
 import { putBytes } from "../scratch.ts";
+import { readProcText } from "../proc/read.ts";
+import { expireNow, parseTimers, timerIdOf } from "./timers.ts";
 
 const SIGKILL = 9, SIGSTOP = 19;
 
@@ -21,6 +23,8 @@ const Siginfo = bytes.refine((b) => b.length === pt.SIGINFO_SIZE, "siginfo must 
 const SignalsSchema = z.object({
   shared: z.array(Siginfo),
   threads: z.array(z.object({ tid: pidNumber, pending: z.array(Siginfo) })),
+  /** Ids of the process's POSIX timers: their pending signals come back from them (expireNow). */
+  timers: z.array(z.number().int()).max(1 << 20).default([]),
 });
 
 export function signalOf(info: Uint8Array): number {
@@ -47,11 +51,24 @@ function pendingOf(tid: number, shared: boolean, mask: bigint): Uint8Array[] {
   return queued;
 }
 
+const SI_TIMER = -2;
+
+/** si_overrun of a POSIX timer's siginfo (si_code SI_TIMER), else 0. */
+function timerOverrun(info: Uint8Array): number {
+  const v = new DataView(info.buffer, info.byteOffset);
+  return v.getInt32(8, true) === SI_TIMER ? v.getInt32(20, true) : 0;
+}
+
 function refusal(infos: Uint8Array[], where: string): string | undefined {
   const sig = infos.map(signalOf).find((s) => s === SIGKILL || s === SIGSTOP);
-  return sig
-    ? `${where}: pending ${sig === SIGKILL ? "SIGKILL" : "SIGSTOP"}: not supported yet`
-    : undefined;
+  if (sig) return `${where}: pending ${sig === SIGKILL ? "SIGKILL" : "SIGSTOP"}: not supported yet`;
+  // A queued copy is an ordinary signal: no timer would count its overruns again.
+  const timer = infos.find((i) => timerOverrun(i) !== 0);
+  if (timer) {
+    return `${where}: pending POSIX timer signal ${signalOf(timer)} with overrun ${
+      timerOverrun(timer)
+    }: not supported yet`;
+  }
 }
 
 export const signalsPart = definePart({
@@ -64,6 +81,7 @@ export const signalsPart = definePart({
   dump({ pid, proc }) {
     const status = readStatus(pid);
     return {
+      timers: parseTimers(readProcText(pid, "timers")).map((t) => t.id),
       shared: pendingOf(pid, true, statusHex(status, "ShdPnd")),
       threads: proc.threads.map((tid) => ({
         tid,
@@ -78,11 +96,15 @@ export const signalsPart = definePart({
     return refusal(shared, "process") ??
       threads.map((t) => refusal(t.pending, `tid ${t.tid}`)).find(Boolean);
   },
-  restore(ctx, { shared, threads }) {
+  restore(ctx, { shared, threads, timers }) {
+    const ids = new Set(timers);
+    // A live timer's signal is sent again by the timer itself, after the others.
+    const fromTimer = (info: Uint8Array) => ids.has(timerIdOf(info) ?? -1);
+    const queued = (info: Uint8Array) => !fromTimer(info);
     for (const t of threads) {
       const inj = ctx.threads.get(t.tid);
       if (!inj) throw new AmberError(`tid ${t.tid}: pending signals for a thread not restored`);
-      for (const info of t.pending) {
+      for (const info of t.pending.filter(queued)) {
         const addr = putBytes(ctx.pid, ctx.scratch, info);
         const sig = signalOf(info);
         inj.call(
@@ -95,11 +117,13 @@ export const signalsPart = definePart({
         );
       }
     }
-    for (const info of shared) {
+    for (const info of shared.filter(queued)) {
       const addr = putBytes(ctx.pid, ctx.scratch, info);
       const sig = signalOf(info);
       // Only the leader may forge si_code for its process (its tid is the pid).
       ctx.injector.call(`rt_sigqueueinfo(${sig})`, NR.rt_sigqueueinfo, ctx.pid, sig, addr);
     }
+    const expiring = [shared, ...threads.map((t) => t.pending)].flat().filter(fromTimer);
+    for (const id of new Set(expiring.map((i) => timerIdOf(i)!))) expireNow(ctx, id);
   },
 });

@@ -42,6 +42,8 @@ const Thread = z.object({
   altstack: z.object({ sp: u64, flags: z.number().int(), size: u64 }),
   /** Wall time of the dump (ms since the epoch), for sleeps to end at their deadline. */
   dumpedAtMs: z.number(),
+  /** Frozen inside restart_syscall: the call it restarts (see restartedCall). */
+  restartOf: z.number().int().optional(),
 });
 export type ThreadImage = z.output<typeof Thread>;
 
@@ -106,7 +108,70 @@ function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeo
     robustList: robustList(tid),
     altstack: altstack(ctx, inj),
     dumpedAtMs: Date.now(),
+    restartOf: restartedCall(tid, Regs.read(tid)),
   }));
+}
+
+const NR_RESTART_SYSCALL = 219n, NR_FUTEX = 202n, NR_POLL = 7n;
+/** Clocks a relative clock_nanosleep restarts on (CPU clocks are negative). */
+const SLEEP_CLOCKS = [0n, 1n, 7n, 8n, 9n, 11n];
+
+function validTimespec(tid: number, addr: bigint): boolean {
+  if (addr < 0x1000n) return false;
+  try {
+    const [sec, nsec] = readU64s(readMemoryProc(tid, addr, 16));
+    return BigInt.asIntN(64, sec) >= 0n && nsec < 1_000_000_000n;
+  } catch {
+    return false; // not mapped: not a timespec
+  }
+}
+
+/**
+ * Whether a register holds a clockid_t clock_nanosleep restarts on: an
+ * int (sign- or zero-extended, unlike a pointer), one of SLEEP_CLOCKS or
+ * a CPU clock (~pid << 3 | per-thread bit | type 0..2).
+ */
+function isSleepClock(reg: bigint): boolean {
+  const clock = BigInt.asIntN(32, reg);
+  if (reg !== BigInt.asUintN(64, clock) && reg !== BigInt.asUintN(32, clock)) return false;
+  if (clock >= 0n) return SLEEP_CLOCKS.includes(clock);
+  return (clock & 3n) !== 3n && ~(clock >> 3n) <= BigInt(PID_MAX);
+}
+
+function u32At(tid: number, addr: bigint): bigint | undefined {
+  try {
+    const b = readMemoryProc(tid, addr, 4);
+    return BigInt(new DataView(b.buffer, b.byteOffset).getUint32(0, true));
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The call a thread frozen inside restart_syscall (frozen once before,
+ * e.g. by a dump -R, and resumed) restarts. The kernel keeps it only in
+ * its restart block, which dies with the process, but the registers still
+ * hold its arguments, and on x86-64 only four calls restart that way:
+ * clock_nanosleep (a clock id, relative, a timespec), futex (a word
+ * still holding the awaited value, a timeout), nanosleep (a timespec),
+ * poll (what is left). Undefined when not in restart_syscall, or when
+ * even poll does not fit (refused).
+ */
+function restartedCall(tid: number, regs: Regs): number | undefined {
+  if (regs.signed("orig_rax") !== NR_RESTART_SYSCALL) return undefined;
+  if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
+  const [rdi, rsi, rdx, r10] = (["rdi", "rsi", "rdx", "r10"] as const).map((r) => regs.get(r));
+  if (rsi === 0n && isSleepClock(rdi) && validTimespec(tid, rdx)) {
+    return Number(NR_CLOCK_NANOSLEEP);
+  }
+  const op = rsi & ~(128n | 256n); // FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
+  if (
+    (op === 0n || op === 9n) && rdi % 4n === 0n && validTimespec(tid, r10) &&
+    u32At(tid, rdi) === (rdx & 0xffffffffn)
+  ) return Number(NR_FUTEX);
+  if (validTimespec(tid, rdi) && (rsi === 0n || rsi >= 0x1000n)) return Number(NR_NANOSLEEP);
+  if (rsi <= 1n << 20n && (rsi === 0n || rdi >= 0x1000n)) return Number(NR_POLL);
+  return undefined;
 }
 
 /** Size of this CPU's xsave area as the kernel exposes it to ptrace. */
@@ -133,7 +198,7 @@ const ERESTART_RESTARTBLOCK = -516n;
  */
 export function resumeRegs(img: ThreadImage): Regs {
   const regs = new Regs(img.regs);
-  const nr = regs.signed("orig_rax");
+  const nr = syscallOf(img);
   const rax = regs.signed("rax");
   if (nr >= 0n) {
     if ([ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(rax)) {
@@ -141,6 +206,24 @@ export function resumeRegs(img: ThreadImage): Regs {
     }
   }
   return regs;
+}
+
+/** The call a thread was frozen in; for restart_syscall, the call it restarts. */
+function syscallOf(img: ThreadImage): bigint {
+  const nr = new Regs(img.regs).signed("orig_rax");
+  return nr === NR_RESTART_SYSCALL && img.restartOf !== undefined ? BigInt(img.restartOf) : nr;
+}
+
+/** Why a thread's frozen call cannot be resumed, if it cannot. */
+function unresumable(img: ThreadImage): string | undefined {
+  const regs = new Regs(img.regs);
+  if (
+    regs.signed("orig_rax") === NR_RESTART_SYSCALL &&
+    regs.signed("rax") === ERESTART_RESTARTBLOCK &&
+    img.restartOf === undefined
+  ) {
+    return `tid ${img.tid}: restart_syscall of a call amber cannot tell: not supported yet`;
+  }
 }
 
 const NR_NANOSLEEP = 35n, NR_CLOCK_NANOSLEEP = 230n;
@@ -158,9 +241,9 @@ const WALL_CLOCKS = [0n, 1n, 7n]; // REALTIME, MONOTONIC, BOOTTIME
  */
 function resumableSleep(
   regs: Regs,
+  nr: bigint,
 ): { req: "rdi" | "rdx"; rem: bigint; wall: boolean } | undefined {
   if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
-  const nr = regs.signed("orig_rax");
   if (nr === NR_NANOSLEEP && regs.get("rsi")) {
     return { req: "rdi", rem: regs.get("rsi"), wall: true };
   }
@@ -172,7 +255,7 @@ function resumableSleep(
 
 /** Shortens a frozen sleep's remaining time by the time since the dump; see resumableSleep. */
 function sleepOn(tid: number, img: ThreadImage, regs: Regs): void {
-  const sleep = resumableSleep(new Regs(img.regs));
+  const sleep = resumableSleep(new Regs(img.regs), syscallOf(img));
   if (!sleep) return;
   const [sec, nsec] = readU64s(readMemoryProc(tid, sleep.rem, 16));
   const since = sleep.wall ? BigInt(Math.max(0, Date.now() - img.dumpedAtMs)) * 1_000_000n : 0n;
@@ -225,6 +308,7 @@ export const threadsPart = definePart({
     });
     return { threads };
   },
+  unrestorable: ({ threads }) => threads.map(unresumable).find(Boolean),
   precheck({ threads }, { pid }) {
     if (threads[0].tid !== pid) {
       throw new AmberError(`first thread is ${threads[0].tid}, not the leader`);

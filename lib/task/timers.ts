@@ -6,7 +6,9 @@
  * PR_TIMER_CREATE_RESTORE_IDS where it has one, else by creating them in
  * id order. Armed last but for pending signals, so they fire into a
  * process that is complete. Remaining times continue from where the dump
- * left them: time spent as images does not count.
+ * left them: time spent as images does not count. A timer whose signal is
+ * pending is made to expire at once by signals.ts (expireNow), so that
+ * its signal is the timer's own again.
  */
 import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
@@ -37,6 +39,8 @@ const PosixTimer = z.object({
   target: z.number().int().min(0),
   intervalNs: ns,
   valueNs: ns,
+  /** timer_getoverrun: the overruns of the expiry last delivered (a new timer has none). */
+  overrun: z.number().int().min(0).default(0),
 });
 type PosixTimerImage = z.output<typeof PosixTimer>;
 
@@ -85,12 +89,39 @@ export function parseTimers(text: string) {
   });
 }
 
+const SI_TIMER = -2;
+
+/**
+ * The POSIX timer a pending siginfo comes from, if it does: si_code
+ * SI_TIMER, and the kernel's timer id in si_tid (offset 16).
+ */
+export function timerIdOf(info: Uint8Array): number | undefined {
+  const v = new DataView(info.buffer, info.byteOffset);
+  return v.getInt32(8, true) === SI_TIMER ? v.getInt32(16, true) : undefined;
+}
+
+/**
+ * Makes restored timer `id` expire at once, keeping its interval: the
+ * kernel then queues the timer's own signal, whose overruns it counts
+ * from there (a copy queued with rt_sigqueueinfo would be a second,
+ * ordinary signal beside the timer's next one).
+ */
+export function expireNow(ctx: RestoreContext, id: number): void {
+  withContext(`POSIX timer ${id}: its pending signal`, () => {
+    ctx.injector.call("timer_gettime", NR.timer_gettime, id, ctx.scratch.addr);
+    const [intervalNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1n);
+    const its = putBytes(ctx.pid, ctx.scratch, timeBytes(intervalNs, 1n, 1n), 128);
+    ctx.injector.call("timer_settime", NR.timer_settime, id, 0, its, 0);
+  });
+}
+
 function dumpPosixTimers(ctx: DumpContext) {
   return parseTimers(readProcText(ctx.pid, "timers")).map((t) =>
     withContext(`POSIX timer ${t.id}`, () => {
       ctx.injector.call("timer_gettime", NR.timer_gettime, t.id, ctx.scratch.addr);
       const [intervalNs, valueNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1n);
-      return { ...t, intervalNs, valueNs };
+      const overrun = Number(ctx.injector.call("timer_getoverrun", NR.timer_getoverrun, t.id));
+      return { ...t, intervalNs, valueNs, overrun };
     })
   ).sort((a, b) => a.id - b.id);
 }
@@ -117,6 +148,8 @@ function unrestorableTimer(t: PosixTimerImage, tids: Set<number>): string | unde
       cpuClockTask(t.clock)
     } outside the process: not supported yet`;
   }
+  // Only expiries the process missed make an overrun; a new timer cannot be given one.
+  if (t.overrun > 0) return `${where}: overrun count ${t.overrun}: not supported yet`;
   if (t.notify & SIGEV_THREAD_ID && !tids.has(t.target)) {
     return `${where}: signals thread ${t.target}, which is not in the images`;
   }
