@@ -1,11 +1,16 @@
 /**
- * `amber run`: starts a job and checkpoints it with `dump -R` every so
+ * `amber run`: starts a job and checkpoints it with `pre-dump` every so
  * often into DIR/ckpt-N, keeping the newest complete ones and a
  * DIR/latest symlink that is switched (symlink to a temporary name, then
  * rename) only once a checkpoint is complete. `amber restore -D
  * DIR/latest` continues the job after a crash.
  *
- * Each checkpoint is a separate `amber dump` process: the job is this
+ * Each checkpoint after the first of a chain stores only the pages the
+ * job wrote since the previous one (write tracking, see lib/mm/tracking.ts);
+ * a chain has at most `keep` links, and pruning keeps the checkpoints the
+ * kept ones take pages from.
+ *
+ * Each checkpoint is a separate `amber pre-dump` process: the job is this
  * process's child, and a parent that also traced its child would take the
  * child's ptrace stops for its own exit (Deno waits for its children).
  * A failed checkpoint is reported and the job goes on.
@@ -13,6 +18,7 @@
 import { effectiveUid } from "../ffi/dirfd.ts";
 import { AmberError, InterruptedError, UsageError } from "./errors.ts";
 import type { LogLine } from "./log.ts";
+import { readImages } from "./images/read.ts";
 
 /** What one checkpoint gave. */
 export interface CheckpointResult {
@@ -145,9 +151,23 @@ function latestTarget(dir: string): number | undefined {
   }
 }
 
+/** The checkpoints whose pages checkpoint `n` takes some of its pages from. */
+function parentsOf(dir: string, n: number): number[] {
+  const out = new Set<number>();
+  try {
+    for (const p of readImages(`${dir}/ckpt-${n}`).processes) {
+      const parent = (p.parts.pagemap as { parent?: { dir: string } } | undefined)?.parent;
+      const m = parent && CKPT.exec(parent.dir.replace(/\/+$/, "").split("/").pop()!);
+      if (m) out.add(Number(m[1]));
+    }
+  } catch { /* unreadable: keeps nothing alive */ }
+  return [...out];
+}
+
 /**
- * Keeps the newest `keep` complete checkpoints (and the one latest names);
- * removes older ones and incomplete ones left by a crash.
+ * Keeps the newest `keep` complete checkpoints (and the one latest names),
+ * with the earlier ones they take pages from; removes the others and
+ * incomplete ones left by a crash.
  */
 function prune(dir: string, keep: number): void {
   const all = checkpoints(dir);
@@ -155,6 +175,11 @@ function prune(dir: string, keep: number): void {
   const kept = new Set(complete.slice(-keep));
   const latest = latestTarget(dir);
   if (latest !== undefined) kept.add(latest);
+  for (const n of [...kept]) {
+    for (const queue = [n]; queue.length;) {
+      for (const p of parentsOf(dir, queue.pop()!)) if (!kept.has(p)) kept.add(p), queue.push(p);
+    }
+  }
   for (const c of all) {
     if (kept.has(c.n)) continue;
     removeIfThere(`${dir}/ckpt-${c.n}`);
@@ -180,13 +205,19 @@ function amberCommand(args: string[]): Deno.Command {
   });
 }
 
+/**
+ * A checkpoint is a pre-dump: the job runs on with write tracking armed,
+ * so the next one (from `parent`) stores only the pages written since.
+ */
 async function checkpoint(
   req: RunRequest,
   pid: number,
   n: number,
+  parent?: number,
 ): Promise<CheckpointResult> {
   const dir = `${req.dir}/ckpt-${n}`;
-  const args = ["dump", "-t", String(pid), "-D", dir, "-R", "--json"];
+  const args = ["pre-dump", "-t", String(pid), "-D", dir, "--json"];
+  if (parent !== undefined) args.push("--prev-images-dir", `../ckpt-${parent}`, "--track-mem");
   if (req.shellJob) args.push("--shell-job");
   const out = await amberCommand(args).output();
   const dec = new TextDecoder();
@@ -257,6 +288,7 @@ export async function runJob(req: RunRequest): Promise<RunResult> {
   req.signal?.addEventListener("abort", onAbort);
   try {
     let n = Math.max(0, ...checkpoints(req.dir).map((c) => c.n));
+    let chain = 0;
     while (!exited) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([
@@ -272,7 +304,10 @@ export async function runJob(req: RunRequest): Promise<RunResult> {
       if (exited) break;
       n++;
       log(`checkpoint ${n} of pid ${job.pid}`);
-      const c = await checkpoint(req, job.pid, n);
+      // Chains of at most `keep` links: a full copy starts each one.
+      const parent = chain > 0 && chain < req.keep ? n - 1 : undefined;
+      const c = await checkpoint(req, job.pid, n, parent);
+      chain = c.ok ? (parent === undefined ? 1 : chain + 1) : 0;
       // A failed checkpoint leaves nothing half-made behind.
       if (!c.ok) removeIfThere(c.dir);
       if (exited && !c.ok) break; // the job ended while it was dumped: not a failure
