@@ -220,7 +220,7 @@ export function receivesPages(m: MappingImage): boolean {
 /**
  * Mappings created writable and given their final protection after the
  * fill: shared ones the process cannot write (their pages go in by
- * preadv), and private ones that were writable once and carry VM_ACCOUNT
+ * process_vm_writev), and private ones that were writable once and carry VM_ACCOUNT
  * ("ac"), which only a writable mapping gets; without it the kernel would
  * merge them with neighbours they were apart from (e.g. RELRO segments).
  */
@@ -231,7 +231,8 @@ export function writableWhileFilled(m: MappingImage): boolean {
 
 /**
  * Mappings not writable during the fill get their pages through
- * /proc/PID/mem; every other mapping is filled by preadv inside the process.
+ * /proc/PID/mem; every other mapping is filled by amber with process_vm_writev
+ * (an injected preadv in the process measured slower: lib/mm/pages.ts fillPages).
  */
 export function fillsThroughMem(m: MappingImage): boolean {
   return !(m.prot & PROT.WRITE) && !writableWhileFilled(m);

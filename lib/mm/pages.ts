@@ -321,6 +321,9 @@ export async function copyPages(
  * Fills the restored mappings from the pages file: amber reads the file
  * and writes into the process with process_vm_writev, several chunks at a
  * time; mappings the process cannot write go through /proc/PID/mem.
+ * A preadv injected into the process (one copy, in the kernel) was slower
+ * here, alone or beside these workers: the disk is the limit, and one
+ * blocking call at a time in the process faults its pages in serially.
  */
 async function fillPages(
   pid: number,
