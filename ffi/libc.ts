@@ -65,6 +65,7 @@ const SYMBOLS = {
   pwrite64: { parameters: ["i32", "buffer", "u64", "i64"], result: "i64" },
   close: { parameters: ["i32"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
   tee: { parameters: ["i32", "i32", "u64", "u32"], result: "i64" },
   read: { parameters: ["i32", "buffer", "u64"], result: "i64" },

@@ -115,3 +115,33 @@ export class RawFile {
     libc().close(this.fd);
   }
 }
+
+const SEEK_DATA = 3, SEEK_HOLE = 4, ENXIO = 6, O_RDONLY_CLOEXEC = 0o2000000;
+
+/**
+ * The byte ranges of [from, to) of file `path` that hold data (SEEK_DATA /
+ * SEEK_HOLE): for shared memory, what its object holds whether or not a
+ * process has the pages in its page tables.
+ */
+export function dataRanges(path: string, from: number, to: number): [number, number][] {
+  const name = new TextEncoder().encode(path + "\0");
+  const fd = check(`open ${path}`, libc().open(name, O_RDONLY_CLOEXEC, 0));
+  const out: [number, number][] = [];
+  try {
+    for (let off = from; off < to;) {
+      const data = libc().lseek(fd, BigInt(off), SEEK_DATA);
+      if (data < 0n) {
+        const errno = lastErrno();
+        if (errno === ENXIO) break; // no data after off
+        throw new SysError(`lseek(SEEK_DATA) ${path}`, errno);
+      }
+      if (Number(data) >= to) break;
+      const hole = Number(check(`lseek(SEEK_HOLE) ${path}`, libc().lseek(fd, data, SEEK_HOLE)));
+      out.push([Number(data), Math.min(hole, to)]);
+      off = hole;
+    }
+  } finally {
+    libc().close(fd);
+  }
+  return out;
+}

@@ -14,7 +14,7 @@
  * - [vdso]/[vvar]/[vsyscall]: nothing, the kernel provides them.
  */
 import { z } from "zod";
-import { alignedBuffer, RawFile } from "../../ffi/rawfile.ts";
+import { alignedBuffer, dataRanges, RawFile } from "../../ffi/rawfile.ts";
 import {
   IOV_MAX,
   readMemoryProc,
@@ -109,12 +109,37 @@ export function readPagemap(file: Deno.FsFile, start: bigint, end: bigint): Uint
   return out;
 }
 
+/**
+ * Shared memory's pages, from the object itself: a page no holder has in
+ * its page tables (read in by a process since gone, dropped with
+ * MADV_DONTNEED) is still the memory's. The first holder stores them all;
+ * the later ones map the same object again at restore.
+ */
+function sharedMemoryRuns(pid: number, m: MappingImage): PageRun[] {
+  if (m.sharedWith !== undefined) return [];
+  const path = `/proc/${pid}/map_files/${m.start.toString(16)}-${m.end.toString(16)}`;
+  const from = Number(m.offset), len = Number(m.end - m.start);
+  return withContext(
+    `${mappingLabel(m)}: shared memory`,
+    () =>
+      dataRanges(path, from, from + len).map(([a, b]) => {
+        const start = Math.floor(a / PAGE_SIZE) * PAGE_SIZE;
+        const end = Math.ceil(b / PAGE_SIZE) * PAGE_SIZE;
+        return { addr: m.start + BigInt(start - from), pages: (end - start) / PAGE_SIZE };
+      }),
+  );
+}
+
 /** The runs of pages to store for each mapping, in address order. */
 export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
   const runs: PageRun[] = [];
   using pm = Deno.openSync(`/proc/${pid}/pagemap`, { read: true });
   for (const m of mappings) {
     if (!receivesPages(m)) continue;
+    if (m.kind === "shmem" && m.shared) {
+      runs.push(...sharedMemoryRuns(pid, m));
+      continue;
+    }
     const entries = withContext(
       `${mappingLabel(m)}: pagemap`,
       () => readPagemap(pm, m.start, m.end),
