@@ -80,6 +80,8 @@ interface Case {
   pauseBeside?: boolean;
   /** Resolves once the job is in the middle of its work. */
   midWork(run: Run, pid: number): Promise<void>;
+  /** Extra `amber dump` flags (e.g. --tcp-established for a client's connection). */
+  dumpFlags?: string[];
   /** For jobs that never end by themselves: the rest of the work, then ends the job. */
   finish?(run: Run, pid: number): Promise<void>;
   /** The job's result once it has ended (and `beside` is stopped): bytes, checksums. */
@@ -236,6 +238,79 @@ async function httpGet(port: number, path: string): Promise<string> {
   return await sha256Hex(new TextEncoder().encode(body.join("\r\n\r\n")));
 }
 
+/**
+ * A client connection the test holds open across the dump (the client is
+ * outside the dumped tree): requests written whole, replies read up to a
+ * complete one. Kept per run directory, from midWork to finish.
+ */
+class KeptConn {
+  #buf = new Uint8Array(0);
+  constructor(readonly conn: Deno.TcpConn) {}
+
+  static async open(port: number): Promise<KeptConn> {
+    return new KeptConn(await Deno.connect({ hostname: "127.0.0.1", port }));
+  }
+
+  /** Writes REQ, then reads until `complete` says how long the reply is (bytes), bounded. */
+  async ask(req: string, complete: (text: string) => number | undefined): Promise<string> {
+    await this.conn.write(new TextEncoder().encode(req));
+    const timer = setTimeout(() => this.conn.close(), 30_000);
+    try {
+      for (;;) {
+        const text = new TextDecoder().decode(this.#buf);
+        const len = complete(text);
+        if (len !== undefined) {
+          const reply = text.slice(0, len);
+          this.#buf = this.#buf.slice(new TextEncoder().encode(reply).length);
+          return reply;
+        }
+        const chunk = new Uint8Array(65536);
+        const n = await this.conn.read(chunk);
+        if (n === null) {
+          throw new Error(`the kept connection ended before a reply to ${req.trim()}`);
+        }
+        const grown = new Uint8Array(this.#buf.length + n);
+        grown.set(this.#buf);
+        grown.set(chunk.subarray(0, n), this.#buf.length);
+        this.#buf = grown;
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  close(): void {
+    try {
+      this.conn.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+const keptConns = new Map<string, KeptConn>();
+
+/** The length of a complete HTTP/1.1 response with Content-Length at the start of TEXT. */
+function httpComplete(text: string): number | undefined {
+  const end = text.indexOf("\r\n\r\n");
+  if (end < 0) return undefined;
+  const m = /\r\ncontent-length: *(\d+)/i.exec(text.slice(0, end));
+  assert.ok(m, `a response without Content-Length: ${text.slice(0, end)}`);
+  const len = end + 4 + Number(m[1]);
+  return text.length >= len ? len : undefined;
+}
+
+/** The status line and body of a keep-alive response (its Date header differs between runs). */
+function httpStatusAndBody(resp: string): string {
+  return `${resp.split("\r\n")[0]} | ${resp.slice(resp.indexOf("\r\n\r\n") + 4)}`;
+}
+
+/** The length of one complete RESP line reply (`:N`, `+OK`, `-ERR`) at the start of TEXT. */
+function respLineComplete(text: string): number | undefined {
+  const end = text.indexOf("\r\n");
+  return end < 0 ? undefined : end + 2;
+}
+
 // ---------------------------------------------------------------------------
 // inputs some cases build
 
@@ -382,6 +457,30 @@ function chunk() {
 }
 chunk();
 `;
+
+/** An HTTP server counting its requests; idle keep-alive connections are never timed out. */
+const NODE_HTTP_JS = `const http = require("http");
+let n = 0;
+const server = http.createServer((req, res) => {
+  const body = "request " + ++n + " " + req.url + "\\n";
+  res.setHeader("Content-Length", Buffer.byteLength(body));
+  res.end(body);
+});
+server.keepAliveTimeout = 0;
+server.listen(Number(process.argv[1]), "127.0.0.1");
+process.on("SIGTERM", () => process.exit(0));
+`;
+
+/** Sends GET PATH on the run's kept connection; returns its status line and body. */
+async function keptGet(r: Run, path: string): Promise<string> {
+  const conn = keptConns.get(r.dir);
+  assert.ok(conn, "no kept connection");
+  return httpStatusAndBody(
+    await conn.ask(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, httpComplete),
+  );
+}
+
+const runPort = (r: Run) => Number(Deno.readTextFileSync(`${r.dir}/port`));
 
 const SQLITE_ROWS = 3_000_000;
 
@@ -708,6 +807,39 @@ const CASES: Case[] = [
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
   },
   {
+    name: "node http.createServer with a keep-alive connection opened before the dump",
+    commands: ["node"],
+    expect: "restores",
+    dumpFlags: ["--tcp-established"],
+    setup: async (r) => await Deno.writeTextFile(`${r.dir}/port`, String(freePort())),
+    argv: (r) => ["setsid", "node", "-e", NODE_HTTP_JS, String(runPort(r))],
+    midWork: async (r) => {
+      const port = runPort(r);
+      const conn = await waitFor(
+        () => KeptConn.open(port).catch(() => undefined),
+        "node does not listen",
+        30_000,
+      );
+      keptConns.set(r.dir, conn);
+      const lines = [await keptGet(r, "/a"), await keptGet(r, "/b")];
+      await Deno.writeTextFile(`${r.dir}/result.txt`, lines.join("\n") + "\n");
+    },
+    finish: async (r, pid) => {
+      try {
+        const lines = [await keptGet(r, "/c"), await keptGet(r, "/d")];
+        lines.push(`new connection ${await httpGet(runPort(r), "/e")}`, await keptGet(r, "/f"));
+        await Deno.writeTextFile(`${r.dir}/result.txt`, lines.join("\n") + "\n", {
+          append: true,
+        });
+      } finally {
+        keptConns.get(r.dir)?.close();
+        keptConns.delete(r.dir);
+      }
+      Deno.kill(pid, "SIGTERM");
+    },
+    result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
+  },
+  {
     name: "tail -f (follows a growing file)",
     commands: ["tail"],
     expect: "restores",
@@ -814,7 +946,7 @@ interface Dumped {
 async function dumpMidWork(c: Case, job: Target, img: string): Promise<Dumped> {
   const pids = descendants(job.pid);
   const before = dispositions(job.pid);
-  const r = await amber(dumpArgs(job.pid, img));
+  const r = await amber(dumpArgs(job.pid, img, ...(c.dumpFlags ?? [])));
   if (c.expect === "restores" || r.code === 0) {
     assertExit(r, 0, `${c.name}: dump`);
     await job.child.status;
