@@ -482,6 +482,17 @@ async function keptGet(r: Run, path: string): Promise<string> {
 
 const runPort = (r: Run) => Number(Deno.readTextFileSync(`${r.dir}/port`));
 
+/** N INCRs on the run's kept connection, one at a time: their replies, in one line. */
+async function redisIncrs(r: Run, n: number): Promise<string> {
+  const conn = keptConns.get(r.dir);
+  assert.ok(conn, "no kept connection");
+  const replies: string[] = [];
+  for (let i = 0; i < n; i++) {
+    replies.push((await conn.ask("INCR counter\r\n", respLineComplete)).trim());
+  }
+  return `${replies.join(" ")}\n`;
+}
+
 const SQLITE_ROWS = 3_000_000;
 
 /** Reader lines that are consistent with the writer's one transaction. */
@@ -763,6 +774,53 @@ const CASES: Case[] = [
         "key:4242",
       )}`;
       await Deno.writeTextFile(`${r.dir}/result.txt`, dataset);
+      await cli("SHUTDOWN", "NOSAVE").catch(() => ""); // the connection ends with the server
+    },
+    result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
+  },
+  {
+    name: "redis-server on TCP with a client connection kept through the dump (INCR)",
+    commands: ["redis-server", "redis-cli"],
+    expect: "restores",
+    dumpFlags: ["--tcp-established"],
+    setup: async (r) => await Deno.writeTextFile(`${r.dir}/port`, String(freePort())),
+    argv: (r) => [
+      "setsid",
+      "redis-server",
+      "--port",
+      String(runPort(r)),
+      "--bind",
+      "127.0.0.1",
+      "--save",
+      "",
+      "--appendonly",
+      "no",
+      "--dir",
+      r.dir,
+      "--enable-debug-command",
+      "yes",
+    ],
+    midWork: async (r) => {
+      const cli = (...a: string[]) => runOk("redis-cli", ["-p", String(runPort(r)), ...a]);
+      await waitFor(() => cli("PING").catch(() => undefined), "redis does not answer", 30_000);
+      await cli("DEBUG", "POPULATE", "20000", "key", "64");
+      keptConns.set(r.dir, await KeptConn.open(runPort(r)));
+      await Deno.writeTextFile(`${r.dir}/result.txt`, await redisIncrs(r, 100));
+    },
+    finish: async (r) => {
+      const cli = (...a: string[]) => runOk("redis-cli", ["-p", String(runPort(r)), ...a]);
+      try {
+        const after = await redisIncrs(r, 100);
+        const dataset = `${await cli("GET", "counter")}${await cli("DBSIZE")}${await cli(
+          "DEBUG",
+          "DIGEST-VALUE",
+          "key:4242",
+        )}`;
+        await Deno.writeTextFile(`${r.dir}/result.txt`, after + dataset, { append: true });
+      } finally {
+        keptConns.get(r.dir)?.close();
+        keptConns.delete(r.dir);
+      }
       await cli("SHUTDOWN", "NOSAVE").catch(() => ""); // the connection ends with the server
     },
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
