@@ -493,6 +493,85 @@ async function redisIncrs(r: Run, n: number): Promise<string> {
   return `${replies.join(" ")}\n`;
 }
 
+/** Debian's PostgreSQL binaries (/usr/lib/postgresql/VERSION/bin, the newest installed). */
+const PG_BIN = (() => {
+  try {
+    const versions = [...Deno.readDirSync("/usr/lib/postgresql")].map((e) => e.name);
+    versions.sort((a, b) => Number(b) - Number(a));
+    return versions.length ? `/usr/lib/postgresql/${versions[0]}/bin` : "/usr/lib/postgresql/none";
+  } catch {
+    return "/usr/lib/postgresql/none";
+  }
+})();
+
+/** argv that runs ARGV as user postgres (exec, same pid). */
+const asPostgres = (
+  argv: string[],
+) => ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", ...argv];
+
+/** A psql session outside the dumped tree, over TCP, fed line by line; its output read as it comes. */
+class PsqlSession {
+  #out = "";
+  #reader: Promise<void>;
+  #writer: WritableStreamDefaultWriter<Uint8Array>;
+  readonly child: Deno.ChildProcess;
+
+  constructor(port: number) {
+    const child = new Deno.Command("psql", {
+      args: ["-X", "-h", "127.0.0.1", "-p", String(port), "-U", "postgres", "-d", "postgres"],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(JOB_TIMEOUT_MS),
+    }).spawn();
+    this.child = child;
+    this.#writer = child.stdin.getWriter();
+    this.#reader = (async () => {
+      for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
+        this.#out += chunk;
+      }
+    })();
+  }
+
+  /** Sends SQL, then waits until the output so far ends with `until` (30 s at most). */
+  async send(sql: string, until: string): Promise<void> {
+    await this.#writer.write(new TextEncoder().encode(sql));
+    const deadline = Date.now() + 30_000;
+    while (!this.#out.endsWith(until)) {
+      assert.ok(
+        Date.now() < deadline,
+        `psql: no ${until.trim()} after ${sql.trim()}: ${this.#out}`,
+      );
+      await sleep(20);
+    }
+  }
+
+  get output(): string {
+    return this.#out;
+  }
+
+  /** Ends the session (EOF on its input); returns its exit status. */
+  async end(): Promise<number> {
+    await this.#writer.close().catch(() => {});
+    await this.#reader;
+    return (await this.child.status).code;
+  }
+
+  kill(): void {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already ended
+    }
+  }
+}
+
+const psqlSessions = new Map<string, PsqlSession>();
+
+/** psql -c SQL (unaligned, tuples only) against the run's server, as a new connection. */
+const psqlC = (r: Run, sql: string) =>
+  runOk("psql", ["-X", "-h", "127.0.0.1", "-p", String(runPort(r)), "-U", "postgres", "-tAc", sql]);
+
 const SQLITE_ROWS = 3_000_000;
 
 /** Reader lines that are consistent with the writer's one transaction. */
@@ -822,6 +901,85 @@ const CASES: Case[] = [
         keptConns.delete(r.dir);
       }
       await cli("SHUTDOWN", "NOSAVE").catch(() => ""); // the connection ends with the server
+    },
+    result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
+  },
+  {
+    name: "postgres with a psql session in the middle of a transaction (over TCP)",
+    commands: [`${PG_BIN}/postgres`, `${PG_BIN}/initdb`, "psql", "setpriv"],
+    expect: "restores",
+    knownBroken: "the session commits after restore, but a new connection's backend then reads " +
+      'zero pages from the shared buffer pool ("index pg_statistic_relid_att_inh_index contains ' +
+      'unexpected zero page at block 0", or it spins): shared anonymous memory is dumped from ' +
+      "each holder's page tables (lib/mm/pages.ts), so pages only in the shmem object (faulted " +
+      "by a backend that has exited) are lost; they need finding with mincore/SEEK_DATA on the " +
+      "object (as CRIU's shmem dump does)",
+    dumpFlags: ["--tcp-established"],
+    setup: async (r) => {
+      // postgres runs as its own user: it must reach its directory.
+      await Deno.chmod(r.dir.slice(0, r.dir.lastIndexOf("/")), 0o755);
+      await Deno.writeTextFile(`${r.dir}/port`, String(freePort()));
+      await Deno.mkdir(`${r.dir}/pg`);
+      await runOk("chown", ["postgres:postgres", `${r.dir}/pg`]);
+      const [cmd, ...args] = asPostgres([
+        `${PG_BIN}/initdb`,
+        "-D",
+        `${r.dir}/pg/data`,
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+      ]);
+      await runOk(cmd, args);
+    },
+    argv: (r) => [
+      "setsid",
+      ...asPostgres([
+        `${PG_BIN}/postgres`,
+        "-D",
+        `${r.dir}/pg/data`,
+        "-k",
+        `${r.dir}/pg`,
+        "-p",
+        String(runPort(r)),
+        "-c",
+        "listen_addresses=127.0.0.1",
+      ]),
+    ],
+    midWork: async (r) => {
+      await waitFor(
+        () => psqlC(r, "CREATE TABLE t(x int PRIMARY KEY)").catch(() => undefined),
+        "postgres does not answer",
+        30_000,
+      );
+      const session = new PsqlSession(runPort(r));
+      psqlSessions.set(r.dir, session);
+      await session.send("BEGIN;\n", "BEGIN\n");
+      await session.send("INSERT INTO t SELECT generate_series(1, 1000);\n", "INSERT 0 1000\n");
+      // Not committed: a new connection does not see it yet.
+      await Deno.writeTextFile(
+        `${r.dir}/result.txt`,
+        `before ${await psqlC(r, "SELECT count(*) FROM t")}`,
+      );
+    },
+    finish: async (r, pid) => {
+      const session = psqlSessions.get(r.dir);
+      assert.ok(session, "no psql session");
+      try {
+        await session.send("INSERT INTO t VALUES (1001);\n", "INSERT 0 1\n");
+        await session.send("COMMIT;\n", "COMMIT\n");
+        const code = await session.end();
+        const seen = await psqlC(r, "SELECT count(*), sum(x) FROM t");
+        await Deno.writeTextFile(
+          `${r.dir}/result.txt`,
+          `session:\n${session.output}exit ${code}\nafter ${seen}`,
+          { append: true },
+        );
+      } finally {
+        session.kill();
+        psqlSessions.delete(r.dir);
+      }
+      Deno.kill(pid, "SIGINT"); // a fast shutdown: the postmaster exits 0
     },
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
   },
