@@ -493,6 +493,26 @@ const COMMANDS: Command[] = [
   },
 ];
 
+/** Flags of dump, pre-dump and restore spelled (and meaning) as CRIU's own. */
+const CRIU_FLAGS = new Set([
+  "tree",
+  "images-dir",
+  "leave-running",
+  "shell-job",
+  "verbose",
+  "log-file",
+  "file-locks",
+  "prev-images-dir",
+  "track-mem",
+  "tcp-established",
+  "ghost-limit",
+  "external",
+  "restore-detached",
+  "pidfile",
+  "inherit-fd",
+]);
+const CRIU_COMMANDS = new Set(["dump", "pre-dump", "restore"]);
+
 function commandHelp(cmd: Command): string {
   const lines = [
     `usage: amber ${cmd.name}${cmd.args ? " " + cmd.args : ""} [options]`,
@@ -502,7 +522,14 @@ function commandHelp(cmd: Command): string {
   if (cmd.flags.length) lines.push("", "options:");
   for (const f of cmd.flags) {
     const names = `${f.short ? `-${f.short}, ` : "    "}--${f.long}${f.value ? " " + f.value : ""}`;
-    lines.push(`  ${names.padEnd(28)} ${f.help}`);
+    const criu = CRIU_COMMANDS.has(cmd.name) && CRIU_FLAGS.has(f.long) ? " (CRIU's)" : "";
+    lines.push(`  ${names.padEnd(28)} ${f.help}${criu}`);
+  }
+  if (CRIU_COMMANDS.has(cmd.name)) {
+    lines.push(
+      "",
+      "(CRIU's): spelled and meaning as in `criu " + cmd.name + "`; docs/COMMANDS.md compares.",
+    );
   }
   lines.push("", "exit codes: 0 success, 1 failure, 2 usage error");
   return lines.join("\n");

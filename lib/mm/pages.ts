@@ -115,19 +115,23 @@ export function readPagemap(file: Deno.FsFile, start: bigint, end: bigint): Uint
  * MADV_DONTNEED) is still the memory's. The first holder stores them all;
  * the later ones map the same object again at restore.
  */
-function sharedMemoryRuns(pid: number, m: MappingImage): PageRun[] {
+function sharedMemoryRuns(pid: number, m: MappingImage): PageRun[] | undefined {
   if (m.sharedWith !== undefined) return [];
   const path = `/proc/${pid}/map_files/${m.start.toString(16)}-${m.end.toString(16)}`;
   const from = Number(m.offset), len = Number(m.end - m.start);
-  return withContext(
-    `${mappingLabel(m)}: shared memory`,
-    () =>
-      dataRanges(path, from, from + len).map(([a, b]) => {
-        const start = Math.floor(a / PAGE_SIZE) * PAGE_SIZE;
-        const end = Math.ceil(b / PAGE_SIZE) * PAGE_SIZE;
-        return { addr: m.start + BigInt(start - from), pages: (end - start) / PAGE_SIZE };
-      }),
-  );
+  let ranges: [number, number][];
+  try {
+    ranges = dataRanges(path, from, from + len);
+  } catch {
+    // Not a shmem object (an io_uring ring, which the mappings part
+    // refuses): what the process has mapped, as for other memory.
+    return undefined;
+  }
+  return ranges.map(([a, b]) => {
+    const start = Math.floor(a / PAGE_SIZE) * PAGE_SIZE;
+    const end = Math.ceil(b / PAGE_SIZE) * PAGE_SIZE;
+    return { addr: m.start + BigInt(start - from), pages: (end - start) / PAGE_SIZE };
+  });
 }
 
 /** The runs of pages to store for each mapping, in address order. */
@@ -136,8 +140,9 @@ export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
   using pm = Deno.openSync(`/proc/${pid}/pagemap`, { read: true });
   for (const m of mappings) {
     if (!receivesPages(m)) continue;
-    if (m.kind === "shmem" && m.shared) {
-      runs.push(...sharedMemoryRuns(pid, m));
+    const shared = m.kind === "shmem" && m.shared ? sharedMemoryRuns(pid, m) : undefined;
+    if (shared) {
+      runs.push(...shared);
       continue;
     }
     const entries = withContext(
