@@ -25,9 +25,10 @@ import {
 } from "./_util.ts";
 
 /**
- * A parent and its child over three socketpairs: a stream ping-pong that
+ * A parent and its child over four socketpairs: a stream ping-pong that
  * writes a counter; a seqpacket pair holding three unread messages; a
- * stream pair with unread bytes and the writer's end shut down. On
+ * stream pair with unread bytes and the writer's end shut down; a datagram
+ * pair holding two unread datagrams. On
  * SIGUSR1 the child reads what was left waiting and writes it out.
  */
 const PAIRS_PY = `import os, signal, socket, sys, time
@@ -38,8 +39,9 @@ def log(s):
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 qa, qb = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 ea, eb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 if os.fork() == 0:
-    a.close(); qa.close(); ea.close()
+    a.close(); qa.close(); ea.close(); da.close()
     go = []
     signal.signal(signal.SIGUSR1, lambda s, f: go.append(1))
     while True:
@@ -56,12 +58,15 @@ if os.fork() == 0:
                 if not d:
                     break
                 rest += d
-            log("queued " + "|".join(msgs) + " eof " + rest.decode())
-b.close(); qb.close(); eb.close()
+            grams = [db.recv(100).decode() for _ in range(2)]
+            log("queued " + "|".join(msgs) + " eof " + rest.decode() + " dgram " + "|".join(grams))
+b.close(); qb.close(); eb.close(); db.close()
 for m in (b"one", b"two", b"three"):
     qa.send(m)
 ea.sendall(b"tail")
 ea.shutdown(socket.SHUT_WR)
+da.send(b"gram1")
+da.send(b"gram2")
 n = 0
 while True:
     a.sendall(b"%d" % n)
@@ -89,7 +94,11 @@ Deno.test("socketpairs between parent and child: queued data, boundaries, shutdo
     await waitForLine(out, (l) => l.some((x) => x.startsWith("queued")));
     const { numbers, other } = await readCounterLines(out);
     assertConsecutive(numbers, "the ping-pong counter");
-    assert.deepEqual(other, ["queued one|two|three eof tail"], "what waited in the queues");
+    assert.deepEqual(
+      other,
+      ["queued one|two|three eof tail dgram gram1|gram2"],
+      "what waited in the queues",
+    );
   } finally {
     for (const p of pids.reverse()) await killAndReap(p);
   }
