@@ -104,8 +104,6 @@ const CAP_CHECKPOINT_RESTORE = 40;
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP_SIZE = 15;
 const PRCTL_MM_MAP_SIZE = 104;
-const NR_USERFAULTFD = 323;
-const NR_KCMP = 312;
 const KCMP_VM = 1;
 const O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000;
@@ -193,10 +191,6 @@ function mmMapProbe(): string {
   return `struct prctl_mm_map ${size[0]} bytes`;
 }
 
-const NR_IOCTL = 16;
-const NR_OPEN = 2;
-const NR_SOCKET = 41;
-const NR_SETSOCKOPT = 54;
 /** _IOWR(0xAA, 0x3F, struct uffdio_api): 24 bytes. */
 const UFFDIO_API = 0xc018aa3fn;
 const UFFD_API = 0xaan;
@@ -218,10 +212,10 @@ function withFd<T>(fd: bigint, fn: (fd: bigint) => T): T {
 
 /** UFFDIO_API with no features asked for reports those the kernel has. */
 function uffdWpAsyncProbe(): string {
-  const fd = rawSyscall("userfaultfd", NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+  const fd = rawSyscall("userfaultfd", NR.userfaultfd, O_CLOEXEC | O_NONBLOCK);
   return withFd(fd, () => {
     const api = new BigUint64Array([UFFD_API, 0n, 0n]);
-    rawSyscall("ioctl(UFFDIO_API)", NR_IOCTL, fd, UFFDIO_API, addressOf(api));
+    rawSyscall("ioctl(UFFDIO_API)", NR.ioctl, fd, UFFDIO_API, addressOf(api));
     if (!(api[1] & UFFD_FEATURE_WP_ASYNC)) {
       throw new Error(`features 0x${api[1].toString(16)}: no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)`);
     }
@@ -235,12 +229,12 @@ function uffdWpAsyncProbe(): string {
  */
 function pagemapScanProbe(): string {
   const path = new TextEncoder().encode("/proc/self/pagemap\0");
-  const fd = rawSyscall("open(/proc/self/pagemap)", NR_OPEN, addressOf(path), O_CLOEXEC);
+  const fd = rawSyscall("open(/proc/self/pagemap)", NR.open, addressOf(path), O_CLOEXEC);
   return withFd(fd, () => {
     const arg = new BigUint64Array(12);
     arg[0] = 96n; // size
     try {
-      rawSyscall("ioctl(PAGEMAP_SCAN)", NR_IOCTL, fd, PAGEMAP_SCAN, addressOf(arg));
+      rawSyscall("ioctl(PAGEMAP_SCAN)", NR.ioctl, fd, PAGEMAP_SCAN, addressOf(arg));
     } catch (e) {
       if (errnoOf(e) === "ENOTTY") throw new Error("no PAGEMAP_SCAN ioctl (Linux 6.7+)");
       if (errnoOf(e) !== "EINVAL") throw e;
@@ -250,12 +244,12 @@ function pagemapScanProbe(): string {
 }
 
 function tcpRepairProbe(): string {
-  const fd = rawSyscall("socket(AF_INET, SOCK_STREAM)", NR_SOCKET, AF_INET, SOCK_STREAM, 0);
+  const fd = rawSyscall("socket(AF_INET, SOCK_STREAM)", NR.socket, AF_INET, SOCK_STREAM, 0);
   return withFd(fd, () => {
     const one = new Int32Array([1]);
     rawSyscall(
       "setsockopt(TCP_REPAIR)",
-      NR_SETSOCKOPT,
+      NR.setsockopt,
       fd,
       IPPROTO_TCP,
       TCP_REPAIR,
@@ -274,12 +268,12 @@ function userfaultfdProbe(): string {
   let fd: bigint;
   let note = "";
   try {
-    fd = rawSyscall("userfaultfd", NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+    fd = rawSyscall("userfaultfd", NR.userfaultfd, O_CLOEXEC | O_NONBLOCK);
   } catch (e) {
     if (errnoOf(e) !== "EPERM") throw e;
     // vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE: user-mode only works.
     try {
-      fd = rawSyscall("userfaultfd", NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+      fd = rawSyscall("userfaultfd", NR.userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
       note = " (user-mode faults only)";
     } catch (e2) {
       if (errnoOf(e2) === "EPERM") return "exists, but EPERM for this user";
@@ -291,7 +285,7 @@ function userfaultfdProbe(): string {
 }
 
 function kcmpProbe(): string {
-  const r = rawSyscall("kcmp", NR_KCMP, Deno.pid, Deno.pid, KCMP_VM, 0, 0);
+  const r = rawSyscall("kcmp", NR.kcmp, Deno.pid, Deno.pid, KCMP_VM, 0, 0);
   if (r !== 0n) throw new Error(`kcmp(self, self, KCMP_VM) returned ${r}, expected 0`);
   return "available";
 }

@@ -7,13 +7,13 @@
  * (closed, or another process's number on a shared instance) is refused.
  */
 import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
 import { AmberError } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { putBytes } from "../scratch.ts";
 import { defineFdKind, O_CLOEXEC } from "./kind.ts";
 
-const NR_EPOLL_CREATE1 = 291, NR_EPOLL_CTL = 233;
 const EPOLL_CTL_ADD = 1;
 
 const LINE =
@@ -61,7 +61,7 @@ export const epollFd = defineFdKind({
     }
   },
   restore(ctx) {
-    return Number(ctx.injector.call("epoll_create1", NR_EPOLL_CREATE1, O_CLOEXEC));
+    return Number(ctx.injector.call("epoll_create1", NR.epoll_create1, O_CLOEXEC));
   },
   afterAll(ctx, e) {
     for (const w of e.watches) {
@@ -70,7 +70,7 @@ export const epollFd = defineFdKind({
       ev.setUint32(0, w.events >>> 0, true);
       ev.setBigUint64(4, w.data, true);
       const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(ev.buffer));
-      ctx.injector.call(`epoll_ctl(ADD fd ${w.fd})`, NR_EPOLL_CTL, e.fd, EPOLL_CTL_ADD, w.fd, at);
+      ctx.injector.call(`epoll_ctl(ADD fd ${w.fd})`, NR.epoll_ctl, e.fd, EPOLL_CTL_ADD, w.fd, at);
     }
   },
 });

@@ -11,7 +11,6 @@ import { readProcText } from "../proc/read.ts";
 import { putBytes, u64Bytes } from "../scratch.ts";
 import { defineFdKind, O_CLOEXEC } from "./kind.ts";
 
-const NR_EVENTFD2 = 290;
 const EFD_SEMAPHORE = 1, O_NONBLOCK = 0o4000;
 
 function field(info: string, name: string): string | undefined {
@@ -48,7 +47,7 @@ export const eventFd = defineFdKind({
   restore(ctx, e) {
     const inj = ctx.injector;
     const flags = (e.flags & O_NONBLOCK) | O_CLOEXEC | (e.semaphore ? EFD_SEMAPHORE : 0);
-    const fd = Number(inj.call("eventfd2", NR_EVENTFD2, 0, flags));
+    const fd = Number(inj.call("eventfd2", NR.eventfd2, 0, flags));
     if (e.count) {
       inj.call("write count", NR.write, fd, putBytes(ctx.pid, ctx.scratch, u64Bytes([e.count])), 8);
     }

@@ -161,7 +161,7 @@ function createGhost(
   const inj = ctx.injector;
   if (g.memfd) {
     const name = putString(ctx.pid, ctx.scratch, g.memfd.name);
-    return { fd: Number(inj.call("memfd_create", NR_MEMFD_CREATE, name, MFD_CLOEXEC_SEALING)) };
+    return { fd: Number(inj.call("memfd_create", NR.memfd_create, name, MFD_CLOEXEC_SEALING)) };
   }
   const orig = originalPath(path);
   const mode = O_RDWR | O_CLOEXEC;
@@ -193,11 +193,11 @@ export function restoreGhost(ctx: RestoreContext, g: GhostImage, path: string): 
     fillGhost(ctx, g, fd);
   } finally {
     if (named) {
-      inj.call(`unlink ${named}`, NR_UNLINKAT, AT_FDCWD, putString(ctx.pid, ctx.scratch, named), 0);
+      inj.call(`unlink ${named}`, NR.unlinkat, AT_FDCWD, putString(ctx.pid, ctx.scratch, named), 0);
     }
   }
-  inj.call("fchmod", NR_FCHMOD, fd, g.mode);
-  inj.call("fchown", NR_FCHOWN, fd, g.uid, g.gid);
+  inj.call("fchmod", NR.fchmod, fd, g.mode);
+  inj.call("fchown", NR.fchown, fd, g.uid, g.gid);
   // Last: a write seal would stop the fill. (F_SEAL_SEAL alone: made without MFD_ALLOW_SEALING.)
   if (g.memfd?.seals) inj.call("fcntl(F_ADD_SEALS)", NR.fcntl, fd, F_ADD_SEALS, g.memfd.seals);
   return fd;
@@ -220,7 +220,6 @@ function fillGhost(ctx: RestoreContext, g: GhostImage, fd: number): void {
   }
 }
 
-const NR_FCHMOD = 91, NR_FCHOWN = 93, NR_UNLINKAT = 263, NR_MEMFD_CREATE = 319;
 const MEMFD = "/memfd:";
 /** MFD_CLOEXEC | MFD_ALLOW_SEALING: seals are added as the image says. */
 const MFD_CLOEXEC_SEALING = 3;

@@ -14,8 +14,6 @@ import { readProcText } from "../proc/read.ts";
 import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 
-const NR_IOCTL = 16, NR_INOTIFY_INIT1 = 294, NR_INOTIFY_ADD_WATCH = 254;
-const NR_INOTIFY_RM_WATCH = 255, NR_OPEN_BY_HANDLE_AT = 304;
 const O_NONBLOCK = 0o4000, O_PATH = 0o10000000, O_DIRECTORY = 0o200000;
 const F_GETFL = 3, F_SETFL = 4;
 const FIONREAD = 0x541b;
@@ -63,7 +61,7 @@ function handlePath(p: FdProbe, m: RegExpExecArray): string {
     new Uint8Array(fh.buffer).set(handle, 8);
     const at = putBytes(p.pid, scratch, new Uint8Array(fh.buffer));
     const hfd = Number(
-      inj.call("open_by_handle_at", NR_OPEN_BY_HANDLE_AT, mfd, at, O_PATH | O_CLOEXEC),
+      inj.call("open_by_handle_at", NR.open_by_handle_at, mfd, at, O_PATH | O_CLOEXEC),
     );
     try {
       return Deno.readLinkSync(`/proc/${p.pid}/fd/${hfd}`);
@@ -79,7 +77,7 @@ function handlePath(p: FdProbe, m: RegExpExecArray): string {
 function queued(p: FdProbe): number {
   const { injector: inj, scratch } = p.inject!;
   const at = putBytes(p.pid, scratch, new Uint8Array(4));
-  inj.call("ioctl(FIONREAD)", NR_IOCTL, p.fd, FIONREAD, at);
+  inj.call("ioctl(FIONREAD)", NR.ioctl, p.fd, FIONREAD, at);
   return new DataView(getBytes(p.pid, scratch, 4).slice().buffer).getInt32(0, true);
 }
 
@@ -125,16 +123,16 @@ export const inotifyFd = defineFdKind({
   },
   restore(ctx, e) {
     const inj = ctx.injector;
-    const fd = Number(inj.call("inotify_init1", NR_INOTIFY_INIT1, O_CLOEXEC | O_NONBLOCK));
+    const fd = Number(inj.call("inotify_init1", NR.inotify_init1, O_CLOEXEC | O_NONBLOCK));
     for (const w of e.watches) {
       withContext(`inotify watch ${w.wd} ${w.path}`, () => {
         const at = putString(ctx.pid, ctx.scratch, w.path);
         // wds are handed out in increasing order: skip up to the wanted one.
         for (;;) {
-          const wd = Number(inj.call("inotify_add_watch", NR_INOTIFY_ADD_WATCH, fd, at, w.mask));
+          const wd = Number(inj.call("inotify_add_watch", NR.inotify_add_watch, fd, at, w.mask));
           if (wd === w.wd) break;
           if (wd > w.wd) throw new AmberError(`the kernel gave wd ${wd}`);
-          inj.call("inotify_rm_watch", NR_INOTIFY_RM_WATCH, fd, wd);
+          inj.call("inotify_rm_watch", NR.inotify_rm_watch, fd, wd);
         }
       });
     }

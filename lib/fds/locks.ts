@@ -19,7 +19,6 @@ import { putBytes } from "../scratch.ts";
 const F_SETLK = 6, F_OFD_SETLK = 37;
 const F_RDLCK = 0, F_WRLCK = 1;
 const LOCK_SH = 1, LOCK_EX = 2, LOCK_NB = 4;
-const NR_FLOCK = 73;
 const EAGAIN = 11, EACCES = 13;
 const O_ACCMODE = 3, O_RDONLY = 0, O_WRONLY = 1;
 
@@ -106,7 +105,7 @@ function dumpLocks(pid: number): z.input<typeof Lock>[] {
 function takeLock(ctx: RestoreContext, l: LockImage): void {
   const inj = ctx.injector;
   if (l.kind === "flock") {
-    inj.call("flock", NR_FLOCK, l.fd, (l.type === "write" ? LOCK_EX : LOCK_SH) | LOCK_NB);
+    inj.call("flock", NR.flock, l.fd, (l.type === "write" ? LOCK_EX : LOCK_SH) | LOCK_NB);
     return;
   }
   // struct flock: l_type, l_whence (shorts), l_start, l_len (off_t), l_pid.

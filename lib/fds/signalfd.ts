@@ -1,12 +1,12 @@
 /** signalfd: its signal mask (fdinfo sigmask), restored by signalfd4. */
 import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
 import { AmberError } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { putBytes, u64Bytes } from "../scratch.ts";
 import { defineFdKind, O_CLOEXEC } from "./kind.ts";
 
-const NR_SIGNALFD4 = 289;
 const O_NONBLOCK = 0o4000;
 
 export const signalFd = defineFdKind({
@@ -26,6 +26,6 @@ export const signalFd = defineFdKind({
   restore(ctx, e) {
     const at = putBytes(ctx.pid, ctx.scratch, u64Bytes([e.mask]));
     const flags = (e.flags & O_NONBLOCK) | O_CLOEXEC;
-    return Number(ctx.injector.call("signalfd4", NR_SIGNALFD4, -1, at, 8, flags));
+    return Number(ctx.injector.call("signalfd4", NR.signalfd4, -1, at, 8, flags));
   },
 });

@@ -5,13 +5,13 @@
  * the unread expirations are put back with TFD_IOC_SET_TICKS.
  */
 import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
 import { AmberError } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { readProcText } from "../proc/read.ts";
 import { getBytes, putBytes, u64Bytes } from "../scratch.ts";
 import { defineFdKind, O_CLOEXEC } from "./kind.ts";
 
-const NR_IOCTL = 16, NR_TIMERFD_CREATE = 283, NR_TIMERFD_SETTIME = 286, NR_CLOCK_GETTIME = 228;
 const O_NONBLOCK = 0o4000;
 const TFD_TIMER_ABSTIME = 1;
 /** _IOW('T', 0, u64) */
@@ -62,7 +62,7 @@ export const timerFd = defineFdKind({
   restore(ctx, e) {
     const inj = ctx.injector;
     const flags = (e.flags & O_NONBLOCK) | O_CLOEXEC;
-    const fd = Number(inj.call("timerfd_create", NR_TIMERFD_CREATE, e.clockid, flags));
+    const fd = Number(inj.call("timerfd_create", NR.timerfd_create, e.clockid, flags));
     let { sec, nsec } = e.value;
     // A periodic timer that expired and was not read yet shows no time
     // left (the kernel re-arms it on read): it goes on one interval from now.
@@ -71,7 +71,7 @@ export const timerFd = defineFdKind({
     if (sec || nsec) {
       if (e.settimeFlags & TFD_TIMER_ABSTIME) {
         const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(16));
-        inj.call("clock_gettime", NR_CLOCK_GETTIME, e.clockid, at);
+        inj.call("clock_gettime", NR.clock_gettime, e.clockid, at);
         const [nowSec, nowNsec] = new BigUint64Array(
           getBytes(ctx.pid, ctx.scratch, 16).slice().buffer,
         );
@@ -81,11 +81,11 @@ export const timerFd = defineFdKind({
       }
       const spec = u64Bytes([e.interval.sec, e.interval.nsec, sec, nsec]);
       const at = putBytes(ctx.pid, ctx.scratch, spec);
-      inj.call("timerfd_settime", NR_TIMERFD_SETTIME, fd, e.settimeFlags, at, 0);
+      inj.call("timerfd_settime", NR.timerfd_settime, fd, e.settimeFlags, at, 0);
     }
     if (e.ticks) {
       const at = putBytes(ctx.pid, ctx.scratch, u64Bytes([e.ticks]));
-      inj.call("ioctl(TFD_IOC_SET_TICKS)", NR_IOCTL, fd, TFD_IOC_SET_TICKS, at);
+      inj.call("ioctl(TFD_IOC_SET_TICKS)", NR.ioctl, fd, TFD_IOC_SET_TICKS, at);
     }
     return fd;
   },

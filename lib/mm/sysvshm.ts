@@ -8,11 +8,11 @@
  * once attached. Later holders map the first holder's attachment.
  */
 import { z } from "zod";
+import { NR } from "../../ffi/inject.ts";
 import type { RestoreContext } from "../context.ts";
 import { AmberError } from "../errors.ts";
 import { putBytes } from "../scratch.ts";
 
-const NR_SHMGET = 29, NR_SHMAT = 30, NR_SHMCTL = 31;
 const IPC_CREAT = 0o1000, IPC_EXCL = 0o2000, IPC_RMID = 0, IPC_SET = 1;
 const SHM_DEST = 0o1000;
 const NEXT_ID = "/proc/sys/kernel/shm_next_id";
@@ -68,16 +68,16 @@ function recreate(ctx: RestoreContext, s: SysvShmImage): void {
   // The next segment created gets this id; the kernel forgets it once used.
   Deno.writeTextFileSync(NEXT_ID, `${s.id}\n`);
   const key = s.removed ? 0 : s.key; // a removed segment's key is IPC_PRIVATE
-  const r = inj.raw(NR_SHMGET, key, s.size, IPC_CREAT | IPC_EXCL | s.mode);
+  const r = inj.raw(NR.shmget, key, s.size, IPC_CREAT | IPC_EXCL | s.mode);
   if (r < 0n) {
     // Use up the id asked for, so that nobody else's next segment gets it.
-    const spare = inj.raw(NR_SHMGET, 0, 4096, IPC_CREAT | 0o600);
-    if (spare >= 0n) inj.raw(NR_SHMCTL, spare, IPC_RMID, 0);
+    const spare = inj.raw(NR.shmget, 0, 4096, IPC_CREAT | 0o600);
+    if (spare >= 0n) inj.raw(NR.shmctl, spare, IPC_RMID, 0);
     throw new AmberError(`shmget(key ${key}, ${s.size} bytes): errno ${-r}`);
   }
   const id = Number(r);
   if (id !== s.id) {
-    inj.raw(NR_SHMCTL, id, IPC_RMID, 0);
+    inj.raw(NR.shmctl, id, IPC_RMID, 0);
     throw new AmberError(`shmget made segment ${id}, wanted ${s.id}`);
   }
   // struct ipc64_perm at the start of struct shmid64_ds: uid, gid at 4, 8; mode at 20.
@@ -86,7 +86,7 @@ function recreate(ctx: RestoreContext, s: SysvShmImage): void {
   ds.setUint32(8, s.gid, true);
   ds.setUint16(20, s.mode, true);
   const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(ds.buffer));
-  inj.call("shmctl(IPC_SET)", NR_SHMCTL, id, IPC_SET, at);
+  inj.call("shmctl(IPC_SET)", NR.shmctl, id, IPC_SET, at);
 }
 
 /** Why segment `s` cannot be attached again now, if it cannot. */
@@ -109,14 +109,14 @@ export function attachSysvShm(ctx: RestoreContext, s: SysvShmImage, addr: bigint
   if (why) throw new AmberError(why);
   if (!exists) recreate(ctx, s);
   try {
-    const got = inj.call(`shmat ${s.id}`, NR_SHMAT, s.id, addr, 0);
+    const got = inj.call(`shmat ${s.id}`, NR.shmat, s.id, addr, 0);
     if (BigInt.asUintN(64, got) !== addr) {
       throw new AmberError(`shmat landed at ${got.toString(16)}`);
     }
   } catch (e) {
     // A segment made here and not attached would outlive the failed restore.
-    if (!exists) inj.raw(NR_SHMCTL, s.id, IPC_RMID, 0);
+    if (!exists) inj.raw(NR.shmctl, s.id, IPC_RMID, 0);
     throw e;
   }
-  if (!exists && s.removed) inj.call("shmctl(IPC_RMID)", NR_SHMCTL, s.id, IPC_RMID, 0);
+  if (!exists && s.removed) inj.call("shmctl(IPC_RMID)", NR.shmctl, s.id, IPC_RMID, 0);
 }

@@ -46,7 +46,7 @@ const MADVISE: Record<string, number> = {
 };
 /** lo: mlock; lf: mlock2(MLOCK_ONFAULT); sl: mseal. */
 const OTHER = new Set(["lo", "lf", "sl"]);
-const NR_MLOCK2 = 325, MLOCK_ONFAULT = 1, NR_MSEAL = 462;
+const MLOCK_ONFAULT = 1;
 const NAMES: Record<string, string> = {
   um: "userfaultfd (missing) registration",
   uw: "userfaultfd (write-protect) registration",
@@ -99,8 +99,8 @@ function applyFlags(inj: Injector, m: Entry): void {
     if (MADVISE[f] !== undefined) inj.call(`madvise(${f})`, NR.madvise, m.start, len, MADVISE[f]);
   }
   if (m.flags.includes("lo")) {
-    inj.call("mlock2", NR_MLOCK2, m.start, len, m.flags.includes("lf") ? MLOCK_ONFAULT : 0);
+    inj.call("mlock2", NR.mlock2, m.start, len, m.flags.includes("lf") ? MLOCK_ONFAULT : 0);
   }
   // Last: a sealed mapping refuses any further change.
-  if (m.flags.includes("sl")) inj.call("mseal", NR_MSEAL, m.start, len, 0);
+  if (m.flags.includes("sl")) inj.call("mseal", NR.mseal, m.start, len, 0);
 }

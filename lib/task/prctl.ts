@@ -15,9 +15,6 @@ import { pidNumber, u64 } from "../images/codec.ts";
 import { readStat } from "../proc/stat.ts";
 import { getBytes } from "../scratch.ts";
 
-const NR_PERSONALITY = 135;
-const NR_MEMBARRIER = 324;
-const NR_GET_MEMPOLICY = 239;
 const MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9;
 /** REGISTER_GLOBAL_EXPEDITED, _PRIVATE_EXPEDITED, _SYNC_CORE, _RSEQ. */
 const MEMBARRIER_REGISTER_CMDS = [1 << 2, 1 << 4, 1 << 6, 1 << 8];
@@ -107,8 +104,8 @@ const ATTRS: Attr[] = [
   {
     name: "personality",
     scope: "thread",
-    get: (t) => t.inj.call("personality", NR_PERSONALITY, 0xffffffff),
-    set: (t, v) => void t.inj.call("personality", NR_PERSONALITY, v),
+    get: (t) => t.inj.call("personality", NR.personality, 0xffffffff),
+    set: (t, v) => void t.inj.call("personality", NR.personality, v),
   },
   pointed("TSC mode", "thread", 25, 26),
   {
@@ -122,7 +119,7 @@ const ATTRS: Attr[] = [
     name: "NUMA memory policy",
     scope: "thread",
     get(t) {
-      t.inj.call("get_mempolicy", NR_GET_MEMPOLICY, t.scratch.addr, 0, 0, 0, 0);
+      t.inj.call("get_mempolicy", NR.get_mempolicy, t.scratch.addr, 0, 0, 0, 0);
       const b = getBytes(t.pid, t.scratch, 4);
       return BigInt(new DataView(b.buffer, b.byteOffset).getInt32(0, true));
     },
@@ -149,7 +146,7 @@ const ATTRS: Attr[] = [
     scope: "process",
     get(t) {
       // Kernels before 6.3 cannot tell (EINVAL): nothing to compare then.
-      const r = t.inj.raw(NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
+      const r = t.inj.raw(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
       if (r === EINVAL) return undefined;
       if (r < 0n) throw new AmberError(`membarrier(GET_REGISTRATIONS): errno ${-r}`);
       return r;
@@ -157,7 +154,7 @@ const ATTRS: Attr[] = [
     set(t, v) {
       for (const cmd of MEMBARRIER_REGISTER_CMDS) {
         if (v & BigInt(cmd)) {
-          t.inj.call(`membarrier(register 0x${cmd.toString(16)})`, NR_MEMBARRIER, cmd, 0, 0);
+          t.inj.call(`membarrier(register 0x${cmd.toString(16)})`, NR.membarrier, cmd, 0, 0);
         }
       }
     },

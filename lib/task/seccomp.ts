@@ -18,7 +18,6 @@ import { getBytes, putBytes, u64Bytes } from "../scratch.ts";
 import type { ThreadImage } from "./threads.ts";
 
 const MODES = ["disabled", "strict", "filter"];
-const NR_SECCOMP = 317;
 const PR_SET_SECCOMP = 22;
 const SECCOMP_MODE_STRICT = 1, SECCOMP_SET_MODE_FILTER = 1;
 const FLAG = { TSYNC: 1, LOG: 2, SPEC_ALLOW: 4 } as const;
@@ -101,7 +100,7 @@ function installFilters(ctx: RestoreContext, inj: Injector, t: ThreadSeccomp): v
         putBytes(ctx.pid, room, u64Bytes([f.code.length / 8, code]));
         // The speculation controls are already restored: the filter must not change them.
         const flags = f.flags | tsync | FLAG.SPEC_ALLOW;
-        const r = inj.call("seccomp", NR_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, room.addr);
+        const r = inj.call("seccomp", NR.seccomp, SECCOMP_SET_MODE_FILTER, flags, room.addr);
         if (r > 0n) throw new AmberError(`TSYNC: thread ${r} could not take the filter`);
       } finally {
         putBytes(ctx.pid, room, saved);

@@ -112,7 +112,6 @@ function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeo
   }));
 }
 
-const NR_RESTART_SYSCALL = 219n, NR_FUTEX = 202n, NR_POLL = 7n;
 /** Clocks a relative clock_nanosleep restarts on (CPU clocks are negative). */
 const SLEEP_CLOCKS = [0n, 1n, 7n, 8n, 9n, 11n];
 
@@ -158,19 +157,19 @@ function u32At(tid: number, addr: bigint): bigint | undefined {
  * even poll does not fit (refused).
  */
 function restartedCall(tid: number, regs: Regs): number | undefined {
-  if (regs.signed("orig_rax") !== NR_RESTART_SYSCALL) return undefined;
+  if (regs.signed("orig_rax") !== BigInt(NR.restart_syscall)) return undefined;
   if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
   const [rdi, rsi, rdx, r10] = (["rdi", "rsi", "rdx", "r10"] as const).map((r) => regs.get(r));
   if (rsi === 0n && isSleepClock(rdi) && validTimespec(tid, rdx)) {
-    return Number(NR_CLOCK_NANOSLEEP);
+    return NR.clock_nanosleep;
   }
   const op = rsi & ~(128n | 256n); // FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
   if (
     (op === 0n || op === 9n) && rdi % 4n === 0n && validTimespec(tid, r10) &&
     u32At(tid, rdi) === (rdx & 0xffffffffn)
-  ) return Number(NR_FUTEX);
-  if (validTimespec(tid, rdi) && (rsi === 0n || rsi >= 0x1000n)) return Number(NR_NANOSLEEP);
-  if (rsi <= 1n << 20n && (rsi === 0n || rdi >= 0x1000n)) return Number(NR_POLL);
+  ) return NR.futex;
+  if (validTimespec(tid, rdi) && (rsi === 0n || rsi >= 0x1000n)) return NR.nanosleep;
+  if (rsi <= 1n << 20n && (rsi === 0n || rdi >= 0x1000n)) return NR.poll;
   return undefined;
 }
 
@@ -211,14 +210,16 @@ export function resumeRegs(img: ThreadImage): Regs {
 /** The call a thread was frozen in; for restart_syscall, the call it restarts. */
 function syscallOf(img: ThreadImage): bigint {
   const nr = new Regs(img.regs).signed("orig_rax");
-  return nr === NR_RESTART_SYSCALL && img.restartOf !== undefined ? BigInt(img.restartOf) : nr;
+  return nr === BigInt(NR.restart_syscall) && img.restartOf !== undefined
+    ? BigInt(img.restartOf)
+    : nr;
 }
 
 /** Why a thread's frozen call cannot be resumed, if it cannot. */
 function unresumable(img: ThreadImage): string | undefined {
   const regs = new Regs(img.regs);
   if (
-    regs.signed("orig_rax") === NR_RESTART_SYSCALL &&
+    regs.signed("orig_rax") === BigInt(NR.restart_syscall) &&
     regs.signed("rax") === ERESTART_RESTARTBLOCK &&
     img.restartOf === undefined
   ) {
@@ -226,7 +227,6 @@ function unresumable(img: ThreadImage): string | undefined {
   }
 }
 
-const NR_NANOSLEEP = 35n, NR_CLOCK_NANOSLEEP = 230n;
 /** Clocks whose sleeps run on while the process is only images. */
 const WALL_CLOCKS = [0n, 1n, 7n]; // REALTIME, MONOTONIC, BOOTTIME
 
@@ -244,10 +244,10 @@ function resumableSleep(
   nr: bigint,
 ): { req: "rdi" | "rdx"; rem: bigint; wall: boolean } | undefined {
   if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
-  if (nr === NR_NANOSLEEP && regs.get("rsi")) {
+  if (nr === BigInt(NR.nanosleep) && regs.get("rsi")) {
     return { req: "rdi", rem: regs.get("rsi"), wall: true };
   }
-  if (nr === NR_CLOCK_NANOSLEEP && regs.get("rsi") === 0n && regs.get("r10")) {
+  if (nr === BigInt(NR.clock_nanosleep) && regs.get("rsi") === 0n && regs.get("r10")) {
     return { req: "rdx", rem: regs.get("r10"), wall: WALL_CLOCKS.includes(regs.get("rdi")) };
   }
   return undefined;
