@@ -1,8 +1,8 @@
 /**
- * The fast paths of dump stay correct: only the signals a process handles
- * or ignores (and SIGCHLD, whose flags act even at SIG_DFL) are asked for
- * their action, and an injecting dump killed outright leaves its target
- * running on, its interrupted sleep restarted, not failed.
+ * The fast paths of dump stay correct: every signal action comes back,
+ * also the flags and mask kept with a SIG_DFL one (SIGCHLD's act, others'
+ * can be read back), and an injecting dump killed outright leaves its
+ * target running on, its interrupted sleep restarted, not failed.
  */
 import assert from "node:assert/strict";
 import {
@@ -20,8 +20,8 @@ import {
 } from "./_util.ts";
 
 /**
- * argv: OUT GO. SIGCHLD at SIG_DFL with SA_NOCLDSTOP|SA_NOCLDWAIT, SIGUSR1
- * handled, SIGPIPE ignored, two resource limits changed. Sleeps with a relative nanosleep (a frozen one
+ * argv: OUT GO. SIGCHLD at SIG_DFL with SA_NOCLDSTOP|SA_NOCLDWAIT, SIGUSR2
+ * at SIG_DFL with SA_RESTART and a mask, SIGUSR1 handled, SIGPIPE ignored, two resource limits changed. Sleeps with a relative nanosleep (a frozen one
  * restarts through restart_syscall), checking its result: a line per
  * tick. Once GO exists it reads the actions back: "PASS" or "FAIL ...".
  */
@@ -41,6 +41,9 @@ def line(s):
 sa = SA(None, (ctypes.c_ulong * 16)(), 1 | 2, None)
 if libc.sigaction(signal.SIGCHLD, ctypes.byref(sa), None):
     sys.exit(3)
+usr2 = SA(None, (ctypes.c_ulong * 16)(1 << 14), 0x10000000, None)
+if libc.sigaction(signal.SIGUSR2, ctypes.byref(usr2), None):
+    sys.exit(3)
 signal.signal(signal.SIGUSR1, lambda s, f: None)
 signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 n = 0
@@ -55,6 +58,8 @@ libc.sigaction(signal.SIGCHLD, None, ctypes.byref(old))
 ok = (old.flags & 3) == 3 and not old.handler
 ok = ok and signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
 ok = ok and callable(signal.getsignal(signal.SIGUSR1))
+libc.sigaction(signal.SIGUSR2, None, ctypes.byref(old))
+ok = ok and old.flags & 0x10000000 and old.mask[0] == 1 << 14 and not old.handler
 line("PASS" if ok else "FAIL SIGCHLD flags 0x%x handler %s" % (old.flags, old.handler))
 `;
 

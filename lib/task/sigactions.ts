@@ -13,8 +13,6 @@ import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
 
 const SIGKILL = 9;
 const SIGSTOP = 19;
-/** SA_NOCLDSTOP and SA_NOCLDWAIT act even with SIG_DFL. */
-const SIGCHLD = 17;
 /** struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each). */
 const KSIGACTION_SIZE = 32;
 
@@ -39,12 +37,11 @@ export const sigactionsPart = definePart({
   schema: z.object({ actions: z.array(Sigaction) }),
   dump({ pid, injector, scratch }) {
     const actions = [];
-    const set = nonDefault(readStatus(pid));
     for (let sig = 1; sig <= 64; sig++) {
       if (sig === SIGKILL || sig === SIGSTOP) continue;
-      // Only handled and ignored signals are asked (one injected call each):
-      // a SIG_DFL action's flags and mask do nothing, except SIGCHLD's.
-      if (sig !== SIGCHLD && !(set & bit(sig))) continue;
+      // Every one is asked, SIG_DFL ones too: /proc shows only which are
+      // handled or ignored, not the flags and mask an action keeps (SIGCHLD's
+      // act at SIG_DFL, and any can be read back by the program).
       injector.call(`rt_sigaction(${sig})`, NR.rt_sigaction, sig, 0, scratch.addr, 8);
       const [handler, flags, restorer, mask] = readU64s(getBytes(pid, scratch, KSIGACTION_SIZE));
       if (handler || flags || restorer || mask) {
