@@ -9,6 +9,7 @@ Cases:
   mp-lock       multiprocessing.Lock (a deleted /dev/shm/sem.* mapping)
   aio           an io_setup context (the /[aio] ring mapping)
   hugetlb       2 MiB of MAP_HUGETLB anonymous memory (/anon_hugepage)
+  memfd-hugetlb a memfd of huge pages (MFD_HUGETLB), held as a descriptor
   memfd         a memfd mapped, its descriptor closed
   memfd-fd      a memfd open (not mapped)
   sysv-shm      a SysV shared memory segment attached, marked for removal,
@@ -89,6 +90,15 @@ def aio():
     if libc.syscall(206, 8, ctypes.byref(ctx)) != 0:  # io_setup
         raise OSError(ctypes.get_errno(), "io_setup")
     return lambda: ctx.value != 0
+
+
+def memfd_hugetlb():
+    # memfd_create(name, MFD_HUGETLB): a descriptor only, never mapped
+    fd = libc.syscall(319, b"huge", 4)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "memfd_create MFD_HUGETLB")
+    os.ftruncate(fd, 2 << 20)
+    return lambda: os.fstat(fd).st_size == 2 << 20
 
 
 def hugetlb():
@@ -426,6 +436,7 @@ CASES = {
     "mp-lock": mp_lock,
     "aio": aio,
     "hugetlb": hugetlb,
+    "memfd-hugetlb": memfd_hugetlb,
     "memfd": memfd,
     "sysv-shm": sysv_shm,
     "sysv-shm-kept": lambda: sysv_shm(True),

@@ -104,18 +104,24 @@ Deno.test("refused: the AIO ring of an io_setup context", async () => {
   await assertRefused("aio", [mapping("/\\[aio\\]"), "AIO ring"]);
 });
 
-Deno.test("refused: hugetlb anonymous memory", async () => {
+/** Runs `body` with at least one huge page reserved (the machine may reserve none). */
+async function withHugePage(body: () => Promise<void>): Promise<void> {
   const knob = "/proc/sys/vm/nr_hugepages";
   const old = Deno.readTextFileSync(knob).trim();
-  // The machine may reserve no huge pages: reserve one for the test.
   if (old === "0") Deno.writeTextFileSync(knob, "1");
   try {
     assert.notEqual(Deno.readTextFileSync(knob).trim(), "0", "no huge page could be reserved");
-    await assertRefused("hugetlb", [mapping("/anon_hugepage"), "hugetlb"]);
+    await body();
   } finally {
     if (old === "0") Deno.writeTextFileSync(knob, "0");
   }
-});
+}
+
+Deno.test("refused: hugetlb anonymous memory", () =>
+  withHugePage(() => assertRefused("hugetlb", [mapping("/anon_hugepage"), "hugetlb"])));
+
+Deno.test("refused: a memfd of huge pages held as a descriptor", () =>
+  withHugePage(() => assertRefused("memfd-hugetlb", [/fd \d+: \/memfd:huge.*huge pages/])));
 
 Deno.test("restored: a pseudo-terminal pair the process opened itself (lib/fds/pty.ts)", async () => {
   await assertRestored("ptmx");

@@ -106,7 +106,7 @@ function changed(e: FileImage, now: Deno.FileInfo): string | undefined {
  * saved as a ghost. Noted for the mappings of later processes.
  */
 function dumpGhost(p: FdProbe): Partial<FileImage> {
-  const internal = notGhostable(p.link, p.stat!.dev);
+  const internal = notGhostable(p.link, p.stat!);
   if (internal) return { internal, size: p.stat!.size };
   const key = `${p.stat!.dev}:${p.stat!.ino}`;
   const held = deletedPlaces(p.tree);

@@ -130,9 +130,13 @@ export function checkGhost(ctx: { dir: ImageDir }, g: GhostImage): void {
  * recreated in (its name's directory is on another filesystem). A memfd
  * has none either, but memfd_create makes it again.
  */
-export function notGhostable(link: string, dev: number): string | undefined {
-  if (link.startsWith(MEMFD)) return undefined;
-  if (Deno.statSync(hostDir(originalPath(link))).dev !== dev) {
+export function notGhostable(link: string, st: Deno.FileInfo): string | undefined {
+  // memfd_create makes a memfd again, but not one of huge pages (hugetlbfs
+  // gives the huge page size as its block size).
+  if (link.startsWith(MEMFD)) {
+    return (st.blksize ?? 0) > 4096 ? "a memfd of huge pages (MFD_HUGETLB)" : undefined;
+  }
+  if (Deno.statSync(hostDir(originalPath(link))).dev !== st.dev) {
     return "a file of a kernel-internal filesystem";
   }
 }

@@ -131,7 +131,7 @@ function dumpDeleted(w: DumpWhere, e: MapsEntry, exe: string): Partial<MappingIm
   const source = `/proc/${w.pid}/map_files/${hex(e.start)}-${hex(e.end)}`;
   const st = Deno.statSync(source);
   const key = `${st.dev}:${st.ino}`;
-  const internal = notGhostable(e.path, st.dev);
+  const internal = notGhostable(e.path, st);
   const deleted = { size: st.size, exe: exe === e.path, internal };
   if (internal) return { deleted };
   if (e.perms[3] === "s") {
