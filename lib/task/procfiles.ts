@@ -27,6 +27,25 @@ function readAutogroupNice(pid: number): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
+/**
+ * The autogroup is the session's (setsid made a new one): set its nice.
+ * A process left in the root autogroup (a session amber did not create,
+ * in a container whose init has none) shows no line and takes no nice;
+ * that is the same as nice 0, anything else is refused by name.
+ */
+function restoreAutogroupNice(pid: number, nice: number | undefined): void {
+  if (nice === undefined) return;
+  const now = readAutogroupNice(pid);
+  if (now === nice) return;
+  if (now === undefined) {
+    if (nice === 0) return;
+    throw new AmberError(
+      `autogroup nice ${nice}: the restored process is in the root autogroup, which has no nice`,
+    );
+  }
+  writeProcFile(pid, "autogroup", String(nice));
+}
+
 /** Writes a /proc/PID file from amber; the error names the file. */
 function writeProcFile(pid: number, rest: string, value: string): void {
   try {
@@ -81,9 +100,6 @@ export const procfilesPart = definePart({
     if (parseInt(readProcText(pid, "coredump_filter").trim(), 16) !== img.coredumpFilter) {
       writeProcFile(pid, "coredump_filter", `0x${img.coredumpFilter.toString(16)}`);
     }
-    // The autogroup is the session's (setsid made a new one): set its nice.
-    if (img.autogroupNice !== undefined && readAutogroupNice(pid) !== img.autogroupNice) {
-      writeProcFile(pid, "autogroup", String(img.autogroupNice));
-    }
+    restoreAutogroupNice(pid, img.autogroupNice);
   },
 });
