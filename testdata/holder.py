@@ -36,6 +36,8 @@ Cases:
   inotify       inotify watching WORKDIR/watched for IN_CREATE as wd 2 (wd 1
                 removed); each tick creates a file there and reads its event
   inotify-queued  the same, with one event left unread
+  inotify-flags inotify watches with IN_ONESHOT and IN_EXCL_UNLINK, checked
+                in its own fdinfo each tick
   pidfd         a pidfd of its forked child, signalled (0) every tick
   pidfd-outside a pidfd of its parent, outside the dumped tree
   shared-ro-map a file opened read-write, mapped shared read-only; each tick
@@ -370,6 +372,25 @@ def inotify(leave_one=False):
     return use
 
 
+def inotify_flags():
+    ifd = libc.inotify_init1(0)
+    for d in ("oneshot", "excl"):
+        os.mkdir(f"{WORK}/{d}")
+    oneshot = libc.inotify_add_watch(ifd, f"{WORK}/oneshot".encode(), 0x100 | 0x80000000)
+    excl = libc.inotify_add_watch(ifd, f"{WORK}/excl".encode(), 0x100 | 0x04000000)
+    want = {oneshot: 0x80000100, excl: 0x04000100}
+
+    def use():
+        got = {}
+        with open(f"/proc/self/fdinfo/{ifd}") as f:
+            for line in f:
+                if line.startswith("inotify "):
+                    words = line.split(" ")
+                    got[int(words[1][3:], 16)] = int(words[4][5:], 16)
+        return got == want
+    return use
+
+
 def memfd_fd():
     fd = os.memfd_create("amber-fd")
     os.write(fd, b"memfd")
@@ -423,6 +444,7 @@ CASES = {
     "memfd-fd": memfd_fd,
     "inotify": inotify,
     "inotify-queued": lambda: inotify(True),
+    "inotify-flags": inotify_flags,
     "epoll": epoll,
     "signalfd": signalfd,
     "timerfd": timerfd,

@@ -218,6 +218,10 @@ Deno.test("restored: inotify watches, same wd, events after the restore", async 
   await assertRestored("inotify");
 });
 
+Deno.test("restored: inotify watches keep IN_ONESHOT and IN_EXCL_UNLINK", async () => {
+  await assertRestored("inotify-flags");
+});
+
 Deno.test("refused: inotify events queued and not read", async () => {
   await assertRefused("inotify-queued", [/fd \d+: inotify: \d+ bytes of events not read yet/]);
 });

@@ -4,8 +4,8 @@
  * frozen process at dump) and recorded by path. Restore adds the watches
  * in wd order, re-adding until the kernel hands out the same wd, then
  * drains the IN_IGNORED events that leaves. Events queued and not read at
- * the dump would be lost: refused. fdinfo shows only the event bits of a
- * mask (IN_ONESHOT, IN_EXCL_UNLINK are not shown, as for CRIU).
+ * the dump would be lost: refused. fdinfo's mask carries IN_ONESHOT and
+ * IN_EXCL_UNLINK too (seen on 6.18), so they are added back with the watch.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
