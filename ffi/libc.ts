@@ -195,3 +195,20 @@ const KCMP_FILE = 0;
 export function sameOpenFile(pidA: number, fdA: number, pidB: number, fdB: number): boolean {
   return rawSyscall("kcmp", NR_KCMP, pidA, pidB, KCMP_FILE, fdA, fdB) === 0n;
 }
+
+const KCMP_EPOLL_TFD = 7;
+
+/**
+ * Whether the file epoll `epfd` of `pid` watches under fd number `key`
+ * is the file `pid`'s fd `fd` holds now. The key's own number may hold
+ * another file (the watched one closed there, kept open elsewhere, the
+ * number re-used). False when either is gone.
+ */
+export function epollWatchIsFile(pid: number, epfd: number, key: number, fd = key): boolean {
+  const slot = new Uint32Array([epfd, key, 0]); // struct kcmp_epoll_slot: efd, tfd, toff
+  try {
+    return rawSyscall("kcmp", NR_KCMP, pid, pid, KCMP_EPOLL_TFD, fd, addressOf(slot)) === 0n;
+  } catch {
+    return false;
+  }
+}

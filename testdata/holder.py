@@ -33,6 +33,10 @@ Cases:
                 a one-hour one-shot one whose time left must stay under an hour
   epoll         an epoll watching a pipe's read end (edge-triggered, data 77)
                 and an eventfd, inside a second epoll that watches the first
+  epoll-reused  an epoll watching an eventfd under an fd number that now holds
+                another eventfd (the watched one lives on as a dup)
+  epoll-child-fd an epoll watching an eventfd the process closed, which its
+                child still holds
   inotify       inotify watching WORKDIR/watched for IN_CREATE as wd 2 (wd 1
                 removed); each tick creates a file there and reads its event
   inotify-queued  the same, with one event left unread
@@ -341,6 +345,38 @@ def epoll():
     return use
 
 
+def epoll_reused():
+    import select
+    ep = select.epoll()
+    watched = os.eventfd(0, os.EFD_NONBLOCK)
+    ep.register(watched, select.EPOLLIN)
+    kept = os.dup(watched)
+    os.close(watched)
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    assert other == watched
+
+    def use():
+        os.eventfd_write(kept, 1)
+        ready = ep.poll(0)
+        os.eventfd_read(kept)
+        os.eventfd_write(other, 5)
+        return ready == [(watched, select.EPOLLIN)] and ep.poll(0) == [] and \
+            os.eventfd_read(other) == 5 and os.get_inheritable(other) is False
+    return use
+
+
+def epoll_child_fd():
+    import select
+    ep = select.epoll()
+    watched = os.eventfd(0, os.EFD_NONBLOCK)
+    ep.register(watched, select.EPOLLIN)
+    if os.fork() == 0:
+        while True:
+            time.sleep(1)
+    os.close(watched)
+    return lambda: ep.poll(0) == []
+
+
 def inotify(leave_one=False):
     import struct
     d = f"{WORK}/watched"
@@ -446,6 +482,8 @@ CASES = {
     "inotify-queued": lambda: inotify(True),
     "inotify-flags": inotify_flags,
     "epoll": epoll,
+    "epoll-reused": epoll_reused,
+    "epoll-child-fd": epoll_child_fd,
     "signalfd": signalfd,
     "timerfd": timerfd,
     "fifo": fifo,

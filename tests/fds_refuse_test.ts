@@ -214,6 +214,16 @@ Deno.test("restored: epoll interest lists (edge-triggered, own data, nested epol
   await assertRestored("epoll");
 });
 
+Deno.test("restored: an epoll watch whose fd number now holds another eventfd", async () => {
+  await assertRestored("epoll-reused");
+});
+
+Deno.test("refused: an epoll watch of a file only another process holds", async () => {
+  await assertRefused("epoll-child-fd", [
+    /fd \d+: epoll watch of fd \d+, whose file this process no longer holds/,
+  ]);
+});
+
 Deno.test("restored: inotify watches, same wd, events after the restore", async () => {
   await assertRestored("inotify");
 });
