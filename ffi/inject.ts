@@ -218,6 +218,7 @@ export const NR = {
   setsockopt: 54,
   getsockopt: 55,
   wait4: 61,
+  shmdt: 67,
   fcntl: 72,
   flock: 73,
   chdir: 80,

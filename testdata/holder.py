@@ -16,6 +16,8 @@ Cases:
                 shared with a forked child; each checks the other's writes
                 and that the segment keeps its id (in WORKDIR/shmid)
   sysv-shm-kept the same, not marked for removal (it outlives the process)
+  sysv-shm-ro   a SysV segment attached read-only by the process and by one
+                child (mprotect to writable must still fail), written by another
   ptmx          a pseudo-terminal pair from os.openpty()
   proc-child    /proc/CHILD/status of its forked child, open
   proc-self     /proc/PID/status of itself, open (read again every tick)
@@ -152,6 +154,38 @@ def sysv_shm(keep=False):
         while counters[1] != counters[0]:
             time.sleep(0.001)
         return page2[0] == b"s" and libc.shmctl(shmid, 2, stat) == 0  # IPC_STAT
+    return use
+
+
+def sysv_shm_ro():
+    shmid = libc.shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    if shmid < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    SHM_RDONLY, PROT_RW, EACCES = 0o10000, 3, 13
+
+    def writable(addr):
+        if libc.mprotect(ctypes.c_void_p(addr), 4096, PROT_RW) == 0:
+            return True
+        return ctypes.get_errno() != EACCES
+    for role in ("writer", "reader"):
+        if os.fork() == 0:
+            addr = libc.shmat(shmid, None, SHM_RDONLY if role == "reader" else 0)
+            counter = ctypes.c_int64.from_address(addr)
+            while not (role == "reader" and writable(addr)):
+                if role == "writer":
+                    counter.value += 1
+                time.sleep(0.01)
+            os._exit(1)  # the reader's read-only attachment became writable
+    addr = libc.shmat(shmid, None, SHM_RDONLY)
+    libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
+    counter = ctypes.c_int64.from_address(addr)
+    last = [counter.value]
+
+    def use():
+        time.sleep(0.05)
+        moved = counter.value != last[0]
+        last[0] = counter.value
+        return moved and not writable(addr)
     return use
 
 
@@ -499,6 +533,7 @@ CASES = {
     "memfd-hugetlb": memfd_hugetlb,
     "memfd": memfd,
     "sysv-shm": sysv_shm,
+    "sysv-shm-ro": sysv_shm_ro,
     "sysv-shm-kept": lambda: sysv_shm(True),
     "ptmx": ptmx,
     "proc-child": proc_child,

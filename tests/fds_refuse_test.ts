@@ -252,6 +252,10 @@ Deno.test("restored: a SysV shared memory segment marked for removal, shared wit
   await assertRestored("sysv-shm");
 });
 
+Deno.test("restored: SysV shared memory attached read-only stays read-only", async () => {
+  await assertRestored("sysv-shm-ro");
+});
+
 Deno.test("restored: a SysV shared memory segment that outlives its processes", async () => {
   await using tmp = await tempDir();
   try {

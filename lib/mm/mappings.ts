@@ -225,7 +225,8 @@ export function receivesPages(m: MappingImage): boolean {
  * merge them with neighbours they were apart from (e.g. RELRO segments).
  */
 export function writableWhileFilled(m: MappingImage): boolean {
-  if (m.prot & PROT.WRITE) return false;
+  // A later holder of shared memory gets its pages through the first one.
+  if (m.prot & PROT.WRITE || m.sharedWith !== undefined) return false;
   return m.shared ? receivesPages(m) : m.vmFlags.includes("ac");
 }
 
@@ -328,15 +329,17 @@ function backing(
   if (m.sharedWith !== undefined && m.sharedFrom) {
     const from = m.sharedFrom;
     const path = `/proc/${m.sharedWith}/map_files/${hex(from.start)}-${hex(from.end)}`;
-    const key = `${O_RDWR}:${path}`;
-    if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
+    const mode = openMode(m);
+    const key = `${mode}:${path}`;
+    if (!fds.has(key)) fds.set(key, openAt(ctx, path, mode));
     // A file's offsets are its own; a new shared anonymous object starts at 0.
     return { fd: fds.get(key)!, offset: m.kind === "shmem" ? m.offset - from.offset : m.offset };
   }
   if (m.viaFd) {
     const path = `/proc/${m.viaFd.pid}/fd/${m.viaFd.fd}`;
-    const key = `${O_RDWR}:${path}`;
-    if (!fds.has(key)) fds.set(key, openAt(ctx, path, O_RDWR));
+    const mode = openMode(m);
+    const key = `${mode}:${path}`;
+    if (!fds.has(key)) fds.set(key, openAt(ctx, path, mode));
     return { fd: fds.get(key)!, offset: m.offset };
   }
   if (m.ghost) {
@@ -345,11 +348,21 @@ function backing(
     return { fd: fds.get(key)!, offset: m.offset };
   }
   if (m.kind !== "file") return { fd: -1, offset: 0n };
-  // VM_MAYWRITE ("mw"): the file was opened for writing, so mprotect may make it writable.
-  const mode = m.shared && (m.prot & PROT.WRITE || m.vmFlags.includes("mw")) ? O_RDWR : O_RDONLY;
+  const mode = openMode(m, O_RDONLY);
   const key = `${mode}:${m.path}`;
   if (!fds.has(key)) fds.set(key, openAt(ctx, m.path, mode));
   return { fd: fds.get(key)!, offset: m.offset };
+}
+
+/**
+ * How to open what a mapping maps. VM_MAYWRITE ("mw") on a shared mapping
+ * means its file was opened for writing (or the SysV segment attached
+ * read-write), so mprotect may make it writable; without it, it must not.
+ * A private mapping is opened as `privately` says.
+ */
+function openMode(m: MappingImage, privately = O_RDWR): number {
+  if (!m.shared) return privately;
+  return m.prot & PROT.WRITE || m.vmFlags.includes("mw") ? O_RDWR : O_RDONLY;
 }
 
 function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {

@@ -12,6 +12,7 @@ import { readProcBytes, readProcLink } from "../proc/read.ts";
 import { readStat } from "../proc/stat.ts";
 import { putBytes, putString, u64Bytes } from "../scratch.ts";
 import { FileIdentity, type MappingImage, mappingLabel, writableWhileFilled } from "./mappings.ts";
+import { reattachReadOnly } from "./sysvshm.ts";
 
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
@@ -83,6 +84,9 @@ export const mmPart = definePart({
     for (const m of mappings) {
       if (m.kind === "special" || m.kind === "vsyscall") continue;
       withContext(mappingLabel(m), () => {
+        if (m.sysv && m.sharedWith === undefined && !m.vmFlags.includes("mw")) {
+          reattachReadOnly(ctx, m.sysv, m.start);
+        }
         if (writableWhileFilled(m)) {
           inj.call("mprotect", NR.mprotect, m.start, m.end - m.start, m.prot);
         }

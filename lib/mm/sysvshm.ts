@@ -14,7 +14,8 @@ import { AmberError } from "../errors.ts";
 import { putBytes } from "../scratch.ts";
 
 const IPC_CREAT = 0o1000, IPC_EXCL = 0o2000, IPC_RMID = 0, IPC_SET = 1;
-const SHM_DEST = 0o1000;
+const SHM_DEST = 0o1000, SHM_RDONLY = 0o10000;
+const MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2;
 const NEXT_ID = "/proc/sys/kernel/shm_next_id";
 
 export const SysvShm = z.object({
@@ -119,4 +120,23 @@ export function attachSysvShm(ctx: RestoreContext, s: SysvShmImage, addr: bigint
     throw e;
   }
   if (!exists && s.removed) inj.call("shmctl(IPC_RMID)", NR.shmctl, s.id, IPC_RMID, 0);
+}
+
+/**
+ * Makes the attachment at `addr` read-only for good: attached read-write
+ * for the fill, it could be mprotect()ed writable, which the process's
+ * SHM_RDONLY attachment could not. A read-only attachment is made
+ * elsewhere first (so a segment marked for removal never loses its last
+ * attachment), the read-write one detached, and the new one moved in.
+ */
+export function reattachReadOnly(ctx: RestoreContext, s: SysvShmImage, addr: bigint): void {
+  const inj = ctx.injector;
+  const ro = inj.call(`shmat ${s.id} SHM_RDONLY`, NR.shmat, s.id, 0, SHM_RDONLY);
+  inj.call(`shmdt`, NR.shmdt, addr);
+  const size = BigInt(s.size + 4095) & ~4095n;
+  const flags = MREMAP_MAYMOVE | MREMAP_FIXED;
+  const got = inj.call("mremap", NR.mremap, ro, size, size, flags, addr);
+  if (BigInt.asUintN(64, got) !== addr) {
+    throw new AmberError(`mremap landed at ${got.toString(16)}`);
+  }
 }
