@@ -272,6 +272,8 @@ export const NR = {
   dup3: 292,
   inotify_init1: 294,
   rt_tgsigqueueinfo: 297,
+  fanotify_init: 300,
+  fanotify_mark: 301,
   prlimit64: 302,
   open_by_handle_at: 304,
   kcmp: 312,

@@ -42,6 +42,11 @@ Cases:
   inotify       inotify watching WORKDIR/watched for IN_CREATE as wd 2 (wd 1
                 removed); each tick creates a file there and reads its event
   inotify-queued  the same, with one event left unread
+  fanotify      a fanotify group marking WORKDIR/fan for FAN_CLOSE_WRITE of its
+                files, with an ignored mask on fan/quiet; each tick writes both
+                and reads exactly one event, fan/loudN's
+  fanotify-queued the same, with one event left unread
+  fanotify-mount the same, with a mount mark too
   inotify-flags inotify watches with IN_ONESHOT and IN_EXCL_UNLINK, checked
                 in its own fdinfo each tick
   pidfd         a pidfd of its forked child, signalled (0) every tick
@@ -461,6 +466,50 @@ def inotify_flags():
     return use
 
 
+def fanotify(leave_one=False, mount=False):
+    import struct
+    libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                   ctypes.c_int, ctypes.c_char_p]
+    FAN_CLOSE_WRITE, FAN_EVENT_ON_CHILD, FAN_OPEN_EXEC = 0x8, 0x08000000, 0x1000
+    ADD, MOUNT, IGNORED, SURV = 0x1, 0x10, 0x20, 0x40
+    d = f"{WORK}/fan"
+    os.mkdir(d)
+    open(f"{d}/quiet", "w").close()
+    fan = libc.fanotify_init(0, os.O_RDONLY)
+    if fan < 0:
+        raise OSError(ctypes.get_errno(), "fanotify_init")
+    marks = [(ADD, FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD, d),
+             (ADD | IGNORED | SURV, FAN_CLOSE_WRITE, f"{d}/quiet")]
+    if mount:
+        marks.append((ADD | MOUNT | IGNORED, FAN_OPEN_EXEC, WORK))  # (an ignored mask: no events)
+    for flags, mask, path in marks:
+        if libc.fanotify_mark(fan, flags, mask, -100, path.encode()) != 0:
+            raise OSError(ctypes.get_errno(), "fanotify_mark")
+    n = [0]
+
+    def write(name):
+        with open(f"{d}/{name}", "w") as f:
+            f.write("x")
+
+    def use():
+        write("quiet")
+        name = f"loud{n[0]}"
+        n[0] += 1
+        write(name)
+        ev = os.read(fan, 4096)
+        if leave_one:
+            write("left")  # read with the next tick's event
+        seen = []
+        for at in range(0, len(ev), 24):
+            length, _, _, _, mask, fd, pid = struct.unpack("IBBHQii", ev[at:at + 24])
+            seen.append((length, mask, pid, os.readlink(f"/proc/self/fd/{fd}")))
+            os.close(fd)
+        want = (24, FAN_CLOSE_WRITE, os.getpid())
+        return seen[-1] == (*want, f"{d}/{name}") and \
+            all(e == (*want, f"{d}/left") for e in seen[:-1])
+    return use
+
+
 def memfd_fd():
     fd = os.memfd_create("amber-fd")
     os.write(fd, b"memfd")
@@ -515,6 +564,9 @@ CASES = {
     "inotify": inotify,
     "inotify-queued": lambda: inotify(True),
     "inotify-flags": inotify_flags,
+    "fanotify": fanotify,
+    "fanotify-queued": lambda: fanotify(leave_one=True),
+    "fanotify-mount": lambda: fanotify(mount=True),
     "epoll": epoll,
     "epoll-reused": epoll_reused,
     "epoll-child-fd": epoll_child_fd,

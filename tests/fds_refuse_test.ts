@@ -232,6 +232,15 @@ Deno.test("restored: inotify watches keep IN_ONESHOT and IN_EXCL_UNLINK", async 
   await assertRestored("inotify-flags");
 });
 
+Deno.test("restored: a fanotify group with an inode mark and an ignored mask", async () => {
+  await assertRestored("fanotify");
+});
+
+Deno.test("refused: fanotify events queued and not read; a mount mark", async () => {
+  await assertRefused("fanotify-queued", [/fd \d+: fanotify: 24 bytes of events not read yet/]);
+  await assertRefused("fanotify-mount", [/fd \d+: fanotify: mount mark of mount [0-9a-f]+/]);
+});
+
 Deno.test("refused: inotify events queued and not read", async () => {
   await assertRefused("inotify-queued", [/fd \d+: inotify: \d+ bytes of events not read yet/]);
 });

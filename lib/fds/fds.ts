@@ -17,6 +17,7 @@ import { epollFd } from "./epoll.ts";
 import { eventFd } from "./eventfd.ts";
 import { fifoFd } from "./fifo.ts";
 import { fileFd } from "./file.ts";
+import { fanotifyFd } from "./fanotify.ts";
 import { inotifyFd } from "./inotify.ts";
 import { pidFd } from "./pidfd.ts";
 import { signalFd } from "./signalfd.ts";
@@ -46,6 +47,7 @@ export const FD_KINDS: FdKind[] = [
   timerFd,
   epollFd,
   inotifyFd,
+  fanotifyFd,
   pidFd,
   unixFd,
   tcpFd,

@@ -11,15 +11,19 @@ import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { readProcText } from "../proc/read.ts";
-import { getBytes, putBytes, putString } from "../scratch.ts";
-import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
+import { putBytes, putString } from "../scratch.ts";
+import {
+  fdinfoFields,
+  handlePath,
+  hexField,
+  inodeAt,
+  queuedBytes,
+  setNonblock,
+} from "./fshandle.ts";
+import { defineFdKind, O_CLOEXEC } from "./kind.ts";
 
-const O_NONBLOCK = 0o4000, O_PATH = 0o10000000, O_DIRECTORY = 0o200000;
-const F_GETFL = 3, F_SETFL = 4;
-const FIONREAD = 0x541b;
+const O_NONBLOCK = 0o4000;
 const EAGAIN = 11;
-const LINE =
-  /^inotify wd:([0-9a-f]+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+ fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+)/;
 
 const Watch = z.object({
   wd: z.number().int().min(1),
@@ -27,59 +31,6 @@ const Watch = z.object({
   path: z.string().startsWith("/"),
   ino: z.number().int().min(0),
 });
-
-/** A mount point of the filesystem with kernel device number `sdev` (major << 20 | minor). */
-function mountOf(pid: number, sdev: number): string {
-  const dev = `${sdev >>> 20}:${sdev & 0xfffff}`;
-  const mounts = readProcText(pid, "mountinfo").split("\n").map((l) => l.split(" "))
-    .filter((f) => f[2] === dev);
-  // A mount of the filesystem's root sees every inode of it.
-  const m = mounts.find((f) => f[3] === "/") ?? mounts[0];
-  if (!m) throw new AmberError(`no mount of device ${dev} in /proc/${pid}/mountinfo`);
-  return m[4].replace(/\\(\d{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
-}
-
-/** The path of the inode behind a file handle, opened inside the (frozen) process. */
-function handlePath(p: FdProbe, m: RegExpExecArray): string {
-  const { injector: inj, scratch } = p.inject!;
-  const mnt = mountOf(p.pid, parseInt(m[3], 16));
-  const mfd = Number(
-    inj.call(
-      `open ${mnt}`,
-      NR.openat,
-      -100,
-      putString(p.pid, scratch, mnt),
-      O_DIRECTORY | O_CLOEXEC, // (not O_PATH: open_by_handle_at refuses those)
-      0,
-    ),
-  );
-  try {
-    const handle = m[7].match(/../g)!.map((h) => parseInt(h, 16));
-    const fh = new DataView(new ArrayBuffer(8 + handle.length));
-    fh.setUint32(0, parseInt(m[5], 16), true);
-    fh.setInt32(4, parseInt(m[6], 16), true);
-    new Uint8Array(fh.buffer).set(handle, 8);
-    const at = putBytes(p.pid, scratch, new Uint8Array(fh.buffer));
-    const hfd = Number(
-      inj.call("open_by_handle_at", NR.open_by_handle_at, mfd, at, O_PATH | O_CLOEXEC),
-    );
-    try {
-      return Deno.readLinkSync(`/proc/${p.pid}/fd/${hfd}`);
-    } finally {
-      inj.call("close", NR.close, hfd);
-    }
-  } finally {
-    inj.call("close", NR.close, mfd);
-  }
-}
-
-/** Bytes of events waiting to be read (FIONREAD, inside the process). */
-function queued(p: FdProbe): number {
-  const { injector: inj, scratch } = p.inject!;
-  const at = putBytes(p.pid, scratch, new Uint8Array(4));
-  inj.call("ioctl(FIONREAD)", NR.ioctl, p.fd, FIONREAD, at);
-  return new DataView(getBytes(p.pid, scratch, 4).slice().buffer).getInt32(0, true);
-}
 
 export const inotifyFd = defineFdKind({
   name: "inotify",
@@ -96,14 +47,13 @@ export const inotifyFd = defineFdKind({
     const watches: z.input<typeof Watch>[] = [];
     for (const line of readProcText(p.pid, `fdinfo/${p.fd}`).split("\n")) {
       if (!line.startsWith("inotify ")) continue;
-      const m = LINE.exec(line);
-      if (!m) throw new AmberError(`fdinfo: cannot parse "${line}"`);
-      const wd = parseInt(m[1], 16);
-      const path = withContext(`inotify watch ${wd}`, () => handlePath(p, m));
-      watches.push({ wd, mask: parseInt(m[4], 16), path, ino: parseInt(m[2], 16) });
+      const f = fdinfoFields(line);
+      const wd = hexField(f, "wd");
+      const path = withContext(`inotify watch ${wd}`, () => handlePath(p, f));
+      watches.push({ wd, mask: hexField(f, "mask"), path, ino: hexField(f, "ino") });
     }
     watches.sort((a, b) => a.wd - b.wd);
-    return { kind: "inotify" as const, fd: p.fd, flags: p.flags, watches, queued: queued(p) };
+    return { kind: "inotify" as const, fd: p.fd, flags: p.flags, watches, queued: queuedBytes(p) };
   },
   unrestorable(e) {
     if (e.queued) {
@@ -112,11 +62,7 @@ export const inotifyFd = defineFdKind({
   },
   precheck(e) {
     for (const w of e.watches) {
-      let ino: number | undefined;
-      try {
-        ino = Deno.statSync(w.path).ino ?? undefined;
-      } catch { /* below */ }
-      if (ino !== w.ino) {
+      if (inodeAt(w.path) !== w.ino) {
         throw new AmberError(`inotify watch ${w.wd}: ${w.path} is not the watched file any more`);
       }
     }
@@ -141,14 +87,7 @@ export const inotifyFd = defineFdKind({
     while (inj.raw(NR.read, fd, buf, 4096) > 0n) { /* drained */ }
     const r = inj.raw(NR.read, fd, buf, 4096);
     if (r !== -BigInt(EAGAIN)) throw new AmberError(`draining IN_IGNORED events: ${r}`);
-    const flags = Number(inj.call("fcntl(F_GETFL)", NR.fcntl, fd, F_GETFL, 0));
-    inj.call(
-      "fcntl(F_SETFL)",
-      NR.fcntl,
-      fd,
-      F_SETFL,
-      (flags & ~O_NONBLOCK) | (e.flags & O_NONBLOCK),
-    );
+    setNonblock(inj, fd, e.flags);
     return fd;
   },
 });
