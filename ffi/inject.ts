@@ -35,6 +35,64 @@ export function vdsoSyscallAddress(pid: number): bigint {
   return start + BigInt(findSyscallInstruction(code));
 }
 
+/**
+ * Machine code that runs a table of syscalls in one go: rbx points at
+ * `count` (r12) entries of 8 u64s — nr, six arguments, and the result the
+ * code stores — and an int3 ends it. rbx and r12 survive syscalls.
+ */
+export const BATCH_CODE = new Uint8Array([
+  0x4d,
+  0x85,
+  0xe4, // test r12, r12
+  0x74,
+  0x2a, // jz done
+  0x48,
+  0x8b,
+  0x03, // mov rax, [rbx]
+  0x48,
+  0x8b,
+  0x7b,
+  0x08, // mov rdi, [rbx+8]
+  0x48,
+  0x8b,
+  0x73,
+  0x10, // mov rsi, [rbx+16]
+  0x48,
+  0x8b,
+  0x53,
+  0x18, // mov rdx, [rbx+24]
+  0x4c,
+  0x8b,
+  0x53,
+  0x20, // mov r10, [rbx+32]
+  0x4c,
+  0x8b,
+  0x43,
+  0x28, // mov r8, [rbx+40]
+  0x4c,
+  0x8b,
+  0x4b,
+  0x30, // mov r9, [rbx+48]
+  0x0f,
+  0x05, // syscall
+  0x48,
+  0x89,
+  0x43,
+  0x38, // mov [rbx+56], rax
+  0x48,
+  0x83,
+  0xc3,
+  0x40, // add rbx, 64
+  0x49,
+  0xff,
+  0xcc, // dec r12
+  0xeb,
+  0xd1, // jmp loop
+  0xcc, // done: int3
+]);
+/** Bytes per BATCH_CODE table entry. */
+export const BATCH_ENTRY = 64;
+
 /** A child created while a syscall ran (clone/fork events). */
 export interface ForkEvent {
   event: number;
@@ -168,6 +226,44 @@ export class Injector {
       pt.setSigmask(this.tid, this.savedMask);
     }
     return result;
+  }
+
+  /**
+   * Runs BATCH_CODE, placed at `code`, over the `count` entries at
+   * `table`: many syscalls for one stop instead of two each. The int3 that
+   * ends it raises a SIGTRAP, which the kernel would reset to SIG_DFL if
+   * it were blocked or ignored, so it stays unblocked (the caller must not
+   * batch where SIGTRAP is ignored); amber takes it at its delivery stop
+   * and never lets it through. A SIGTRAP from elsewhere that comes first
+   * is queued again (from `tgid`, by the thread itself) afterwards. The
+   * thread then runs one plain call, so it waits in a syscall-exit stop
+   * like after any other injected call (see restoreAfterEachCall).
+   */
+  runBatch(tgid: number, code: bigint, table: bigint, count: number): void {
+    if (!this.saved) this.begin();
+    const end = code + BigInt(BATCH_CODE.length);
+    const regs = this.savedRegs.clone();
+    regs.set("rbx", table).set("r12", count).set("orig_rax", -1n).set("rip", code);
+    regs.write(this.tid);
+    pt.setSigmask(this.tid, ALL_SIGNALS & ~(1n << BigInt(SIGTRAP - 1)));
+    this.moved = true;
+    let foreign: Uint8Array | undefined; // (SIGTRAP is not real-time: one at most)
+    pt.cont(this.tid);
+    for (;;) {
+      const st = this.wait();
+      if (st.stopSignal === SIGTRAP && st.event === 0) {
+        if (Regs.read(this.tid).get("rip") === end) break;
+        foreign = pt.getSiginfo(this.tid);
+      }
+      pt.cont(this.tid);
+    }
+    if (this.options.restoreAfterEachCall) this.savedRegs.write(this.tid);
+    if (!foreign) {
+      this.raw(NR.getpid);
+      return;
+    }
+    this.poke(table, foreign); // (the table is used up)
+    this.call("rt_tgsigqueueinfo", NR.rt_tgsigqueueinfo, tgid, this.tid, SIGTRAP, table);
   }
 
   /** Runs a syscall and throws SysError(name) when it fails. */

@@ -15,6 +15,7 @@ export const PTRACE = {
   SETREGSET: 0x4205,
   SEIZE: 0x4206,
   INTERRUPT: 0x4207,
+  GETSIGINFO: 0x4202,
   PEEKSIGINFO: 0x4209,
   GETSIGMASK: 0x420a,
   SETSIGMASK: 0x420b,
@@ -119,6 +120,13 @@ export function peekSiginfo(tid: number, shared: boolean): Uint8Array[] {
     for (let i = 0; i < n; i++) out.push(buf.slice(i * SIGINFO_SIZE, (i + 1) * SIGINFO_SIZE));
     if (n < PEEK_BATCH) return out;
   }
+}
+
+/** The siginfo of the signal a tracee is stopped delivering. */
+export function getSiginfo(tid: number): Uint8Array {
+  const buf = new Uint8Array(SIGINFO_SIZE);
+  ptrace(PTRACE.GETSIGINFO, tid, 0n, addressOf(buf), "ptrace(GETSIGINFO)");
+  return buf;
 }
 
 /** rseq registration of a thread: zero address when it has none. */

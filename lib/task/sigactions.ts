@@ -5,8 +5,9 @@
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
-import { definePart } from "../context.ts";
-import { faultPoint } from "../errors.ts";
+import { batchTableBytes, type Syscall, withBatch } from "../batch.ts";
+import { definePart, type DumpContext } from "../context.ts";
+import { AmberError, faultPoint } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
 import { readStatus, statusHex } from "../proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
@@ -15,6 +16,8 @@ const SIGKILL = 9;
 const SIGSTOP = 19;
 /** struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each). */
 const KSIGACTION_SIZE = 32;
+/** Signals asked per batch: the table and the actions fill most of the 4 KiB scratch. */
+const BATCH = 40;
 
 const Sigaction = z.object({
   signal: z.number().int().min(1).max(64),
@@ -31,21 +34,54 @@ function nonDefault(status: Map<string, string>): bigint {
   return statusHex(status, "SigIgn") | statusHex(status, "SigCgt");
 }
 
+/** Each signal's struct kernel_sigaction, one injected rt_sigaction at a time. */
+function askEach({ pid, injector, scratch }: DumpContext, signals: number[]): bigint[][] {
+  return signals.map((sig) => {
+    injector.call(`rt_sigaction(${sig})`, NR.rt_sigaction, sig, 0, scratch.addr, 8);
+    return readU64s(getBytes(pid, scratch, KSIGACTION_SIZE));
+  });
+}
+
+/** The same, BATCH signals per injected batch. */
+function askBatched(
+  ctx: DumpContext,
+  signals: number[],
+  run: (calls: Syscall[]) => bigint[],
+): bigint[][] {
+  const out: bigint[][] = [];
+  for (let i = 0; i < signals.length; i += BATCH) {
+    const chunk = signals.slice(i, i + BATCH);
+    const base = batchTableBytes(BATCH);
+    const at = (j: number) => ctx.scratch.addr + BigInt(base + j * KSIGACTION_SIZE);
+    const results = run(chunk.map((sig, j) => [NR.rt_sigaction, sig, 0, at(j), 8]));
+    const acts = readU64s(getBytes(ctx.pid, ctx.scratch, chunk.length * KSIGACTION_SIZE, base));
+    results.forEach((r, j) => {
+      if (r < 0n) throw new AmberError(`rt_sigaction(${chunk[j]}): errno ${-r}`);
+      out.push(acts.slice(j * 4, j * 4 + 4));
+    });
+  }
+  return out;
+}
+
 export const sigactionsPart = definePart({
   name: "sigactions",
   version: 1,
   schema: z.object({ actions: z.array(Sigaction) }),
-  dump({ pid, injector, scratch }) {
+  dump(ctx) {
+    const signals = Array.from({ length: 64 }, (_, i) => i + 1)
+      .filter((sig) => sig !== SIGKILL && sig !== SIGSTOP);
+    // Every one is asked, SIG_DFL ones too: /proc shows only which are
+    // handled or ignored, not the flags and mask an action keeps (SIGCHLD's
+    // act at SIG_DFL, and any can be read back by the program).
+    const raw = withBatch(
+      ctx,
+      (run) => run ? askBatched(ctx, signals, run) : askEach(ctx, signals),
+    );
     const actions = [];
-    for (let sig = 1; sig <= 64; sig++) {
-      if (sig === SIGKILL || sig === SIGSTOP) continue;
-      // Every one is asked, SIG_DFL ones too: /proc shows only which are
-      // handled or ignored, not the flags and mask an action keeps (SIGCHLD's
-      // act at SIG_DFL, and any can be read back by the program).
-      injector.call(`rt_sigaction(${sig})`, NR.rt_sigaction, sig, 0, scratch.addr, 8);
-      const [handler, flags, restorer, mask] = readU64s(getBytes(pid, scratch, KSIGACTION_SIZE));
+    for (const [i, signal] of signals.entries()) {
+      const [handler, flags, restorer, mask] = raw[i];
       if (handler || flags || restorer || mask) {
-        actions.push({ signal: sig, handler, flags, restorer, mask });
+        actions.push({ signal, handler, flags, restorer, mask });
       }
     }
     // The leader is still at its last injected call here (tests kill amber at this point).
