@@ -233,6 +233,12 @@ Deno.test("restored: SysV semaphores and queues made again under their ids; dump
     const ipcrm = await new Deno.Command("ipcrm", { args: ["-s", `${sid}`, "-q", `${qid}`] })
       .output();
     assert.equal(ipcrm.code, 0, "ipcrm");
+    // A restore that fails removes what it made again.
+    const failed = await amber(["restore", "-D", img, "-d", "--allow-changed-files"], {
+      AMBER_TEST_FAULT: "before-detach",
+    });
+    assertOneLineError(failed, 1, "failed restore");
+    assert.deepEqual(sysvRows(sid, qid), ["gone", "gone"], "the failed restore left objects");
     // (The counter file went on after dump -R.)
     assertExit(await amber(["restore", "-D", img, "-d", "--allow-changed-files"]), 0, "restore");
     assert.deepEqual(
