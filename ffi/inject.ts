@@ -251,6 +251,7 @@ export const NR = {
   gettid: 186,
   futex: 202,
   io_setup: 206,
+  io_destroy: 207,
   io_getevents: 208,
   io_submit: 209,
   set_tid_address: 218,
