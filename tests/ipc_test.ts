@@ -16,6 +16,7 @@ import {
   assertNoHelper,
   assertOneLineError,
   buildC,
+  childrenOf,
   dumpArgs,
   exists,
   isAlive,
@@ -30,7 +31,9 @@ import {
   tempDir,
   waitFor,
   waitForLine,
+  waitForLines,
   waitGone,
+  waitVanished,
 } from "./_util.ts";
 
 const PRELUDE = `import ctypes, os, sys, time
@@ -350,4 +353,62 @@ Deno.test("restored: an AIO context from dump -R, which left the original's ring
     assertExit(await amber(["restore", "-D", img, "-d", "--allow-changed-files"]), 0, "restore");
     await checkOk(pid, out, "after restore");
   });
+});
+
+/**
+ * Parent and child share one set of two semaphores: the parent last set
+ * semaphore 0, the child semaphore 1 (semctl GETPID names each). Each
+ * logs every 20 ms whether GETPID still names the right process for both
+ * and the values are still 4 and 9.
+ */
+const SHARED_SEM_PY = PRELUDE + `sid = must(libc.semget(0, 2, 0o1600), "semget")
+open(sys.argv[2], "w").write("%d" % sid)
+must(libc.semctl(sid, 0, 16, 4), "SETVAL")
+parent = os.getpid()
+child = os.fork()
+if child == 0:
+    must(libc.semctl(sid, 1, 16, 9), "SETVAL")
+    child = os.getpid()
+else:
+    while libc.semctl(sid, 1, 11) != child: time.sleep(0.01)
+out = open(sys.argv[1] + (".P" if os.getpid() == parent else ".C"), "w")
+n = 0
+while True:
+    ok = [libc.semctl(sid, i, 11) for i in (0, 1)] == [parent, child]
+    ok = ok and [libc.semctl(sid, i, 12) for i in (0, 1)] == [4, 9]
+    out.write("%d\\n" % n if ok else "BAD %d\\n" % n)
+    out.flush()
+    n += 1
+    time.sleep(0.02)
+`;
+
+Deno.test("restored: a semaphore set parent and child share, each semaphore's last pid its own", async () => {
+  await using tmp = await tempDir();
+  const base = `${tmp.path}/out`, ids = `${tmp.path}/ids`;
+  const t = await startWriter(
+    ["setsid", "python3", "-c", SHARED_SEM_PY, base, ids],
+    `${base}.P`,
+    3,
+  );
+  const sid = Number(Deno.readTextFileSync(ids));
+  let pids = [t.pid];
+  try {
+    await waitForLines(`${base}.C`, 3);
+    pids = [t.pid, ...childrenOf(t.pid)];
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(t.pid, img)), 0, "dump");
+    await waitVanished(pids);
+    const doc = await showJson(img);
+    const part = (pid: number) => doc.processes.find((p: Json) => p.pid === pid).images.sysvipc;
+    assert.equal(part(pids[0]).sems.length, 1, "the parent records the set");
+    assert.equal(part(pids[1]).sems.length, 0, "the child refers to it");
+    assert.deepEqual(part(pids[1]).own, [{ id: sid, nums: [1], values: [9] }], "the child's own");
+    const n = [(await readLines(`${base}.P`)).length, (await readLines(`${base}.C`)).length];
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    await assertCounterGoesOn(`${base}.P`, n[0], 5, "the parent after restore");
+    await assertCounterGoesOn(`${base}.C`, n[1], 5, "the child after restore");
+  } finally {
+    for (const pid of pids) if (isAlive(pid)) await killAndReap(pid);
+    await new Deno.Command("ipcrm", { args: ["-s", String(sid)] }).output();
+  }
 });
