@@ -8,6 +8,8 @@ import { addressOf, check, libc, rawSyscall, SysError } from "../ffi/libc.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
 import { probeLock } from "./net/netlock.ts";
+import { msgPeek, removeIpc } from "../ffi/sysvipc.ts";
+import { readMemoryProc } from "../ffi/memory.ts";
 
 /** One kernel feature, as {@link checkKernel} found it. */
 export interface CheckFeature {
@@ -84,6 +86,14 @@ const PURPOSE: Record<string, { enables: string; without: string }> = {
   "nftables": {
     enables: "the network lock of established TCP connections (CRIU's nftables lock)",
     without: "dump --tcp-established",
+  },
+  "SysV IPC ids and MSG_COPY": {
+    enables: "SysV semaphores, queues and shared memory made again under their ids, queues copied",
+    without: "dump and restore of SysV IPC objects",
+  },
+  "AIO ring mremap": {
+    enables: "AIO contexts restored at their ring's address",
+    without: "restore of AIO contexts",
   },
   "time namespaces": {
     enables: "monotonic clocks that go on from where they were, once amber has them",
@@ -290,6 +300,42 @@ function kcmpProbe(): string {
   return "available";
 }
 
+/** *_next_id files, and a message copied out of a queue of amber's own without taking it. */
+function sysvProbe(): string {
+  for (const k of ["sem", "msg", "shm"]) readText(`/proc/sys/kernel/${k}_next_id`);
+  const IPC_CREAT = 0o1000;
+  const q = Number(rawSyscall("msgget", NR.msgget, 0, IPC_CREAT | 0o600));
+  try {
+    const msg = new Uint8Array(9);
+    msg[0] = 7;
+    msg[8] = 42;
+    rawSyscall("msgsnd", NR.msgsnd, q, addressOf(msg), 1, 0o4000);
+    const got = msgPeek(q, 0, 1);
+    if (got.type !== 7n || got.data[0] !== 42) throw new Error("MSG_COPY returned another message");
+    return "available";
+  } finally {
+    removeIpc("msg", q);
+  }
+}
+
+/** An io_setup ring of amber's own, moved by mremap and still found by io_getevents. */
+function aioProbe(): string {
+  const idBuf = new BigUint64Array(1);
+  rawSyscall("io_setup", NR.io_setup, 1, addressOf(idBuf));
+  let id = idBuf[0];
+  try {
+    const nr = new DataView(readMemoryProc(Deno.pid, id, 8).buffer).getUint32(4, true);
+    const size = BigInt(Math.ceil((32 + nr * 32) / 4096) * 4096);
+    // A hole reserved, then the ring moved over it.
+    const hole = rawSyscall("mmap", NR.mmap, 0, size, 0, 0x22, -1, 0);
+    id = rawSyscall("mremap", NR.mremap, id, size, size, 3, hole);
+    rawSyscall("io_getevents", NR.io_getevents, id, 0, 0, 0, 0);
+    return "available";
+  } finally {
+    rawSyscall("io_destroy", NR.io_destroy, id);
+  }
+}
+
 function nsLastPidProbe(): string {
   const v = readText("/proc/sys/kernel/ns_last_pid").trim();
   return `present (last pid ${v})`;
@@ -492,6 +538,8 @@ export function checkKernel(): CheckReport {
     probe("TCP_REPAIR", false, tcpRepairProbe),
     // Established TCP connections are dumped under an nftables lock.
     probe("nftables", false, probeLock),
+    probe("SysV IPC ids and MSG_COPY", false, sysvProbe),
+    probe("AIO ring mremap", false, aioProbe),
     probe("time namespaces", false, timeNsProbe),
   ].map(described);
   return { ok: features.every((f) => f.ok || !f.required), features };

@@ -3,6 +3,7 @@
  * them as one JSON document (64-bit values as "0x..." strings, byte blobs
  * as short hex strings or their length; page contents are never read).
  */
+import { sysvIpcLines } from "./ipc/sysvipc.ts";
 import { ImageDir } from "./images/dir.ts";
 import { escapeText } from "./errors.ts";
 import { type Images, type ProcessImages, readImages } from "./images/read.ts";
@@ -267,6 +268,7 @@ function processLines(p: ProcessImages, dirPath: string): string[] {
       ),
     );
   }
+  out.push(...sysvIpcLines(p.parts.sysvipc));
   const t = pageTotals(pagemap);
   out.push(`  pages: ${t.runs} runs, ${t.pages} pages, ${mib(t.bytes)} MiB (${pagemap.pagesFile})`);
   if (pagemap.parentRuns?.length) out.push(...chainLines(dirPath, p.entry.pid, pagemap));

@@ -1,10 +1,12 @@
 /**
- * Kernel objects amber refuses for now, each used by a real process on
- * every tick: SysV semaphores and message queues (found through the last
- * process to use them), io_uring (its descriptor, and its rings mapped
- * with the descriptor closed), an AIO context. The dump without -R fails
- * with one line naming the object, the tree runs on unharmed, and the
- * images of dump -R make restore refuse before it creates anything.
+ * SysV semaphore sets and message queues, and AIO contexts, restored: the
+ * targets check the objects themselves after restore by using them. And
+ * what is still refused, each used by a real process on every tick:
+ * io_uring (its descriptor, and its rings mapped with the descriptor
+ * closed), a SysV queue shared with a live process outside the tree. The
+ * dump without -R fails with one line naming the object, the tree runs on
+ * unharmed, and the images of dump -R make restore refuse before it
+ * creates anything.
  */
 import assert from "node:assert/strict";
 import {
@@ -13,14 +15,25 @@ import {
   assertExit,
   assertNoHelper,
   assertOneLineError,
+  buildC,
+  childrenOf,
   dumpArgs,
   exists,
   isAlive,
+  type Json,
   killAndReap,
+  procMaps,
   procState,
   readLines,
+  showJson,
+  spawnTarget,
   startWriter,
   tempDir,
+  waitFor,
+  waitForLine,
+  waitForLines,
+  waitGone,
+  waitVanished,
 } from "./_util.ts";
 
 const PRELUDE = `import ctypes, os, sys, time
@@ -35,25 +48,6 @@ def must(r, what):
 
 /** Each case sets things up, then returns a function that uses the object (True when it works). */
 const CASES: Record<string, string> = {
-  sem: `class Sembuf(ctypes.Structure):
-    _fields_ = [("num", ctypes.c_ushort), ("op", ctypes.c_short), ("flg", ctypes.c_short)]
-sid = must(libc.semget(0, 1, 0o1600), "semget")
-open(sys.argv[2], "w").write("-s %d" % sid)
-must(libc.semctl(sid, 0, 16, 3), "SETVAL")
-def use():
-    ops = (Sembuf * 2)(Sembuf(0, 1, 0), Sembuf(0, -1, 0))
-    return libc.semop(sid, ops, 2) == 0 and libc.semctl(sid, 0, 12) == 3
-`,
-  msg: `qid = must(libc.msgget(0, 0o1600), "msgget")
-open(sys.argv[2], "w").write("-q %d" % qid)
-def use():
-    buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + 8)
-    ctypes.memmove(buf, ctypes.byref(ctypes.c_long(1)), ctypes.sizeof(ctypes.c_long))
-    ctypes.memmove(ctypes.addressof(buf) + 8, b"amber", 5)
-    if libc.msgsnd(qid, buf, 8, 0) != 0: return False
-    got = ctypes.create_string_buffer(16)
-    return libc.msgrcv(qid, got, 8, 0, 0) == 8 and got.raw[8:13] == b"amber"
-`,
   "io_uring": `params = (ctypes.c_char * 120)()
 fd = must(libc.syscall(425, 8, params), "io_uring_setup")
 use = lambda: os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[io_uring]"
@@ -64,10 +58,6 @@ ring = libc.mmap(None, 4096, 3, 1, fd, 0)
 os.close(fd)
 head = ctypes.c_uint32.from_address(ring)
 use = lambda: head.value == 0
-`,
-  aio: `ctx = ctypes.c_ulong(0)
-must(libc.syscall(206, 8, ctypes.byref(ctx)), "io_setup")
-use = lambda: ctx.value != 0
 `,
 };
 
@@ -110,14 +100,6 @@ async function assertRefused(kase: string, name: RegExp): Promise<void> {
   }
 }
 
-Deno.test("refused: a SysV semaphore set the process operates on", async () => {
-  await assertRefused("sem", /SysV semaphore set 0x00000000 \(id \d+\), used by this process/);
-});
-
-Deno.test("refused: a SysV message queue the process sends to and receives from", async () => {
-  await assertRefused("msg", /SysV message queue 0x00000000 \(id \d+\), used by this process/);
-});
-
 Deno.test("refused: an io_uring descriptor", async () => {
   await assertRefused("io_uring", /fd \d+: anon_inode:\[io_uring\]: io_uring descriptors/);
 });
@@ -126,6 +108,307 @@ Deno.test("refused: io_uring rings mapped, the descriptor closed", async () => {
   await assertRefused("io_uring-map", /mapping [0-9a-f.]+ anon_inode:\[io_uring\]: .* memory/);
 });
 
-Deno.test("refused: an AIO context (io_setup)", async () => {
-  await assertRefused("aio", /mapping [0-9a-f.]+ \/\[aio\] \(deleted\): AIO ring \(io_setup\)/);
+/**
+ * A semaphore set (values 3, 0, 7) and a queue holding three messages of
+ * types 5, 2, 9, both made as uid/gid 65534 (their creator) and then used
+ * by root. Counts every 20 ms; on SIGUSR1 it checks, through the ids it
+ * was given by the kernel, the values, that semop works on them, and that
+ * msgrcv returns the messages in order, and writes "check ok".
+ */
+const SYSV_PY = PRELUDE + `import signal
+class Sembuf(ctypes.Structure):
+    _fields_ = [("num", ctypes.c_ushort), ("op", ctypes.c_short), ("flg", ctypes.c_short)]
+class Msg(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_long), ("text", ctypes.c_char * 64)]
+MSGS = [(5, b"first"), (2, b"second one"), (9, b"third")]
+os.setegid(65534); os.seteuid(65534)
+sid = must(libc.semget(0, 3, 0o1640), "semget")
+qid = must(libc.msgget(0, 0o1620), "msgget")
+os.seteuid(0); os.setegid(0)
+for i, v in enumerate([3, 0, 7]):
+    must(libc.semctl(sid, i, 16, v), "SETVAL")
+for t, text in MSGS:
+    must(libc.msgsnd(qid, ctypes.byref(Msg(t, text)), len(text), 0), "msgsnd")
+open(sys.argv[2], "w").write("%d %d" % (sid, qid))
+out = open(sys.argv[1], "w")
+def values():
+    return [libc.semctl(sid, i, 12) for i in range(3)]
+def check():
+    if values() != [3, 0, 7]: return "values %s" % values()
+    ops = (Sembuf * 2)(Sembuf(0, -1, 0), Sembuf(2, 1, 0))
+    if libc.semop(sid, ops, 2) != 0 or values() != [2, 0, 8]: return "semop %s" % values()
+    for t, text in MSGS:
+        m = Msg()
+        n = libc.msgrcv(qid, ctypes.byref(m), 64, 0, 0o4000)
+        if n != len(text) or m.type != t or m.text != text: return "msgrcv %d %d %r" % (n, m.type, m.text)
+    if libc.msgrcv(qid, ctypes.byref(Msg()), 64, 0, 0o4000) != -1: return "a fourth message"
+    return "ok"
+def on_usr1(s, f):
+    with open(sys.argv[1] + ".check", "a") as c:
+        c.write("check %s\\n" % check())
+signal.signal(signal.SIGUSR1, on_usr1)
+n = 0
+while True:
+    out.write("%d\\n" % n)
+    out.flush()
+    n += 1
+    time.sleep(0.02)
+`;
+
+/** The rows of /proc/sysvipc/{sem,msg} for these ids, without times (and the queue's pids). */
+function sysvRows(sid: number, qid: number): string[] {
+  const row = (name: string, id: number, drop: number[]) =>
+    Deno.readTextFileSync(`/proc/sysvipc/${name}`).split("\n").map((l) => l.trim().split(/\s+/))
+      .find((f) => Number(f[1]) === id)?.filter((_, i) => !drop.includes(i)).join(" ") ?? "gone";
+  // sem: key semid perms nsems uid gid cuid cgid otime ctime;
+  // msg: key msqid perms cbytes qnum lspid lrpid uid gid cuid cgid stime rtime ctime.
+  return [row("sem", sid, [8, 9]), row("msg", qid, [5, 6, 11, 12, 13])];
+}
+
+/** Runs python3 code on the objects from outside (ctypes), with sid and qid set. */
+async function meddle(sid: number, qid: number, code: string): Promise<void> {
+  const r = await new Deno.Command("python3", {
+    args: ["-c", PRELUDE + `sid, qid = ${sid}, ${qid}\n` + code],
+  }).output();
+  assert.equal(r.code, 0, new TextDecoder().decode(r.stderr));
+}
+
+/** Has the target check the objects (SIGUSR1) and asserts it found them as they were. */
+async function checkOk(pid: number, out: string, what: string): Promise<void> {
+  const file = `${out}.check`;
+  const before = exists(file) ? (await readLines(file)).length : 0;
+  Deno.kill(pid, "SIGUSR1");
+  const lines = await waitForLine(file, (ls) => ls.length > before);
+  assert.equal(lines[before], "check ok", what);
+}
+
+async function withSysvTarget(
+  body: (t: { pid: number; out: string; img: string; sid: number; qid: number }) => Promise<void>,
+): Promise<void> {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, ids = `${tmp.path}/ids`;
+  const t = await startWriter(["setsid", "python3", "-c", SYSV_PY, out, ids], out, 3, 30_000);
+  const [sid, qid] = Deno.readTextFileSync(ids).split(" ").map(Number);
+  try {
+    await body({ pid: t.pid, out, img: `${tmp.path}/img`, sid, qid });
+  } finally {
+    if (isAlive(t.pid)) await killAndReap(t.pid);
+    await new Deno.Command("ipcrm", { args: ["-s", String(sid), "-q", String(qid)] }).output();
+  }
+}
+
+Deno.test("restored: SysV semaphore values and queued messages, the objects taken over after a dump", async () => {
+  await withSysvTarget(async ({ pid, out, img, sid, qid }) => {
+    const rows = sysvRows(sid, qid);
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await waitGone(pid);
+    // The kernel keeps them when their users end, as the dump leaves them.
+    assert.deepEqual(sysvRows(sid, qid), rows, "the dump changed the objects");
+    // Meanwhile someone changes them: the restore puts the dumped state back.
+    await meddle(
+      sid,
+      qid,
+      `libc.semctl(sid, 0, 16, 99)
+m = ctypes.create_string_buffer(16)
+m[0] = 1
+must(libc.msgsnd(qid, m, 4, 0), "msgsnd")
+`,
+    );
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.deepEqual(sysvRows(sid, qid), rows, "the restored objects differ");
+    // Still the tree's: a second dump finds them through their last pids.
+    assertExit(await amber(dumpArgs(pid, `${img}2`, "-R")), 0, "dump -R of the restored tree");
+    const again = (await showJson(`${img}2`)).processes[0].images.sysvipc;
+    assert.deepEqual([again.sems[0]?.id, again.msgs[0]?.id], [sid, qid], "the second dump");
+    assert.deepEqual(again.sems[0].values, [3, 0, 7], "values in the second dump");
+    await checkOk(pid, out, "after restore");
+    await assertCounterGoesOn(out, (await readLines(out)).length, 5, "after restore");
+  });
+});
+
+Deno.test("restored: SysV semaphores and queues made again under their ids; dump -R leaves them untouched", async () => {
+  await withSysvTarget(async ({ pid, out, img, sid, qid }) => {
+    const rows = sysvRows(sid, qid);
+    assertExit(await amber(dumpArgs(pid, img, "-R")), 0, "dump -R");
+    assert.deepEqual(sysvRows(sid, qid), rows, "dump -R changed the objects");
+    await checkOk(pid, out, "after dump -R, the running original");
+    await killAndReap(pid);
+    const ipcrm = await new Deno.Command("ipcrm", { args: ["-s", `${sid}`, "-q", `${qid}`] })
+      .output();
+    assert.equal(ipcrm.code, 0, "ipcrm");
+    // A restore that fails removes what it made again.
+    const failed = await amber(["restore", "-D", img, "-d", "--allow-changed-files"], {
+      AMBER_TEST_FAULT: "before-detach",
+    });
+    assertOneLineError(failed, 1, "failed restore");
+    assert.deepEqual(sysvRows(sid, qid), ["gone", "gone"], "the failed restore left objects");
+    // (The counter file went on after dump -R.)
+    assertExit(await amber(["restore", "-D", img, "-d", "--allow-changed-files"]), 0, "restore");
+    assert.deepEqual(
+      sysvRows(sid, qid),
+      rows,
+      "the objects made again differ (ids, owner, creator)",
+    );
+    await checkOk(pid, out, "after restore");
+  });
+});
+
+Deno.test("refused: a SysV message queue shared with a live process outside the tree", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, ids = `${tmp.path}/ids`;
+  // The outsider makes the queue, sends one message and stays.
+  const outsider = spawnTarget([
+    "python3",
+    "-c",
+    PRELUDE + `qid = must(libc.msgget(0, 0o1600), "msgget")
+m = ctypes.create_string_buffer(16)
+m[0] = 1
+must(libc.msgsnd(qid, m, 4, 0), "msgsnd")
+open(sys.argv[1], "w").write("%d" % qid)
+time.sleep(600)
+`,
+    ids,
+  ]);
+  let qid = -1;
+  try {
+    qid = Number(
+      await waitFor(
+        () => exists(ids) && Deno.readTextFileSync(ids) || undefined,
+        "the outsider's queue id",
+      ),
+    );
+    const t = await startWriter(
+      [
+        "setsid",
+        "python3",
+        "-c",
+        PRELUDE + `qid = int(sys.argv[2])
+must(libc.msgrcv(qid, ctypes.create_string_buffer(16), 8, 0, 0), "msgrcv")
+use = lambda: True
+` + LOOP,
+        out,
+        String(qid),
+      ],
+      out,
+      3,
+      30_000,
+    );
+    try {
+      const msg = assertOneLineError(await amber(dumpArgs(t.pid, `${tmp.path}/img`)), 1, "dump");
+      assert.match(
+        msg,
+        new RegExp(
+          `SysV message queue 0x00000000 \\(id ${qid}\\) is also used by pid ${outsider.pid}, outside`,
+        ),
+        msg,
+      );
+      await assertCounterGoesOn(out, (await readLines(out)).length, 5, "after the refusal");
+    } finally {
+      await killAndReap(t.pid);
+    }
+  } finally {
+    await killAndReap(outsider.pid);
+    if (qid >= 0) await new Deno.Command("ipcrm", { args: ["-q", String(qid)] }).output();
+  }
+});
+
+/** The aio target (testdata/aio.c) on a data file, counting into out.txt. */
+async function withAioTarget(
+  body: (t: { pid: number; out: string; img: string }) => Promise<void>,
+): Promise<void> {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, data = `${tmp.path}/data`;
+  Deno.writeTextFileSync(data, "0123456789abcdefghijklmnopqrstuvwxyz");
+  const t = await startWriter(["setsid", await buildC("aio"), out, data], out, 3);
+  try {
+    await body({ pid: t.pid, out, img: `${tmp.path}/img` });
+  } finally {
+    if (isAlive(t.pid)) await killAndReap(t.pid);
+  }
+}
+
+Deno.test("restored: an AIO context with a completion not yet reaped, then a new request", async () => {
+  await withAioTarget(async ({ pid, out, img }) => {
+    const ring = procMaps(pid).find((m) => m.path.startsWith("/[aio]"));
+    assert.ok(ring, "the target has no AIO ring");
+    assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    await waitGone(pid);
+    const image = (await showJson(img)).processes[0].images.mappings.mappings.find((m: Json) =>
+      m.path.startsWith("/[aio]")
+    );
+    assert.deepEqual([image.aio.nr, image.aio.head, image.aio.tail], [383, 5, 6], "ring in image");
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    const again = procMaps(pid).find((m) => m.path.startsWith("/[aio]"));
+    assert.deepEqual([again?.start, again?.end], [ring.start, ring.end], "the ring's address");
+    await checkOk(pid, out, "after restore");
+    await assertCounterGoesOn(out, (await readLines(out)).length, 5, "after restore");
+  });
+});
+
+Deno.test("restored: an AIO context from dump -R, which left the original's ring as it was", async () => {
+  await withAioTarget(async ({ pid, out, img }) => {
+    assertExit(await amber(dumpArgs(pid, img, "-R")), 0, "dump -R");
+    await checkOk(pid, out, "the original after dump -R");
+    await killAndReap(pid);
+    assertExit(await amber(["restore", "-D", img, "-d", "--allow-changed-files"]), 0, "restore");
+    await checkOk(pid, out, "after restore");
+  });
+});
+
+/**
+ * Parent and child share one set of two semaphores: the parent last set
+ * semaphore 0, the child semaphore 1 (semctl GETPID names each). Each
+ * logs every 20 ms whether GETPID still names the right process for both
+ * and the values are still 4 and 9.
+ */
+const SHARED_SEM_PY = PRELUDE + `sid = must(libc.semget(0, 2, 0o1600), "semget")
+open(sys.argv[2], "w").write("%d" % sid)
+must(libc.semctl(sid, 0, 16, 4), "SETVAL")
+parent = os.getpid()
+child = os.fork()
+if child == 0:
+    must(libc.semctl(sid, 1, 16, 9), "SETVAL")
+    child = os.getpid()
+else:
+    while libc.semctl(sid, 1, 11) != child: time.sleep(0.01)
+out = open(sys.argv[1] + (".P" if os.getpid() == parent else ".C"), "w")
+n = 0
+while True:
+    ok = [libc.semctl(sid, i, 11) for i in (0, 1)] == [parent, child]
+    ok = ok and [libc.semctl(sid, i, 12) for i in (0, 1)] == [4, 9]
+    out.write("%d\\n" % n if ok else "BAD %d\\n" % n)
+    out.flush()
+    n += 1
+    time.sleep(0.02)
+`;
+
+Deno.test("restored: a semaphore set parent and child share, each semaphore's last pid its own", async () => {
+  await using tmp = await tempDir();
+  const base = `${tmp.path}/out`, ids = `${tmp.path}/ids`;
+  const t = await startWriter(
+    ["setsid", "python3", "-c", SHARED_SEM_PY, base, ids],
+    `${base}.P`,
+    3,
+  );
+  const sid = Number(Deno.readTextFileSync(ids));
+  let pids = [t.pid];
+  try {
+    await waitForLines(`${base}.C`, 3);
+    pids = [t.pid, ...childrenOf(t.pid)];
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(t.pid, img)), 0, "dump");
+    await waitVanished(pids);
+    const doc = await showJson(img);
+    const part = (pid: number) => doc.processes.find((p: Json) => p.pid === pid).images.sysvipc;
+    assert.equal(part(pids[0]).sems.length, 1, "the parent records the set");
+    assert.equal(part(pids[1]).sems.length, 0, "the child refers to it");
+    assert.deepEqual(part(pids[1]).own, [{ id: sid, nums: [1], values: [9] }], "the child's own");
+    const n = [(await readLines(`${base}.P`)).length, (await readLines(`${base}.C`)).length];
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    await assertCounterGoesOn(`${base}.P`, n[0], 5, "the parent after restore");
+    await assertCounterGoesOn(`${base}.C`, n[1], 5, "the child after restore");
+  } finally {
+    for (const pid of pids) if (isAlive(pid)) await killAndReap(pid);
+    await new Deno.Command("ipcrm", { args: ["-s", String(sid)] }).output();
+  }
 });

@@ -158,6 +158,14 @@ function toFile(file: string, argv: string[]): string[] {
   return ["setsid", "bash", "-c", 'f=$1; shift; exec "$@" > "$f"', "to-file", file, ...argv];
 }
 
+function hasAioRing(pid: number): boolean {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/maps`).includes("/[aio]");
+  } catch {
+    return false;
+  }
+}
+
 function threadCount(pid: number): number {
   try {
     return threadsOf(pid).length;
@@ -1066,6 +1074,48 @@ const CASES: Case[] = [
     },
     result: (r) => digests(`${r.dir}/out.txt`),
     exitCode: 128 + 15,
+  },
+  {
+    name: "fio on libaio: 32 MiB written at iodepth 8, then verified (crc32c)",
+    commands: ["fio"],
+    expect: "restores",
+    argv: (r) => [
+      "setsid",
+      "fio",
+      "--name=aio",
+      "--ioengine=libaio",
+      "--iodepth=8",
+      "--rw=write",
+      "--bs=4k",
+      "--size=32M",
+      `--filename=${r.dir}/data`,
+      "--rate_iops=2000",
+      "--verify=crc32c",
+      "--output-format=terse",
+      `--output=${r.dir}/out.txt`,
+    ],
+    midWork: async (_r, pid) => {
+      // The job is fio's child, with its io_setup ring; some of its writes are done.
+      const job = () => descendants(pid).find((p) => p !== pid && hasAioRing(p));
+      const written = () => {
+        try {
+          const io = Deno.readTextFileSync(`/proc/${job()}/io`);
+          return Number(/write_bytes: (\d+)/.exec(io)?.[1] ?? 0);
+        } catch {
+          return 0; // not started yet, or just ended
+        }
+      };
+      await until(
+        () => written() > 4 << 20,
+        "fio's job wrote nothing through its AIO context",
+        30_000,
+      );
+    },
+    // fio fails (and says so in its terse line's error field) if a block does not verify.
+    result: async (r) => {
+      const f = (await Deno.readTextFile(`${r.dir}/out.txt`)).trim().split(";");
+      return `job ${f[2]} error ${f[4]}, ${Deno.statSync(`${r.dir}/data`).size} bytes`;
+    },
   },
 ];
 

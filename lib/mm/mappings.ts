@@ -17,6 +17,8 @@ import { putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { attachSysvShm, dumpSysvShm, sysvConflict, SysvShm } from "./sysvshm.ts";
+import { AioRing, dumpAioRing, isAioRing, restoreAioRing } from "./aio.ts";
+import type { Injector } from "../../ffi/inject.ts";
 import {
   checkGhost,
   deletedPlaces,
@@ -71,6 +73,8 @@ export const Mapping = z.object({
   }).optional(),
   /** A SysV shared memory attachment: the segment. */
   sysv: SysvShm.optional(),
+  /** The ring of an AIO context (io_setup): its size, head, tail and waiting completions. */
+  aio: AioRing.optional(),
   /** A deleted file shared with a descriptor of an earlier process: mapped through it. */
   viaFd: z.object({ pid: z.number().int(), fd: z.number().int().min(0) }).optional(),
 }).refine((m) => m.start < m.end && m.start % PAGE === 0n && m.end % PAGE === 0n, "bad range");
@@ -119,6 +123,8 @@ interface DumpWhere {
   tree: TreeDumpState;
   dir: ImageDir;
   ghostLimit: number;
+  /** Runs in the frozen process (AIO rings ask it whether it has their context). */
+  injector?: Injector;
 }
 
 /**
@@ -163,6 +169,9 @@ export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
     let sharedWith: number | undefined;
     let sharedFrom: MapsEntry | undefined;
     const sysv = e.path.startsWith("/SYSV") ? dumpSysvShm(e.inode) : undefined;
+    const aio = isAioRing(e.path) && w.injector
+      ? withContext(mappingLabel(e), () => dumpAioRing(pid, w.injector!, e.start, e.end))
+      : undefined;
     if (kind === "shmem") {
       // A SysV segment's inode number is its id: kept apart from other shared memory.
       const key = sysv ? -1 - e.inode : e.inode;
@@ -187,6 +196,7 @@ export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
         ? identity(`/proc/${pid}/map_files/${hex(e.start)}-${hex(e.end)}`)
         : undefined,
       sysv,
+      aio,
       sharedWith,
       sharedFrom: sharedFrom &&
         { start: sharedFrom.start, end: sharedFrom.end, offset: sharedFrom.offset },
@@ -412,7 +422,7 @@ function whyNot(m: MappingImage): string | undefined {
   if (m.vmFlags.includes("io") || m.vmFlags.includes("pf")) {
     return "device memory (VM_IO/VM_PFNMAP): not supported yet";
   }
-  if (m.kind !== "file" || !m.path.endsWith(DELETED)) return undefined;
+  if (m.aio || m.kind !== "file" || !m.path.endsWith(DELETED)) return undefined;
   const pseudo = pseudoDeleted(m.path);
   if (pseudo || !m.deleted) return `${pseudo ?? "a deleted file"}: not supported yet`;
   if (m.deleted.internal) return `${m.deleted.internal}: not supported yet`;
@@ -427,8 +437,8 @@ export const mappingsPart = definePart({
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
-  async dump({ pid, tree, dir, options }) {
-    const mappings = dumpMappings({ pid, tree, dir, ghostLimit: options.ghostLimit });
+  async dump({ pid, tree, dir, options, injector }) {
+    const mappings = dumpMappings({ pid, tree, dir, ghostLimit: options.ghostLimit, injector });
     return { mappings, vdsoSha256: await vdsoDigest(pid) };
   },
   unrestorable({ mappings }) {
@@ -448,7 +458,7 @@ export const mappingsPart = definePart({
         if (m.ghost) checkGhost(ctx, m.ghost);
         const conflict = m.sysv && m.sharedWith === undefined && sysvConflict(m.sysv);
         if (conflict) throw new AmberError(conflict);
-        if (m.kind !== "file" || m.deleted) return;
+        if (m.kind !== "file" || m.deleted || m.aio) return;
         let now;
         try {
           now = identity(m.path);
@@ -469,9 +479,13 @@ export const mappingsPart = definePart({
     unmapHelper(ctx);
     const fds = new Map<string, number>();
     for (const m of mappings) {
-      if (m.kind === "special" || m.kind === "vsyscall") continue;
+      if (m.kind === "special" || m.kind === "vsyscall" || m.aio) continue;
       withContext(mappingLabel(m), () => mapOne(ctx, m, fds));
     }
     for (const fd of fds.values()) ctx.injector.call("close", NR.close, fd);
+    // Once every mapping is in place: io_setup's ring lands in a hole, then moves to its own.
+    for (const m of mappings) {
+      if (m.aio) withContext(mappingLabel(m), () => restoreAioRing(ctx, m.aio!, m.start));
+    }
   },
 });

@@ -1,0 +1,95 @@
+/*
+ * aio OUTFILE DATAFILE
+ *
+ * Test target for amber: an AIO context (io_setup(128)) holding one
+ * completion not yet reaped: a pread of DATAFILE's first 16 bytes (no
+ * O_DIRECT: it completes inside io_submit). Then counts into OUTFILE every
+ * 20 ms. On SIGUSR1 (handled in the main loop) it reaps that completion
+ * with io_getevents, submits a second pread (at offset 16) and reaps it,
+ * and writes "check ok" to OUTFILE.check, or "check BAD ..." saying what
+ * differed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/aio_abi.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common.h"
+
+static aio_context_t ctx;
+static int data;
+static char first[16], second[16], expect[32];
+static volatile sig_atomic_t asked;
+
+static void on_usr1(int sig) {
+  (void)sig;
+  asked = 1;
+}
+
+static long submit(char *buf, long offset, unsigned long tag) {
+  struct iocb cb = {0};
+  struct iocb *list[1] = {&cb};
+  cb.aio_data = tag;
+  cb.aio_lio_opcode = IOCB_CMD_PREAD;
+  cb.aio_fildes = (unsigned)data;
+  cb.aio_buf = (unsigned long)buf;
+  cb.aio_nbytes = 16;
+  cb.aio_offset = offset;
+  return syscall(SYS_io_submit, ctx, 1, list);
+}
+
+/* Reaps one event: NULL if it is the read tagged `tag` into `buf` of `want`, else what is wrong. */
+static const char *reap(unsigned long tag, const char *buf, const char *want) {
+  struct io_event ev;
+  struct timespec ts = {2, 0};
+  long n = syscall(SYS_io_getevents, ctx, 1, 1, &ev, &ts);
+  if (n != 1) return "io_getevents returned no event";
+  if (ev.data != tag) return "wrong event";
+  if (ev.res != 16) return "wrong result";
+  if (memcmp(buf, want, 16)) return "wrong data";
+  return NULL;
+}
+
+static void check(const char *path) {
+  const char *bad = reap(1, first, expect);
+  if (!bad && submit(second, 16, 2) != 1) bad = "io_submit after restore";
+  if (!bad) bad = reap(2, second, expect + 16);
+  int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+  char line[128];
+  int len = snprintf(line, sizeof line, "check %s%s\n", bad ? "BAD " : "ok", bad ? bad : "");
+  write_all(fd, line, (size_t)len);
+  close(fd);
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) return 2;
+  char checkPath[4096];
+  snprintf(checkPath, sizeof checkPath, "%s.check", argv[1]);
+  int out = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  data = open(argv[2], O_RDONLY);
+  if (out < 0 || data < 0 || pread(data, expect, 32, 0) != 32) return 3;
+  if (syscall(SYS_io_setup, 128, &ctx) != 0) return 4;
+  for (int i = 0; i < 5; i++) {
+    if (submit(first, 0, 1) != 1 || reap(1, first, expect)) return 5;
+  }
+  memset(first, 0, sizeof first);
+  if (submit(first, 0, 1) != 1) return 5;
+  signal(SIGUSR1, on_usr1);
+  for (long n = 0;; n++) {
+    if (asked) {
+      asked = 0;
+      check(checkPath);
+    }
+    char line[32];
+    int len = snprintf(line, sizeof line, "%ld\n", n);
+    write_all(out, line, (size_t)len);
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+}
