@@ -212,3 +212,137 @@ Deno.test("a unix connection to a peer outside the tree: dump refuses, -R images
     listener.close();
   }
 });
+
+/**
+ * A listener and a client in parent and child (argv[4]: which is the
+ * parent); the client connects and (argv[5] "data") sends three messages,
+ * then waits for a reply. The server accepts only on SIGUSR1, reads what
+ * waited, checks the connection's SO_PEERCRED pid is the client's and
+ * replies.
+ */
+const BACKLOG_PY = `import os, signal, socket, sys, time
+out, path, kind, role, send = sys.argv[1:6]
+typ = socket.SOCK_STREAM if kind == "stream" else socket.SOCK_SEQPACKET
+msgs = [b"one", b"two", b"three"] if send == "data" else []
+def log(s):
+    with open(out, "a") as f:
+        f.write(s + "\\n")
+go = []
+signal.signal(signal.SIGUSR1, lambda s, f: go.append(1))
+def server(l, client_pid):
+    while not go:
+        time.sleep(0.02)
+    c, _ = l.accept()
+    got = []
+    if typ == socket.SOCK_STREAM:
+        want = sum(len(m) for m in msgs)
+        data = b""
+        while len(data) < want:
+            data += c.recv(100)
+        got = [data.decode()] if data else []
+    else:
+        c.setblocking(False)
+        while True:
+            try:
+                got.append(c.recv(100).decode())
+            except BlockingIOError:
+                break
+    cred = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid = int.from_bytes(cred[:4], "little")
+    log("accepted " + "|".join(got) + " peer " + ("client" if pid == client_pid else str(pid)))
+    c.sendall(b"reply")
+def client():
+    c = socket.socket(socket.AF_UNIX, typ)
+    c.connect(path)
+    for m in msgs:
+        c.send(m)
+    log("connected")
+    log("client got " + c.recv(100).decode())
+if role == "server-parent":
+    l = socket.socket(socket.AF_UNIX, typ); l.bind(path); l.listen(4)
+    pid = os.fork()
+    if pid == 0:
+        client(); os._exit(0)
+    server(l, pid)
+    os.waitpid(pid, 0)
+else:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        l = socket.socket(socket.AF_UNIX, typ); l.bind(path); l.listen(4)
+        os.write(w, b"x"); os.close(w)
+        server(l, os.getppid()); os._exit(0)
+    os.close(w); os.read(r, 1); os.close(r)
+    client()
+    os.waitpid(pid, 0)
+log("done")
+time.sleep(600)
+`;
+
+async function startBacklog(out: string, path: string, kind: string, role: string, send: string) {
+  const argv = ["setsid", "python3", "-c", BACKLOG_PY, out, path, kind, role, send];
+  const target = await startWriter(argv, out, 1);
+  const pids = descendants(target.pid);
+  assert.equal(pids.length, 2, "parent and child");
+  return { target, pids, server: role === "server-parent" ? pids[0] : pids[1] };
+}
+
+for (
+  const [kind, role, send] of [
+    ["stream", "server-parent", "none"],
+    ["stream", "server-parent", "data"],
+    ["seqpacket", "server-parent", "data"],
+    ["stream", "client-parent", "data"],
+  ]
+) {
+  Deno.test(`a ${kind} connection waiting in the backlog (${role}, ${send}): accepted after restore`, async () => {
+    await using tmp = await tempDir();
+    const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
+    const { target, pids, server } = await startBacklog(out, path, kind, role, send);
+    try {
+      const img = `${tmp.path}/img`;
+      await dumpKill(target.pid, pids, img, "backlog");
+      await target.child.status;
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+      Deno.kill(server, "SIGUSR1");
+      const lines = await waitForLine(out, (l) => l.includes("done"));
+      const sent = send === "none" ? "" : kind === "stream" ? "onetwothree" : "one|two|three";
+      assert.deepEqual(
+        lines.filter((l) => l !== "connected").sort(),
+        [`accepted ${sent} peer client`, "client got reply", "done"],
+        "the server accepted the connection with what was sent, the client got the reply",
+      );
+    } finally {
+      for (const p of pids.reverse()) await killAndReap(p);
+    }
+  });
+}
+
+Deno.test("a connection waiting in the backlog with data: dump -R refuses it, a failed dump takes nothing", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
+  const { target, pids, server } = await startBacklog(out, path, "stream", "server-parent", "data");
+  try {
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(target.pid, img, "-R")), 0, "dump -R");
+    const rr = await amber(["restore", "-D", img, "-d"]);
+    const msg = assertOneLineError(rr, 1, "restore of the -R images");
+    assert.match(msg, /waiting to be accepted has sent data.*dump without -R/, msg);
+    // A kill dump interrupted, or failing, at its last step takes nothing either.
+    for (const fault of ["before-commit:SIGINT", "before-commit"]) {
+      const r = await amber(dumpArgs(target.pid, `${tmp.path}/img2`), { AMBER_TEST_FAULT: fault });
+      assert.notEqual(r.code, 0, `dump with ${fault}`);
+      assert.ok(pids.every(isAlive), `the tree runs on after ${fault}`);
+    }
+    Deno.kill(server, "SIGUSR1");
+    const lines = await waitForLine(out, (l) => l.includes("done"));
+    assert.deepEqual(
+      lines.filter((l) => l !== "connected").sort(),
+      ["accepted onetwothree peer client", "client got reply", "done"],
+      "the server still accepts the connection and what was sent",
+    );
+  } finally {
+    for (const p of pids.reverse()) await killAndReap(p);
+  }
+});
