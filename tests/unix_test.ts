@@ -220,7 +220,7 @@ Deno.test("a unix connection to a peer outside the tree: dump refuses, -R images
  * waited, checks the connection's SO_PEERCRED pid is the client's and
  * replies.
  */
-const BACKLOG_PY = `import os, signal, socket, sys, time
+const BACKLOG_PY = `import os, signal, socket, struct, sys, time
 out, path, kind, role, send = sys.argv[1:6]
 typ = socket.SOCK_STREAM if kind == "stream" else socket.SOCK_SEQPACKET
 msgs = [b"one", b"two", b"three"] if send == "data" else []
@@ -256,6 +256,8 @@ def client():
     c.connect(path)
     for m in msgs:
         c.send(m)
+    if send == "fds":
+        c.sendmsg([b"fd"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", 0))])
     log("connected")
     log("client got " + c.recv(100).decode())
 if role == "server-parent":
@@ -343,6 +345,29 @@ Deno.test("a connection waiting in the backlog with data: dump -R refuses it, a 
       "the server still accepts the connection and what was sent",
     );
   } finally {
+    for (const p of pids.reverse()) await killAndReap(p);
+  }
+});
+
+Deno.test("a backlog connection from outside the tree, or carrying descriptors: dump refuses, the tree runs on", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
+  const { target, pids, server } = await startBacklog(out, path, "stream", "server-parent", "fds");
+  const outside = await Deno.connect({ transport: "unix", path });
+  try {
+    const r = await amber(dumpArgs(target.pid, `${tmp.path}/img`));
+    const msg = assertOneLineError(r, 1, "dump");
+    assert.match(msg, /carry 1 descriptor\(s\) \(SCM_RIGHTS\)/, msg);
+    assert.ok(pids.every(isAlive), "the tree runs on");
+    // Once the server took that one, the waiting connection is the outside one.
+    Deno.kill(server, "SIGUSR1");
+    await waitForLine(out, (l) => l.includes("done"));
+    const r2 = await amber(dumpArgs(target.pid, `${tmp.path}/img`));
+    const msg2 = assertOneLineError(r2, 1, "dump");
+    assert.match(msg2, /waiting in its backlog comes from socket:\[\d+\], held outside/, msg2);
+    assert.ok(isAlive(pids[0]), "the server runs on");
+  } finally {
+    outside.close();
     for (const p of pids.reverse()) await killAndReap(p);
   }
 });
