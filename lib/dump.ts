@@ -372,7 +372,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     await guard.checkpoint();
     // Nothing can refuse this dump any more: what can only be read by
     // taking it from the tree is taken now (no checkpoint from here on).
-    if (!options.leaveRunning) for (const take of state.beforeCommit.splice(0)) take(dir);
+    if (!options.leaveRunning) { for (const take of state.beforeCommit.splice(0)) take(dir); }
     // The inventory, rewritten with the verdict and made durable only once
     // all else is, marks the images complete.
     dir.write(inventoryImage, { ...inventory, verdict: reasons });

@@ -214,7 +214,7 @@ function clientsWaiting(tree: TreeDumpState): Map<number, UnixSocketInfo> {
   return kindState(tree.kinds, "unix clients waiting", () => {
     const out = new Map<number, UnixSocketInfo>();
     for (const s of socketsOf(tree).values()) {
-      if (s.state === STATE.LISTEN) for (const c of s.pending) if (c) out.set(c, s);
+      if (s.state === STATE.LISTEN) { for (const c of s.pending) if (c) out.set(c, s); }
     }
     return out;
   });
@@ -253,7 +253,11 @@ function noteRelations(tree: TreeDumpState, e: z.input<typeof UnixEntry>, label:
       why: `${label}: a connection waiting in its backlog comes from socket:[${c}], ${outside}: ` +
         "not supported yet",
     }));
-  noteSeen(tree, e.ino, e.state === STATE.LISTEN || e.peer !== undefined || e.inflight ? others : []);
+  noteSeen(
+    tree,
+    e.ino,
+    e.state === STATE.LISTEN || e.peer !== undefined || e.inflight ? others : [],
+  );
 }
 
 /** What a dump that ends the tree takes from backlogs before its images are final. */
@@ -317,7 +321,9 @@ function takeBacklog(
     const client = s.pending[i];
     const ino = inode(Deno.readLinkSync(`/proc/self/fd/${conn}`));
     if (ino === undefined || now.get(ino)?.peer !== client) {
-      throw new AmberError(`${from.label}: backlog: connection ${i + 1} is not socket:[${client}]'s`);
+      throw new AmberError(
+        `${from.label}: backlog: connection ${i + 1} is not socket:[${client}]'s`,
+      );
     }
     // Each message's credentials are its sender's, the client: they come
     // back by sending it again from the restored client.
@@ -558,7 +564,11 @@ interface BacklogRestore {
 }
 
 function backlogRestore(ctx: RestoreContext): BacklogRestore {
-  return kindState(ctx.tree.kinds, "unix backlog", () => ({ listening: new Set(), early: new Map() }));
+  return kindState(
+    ctx.tree.kinds,
+    "unix backlog",
+    () => ({ listening: new Set(), early: new Map() }),
+  );
 }
 
 /** What client `e` had sent, from the backlog image. */
