@@ -333,7 +333,7 @@ function takeBacklog(
     if (q.ancillary) {
       throw new AmberError(`${from.label}: socket:[${client}] sent ancillary data: not supported`);
     }
-    if (q.messages.length) st.image.queues.push({ client, messages: q.messages });
+    if (sent.includes(client)) st.image.queues.push({ client, messages: q.messages });
   }
   dir.write(backlogImage, st.image);
 }
@@ -593,6 +593,9 @@ function createWaitingClient(ctx: RestoreContext, e: UnixImage): number {
   const inj = ctx.injector;
   const fd = Number(inj.call("socket", NR.socket, AF_UNIX, e.type | O_CLOEXEC | O_NONBLOCK, 0));
   applyOptions(ctx, fd, e);
+  // A client may have bound a name of its own before connecting.
+  if (e.name) bindName(ctx, fd, e.name);
+  ownSocketFile(e);
   const st = backlogRestore(ctx);
   const listener = e.inflight!.listener;
   if (!st.listening.has(listener)) {
@@ -656,7 +659,7 @@ export const unixFd = defineFdKind({
   precheck(e, ctx) {
     checkSentData(e, ctx);
     const path = pathName(e.name);
-    if (!path || e.state === STATE.CONNECTED) return;
+    if (!path || (e.state === STATE.CONNECTED && !e.inflight)) return;
     let st: Deno.FileInfo;
     try {
       st = Deno.lstatSync(path);
