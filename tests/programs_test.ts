@@ -25,6 +25,7 @@ import {
   descendants,
   dumpArgs,
   exists,
+  freePort,
   isAlive,
   killTree,
   procStatFields,
@@ -213,14 +214,6 @@ function describeTree(pid: number): string {
     }
   }
   return lines.join("\n") || "  (no process left)";
-}
-
-/** A free TCP port on 127.0.0.1 (asked of the kernel, then released). */
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
 }
 
 /** Fetches PATH with a plain HTTP/1.0 GET (no connection pool); returns the body's sha256. */

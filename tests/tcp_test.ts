@@ -12,6 +12,7 @@ import {
   assertOneLineError,
   commandWorks,
   dumpArgs,
+  freePort,
   isAlive,
   type Json,
   killTree,
@@ -40,13 +41,6 @@ async function lockTables(): Promise<string[]> {
 
 async function assertNoLock(what: string): Promise<void> {
   assert.deepEqual(await lockTables(), [], `${what}: an amber table is left in the ruleset`);
-}
-
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
 }
 
 async function readAll(conn: Deno.Conn): Promise<string> {
