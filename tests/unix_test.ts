@@ -282,12 +282,46 @@ log("done")
 time.sleep(600)
 `;
 
-async function startBacklog(out: string, path: string, kind: string, role: string, send: string) {
+interface Backlog {
+  dir: string;
+  out: string;
+  path: string;
+  target: Awaited<ReturnType<typeof startWriter>>;
+  pids: number[];
+  server: number;
+}
+
+/** Runs `fn` on a started BACKLOG_PY, whose processes are ended afterwards. */
+async function withBacklog(
+  kind: string,
+  role: string,
+  send: string,
+  fn: (b: Backlog) => Promise<void>,
+): Promise<void> {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
   const argv = ["setsid", "python3", "-c", BACKLOG_PY, out, path, kind, role, send];
   const target = await startWriter(argv, out, 1);
   const pids = descendants(target.pid);
-  assert.equal(pids.length, 2, "parent and child");
-  return { target, pids, server: role === "server-parent" ? pids[0] : pids[1] };
+  try {
+    assert.equal(pids.length, 2, "parent and child");
+    const server = role === "server-parent" ? pids[0] : pids[1];
+    await fn({ dir: tmp.path, out, path, target, pids, server });
+  } finally {
+    for (const p of [...pids].reverse()) await killAndReap(p);
+    await killAndReap(target.pid);
+  }
+}
+
+/** Lets the server accept; checks it got `sent` from the client, and the client its reply. */
+async function assertAccepted(out: string, server: number, sent: string, what: string) {
+  Deno.kill(server, "SIGUSR1");
+  const lines = await waitForLine(out, (l) => l.includes("done"));
+  assert.deepEqual(
+    lines.filter((l) => l !== "connected").sort(),
+    [`accepted ${sent} peer client`, "client got reply", "done"],
+    what,
+  );
 }
 
 for (
@@ -299,75 +333,71 @@ for (
   ]
 ) {
   Deno.test(`a ${kind} connection waiting in the backlog (${role}, ${send}): accepted after restore`, async () => {
-    await using tmp = await tempDir();
-    const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
-    const { target, pids, server } = await startBacklog(out, path, kind, role, send);
-    try {
-      const img = `${tmp.path}/img`;
+    await withBacklog(kind, role, send, async ({ dir, out, target, pids, server }) => {
+      const img = `${dir}/img`;
       await dumpKill(target.pid, pids, img, "backlog");
       await target.child.status;
       assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
-      Deno.kill(server, "SIGUSR1");
-      const lines = await waitForLine(out, (l) => l.includes("done"));
       const sent = send === "none" ? "" : kind === "stream" ? "onetwothree" : "one|two|three";
-      assert.deepEqual(
-        lines.filter((l) => l !== "connected").sort(),
-        [`accepted ${sent} peer client`, "client got reply", "done"],
+      await assertAccepted(
+        out,
+        server,
+        sent,
         "the server accepted the connection with what was sent, the client got the reply",
       );
-    } finally {
-      for (const p of pids.reverse()) await killAndReap(p);
-    }
+    });
   });
 }
 
 Deno.test("a connection waiting in the backlog with data: dump -R refuses it, a failed dump takes nothing", async () => {
-  await using tmp = await tempDir();
-  const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
-  const { target, pids, server } = await startBacklog(out, path, "stream", "server-parent", "data");
-  try {
-    const img = `${tmp.path}/img`;
-    assertExit(await amber(dumpArgs(target.pid, img, "-R")), 0, "dump -R");
-    const rr = await amber(["restore", "-D", img, "-d"]);
-    const msg = assertOneLineError(rr, 1, "restore of the -R images");
-    assert.match(msg, /waiting to be accepted has sent data.*dump without -R/, msg);
-    // A kill dump interrupted, or failing, at its last step takes nothing either.
-    for (const fault of ["before-commit:SIGINT", "before-commit"]) {
-      const r = await amber(dumpArgs(target.pid, `${tmp.path}/img2`), { AMBER_TEST_FAULT: fault });
-      assert.notEqual(r.code, 0, `dump with ${fault}`);
-      assert.ok(pids.every(isAlive), `the tree runs on after ${fault}`);
-    }
-    Deno.kill(server, "SIGUSR1");
-    const lines = await waitForLine(out, (l) => l.includes("done"));
-    assert.deepEqual(
-      lines.filter((l) => l !== "connected").sort(),
-      ["accepted onetwothree peer client", "client got reply", "done"],
-      "the server still accepts the connection and what was sent",
-    );
-  } finally {
-    for (const p of pids.reverse()) await killAndReap(p);
-  }
+  await withBacklog(
+    "stream",
+    "server-parent",
+    "data",
+    async ({ dir, out, target, pids, server }) => {
+      const img = `${dir}/img`;
+      assertExit(await amber(dumpArgs(target.pid, img, "-R")), 0, "dump -R");
+      const rr = await amber(["restore", "-D", img, "-d"]);
+      const msg = assertOneLineError(rr, 1, "restore of the -R images");
+      assert.match(msg, /waiting to be accepted has sent data.*dump without -R/, msg);
+      // A kill dump interrupted, or failing, at its last step takes nothing either.
+      for (const fault of ["before-commit:SIGINT", "before-commit"]) {
+        const r = await amber(dumpArgs(target.pid, `${dir}/img2`), { AMBER_TEST_FAULT: fault });
+        assert.notEqual(r.code, 0, `dump with ${fault}`);
+        assert.ok(pids.every(isAlive), `the tree runs on after ${fault}`);
+      }
+      await assertAccepted(
+        out,
+        server,
+        "onetwothree",
+        "the server still accepts it with what was sent",
+      );
+    },
+  );
 });
 
 Deno.test("a backlog connection from outside the tree, or carrying descriptors: dump refuses, the tree runs on", async () => {
-  await using tmp = await tempDir();
-  const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
-  const { target, pids, server } = await startBacklog(out, path, "stream", "server-parent", "fds");
-  const outside = await Deno.connect({ transport: "unix", path });
-  try {
-    const r = await amber(dumpArgs(target.pid, `${tmp.path}/img`));
-    const msg = assertOneLineError(r, 1, "dump");
-    assert.match(msg, /carry 1 descriptor\(s\) \(SCM_RIGHTS\)/, msg);
-    assert.ok(pids.every(isAlive), "the tree runs on");
-    // Once the server took that one, the waiting connection is the outside one.
-    Deno.kill(server, "SIGUSR1");
-    await waitForLine(out, (l) => l.includes("done"));
-    const r2 = await amber(dumpArgs(target.pid, `${tmp.path}/img`));
-    const msg2 = assertOneLineError(r2, 1, "dump");
-    assert.match(msg2, /waiting in its backlog comes from socket:\[\d+\], held outside/, msg2);
-    assert.ok(isAlive(pids[0]), "the server runs on");
-  } finally {
-    outside.close();
-    for (const p of pids.reverse()) await killAndReap(p);
-  }
+  await withBacklog(
+    "stream",
+    "server-parent",
+    "fds",
+    async ({ dir, out, path, target, pids, server }) => {
+      const outside = await Deno.connect({ transport: "unix", path });
+      try {
+        const r = await amber(dumpArgs(target.pid, `${dir}/img`));
+        const msg = assertOneLineError(r, 1, "dump");
+        assert.match(msg, /carry 1 descriptor\(s\) \(SCM_RIGHTS\)/, msg);
+        assert.ok(pids.every(isAlive), "the tree runs on");
+        // Once the server took that one, the waiting connection is the outside one.
+        Deno.kill(server, "SIGUSR1");
+        await waitForLine(out, (l) => l.includes("done"));
+        const r2 = await amber(dumpArgs(target.pid, `${dir}/img`));
+        const msg2 = assertOneLineError(r2, 1, "dump");
+        assert.match(msg2, /waiting in its backlog comes from socket:\[\d+\], held outside/, msg2);
+        assert.ok(isAlive(pids[0]), "the server runs on");
+      } finally {
+        outside.close();
+      }
+    },
+  );
 });
