@@ -23,6 +23,7 @@ import {
   peerName,
   receiveMemory,
   sendPacket,
+  setInt,
   SOCKOPT,
   SOL,
 } from "../../ffi/inet.ts";
@@ -208,7 +209,10 @@ function rawSocket(ctx: RestoreContext, family: number): number {
  * so none overtakes another and one that cannot arrive fails the restore.
  */
 function deliverQueue(ctx: RestoreContext, sock: number, e: UdpImage): void {
+  if (!e.queue?.length) return;
   const raw = new Map<number, number>();
+  // Room for all, whatever each packet's overhead here; the image's size comes back after.
+  setInt(sock, SOL.SOCKET, SOCKOPT.RCVBUFFORCE, QUEUE_LIMIT);
   try {
     for (const [i, d] of (e.queue ?? []).entries()) {
       const v4 = d.from.family === AF.INET || isMapped(d.from);
@@ -228,6 +232,7 @@ function deliverQueue(ctx: RestoreContext, sock: number, e: UdpImage): void {
   } finally {
     for (const fd of raw.values()) libc().close(fd);
   }
+  setInt(sock, SOL.SOCKET, SOCKOPT.RCVBUFFORCE, e.rcvbuf >> 1);
 }
 
 function restoreSocket(ctx: RestoreContext, e: UdpImage): number {

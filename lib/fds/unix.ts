@@ -156,6 +156,7 @@ function refusalOf(p: FdProbe, s: UnixSocketInfo): string | undefined {
     if (pathName(listener.name)?.startsWith("/") === false) {
       return "its listener is bound to a relative path: not supported yet";
     }
+    if (s.wqueue > 0 && p.tree.options.leaveRunning) return untakable(s.ino);
   } else if (s.state === STATE.CONNECTED) {
     // A stream's peer is checked against the tree (notePeer); a datagram
     // socket may be connected one way only, to a receiver bound elsewhere.
@@ -196,11 +197,14 @@ function backlogRefusal(p: FdProbe, s: UnixSocketInfo): string | undefined {
     return `the connection from socket:[${big}] waiting to be accepted has more than ` +
       `${QUEUE_LIMIT} bytes queued: not supported yet`;
   }
-  if (sent.length && p.tree.options.leaveRunning) {
-    return `the connection from socket:[${sent[0]}] waiting to be accepted has sent data, ` +
-      "which amber can read only by accepting it, and nothing puts it back into the backlog " +
-      "of a tree that runs on: dump without -R to keep it";
-  }
+  if (sent.length && p.tree.options.leaveRunning) return untakable(sent[0]);
+}
+
+/** Why dump -R cannot keep what client `ino` sent on a connection waiting in a backlog. */
+function untakable(ino: number): string {
+  return `the connection from socket:[${ino}] waiting to be accepted has sent data, ` +
+    "which amber can read only by accepting it, and nothing puts it back into the backlog " +
+    "of a tree that runs on: dump without -R to keep it";
 }
 
 /** The clients, among those waiting in listener `s`'s backlog, that have sent data. */
