@@ -475,6 +475,21 @@ async function keptGet(r: Run, path: string): Promise<string> {
 
 const runPort = (r: Run) => Number(Deno.readTextFileSync(`${r.dir}/port`));
 
+/** Whether a UDP socket is bound to PORT (/proc/net/udp). */
+function udpBound(port: number): boolean {
+  const hex = `:${port.toString(16).toUpperCase().padStart(4, "0")} `;
+  return Deno.readTextFileSync("/proc/net/udp").includes(hex);
+}
+
+/** Sends `grams` to 127.0.0.1:PORT, alternately from two source ports. */
+async function udpSend(port: number, grams: string[]): Promise<void> {
+  const py = `import socket, sys
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+for i, g in enumerate(sys.argv[2:]):
+    socks[i % 2].sendto(g.encode(), ("127.0.0.1", int(sys.argv[1])))`;
+  await runOk(PYTHON, ["-c", py, String(port), ...grams]);
+}
+
 /** N INCRs on the run's kept connection, one at a time: their replies, in one line. */
 async function redisIncrs(r: Run, n: number): Promise<string> {
   const conn = keptConns.get(r.dir);
@@ -849,6 +864,32 @@ const CASES: Case[] = [
       await cli("SHUTDOWN", "NOSAVE").catch(() => ""); // the connection ends with the server
     },
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
+  },
+  {
+    name: "socat receiving UDP, stopped with datagrams from two senders waiting in its queue",
+    commands: ["socat"],
+    expect: "restores",
+    setup: async (r) => await Deno.writeTextFile(`${r.dir}/port`, String(freePort())),
+    // -T 3: it ends 3 s after the last datagram.
+    argv: (r) => [
+      "setsid",
+      "socat",
+      "-u",
+      "-T",
+      "3",
+      `UDP-RECV:${runPort(r)},bind=127.0.0.1`,
+      `OPEN:${r.dir}/out.txt,creat,append`,
+    ],
+    midWork: async (r, pid) => {
+      await until(() => udpBound(runPort(r)), "socat does not listen", 30_000);
+      await udpSend(runPort(r), ["first\n"]);
+      await untilFile(`${r.dir}/out.txt`);
+      Deno.kill(pid, "SIGSTOP");
+      await until(() => procStatFields(pid)[0] === "T", "socat did not stop", 10_000);
+      await udpSend(runPort(r), ["a1\n", "b1\n", "a2\n"]);
+    },
+    finish: async (_r, pid) => Deno.kill(pid, "SIGCONT"),
+    result: async (r) => await Deno.readTextFile(`${r.dir}/out.txt`),
   },
   {
     name: "redis-server on TCP with a client connection kept through the dump (INCR)",
