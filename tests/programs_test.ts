@@ -866,6 +866,41 @@ const CASES: Case[] = [
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
   },
   {
+    name: "redis-server stopped while a redis-cli of the same tree waits in its backlog (SET sent)",
+    commands: ["redis-server", "redis-cli", "sh"],
+    expect: "restores",
+    // The shell starts redis, stops it once it serves, and asks it a SET:
+    // the connection and the command wait in redis's backlog until SIGCONT.
+    argv: (r) => [
+      "setsid",
+      "sh",
+      "-c",
+      `redis-server --port 0 --unixsocket ${r.dir}/r.sock --save '' --appendonly no --dir . >/dev/null & ` +
+      `until redis-cli -s ${r.dir}/r.sock PING >/dev/null 2>&1; do sleep 0.05; done; ` +
+      `kill -STOP $!; echo $! > redis.pid; redis-cli -s ${r.dir}/r.sock SET k v > set.txt; ` +
+      `redis-cli -s ${r.dir}/r.sock GET k >> set.txt; redis-cli -s ${r.dir}/r.sock SHUTDOWN NOSAVE; wait`,
+    ],
+    midWork: async (r) => {
+      await untilFile(`${r.dir}/set.txt`, 0, 30_000);
+      const redis = Number(await Deno.readTextFile(`${r.dir}/redis.pid`));
+      // The SET is sent once redis-cli waits for its answer (in recvfrom, read or poll).
+      const shell = Number(procStatFields(redis)[1]);
+      await until(
+        () => {
+          const cli = descendants(shell)
+            .filter((p) => Deno.readTextFileSync(`/proc/${p}/comm`).trim() === "redis-cli");
+          return cli.length === 1 &&
+            /^(0|7|45) /.test(Deno.readTextFileSync(`/proc/${cli[0]}/syscall`));
+        },
+        "redis-cli does not wait for redis",
+        30_000,
+      );
+    },
+    finish: async (r) =>
+      Deno.kill(Number(await Deno.readTextFile(`${r.dir}/redis.pid`)), "SIGCONT"),
+    result: async (r) => await Deno.readTextFile(`${r.dir}/set.txt`),
+  },
+  {
     name: "socat receiving UDP, stopped with datagrams from two senders waiting in its queue",
     commands: ["socat"],
     expect: "restores",
