@@ -923,7 +923,7 @@ const CASES: Case[] = [
       await until(() => procStatFields(pid)[0] === "T", "socat did not stop", 10_000);
       await udpSend(runPort(r), ["a1\n", "b1\n", "a2\n"]);
     },
-    finish: async (_r, pid) => Deno.kill(pid, "SIGCONT"),
+    finish: (_r, pid) => Promise.resolve(Deno.kill(pid, "SIGCONT")),
     result: async (r) => await Deno.readTextFile(`${r.dir}/out.txt`),
   },
   {
