@@ -294,9 +294,10 @@ function backlogTaking(tree: TreeDumpState): BacklogTaking {
  * done only once the dump's verdict is clean, with no interruption point
  * left before the images are final (lib/dump.ts beforeCommit): a dump that
  * fails or is refused earlier never takes anything. Only failing to write
- * or publish the last images after this would resume the tree with those
- * connections taken (their clients then see them closed). A dump -R
- * refuses such a backlog instead (backlogRefusal).
+ * or publish the last images after this (or amber killed by SIGKILL in
+ * that window) would resume the tree with those connections taken (their
+ * clients then see them closed). A dump -R refuses such a backlog instead
+ * (backlogRefusal).
  */
 function takeBacklog(
   dir: ImageDir,
