@@ -39,6 +39,18 @@ export function acceptWaiting(sock: number): number | undefined {
   }
 }
 
+/** Whether an out-of-band byte (MSG_OOB, a unix or TCP stream's) waits in `sock`'s queue. */
+export function hasOobByte(sock: number): boolean {
+  const MSG_OOB = 1, EINVAL = 22;
+  const n = Number(
+    libc().recvfrom(sock, new Uint8Array(1), 1n, MSG_OOB | MSG_PEEK | MSG_DONTWAIT, null, null),
+  );
+  if (n >= 0) return true;
+  const errno = lastErrno();
+  if (errno === EINVAL || errno === EAGAIN) return false; // none (or already read, or inline)
+  throw new SysError("recv(MSG_OOB | MSG_PEEK)", errno);
+}
+
 export function getIntOption(sock: number, option: number): number {
   const val = new Int32Array(1), len = new Uint32Array([4]);
   check(`getsockopt(${option})`, libc().getsockopt(sock, SOL_SOCKET, option, val, len));

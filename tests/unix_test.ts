@@ -401,3 +401,26 @@ Deno.test("a backlog connection from outside the tree, or carrying descriptors: 
     },
   );
 });
+
+Deno.test("an out-of-band byte waiting in a unix stream is refused, named; the tree runs on", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/oob.txt`;
+  const py = `import socket, sys, time
+a, b = socket.socketpair()
+a.send(b"abc"); a.send(b"x", socket.MSG_OOB); a.send(b"def")
+open(sys.argv[1], "w").write("ready\\n")
+time.sleep(600)
+`;
+  const target = await startWriter(["setsid", "python3", "-c", py, out], out, 1);
+  try {
+    const msg = assertOneLineError(
+      await amber(dumpArgs(target.pid, `${tmp.path}/img`)),
+      1,
+      "dump",
+    );
+    assert.match(msg, /unix stream socket:\[\d+\].*out-of-band byte \(MSG_OOB\)/, msg);
+    assert.ok(isAlive(target.pid), "the tree runs on");
+  } finally {
+    await killAndReap(target.pid);
+  }
+});

@@ -22,6 +22,7 @@ import { type UnixSocketInfo, unixSockets } from "../../ffi/sockdiag.ts";
 import {
   acceptWaiting,
   getIntOption,
+  hasOobByte,
   type PeekedQueue,
   peekQueue,
   setIntOption,
@@ -335,8 +336,14 @@ function takeBacklog(
     setIntOption(conn, SO.PASSCRED, 0);
     setIntOption(conn, SO.PASSSEC, 0);
     const q = peekQueue(conn, s.type, QUEUE_LIMIT);
+    // Only accepting shows these; the dump then fails rather than change them.
     if (q.ancillary) {
       throw new AmberError(`${from.label}: socket:[${client}] sent ancillary data: not supported`);
+    }
+    if (s.type === 1 && hasOobByte(conn)) {
+      throw new AmberError(
+        `${from.label}: socket:[${client}] sent an out-of-band byte (MSG_OOB): not supported`,
+      );
     }
     if (sent.includes(client)) st.image.queues.push({ client, messages: q.messages });
   }
@@ -365,7 +372,8 @@ function socketFile(name: Uint8Array | undefined): UnixImage["file"] {
 }
 
 /** A queue amber could not keep whole. */
-function queueRefusal(s: UnixSocketInfo, q: PeekedQueue): string | undefined {
+function queueRefusal(s: UnixSocketInfo, q: PeekedQueue, oob: boolean): string | undefined {
+  if (oob) return "an out-of-band byte (MSG_OOB) waits in its queue: not supported yet";
   if (q.ancillary) {
     return "its queue carries descriptors or credentials (SCM_RIGHTS): not supported yet";
   }
@@ -406,7 +414,8 @@ function dumpSocket(p: FdProbe, s: UnixSocketInfo): z.input<typeof UnixEntry> {
       sndbuf: getIntOption(sock, SO.SNDBUF),
       rcvbuf: getIntOption(sock, SO.RCVBUF),
       passcred: getIntOption(sock, SO.PASSCRED) !== 0,
-      refusal: refusal ?? queueRefusal(s, queued),
+      refusal: refusal ??
+        queueRefusal(s, queued, s.type === 1 && s.state === STATE.CONNECTED && hasOobByte(sock)),
     };
   } finally {
     libc().close(sock);
