@@ -41,13 +41,14 @@ export function acceptWaiting(sock: number): number | undefined {
 
 /** Whether an out-of-band byte (MSG_OOB, a unix or TCP stream's) waits in `sock`'s queue. */
 export function hasOobByte(sock: number): boolean {
-  const MSG_OOB = 1, EINVAL = 22;
+  const MSG_OOB = 1, EINVAL = 22, EOPNOTSUPP = 95;
   const n = Number(
     libc().recvfrom(sock, new Uint8Array(1), 1n, MSG_OOB | MSG_PEEK | MSG_DONTWAIT, null, null),
   );
   if (n >= 0) return true;
   const errno = lastErrno();
-  if (errno === EINVAL || errno === EAGAIN) return false; // none (or already read, or inline)
+  // None (or already read, or inline), or a kernel without unix MSG_OOB.
+  if (errno === EINVAL || errno === EAGAIN || errno === EOPNOTSUPP) return false;
   throw new SysError("recv(MSG_OOB | MSG_PEEK)", errno);
 }
 
