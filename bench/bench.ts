@@ -1,9 +1,11 @@
 /**
  * deno task bench: dump and restore processes holding 64 MiB, 512 MiB and
  * 2 GiB of touched memory, a process of 100 threads and a tree of 50
- * processes; prints figures, asserts nothing.
+ * processes, and a redis-server with its client's pause (redisPause);
+ * prints figures, asserts nothing.
  *
  *   deno task bench [--vs-criu] [MiB ...]
+ *   deno task bench redis        (only the redis pause)
  *
  * Each case runs ROUNDS cycles of dump -R (frozen time as amber measures
  * it), dump (ends the tree) and restore -d, each the whole command; the
@@ -15,8 +17,10 @@
 import {
   amber,
   buildC,
+  commandWorks,
   descendants,
   dumpArgs,
+  freePort,
   killAndReap,
   killTree,
   ROOT,
@@ -28,7 +32,8 @@ import {
 } from "../tests/_util.ts";
 
 const ROUNDS = 3;
-const args = Deno.args.filter((a) => a !== "--vs-criu");
+const ONLY_REDIS = Deno.args.includes("redis");
+const args = Deno.args.filter((a) => a !== "--vs-criu" && a !== "redis");
 const VS_CRIU = args.length !== Deno.args.length;
 const CRIU = Deno.env.get("CRIU_BIN") ?? `${ROOT}/../shared/reference/criu`;
 
@@ -191,8 +196,8 @@ console.log("frozen: dump -R as amber measures it; dump: a dump that ends the tr
 console.log("durable); restore: restore -d; GB/s: pages over the median.");
 const header = ["case", "frozen", "dump -R", "dump", "dump GB/s", "restore", "restore GB/s"];
 if (VS_CRIU) header.push("CRIU dump", "CRIU restore", "dump ratio", "restore ratio");
-console.log(header.join(" | "));
-for (const c of CASES) {
+if (!ONLY_REDIS) console.log(header.join(" | "));
+for (const c of ONLY_REDIS ? [] : CASES) {
   await using tmp = await tempDir("amber-bench-");
   const targets: Target[] = [await c.start(`${tmp.path}/a`)];
   try {
@@ -232,3 +237,111 @@ for (const c of CASES) {
     }
   }
 }
+
+/**
+ * A client outside the tree sending INCR on one TCP connection, one at a
+ * time, as fast as replies come; it keeps the longest time between two
+ * replies since the last reset, and counts replies that do not follow
+ * the one before.
+ */
+class IncrClient {
+  maxGapMs = 0;
+  replies = 0;
+  wrong = 0;
+  #stop = false;
+  #done: Promise<void>;
+
+  constructor(private conn: Deno.Conn) {
+    this.#done = this.#run();
+  }
+
+  async #run(): Promise<void> {
+    const req = new TextEncoder().encode("INCR counter\r\n"), buf = new Uint8Array(64);
+    let last = performance.now(), value = -1;
+    while (!this.#stop) {
+      await this.conn.write(req);
+      let text = "";
+      while (!text.endsWith("\r\n")) {
+        const n = await this.conn.read(buf);
+        if (n === null) throw new Error("redis closed the connection");
+        text += new TextDecoder().decode(buf.subarray(0, n));
+      }
+      const now = performance.now();
+      this.maxGapMs = Math.max(this.maxGapMs, now - last);
+      last = now;
+      const got = Number(/^:(\d+)/.exec(text)?.[1]);
+      if (value >= 0 && got !== value + 1) this.wrong++;
+      value = got;
+      this.replies++;
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.#stop = true;
+    await this.#done;
+    this.conn.close();
+  }
+}
+
+/**
+ * redis-server holding 20,000 keys, dumped (--tcp-established, ending it)
+ * and restored ROUNDS times while IncrClient keeps its connection busy:
+ * the time of dump + restore, and the longest pause between two replies
+ * the client saw (the lock drops its packets, so this includes TCP's
+ * retransmission backoff).
+ */
+async function redisPause(): Promise<void> {
+  if (!(await commandWorks("redis-server", "--version"))) {
+    console.log("redis: redis-server is not installed; skipped");
+    return;
+  }
+  await using tmp = await tempDir("amber-bench-");
+  const port = freePort();
+  const cli = async (...a: string[]) => {
+    const r = await new Deno.Command("redis-cli", { args: ["-p", String(port), ...a] }).output();
+    return r.success ? new TextDecoder().decode(r.stdout).trim() : undefined;
+  };
+  const { pid } = spawnTarget([
+    "setsid",
+    "redis-server",
+    ...["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    ...["--dir", tmp.path, "--enable-debug-command", "yes"],
+  ]);
+  try {
+    for (let i = 0; i < 300 && await cli("PING") !== "PONG"; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await cli("DEBUG", "POPULATE", "20000", "key", "64");
+    const client = new IncrClient(await Deno.connect({ hostname: "127.0.0.1", port }));
+    const rounds: { ms: number; gap: number }[] = [];
+    try {
+      for (let i = 0; i < ROUNDS; i++) {
+        await new Promise((r) => setTimeout(r, 300));
+        client.maxGapMs = 0;
+        const t0 = performance.now();
+        await timed(dumpArgs(pid, `${tmp.path}/img`, "--tcp-established"));
+        await waitVanished([pid]);
+        await timed(["restore", "-D", `${tmp.path}/img`, "-d"]);
+        const ms = performance.now() - t0;
+        // The pause ends with the first reply after the restore.
+        const seen = client.replies;
+        while (client.replies < seen + 10) await new Promise((r) => setTimeout(r, 10));
+        rounds.push({ ms, gap: client.maxGapMs });
+        await Deno.remove(`${tmp.path}/img`, { recursive: true });
+      }
+    } finally {
+      await client.stop();
+    }
+    const keys = await cli("DBSIZE");
+    console.log(
+      `redis-server, 20,000 keys, one client sending INCR (ms): dump+restore ` +
+        `${both(rounds.map((r) => r.ms))}, longest pause between replies ` +
+        `${both(rounds.map((r) => r.gap))}; ${client.replies} replies, ${client.wrong} out of ` +
+        `sequence, DBSIZE ${keys} after`,
+    );
+  } finally {
+    await killAndReap(pid).catch(() => {});
+  }
+}
+
+await redisPause();

@@ -4,7 +4,7 @@
  * calls that read and set a connection's sequence numbers, queues,
  * window and negotiated options (the kernel's interface CRIU uses).
  */
-import { check, lastErrno, libc, SysError } from "./libc.ts";
+import { addressOf, check, lastErrno, libc, SysError } from "./libc.ts";
 
 export const AF = { UNIX: 1, INET: 2, INET6: 10, NETLINK: 16, PACKET: 17 } as const;
 export const SOL = { SOCKET: 1, IP: 0, IPV6: 41, TCP: 6 } as const;
@@ -359,4 +359,60 @@ export function membership(
 /** setsockopt(MCAST_JOIN_GROUP): joins `group` on interface `ifindex`, any source. */
 export function joinGroup(sock: number, level: number, ifindex: number, group: InetAddr): void {
   setRaw(sock, level, MCAST_JOIN_GROUP, groupStruct(ifindex, group, 136));
+}
+
+const SO_PEEK_OFF = 42, SO_MEMINFO = 55, MSG_TRUNC = 0x20;
+
+/** One datagram waiting in a UDP socket's receive queue, with its sender. */
+export interface QueuedDatagram {
+  data: Uint8Array;
+  from: InetAddr;
+}
+
+/**
+ * Peeks every datagram waiting in UDP socket `sock`, oldest first, with
+ * its source address, at a moving SO_PEEK_OFF (the socket's own offset is
+ * put back); undefined if more than `limit` bytes or `count` datagrams wait.
+ */
+export function peekDatagrams(
+  sock: number,
+  limit: number,
+  count: number,
+): QueuedDatagram[] | undefined {
+  const saved = getInt(sock, SOL.SOCKET, SO_PEEK_OFF);
+  const out: QueuedDatagram[] = [];
+  const buf = new Uint8Array(65536), name = new Uint8Array(28);
+  const iov = new BigUint64Array([addressOf(buf), BigInt(buf.length)]);
+  let total = 0;
+  try {
+    for (;;) {
+      setInt(sock, SOL.SOCKET, SO_PEEK_OFF, total);
+      // struct msghdr: name, namelen, iov, iovlen, control, controllen, flags
+      const msg = new BigUint64Array([addressOf(name), 28n, addressOf(iov), 1n, 0n, 0n, 0n]);
+      const n = Number(libc().recvmsg(sock, msg, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC));
+      if (n < 0) {
+        const errno = lastErrno();
+        if (errno === 11) return out; // EAGAIN: all peeked
+        throw new SysError("recvmsg(MSG_PEEK)", errno);
+      }
+      if (n > buf.length || out.length >= count || total + n > limit) return undefined;
+      out.push({ data: buf.slice(0, n), from: decodeAddr(name.subarray(0, Number(msg[1]))) });
+      total += n;
+    }
+  } finally {
+    setInt(sock, SOL.SOCKET, SO_PEEK_OFF, saved);
+  }
+}
+
+/** Bytes the socket's receive queue holds (SO_MEMINFO's rmem_alloc). */
+export function receiveMemory(sock: number): number {
+  return new DataView(getRaw(sock, SOL.SOCKET, SO_MEMINFO, 36).slice().buffer).getUint32(0, true);
+}
+
+/** Sends a whole IP packet (header included) on raw socket `sock` towards `to`. */
+export function sendPacket(sock: number, packet: Uint8Array, to: InetAddr): void {
+  const addr = encodeAddr({ ...to, port: 0 });
+  const n = Number(libc().sendto(sock, packet, BigInt(packet.length), 0, addr, addr.length));
+  if (n < 0) throw new SysError("sendto(raw)", lastErrno());
+  if (n !== packet.length) throw new Error(`sendto(raw): ${n} of ${packet.length} bytes`);
 }

@@ -4,11 +4,11 @@
  * and the receive queue with MSG_PEEK at a moving SO_PEEK_OFF, then puts
  * the socket's peek offset back.
  */
+import { NR } from "./inject.ts";
 import { addressOf, check, lastErrno, libc, rawSyscall, SysError } from "./libc.ts";
 
-const NR_PIDFD_OPEN = 434, NR_PIDFD_GETFD = 438;
 const SOL_SOCKET = 1;
-export const SO = { SNDBUF: 7, RCVBUF: 8, PASSCRED: 16, PEEK_OFF: 42 } as const;
+export const SO = { SNDBUF: 7, RCVBUF: 8, PASSCRED: 16, PASSSEC: 34, PEEK_OFF: 42 } as const;
 const MSG_PEEK = 2, MSG_TRUNC = 0x20, MSG_DONTWAIT = 0x40;
 const SOCK_STREAM = 1;
 const EAGAIN = 11;
@@ -16,12 +16,40 @@ const MAX_MESSAGES = 65536;
 
 /** A duplicate, in amber, of fd `fd` of `pid` (the same open file). */
 export function takeFd(pid: number, fd: number): number {
-  const pidfd = Number(rawSyscall(`pidfd_open ${pid}`, NR_PIDFD_OPEN, pid, 0));
+  const pidfd = Number(rawSyscall(`pidfd_open ${pid}`, NR.pidfd_open, pid, 0));
   try {
-    return Number(rawSyscall(`pidfd_getfd ${pid}:${fd}`, NR_PIDFD_GETFD, pidfd, fd, 0));
+    return Number(rawSyscall(`pidfd_getfd ${pid}:${fd}`, NR.pidfd_getfd, pidfd, fd, 0));
   } finally {
     libc().close(pidfd);
   }
+}
+
+/**
+ * Takes the first connection waiting in the backlog of listener `sock`
+ * (amber's duplicate), as amber's own descriptor; undefined when none
+ * waits. Irreversible: nothing puts a connection back into a backlog.
+ */
+export function acceptWaiting(sock: number): number | undefined {
+  const SOCK_NONBLOCK = 0o4000, SOCK_CLOEXEC = 0o2000000;
+  try {
+    return Number(rawSyscall("accept4", NR.accept4, sock, 0, 0, SOCK_NONBLOCK | SOCK_CLOEXEC));
+  } catch (e) {
+    if (e instanceof SysError && e.errno === EAGAIN) return undefined;
+    throw e;
+  }
+}
+
+/** Whether an out-of-band byte (MSG_OOB, a unix or TCP stream's) waits in `sock`'s queue. */
+export function hasOobByte(sock: number): boolean {
+  const MSG_OOB = 1, EINVAL = 22, EOPNOTSUPP = 95;
+  const n = Number(
+    libc().recvfrom(sock, new Uint8Array(1), 1n, MSG_OOB | MSG_PEEK | MSG_DONTWAIT, null, null),
+  );
+  if (n >= 0) return true;
+  const errno = lastErrno();
+  // None (or already read, or inline), or a kernel without unix MSG_OOB.
+  if (errno === EINVAL || errno === EAGAIN || errno === EOPNOTSUPP) return false;
+  throw new SysError("recv(MSG_OOB | MSG_PEEK)", errno);
 }
 
 export function getIntOption(sock: number, option: number): number {

@@ -73,6 +73,14 @@ export interface TreeDumpState {
    * a kind put on the live objects while dumping (TCP repair mode).
    */
   onEnd: ((end: DumpEnd) => void)[];
+  /**
+   * Run only by a dump that ends the tree, once its verdict is clean, just
+   * before the images are made final: for state that can be read only by
+   * taking it from the tree (data sent on a unix connection still waiting
+   * in a backlog), so a dump that fails or is refused never takes it.
+   * What they write into `dir` is part of the images.
+   */
+  beforeCommit: ((dir: ImageDir) => void)[];
 }
 
 export interface RestoreOptions {
@@ -90,6 +98,11 @@ export interface RestoreOptions {
    * be given with --inherit-fd at restore.
    */
   assumeInherited?: boolean;
+  /**
+   * The verdict a dump takes before its beforeCommit steps ran: what they
+   * will write (lib/fds/unix.ts backlog data) is assumed present.
+   */
+  takenLater?: boolean;
 }
 
 /** `--inherit-fd fd[N]:RESOURCE`: amber's fd N takes the place of RESOURCE (e.g. "pipe:[123]"). */

@@ -284,6 +284,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     kinds: new Map(),
     options,
     onEnd: [],
+    beforeCommit: [],
   };
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
@@ -363,9 +364,15 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.
-    const reasons = await judgeDirectory(dir.stagingPath, dumpVerdictOptions(options.shellJob));
+    const reasons = await judgeDirectory(dir.stagingPath, {
+      ...dumpVerdictOptions(options.shellJob),
+      takenLater: !options.leaveRunning,
+    });
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
     await guard.checkpoint();
+    // Nothing can refuse this dump any more: what can only be read by
+    // taking it from the tree is taken now (no checkpoint from here on).
+    if (!options.leaveRunning) { for (const take of state.beforeCommit.splice(0)) take(dir); }
     // The inventory, rewritten with the verdict and made durable only once
     // all else is, marks the images complete.
     dir.write(inventoryImage, { ...inventory, verdict: reasons });

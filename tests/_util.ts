@@ -397,6 +397,14 @@ export async function waitVanished(pids: number[], timeoutMs = 10_000): Promise<
 }
 
 /** Whether `cmd ARGS...` can be run and exits 0 (to see if a tool is installed). */
+/** A free TCP port on 127.0.0.1 (asked of the kernel, then released). */
+export function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
 export async function commandWorks(cmd: string, ...args: string[]): Promise<boolean> {
   return await new Deno.Command(cmd, { args, stdout: "null", stderr: "null" })
     .output().then((r) => r.success, () => false);

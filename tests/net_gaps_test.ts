@@ -240,3 +240,94 @@ Deno.test({
     }
   },
 });
+
+/**
+ * An IPv4 socket on 127.0.0.1, a dual-stack IPv6 one on [::], and one
+ * connected to a socket of its own that sent it a datagram; a TCP
+ * connection to itself, so that a --tcp-established dump locks the
+ * network meanwhile. On SIGUSR1 it reads what waits in the three and
+ * writes each datagram with its sender (recvfrom).
+ */
+const UDP_QUEUE_PY = `import signal, socket, sys, time
+out = sys.argv[1]
+def log(s):
+    with open(out, "a") as f:
+        f.write(s + "\\n")
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s4.bind(("127.0.0.1", 0))
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s6.bind(("::", 0))
+sc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sc.bind(("127.0.0.1", 0))
+peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+peer.bind(("127.0.0.1", 0))
+sc.connect(peer.getsockname())
+peer.sendto(b"p1", sc.getsockname())
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
+t = socket.create_connection(l.getsockname()); t2, _ = l.accept()
+go = []
+signal.signal(signal.SIGUSR1, lambda s, f: go.append(1))
+log("ports %d %d %d" % (s4.getsockname()[1], s6.getsockname()[1], peer.getsockname()[1]))
+while True:
+    while not go:
+        time.sleep(0.02)
+    go.clear()
+    for name, s in (("v4", s4), ("v6", s6), ("connected", sc)):
+        s.setblocking(False)
+        while True:
+            try:
+                data, addr = s.recvfrom(100)
+            except BlockingIOError:
+                break
+            log("%s %s %s %d" % (name, data.decode(), addr[0], addr[1]))
+    log("read")
+`;
+
+/** Sends to the target from two ports of each family; prints the ports. */
+const UDP_SEND_PY = `import socket, sys
+p4, p6 = int(sys.argv[1]), int(sys.argv[2])
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(("127.0.0.1", 0))
+b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); b.bind(("127.0.0.1", 0))
+c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); c.bind(("::1", 0))
+a.sendto(b"a1", ("127.0.0.1", p4)); b.sendto(b"b1", ("127.0.0.1", p4)); a.sendto(b"a2", ("127.0.0.1", p4))
+c.sendto(b"c1", ("::1", p6)); b.sendto(b"d1", ("127.0.0.1", p6)); c.sendto(b"c2", ("::1", p6))
+a.sendto(b"", ("127.0.0.1", p4))
+print(a.getsockname()[1], b.getsockname()[1], c.getsockname()[1])
+`;
+
+Deno.test("UDP datagrams waiting in the queue (IPv4, IPv6, IPv4 on IPv6, connected) come back in order with their senders, under a network lock", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/udp.txt`;
+  const { pid } = spawnTarget(["setsid", "python3", "-c", UDP_QUEUE_PY, out]);
+  try {
+    const [ports] = await waitForLines(out, 1);
+    const [, p4, p6, pp] = ports.split(" ");
+    const sent = await new Deno.Command("python3", {
+      args: ["-c", UDP_SEND_PY, p4, p6],
+      stdout: "piped",
+    }).output();
+    assert.ok(sent.success, "the sender");
+    const [a, b, c] = new TextDecoder().decode(sent.stdout).trim().split(" ");
+    const img = `${tmp.path}/img`;
+    // The lock of the TCP connection stays in place while the datagrams are handed back.
+    assertExit(await amber(dumpArgs(pid, img, "--tcp-established")), 0, "dump");
+    assert.ok(await waitGone(pid), "the dumped target still runs");
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    Deno.kill(pid, "SIGUSR1");
+    const lines = await waitForLine(out, (l) => l.includes("read"));
+    assert.deepEqual(lines.slice(1), [
+      `v4 a1 127.0.0.1 ${a}`,
+      `v4 b1 127.0.0.1 ${b}`,
+      `v4 a2 127.0.0.1 ${a}`,
+      `v4  127.0.0.1 ${a}`,
+      `v6 c1 ::1 ${c}`,
+      `v6 d1 ::ffff:127.0.0.1 ${b}`,
+      `v6 c2 ::1 ${c}`,
+      `connected p1 127.0.0.1 ${pp}`,
+      "read",
+    ], "the datagrams, in order, with their senders");
+  } finally {
+    await killAndReap(pid);
+  }
+});

@@ -25,6 +25,7 @@ import {
   descendants,
   dumpArgs,
   exists,
+  freePort,
   isAlive,
   killTree,
   procStatFields,
@@ -221,14 +222,6 @@ function describeTree(pid: number): string {
     }
   }
   return lines.join("\n") || "  (no process left)";
-}
-
-/** A free TCP port on 127.0.0.1 (asked of the kernel, then released). */
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
 }
 
 /** Fetches PATH with a plain HTTP/1.0 GET (no connection pool); returns the body's sha256. */
@@ -489,6 +482,21 @@ async function keptGet(r: Run, path: string): Promise<string> {
 }
 
 const runPort = (r: Run) => Number(Deno.readTextFileSync(`${r.dir}/port`));
+
+/** Whether a UDP socket is bound to PORT (/proc/net/udp). */
+function udpBound(port: number): boolean {
+  const hex = `:${port.toString(16).toUpperCase().padStart(4, "0")} `;
+  return Deno.readTextFileSync("/proc/net/udp").includes(hex);
+}
+
+/** Sends `grams` to 127.0.0.1:PORT, alternately from two source ports. */
+async function udpSend(port: number, grams: string[]): Promise<void> {
+  const py = `import socket, sys
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+for i, g in enumerate(sys.argv[2:]):
+    socks[i % 2].sendto(g.encode(), ("127.0.0.1", int(sys.argv[1])))`;
+  await runOk(PYTHON, ["-c", py, String(port), ...grams]);
+}
 
 /** N INCRs on the run's kept connection, one at a time: their replies, in one line. */
 async function redisIncrs(r: Run, n: number): Promise<string> {
@@ -864,6 +872,67 @@ const CASES: Case[] = [
       await cli("SHUTDOWN", "NOSAVE").catch(() => ""); // the connection ends with the server
     },
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
+  },
+  {
+    name: "redis-server stopped while a redis-cli of the same tree waits in its backlog (SET sent)",
+    commands: ["redis-server", "redis-cli", "sh"],
+    expect: "restores",
+    // The shell starts redis, stops it once it serves, and asks it a SET:
+    // the connection and the command wait in redis's backlog until SIGCONT.
+    argv: (r) => [
+      "setsid",
+      "sh",
+      "-c",
+      `redis-server --port 0 --unixsocket ${r.dir}/r.sock --save '' --appendonly no --dir . >/dev/null & ` +
+      `until redis-cli -s ${r.dir}/r.sock PING >/dev/null 2>&1; do sleep 0.05; done; ` +
+      `kill -STOP $!; echo $! > redis.pid; redis-cli -s ${r.dir}/r.sock SET k v > set.txt; ` +
+      `redis-cli -s ${r.dir}/r.sock GET k >> set.txt; redis-cli -s ${r.dir}/r.sock SHUTDOWN NOSAVE; wait`,
+    ],
+    midWork: async (r) => {
+      await untilFile(`${r.dir}/set.txt`, 0, 30_000);
+      const redis = Number(await Deno.readTextFile(`${r.dir}/redis.pid`));
+      // The SET is sent once redis-cli waits for its answer (in recvfrom, read or poll).
+      const shell = Number(procStatFields(redis)[1]);
+      await until(
+        () => {
+          const cli = descendants(shell)
+            .filter((p) => Deno.readTextFileSync(`/proc/${p}/comm`).trim() === "redis-cli");
+          return cli.length === 1 &&
+            /^(0|7|45) /.test(Deno.readTextFileSync(`/proc/${cli[0]}/syscall`));
+        },
+        "redis-cli does not wait for redis",
+        30_000,
+      );
+    },
+    finish: async (r) =>
+      Deno.kill(Number(await Deno.readTextFile(`${r.dir}/redis.pid`)), "SIGCONT"),
+    result: async (r) => await Deno.readTextFile(`${r.dir}/set.txt`),
+  },
+  {
+    name: "socat receiving UDP, stopped with datagrams from two senders waiting in its queue",
+    commands: ["socat"],
+    expect: "restores",
+    setup: async (r) => await Deno.writeTextFile(`${r.dir}/port`, String(freePort())),
+    // -T 3: it ends 3 s after the last datagram.
+    argv: (r) => [
+      "setsid",
+      "socat",
+      "-u",
+      "-T",
+      "3",
+      `UDP-RECV:${runPort(r)},bind=127.0.0.1`,
+      `OPEN:${r.dir}/out.txt,creat,append`,
+    ],
+    midWork: async (r, pid) => {
+      await until(() => udpBound(runPort(r)), "socat does not listen", 30_000);
+      await udpSend(runPort(r), ["first\n"]);
+      await untilFile(`${r.dir}/out.txt`);
+      Deno.kill(pid, "SIGSTOP");
+      await until(() => procStatFields(pid)[0] === "T", "socat did not stop", 10_000);
+      await udpSend(runPort(r), ["a1\n", "b1\n", "a2\n"]);
+    },
+    finish: (_r, pid) => Promise.resolve(Deno.kill(pid, "SIGCONT")),
+    result: async (r) => await Deno.readTextFile(`${r.dir}/out.txt`),
   },
   {
     name: "redis-server on TCP with a client connection kept through the dump (INCR)",

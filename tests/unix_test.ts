@@ -212,3 +212,215 @@ Deno.test("a unix connection to a peer outside the tree: dump refuses, -R images
     listener.close();
   }
 });
+
+/**
+ * A listener and a client in parent and child (argv[4]: which is the
+ * parent); the client connects and (argv[5] "data") sends three messages,
+ * then waits for a reply. The server accepts only on SIGUSR1, reads what
+ * waited, checks the connection's SO_PEERCRED pid is the client's and
+ * replies.
+ */
+const BACKLOG_PY = `import os, signal, socket, struct, sys, time
+out, path, kind, role, send = sys.argv[1:6]
+typ = socket.SOCK_STREAM if kind == "stream" else socket.SOCK_SEQPACKET
+msgs = [b"one", b"two", b"three"] if send == "data" else []
+def log(s):
+    with open(out, "a") as f:
+        f.write(s + "\\n")
+go = []
+signal.signal(signal.SIGUSR1, lambda s, f: go.append(1))
+def server(l, client_pid):
+    while not go:
+        time.sleep(0.02)
+    c, _ = l.accept()
+    got = []
+    if typ == socket.SOCK_STREAM:
+        want = sum(len(m) for m in msgs)
+        data = b""
+        while len(data) < want:
+            data += c.recv(100)
+        got = [data.decode()] if data else []
+    else:
+        c.setblocking(False)
+        while True:
+            try:
+                got.append(c.recv(100).decode())
+            except BlockingIOError:
+                break
+    cred = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid = int.from_bytes(cred[:4], "little")
+    log("accepted " + "|".join(got) + " peer " + ("client" if pid == client_pid else str(pid)))
+    c.sendall(b"reply")
+def client():
+    c = socket.socket(socket.AF_UNIX, typ)
+    c.connect(path)
+    for m in msgs:
+        c.send(m)
+    if send == "fds":
+        c.sendmsg([b"fd"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", 0))])
+    log("connected")
+    log("client got " + c.recv(100).decode())
+if role == "server-parent":
+    l = socket.socket(socket.AF_UNIX, typ); l.bind(path); l.listen(4)
+    pid = os.fork()
+    if pid == 0:
+        client(); os._exit(0)
+    server(l, pid)
+    os.waitpid(pid, 0)
+else:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        l = socket.socket(socket.AF_UNIX, typ); l.bind(path); l.listen(4)
+        os.write(w, b"x"); os.close(w)
+        server(l, os.getppid()); os._exit(0)
+    os.close(w); os.read(r, 1); os.close(r)
+    client()
+    os.waitpid(pid, 0)
+log("done")
+time.sleep(600)
+`;
+
+interface Backlog {
+  dir: string;
+  out: string;
+  path: string;
+  target: Awaited<ReturnType<typeof startWriter>>;
+  pids: number[];
+  server: number;
+}
+
+/** Runs `fn` on a started BACKLOG_PY, whose processes are ended afterwards. */
+async function withBacklog(
+  kind: string,
+  role: string,
+  send: string,
+  fn: (b: Backlog) => Promise<void>,
+): Promise<void> {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/out.txt`, path = `${tmp.path}/backlog.sock`;
+  const argv = ["setsid", "python3", "-c", BACKLOG_PY, out, path, kind, role, send];
+  const target = await startWriter(argv, out, 1);
+  const pids = descendants(target.pid);
+  try {
+    assert.equal(pids.length, 2, "parent and child");
+    const server = role === "server-parent" ? pids[0] : pids[1];
+    await fn({ dir: tmp.path, out, path, target, pids, server });
+  } finally {
+    for (const p of [...pids].reverse()) await killAndReap(p);
+    await killAndReap(target.pid);
+  }
+}
+
+/** Lets the server accept; checks it got `sent` from the client, and the client its reply. */
+async function assertAccepted(out: string, server: number, sent: string, what: string) {
+  Deno.kill(server, "SIGUSR1");
+  const lines = await waitForLine(out, (l) => l.includes("done"));
+  assert.deepEqual(
+    lines.filter((l) => l !== "connected").sort(),
+    [`accepted ${sent} peer client`, "client got reply", "done"],
+    what,
+  );
+}
+
+for (
+  const [kind, role, send] of [
+    ["stream", "server-parent", "none"],
+    ["stream", "server-parent", "data"],
+    ["seqpacket", "server-parent", "data"],
+    ["stream", "client-parent", "data"],
+  ]
+) {
+  Deno.test(`a ${kind} connection waiting in the backlog (${role}, ${send}): accepted after restore`, async () => {
+    await withBacklog(kind, role, send, async ({ dir, out, target, pids, server }) => {
+      const img = `${dir}/img`;
+      await dumpKill(target.pid, pids, img, "backlog");
+      await target.child.status;
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+      const sent = send === "none" ? "" : kind === "stream" ? "onetwothree" : "one|two|three";
+      await assertAccepted(
+        out,
+        server,
+        sent,
+        "the server accepted the connection with what was sent, the client got the reply",
+      );
+    });
+  });
+}
+
+Deno.test("a connection waiting in the backlog with data: dump -R refuses it, a failed dump takes nothing", async () => {
+  await withBacklog(
+    "stream",
+    "server-parent",
+    "data",
+    async ({ dir, out, target, pids, server }) => {
+      const img = `${dir}/img`;
+      assertExit(await amber(dumpArgs(target.pid, img, "-R")), 0, "dump -R");
+      const rr = await amber(["restore", "-D", img, "-d"]);
+      const msg = assertOneLineError(rr, 1, "restore of the -R images");
+      assert.match(msg, /waiting to be accepted has sent data.*dump without -R/, msg);
+      // A kill dump interrupted, or failing, at its last step takes nothing either.
+      for (const fault of ["before-commit:SIGINT", "before-commit"]) {
+        const r = await amber(dumpArgs(target.pid, `${dir}/img2`), { AMBER_TEST_FAULT: fault });
+        assert.notEqual(r.code, 0, `dump with ${fault}`);
+        assert.ok(pids.every(isAlive), `the tree runs on after ${fault}`);
+      }
+      await assertAccepted(
+        out,
+        server,
+        "onetwothree",
+        "the server still accepts it with what was sent",
+      );
+    },
+  );
+});
+
+Deno.test("a backlog connection from outside the tree, or carrying descriptors: dump refuses, the tree runs on", async () => {
+  await withBacklog(
+    "stream",
+    "server-parent",
+    "fds",
+    async ({ dir, out, path, target, pids, server }) => {
+      const outside = await Deno.connect({ transport: "unix", path });
+      try {
+        const r = await amber(dumpArgs(target.pid, `${dir}/img`));
+        const msg = assertOneLineError(r, 1, "dump");
+        assert.match(msg, /carry 1 descriptor\(s\) \(SCM_RIGHTS\)/, msg);
+        assert.ok(pids.every(isAlive), "the tree runs on");
+        // Once the server took that one, the waiting connection is the outside one.
+        Deno.kill(server, "SIGUSR1");
+        await waitForLine(out, (l) => l.includes("done"));
+        const r2 = await amber(dumpArgs(target.pid, `${dir}/img`));
+        const msg2 = assertOneLineError(r2, 1, "dump");
+        assert.match(msg2, /waiting in its backlog comes from socket:\[\d+\], held outside/, msg2);
+        assert.ok(isAlive(pids[0]), "the server runs on");
+      } finally {
+        outside.close();
+      }
+    },
+  );
+});
+
+Deno.test("an out-of-band byte waiting in a unix stream is refused, named; the tree runs on", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/oob.txt`;
+  const py = `import socket, sys, time
+a, b = socket.socketpair()
+a.send(b"abc"); a.send(b"x", socket.MSG_OOB); a.send(b"def")
+open(sys.argv[1], "w").write("ready\\n")
+time.sleep(600)
+`;
+  const target = await startWriter(["setsid", "python3", "-c", py, out], out, 1);
+  try {
+    const msg = assertOneLineError(
+      await amber(dumpArgs(target.pid, `${tmp.path}/img`)),
+      1,
+      "dump",
+    );
+    assert.match(msg, /unix stream socket:\[\d+\].*out-of-band byte \(MSG_OOB\)/, msg);
+    assert.ok(isAlive(target.pid), "the tree runs on");
+  } finally {
+    await killAndReap(target.pid);
+  }
+});

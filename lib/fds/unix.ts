@@ -7,20 +7,41 @@
  *   the other end parked for its holder as pipes are; each end's queued
  *   bytes or messages are sent again through its peer, and the shutdown
  *   state is applied once both queues are full;
- * - listening sockets (no connection waiting) and bound or unbound
- *   unconnected ones, bound again to the same path (owner and mode kept)
- *   or abstract name.
- * Anything else (a peer outside the tree, connections waiting in a
- * backlog, descriptors or credentials in a queue) is refused.
+ * - listening sockets and bound or unbound unconnected ones, bound again
+ *   to the same path (owner and mode kept) or abstract name;
+ * - connections still waiting in a listener's backlog (connect()ed, not
+ *   yet accept()ed) whose client end is in the tree: the client's socket
+ *   is connected to the restored listener again, so accept() returns it,
+ *   and what the client had sent is sent again from it (see takeBacklog).
+ * Anything else (a peer outside the tree, descriptors or credentials in a
+ * queue) is refused.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { type UnixSocketInfo, unixSockets } from "../../ffi/sockdiag.ts";
-import { getIntOption, type PeekedQueue, peekQueue, SO, takeFd } from "../../ffi/socket.ts";
+import {
+  acceptWaiting,
+  getIntOption,
+  hasOobByte,
+  type PeekedQueue,
+  peekQueue,
+  setIntOption,
+  SO,
+  takeFd,
+} from "../../ffi/socket.ts";
 import { libc } from "../../ffi/libc.ts";
-import { type FdPlace, kindState, type RestoreContext, type TreeDumpState } from "../context.ts";
+import { writeMemory } from "../../ffi/memory.ts";
+import {
+  type FdPlace,
+  kindState,
+  type PrecheckContext,
+  type RestoreContext,
+  type TreeDumpState,
+} from "../context.ts";
 import { AmberError } from "../errors.ts";
-import { bytes } from "../images/codec.ts";
+import type { ImageDir } from "../images/dir.ts";
+import { bytes, defineImage } from "../images/codec.ts";
+import { readProcText } from "../proc/read.ts";
 import { getBytes, putBytes } from "../scratch.ts";
 import { fetchFd, parkFd } from "./fetch.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
@@ -53,6 +74,17 @@ const UnixEntry = z.object({
     gid: z.number().int(),
   }).optional(),
   peer: z.number().int().min(0).optional(),
+  /**
+   * A client whose connection waits in a listener's backlog: connected to
+   * that listener's name again at restore; `queued` when it had sent data
+   * (kept in the backlog image).
+   */
+  inflight: z.object({
+    listener: z.number().int().min(0),
+    name: bytes.refine((b) => b.length > 0 && b.length <= 108, "bad listener name"),
+    backlog: z.number().int().min(0).max(0x7fffffff),
+    queued: z.boolean(),
+  }).optional(),
   backlog: z.number().int().min(0).optional(),
   shutdown: z.number().int().min(0).max(3),
   /** What waits in this socket's receive queue: bytes of a stream, messages otherwise. */
@@ -64,6 +96,27 @@ const UnixEntry = z.object({
   refusal: z.string().optional(),
 });
 type UnixImage = z.output<typeof UnixEntry>;
+
+/**
+ * What the clients of connections waiting in a backlog had sent, read by
+ * a dump that ends the tree (the only way to read it is to accept the
+ * connection), by client socket inode.
+ */
+const backlogImage = defineImage(
+  "backlog",
+  1,
+  false,
+  z.object({
+    queues: z.array(z.object({
+      client: z.number().int().min(0),
+      messages: z.array(bytes).max(65536),
+    })).max(65536),
+  }).refine(
+    (b) => b.queues.every((q) => q.messages.reduce((n, m) => n + m.length, 0) <= QUEUE_LIMIT),
+    `a queue larger than ${QUEUE_LIMIT} bytes`,
+  ),
+);
+type BacklogImage = z.output<typeof backlogImage.schema>;
 
 function inode(link: string): number | undefined {
   const m = LINK.exec(link);
@@ -93,11 +146,18 @@ function describe(e: { ino: number; type: number; name?: Uint8Array }): string {
 }
 
 /** Why this socket cannot be brought back, judged from what unix_diag shows. */
-function refusalOf(s: UnixSocketInfo, sockets: Map<number, UnixSocketInfo>): string | undefined {
+function refusalOf(p: FdProbe, s: UnixSocketInfo): string | undefined {
+  const sockets = socketsOf(p.tree);
   if (s.state === STATE.LISTEN) {
-    if (s.pending.length) {
-      return `${s.pending.length} connection(s) waiting to be accepted: not supported yet`;
+    const why = backlogRefusal(p, s);
+    if (why) return why;
+  } else if (s.state === STATE.CONNECTED && clientsWaiting(p.tree).has(s.ino)) {
+    const listener = clientsWaiting(p.tree).get(s.ino)!;
+    if (!listener.name?.length) return "its listener has no name: not supported yet";
+    if (pathName(listener.name)?.startsWith("/") === false) {
+      return "its listener is bound to a relative path: not supported yet";
     }
+    if (s.wqueue > 0 && p.tree.options.leaveRunning) return untakable(s.ino);
   } else if (s.state === STATE.CONNECTED) {
     // A stream's peer is checked against the tree (notePeer); a datagram
     // socket may be connected one way only, to a receiver bound elsewhere.
@@ -116,19 +176,188 @@ function refusalOf(s: UnixSocketInfo, sockets: Map<number, UnixSocketInfo>): str
 }
 
 /**
- * Notes that the tree holds socket `ino`, whose peer must be in the tree
- * too; what is still missing at the end of the dump refuses the images.
+ * Why the listener's backlog cannot come back, if it cannot: each
+ * connection waiting in it must have its client end (SCM_RIGHTS in what
+ * it sent are refused; the listener's fdinfo counts them) and data a
+ * client sent can be kept only by a dump that ends the tree.
  */
-function notePeer(tree: TreeDumpState, e: { ino: number; peer?: number }, label: string): void {
-  tree.seen.add(`unix:${e.ino}`);
-  tree.pending.delete(`unix:${e.ino}`);
-  if (e.peer !== undefined && !tree.seen.has(`unix:${e.peer}`)) {
-    tree.pending.set(
-      `unix:${e.peer}`,
-      `${label}: its peer socket:[${e.peer}] is held outside the dumped tree ` +
-        "(a supervisor, /dev/log, a client?): not supported yet",
-    );
+function backlogRefusal(p: FdProbe, s: UnixSocketInfo): string | undefined {
+  if (!s.pending.length) return;
+  if (s.pending.includes(0)) {
+    return "a connection waiting to be accepted whose client has closed its end: not supported yet";
   }
+  const info = readProcText(p.pid, `fdinfo/${p.fd}`);
+  const fds = Number(/^scm_fds:\s*(\d+)/m.exec(info)?.[1] ?? 0);
+  if (fds) {
+    return `connections waiting to be accepted carry ${fds} descriptor(s) (SCM_RIGHTS): ` +
+      "not supported yet";
+  }
+  const sent = sentBy(p.tree, s);
+  const big = sent.find((c) => socketsOf(p.tree).get(c)!.wqueue > QUEUE_LIMIT);
+  if (big !== undefined) {
+    return `the connection from socket:[${big}] waiting to be accepted has more than ` +
+      `${QUEUE_LIMIT} bytes queued: not supported yet`;
+  }
+  if (sent.length && p.tree.options.leaveRunning) return untakable(sent[0]);
+}
+
+/** Why dump -R cannot keep what client `ino` sent on a connection waiting in a backlog. */
+function untakable(ino: number): string {
+  return `the connection from socket:[${ino}] waiting to be accepted has sent data, ` +
+    "which amber can read only by accepting it, and nothing puts it back into the backlog " +
+    "of a tree that runs on: dump without -R to keep it";
+}
+
+/** The clients, among those waiting in listener `s`'s backlog, that have sent data. */
+function sentBy(tree: TreeDumpState, s: UnixSocketInfo): number[] {
+  // Each message a client sent is charged to its send buffer until read.
+  return s.pending.filter((c) => (socketsOf(tree).get(c)?.wqueue ?? 0) > 0);
+}
+
+/** Clients whose connection waits in a backlog, by inode, with their listener. */
+function clientsWaiting(tree: TreeDumpState): Map<number, UnixSocketInfo> {
+  return kindState(tree.kinds, "unix clients waiting", () => {
+    const out = new Map<number, UnixSocketInfo>();
+    for (const s of socketsOf(tree).values()) {
+      if (s.state === STATE.LISTEN) { for (const c of s.pending) if (c) out.set(c, s); }
+    }
+    return out;
+  });
+}
+
+/**
+ * Notes that the tree holds socket `ino`, and that each of `others` must
+ * be in the tree too (unless seen already); what is still missing at the
+ * end of the dump refuses the images.
+ */
+function noteSeen(tree: TreeDumpState, ino: number, others: { ino: number; why: string }[]): void {
+  tree.seen.add(`unix:${ino}`);
+  tree.pending.delete(`unix:${ino}`);
+  for (const o of others) {
+    if (!tree.seen.has(`unix:${o.ino}`)) tree.pending.set(`unix:${o.ino}`, o.why);
+  }
+}
+
+/** What a socket's entry needs of the tree: its peer, its listener, its backlog's clients. */
+function noteRelations(tree: TreeDumpState, e: z.input<typeof UnixEntry>, label: string): void {
+  const outside = "held outside the dumped tree";
+  const others = e.peer !== undefined
+    ? [{
+      ino: e.peer,
+      why: `${label}: its peer socket:[${e.peer}] is ${outside} ` +
+        "(a supervisor, /dev/log, a client?): not supported yet",
+    }]
+    : e.inflight
+    ? [{
+      ino: e.inflight.listener,
+      why: `${label}: it is connecting to socket:[${e.inflight.listener}], ${outside}: ` +
+        "not supported yet",
+    }]
+    : (socketsOf(tree).get(e.ino)?.pending ?? []).filter((c) => c).map((c) => ({
+      ino: c,
+      why: `${label}: a connection waiting in its backlog comes from socket:[${c}], ${outside}: ` +
+        "not supported yet",
+    }));
+  noteSeen(
+    tree,
+    e.ino,
+    e.state === STATE.LISTEN || e.peer !== undefined || e.inflight ? others : [],
+  );
+}
+
+/** What a dump that ends the tree takes from backlogs before its images are final. */
+interface BacklogTaking {
+  /** Listeners whose backlog is taken (one step each, however many holders). */
+  listeners: Set<number>;
+  /** The connections amber accepted: held until the tree's end, then closed. */
+  accepted: number[];
+  image: BacklogImage;
+}
+
+function backlogTaking(tree: TreeDumpState): BacklogTaking {
+  return kindState(tree.kinds, "unix backlog", () => {
+    const st: BacklogTaking = { listeners: new Set(), accepted: [], image: { queues: [] } };
+    tree.onEnd.push(() => {
+      for (const fd of st.accepted.splice(0)) libc().close(fd);
+    });
+    return st;
+  });
+}
+
+/**
+ * Data a client sent on a connection still waiting in the backlog sits in
+ * the receive queue of the listener's embryo socket, which nothing shows
+ * but accept(). So a dump that ends the tree accepts, from a duplicate of
+ * the listener, every waiting connection up to the last one with data (in
+ * backlog order, the order accept takes them), and peeks each one's queue.
+ * That cannot be undone (nothing puts a connection back into a backlog,
+ * and the client end stays connected to the socket amber took), so it is
+ * done only once the dump's verdict is clean, with no interruption point
+ * left before the images are final (lib/dump.ts beforeCommit): a dump that
+ * fails or is refused earlier never takes anything. Only failing to write
+ * or publish the last images after this (or amber killed by SIGKILL in
+ * that window) would resume the tree with those connections taken (their
+ * clients then see them closed). A dump -R refuses such a backlog instead
+ * (backlogRefusal).
+ */
+function takeBacklog(
+  dir: ImageDir,
+  st: BacklogTaking,
+  from: { pid: number; fd: number; label: string },
+  s: UnixSocketInfo,
+  sent: number[],
+): void {
+  const count = Math.max(...sent.map((c) => s.pending.indexOf(c))) + 1;
+  const sock = takeFd(from.pid, from.fd);
+  const taken: number[] = [];
+  try {
+    for (let i = 0; i < count; i++) {
+      const conn = acceptWaiting(sock);
+      if (conn === undefined) {
+        throw new AmberError(`${from.label}: backlog: connection ${i + 1} of ${count} is gone`);
+      }
+      taken.push(conn);
+      st.accepted.push(conn);
+    }
+  } finally {
+    libc().close(sock);
+  }
+  const now = unixSockets();
+  for (const [i, conn] of taken.entries()) {
+    const client = s.pending[i];
+    const ino = inode(Deno.readLinkSync(`/proc/self/fd/${conn}`));
+    if (ino === undefined || now.get(ino)?.peer !== client) {
+      throw new AmberError(
+        `${from.label}: backlog: connection ${i + 1} is not socket:[${client}]'s`,
+      );
+    }
+    // Each message's credentials are its sender's, the client: they come
+    // back by sending it again from the restored client.
+    setIntOption(conn, SO.PASSCRED, 0);
+    setIntOption(conn, SO.PASSSEC, 0);
+    const q = peekQueue(conn, s.type, QUEUE_LIMIT);
+    // Only accepting shows these; the dump then fails rather than change them.
+    if (q.ancillary) {
+      throw new AmberError(`${from.label}: socket:[${client}] sent ancillary data: not supported`);
+    }
+    if (s.type === 1 && hasOobByte(conn)) {
+      throw new AmberError(
+        `${from.label}: socket:[${client}] sent an out-of-band byte (MSG_OOB): not supported`,
+      );
+    }
+    if (sent.includes(client)) st.image.queues.push({ client, messages: q.messages });
+  }
+  dir.write(backlogImage, st.image);
+}
+
+/** Arranges, once per listener, for its backlog's data to be taken before the images are final. */
+function planTaking(p: FdProbe, s: UnixSocketInfo, label: string): void {
+  const sent = sentBy(p.tree, s);
+  const st = backlogTaking(p.tree);
+  if (!sent.length || p.tree.options.leaveRunning || st.listeners.has(s.ino)) return;
+  st.listeners.add(s.ino);
+  const from = { pid: p.pid, fd: p.fd, label };
+  p.tree.beforeCommit.push((dir) => takeBacklog(dir, st, from, s, sent));
 }
 
 function socketFile(name: Uint8Array | undefined): UnixImage["file"] {
@@ -143,7 +372,8 @@ function socketFile(name: Uint8Array | undefined): UnixImage["file"] {
 }
 
 /** A queue amber could not keep whole. */
-function queueRefusal(s: UnixSocketInfo, q: PeekedQueue): string | undefined {
+function queueRefusal(s: UnixSocketInfo, q: PeekedQueue, oob: boolean): string | undefined {
+  if (oob) return "an out-of-band byte (MSG_OOB) waits in its queue: not supported yet";
   if (q.ancillary) {
     return "its queue carries descriptors or credentials (SCM_RIGHTS): not supported yet";
   }
@@ -157,7 +387,8 @@ function queueRefusal(s: UnixSocketInfo, q: PeekedQueue): string | undefined {
 function dumpSocket(p: FdProbe, s: UnixSocketInfo): z.input<typeof UnixEntry> {
   const sock = takeFd(p.pid, p.fd);
   try {
-    const refusal = refusalOf(s, socketsOf(p.tree));
+    const refusal = refusalOf(p, s);
+    const listener = s.state === STATE.CONNECTED ? clientsWaiting(p.tree).get(s.ino) : undefined;
     const queued = refusal || s.state === STATE.LISTEN
       ? { messages: [], ancillary: false }
       : peekQueue(sock, s.type, QUEUE_LIMIT);
@@ -170,14 +401,21 @@ function dumpSocket(p: FdProbe, s: UnixSocketInfo): z.input<typeof UnixEntry> {
       state: s.state,
       name: s.name?.length ? s.name : undefined,
       file: socketFile(s.name),
-      peer: s.state === STATE.CONNECTED ? s.peer : undefined,
+      peer: s.state === STATE.CONNECTED && !listener ? s.peer : undefined,
+      inflight: listener && {
+        listener: listener.ino,
+        name: listener.name ?? new Uint8Array(),
+        backlog: listener.wqueue,
+        queued: s.wqueue > 0,
+      },
       backlog: s.state === STATE.LISTEN ? s.wqueue : undefined,
       shutdown: s.shutdown & 3,
       queue: queued.messages,
       sndbuf: getIntOption(sock, SO.SNDBUF),
       rcvbuf: getIntOption(sock, SO.RCVBUF),
       passcred: getIntOption(sock, SO.PASSCRED) !== 0,
-      refusal: refusal ?? queueRefusal(s, queued),
+      refusal: refusal ??
+        queueRefusal(s, queued, s.type === 1 && s.state === STATE.CONNECTED && hasOobByte(sock)),
     };
   } finally {
     libc().close(sock);
@@ -196,20 +434,39 @@ function sockaddr(name: Uint8Array): Uint8Array {
 
 /** Sends what was queued through `via`, so it waits in its peer's receive queue again. */
 function refill(ctx: RestoreContext, via: number, e: UnixImage): void {
+  sendQueued(ctx, via, e.type, e.queue);
+}
+
+/**
+ * Sends `messages` from `via`: a stream's bytes in scratch-sized pieces, a
+ * message in one send (through a mapping of its size when it is larger).
+ */
+function sendQueued(ctx: RestoreContext, via: number, type: number, messages: Uint8Array[]) {
   const chunk = ctx.scratch.size / 2;
   // A stream's bytes may be cut anywhere; a message goes in one send.
-  const parts = e.type === 1
-    ? e.queue.flatMap((m) =>
+  const parts = type === 1
+    ? messages.flatMap((m) =>
       Array.from(
         { length: Math.ceil(m.length / chunk) },
         (_, i) => m.subarray(i * chunk, (i + 1) * chunk),
       )
     )
-    : e.queue;
-  for (const part of parts) {
-    const at = putBytes(ctx.pid, ctx.scratch, part);
-    const n = ctx.injector.call("send", NR.sendto, via, at, part.length, MSG_DONTWAIT, 0, 0);
-    if (Number(n) !== part.length) throw new AmberError(`queue refill: ${n} of ${part.length}`);
+    : messages;
+  const largest = parts.reduce((n, m) => Math.max(n, m.length), 0);
+  const inj = ctx.injector;
+  const size = Math.ceil(largest / 4096) * 4096;
+  // MAP_PRIVATE | MAP_ANONYMOUS, read and write
+  const big = largest > chunk ? inj.call("mmap", NR.mmap, 0, size, 3, 0x22, -1, 0) : undefined;
+  try {
+    for (const part of parts) {
+      let at: bigint;
+      if (big === undefined) at = putBytes(ctx.pid, ctx.scratch, part);
+      else writeMemory(ctx.pid, at = big, part);
+      const n = inj.call("send", NR.sendto, via, at, part.length, MSG_DONTWAIT, 0, 0);
+      if (Number(n) !== part.length) throw new AmberError(`queue refill: ${n} of ${part.length}`);
+    }
+  } finally {
+    if (big !== undefined) inj.call("munmap", NR.munmap, big, size);
   }
 }
 
@@ -272,26 +529,122 @@ function takePairEnd(ctx: RestoreContext, e: UnixImage, from: FdPlace): number {
 /** A listening or unconnected socket, bound again to its name. */
 function createBound(ctx: RestoreContext, e: UnixImage): number {
   const inj = ctx.injector;
+  const early = e.state === STATE.LISTEN ? backlogRestore(ctx).early.get(e.ino) : undefined;
+  if (early) {
+    // Made by a client restored before it: listen again, so the
+    // connections to come get this process's credentials.
+    const fd = fetchFd(ctx, early);
+    applyOptions(ctx, fd, e);
+    ownSocketFile(e);
+    inj.call("listen", NR.listen, fd, e.backlog ?? 128);
+    return fd;
+  }
   const fd = Number(inj.call("socket", NR.socket, AF_UNIX, e.type | O_CLOEXEC, 0));
   applyOptions(ctx, fd, e);
-  if (e.name) {
-    const path = pathName(e.name);
-    if (path) removeStaleSocket(path);
-    const addr = sockaddr(e.name);
-    inj.call(
-      `bind ${displayName(e.name)}`,
-      NR.bind,
-      fd,
-      putBytes(ctx.pid, ctx.scratch, addr),
-      addr.length,
-    );
-    if (e.file && path) {
-      Deno.chownSync(path, e.file.uid, e.file.gid);
-      Deno.chmodSync(path, e.file.mode);
-    }
-  }
+  if (e.name) bindName(ctx, fd, e.name);
+  ownSocketFile(e);
   if (e.state === STATE.LISTEN) inj.call("listen", NR.listen, fd, e.backlog ?? 128);
   return fd;
+}
+
+function bindName(ctx: RestoreContext, fd: number, name: Uint8Array): void {
+  const path = pathName(name);
+  if (path) removeStaleSocket(path);
+  const addr = sockaddr(name);
+  ctx.injector.call(
+    `bind ${displayName(name)}`,
+    NR.bind,
+    fd,
+    putBytes(ctx.pid, ctx.scratch, addr),
+    addr.length,
+  );
+}
+
+/** The socket file of a path name gets its owner and mode. */
+function ownSocketFile(e: UnixImage): void {
+  const path = pathName(e.name);
+  if (e.file && path) {
+    Deno.chownSync(path, e.file.uid, e.file.gid);
+    Deno.chmodSync(path, e.file.mode);
+  }
+}
+
+/** What restore keeps for connections waiting in a backlog. */
+interface BacklogRestore {
+  /** Listeners created so far, by inode. */
+  listening: Set<number>;
+  /** Listeners a client restored before them made, parked for their holder, by inode. */
+  early: Map<number, FdPlace>;
+}
+
+function backlogRestore(ctx: RestoreContext): BacklogRestore {
+  return kindState(
+    ctx.tree.kinds,
+    "unix backlog",
+    () => ({ listening: new Set(), early: new Map() }),
+  );
+}
+
+/** What client `e` had sent, from the backlog image. */
+function sentData(dir: ImageDir, e: UnixImage): Uint8Array[] {
+  if (!e.inflight?.queued) return [];
+  if (!dir.has("backlog.cbor")) {
+    throw new AmberError(`${describe(e)}: what it sent is not in the images (backlog.cbor)`);
+  }
+  const q = dir.read(backlogImage).queues.find((q) => q.client === e.ino);
+  if (!q) throw new AmberError(`${describe(e)}: what it sent is not in backlog.cbor`);
+  return q.messages;
+}
+
+/**
+ * A client whose connection waited in a backlog: a socket of its own
+ * (nonblocking until connected, so a full backlog fails rather than
+ * waits), connected to its listener from this process, so the connection
+ * has the client's credentials as it had. A listener not restored yet is
+ * made here, bound and listening, and parked for its holder.
+ */
+function createWaitingClient(ctx: RestoreContext, e: UnixImage): number {
+  const inj = ctx.injector;
+  const fd = Number(inj.call("socket", NR.socket, AF_UNIX, e.type | O_CLOEXEC | O_NONBLOCK, 0));
+  applyOptions(ctx, fd, e);
+  // A client may have bound a name of its own before connecting.
+  if (e.name) bindName(ctx, fd, e.name);
+  ownSocketFile(e);
+  const st = backlogRestore(ctx);
+  const listener = e.inflight!.listener;
+  if (!st.listening.has(listener)) {
+    const l = Number(inj.call("socket", NR.socket, AF_UNIX, e.type | O_CLOEXEC, 0));
+    bindName(ctx, l, e.inflight!.name);
+    inj.call("listen", NR.listen, l, e.inflight!.backlog);
+    const parked = { pid: ctx.pid, fd: parkFd(ctx, l) };
+    ctx.tree.parked.push(parked);
+    st.early.set(listener, parked);
+    st.listening.add(listener);
+  }
+  connectClient(ctx, fd, e);
+  return fd;
+}
+
+/** Connects client `e` to its listener, so it waits in the backlog again, and sends again what it had sent. */
+function connectClient(ctx: RestoreContext, fd: number, e: UnixImage): void {
+  const inj = ctx.injector;
+  const addr = sockaddr(e.inflight!.name);
+  inj.call(
+    `connect ${displayName(e.inflight!.name)}`,
+    NR.connect,
+    fd,
+    putBytes(ctx.pid, ctx.scratch, addr),
+    addr.length,
+  );
+  sendQueued(ctx, fd, e.type, sentData(ctx.dir, e));
+  const how = [-1, 0, 1, 2][e.shutdown];
+  if (how >= 0) inj.call("shutdown", NR.shutdown, fd, how);
+  inj.call("fcntl(F_SETFL)", NR.fcntl, fd, F_SETFL, e.flags & O_NONBLOCK);
+}
+
+/** The backlog data a client needs is in the images (unless the dump has yet to write it). */
+function checkSentData(e: UnixImage, ctx: PrecheckContext): void {
+  if (e.inflight?.queued && !ctx.options.takenLater) sentData(ctx.dir, e);
 }
 
 /** The socket file the dumped process left behind: removed so the name can be bound again. */
@@ -311,14 +664,16 @@ export const unixFd = defineFdKind({
   dump(p: FdProbe) {
     const s = socketsOf(p.tree).get(inode(p.link)!)!;
     const entry = dumpSocket(p, s);
-    if (entry.peer !== undefined) notePeer(p.tree, entry, `fd ${p.fd}: ${describe(entry)}`);
-    else notePeer(p.tree, { ino: entry.ino }, "");
+    const label = `fd ${p.fd}: ${describe(entry)}`;
+    noteRelations(p.tree, entry, label);
+    if (s.state === STATE.LISTEN && !entry.refusal) planTaking(p, s, label);
     return entry;
   },
   unrestorable: (e) => e.refusal && `fd ${e.fd}: ${describe(e)}: ${e.refusal}`,
-  precheck(e) {
+  precheck(e, ctx) {
+    checkSentData(e, ctx);
     const path = pathName(e.name);
-    if (!path || e.state === STATE.CONNECTED) return;
+    if (!path || (e.state === STATE.CONNECTED && !e.inflight)) return;
     let st: Deno.FileInfo;
     try {
       st = Deno.lstatSync(path);
@@ -332,6 +687,12 @@ export const unixFd = defineFdKind({
     }
   },
   restore(ctx, e) {
+    if (e.inflight) return createWaitingClient(ctx, e);
+    if (e.state === STATE.LISTEN) {
+      const fd = createBound(ctx, e);
+      backlogRestore(ctx).listening.add(e.ino);
+      return fd;
+    }
     if (e.state !== STATE.CONNECTED) return createBound(ctx, e);
     const known = placesOf(ctx).get(e.ino);
     return known ? takePairEnd(ctx, e, known) : createPair(ctx, e);
