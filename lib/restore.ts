@@ -454,6 +454,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   }
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
+  /** A signal a thread took while stepped into its sleep, given back at detach. */
+  const detachSignals = new Map<number, number>();
   const contexts: RestoreContext[] = [];
   const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map(), onEnd: [] };
   const tracker = new Tracker("restore", req.progress).attach(tree.kinds);
@@ -475,7 +477,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     finishProcesses(contexts);
-    for (const [tid, img] of threads) applyThreadState(tid, img);
+    for (const [tid, img] of threads) detachSignals.set(tid, applyThreadState(tid, img));
     if (req.pidfile) {
       const pidfile = req.pidfile;
       withContext(
@@ -507,7 +509,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const job = options.shellJob ? ShellJob.find(images) : undefined;
   job?.attach(options.detached);
   // Children first, so no parent runs before its children exist as they were.
-  for (const [tid] of threads.reverse()) pt.detach(tid);
+  for (const [tid] of threads.reverse()) pt.detach(tid, detachSignals.get(tid));
   job?.started();
   helper.child.kill("SIGKILL");
   await helper.child.status;

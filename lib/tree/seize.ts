@@ -9,6 +9,7 @@ import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, readProcText } from "../proc/read.ts";
 import { PF_KTHREAD, readStat } from "../proc/stat.ts";
 import { readStatus } from "../proc/status.ts";
+import { type SleepDeadline, SleepWatch } from "../task/sleeps.ts";
 
 export interface FrozenProcess {
   pid: number;
@@ -18,6 +19,8 @@ export interface FrozenProcess {
   stopped: boolean;
   /** A zombie (not seized: nothing left but its exit status). */
   zombie?: { exitStatus: number };
+  /** Threads frozen in a relative sleep without a buffer whose deadline was seen (lib/task/sleeps.ts). */
+  sleeps: Map<number, SleepDeadline>;
 }
 
 /** A frozen tree, parents listed before their children. */
@@ -122,7 +125,7 @@ function seizeRefusal(tid: number, e: unknown): AmberError {
 }
 
 /** Seizes and interrupts one thread; false when it vanished meanwhile. */
-function freezeThread(tid: number): boolean {
+function freezeThread(proc: FrozenProcess, tid: number): boolean {
   try {
     // Seccomp suspended: the syscalls dump injects are not the thread's own,
     // and its filter (or strict mode) could fail them or kill the process.
@@ -131,11 +134,17 @@ function freezeThread(tid: number): boolean {
     if (e instanceof SysError && e.code === "ESRCH") return false;
     throw seizeRefusal(tid, e);
   }
+  // Only a sleep's timer tells its deadline, and the interrupt cancels it.
+  const watch = SleepWatch.watch(proc.pid, tid);
   pt.interrupt(tid);
   for (;;) {
     const st = pt.waitpid(tid);
     if (!st || !st.stopped) return false; // exited while we froze it
-    if (st.event === pt.PTRACE_EVENT.STOP) return true;
+    if (st.event === pt.PTRACE_EVENT.STOP) {
+      const deadline = watch?.settle();
+      if (deadline) proc.sleeps.set(tid, deadline);
+      return true;
+    }
     // A signal-delivery stop came first: deliver the signal as the kernel
     // would have; the interrupt stays pending and stops the thread next.
     pt.cont(tid, st.event ? 0 : st.stopSignal);
@@ -164,7 +173,13 @@ function childrenOf(pid: number, threads: number[]): number[] {
 function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined {
   const stat = readStatSafe(pid);
   if (!stat) return undefined;
-  const proc: FrozenProcess = { pid, threads: [], children: [], stopped: stat.state === "T" };
+  const proc: FrozenProcess = {
+    pid,
+    threads: [],
+    children: [],
+    stopped: stat.state === "T",
+    sleeps: new Map(),
+  };
   if (stat.state === "Z") {
     // An unreaped child: nothing to seize, only its exit status to keep.
     proc.threads = [pid];
@@ -179,7 +194,7 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
     if (!fresh.length) break;
     for (const tid of fresh) {
       seen.add(tid);
-      if (freezeThread(tid)) proc.threads.push(tid);
+      if (freezeThread(proc, tid)) proc.threads.push(tid);
     }
   }
   if (!proc.threads.length) return undefined;
