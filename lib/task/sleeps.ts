@@ -324,12 +324,13 @@ const RED_ZONE = 128n;
  * Steps a thread whose registers are written into its syscall's entry
  * stop: past it the kernel reads the new timespec before any signal
  * handler can run. If a signal is delivered first, the thread goes back
- * to `fallback` and the signal must be given at detach: it is returned.
+ * to `fallback` and the signal must be given at detach: it is returned
+ * (0 for none; undefined when the thread is gone).
  */
-export function enterSleep(tid: number, fallback: Regs): number {
+export function enterSleep(tid: number, fallback: Regs): number | undefined {
   pt.syscall(tid);
   const st = pt.waitpid(tid);
-  if (!st?.stopped) throw new Error(`tid ${tid}: ended on its way into its sleep`);
+  if (!st?.stopped) return undefined;
   if (st.stopSignal === SYSCALL_STOP && st.event === 0) return 0;
   fallback.write(tid);
   return st.event ? 0 : st.stopSignal;

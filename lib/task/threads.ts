@@ -241,10 +241,10 @@ function sleepLeft(tid: number, img: ThreadImage, regs: Regs): Regs | undefined 
 
 /**
  * Writes a thread's final FPU state, registers and signal mask. Returns
- * the signal the thread must be detached with (0 for none): one that came
- * while stepping it into its sleep (enterSleep).
+ * the registers to fall back to when the thread must be stepped into its
+ * sleep as it is let go (detachThread).
  */
-export function applyThreadState(tid: number, img: ThreadImage): number {
+export function applyThreadState(tid: number, img: ThreadImage): Regs | undefined {
   return withContext(`tid ${tid}: registers`, () => {
     pt.setRegset(tid, pt.NT_X86_XSTATE, img.xstate);
     const regs = resumeRegs(img);
@@ -252,8 +252,19 @@ export function applyThreadState(tid: number, img: ThreadImage): number {
     const fallback = sleepLeft(tid, img, regs);
     regs.write(tid);
     pt.setSigmask(tid, img.sigmask);
-    return fallback ? enterSleep(tid, fallback) : 0;
+    return fallback;
   });
+}
+
+/**
+ * Lets a restored thread run. One whose sleep's new timeout lies in its
+ * memory is first stepped into the call (enterSleep): only here, once
+ * nothing can fail any more, as a thread inside a call can no longer be
+ * made to run an injected one (a failed restore still reaps with those).
+ */
+export function detachThread(tid: number, intoSleep?: Regs): void {
+  const signal = intoSleep ? enterSleep(tid, intoSleep) : 0;
+  if (signal !== undefined) pt.detach(tid, signal);
 }
 
 /** Creates thread `tid` in the process of `main` with clone3(set_tid). */
