@@ -8,10 +8,10 @@
  * process. It is seen once, on the way in: the sleep's hrtimer is in
  * /proc/timer_list (`hrtimer_wakeup`, a hashed but stable pointer, its
  * expiry) until the freeze's PTRACE_INTERRUPT wakes the thread and cancels
- * it. So the list is read just before and just after that interrupt, for
- * threads /proc/PID/task/TID/syscall shows in such a call (and only for
- * them), and the timer that went away is matched to the thread by its
- * expiry and the call's timeout. The restore re-runs the call with what
+ * it. So the list is read just before and just after the interrupts of a
+ * process's threads, if /proc/PID/task/TID/syscall shows one of them in
+ * such a call (and only then), and a timer that went away is matched to
+ * the thread by its expiry and the call's timeout. The restore re-runs the call with what
  * was left. In doubt, nothing is recorded and the call sleeps its whole
  * length again, as before: late, never early.
  *
@@ -205,67 +205,96 @@ function blockedIn(pid: number, tid: number): string | undefined {
 /** USER_HZ: /proc/PID/stat's start time is in these ticks of CLOCK_BOOTTIME on x86-64. */
 const USER_HZ = 100n;
 
+/** A thread found blocked in what may be such a sleep, before the freeze. */
+interface Sleeper {
+  tid: number;
+  /** Its voluntary context switches, counted before it was seen blocked. */
+  switches: string;
+}
+
 /**
- * A thread's sleep watched across its freeze. Made just before the
- * interrupt (watchSleep), settled just after it.
+ * The sleeps of one process's threads watched across their freeze: the
+ * timer list is read once before the first interrupt and once after the
+ * last (two reads per process, however many sleepers: each read formats
+ * every timer of the machine, ~20 µs apiece under load).
  */
 export class SleepWatch {
   private constructor(
     readonly pid: number,
-    readonly tid: number,
-    private switches: string,
+    private sleepers: Sleeper[],
     private before: TimerList,
   ) {}
 
   /**
-   * The switch count first, then the call: if the count later rose by
-   * exactly one (the freeze's own stop), the thread has been blocked in
-   * that call since before the count, so its timer was set before the
-   * first list was taken, and it is among the timers gone after.
+   * Before any of `tids` is interrupted. The switch count first, then the
+   * call: if the count later rose by exactly one (the freeze's own stop),
+   * the thread has been blocked in that call since before the count, so
+   * its timer was set before the first list was taken, and it is among
+   * the timers gone after. Undefined when no thread sleeps so.
    */
-  static watch(pid: number, tid: number): SleepWatch | undefined {
+  static watch(pid: number, tids: number[]): SleepWatch | undefined {
+    const sleepers: Sleeper[] = [];
+    for (const tid of tids) {
+      try {
+        const line = blockedIn(pid, tid);
+        if (!line) continue;
+        const switches = voluntarySwitches(pid, tid);
+        if (switches !== undefined && blockedIn(pid, tid) === line) {
+          sleepers.push({ tid, switches });
+        }
+      } catch { /* gone */ }
+    }
+    if (!sleepers.length) return undefined;
     try {
-      const line = blockedIn(pid, tid);
-      if (!line) return undefined;
-      const switches = voluntarySwitches(pid, tid);
-      if (switches === undefined || blockedIn(pid, tid) !== line) return undefined;
-      return new SleepWatch(pid, tid, switches, readTimerList());
+      return new SleepWatch(pid, sleepers, readTimerList());
     } catch {
-      return undefined; // no /proc/timer_list, thread gone: as before, the whole length
+      return undefined; // no /proc/timer_list: as before, the whole length
     }
   }
 
-  /** Once the thread is in its interrupt stop: its sleep's deadline, if one timer fits. */
-  settle(): SleepDeadline | undefined {
+  /** Once every thread is in its interrupt stop: the deadlines of those one timer fits. */
+  settle(): Map<number, SleepDeadline> {
+    const out = new Map<number, SleepDeadline>();
+    let after: TimerList;
     try {
-      const after = readTimerList();
-      const at = performance.now();
-      if (voluntarySwitches(this.pid, this.tid) !== String(BigInt(this.switches) + 1n)) {
-        return undefined; // it woke and slept again, or took a signal: its timer may be a new one
-      }
-      const regs = Regs.read(this.tid);
-      if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
-      const orig = regs.signed("orig_rax");
-      const nr = orig === BigInt(NR.restart_syscall) ? restartedCall(this.tid, regs) : Number(orig);
-      const sleep = nr === undefined ? undefined : relativeSleep(BigInt(nr), argsOf(regs));
-      const timeout = sleep && timeoutOf(this.tid, regs, sleep);
-      if (timeout === undefined) return undefined;
-      const left = this.deadline(after, timeout);
-      return left === undefined ? undefined : { leftNs: left, at };
+      after = readTimerList();
     } catch {
-      return undefined;
+      return out;
     }
+    const at = performance.now();
+    for (const s of this.sleepers) {
+      try {
+        const left = this.leftOf(s, after);
+        if (left !== undefined) out.set(s.tid, { leftNs: left, at });
+      } catch { /* gone: nothing to restore */ }
+    }
+    return out;
+  }
+
+  private leftOf({ tid, switches }: Sleeper, after: TimerList): bigint | undefined {
+    // Woke and slept again, or took a signal: its timer may be a new one.
+    if (voluntarySwitches(this.pid, tid) !== String(BigInt(switches) + 1n)) return undefined;
+    const regs = Regs.read(tid);
+    if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
+    const orig = regs.signed("orig_rax");
+    const nr = orig === BigInt(NR.restart_syscall) ? restartedCall(tid, regs) : Number(orig);
+    const sleep = nr === undefined ? undefined : relativeSleep(BigInt(nr), argsOf(regs));
+    const timeout = sleep && timeoutOf(tid, regs, sleep);
+    if (timeout === undefined) return undefined;
+    const started = readStat(this.pid, tid).startTime * (NS / USER_HZ) - this.before.bootOffset;
+    return this.deadline(after, timeout, started);
   }
 
   /**
-   * A sleeper's timer gone with the interrupt, still in the future, whose
+   * A sleeper's timer gone with the interrupts, still in the future, whose
    * soft expiry less `timeout` (when the call began) lies between the
    * thread's start and the first list: the time it had left at the second
-   * list. Of several the latest, so that the sleep never ends early.
+   * list. Of several (threads of the process sleeping alike) the latest,
+   * so that the sleep never ends early; it still ends no later than a
+   * whole new sleep would.
    */
-  private deadline(after: TimerList, timeout: bigint): bigint | undefined {
-    const { now, wakeups, bootOffset } = this.before;
-    const started = readStat(this.pid, this.tid).startTime * (NS / USER_HZ) - bootOffset;
+  private deadline(after: TimerList, timeout: bigint, started: bigint): bigint | undefined {
+    const { now, wakeups } = this.before;
     let best: bigint | undefined;
     for (const [id, inNs] of wakeups) {
       if (after.wakeups.has(id)) continue;

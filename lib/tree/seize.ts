@@ -125,7 +125,7 @@ function seizeRefusal(tid: number, e: unknown): AmberError {
 }
 
 /** Seizes and interrupts one thread; false when it vanished meanwhile. */
-function freezeThread(proc: FrozenProcess, tid: number): boolean {
+function freezeThread(tid: number): boolean {
   try {
     // Seccomp suspended: the syscalls dump injects are not the thread's own,
     // and its filter (or strict mode) could fail them or kill the process.
@@ -134,17 +134,11 @@ function freezeThread(proc: FrozenProcess, tid: number): boolean {
     if (e instanceof SysError && e.code === "ESRCH") return false;
     throw seizeRefusal(tid, e);
   }
-  // Only a sleep's timer tells its deadline, and the interrupt cancels it.
-  const watch = SleepWatch.watch(proc.pid, tid);
   pt.interrupt(tid);
   for (;;) {
     const st = pt.waitpid(tid);
     if (!st || !st.stopped) return false; // exited while we froze it
-    if (st.event === pt.PTRACE_EVENT.STOP) {
-      const deadline = watch?.settle();
-      if (deadline) proc.sleeps.set(tid, deadline);
-      return true;
-    }
+    if (st.event === pt.PTRACE_EVENT.STOP) return true;
     // A signal-delivery stop came first: deliver the signal as the kernel
     // would have; the interrupt stays pending and stops the thread next.
     pt.cont(tid, st.event ? 0 : st.stopSignal);
@@ -188,15 +182,18 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
     return proc;
   }
   const seen = new Set<number>();
+  // Only a sleep's timer tells its deadline, and the interrupt cancels it.
+  const watch = SleepWatch.watch(pid, threadsOf(pid));
   // Threads can spawn threads until all of them are stopped: re-scan.
   for (;;) {
     const fresh = threadsOf(pid).filter((t) => !seen.has(t));
     if (!fresh.length) break;
     for (const tid of fresh) {
       seen.add(tid);
-      if (freezeThread(proc, tid)) proc.threads.push(tid);
+      if (freezeThread(tid)) proc.threads.push(tid);
     }
   }
+  proc.sleeps = watch?.settle() ?? proc.sleeps;
   if (!proc.threads.length) return undefined;
   tree.processes.push(proc);
   proc.children = childrenOf(pid, proc.threads);
