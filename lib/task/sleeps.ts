@@ -11,9 +11,9 @@
  * it. So the list is read just before and just after the interrupts of a
  * process's threads, if /proc/PID/task/TID/syscall shows one of them in
  * such a call (and only then), and a timer that went away is matched to
- * the thread by its expiry and the call's timeout. The restore re-runs the call with what
- * was left. In doubt, nothing is recorded and the call sleeps its whole
- * length again, as before: late, never early.
+ * the thread by its expiry and the call's timeout. The restore re-runs
+ * the call with what was left. In doubt, nothing is recorded and the call
+ * sleeps its whole length again, as before: late, never early.
  *
  * Also here: which call a thread frozen inside restart_syscall restarts.
  */
@@ -216,7 +216,7 @@ interface Sleeper {
  * The sleeps of one process's threads watched across their freeze: the
  * timer list is read once before the first interrupt and once after the
  * last (two reads per process, however many sleepers: each read formats
- * every timer of the machine, ~20 µs apiece under load).
+ * every timer of the machine, 10-20 µs apiece measured here).
  */
 export class SleepWatch {
   private constructor(
@@ -311,15 +311,19 @@ export class SleepWatch {
 
 /**
  * Makes `regs` (a thread about to re-run relative sleep `nr`) sleep
- * `leftNs`, at most its whole timeout. Poll's timeout is a register. A
- * timespec needs the thread's memory: it goes just below the stack
- * pointer's red zone, where a signal frame would go, so nothing live is
- * there; but a signal delivered before the call reads it could write over
- * it, so the thread must be taken into the call before anything runs
- * (enterSleep), and is given back its own timeout (the whole length) if a
- * signal comes first. Returns the registers of that fallback when the
- * timespec was written, undefined when nothing needs stepping (poll, or
- * no room: the whole length then).
+ * `leftNs`, at most its whole timeout. Only the timeout register changes
+ * (as for a sleep with a buffer: callers do not rely on it, it is
+ * caller-saved across the C call). Poll's timeout is that register. A
+ * timespec needs the thread's memory, and none of the program's may be
+ * changed: it goes just below the stack pointer's red zone, inside the
+ * stack's mapping. By the ABI nothing live is there (a signal frame may be
+ * written there at any moment), and the thread runs none of its own code
+ * before the kernel copies the timespec in at the call's entry; only a
+ * signal handler could write over it first, so the thread is stepped into
+ * the call before it is let go (enterSleep), and given back its own
+ * timeout (the whole length) if a signal comes first. Returns the
+ * registers of that fallback when the timespec was written; undefined
+ * when nothing needs stepping (poll, or no room: the whole length then).
  */
 export function shortenSleep(
   tid: number,
