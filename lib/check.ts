@@ -8,6 +8,7 @@ import { addressOf, check, libc, rawSyscall, SysError } from "../ffi/libc.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
 import { probeLock } from "./net/netlock.ts";
+import { readTimerList } from "./task/sleeps.ts";
 
 /** One kernel feature, as {@link checkKernel} found it. */
 export interface CheckFeature {
@@ -84,6 +85,10 @@ const PURPOSE: Record<string, { enables: string; without: string }> = {
   "nftables": {
     enables: "the network lock of established TCP connections (CRIU's nftables lock)",
     without: "dump --tcp-established",
+  },
+  "/proc/timer_list": {
+    enables: "sleeps without a remaining-time buffer (usleep, poll) ending at their deadline",
+    without: "nothing: such sleeps sleep their whole length again after restore",
   },
   "time namespaces": {
     enables: "monotonic clocks that go on from where they were, once amber has them",
@@ -476,6 +481,10 @@ function targetProbes(): Probed[] {
   return out;
 }
 
+function timerListProbe(): string {
+  return `${readTimerList().wakeups.size} sleepers' timers`;
+}
+
 /** Probes every kernel feature amber needs; `ok` when all required ones work. */
 export function checkKernel(): CheckReport {
   const features: Feature[] = [
@@ -493,6 +502,7 @@ export function checkKernel(): CheckReport {
     // Established TCP connections are dumped under an nftables lock.
     probe("nftables", false, probeLock),
     probe("time namespaces", false, timeNsProbe),
+    probe("/proc/timer_list", false, timerListProbe),
   ].map(described);
   return { ok: features.every((f) => f.ok || !f.required), features };
 }

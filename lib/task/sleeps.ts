@@ -158,7 +158,7 @@ export function leftAt(d: SleepDeadline, now: number): bigint {
   return left > 0n ? left : 0n;
 }
 
-interface TimerList {
+export interface TimerList {
   /** CLOCK_MONOTONIC when the list was taken. */
   now: bigint;
   /** CLOCK_BOOTTIME - CLOCK_MONOTONIC (clock 2's offset). */
@@ -169,7 +169,8 @@ interface TimerList {
 
 const TIMER = /^ #\d+: <(\w+)>, (\w+), S:\w+\n # expires at -?\d+--?\d+ nsecs \[in (-?\d+) to/gm;
 
-function readTimerList(): TimerList {
+/** /proc/timer_list: throws where it cannot be read or its layout is unknown. */
+export function readTimerList(): TimerList {
   const text = Deno.readTextFileSync("/proc/timer_list");
   const now = /^now at (\d+) nsecs$/m.exec(text);
   if (!now) throw new Error("/proc/timer_list: no 'now at'");
