@@ -14,7 +14,7 @@ import { Regs } from "./regs.ts";
 
 const SIGTRAP = 5;
 /** A syscall stop's signal with PTRACE_O_TRACESYSGOOD. */
-const SYSCALL_STOP = SIGTRAP | 0x80;
+export const SYSCALL_STOP = SIGTRAP | 0x80;
 const ALL_SIGNALS = (1n << 64n) - 1n;
 
 /** Offset of the first `syscall` (0f 05) instruction in a vdso image. */

@@ -10,6 +10,7 @@ import { NR } from "../ffi/inject.ts";
 import { probeLock } from "./net/netlock.ts";
 import { msgPeek, removeIpc } from "../ffi/sysvipc.ts";
 import { readMemoryProc } from "../ffi/memory.ts";
+import { readTimerList } from "./task/sleeps.ts";
 
 /** One kernel feature, as {@link checkKernel} found it. */
 export interface CheckFeature {
@@ -94,6 +95,10 @@ const PURPOSE: Record<string, { enables: string; without: string }> = {
   "AIO ring mremap": {
     enables: "AIO contexts restored at their ring's address",
     without: "restore of AIO contexts",
+  },
+  "/proc/timer_list": {
+    enables: "sleeps without a remaining-time buffer (usleep, poll) ending at their deadline",
+    without: "nothing: such sleeps sleep their whole length again after restore",
   },
   "time namespaces": {
     enables: "monotonic clocks that go on from where they were, once amber has them",
@@ -522,6 +527,10 @@ function targetProbes(): Probed[] {
   return out;
 }
 
+function timerListProbe(): string {
+  return `${readTimerList().wakeups.size} sleepers' timers`;
+}
+
 /** Probes every kernel feature amber needs; `ok` when all required ones work. */
 export function checkKernel(): CheckReport {
   const features: Feature[] = [
@@ -541,6 +550,7 @@ export function checkKernel(): CheckReport {
     probe("SysV IPC ids and MSG_COPY", false, sysvProbe),
     probe("AIO ring mremap", false, aioProbe),
     probe("time namespaces", false, timeNsProbe),
+    probe("/proc/timer_list", false, timerListProbe),
   ].map(described);
   return { ok: features.every((f) => f.ok || !f.required), features };
 }

@@ -11,6 +11,7 @@
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
+import type { Regs } from "../ffi/regs.ts";
 import { libc } from "../ffi/libc.ts";
 import { replaceFile } from "../ffi/dirfd.ts";
 import type {
@@ -40,7 +41,13 @@ import { PARTS } from "./parts.ts";
 import { resolveImagesDir } from "./run.ts";
 import { readMaps } from "./proc/maps.ts";
 import { listProcNumbers } from "./proc/read.ts";
-import { applyThreadState, type ThreadImage, xfeatures, xstateSize } from "./task/threads.ts";
+import {
+  applyThreadState,
+  detachThread,
+  type ThreadImage,
+  xfeatures,
+  xstateSize,
+} from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
 import { unlock } from "./net/netlock.ts";
 
@@ -454,6 +461,8 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   }
   const created = new Map<number, Blank>();
   const threads: [number, ThreadImage][] = [];
+  /** Threads to step into their sleep at detach, with the registers to fall back to. */
+  const intoSleep = new Map<number, Regs>();
   const contexts: RestoreContext[] = [];
   const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map(), onEnd: [] };
   const tracker = new Tracker("restore", req.progress).attach(tree.kinds);
@@ -475,7 +484,10 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
     await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     finishProcesses(contexts);
-    for (const [tid, img] of threads) applyThreadState(tid, img);
+    for (const [tid, img] of threads) {
+      const fallback = applyThreadState(tid, img);
+      if (fallback) intoSleep.set(tid, fallback);
+    }
     if (req.pidfile) {
       const pidfile = req.pidfile;
       withContext(
@@ -507,7 +519,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   const job = options.shellJob ? ShellJob.find(images) : undefined;
   job?.attach(options.detached);
   // Children first, so no parent runs before its children exist as they were.
-  for (const [tid] of threads.reverse()) pt.detach(tid);
+  for (const [tid] of threads.reverse()) detachThread(tid, intoSleep.get(tid));
   job?.started();
   helper.child.kill("SIGKILL");
   await helper.child.status;

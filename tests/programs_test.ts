@@ -420,6 +420,25 @@ with open("result.txt", "w") as f:
     f.write(hashlib.sha256(b.tobytes()).hexdigest() + "\\n")
 `;
 
+/** How long POLL_PY's poll waits, and how long it runs before the dump. */
+const POLL_MS = 6000, POLL_DUMP_AFTER_MS = 2000;
+
+/**
+ * A relative poll() with no fds (the kernel keeps its deadline only in the
+ * restart block): "on time" when it returns within a second of its 6 s,
+ * "late" when it waited its whole length again after the restore, which
+ * comes more than POLL_DUMP_AFTER_MS into it.
+ */
+const POLL_PY = `import select, time
+p = select.poll()
+t0 = time.monotonic()
+open("polling", "w").close()
+r = p.poll(${POLL_MS})
+dt = (time.monotonic() - t0) * 1000
+verdict = "early" if dt < ${POLL_MS} else "on time" if dt < ${POLL_MS + 1000} else "late"
+with open("result.txt", "w") as f: f.write(f"poll returned {r}, {verdict}\\n")
+`;
+
 const POOL_PY = `import hashlib, multiprocessing as mp
 def f(i):
     h = str(i).encode()
@@ -677,6 +696,17 @@ const CASES: Case[] = [
         threadCount(pid) >= 2,
         `numpy runs ${threadCount(pid)} thread(s), not OpenBLAS's 2`,
       );
+    },
+    result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
+  },
+  {
+    name: "python3 select.poll().poll(6000) with no fds (a relative sleep without a buffer)",
+    commands: [PYTHON],
+    expect: "restores",
+    argv: () => ["setsid", PYTHON, "-c", POLL_PY],
+    midWork: async (r) => {
+      await untilFile(`${r.dir}/polling`, 0);
+      await sleep(POLL_DUMP_AFTER_MS);
     },
     result: async (r) => await Deno.readTextFile(`${r.dir}/result.txt`),
   },

@@ -6,16 +6,20 @@
  * Run with: deno test -A tests/threads_test.ts
  */
 import assert from "node:assert/strict";
+import { decode } from "cbor-x";
 import {
   amber,
   assertExit,
   buildC,
   dumpArgs,
   killAndReap,
+  readLines,
+  sleep,
   spawnTarget,
   statusField,
   tempDir,
   threadsOf,
+  until,
   waitForLine,
   waitForLines,
   waitGone,
@@ -83,6 +87,118 @@ Deno.test("a restored 6 s nanosleep ends 6 s after it began, not 6 s after the r
   } finally {
     await killAndReap(pid);
   }
+});
+
+// ---------------------------------------------------------------------------
+// sleeps without a remaining-time buffer end at their deadline too
+
+/** The calls of testdata/deadlines.c, each a relative sleep with no buffer. */
+const NO_BUFFER_CALLS = ["usleep", "nano", "mono", "boot", "futex", "poll"];
+/** Time between the end of the dump and the restore. */
+const GAP_MS = 1000;
+
+/** How many threads of PID the images in DIR give a sleep's time left. */
+async function sleepsWithDeadline(dir: string, pid: number): Promise<number> {
+  const doc = decode(await Deno.readFile(`${dir}/threads-${pid}.cbor`));
+  const threads: { sleepLeftNs?: unknown }[] = doc.body.threads;
+  return threads.filter((t) => t.sleepLeftNs !== undefined).length;
+}
+
+interface DeadlineRun {
+  /** Dumps (and kills) the target into `img`, some time into its sleeps. */
+  freeze(pid: number, img: string): Promise<void>;
+  /** Each call's length. */
+  sleepMs: number;
+  /** A SIGUSR1 for the usleep thread is pending in the images. */
+  signalled?: boolean;
+}
+
+/**
+ * Runs testdata/deadlines.c, freezes it, waits GAP_MS and restores it;
+ * checks each call ended, never early, at its own deadline: sooner than
+ * a whole new sleep begun at the restore could end. A signalled usleep
+ * takes its signal once, and its call is re-run (no EINTR) but not cut
+ * short: the handler ran before the call could read a new timeout.
+ */
+async function deadlinesAcross({ freeze, sleepMs, signalled = false }: DeadlineRun) {
+  await using tmp = await tempDir();
+  const bin = await buildC("deadlines", ["-pthread"]);
+  const out = `${tmp.path}/deadlines.txt`;
+  const { pid, child } = spawnTarget(["setsid", bin, out, String(sleepMs / 1000)]);
+  try {
+    const [first] = await waitForLines(out, 1);
+    const began = Number(first.split(" ")[1]);
+    const img = `${tmp.path}/img`;
+    await freeze(pid, img);
+    await child.status;
+    assert.equal(await sleepsWithDeadline(img, pid), NO_BUFFER_CALLS.length, "deadlines seen");
+    await sleep(GAP_MS);
+    const restoredAt = Date.now();
+    assertExit(await amber(["restore", "-D", img]), 0, "restored deadlines");
+    const lines = await readLines(out);
+    assert.equal(lines.at(-1), `done usr1=${signalled ? 1 : 0}`, lines.join("\n"));
+    const calls = lines.slice(1, -1).map((l) => l.split(" "));
+    assert.deepEqual(calls.map(([name]) => name).sort(), [...NO_BUFFER_CALLS].sort());
+    for (const [name, start, elapsed, rc] of calls) {
+      assert.equal(rc, name === "futex" ? "rc=-110" : "rc=0", `${name}: result`);
+      assert.ok(Number(start) - began < 1000, `${name}: began ${Number(start) - began} ms late`);
+      // Never early, by the call's own clock.
+      assert.ok(Number(elapsed) >= sleepMs, `${name}: ended after ${elapsed} ms`);
+      if (signalled && name === "usleep") continue;
+      const end = Number(start) + Number(elapsed);
+      assert.ok(
+        end < restoredAt + sleepMs,
+        `${name}: ended ${end - restoredAt} ms into the restore: slept its whole length again`,
+      );
+    }
+  } finally {
+    await killAndReap(pid);
+  }
+}
+
+Deno.test("restored sleeps without a buffer (usleep, nanosleep, clock_nanosleep, futex, poll) end at their deadline", async () => {
+  await deadlinesAcross({
+    sleepMs: 3000,
+    freeze: async (pid, img) => {
+      await sleep(1000);
+      assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    },
+  });
+});
+
+Deno.test("sleeps without a buffer end at their deadline through restart_syscall (after a dump -R)", async () => {
+  await deadlinesAcross({
+    sleepMs: 3000,
+    freeze: async (pid, img) => {
+      await sleep(500);
+      assertExit(await amber(dumpArgs(pid, `${img}-R`, "-R")), 0, "dump -R");
+      await sleep(500);
+      const restarting = threadsOf(pid).filter((tid) =>
+        Deno.readTextFileSync(`/proc/${pid}/task/${tid}/syscall`).startsWith("219 ")
+      );
+      assert.equal(restarting.length, NO_BUFFER_CALLS.length, "threads in restart_syscall");
+      assertExit(await amber(dumpArgs(pid, img)), 0, "dump");
+    },
+  });
+});
+
+Deno.test("a signal pending at restore for a thread in a sleep without a buffer is taken once, the sleep not cut short", async () => {
+  await deadlinesAcross({
+    // Long enough for the deadline to be ahead at the restore, after the 2 s pause.
+    sleepMs: 8000,
+    signalled: true,
+    freeze: async (pid, img) => {
+      await sleep(1000);
+      const dump = amber(dumpArgs(pid, img), { AMBER_TEST_FAULT: "after-freeze:pause" });
+      await until(
+        () => threadsOf(pid).every((tid) => statusField(pid, "State", tid).startsWith("t")),
+        "the dump froze no thread",
+        30_000,
+      );
+      Deno.kill(pid, "SIGUSR1");
+      assertExit(await dump, 0, "dump");
+    },
+  });
 });
 
 // ---------------------------------------------------------------------------

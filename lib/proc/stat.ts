@@ -12,6 +12,8 @@ export interface ProcStat {
   ttyNr: number;
   tpgid: number;
   flags: number;
+  /** Field 22: when the task started, in USER_HZ ticks of CLOCK_BOOTTIME. */
+  startTime: bigint;
   startCode: bigint;
   endCode: bigint;
   startStack: bigint;
@@ -48,6 +50,7 @@ export function parseStat(text: string): ProcStat {
     ttyNr: n(7),
     tpgid: n(8),
     flags: n(9),
+    startTime: b(22),
     startCode: b(26),
     endCode: b(27),
     startStack: b(28),

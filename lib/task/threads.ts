@@ -12,6 +12,17 @@ import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { bytes, MAX_IMAGE_BYTES, PID_MAX, pidNumber, u64 } from "../images/codec.ts";
+import {
+  argsOf,
+  enterSleep,
+  ERESTART_RESTARTBLOCK,
+  leftAt,
+  relativeSleep,
+  restartedCall,
+  shortenSleep,
+  type SleepDeadline,
+  WALL_CLOCKS,
+} from "./sleeps.ts";
 import { readProcText } from "../proc/read.ts";
 import { addressOf, rawSyscall } from "../../ffi/libc.ts";
 import { getBytes, putBytes, putString, readU64s, u64Bytes } from "../scratch.ts";
@@ -44,6 +55,11 @@ const Thread = z.object({
   dumpedAtMs: z.number(),
   /** Frozen inside restart_syscall: the call it restarts (see restartedCall). */
   restartOf: z.number().int().optional(),
+  /**
+   * Frozen in a relative sleep without a remaining-time buffer whose
+   * deadline dump saw (lib/task/sleeps.ts): ns left at dumpedAtMs.
+   */
+  sleepLeftNs: u64.optional(),
 });
 export type ThreadImage = z.output<typeof Thread>;
 
@@ -107,70 +123,15 @@ function dumpThread(ctx: DumpContext, tid: number, inj: Injector): z.input<typeo
     clearChildTid: clearChildTid(ctx, inj),
     robustList: robustList(tid),
     altstack: altstack(ctx, inj),
-    dumpedAtMs: Date.now(),
+    ...sleepTimes(ctx.proc.sleeps.get(tid)),
     restartOf: restartedCall(tid, Regs.read(tid)),
   }));
 }
 
-/** Clocks a relative clock_nanosleep restarts on (CPU clocks are negative). */
-const SLEEP_CLOCKS = [0n, 1n, 7n, 8n, 9n, 11n];
-
-function validTimespec(tid: number, addr: bigint): boolean {
-  if (addr < 0x1000n) return false;
-  try {
-    const [sec, nsec] = readU64s(readMemoryProc(tid, addr, 16));
-    return BigInt.asIntN(64, sec) >= 0n && nsec < 1_000_000_000n;
-  } catch {
-    return false; // not mapped: not a timespec
-  }
-}
-
-/**
- * Whether a register holds a clockid_t clock_nanosleep restarts on: an
- * int (sign- or zero-extended, unlike a pointer), one of SLEEP_CLOCKS or
- * a CPU clock (~pid << 3 | per-thread bit | type 0..2).
- */
-function isSleepClock(reg: bigint): boolean {
-  const clock = BigInt.asIntN(32, reg);
-  if (reg !== BigInt.asUintN(64, clock) && reg !== BigInt.asUintN(32, clock)) return false;
-  if (clock >= 0n) return SLEEP_CLOCKS.includes(clock);
-  return (clock & 3n) !== 3n && ~(clock >> 3n) <= BigInt(PID_MAX);
-}
-
-function u32At(tid: number, addr: bigint): bigint | undefined {
-  try {
-    const b = readMemoryProc(tid, addr, 4);
-    return BigInt(new DataView(b.buffer, b.byteOffset).getUint32(0, true));
-  } catch {
-    return undefined;
-  }
-}
-
-/**
- * The call a thread frozen inside restart_syscall (frozen once before,
- * e.g. by a dump -R, and resumed) restarts. The kernel keeps it only in
- * its restart block, which dies with the process, but the registers still
- * hold its arguments, and on x86-64 only four calls restart that way:
- * clock_nanosleep (a clock id, relative, a timespec), futex (a word
- * still holding the awaited value, a timeout), nanosleep (a timespec),
- * poll (what is left). Undefined when not in restart_syscall, or when
- * even poll does not fit (refused).
- */
-function restartedCall(tid: number, regs: Regs): number | undefined {
-  if (regs.signed("orig_rax") !== BigInt(NR.restart_syscall)) return undefined;
-  if (regs.signed("rax") !== ERESTART_RESTARTBLOCK) return undefined;
-  const [rdi, rsi, rdx, r10] = (["rdi", "rsi", "rdx", "r10"] as const).map((r) => regs.get(r));
-  if (rsi === 0n && isSleepClock(rdi) && validTimespec(tid, rdx)) {
-    return NR.clock_nanosleep;
-  }
-  const op = rsi & ~(128n | 256n); // FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
-  if (
-    (op === 0n || op === 9n) && rdi % 4n === 0n && validTimespec(tid, r10) &&
-    u32At(tid, rdi) === (rdx & 0xffffffffn)
-  ) return NR.futex;
-  if (validTimespec(tid, rdi) && (rsi === 0n || rsi >= 0x1000n)) return NR.nanosleep;
-  if (rsi <= 1n << 20n && (rsi === 0n || rdi >= 0x1000n)) return NR.poll;
-  return undefined;
+/** The dump's wall time, and what the thread's sleep has left then, read together. */
+function sleepTimes(deadline: SleepDeadline | undefined) {
+  const left = deadline && leftAt(deadline, performance.now());
+  return { dumpedAtMs: Date.now(), ...(left !== undefined ? { sleepLeftNs: left } : {}) };
 }
 
 /** Size of this CPU's xsave area as the kernel exposes it to ptrace. */
@@ -186,7 +147,6 @@ export function xfeatures(tid: number): bigint {
 
 const CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000;
 const ERESTARTSYS = -512n, ERESTARTNOINTR = -513n, ERESTARTNOHAND = -514n;
-const ERESTART_RESTARTBLOCK = -516n;
 
 /**
  * The registers a thread must resume with. A thread frozen inside an
@@ -225,10 +185,12 @@ function unresumable(img: ThreadImage): string | undefined {
   ) {
     return `tid ${img.tid}: restart_syscall of a call amber cannot tell: not supported yet`;
   }
+  const inSleep = regs.signed("rax") === ERESTART_RESTARTBLOCK &&
+    relativeSleep(syscallOf(img), argsOf(regs));
+  if (img.sleepLeftNs !== undefined && !inSleep) {
+    return `tid ${img.tid}: a sleep's time left for a thread in no relative sleep (bad image)`;
+  }
 }
-
-/** Clocks whose sleeps run on while the process is only images. */
-const WALL_CLOCKS = [0n, 1n, 7n]; // REALTIME, MONOTONIC, BOOTTIME
 
 /**
  * A relative sleep frozen with a remaining-time buffer: the kernel wrote
@@ -265,15 +227,44 @@ function sleepOn(tid: number, img: ThreadImage, regs: Regs): void {
   regs.set(sleep.req, sleep.rem);
 }
 
-/** Writes a thread's final FPU state, registers and signal mask. */
-export function applyThreadState(tid: number, img: ThreadImage): void {
-  withContext(`tid ${tid}: registers`, () => {
+/**
+ * A sleep without a buffer whose deadline dump saw re-runs for what it
+ * had left less the time since the dump; see shortenSleep. Returns the
+ * registers to fall back to if the thread must be stepped into the call.
+ */
+function sleepLeft(tid: number, img: ThreadImage, regs: Regs): Regs | undefined {
+  if (img.sleepLeftNs === undefined) return undefined;
+  // Date.now() moves in whole ms: one less counts, so as never to end early.
+  const since = BigInt(Math.max(0, Date.now() - img.dumpedAtMs - 1)) * 1_000_000n;
+  return shortenSleep(tid, syscallOf(img), regs, img.sleepLeftNs - since);
+}
+
+/**
+ * Writes a thread's final FPU state, registers and signal mask. Returns
+ * the registers to fall back to when the thread must be stepped into its
+ * sleep as it is let go (detachThread).
+ */
+export function applyThreadState(tid: number, img: ThreadImage): Regs | undefined {
+  return withContext(`tid ${tid}: registers`, () => {
     pt.setRegset(tid, pt.NT_X86_XSTATE, img.xstate);
     const regs = resumeRegs(img);
     sleepOn(tid, img, regs);
+    const fallback = sleepLeft(tid, img, regs);
     regs.write(tid);
     pt.setSigmask(tid, img.sigmask);
+    return fallback;
   });
+}
+
+/**
+ * Lets a restored thread run. One whose sleep's new timeout lies in its
+ * memory is first stepped into the call (enterSleep): only here, once
+ * nothing can fail any more, as a thread inside a call can no longer be
+ * made to run an injected one (a failed restore still reaps with those).
+ */
+export function detachThread(tid: number, intoSleep?: Regs): void {
+  const signal = intoSleep ? enterSleep(tid, intoSleep) : 0;
+  if (signal !== undefined) pt.detach(tid, signal);
 }
 
 /** Creates thread `tid` in the process of `main` with clone3(set_tid). */

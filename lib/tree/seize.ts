@@ -9,6 +9,7 @@ import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, readProcText } from "../proc/read.ts";
 import { PF_KTHREAD, readStat } from "../proc/stat.ts";
 import { readStatus } from "../proc/status.ts";
+import { type SleepDeadline, SleepWatch } from "../task/sleeps.ts";
 
 export interface FrozenProcess {
   pid: number;
@@ -18,6 +19,8 @@ export interface FrozenProcess {
   stopped: boolean;
   /** A zombie (not seized: nothing left but its exit status). */
   zombie?: { exitStatus: number };
+  /** Threads frozen in a relative sleep without a buffer whose deadline was seen (lib/task/sleeps.ts). */
+  sleeps: Map<number, SleepDeadline>;
 }
 
 /** A frozen tree, parents listed before their children. */
@@ -164,7 +167,13 @@ function childrenOf(pid: number, threads: number[]): number[] {
 function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined {
   const stat = readStatSafe(pid);
   if (!stat) return undefined;
-  const proc: FrozenProcess = { pid, threads: [], children: [], stopped: stat.state === "T" };
+  const proc: FrozenProcess = {
+    pid,
+    threads: [],
+    children: [],
+    stopped: stat.state === "T",
+    sleeps: new Map(),
+  };
   if (stat.state === "Z") {
     // An unreaped child: nothing to seize, only its exit status to keep.
     proc.threads = [pid];
@@ -173,6 +182,8 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
     return proc;
   }
   const seen = new Set<number>();
+  // Only a sleep's timer tells its deadline, and the interrupt cancels it.
+  const watch = SleepWatch.watch(pid, threadsOf(pid));
   // Threads can spawn threads until all of them are stopped: re-scan.
   for (;;) {
     const fresh = threadsOf(pid).filter((t) => !seen.has(t));
@@ -182,6 +193,7 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
       if (freezeThread(tid)) proc.threads.push(tid);
     }
   }
+  proc.sleeps = watch?.settle() ?? proc.sleeps;
   if (!proc.threads.length) return undefined;
   tree.processes.push(proc);
   proc.children = childrenOf(pid, proc.threads);
