@@ -164,7 +164,7 @@ export interface PageServerResult {
  * serves one dump).
  */
 export async function servePageServer(req: PageServerRequest): Promise<PageServerResult> {
-  const where = `page server ${req.address}:${req.port}`;
+  let where = `page server ${req.address}:${req.port}`;
   // Checked and locked first: a directory it cannot write fails before a dump is sent.
   const dir = new ImageDir(req.dir).openForWrite();
   let listener: Deno.TcpListener;
@@ -181,8 +181,10 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
   };
   req.signal?.addEventListener("abort", stop, { once: true });
   let conn: Deno.TcpConn;
+  const port = (listener.addr as Deno.NetAddr).port;
+  where = `page server ${req.address}:${port}`;
   try {
-    req.listening?.((listener.addr as Deno.NetAddr).port);
+    req.listening?.(port);
     conn = await listener.accept();
   } catch (e) {
     dir.discard();
