@@ -20,9 +20,12 @@ import {
   isAlive,
   killAndReap,
   listDir,
+  processesNamed,
   ROOT,
   startCounter,
+  statusField,
   tempDir,
+  waitFor,
   waitGone,
   type Writer,
 } from "./_util.ts";
@@ -303,6 +306,53 @@ Deno.test("a dump that fails on its way to the page server leaves the counter ru
     ]);
     assert.match(assertOneLineError(none, 1, "no server"), /connect: ECONNREFUSED/);
     assert.ok(isAlive(c.pid));
+  } finally {
+    await killAndReap(c.pid);
+  }
+});
+
+/** Whether a thread of `pid` sleeps in a pipe write (its reader does not read). */
+function blockedInPipeWrite(pid: number): boolean {
+  return [...Deno.readDirSync(`/proc/${pid}/task`)].some((t) => {
+    try {
+      return Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/wchan`).includes("pipe_write");
+    } catch {
+      return false;
+    }
+  });
+}
+
+Deno.test("SIGINT to a dump --stream stuck on a reader that does not read: the counter resumes", async () => {
+  await using tmp = await tempDir();
+  const c = await startCounter(tmp.path, MIB);
+  try {
+    const child = new Deno.Command("/bin/bash", {
+      args: [
+        "-c",
+        `${AMBER} dump -t ${c.pid} --stream | sleep 60; echo "statuses: \${PIPESTATUS[*]}" >&2`,
+      ],
+      cwd: ROOT,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    // The dumping amber is the target's tracer; it fills the pipe and waits in write.
+    const tracer = await waitFor(
+      () => {
+        const t = Number(statusField(c.pid, "TracerPid"));
+        return t && blockedInPipeWrite(t) ? t : undefined;
+      },
+      "the dump waiting in a pipe write",
+      60_000,
+    );
+    Deno.kill(tracer, "SIGINT");
+    assert.ok(await waitGone(tracer), "the dump ends at once");
+    for (const p of processesNamed(child.pid, "sleep")) Deno.kill(p, "SIGTERM");
+    const stderr = new TextDecoder().decode((await child.output()).stderr);
+    assert.match(stderr, /^amber: interrupted by SIGINT; what was started was undone$/m);
+    assert.match(stderr, /statuses: 130 /);
+    await assertRunningFree(c.pid, "after the interrupted dump");
+    await assertCounterHealthy(c);
   } finally {
     await killAndReap(c.pid);
   }
