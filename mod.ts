@@ -175,7 +175,9 @@ export function preDump(req: PreDumpRequest): Promise<DumpStats> {
 export function restore(req: RestoreRequest): Promise<RestoreResult> {
   cleanStaleLocks();
   if (req.stream) return restoreStream({ ...req, stream: req.stream });
-  if (!req.dir) throw new UsageError("-D DIR is required; see amber restore --help");
+  if (!req.dir) {
+    return Promise.reject(new UsageError("-D DIR is required; see amber restore --help"));
+  }
   return restoreTree({ ...req, dir: req.dir });
 }
 

@@ -24,6 +24,9 @@ import {
 
 const REPLY_MAGIC = new TextEncoder().encode("AMBERACK");
 const REPLY_BYTES = 16;
+const CLOSED = "closed the connection before saying the images are safe";
+/** How long a failed write waits for the page server's reason. */
+const EXPLAIN_WAIT_MS = 2000;
 /** Longest failure message a page server sends back. */
 const REPLY_MESSAGE_MAX = 4096;
 
@@ -54,7 +57,7 @@ async function readExactly(conn: ByteReader, n: number, what: string): Promise<U
   for (let got = 0; got < n;) {
     const r = await conn.read(buf.subarray(got));
     if (r === null) {
-      throw new AmberError(`${what}: closed the connection before saying the images are safe`);
+      throw new AmberError(`${what}: ${CLOSED}`);
     }
     got += r;
   }
@@ -105,7 +108,23 @@ export async function connectPageServer(to: PageServerAddress): Promise<StreamIm
       conn.close();
     } catch { /* gone */ }
   };
-  return new StreamImages(new RecordWriter(conn, where), () => readReply(conn, where), close);
+  // A server that refused the stream says why before it closes: that is the reason to give.
+  const explain = async (e: unknown) => {
+    const timer = setTimeout(close, EXPLAIN_WAIT_MS);
+    try {
+      await readReply(conn, where);
+    } catch (said) {
+      if (said instanceof AmberError && !said.message.includes(CLOSED)) return said;
+    } finally {
+      clearTimeout(timer);
+    }
+    return e;
+  };
+  return new StreamImages(
+    new RecordWriter(conn, where, explain),
+    () => readReply(conn, where),
+    close,
+  );
 }
 
 /** What {@link receiveImages} needs. */
@@ -214,7 +233,9 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
     return { dir: req.dir, peer, ...got };
   } catch (e) {
     // The sender resumes its tree on this word (or on the closed connection).
-    await writeReply(conn, reply(false, messageOf(e))).catch(() => {});
+    // (Without our own name in front: the sender names us already.)
+    const why = messageOf(e).replace(`${from}: `, "");
+    await writeReply(conn, reply(false, why)).catch(() => {});
     throw e;
   } finally {
     conn.close();

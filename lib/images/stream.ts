@@ -111,7 +111,15 @@ export class RecordWriter {
   /** Rejects once the dump is asked to stop (a signal): a write to a stalled reader waits with it. */
   stopped: Promise<never> = NEVER;
 
-  constructor(private readonly out: ByteWriter, readonly where: string) {
+  /**
+   * `explain`, given a failed write, may find a better reason (what the
+   * page server said before it closed the connection).
+   */
+  constructor(
+    private readonly out: ByteWriter,
+    readonly where: string,
+    private readonly explain?: (e: unknown) => Promise<unknown>,
+  ) {
     this.enqueue([streamHeader()]).catch(() => {});
   }
 
@@ -134,7 +142,9 @@ export class RecordWriter {
       try {
         for (const part of parts) await this.writeAll(part);
       } catch (e) {
-        this.failure ??= e;
+        this.failure ??= this.explain && !(e instanceof InterruptedError)
+          ? await this.explain(e)
+          : e;
         throw this.failure;
       }
     });
