@@ -17,6 +17,8 @@ import { readImages } from "./images/read.ts";
 import {
   type ByteReader,
   type ByteWriter,
+  errnoOf,
+  messageOf,
   RecordWriter,
   StreamImages,
   unpackStream,
@@ -36,15 +38,6 @@ export interface PageServerAddress {
   address: string;
   /** Its TCP port. */
   port: number;
-}
-
-function messageOf(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
-}
-
-function errnoOf(e: unknown): string {
-  const code = (e as { code?: unknown })?.code;
-  return typeof code === "string" && /^E[A-Z0-9]+$/.test(code) ? code : messageOf(e);
 }
 
 /** The images of a dump, written to `out` (stdout, a pipe) as one stream. */

@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { crc32 } from "node:zlib";
 import {
   amber,
+  assertCounterGoesOn,
   assertCounterHealthy,
   assertExit,
   assertLeftNothing,
@@ -17,14 +18,21 @@ import {
   CLI,
   commandWorks,
   DENO,
+  descendants,
   isAlive,
   killAndReap,
+  killTree,
   listDir,
   processesNamed,
+  readLines,
+  reapZombies,
   ROOT,
+  sleep,
   startCounter,
+  startWriter,
   statusField,
   tempDir,
+  TESTDATA,
   waitFor,
   waitGone,
   type Writer,
@@ -97,6 +105,33 @@ Deno.test("dump --stream | zstd | zstd -d | restore --stream: the counter goes o
     await assertCounterHealthy(c);
   } finally {
     await killAndReap(c.pid);
+  }
+});
+
+Deno.test("two processes sharing memfds (ghost copies, shared memory) go through the stream and check themselves", async () => {
+  await using tmp = await tempDir();
+  const scratch = `${tmp.path}/scratch`;
+  await Deno.mkdir(scratch);
+  const out = `${tmp.path}/memfd.txt`;
+  const t = await startWriter(["setsid", "python3", `${TESTDATA}/memfd.py`, out], out, 5, 30_000);
+  try {
+    assert.equal(descendants(t.pid).length, 2, "parent and child (test bug)");
+    // The dumped child is a zombie of ours (the subreaper) until reaped: restore waits for its pid.
+    let done = false;
+    const run = pipeline(`${AMBER} dump -t ${t.pid} --stream | ${AMBER} restore --stream -d`, {
+      TMPDIR: scratch,
+    }).finally(() => done = true);
+    while (!done) {
+      reapZombies();
+      await sleep(10);
+    }
+    const p = await run;
+    assert.deepEqual(p.statuses, [0, 0], p.stderr);
+    assert.deepEqual(listDir(scratch), [], "no unpacked images left");
+    await assertCounterGoesOn(out, (await readLines(out)).length, 20, "after the streamed restore");
+    assert.equal(descendants(t.pid).length, 2, "both processes back");
+  } finally {
+    await killTree(t.pid);
   }
 });
 
@@ -238,22 +273,19 @@ async function startPageServer(dir: string) {
   return { port, finished };
 }
 
+/** `amber dump -t PID --page-server` to the page server on 127.0.0.1:PORT. */
+function dumpTo(pid: number, port: number, env: Record<string, string> = {}) {
+  const args = ["--page-server", "--address", "127.0.0.1", "--port", String(port)];
+  return amber(["dump", "-t", String(pid), ...args], env);
+}
+
 Deno.test("dump --page-server to amber page-server on 127.0.0.1: images stored there, the counter restores", async () => {
   await using tmp = await tempDir();
   const c = await startCounter(tmp.path, MIB);
   try {
     const img = `${tmp.path}/received`;
     const server = await startPageServer(img);
-    const r = await amber([
-      "dump",
-      "-t",
-      String(c.pid),
-      "--page-server",
-      "--address",
-      "127.0.0.1",
-      "--port",
-      String(server.port),
-    ]);
+    const r = await dumpTo(c.pid, server.port);
     assertExit(r, 0, "dump --page-server");
     const s = await server.finished;
     assert.equal(s.code, 0, s.stderr);
@@ -275,16 +307,7 @@ Deno.test("a dump that fails on its way to the page server leaves the counter ru
   try {
     const img = `${tmp.path}/received`;
     const server = await startPageServer(img);
-    const r = await amber([
-      "dump",
-      "-t",
-      String(c.pid),
-      "--page-server",
-      "--address",
-      "127.0.0.1",
-      "--port",
-      String(server.port),
-    ], { AMBER_TEST_FAULT: "before-commit" });
+    const r = await dumpTo(c.pid, server.port, { AMBER_TEST_FAULT: "before-commit" });
     assertOneLineError(r, 1, "failed dump");
     const s = await server.finished;
     assert.equal(s.code, 1, s.stderr);
@@ -294,16 +317,7 @@ Deno.test("a dump that fails on its way to the page server leaves the counter ru
     await assertRunningFree(c.pid, "after the failed dump");
     await assertCounterHealthy(c);
     // Nobody listening: the dump fails before it freezes anything.
-    const none = await amber([
-      "dump",
-      "-t",
-      String(c.pid),
-      "--page-server",
-      "--address",
-      "127.0.0.1",
-      "--port",
-      String(server.port),
-    ]);
+    const none = await dumpTo(c.pid, server.port);
     assert.match(assertOneLineError(none, 1, "no server"), /connect: ECONNREFUSED/);
     assert.ok(isAlive(c.pid));
   } finally {

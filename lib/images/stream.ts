@@ -59,12 +59,12 @@ export interface ByteReader {
   read(p: Uint8Array): Promise<number | null>;
 }
 
-function messageOf(e: unknown): string {
+export function messageOf(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
 /** "EPIPE" for Deno's BrokenPipe and the like, else the message. */
-function errnoOf(e: unknown): string {
+export function errnoOf(e: unknown): string {
   const code = (e as { code?: unknown })?.code;
   return typeof code === "string" && /^E[A-Z0-9]+$/.test(code) ? code : messageOf(e);
 }
