@@ -166,7 +166,9 @@ export interface PageServerResult {
   dir: string;
   /** Who sent the dump. */
   peer: string;
+  /** Image files written. */
   files: number;
+  /** Bytes of all of them. */
   bytes: number;
 }
 

@@ -51,11 +51,13 @@ const MAX_PAGES_BYTES = 2 ** 47;
 
 /** Where a stream's bytes go: stdout, a pipe, a socket. */
 export interface ByteWriter {
+  /** Writes some of `p` (as Deno.Writer); resolves with how many bytes. */
   write(p: Uint8Array): Promise<number>;
 }
 
 /** Where a stream's bytes come from: stdin, a pipe, a socket. */
 export interface ByteReader {
+  /** Reads into `p` (as Deno.Reader); resolves with how many bytes, null at the end. */
   read(p: Uint8Array): Promise<number | null>;
 }
 
