@@ -8,7 +8,7 @@
  * stream ended well and every image decodes), then tells the sender, which
  * ends its tree only once the server said the images are safe.
  */
-import { AmberError } from "./errors.ts";
+import { AmberError, InterruptedError } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog } from "./log.ts";
 import { type RestoreRequest, type RestoreResult, restoreTree } from "./restore.ts";
@@ -156,7 +156,7 @@ export interface PageServerRequest extends PageServerAddress {
   dir: string;
   /** Called once it listens, with the port (useful with port 0). */
   listening?: (port: number) => void;
-  /** Aborting it stops the server; a dump in progress is discarded. */
+  /** Aborting it stops the server as SIGINT does: a dump in progress is discarded. */
   signal?: AbortSignal;
 }
 
@@ -178,6 +178,8 @@ export interface PageServerResult {
  * serves one dump).
  */
 export async function servePageServer(req: PageServerRequest): Promise<PageServerResult> {
+  // SIGINT, SIGTERM, SIGHUP or req.signal: what was received goes, amber exits 128 + N.
+  using guard = new SignalGuard(req.signal);
   let where = `page server ${req.address}:${req.port}`;
   // Checked and locked first: a directory it cannot write fails before a dump is sent.
   const dir = new ImageDir(req.dir).openForWrite();
@@ -188,41 +190,29 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
     dir.discard();
     throw new AmberError(`${where}: listen: ${errnoOf(e)}`, { cause: e });
   }
-  const stop = () => {
-    try {
-      listener.close();
-    } catch { /* closed */ }
-  };
-  req.signal?.addEventListener("abort", stop, { once: true });
   let conn: Deno.TcpConn;
   const port = (listener.addr as Deno.NetAddr).port;
   where = `page server ${req.address}:${port}`;
   try {
     req.listening?.(port);
-    conn = await listener.accept();
+    conn = await Promise.race([listener.accept(), guard.stopped]);
   } catch (e) {
     dir.discard();
-    if (req.signal?.aborted) throw new AmberError(`${where}: stopped before a dump came`);
+    if (e instanceof InterruptedError) throw e;
     throw new AmberError(`${where}: accept: ${errnoOf(e)}`, { cause: e });
   } finally {
-    stop();
+    listener.close();
   }
   const peerAddr = conn.remoteAddr as Deno.NetAddr;
   const peer = `${peerAddr.hostname}:${peerAddr.port}`;
   const from = `${where}: dump from ${peer}`;
-  const aborted = new Promise<never>((_, reject) => {
-    const fail = () => reject(new AmberError(`${from}: stopped`));
-    if (req.signal?.aborted) fail();
-    req.signal?.addEventListener("abort", fail, { once: true });
-  });
-  aborted.catch(() => {});
   try {
     const got = await receiveImages({
       input: conn,
       dir,
       where: from,
       expectEof: false,
-      stopped: aborted,
+      stopped: guard.stopped,
     });
     await writeReply(conn, reply(true));
     return { dir: req.dir, peer, ...got };
