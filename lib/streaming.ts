@@ -128,6 +128,12 @@ interface Receive {
   where: string;
   expectEof: boolean;
   stopped?: Promise<never>;
+  /**
+   * Images that must survive a crash are synced before they are published
+   * (the page server, `-D DIR`); a private directory that is gone once the
+   * tree runs need not wait for the disk.
+   */
+  durable: boolean;
 }
 
 /**
@@ -142,7 +148,8 @@ export async function receiveImages(r: Receive): Promise<{ files: number; bytes:
     const got = await unpackStream(r.input, dir, r);
     // Every image decoded and cross-checked, as restore will read them.
     readImages(dir.stagingPath);
-    await dir.complete();
+    if (r.durable) await dir.complete();
+    else dir.commit();
     return got;
   } catch (e) {
     dir.discard();
@@ -213,6 +220,7 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
       where: from,
       expectEof: false,
       stopped: guard.stopped,
+      durable: true,
     });
     await writeReply(conn, reply(true));
     return { dir: req.dir, peer, ...got };
@@ -258,6 +266,7 @@ export async function restoreStream(
         where: "image stream",
         expectEof: true,
         stopped: guard.stopped,
+        durable: !own,
       });
       detailLog(req)(`stream unpacked: ${got.files} files, ${got.bytes} bytes into ${dir}`);
     }
