@@ -371,3 +371,42 @@ Deno.test("SIGINT to a dump --stream stuck on a reader that does not read: the c
     await killAndReap(c.pid);
   }
 });
+
+Deno.test("a page server sent a damaged stream replies why, keeps the image already in DIR, and exits 1", async () => {
+  await using tmp = await tempDir();
+  const c = await startCounter(tmp.path, MIB);
+  try {
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(["dump", "-R", "-t", String(c.pid), "-D", img]), 0, "dump -R");
+    const inventory = await Deno.readFile(`${img}/inventory.cbor`);
+    const server = await startPageServer(img);
+    using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    const header = new Uint8Array(16);
+    header.set(new TextEncoder().encode("AMBERSTM"));
+    new DataView(header.buffer).setUint32(8, 1, true);
+    const good = record(1, `pages-${c.pid}.img`, new Uint8Array(4096).fill(7));
+    const bad = record(2, `pages-${c.pid}.img`, new Uint8Array(4096).fill(7));
+    bad[bad.length - 1] ^= 1;
+    for (const part of [header, good, bad]) await conn.write(part);
+    const reply = new Uint8Array(4096);
+    let got = 0;
+    for (;;) {
+      const n = await conn.read(reply.subarray(got));
+      if (n === null) break;
+      got += n;
+    }
+    assert.equal(new TextDecoder().decode(reply.subarray(0, 8)), "AMBERACK");
+    assert.equal(new DataView(reply.buffer).getUint32(8, true), 1, "the reply says: refused");
+    assert.match(
+      new TextDecoder().decode(reply.subarray(16, got)),
+      new RegExp(`^record 2 \\(pages-${c.pid}\\.img\\): checksum mismatch \\(corrupted\\)$`),
+    );
+    const s = await server.finished;
+    assert.equal(s.code, 1, s.stderr);
+    assert.deepEqual(await Deno.readFile(`${img}/inventory.cbor`), inventory, "earlier image kept");
+    assert.ok(!listDir(img).some((n) => n.startsWith(".amber-dump-")), "no staging left");
+    assertExit(await amber(["show", img]), 0, "the earlier image still reads");
+  } finally {
+    await killAndReap(c.pid);
+  }
+});
