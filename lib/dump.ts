@@ -26,7 +26,7 @@ import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker } from "./progress.ts";
-import { dumpVerdictOptions, imageRefusal, judgeImageDir } from "./verdict.ts";
+import { dumpVerdictOptions, imageRefusal, judgeDirectory, judgeImageDir } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xfeatures, xstateSize } from "./task/threads.ts";
@@ -399,10 +399,10 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.
-    const reasons = await judgeImageDir(
-      dir instanceof StreamImages ? dir : new ImageDir(dir.stagingPath),
-      dumpVerdictOptions(options.shellJob),
-    );
+    const verdictOptions = dumpVerdictOptions(options.shellJob);
+    const reasons = dir instanceof StreamImages
+      ? await judgeImageDir(dir, verdictOptions)
+      : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
     await guard.checkpoint();
     // The inventory, rewritten with the verdict and made durable only once
