@@ -132,6 +132,15 @@ export interface Images {
  * });
  * console.log(`${stats.pageBytes} bytes of memory, frozen ${stats.frozenMs} ms`);
  * ```
+ *
+ * @example Move a tree through a pipe (another amber restores it with `restore({ stream })`)
+ * ```ts
+ * const ssh = new Deno.Command("ssh", { args: ["dest", "amber restore --stream -d"], stdin: "piped" })
+ *   .spawn();
+ * const w = ssh.stdin.getWriter();
+ * await dump({ pid: 1234, stream: { write: async (b) => (await w.write(b.slice()), b.length) } });
+ * await w.close();
+ * ```
  */
 export function dump(req: DumpRequest): Promise<DumpStats> {
   cleanStaleLocks(); // a dump SIGKILLed earlier may have left its network lock
