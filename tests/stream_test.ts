@@ -410,3 +410,60 @@ Deno.test("a page server sent a damaged stream replies why, keeps the image alre
     await killAndReap(c.pid);
   }
 });
+
+const LIBRARY_SCRIPT = `
+import { dump, restore } from ${JSON.stringify(`${ROOT}/mod.ts`)};
+import type { ByteReader, ByteWriter } from ${JSON.stringify(`${ROOT}/mod.ts`)};
+
+const pid = Number(Deno.args[0]);
+const chunks: Uint8Array[] = [];
+const writer: ByteWriter = { write: (b) => (chunks.push(b.slice()), Promise.resolve(b.length)) };
+const stats = await dump({ pid, stream: writer });
+const all = new Uint8Array(chunks.reduce((s, c) => s + c.length, 0));
+let at = 0;
+for (const c of chunks) all.set(c, at), at += c.length;
+let off = 0;
+const reader: ByteReader = {
+  read(p) {
+    if (off === all.length) return Promise.resolve(null);
+    const n = Math.min(p.length, all.length - off, 65536);
+    p.set(all.subarray(off, off + n));
+    off += n;
+    return Promise.resolve(n);
+  },
+};
+while (true) {
+  try {
+    Deno.statSync("/proc/" + pid);
+    await new Promise((r) => setTimeout(r, 20));
+  } catch {
+    break;
+  }
+}
+const restored = await restore({ stream: reader, detached: true });
+console.log(JSON.stringify({ dir: stats.dir, bytes: all.length, pageBytes: stats.pageBytes, pids: restored.pids }));
+`;
+
+Deno.test("mod.ts: dump with a stream and restore from one, in memory, in a program of its own", async () => {
+  await using tmp = await tempDir();
+  const c = await startCounter(tmp.path, MIB);
+  try {
+    const script = `${tmp.path}/lib.ts`;
+    await Deno.writeTextFile(script, LIBRARY_SCRIPT);
+    const r = await new Deno.Command(DENO, {
+      args: ["run", "-A", "--config", `${ROOT}/deno.json`, script, String(c.pid)],
+      cwd: tmp.path,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(r.stderr);
+    assert.equal(r.code, 0, stderr);
+    const out = JSON.parse(new TextDecoder().decode(r.stdout));
+    assert.deepEqual(out.pids, [c.pid]);
+    assert.ok(out.pageBytes >= MIB * 1024 * 1024 && out.bytes > out.pageBytes, JSON.stringify(out));
+    await assertCounterHealthy(c);
+  } finally {
+    await killAndReap(c.pid);
+  }
+});
