@@ -8,8 +8,10 @@ import {
   AmberError,
   check,
   dump,
+  type DumpRequest,
   formatCheck,
   InterruptedError,
+  pageServer,
   preDump,
   restore,
   run,
@@ -76,6 +78,55 @@ const TCP_ESTABLISHED: Flag = {
   long: "tcp-established",
   help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
 };
+
+const ADDRESS: Flag = {
+  long: "address",
+  value: "ADDR",
+  help: "page server's address (IPv4 or IPv6 literal, or a host name)",
+};
+const PORT: Flag = { long: "port", value: "PORT", help: "page server's TCP port" };
+
+/** --port: a TCP port (0, any free one, only where `zero` allows it). */
+function portArg(v: unknown, command: string, zero = false): number {
+  const n = typeof v === "string" && /^\d{1,5}$/.test(v) ? Number(v) : NaN;
+  if (!(n <= 65535 && n >= (zero ? 0 : 1))) {
+    throw new UsageError(
+      `--port needs a TCP port number, got ${v ?? "nothing"}; see amber ${command} --help`,
+    );
+  }
+  return n;
+}
+
+function addressArg(v: unknown, command: string): string {
+  if (typeof v !== "string" || !v) {
+    throw new UsageError(`--address ADDR is required; see amber ${command} --help`);
+  }
+  return v;
+}
+
+/** Where dump sends the images instead of -D: stdout (--stream) or a page server. */
+function dumpElsewhere(v: Values): Pick<DumpRequest, "stream" | "pageServer"> {
+  if (v.stream) {
+    if (v.json) {
+      throw new UsageError("--json prints on stdout, which --stream writes the images to");
+    }
+    if (Deno.stdout.isTerminal()) {
+      throw new UsageError(
+        "--stream writes the images to stdout: send it to a pipe, not a terminal",
+      );
+    }
+    return { stream: Deno.stdout };
+  }
+  if (v["page-server"]) {
+    return {
+      pageServer: { address: addressArg(v.address, "dump"), port: portArg(v.port, "dump") },
+    };
+  }
+  if (v.address !== undefined || v.port !== undefined) {
+    throw new UsageError("--address and --port go with --page-server; see amber dump --help");
+  }
+  return {};
+}
 
 /** -v0..-v4 (CRIU's levels) → -v for 3 and above, nothing below. */
 function normalizeVerbosity(args: string[]): string[] {
@@ -255,17 +306,32 @@ const COMMANDS: Command[] = [
         long: "track-mem",
         help: "store only the pages written since --prev-images-dir (a pre-dump) was dumped",
       },
+      {
+        long: "stream",
+        help: "write the images to stdout as one stream, no -D (for restore --stream)",
+      },
+      {
+        long: "page-server",
+        help: "send the images to amber page-server at --address/--port, no -D",
+      },
+      ADDRESS,
+      PORT,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
     ],
     run(v, positionals) {
       noPositionals("dump", positionals);
-      const pid = pidArg(v.tree), dir = dirArg(v["images-dir"], "dump");
+      const elsewhere = dumpElsewhere(v);
+      const pid = pidArg(v.tree);
+      const dir = elsewhere.stream || elsewhere.pageServer
+        ? v["images-dir"] as string | undefined
+        : dirArg(v["images-dir"], "dump");
       return withLog(v, async ({ detail, progress }) => {
         const stats = await dump({
           pid,
           dir,
+          ...elsewhere,
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
@@ -359,17 +425,29 @@ const COMMANDS: Command[] = [
         multiple: true,
         help: "amber's fd N takes the place of the external RESOURCE (e.g. fd[7]:pipe:[1234])",
       },
+      {
+        long: "stream",
+        help: "read the images from stdin (dump --stream); -D DIR keeps them there",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
     ],
     run(v, positionals) {
       noPositionals("restore", positionals);
-      const dir = dirArg(v["images-dir"], "restore");
+      if (v.stream && Deno.stdin.isTerminal()) {
+        throw new UsageError(
+          "--stream reads the images from stdin: give it a pipe, not a terminal",
+        );
+      }
+      const dir = v.stream
+        ? v["images-dir"] as string | undefined
+        : dirArg(v["images-dir"], "restore");
       return withLog(v, async ({ detail, log, progress }) => {
         const t0 = performance.now();
         const result = await restore({
           dir,
+          stream: v.stream ? Deno.stdin : undefined,
           detached: !!v["restore-detached"],
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
@@ -390,6 +468,35 @@ const COMMANDS: Command[] = [
         }
         return result.exitCode ?? 0;
       });
+    },
+  },
+  {
+    name: "page-server",
+    args: "--address ADDR --port PORT -D DIR",
+    summary: "receive one dump (dump --page-server) over TCP into DIR, then exit",
+    flags: [
+      { ...ADDRESS, help: "address to listen on (no default: choose the network it is open to)" },
+      { ...PORT, help: "TCP port to listen on (0: any free one, printed)" },
+      { ...IMAGES_DIR, help: "images directory the dump is written into" },
+      JSON_OUT,
+    ],
+    async run(v, positionals) {
+      noPositionals("page-server", positionals);
+      const address = addressArg(v.address, "page-server");
+      const port = portArg(v.port, "page-server", true);
+      const dir = dirArg(v["images-dir"], "page-server");
+      const got = await pageServer({
+        address,
+        port,
+        dir,
+        // On stderr, as progress is: stdout is for the result.
+        listening: (p) => console.error(`amber page-server: listening on ${address}:${p}`),
+      });
+      if (v.json) printJson({ ok: true, command: "page-server", ...got });
+      else {console.log(
+          `received ${got.files} files, ${got.bytes} bytes from ${got.peer} into ${dir}`,
+        );}
+      return 0;
     },
   },
   {
@@ -510,8 +617,12 @@ const CRIU_FLAGS = new Set([
   "restore-detached",
   "pidfile",
   "inherit-fd",
+  "stream",
+  "page-server",
+  "address",
+  "port",
 ]);
-const CRIU_COMMANDS = new Set(["dump", "pre-dump", "restore"]);
+const CRIU_COMMANDS = new Set(["dump", "pre-dump", "restore", "page-server"]);
 
 function commandHelp(cmd: Command): string {
   const lines = [

@@ -25,6 +25,13 @@ import { cleanStaleLocks } from "./lib/net/netlock.ts";
 import { showImages } from "./lib/show.ts";
 import { checkKernel, type CheckReport, formatCheckReport } from "./lib/check.ts";
 import { type CheckpointResult, runJob, type RunRequest, type RunResult } from "./lib/run.ts";
+import {
+  type PageServerRequest,
+  type PageServerResult,
+  restoreStream,
+  servePageServer,
+} from "./lib/streaming.ts";
+import { UsageError } from "./lib/errors.ts";
 
 export {
   AmberError,
@@ -40,6 +47,8 @@ export type { CheckpointResult, RunRequest, RunResult };
 export type { DumpRequest, DumpStats } from "./lib/dump.ts";
 export type { RestoreRequest, RestoreResult } from "./lib/restore.ts";
 export type { InheritFd } from "./lib/context.ts";
+export type { ByteReader, ByteWriter } from "./lib/images/stream.ts";
+export type { PageServerAddress, PageServerRequest, PageServerResult } from "./lib/streaming.ts";
 
 /** The inventory of an images directory: where and how it was dumped. */
 export interface Inventory {
@@ -123,6 +132,15 @@ export interface Images {
  * });
  * console.log(`${stats.pageBytes} bytes of memory, frozen ${stats.frozenMs} ms`);
  * ```
+ *
+ * @example Move a tree through a pipe (another amber restores it with `restore({ stream })`)
+ * ```ts
+ * const ssh = new Deno.Command("ssh", { args: ["dest", "amber restore --stream -d"], stdin: "piped" })
+ *   .spawn();
+ * const w = ssh.stdin.getWriter();
+ * await dump({ pid: 1234, stream: { write: async (b) => (await w.write(b.slice()), b.length) } });
+ * await w.close();
+ * ```
  */
 export function dump(req: DumpRequest): Promise<DumpStats> {
   cleanStaleLocks(); // a dump SIGKILLed earlier may have left its network lock
@@ -165,7 +183,29 @@ export function preDump(req: PreDumpRequest): Promise<DumpStats> {
  */
 export function restore(req: RestoreRequest): Promise<RestoreResult> {
   cleanStaleLocks();
-  return restoreTree(req);
+  if (req.stream) return restoreStream({ ...req, stream: req.stream });
+  if (!req.dir) {
+    return Promise.reject(new UsageError("-D DIR is required; see amber restore --help"));
+  }
+  return restoreTree({ ...req, dir: req.dir });
+}
+
+/**
+ * Receives one dump over TCP (CRIU's `page-server`): listens on
+ * `address:port`, writes the images a `dump` with `pageServer` sends into
+ * `dir` as a local dump would (staging directory, published only when
+ * complete and every image decodes), tells the sender they are safe, and
+ * returns. A stream that breaks off or fails a check is refused, and the
+ * sender's tree runs on.
+ *
+ * @example
+ * ```ts
+ * const got = await pageServer({ address: "0.0.0.0", port: 27000, dir: "/var/tmp/img" });
+ * console.log(`${got.bytes} bytes from ${got.peer}`);
+ * ```
+ */
+export function pageServer(req: PageServerRequest): Promise<PageServerResult> {
+  return servePageServer(req);
 }
 
 /**

@@ -8,8 +8,10 @@
  *   deno task bench redis        (only the redis pause)
  *
  * Each case runs ROUNDS cycles of dump -R (frozen time as amber measures
- * it), dump (ends the tree) and restore -d, each the whole command; the
- * table shows the median and the best round. With --vs-criu, CRIU
+ * it), dump (ends the tree), restore -d, and `dump --stream | restore
+ * --stream -d` (the tree moved through a pipe, no image file on the
+ * dumping side), each the whole command; the table shows the median and
+ * the best round. With --vs-criu, CRIU
  * (CRIU_BIN, default the reference copy in ../shared/reference) dumps and
  * restores the same target in each round too, and the ratios amber/CRIU
  * are printed.
@@ -17,12 +19,15 @@
 import {
   amber,
   buildC,
+  CLI,
   commandWorks,
+  DENO,
   descendants,
   dumpArgs,
   freePort,
   killAndReap,
   killTree,
+  reapZombies,
   ROOT,
   sizeOf,
   spawnTarget,
@@ -58,6 +63,7 @@ interface Round {
   dumpRMs: number;
   dumpMs: number;
   restoreMs: number;
+  streamMs: number;
   pageBytes: number;
   criuDumpMs?: number;
   criuRestoreMs?: number;
@@ -70,6 +76,30 @@ async function timed(args: string[]): Promise<{ ms: number; text: string }> {
   const ms = performance.now() - t0;
   if (r.code !== 0) throw new Error(`amber ${args.join(" ")}: ${r.stderr.trim()}`);
   return { ms, text: r.stderr };
+}
+
+/** Wall time of `dump --stream | restore --stream -d`, reaping the dumped tree's orphans meanwhile. */
+async function timedStream(root: number): Promise<number> {
+  const amberCmd = `${DENO} run -A ${CLI}`;
+  const pipe =
+    `set -o pipefail; ${amberCmd} dump -t ${root} --stream | ${amberCmd} restore --stream -d`;
+  const t0 = performance.now();
+  let done = false;
+  const run = new Deno.Command("/bin/bash", {
+    args: ["-c", pipe],
+    cwd: ROOT,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).output().finally(() => done = true);
+  while (!done) {
+    reapZombies();
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  const r = await run;
+  const ms = performance.now() - t0;
+  if (r.code !== 0) throw new Error(`stream: ${new TextDecoder().decode(r.stderr).trim()}`);
+  return ms;
 }
 
 async function timedCriu(args: string[]): Promise<number> {
@@ -106,11 +136,15 @@ async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
   await warmMemory(path, bytes * 2);
   const r = await timed(["restore", "-D", `${path}/img`, "-d"]);
   await Deno.remove(`${path}/img`, { recursive: true });
+  // Both ends on this machine: the restore side needs the memory as well.
+  await warmMemory(path, bytes * 3);
+  const streamMs = await timedStream(t.root);
   return {
     frozenMs: figure(d.text, /frozen (\d+) ms/),
     dumpRMs: d.ms,
     dumpMs: k.ms,
     restoreMs: r.ms,
+    streamMs,
     pageBytes,
   };
 }
@@ -193,8 +227,18 @@ console.log(
     `${navigator.hardwareConcurrency} CPUs: median (best) of ${ROUNDS} rounds, whole commands (ms).`,
 );
 console.log("frozen: dump -R as amber measures it; dump: a dump that ends the tree (images");
-console.log("durable); restore: restore -d; GB/s: pages over the median.");
-const header = ["case", "frozen", "dump -R", "dump", "dump GB/s", "restore", "restore GB/s"];
+console.log("durable); restore: restore -d; GB/s: pages over the median; stream: dump --stream |");
+console.log("restore --stream -d, the two at once.");
+const header = [
+  "case",
+  "frozen",
+  "dump -R",
+  "dump",
+  "dump GB/s",
+  "restore",
+  "restore GB/s",
+  "stream",
+];
 if (VS_CRIU) header.push("CRIU dump", "CRIU restore", "dump ratio", "restore ratio");
 if (!ONLY_REDIS) console.log(header.join(" | "));
 for (const c of ONLY_REDIS ? [] : CASES) {
@@ -218,6 +262,7 @@ for (const c of ONLY_REDIS ? [] : CASES) {
       gbs(pages, median(col((r) => r.dumpMs))),
       both(col((r) => r.restoreMs)),
       gbs(pages, median(col((r) => r.restoreMs))),
+      both(col((r) => r.streamMs)),
     ];
     if (VS_CRIU) {
       const ratio = (a: (r: Round) => number | undefined, b: (r: Round) => number | undefined) =>

@@ -16,15 +16,17 @@ import {
   withContextAsync,
 } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
+import { type ByteWriter, StreamImages } from "./images/stream.ts";
+import { connectPageServer, type PageServerAddress, streamTo } from "./streaming.ts";
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
-import { pagesFileName, preparePages } from "./mm/pages.ts";
+import { preparePages } from "./mm/pages.ts";
 import { disarmArmed, openParent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker } from "./progress.ts";
-import { dumpVerdictOptions, imageRefusal, judgeDirectory } from "./verdict.ts";
+import { dumpVerdictOptions, imageRefusal, judgeDirectory, judgeImageDir } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xfeatures, xstateSize } from "./task/threads.ts";
@@ -46,8 +48,22 @@ import {
 export interface DumpRequest {
   /** Root of the tree: this process and all its descendants are dumped. */
   pid: number;
-  /** Images directory: created 0700, or an existing one owned by the caller that nobody else can write. */
-  dir: string;
+  /**
+   * Images directory: created 0700, or an existing one owned by the caller that nobody else can
+   * write. Not with `stream` or `pageServer`, which take the images elsewhere.
+   */
+  dir?: string;
+  /**
+   * Write the images to this stream (stdout, a pipe) instead of a directory, as `restore`'s
+   * `stream` reads them (CRIU's --stream): pages as they are read, no file on this machine. The
+   * tree is ended only once the whole stream was written.
+   */
+  stream?: ByteWriter;
+  /**
+   * Send the images to `amber page-server` at this address (CRIU's --page-server) instead of
+   * writing a directory; the tree is ended only once the server said it stored them.
+   */
+  pageServer?: PageServerAddress;
   /** Let the tree run on after the dump (CRIU's -R); it is killed otherwise. */
   leaveRunning?: boolean;
   /** The tree is a job of a shell: its session or terminal is outside it (CRIU's --shell-job). */
@@ -218,12 +234,29 @@ function refuseToEnd(why: string): AmberError {
   );
 }
 
-function imageBytes(dir: string): number {
-  let total = 0;
-  for (const e of Deno.readDirSync(dir)) {
-    if (e.isFile) total += Deno.statSync(`${dir}/${e.name}`).size;
+/**
+ * Where the images go: a directory, a stream, or a page server (connected
+ * to before anything is frozen). A stream carries one complete dump: no
+ * chain (its parents would be here, the images there).
+ */
+async function openTarget(req: DumpRequest): Promise<ImageDir> {
+  const elsewhere = req.stream ? "--stream" : req.pageServer ? "--page-server" : undefined;
+  if (!elsewhere) {
+    if (!req.dir) throw new UsageError("-D DIR is required; see amber dump --help");
+    return new ImageDir(req.dir).openForWrite();
   }
-  return total;
+  if (req.stream && req.pageServer) {
+    throw new UsageError("--stream and --page-server both take the images: give one");
+  }
+  if (req.dir !== undefined) {
+    throw new UsageError(`${elsewhere} takes the images elsewhere: no -D with it`);
+  }
+  if (req.preDump || req.prevImagesDir !== undefined || req.trackMem) {
+    throw new UsageError(
+      `${elsewhere} sends one complete dump: not with pre-dump, --prev-images-dir or --track-mem`,
+    );
+  }
+  return req.stream ? streamTo(req.stream) : await connectPageServer(req.pageServer!);
 }
 
 /** Runs the kinds' end-of-dump steps, all of them even if one fails; throws the first failure. */
@@ -252,7 +285,7 @@ function trackingFor(req: DumpRequest, log: LogLine): TrackingState {
   }
   const parent = req.prevImagesDir === undefined
     ? undefined
-    : openParent(req.dir, req.prevImagesDir);
+    : openParent(req.dir!, req.prevImagesDir);
   return { arm: !!req.preDump, parent, armed: [], log };
 }
 
@@ -274,7 +307,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
   const log = detailLog(req);
   validateTargetPid(req.pid);
   using guard = new SignalGuard(req.signal);
-  const dir = new ImageDir(req.dir).openForWrite();
+  const dir = await openTarget(req);
+  if (dir instanceof StreamImages) dir.watch(guard.stopped);
   const state: TreeDumpState = {
     openFiles: new Map(),
     sharedMemory: new Map(),
@@ -294,7 +328,9 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // (for -R, whose tree is frozen only for the copy; a killed tree's pages
     // go straight to the disk instead).
     // (Not for an incremental round: it stores a fraction of the memory.)
-    const prepare = options.leaveRunning && req.prevImagesDir === undefined;
+    // (Nor for a stream: it has no file.)
+    const prepare = options.leaveRunning && req.prevImagesDir === undefined &&
+      !(dir instanceof StreamImages);
     for (const pid of prepare ? listTree(req.pid) : []) {
       const prepared = await preparePages(dir, pid);
       if (prepared) state.preparedPages.set(pid, prepared);
@@ -364,10 +400,13 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.
-    const reasons = await judgeDirectory(dir.stagingPath, {
+    const verdictOptions = {
       ...dumpVerdictOptions(options.shellJob),
       takenLater: !options.leaveRunning,
-    });
+    };
+    const reasons = dir instanceof StreamImages
+      ? await judgeImageDir(dir, verdictOptions)
+      : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
     await guard.checkpoint();
     // Nothing can refuse this dump any more: what can only be read by
@@ -376,9 +415,9 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // The inventory, rewritten with the verdict and made durable only once
     // all else is, marks the images complete.
     dir.write(inventoryImage, { ...inventory, verdict: reasons });
-    dir.syncAll();
-    // The complete image is in dir.stagingPath; publishing it replaces an earlier one.
-    dir.commit();
+    // The complete image is in dir.stagingPath; publishing it replaces an earlier one. A
+    // stream sends it (and waits for the page server's word that it is stored).
+    await dir.complete();
   } catch (e) {
     if (!running) {
       disarmArmed(state.kinds);
@@ -397,20 +436,14 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     endKinds(state, "kill");
   }
   tracker.finish();
-  const pageBytes = tree.pids.reduce((s, pid) => {
-    try {
-      return s + Deno.statSync(dir.file(pagesFileName(pid))).size;
-    } catch {
-      return s;
-    }
-  }, 0);
+  const stored = dir.storedBytes(tree.pids);
   return {
     pids: tree.pids,
     frozenMs,
     totalMs: performance.now() - t0,
-    pageBytes,
-    imageBytes: imageBytes(req.dir),
+    pageBytes: stored.pages,
+    imageBytes: stored.total,
     partMs: tracker.partMs,
-    dir: req.dir,
+    dir: dir.path,
   };
 }

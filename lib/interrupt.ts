@@ -14,10 +14,21 @@ type StopSignal = keyof typeof SIGNALS;
 export class SignalGuard implements Disposable {
   private caught?: StopSignal;
   private readonly listeners = new Map<StopSignal, () => void>();
+  private readonly stop = Promise.withResolvers<never>();
+  /**
+   * Rejects with the InterruptedError once a stop is asked for: for a wait
+   * that passes no checkpoint (a write to a pipe nobody reads).
+   */
+  readonly stopped: Promise<never> = this.stop.promise;
 
   constructor(private readonly abort?: AbortSignal) {
+    this.stopped.catch(() => {}); // only those who wait with it care
+    abort?.addEventListener("abort", () => this.stopNow(), { once: true });
     for (const sig of Object.keys(SIGNALS) as StopSignal[]) {
-      const listener = () => this.caught ??= sig;
+      const listener = () => {
+        this.caught ??= sig;
+        this.stopNow();
+      };
       Deno.addSignalListener(sig, listener);
       this.listeners.set(sig, listener);
     }
@@ -31,6 +42,14 @@ export class SignalGuard implements Disposable {
   async checkpoint(): Promise<void> {
     await Deno.stat("/");
     this.throwIfStopped();
+  }
+
+  private stopNow(): void {
+    try {
+      this.throwIfStopped();
+    } catch (e) {
+      this.stop.reject(e);
+    }
   }
 
   throwIfStopped(): void {

@@ -8,6 +8,7 @@
  * lib/parts.ts order), its threads get their registers, and everything is
  * detached at once. Any failure kills all that was created.
  */
+import type { ByteReader } from "./images/stream.ts";
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
@@ -53,8 +54,18 @@ import { unlock } from "./net/netlock.ts";
 
 /** What to restore, and how (mod.ts `restore`). */
 export interface RestoreRequest {
-  /** Images directory (or DIR/latest of `amber run`). */
-  dir: string;
+  /**
+   * Images directory (or DIR/latest of `amber run`). With `stream`, where
+   * the stream is unpacked and kept; without, a private temporary directory
+   * is used and removed once the tree runs.
+   */
+  dir?: string;
+  /**
+   * Read the images from this stream (what `dump` wrote with its `stream`
+   * option, e.g. stdin; CRIU's --stream) instead of a directory: the whole
+   * stream is checked and unpacked before anything is created.
+   */
+  stream?: ByteReader;
   /** Return once the tree runs instead of waiting for its root (CRIU's -d). */
   detached?: boolean;
   /** Write the root's pid into this file (replaced atomically, never through a symlink). */
@@ -433,7 +444,10 @@ function releaseLock(lock: string | undefined, log: (m: string) => void): void {
 }
 
 /** Restores the images in `req.dir`. */
-export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
+export async function restoreTree(
+  req: RestoreRequest & { dir: string },
+  running?: () => void,
+): Promise<RestoreResult> {
   const t0 = performance.now();
   const options: RestoreOptions = {
     detached: req.detached ?? false,
@@ -528,6 +542,7 @@ export async function restoreTree(req: RestoreRequest): Promise<RestoreResult> {
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
+  running?.();
   const partMs = tracker.partMs;
   if (options.detached) return { pids, restoreMs, partMs };
   const st = job ? await job.wait() : await pt.waitpidAsync(pids[0], 0);

@@ -9,7 +9,7 @@
 import type { Part, PrecheckContext, RestoreOptions } from "./context.ts";
 import { AmberError } from "./errors.ts";
 import { ImageDir } from "./images/dir.ts";
-import { type Images, type ProcessImages, readImages } from "./images/read.ts";
+import { type Images, type ProcessImages, readImagesIn } from "./images/read.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { PARTS } from "./parts.ts";
 
@@ -90,9 +90,13 @@ export async function judgeImages(
 
 /** The verdict on the images directory `path`, read the way restore reads it. */
 export async function judgeDirectory(path: string, options: RestoreOptions): Promise<string[]> {
-  const images = readImages(path);
   using dir = new ImageDir(path);
-  return await judgeImages(images, dir, options);
+  return await judgeImageDir(dir, options);
+}
+
+/** The verdict on the images of `dir` (a directory, or a dump's images in memory). */
+export async function judgeImageDir(dir: ImageDir, options: RestoreOptions): Promise<string[]> {
+  return await judgeImages(readImagesIn(dir), dir, options);
 }
 
 /** The restore options a verdict taken at dump time assumes. */

@@ -11,10 +11,9 @@
  * with its seals added once it is filled.
  */
 import { z } from "zod";
-import type { RawFile } from "../../ffi/rawfile.ts";
 import { NR } from "../../ffi/inject.ts";
 import type { RestoreContext, TreeDumpState } from "../context.ts";
-import type { ImageDir } from "../images/dir.ts";
+import type { BulkFile, ImageDir } from "../images/dir.ts";
 import { putString } from "../scratch.ts";
 import { memfdSeals } from "../../ffi/memfd.ts";
 
@@ -100,7 +99,7 @@ export function saveGhost(
 }
 
 /** Copies `source` into `out`, stopping once past `limit` bytes; returns the bytes read. */
-function copyInto(source: string, out: RawFile, limit: number): number {
+function copyInto(source: string, out: BulkFile, limit: number): number {
   using src = Deno.openSync(source, { read: true });
   const buf = new Uint8Array(1 << 20);
   let total = 0;
@@ -121,7 +120,7 @@ export function tooBig(what: string, size: number): string {
 
 /** The ghost's file is in the images, checked as every image file is, and of its size. */
 export function checkGhost(ctx: { dir: ImageDir }, g: GhostImage): void {
-  ctx.dir.openData(g.file, g.size).close();
+  ctx.dir.checkData(g.file, g.size);
 }
 
 /**

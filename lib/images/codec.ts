@@ -29,7 +29,17 @@ export function defineImage<S extends z.ZodType>(
   schema: S,
   maxBytes?: number,
 ): ImageKind<z.output<S>> {
-  return { name, version, perProcess, schema: schema as z.ZodType<z.output<S>>, maxBytes };
+  const kind = { name, version, perProcess, schema: schema as z.ZodType<z.output<S>>, maxBytes };
+  if (!perProcess) TREE_IMAGES.set(`${name}.cbor`, kind);
+  return kind;
+}
+
+/** Images of the whole tree (inventory, pstree, a kind's own), by file name. */
+const TREE_IMAGES = new Map<string, ImageKind<unknown>>();
+
+/** The tree image kind behind file `name`, if amber defines one. */
+export function treeImageNamed(name: string): ImageKind<unknown> | undefined {
+  return TREE_IMAGES.get(name);
 }
 
 export function magicOf(kind: ImageKind<unknown>): string {

@@ -96,6 +96,21 @@ function removeDirAt(parent: Fd, name: string): void {
   } catch { /* gone */ }
 }
 
+/**
+ * A file being written in bulk (pages, ghost copies): a RawFile for a
+ * directory, or a part of a stream (lib/images/stream.ts).
+ */
+export interface BulkFile {
+  /** O_DIRECT where the file can have it; false for a stream. */
+  setDirect(): boolean;
+  truncate(size: number): void;
+  pwriteAll(data: Uint8Array, offset: number): Promise<void>;
+  pwriteAllSync(data: Uint8Array, offset: number): void;
+  /** The writer of `offset` failed: one that waits for it must not wait forever. */
+  abort?(why: unknown): void;
+  close(): void;
+}
+
 export class ImageDir {
   /** The images directory (locked while writing). */
   private dirFd?: Fd;
@@ -173,7 +188,7 @@ export class ImageDir {
    * Creates file `name` in the staging directory for bulk writing;
    * commit() marks it complete (to be synced), drop() removes it.
    */
-  reserve(name: string): { file: RawFile; commit: () => void; drop: () => void } {
+  reserve(name: string): { file: BulkFile; commit: () => void; drop: () => void } {
     const fd = withContext(`image ${name}`, () => this.create(name));
     return {
       file: RawFile.fromFd(fd.release(), `${this.stagingPath}/${name}`),
@@ -250,6 +265,27 @@ export class ImageDir {
       dir.sync();
     });
     this.close();
+  }
+
+  /** Makes the staged image durable and publishes it (a stream sends it instead). */
+  complete(): Promise<void> {
+    this.syncAll();
+    this.commit();
+    return Promise.resolve();
+  }
+
+  /** Bytes of the image files published: pages files, and all of them. */
+  storedBytes(pids: number[]): { pages: number; total: number } {
+    const size = (name: string) => {
+      try {
+        return Deno.statSync(this.file(name)).size;
+      } catch {
+        return 0;
+      }
+    };
+    let total = 0;
+    for (const e of Deno.readDirSync(this.path)) if (e.isFile) total += size(e.name);
+    return { pages: pids.reduce((s, pid) => s + size(`pages-${pid}.img`), 0), total };
   }
 
   /** Closes and removes the staging directory, if this run made one. */
@@ -363,6 +399,11 @@ export class ImageDir {
       throw new AmberError(`${this.file(name)}: ${actual} bytes, expected ${size}`);
     }
     return RawFile.fromFd(fd.release(), this.file(name));
+  }
+
+  /** Checks that bulk file `name` is there, checked like any image file, and holds `size` bytes. */
+  checkData(name: string, size: number): void {
+    this.openData(name, size).close();
   }
 
   /** Closes the directory descriptors (and so releases a writer's lock). */

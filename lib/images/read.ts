@@ -44,6 +44,12 @@ function checkReferences(dir: ImageDir, processes: ProcessImages[]): void {
 /** Reads and validates every image of `path`; errors name the file and field. */
 export function readImages(path: string): Images {
   using dir = new ImageDir(path);
+  return readImagesIn(dir);
+}
+
+/** Reads and validates every image of `dir` (a directory, or a dump's images in memory). */
+export function readImagesIn(dir: ImageDir): Images {
+  const path = dir.path;
   if (!dir.has("inventory.cbor")) {
     throw new AmberError(
       `${path}: not a complete images directory (no inventory.cbor: nothing dumped here, or the dump failed)`,

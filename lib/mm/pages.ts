@@ -24,7 +24,7 @@ import {
   writeRangesAsync,
 } from "../../ffi/memory.ts";
 import { definePart, type DumpContext } from "../context.ts";
-import { ImageDir } from "../images/dir.ts";
+import { type BulkFile, ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
 import { defineImage, imageFileName, MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import {
@@ -272,7 +272,7 @@ function readSlowly(pid: number, ranges: RemoteRange[], buf: Uint8Array, mapping
  * still runs. The copy under freeze then overwrites pages that exist.
  */
 export interface PreparedPages {
-  file: RawFile;
+  file: BulkFile;
   size: number;
   commit: () => void;
   /** Closes and removes it (its process was not dumped after all). */
@@ -332,9 +332,15 @@ export async function copyPages(
   tracker?.addTotal(total);
   try {
     await transfer(list, async (c, buf, i) => {
-      const got = await readRangesAsync(ctx.pid, c.ranges, buf);
-      if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
-      if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
+      try {
+        const got = await readRangesAsync(ctx.pid, c.ranges, buf);
+        if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
+        if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
+      } catch (e) {
+        // A stream waits for this chunk before the next ones: they must not wait forever.
+        file.abort?.(e);
+        throw e;
+      }
       await file.pwriteAll(buf, c.fileOff);
       tracker?.pages(c.bytes);
     });
@@ -547,7 +553,7 @@ export const pagemapPart = definePart({
   },
   precheck(image, ctx) {
     const { pagesFile, runs, totalPages } = image;
-    ctx.dir.openData(pagesFile, totalPages * PAGE_SIZE).close();
+    ctx.dir.checkData(pagesFile, totalPages * PAGE_SIZE);
     const counted = runs.reduce((s, r) => s + r.pages, 0);
     if (counted !== totalPages) {
       throw new AmberError(`pagemap: runs hold ${counted} pages, not ${totalPages}`);
