@@ -221,6 +221,7 @@ async function dumpAndRestoreInPane(
   between?: () => Promise<void>,
 ) {
   const img = `${dir}/img`;
+  const group = pgid(pid);
   assertExit(await amber(dumpArgs(pid, img, "--shell-job")), 0, "dump --shell-job");
   await t.waitPrompt(128 + 9, "the dumped job ended");
   await waitVanished([pid]);
@@ -228,8 +229,9 @@ async function dumpAndRestoreInPane(
   await t.command("clear");
   await t.waitScreen((l) => PROMPT.test(l[0]) && !l.slice(1).some((x) => x), "a clear screen");
   await t.command(amberLine("restore", "--shell-job", "-D", img));
+  // Its own group, not the group it is born in while restore builds it (amber's, in the foreground).
   await until(
-    () => isAlive(pid) && tpgid(pid) === pgid(pid),
+    () => isAlive(pid) && pgid(pid) === group && tpgid(pid) === group,
     "the job is not back in the foreground",
   );
   const shell = await t.panePid();
