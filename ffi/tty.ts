@@ -2,7 +2,8 @@
  * Terminal ioctls amber runs on its own descriptors: on a copy of a
  * tracee's terminal (pidfd_getfd) at dump, on its own terminal at restore.
  */
-import { addressOf, check, libc, rawSyscall } from "./libc.ts";
+import { addressOf, check, lastErrno, libc, rawSyscall, SysError } from "./libc.ts";
+import { NR } from "./inject.ts";
 
 export const TTY_IOCTL = {
   TCGETS: 0x5401,
@@ -11,6 +12,7 @@ export const TTY_IOCTL = {
   TIOCGPGRP: 0x540f,
   TIOCSPGRP: 0x5410,
   TIOCOUTQ: 0x5411,
+  TIOCSTI: 0x5412,
   TIOCGWINSZ: 0x5413,
   TIOCSWINSZ: 0x5414,
   FIONREAD: 0x541b,
@@ -123,4 +125,46 @@ export function stopSelf(signal: number): void {
 /** kill(2): `target` is a pid, or minus a process group. */
 export function sendSignal(target: number, signal: number): void {
   rawSyscall(`kill(${target}, ${signal})`, NR_KILL, target, signal);
+}
+
+const F_GETFL = 3, F_SETFL = 4, O_NONBLOCK = 0o4000, EAGAIN = 11;
+
+/**
+ * Runs fn with O_NONBLOCK set on the open file description of `fd` (shared
+ * with the process amber took it from), then puts its flags back.
+ */
+export function withNonBlocking<T>(fd: number, fn: () => T): T {
+  const flags = check("fcntl(F_GETFL)", libc().fcntl(fd, F_GETFL, 0n));
+  check("fcntl(F_SETFL)", libc().fcntl(fd, F_SETFL, BigInt(flags | O_NONBLOCK)));
+  try {
+    return fn();
+  } finally {
+    check("fcntl(F_SETFL)", libc().fcntl(fd, F_SETFL, BigInt(flags)));
+  }
+}
+
+/** One read(2) into buf: the byte count, 0 at end of file, or -1 when nothing is there (EAGAIN). */
+export function readSome(fd: number, buf: Uint8Array): number {
+  const n = Number(libc().read(fd, buf, BigInt(buf.length)));
+  if (n >= 0) return n;
+  const errno = lastErrno();
+  if (errno === EAGAIN) return -1;
+  throw new SysError("read", errno);
+}
+
+/** TIOCSTI: the terminal's line discipline receives `byte` as if it had come from the other side. */
+export function stuffByte(fd: number, byte: number): void {
+  ioctl(fd, "TIOCSTI", new Uint8Array([byte]));
+}
+
+const POLLPRI = 2;
+
+/** Whether poll(2) reports POLLPRI on fd now (a pty master in packet mode: a status byte). */
+export function hasPriorityData(fd: number): boolean {
+  const pfd = new Uint8Array(8);
+  const v = new DataView(pfd.buffer);
+  v.setInt32(0, fd, true);
+  v.setInt16(4, POLLPRI, true);
+  rawSyscall("poll", NR.poll, addressOf(pfd), 1, 0);
+  return (v.getInt16(6, true) & POLLPRI) !== 0;
 }

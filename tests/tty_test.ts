@@ -34,6 +34,7 @@ import {
   tempDir,
   until,
   waitForLine,
+  waitForLines,
   waitVanished,
 } from "./_util.ts";
 
@@ -550,25 +551,35 @@ Deno.test("a tmux server with two panes dumped and restored -d: its panes run on
 // refusals
 
 const PY_PTY = `
-import os, sys, time, tty
+import fcntl, os, struct, sys, termios, time
 m, s = os.openpty()
 mode = sys.argv[1]
-if mode == "out":
-    os.write(s, b"hello")
-elif mode == "in":
-    tty.setraw(s)
+if mode == "extproc":
+    t = termios.tcgetattr(s)
+    t[3] |= 0o200000
+    termios.tcsetattr(s, termios.TCSANOW, t)
     os.write(m, b"typed\\n")
+elif mode == "packet status":
+    fcntl.ioctl(m, termios.TIOCPKT, struct.pack("i", 1))
+    t = termios.tcgetattr(s)
+    t[0] &= ~termios.IXON
+    termios.tcsetattr(s, termios.TCSANOW, t)
+os.open("/dev/null", os.O_RDONLY)
 time.sleep(600)
 `;
 
-/** A python3 holding a pty pair, in `mode`: "out"/"in" leaves bytes unread on one side. */
+/**
+ * A python3 holding a pty pair (fds 3 and 4), in `mode`: "extproc" leaves
+ * bytes typed under EXTPROC, "packet status" a packet-mode status byte,
+ * unread. Its fd 5 says it is ready.
+ */
 async function startPtyHolder(mode: string): Promise<{ pid: number; slave: string }> {
   const t = spawnTarget(["setsid", "python3", "-c", PY_PTY, mode]);
   let slave = "";
   await until(() => {
     try {
       slave = fdLink(t.pid, 4);
-      return SLAVE_RE.test(slave);
+      return SLAVE_RE.test(slave) && fdLink(t.pid, 5) === "/dev/null";
     } catch {
       return false;
     }
@@ -576,14 +587,18 @@ async function startPtyHolder(mode: string): Promise<{ pid: number; slave: strin
   return { pid: t.pid, slave };
 }
 
-const SLAVE_RE = /^\/dev\/pts\/\d+$/;
-
-Deno.test("pty bytes not read yet: the dump says they would be lost and leaves the tree running", async () => {
+Deno.test("pty bytes amber cannot put back exactly are refused, named, the tree left running", async () => {
   await using tmp = await tempDir();
   for (
     const [mode, said] of [
-      ["out", /fd 3: pty \d+: 5 bytes written on its slave side and not read yet would be lost/],
-      ["in", /fd 4: pty \d+: 6 bytes typed on its master side and not read yet would be lost/],
+      [
+        "extproc",
+        /fd 4: pty \d+: 6 bytes typed on its master side and not read yet would be lost: with EXTPROC on/,
+      ],
+      [
+        "packet status",
+        /fd 3: pty \d+: packet mode with a status byte its master's holder has not read/,
+      ],
     ] as const
   ) {
     const { pid } = await startPtyHolder(mode);
@@ -598,6 +613,151 @@ Deno.test("pty bytes not read yet: the dump says they would be lost and leaves t
     }
   }
 });
+
+const SLAVE_RE = /^\/dev\/pts\/\d+$/;
+
+/**
+ * A pty pair of its own: the parent holds the master and "types" into it
+ * what the test puts in DIR/type.N, and reads what the slave side wrote
+ * only when DIR/drain appears (into DIR/output.json). The child holds the
+ * slave (canonical, or raw), writes a line to it, and once DIR/go appears
+ * logs each read of the slave, one JSON array of bytes a line, to
+ * DIR/reads.txt.
+ */
+const PY_TYPIST = `
+import json, os, sys, time, tty
+d, mode = sys.argv[1], sys.argv[2]
+m, s = os.openpty()
+if os.fork() == 0:
+    os.close(m)
+    if mode == "raw":
+        tty.setraw(s)
+    os.write(s, b"hello from the slave\\n")
+    open(d + "/child.ready", "w").close()
+    while not os.path.exists(d + "/go"):
+        time.sleep(0.02)
+    with open(d + "/reads.txt", "a") as log:
+        while True:
+            log.write(json.dumps(list(os.read(s, 4096))) + "\\n")
+            log.flush()
+os.close(s)
+n = 0
+while True:
+    if os.path.exists(f"{d}/type.{n}"):
+        with open(f"{d}/type.{n}", "rb") as f:
+            os.write(m, f.read())
+        open(f"{d}/typed.{n}", "w").close()
+        n += 1
+    elif os.path.exists(d + "/drain"):
+        os.set_blocking(m, False)
+        out = b""
+        try:
+            while True:
+                out += os.read(m, 4096)
+        except BlockingIOError:
+            pass
+        with open(d + "/output.tmp", "w") as f:
+            f.write(json.dumps(list(out)))
+        os.rename(d + "/output.tmp", d + "/output.json")
+        time.sleep(600)
+    time.sleep(0.02)
+`;
+
+/** What is typed before the dump, the reads the slave's reader must get, what is typed after. */
+const TYPING = {
+  // Canonical: a line, one ended by ^D, an empty one (^D alone), and a partial line with a
+  // ^V-quoted ^C in it and a ^V still pending at its end: after restore the ^C typed first is
+  // taken literally (a lost ^V would make it flush the queue, ISIG being on).
+  canonical: {
+    before: "first line\nab\x04\x04par\x16\x03tial\x16",
+    reads: ["first line\n", "ab", ""],
+    after: "\x03rest\n",
+    last: "par\x03tial\x03rest\n",
+  },
+  // Raw: the bytes as they are, control characters included.
+  raw: {
+    before: "abc\x03\x16def\n\x7f",
+    reads: ["abc\x03\x16def\n\x7f"],
+    after: "ghi",
+    last: "ghi",
+  },
+};
+
+const bytesOf = (s: string) => [...new TextEncoder().encode(s)];
+
+/** Puts `text` in DIR/type.N for the parent to type, and waits until it has. */
+async function typeInto(dir: string, n: number, text: string): Promise<void> {
+  await Deno.writeFile(`${dir}/type.tmp`, new TextEncoder().encode(text));
+  await Deno.rename(`${dir}/type.tmp`, `${dir}/type.${n}`);
+  await until(() => exists(`${dir}/typed.${n}`), `the parent did not type ${JSON.stringify(text)}`);
+}
+
+async function readsOf(dir: string, n: number): Promise<number[][]> {
+  return (await waitForLines(`${dir}/reads.txt`, n, 20_000)).map((l) => JSON.parse(l));
+}
+
+/**
+ * Types into the pty, then dumps (`how`: not at all, a killing dump and a
+ * restore, or dump -R), types the rest, and returns the reads the slave's
+ * reader made and the bytes the master's holder read afterwards.
+ */
+async function typeAcrossDump(
+  mode: keyof typeof TYPING,
+  how: "none" | "kill" | "-R",
+  tmp: string,
+): Promise<{ reads: number[][]; output: number[] }> {
+  const dir = `${tmp}/${mode}-${how}`;
+  await Deno.mkdir(dir);
+  const t = TYPING[mode];
+  const target = spawnTarget(["setsid", "python3", "-c", PY_TYPIST, dir, mode]);
+  try {
+    await until(() => exists(`${dir}/child.ready`), "the child did not start");
+    await typeInto(dir, 0, t.before);
+    const pids = [target.pid, ...childrenOf(target.pid)];
+    const img = `${dir}/img`;
+    if (how === "kill") {
+      assertExit(await amber(dumpArgs(target.pid, img)), 0, `${mode}: dump`);
+      await waitVanished(pids);
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, `${mode}: restore -d`);
+    } else if (how === "-R") {
+      assertExit(await amber(dumpArgs(target.pid, img, "-R")), 0, `${mode}: dump -R`);
+    }
+    assert.ok(pids.every(isAlive), `${mode} ${how}: the tree does not run`);
+    await Deno.writeTextFile(`${dir}/go`, "");
+    await readsOf(dir, t.reads.length);
+    await typeInto(dir, 1, t.after);
+    const reads = await readsOf(dir, t.reads.length + 1);
+    await Deno.writeTextFile(`${dir}/drain`, "");
+    await until(() => exists(`${dir}/output.json`), "the parent did not read its master");
+    return { reads, output: JSON.parse(await Deno.readTextFile(`${dir}/output.json`)) };
+  } finally {
+    await killTree(target.pid);
+  }
+}
+
+for (const mode of ["canonical", "raw"] as const) {
+  Deno.test(`pty bytes not read yet (${mode} slave, a partial line too) are kept: by dump and restore, and by dump -R`, async () => {
+    await using tmp = await tempDir();
+    const t = TYPING[mode];
+    // The same typing, never dumped: what the master's holder reads then (echoes included).
+    const control = await typeAcrossDump(mode, "none", tmp.path);
+    const hello = mode === "raw" ? "hello from the slave\n" : "hello from the slave\r\n";
+    assert.deepEqual(
+      control.output.slice(0, hello.length),
+      bytesOf(hello),
+      "test bug: the slave's line",
+    );
+    for (const how of ["kill", "-R"] as const) {
+      const got = await typeAcrossDump(mode, how, tmp.path);
+      assert.deepEqual(
+        got.reads,
+        [...t.reads, t.last].map(bytesOf),
+        `${how}: the slave's reader read what was typed, line by line`,
+      );
+      assert.deepEqual(got.output, control.output, `${how}: what the master's holder read`);
+    }
+  });
+}
 
 Deno.test("a pty whose index is taken at restore: refused clearly, nothing left; restored once it is free", async () => {
   await using tmp = await tempDir();

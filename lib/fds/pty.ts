@@ -7,23 +7,41 @@
  * and reopens /dev/pts/N for each slave. Sessions and foreground groups
  * come back through restoreControllingTerminal (lib/fds/tty.ts).
  *
- * Bytes waiting in either direction cannot be read without taking them
- * away from the tree: the dump records how many there are and refuses.
- * (A line being typed in canonical mode is not counted by the kernel.)
+ * Bytes waiting in either direction (typed on the master side and not
+ * read from the slave, written on the slave side and not read from the
+ * master) are taken out once per pty, kept in the image, and put back at
+ * once, the tree still frozen (lib/fds/ptyqueue.ts); restore puts them
+ * into the new pair the same way. What cannot be put back exactly is
+ * refused, named.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { getInt } from "../../ffi/tty.ts";
 import type { RestoreContext, TreeDumpState } from "../context.ts";
 import { kindState } from "../context.ts";
-import { AmberError } from "../errors.ts";
+import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
-import { encodeTermios, TTY_IOCTL } from "../../ffi/tty.ts";
+import { encodeTermios, hasPriorityData, TTY_IOCTL } from "../../ffi/tty.ts";
+import { takeFd } from "../../ffi/socket.ts";
+import { libc } from "../../ffi/libc.ts";
 import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
 import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
 import { readStat } from "../proc/stat.ts";
 import { holdersOf } from "./holders.ts";
+import {
+  canStuff,
+  type Drained,
+  drainInput,
+  drainOutput,
+  EXTPROC,
+  InputQueue,
+  inputRefusal,
+  KEEP_BELOW,
+  OutputQueue,
+  putInput,
+  putOutput,
+} from "./ptyqueue.ts";
 
 const PtyImage = z.object({
   kind: z.literal("pty"),
@@ -37,8 +55,15 @@ const PtyImage = z.object({
   /** Master only: unlockpt(3) not called yet; packet mode (TIOCPKT) on. */
   locked: z.boolean().optional(),
   packet: z.boolean().optional(),
-  /** Bytes readable on this side that nobody has read yet. */
-  waiting: z.number().int().min(0),
+  /** Bytes the kernel showed waiting on this side and left there, and why (refused). */
+  waiting: z.number().int().min(0).optional(),
+  left: z.enum(["extproc", "full", "no TIOCSTI"]).optional(),
+  /** First slave side of its pty: what was typed on the master side and not read yet. */
+  input: InputQueue.optional(),
+  /** First master of its pty: what the slave side wrote and the master's holder has not read. */
+  output: OutputQueue.optional(),
+  /** Master in packet mode with a status byte (TIOCPKT_FLUSHREAD...) its holder has not read. */
+  packetStatus: z.boolean().optional(),
   /** Master only: processes outside the tree holding its slave (the new pair cannot reach them). */
   outside: z.array(z.number().int().min(1)).max(64).optional(),
 });
@@ -46,7 +71,7 @@ type PtyImage = z.output<typeof PtyImage>;
 
 const NAME = "pty";
 const SLAVE = /^\/dev\/pts\/(\d+)$/;
-const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
+const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000, O_ASYNC = 0o20000;
 
 /**
  * Dump side: the masters the tree holds (index → "pid:fd"), those dumped
@@ -57,6 +82,9 @@ interface DumpState {
   inTree: Set<number>;
   masters: Map<number, string>;
   dumped: Set<number>;
+  /** Ptys whose typed bytes are taken already; packet mode of each master dumped. */
+  drained: Set<number>;
+  packet: Map<number, boolean>;
   leaders: Set<number>;
   foreground: Set<number>;
 }
@@ -136,6 +164,8 @@ function dumpState(tree: TreeDumpState, pid: number): DumpState {
       inTree: new Set(pids),
       masters: new Map(pids.flatMap(mastersOf)),
       dumped: new Set<number>(),
+      drained: new Set<number>(),
+      packet: new Map<number, boolean>(),
       leaders: new Set<number>(),
       foreground: new Set<number>(),
     };
@@ -202,7 +232,81 @@ function dumpMaster(p: FdProbe, fd: number): PtyImage {
     },
     locked: getInt(fd, "TIOCGPTLCK") !== 0,
     packet: getInt(fd, "TIOCGPKT") !== 0,
-    waiting: getInt(fd, "FIONREAD"),
+  };
+}
+
+/**
+ * Runs take on amber's copy of the descriptor, then put on what it took
+ * (the tree, frozen, finds its queue as it was). A take failing half way
+ * leaves bytes out that putting back would reorder: that is said.
+ */
+function takeAndPutBack<T>(p: FdProbe, take: (fd: number) => T, put: (fd: number, t: T) => void) {
+  const fd = takeFd(p.pid, p.fd);
+  try {
+    const got = take(fd);
+    put(fd, got);
+    return got;
+  } finally {
+    libc().close(fd);
+  }
+}
+
+/** The first master of a pty: what its holder has not read, unless it cannot be kept. */
+function keepOutput(p: FdProbe, e: PtyImage): void {
+  if (e.packet && withFdCopy(p, hasPriorityData)) {
+    e.packetStatus = true;
+    return;
+  }
+  const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
+  const left = waiting >= KEEP_BELOW ? "full" : !canStuff() ? "no TIOCSTI" : undefined;
+  if (left) {
+    if (waiting) Object.assign(e, { waiting, left });
+    return;
+  }
+  const out = takeAndPutBack(p, (fd) => drainOutput(fd, !!e.packet), putOutput);
+  if (out.length) e.output = out;
+}
+
+/** The first slave side of a pty: what was typed and not read yet, unless it cannot be kept. */
+function keepInput(p: FdProbe, e: PtyImage, packet: boolean): void {
+  if (e.flags & O_ASYNC) return; // refused: stuffing bytes would signal its owner
+  const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
+  const left = e.terminal.termios.lflag & EXTPROC
+    ? "extproc"
+    : waiting >= KEEP_BELOW
+    ? "full"
+    : !canStuff()
+    ? "no TIOCSTI"
+    : undefined;
+  if (left) {
+    if (waiting) Object.assign(e, { waiting, left });
+    return;
+  }
+  const into: Drained = { lines: [], rest: new Uint8Array(), lnext: false, complete: false };
+  takeAndPutBack(p, (fd) => {
+    try {
+      drainInput(fd, into);
+    } catch (err) {
+      const taken = into.lines.reduce((n, l) => n + l.length, into.rest.length);
+      if (taken) {
+        throw new AmberError(
+          `${err instanceof Error ? err.message : err}: ${taken} bytes typed were taken out ` +
+            "and cannot be put back in order",
+        );
+      }
+      throw err;
+    }
+  }, (fd) => putInput(fd, queueOf(into, packet)));
+  const q = queueOf(into, packet);
+  if (q.lines.length || q.rest.length || q.lnext) e.input = q;
+}
+
+function queueOf(d: Drained, packet: boolean): InputQueue {
+  return {
+    lines: d.lines,
+    rest: d.rest,
+    ...(d.lnext ? { lnext: true } : {}),
+    ...(packet ? { packet: true } : {}),
   };
 }
 
@@ -221,7 +325,11 @@ export const ptyFd = defineFdKind({
       const e = withFdCopy(p, (fd) => dumpMaster(p, fd));
       const outside = outsideHolders(p, state, e.index);
       if (outside.length) e.outside = outside;
-      if (!state.dumped.has(e.index)) expectHolders(p, state, e);
+      if (!state.dumped.has(e.index)) {
+        expectHolders(p, state, e);
+        if (!outside.length) keepOutput(p, e);
+        state.packet.set(e.index, !!e.packet);
+      }
       state.dumped.add(e.index);
       return e;
     }
@@ -244,8 +352,12 @@ export const ptyFd = defineFdKind({
       side: devTty ? "tty" : "slave",
       index,
       terminal: readTerminal(p.pid, fd, rdev),
-      waiting: getInt(fd, "FIONREAD"),
     }));
+    // Not before its master: restore would have no pair to put them in.
+    if (!state.drained.has(index) && state.dumped.has(index)) {
+      state.drained.add(index);
+      keepInput(p, e, state.packet.get(index) ?? false);
+    }
     noteHolder(p, state, e);
     return e;
   },
@@ -255,15 +367,50 @@ export const ptyFd = defineFdKind({
         e.outside.join(", pid ")
       } outside the dumped tree: not supported yet`;
     }
+    const pty = `fd ${e.fd}: pty ${e.index}`;
+    if (e.side !== "master" && e.flags & O_ASYNC) {
+      return `${pty}: O_ASYNC (signal-driven input) on a pty slave: not supported yet`;
+    }
+    if (e.packetStatus) {
+      return `${pty}: packet mode with a status byte its master's holder has not read: ` +
+        "not supported yet";
+    }
+    const bad = e.input && inputRefusal(e.input, e.terminal.termios);
+    if (bad) return `${pty}: ${bad}: not supported yet`;
     if (!e.waiting) return;
     const what = e.side === "master" ? "written on its slave side" : "typed on its master side";
-    return `fd ${e.fd}: pty ${e.index}: ${e.waiting} bytes ${what} and not read yet would be lost`;
+    const why = {
+      extproc: "with EXTPROC on (line editing left to the master's holder)",
+      full: `more than amber keeps (${KEEP_BELOW - 1})`,
+      "no TIOCSTI": "putting them back needs CAP_SYS_ADMIN (TIOCSTI)",
+      none: "",
+    }[e.left ?? "none"];
+    return `${pty}: ${e.waiting} bytes ${what} and not read yet would be lost: ${why}: ` +
+      "not supported yet";
   },
   restore(ctx, e) {
-    if (e.side === "tty") return openDevTty(ctx, e);
-    return e.side === "master" ? openMaster(ctx, e) : openSlave(ctx, e);
+    if (e.side === "master") return openMaster(ctx, e);
+    const fd = e.side === "tty" ? openDevTty(ctx, e) : openSlave(ctx, e);
+    if (e.input) {
+      const q = e.input;
+      withContext(
+        `pty ${e.index}: putting back the bytes typed`,
+        () => throughCopy(ctx, fd, (c) => putInput(c, q)),
+      );
+    }
+    return fd;
   },
 });
+
+/** Runs fn on amber's copy of the restored process's descriptor `fd`. */
+function throughCopy(ctx: RestoreContext, fd: number, fn: (copy: number) => void): void {
+  const copy = takeFd(ctx.pid, fd);
+  try {
+    fn(copy);
+  } finally {
+    libc().close(copy);
+  }
+}
 
 /** Restore side: the masters recreated so far, by index. */
 function created(ctx: RestoreContext): Set<number> {
@@ -321,6 +468,13 @@ function openMaster(ctx: RestoreContext, e: PtyImage): number {
   if (e.packet) setInt(ctx, fd, "TIOCPKT", 1);
   // Locked: nobody could have opened the slave, so nobody will need to.
   if (e.locked) setInt(ctx, fd, "TIOCSPTLCK", 1);
+  const out = e.output;
+  if (out?.length) {
+    withContext(
+      `pty ${e.index}: putting back the bytes written on its slave side`,
+      () => throughCopy(ctx, fd, (c) => putOutput(c, out)),
+    );
+  }
   created(ctx).add(e.index);
   return fd;
 }
