@@ -157,12 +157,38 @@ function mastersOf(pid: number): [number, string][] {
   });
 }
 
+/**
+ * A process other than its session's leader whose controlling terminal is
+ * a pty of the tree: restore creates every process before the leader gets
+ * its pty back (TIOCSCTTY), and only a process forked after that inherits
+ * it.
+ */
+function refuseMembers(tree: TreeDumpState, pids: number[], masters: Map<number, string>): void {
+  for (const pid of pids) {
+    let st;
+    try {
+      st = readStat(pid);
+    } catch {
+      continue; // gone since the freeze (a zombie reaped)
+    }
+    const index = ptsIndex(st.ttyNr);
+    if (index === undefined || !masters.has(index) || st.sid === pid) continue;
+    tree.pending.set(
+      `pty ${index} member ${pid}`,
+      `pid ${pid}: pty ${index} is its controlling terminal, and it is not its session's leader ` +
+        `(${st.sid}): only a leader gets its pty back: not supported yet`,
+    );
+  }
+}
+
 function dumpState(tree: TreeDumpState, pid: number): DumpState {
   return kindState(tree.kinds, NAME, () => {
     const pids = frozenTree(pid);
+    const masters = new Map(pids.flatMap(mastersOf));
+    refuseMembers(tree, pids, masters);
     return {
       inTree: new Set(pids),
-      masters: new Map(pids.flatMap(mastersOf)),
+      masters,
       dumped: new Set<number>(),
       drained: new Set<number>(),
       packet: new Map<number, boolean>(),
