@@ -127,7 +127,7 @@ export function sendSignal(target: number, signal: number): void {
   rawSyscall(`kill(${target}, ${signal})`, NR_KILL, target, signal);
 }
 
-const F_GETFL = 3, F_SETFL = 4, O_NONBLOCK = 0o4000, EAGAIN = 11;
+const F_GETFL = 3, F_SETFL = 4, O_NONBLOCK = 0o4000, EAGAIN = 11, EIO = 5;
 
 /**
  * Runs fn with O_NONBLOCK set on the open file description of `fd` (shared
@@ -143,12 +143,16 @@ export function withNonBlocking<T>(fd: number, fn: () => T): T {
   }
 }
 
-/** One read(2) into buf: the byte count, 0 at end of file, or -1 when nothing is there (EAGAIN). */
+/**
+ * One read(2) of a terminal into buf: the byte count (0 for an empty
+ * line), or -1 when nothing is left: EAGAIN, or EIO once the other side
+ * of a pty is closed and its bytes are all read.
+ */
 export function readSome(fd: number, buf: Uint8Array): number {
   const n = Number(libc().read(fd, buf, BigInt(buf.length)));
   if (n >= 0) return n;
   const errno = lastErrno();
-  if (errno === EAGAIN) return -1;
+  if (errno === EAGAIN || errno === EIO) return -1;
   throw new SysError("read", errno);
 }
 

@@ -794,6 +794,44 @@ for (const mode of ["canonical", "raw"] as const) {
   });
 }
 
+Deno.test("bytes a pty's slave wrote before it was closed are kept: the master's holder reads them after restore", async () => {
+  await using tmp = await tempDir();
+  const dir = tmp.path;
+  const py = `
+import os, sys, time
+d = sys.argv[1]
+m, s = os.openpty()
+os.write(s, b"left by the slave\\n")
+os.close(s)
+open(d + "/ready", "w").close()
+while not os.path.exists(d + "/go"):
+    time.sleep(0.02)
+os.set_blocking(m, False)
+out = b""
+try:
+    while True:
+        out += os.read(m, 4096)
+except OSError:  # EAGAIN, or EIO: the slave is closed
+    pass
+with open(d + "/out.tmp", "wb") as f:
+    f.write(out)
+os.rename(d + "/out.tmp", d + "/out")
+time.sleep(600)
+`;
+  const { pid } = spawnTarget(["setsid", "python3", "-c", py, dir]);
+  try {
+    await until(() => exists(`${dir}/ready`), "python3 did not start");
+    assertExit(await amber(dumpArgs(pid, `${dir}/img`)), 0, "dump");
+    await waitVanished([pid]);
+    assertExit(await amber(["restore", "-D", `${dir}/img`, "-d"]), 0, "restore -d");
+    await Deno.writeTextFile(`${dir}/go`, "");
+    await until(() => exists(`${dir}/out`), "python3 did not read its master");
+    assert.equal(await Deno.readTextFile(`${dir}/out`), "left by the slave\r\n");
+  } finally {
+    await killAndReap(pid);
+  }
+});
+
 Deno.test("a pty whose index is taken at restore: refused clearly, nothing left; restored once it is free", async () => {
   await using tmp = await tempDir();
   const { pid, slave } = await startPtyHolder("quiet");
