@@ -24,6 +24,8 @@ export const TTY_IOCTL = {
   TIOCGPTLCK: 0x80045439,
 } as const;
 
+const TIOCGPTPEER = 0x5441, O_RDWR = 2, O_NOCTTY = 0o400;
+
 /** The kernel's struct termios (TCGETS): four flag words, the line discipline, 19 c_cc. */
 export interface Termios {
   iflag: number;
@@ -171,4 +173,19 @@ export function hasPriorityData(fd: number): boolean {
   v.setInt16(4, POLLPRI, true);
   rawSyscall("poll", NR.poll, addressOf(pfd), 1, 0);
   return (v.getInt16(6, true) & POLLPRI) !== 0;
+}
+
+/** A new descriptor of amber's own on the slave of pty master `fd` (TIOCGPTPEER), non-blocking. */
+export function openPeer(fd: number): number {
+  const flags = O_RDWR | O_NOCTTY | O_NONBLOCK;
+  return Number(rawSyscall("ioctl(TIOCGPTPEER)", NR.ioctl, fd, TIOCGPTPEER, flags));
+}
+
+/** One write(2): the byte count, or 0 when the terminal takes nothing now (EAGAIN). */
+export function writeSome(fd: number, data: Uint8Array): number {
+  const n = Number(libc().write(fd, data, BigInt(data.length)));
+  if (n >= 0) return n;
+  const errno = lastErrno();
+  if (errno === EAGAIN) return 0;
+  throw new SysError("write", errno);
 }

@@ -832,6 +832,69 @@ time.sleep(600)
   }
 });
 
+/**
+ * A pty whose slave side wrote until the pty took no more (the master's
+ * buffer full, the rest in its flip buffer) and whose master's holder has
+ * read nothing; once DIR/go appears it reads everything and writes to
+ * DIR/result whether it got exactly the bytes written (ONLCR applied).
+ */
+const PY_FULL = `
+import os, sys, time
+d = sys.argv[1]
+m, s = os.openpty()
+os.set_blocking(s, False)
+sent, i = b"", 0
+while True:
+    line = b"line %d\\n" % i
+    try:
+        n = os.write(s, line)
+    except BlockingIOError:
+        break
+    sent += line[:n]
+    i += 1
+open(d + "/sent", "w").write(str(len(sent)))
+while not os.path.exists(d + "/go"):
+    time.sleep(0.02)
+want = sent.replace(b"\\n", b"\\r\\n")
+got = b""
+os.set_blocking(m, False)
+deadline = time.time() + 20
+while len(got) < len(want) and time.time() < deadline:
+    try:
+        got += os.read(m, 65536)
+    except BlockingIOError:
+        time.sleep(0.01)
+with open(d + "/result.tmp", "w") as f:
+    f.write("ok" if got == want else "got %d bytes, wanted %d" % (len(got), len(want)))
+os.rename(d + "/result.tmp", d + "/result")
+time.sleep(600)
+`;
+
+Deno.test("a pty whose master's buffer is full is refused, named, its bytes all left in place", async () => {
+  await using tmp = await tempDir();
+  const dir = tmp.path;
+  const { pid } = spawnTarget(["setsid", "python3", "-c", PY_FULL, dir]);
+  try {
+    await until(() => exists(`${dir}/sent`), "python3 did not fill its pty");
+    const sent = Number(await Deno.readTextFile(`${dir}/sent`));
+    assert.ok(sent > 8192, `test bug: only ${sent} bytes went into the pty`);
+    const said =
+      /fd 3: pty \d+: 4095 bytes written on its slave side and not read yet would be lost: its buffer is full/;
+    const img = `${dir}/img`;
+    assert.match(assertOneLineError(await amber(dumpArgs(pid, img)), 1, "dump"), said);
+    // dump -R keeps the tree running and writes images that restore refuses.
+    assertExit(await amber(dumpArgs(pid, img, "-R")), 0, "dump -R");
+    const r = await amber(["restore", "-D", img, "-d"]);
+    assert.match(assertOneLineError(r, 1, "restore of the dump -R images"), said);
+    assert.ok(isAlive(pid), "the refused dump ended the tree");
+    await Deno.writeTextFile(`${dir}/go`, "");
+    await until(() => exists(`${dir}/result`), "python3 did not read its master", 30_000);
+    assert.equal(await Deno.readTextFile(`${dir}/result`), "ok", `${sent} bytes written`);
+  } finally {
+    await killAndReap(pid);
+  }
+});
+
 Deno.test("a pty whose index is taken at restore: refused clearly, nothing left; restored once it is free", async () => {
   await using tmp = await tempDir();
   const { pid, slave } = await startPtyHolder("quiet");

@@ -41,6 +41,7 @@ import {
   OutputQueue,
   putInput,
   putOutput,
+  QUEUE_MAX,
 } from "./ptyqueue.ts";
 
 const PtyImage = z.object({
@@ -283,8 +284,10 @@ function keepOutput(p: FdProbe, e: PtyImage): void {
     e.packetStatus = true;
     return;
   }
+  // A full buffer may have more behind it, in the pty's flip buffer, which takes more or
+  // less depending on how it was written: it could not surely be put back.
   const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
-  const left = waiting >= KEEP_BELOW ? "full" : !canStuff() ? "no TIOCSTI" : undefined;
+  const left = waiting >= QUEUE_MAX ? "full" : !canStuff() ? "no TIOCSTI" : undefined;
   if (left) {
     if (waiting) Object.assign(e, { waiting, left });
     return;
@@ -407,7 +410,9 @@ export const ptyFd = defineFdKind({
     const what = e.side === "master" ? "written on its slave side" : "typed on its master side";
     const why = {
       extproc: "with EXTPROC on (line editing left to the master's holder)",
-      full: `more than amber keeps (${KEEP_BELOW - 1})`,
+      full: e.side === "master"
+        ? "its buffer is full (what waits behind it could not surely be put back)"
+        : `more than amber keeps (${KEEP_BELOW - 1})`,
       "no TIOCSTI": "putting them back needs CAP_SYS_ADMIN (TIOCSTI)",
       none: "",
     }[e.left ?? "none"];
@@ -492,8 +497,6 @@ function openMaster(ctx: RestoreContext, e: PtyImage): number {
     putBytes(ctx.pid, ctx.scratch, ws),
   );
   if (e.packet) setInt(ctx, fd, "TIOCPKT", 1);
-  // Locked: nobody could have opened the slave, so nobody will need to.
-  if (e.locked) setInt(ctx, fd, "TIOCSPTLCK", 1);
   const out = e.output;
   if (out?.length) {
     withContext(
@@ -501,6 +504,8 @@ function openMaster(ctx: RestoreContext, e: PtyImage): number {
       () => throughCopy(ctx, fd, (c) => putOutput(c, out)),
     );
   }
+  // Locked: nobody could have opened the slave, so nobody will need to.
+  if (e.locked) setInt(ctx, fd, "TIOCSPTLCK", 1);
   created(ctx).add(e.index);
   return fd;
 }

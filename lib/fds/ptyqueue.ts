@@ -20,26 +20,34 @@
  * (or VEOL, VEOL2) or by VEOF. Written (slave to master): the master's
  * side is always raw, so the bytes are read and stuffed back as they are
  * (in packet mode each read starts with a TIOCPKT_DATA byte, dropped).
+ * A master whose buffer is full is refused (pty.ts): more may wait in the
+ * pty's flip buffer, whose room depends on how the bytes were written.
+ * Bytes a kernel worker had not moved from there yet (a buffer not full)
+ * are written again on the slave side, OPOST off, to wait there again.
  */
 import { z } from "zod";
 import {
   getInt,
   getTermios,
+  openPeer,
   readSome,
   setTermios,
   stuffByte,
   type Termios,
   withNonBlocking,
+  writeSome,
 } from "../../ffi/tty.ts";
+import { libc } from "../../ffi/libc.ts";
 import { AmberError } from "../errors.ts";
 import { bytes } from "../images/codec.ts";
 
 /** n_tty's buffer is 4096 bytes with one kept free: a longer queue cannot be put back. */
 export const QUEUE_MAX = 4095;
 /**
- * What the kernel shows waiting must be under this to be taken out: a
- * fuller buffer may have more behind it, in the pty's flip buffer, that
- * TIOCSTI could not put back.
+ * Typed bytes are taken out only while FIONREAD shows fewer (complete
+ * lines only, in canonical mode): the partial line is seen only once
+ * taken out, and a full buffer may have more behind it, in the pty's
+ * flip buffer, that TIOCSTI could not put back.
  */
 export const KEEP_BELOW = 2048;
 
@@ -60,7 +68,16 @@ export const InputQueue = z.object({
 );
 export type InputQueue = z.output<typeof InputQueue>;
 
-export const OutputQueue = kept;
+/**
+ * What the slave side wrote and nobody read: the master's buffer (not
+ * full), and what was still on its way there, in the pty's flip buffer
+ * (TTYB_DEFAULT_MEM_LIMIT bounds it).
+ */
+export const OUTPUT_MAX = QUEUE_MAX + 65536;
+export const OutputQueue = bytes.refine(
+  (b) => b.length <= OUTPUT_MAX,
+  `more than ${OUTPUT_MAX} bytes`,
+);
 
 // termios bits (asm-generic/termbits.h) and c_cc indices.
 const IGNCR = 0o200, ICRNL = 0o400, INLCR = 0o100, ISTRIP = 0o40, IUCLC = 0o1000;
@@ -70,7 +87,7 @@ const ISIG = 0o1, XCASE = 0o4, ECHO = 0o10, ECHOE = 0o20, ECHOK = 0o40, ECHONL =
 const ECHOCTL = 0o1000, ECHOPRT = 0o2000, ECHOKE = 0o4000, IEXTEN = 0o100000;
 const VERASE = 2, VKILL = 3, VEOF = 4, VTIME = 5, VMIN = 6, VSTART = 8, VSTOP = 9, VEOL = 11;
 const VREPRINT = 12, VWERASE = 14, VLNEXT = 15, VEOL2 = 16;
-const NL = 0x0a;
+const NL = 0x0a, OPOST = 0o1;
 /** TIOCPKT_DATA: the byte a packet-mode master's read of plain data starts with. */
 const PKT_DATA = 0;
 
@@ -243,13 +260,45 @@ export function drainOutput(fd: number, packet: boolean): Uint8Array {
   return new Uint8Array(out);
 }
 
-/** Stuffs the bytes the slave side wrote back into master `fd`, for its holder to read. */
+/**
+ * Puts the bytes the slave side wrote back for master `fd`'s holder to
+ * read: stuffed into its buffer as far as it holds, the rest written on
+ * the slave side to wait in the flip buffer.
+ */
 export function putOutput(fd: number, data: Uint8Array): void {
   const before = getInt(fd, "FIONREAD");
-  for (const b of data) stuffByte(fd, b);
+  const direct = data.subarray(0, Math.max(0, QUEUE_MAX - before));
+  for (const b of direct) stuffByte(fd, b);
   const got = getInt(fd, "FIONREAD") - before;
-  if (got !== data.length) {
-    throw new AmberError(`put back ${got} of ${data.length} bytes written on its slave side`);
+  if (got !== direct.length) {
+    throw new AmberError(`put back ${got} of ${direct.length} bytes written on its slave side`);
+  }
+  if (direct.length < data.length) writeOnSlave(fd, data.subarray(direct.length));
+}
+
+/** Writes `rest` on the slave side of master `fd`, OPOST off: it was processed once already. */
+function writeOnSlave(fd: number, rest: Uint8Array): void {
+  const slave = openPeer(fd);
+  try {
+    const t = getTermios(slave);
+    setTermios(slave, { ...t, oflag: t.oflag & ~OPOST });
+    try {
+      // In small writes, which the flip buffer takes the most of.
+      for (let off = 0; off < rest.length;) {
+        const n = writeSome(slave, rest.subarray(off, off + 256));
+        if (n === 0) {
+          throw new AmberError(
+            `the pty took ${off} of the ${rest.length} bytes written on its slave side beyond ` +
+              "its master's buffer",
+          );
+        }
+        off += n;
+      }
+    } finally {
+      setTermios(slave, t);
+    }
+  } finally {
+    libc().close(slave);
   }
 }
 
