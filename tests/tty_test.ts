@@ -599,6 +599,9 @@ elif mode == "packet status":
     t = termios.tcgetattr(s)
     t[0] &= ~termios.IXON
     termios.tcsetattr(s, termios.TCSANOW, t)
+elif mode == "async":
+    fcntl.fcntl(s, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(s, fcntl.F_SETFL, fcntl.fcntl(s, fcntl.F_GETFL) | os.O_ASYNC)
 os.open("/dev/null", os.O_RDONLY)
 time.sleep(600)
 `;
@@ -606,7 +609,7 @@ time.sleep(600)
 /**
  * A python3 holding a pty pair (fds 3 and 4), in `mode`: "extproc" leaves
  * bytes typed under EXTPROC, "packet status" a packet-mode status byte,
- * unread. Its fd 5 says it is ready.
+ * unread; "async" puts its slave in O_ASYNC mode. Its fd 5 says it is ready.
  */
 async function startPtyHolder(mode: string): Promise<{ pid: number; slave: string }> {
   const t = spawnTarget(["setsid", "python3", "-c", PY_PTY, mode]);
@@ -622,7 +625,7 @@ async function startPtyHolder(mode: string): Promise<{ pid: number; slave: strin
   return { pid: t.pid, slave };
 }
 
-Deno.test("pty bytes amber cannot put back exactly are refused, named, the tree left running", async () => {
+Deno.test("pty state amber cannot keep exactly (EXTPROC, a packet status byte, O_ASYNC) is refused, named, the tree left running", async () => {
   await using tmp = await tempDir();
   for (
     const [mode, said] of [
@@ -634,6 +637,7 @@ Deno.test("pty bytes amber cannot put back exactly are refused, named, the tree 
         "packet status",
         /fd 3: pty \d+: packet mode with a status byte its master's holder has not read/,
       ],
+      ["async", /fd 4: pty \d+: O_ASYNC \(signal-driven I\/O\): not supported yet/],
     ] as const
   ) {
     const { pid } = await startPtyHolder(mode);

@@ -263,9 +263,9 @@ function dumpMaster(p: FdProbe, fd: number): PtyImage {
 }
 
 /**
- * Runs take on amber's copy of the descriptor, then put on what it took
- * (the tree, frozen, finds its queue as it was). A take failing half way
- * leaves bytes out that putting back would reorder: that is said.
+ * Runs take on amber's copy of the descriptor, then put on what it took:
+ * the tree, frozen, finds its queue as it was, whether it is killed or
+ * runs on (dump -R, a failed dump).
  */
 function takeAndPutBack<T>(p: FdProbe, take: (fd: number) => T, put: (fd: number, t: T) => void) {
   const fd = takeFd(p.pid, p.fd);
@@ -280,6 +280,7 @@ function takeAndPutBack<T>(p: FdProbe, take: (fd: number) => T, put: (fd: number
 
 /** The first master of a pty: what its holder has not read, unless it cannot be kept. */
 function keepOutput(p: FdProbe, e: PtyImage): void {
+  if (e.flags & O_ASYNC) return; // refused: stuffing bytes would signal its owner
   if (e.packet && withFdCopy(p, hasPriorityData)) {
     e.packetStatus = true;
     return;
@@ -298,7 +299,9 @@ function keepOutput(p: FdProbe, e: PtyImage): void {
 
 /** The first slave side of a pty: what was typed and not read yet, unless it cannot be kept. */
 function keepInput(p: FdProbe, e: PtyImage, packet: boolean): void {
-  if (e.flags & O_ASYNC) return; // refused: stuffing bytes would signal its owner
+  // Refused (see unrestorable): stuffing bytes would signal its owner.
+  const signalled = holdersOf(p.tree, `/dev/pts/${e.index}`).some((h) => h.flags & O_ASYNC);
+  if (signalled || e.flags & O_ASYNC) return;
   const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
   const left = e.terminal.termios.lflag & EXTPROC
     ? "extproc"
@@ -311,11 +314,12 @@ function keepInput(p: FdProbe, e: PtyImage, packet: boolean): void {
     if (waiting) Object.assign(e, { waiting, left });
     return;
   }
-  const into: Drained = { lines: [], rest: new Uint8Array(), lnext: false, complete: false };
+  const into: Drained = { lines: [], rest: new Uint8Array(), lnext: false };
   takeAndPutBack(p, (fd) => {
     try {
       drainInput(fd, into);
     } catch (err) {
+      // Putting back the lines taken would put them after those left.
       const taken = into.lines.reduce((n, l) => n + l.length, into.rest.length);
       if (taken) {
         throw new AmberError(
@@ -397,9 +401,7 @@ export const ptyFd = defineFdKind({
       } outside the dumped tree: not supported yet`;
     }
     const pty = `fd ${e.fd}: pty ${e.index}`;
-    if (e.side !== "master" && e.flags & O_ASYNC) {
-      return `${pty}: O_ASYNC (signal-driven input) on a pty slave: not supported yet`;
-    }
+    if (e.flags & O_ASYNC) return `${pty}: O_ASYNC (signal-driven I/O): not supported yet`;
     if (e.packetStatus) {
       return `${pty}: packet mode with a status byte its master's holder has not read: ` +
         "not supported yet";

@@ -155,7 +155,6 @@ export interface Drained {
   lines: Uint8Array[];
   rest: Uint8Array;
   lnext: boolean;
-  complete: boolean;
 }
 
 /** Reads until nothing is left (EAGAIN); at most `max` reads. */
@@ -188,7 +187,6 @@ export function drainInput(fd: number, into: Drained): void {
       readEach(fd, QUEUE_MAX + 2, (b) => rest.push(...b));
       if (probed && rest.pop() !== NL) throw new AmberError("the newline stuffed to probe VLNEXT");
       into.rest = new Uint8Array(rest);
-      into.complete = true;
     } finally {
       setTermios(fd, t);
     }
