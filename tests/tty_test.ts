@@ -856,7 +856,9 @@ while True:
         break
     sent += line[:n]
     i += 1
-open(d + "/sent", "w").write(str(len(sent)))
+with open(d + "/sent.tmp", "w") as f:
+    f.write(str(len(sent)))
+os.rename(d + "/sent.tmp", d + "/sent")
 while not os.path.exists(d + "/go"):
     time.sleep(0.02)
 want = sent.replace(b"\\n", b"\\r\\n")
