@@ -664,21 +664,29 @@ const SLAVE_RE = /^\/dev\/pts\/\d+$/;
  * DIR/reads.txt.
  */
 const PY_TYPIST = `
-import json, os, sys, time, tty
+import json, os, sys, termios, time, tty
 d, mode = sys.argv[1], sys.argv[2]
 m, s = os.openpty()
 if os.fork() == 0:
     os.close(m)
-    if mode == "raw":
+    if mode != "canonical":
         tty.setraw(s)
+    if mode == "raw, VMIN 0":
+        t = termios.tcgetattr(s)
+        t[6][termios.VMIN] = t[6][termios.VTIME] = 0
+        termios.tcsetattr(s, termios.TCSANOW, t)
     os.write(s, b"hello from the slave\\n")
     open(d + "/child.ready", "w").close()
     while not os.path.exists(d + "/go"):
         time.sleep(0.02)
     with open(d + "/reads.txt", "a") as log:
         while True:
-            log.write(json.dumps(list(os.read(s, 4096))) + "\\n")
-            log.flush()
+            b = os.read(s, 4096)
+            if b or mode == "canonical":  # VMIN 0 reads 0 bytes when there are none
+                log.write(json.dumps(list(b)) + "\\n")
+                log.flush()
+            else:
+                time.sleep(0.01)
 os.close(s)
 n = 0
 while True:
@@ -720,6 +728,8 @@ const TYPING = {
     after: "ghi",
     last: "ghi",
   },
+  // Raw with VMIN and VTIME 0: a read finding nothing returns 0 bytes at once.
+  "raw, VMIN 0": { before: "abc\x04\n", reads: ["abc\x04\n"], after: "ghi", last: "ghi" },
 };
 
 const bytesOf = (s: string) => [...new TextEncoder().encode(s)];
@@ -774,13 +784,13 @@ async function typeAcrossDump(
   }
 }
 
-for (const mode of ["canonical", "raw"] as const) {
+for (const mode of ["canonical", "raw", "raw, VMIN 0"] as const) {
   Deno.test(`pty bytes not read yet (${mode} slave, a partial line too) are kept: by dump and restore, and by dump -R`, async () => {
     await using tmp = await tempDir();
     const t = TYPING[mode];
     // The same typing, never dumped: what the master's holder reads then (echoes included).
     const control = await typeAcrossDump(mode, "none", tmp.path);
-    const hello = mode === "raw" ? "hello from the slave\n" : "hello from the slave\r\n";
+    const hello = mode === "canonical" ? "hello from the slave\r\n" : "hello from the slave\n";
     assert.deepEqual(
       control.output.slice(0, hello.length),
       bytesOf(hello),

@@ -421,6 +421,13 @@ export const ptyFd = defineFdKind({
     return `${pty}: ${e.waiting} bytes ${what} and not read yet would be lost: ${why}: ` +
       "not supported yet";
   },
+  precheck(e) {
+    if ((e.input || e.output?.length) && !canStuff()) {
+      throw new AmberError(
+        `fd ${e.fd}: pty ${e.index}: putting back its bytes needs CAP_SYS_ADMIN (TIOCSTI)`,
+      );
+    }
+  },
   restore(ctx, e) {
     if (e.side === "master") return openMaster(ctx, e);
     const fd = e.side === "tty" ? openDevTty(ctx, e) : openSlave(ctx, e);

@@ -157,12 +157,15 @@ export interface Drained {
   lnext: boolean;
 }
 
-/** Reads until nothing is left (EAGAIN); at most `max` reads. */
-function readEach(fd: number, max: number, each: (b: Uint8Array) => void): void {
+/**
+ * Reads until nothing is left (EAGAIN, or a read of 0 bytes where that is
+ * not an empty line: non-canonical with VMIN and VTIME 0); at most `max` reads.
+ */
+function readEach(fd: number, max: number, lines: boolean, each: (b: Uint8Array) => void): void {
   const buf = new Uint8Array(2 * (QUEUE_MAX + 1));
   for (let i = 0; i < max; i++) {
     const n = readSome(fd, buf);
-    if (n < 0) return;
+    if (n < 0 || (n === 0 && !lines)) return;
     each(buf.slice(0, n));
   }
   throw new AmberError(`its queue still gives bytes after ${max} reads`);
@@ -179,12 +182,12 @@ export function drainInput(fd: number, into: Drained): void {
   withNonBlocking(fd, () => {
     try {
       // A non-blocking read ends with EAGAIN once the worker's pending bytes are in too.
-      if (canonical) readEach(fd, QUEUE_MAX + 2, (line) => into.lines.push(line));
+      if (canonical) readEach(fd, QUEUE_MAX + 2, true, (line) => into.lines.push(line));
       const probed = canonical && (t.lflag & IEXTEN) !== 0 && t.cc[VLNEXT] !== 0;
       if (probed) into.lnext = lnextPending(fd, t);
       if (canonical) setTermios(fd, { ...t, lflag: t.lflag & ~ICANON, cc: rawCc(t.cc) });
       const rest: number[] = [];
-      readEach(fd, QUEUE_MAX + 2, (b) => rest.push(...b));
+      readEach(fd, QUEUE_MAX + 2, false, (b) => rest.push(...b));
       if (probed && rest.pop() !== NL) throw new AmberError("the newline stuffed to probe VLNEXT");
       into.rest = new Uint8Array(rest);
     } finally {
@@ -249,7 +252,7 @@ function putLine(fd: number, line: Uint8Array, s: Stuffing): void {
 export function drainOutput(fd: number, packet: boolean): Uint8Array {
   const out: number[] = [];
   withNonBlocking(fd, () =>
-    readEach(fd, 2 * (QUEUE_MAX + 1), (b) => {
+    readEach(fd, 2 * (QUEUE_MAX + 1), false, (b) => {
       if (packet && b[0] !== PKT_DATA) {
         throw new AmberError(`packet mode: read a status byte ${b[0]} instead of data`);
       }
