@@ -582,6 +582,59 @@ for (const how of ["kill", "-R"] as const) {
   );
 }
 
+/** A pane's program that reads its terminal only once DIR/go appears, logging each read (JSON). */
+const PY_PANE_READER = `
+import json, os, sys, time
+d = sys.argv[1]
+open(d + "/reader.ready", "w").close()
+while not os.path.exists(d + "/go"):
+    time.sleep(0.02)
+with open(d + "/reads.txt", "a") as log:
+    while True:
+        log.write(json.dumps(os.read(0, 4096).decode()) + "\\n")
+        log.flush()
+`;
+
+for (const how of ["kill", "-R"] as const) {
+  Deno.test(
+    `a tmux pane's program that has read nothing yet gets a typed line and a half-typed one after dump${
+      how === "-R" ? " -R" : " and restore"
+    }`,
+    async () => {
+      assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+      await using tmp = await tempDir();
+      const dir = tmp.path;
+      const inner = new Tmux(dir, "inner");
+      try {
+        await inner.start();
+        // Given as separate words, tmux runs the program itself: it leads the pane's session.
+        await inner.run("split-window", "-t", "t", "python3", "-c", PY_PANE_READER, dir);
+        await until(() => exists(`${dir}/reader.ready`), "the pane's program did not start");
+        await inner.run("send-keys", "-t", "t.1", "-l", "first line");
+        await inner.run("send-keys", "-t", "t.1", "Enter");
+        await inner.run("send-keys", "-t", "t.1", "-l", "half typed");
+        await inner.waitScreen((l) => l.includes("half typed"), "the typing", 20_000, "t.1");
+        const tree = descendants(inner.server);
+        const img = `${dir}/img`;
+        const extra = how === "-R" ? ["-R"] : [];
+        assertExit(await amber(dumpArgs(inner.server, img, ...extra)), 0, "dump");
+        if (how === "kill") {
+          await waitVanished(tree);
+          assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+        }
+        await Deno.writeTextFile(`${dir}/go`, "");
+        await waitForLines(`${dir}/reads.txt`, 1, 20_000);
+        await inner.run("send-keys", "-t", "t.1", "-l", ", then the rest");
+        await inner.run("send-keys", "-t", "t.1", "Enter");
+        const reads = (await waitForLines(`${dir}/reads.txt`, 2, 20_000)).map((l) => JSON.parse(l));
+        assert.deepEqual(reads, ["first line\n", "half typed, then the rest\n"], "the reads");
+      } finally {
+        await inner.close();
+      }
+    },
+  );
+}
+
 // ---------------------------------------------------------------------------
 // refusals
 

@@ -173,7 +173,8 @@ function refuseMembers(tree: TreeDumpState, pids: number[], masters: Map<number,
       continue; // gone since the freeze (a zombie reaped)
     }
     const index = ptsIndex(st.ttyNr);
-    if (index === undefined || !masters.has(index) || st.sid === pid) continue;
+    // A zombie needs no terminal: it only waits to be reaped.
+    if (index === undefined || !masters.has(index) || st.sid === pid || st.state === "Z") continue;
     tree.pending.set(
       `pty ${index} member ${pid}`,
       `pid ${pid}: pty ${index} is its controlling terminal, and it is not its session's leader ` +
