@@ -652,6 +652,12 @@ elif mode == "packet status":
     t = termios.tcgetattr(s)
     t[0] &= ~termios.IXON
     termios.tcsetattr(s, termios.TCSANOW, t)
+elif mode == "packet flow":
+    fcntl.ioctl(m, termios.TIOCPKT, struct.pack("i", 1))
+    t = termios.tcgetattr(s)
+    t[3] &= ~termios.ICANON
+    termios.tcsetattr(s, termios.TCSANOW, t)
+    os.write(m, b"typed")
 elif mode == "async":
     fcntl.fcntl(s, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(s, fcntl.F_SETFL, fcntl.fcntl(s, fcntl.F_GETFL) | os.O_ASYNC)
@@ -662,7 +668,8 @@ time.sleep(600)
 /**
  * A python3 holding a pty pair (fds 3 and 4), in `mode`: "extproc" leaves
  * bytes typed under EXTPROC, "packet status" a packet-mode status byte,
- * unread; "async" puts its slave in O_ASYNC mode. Its fd 5 says it is ready.
+ * unread; "async" puts its slave in O_ASYNC mode; "packet flow" types on
+ * a non-canonical slave with IXON whose master is in packet mode. Its fd 5 says it is ready.
  */
 async function startPtyHolder(mode: string): Promise<{ pid: number; slave: string }> {
   const t = spawnTarget(["setsid", "python3", "-c", PY_PTY, mode]);
@@ -678,7 +685,7 @@ async function startPtyHolder(mode: string): Promise<{ pid: number; slave: strin
   return { pid: t.pid, slave };
 }
 
-Deno.test("pty state amber cannot keep exactly (EXTPROC, a packet status byte, O_ASYNC) is refused, named, the tree left running", async () => {
+Deno.test("pty state amber cannot keep exactly (EXTPROC, a packet status byte, O_ASYNC, IXON in packet mode) is refused, named, the tree left running", async () => {
   await using tmp = await tempDir();
   for (
     const [mode, said] of [
@@ -691,6 +698,10 @@ Deno.test("pty state amber cannot keep exactly (EXTPROC, a packet status byte, O
         /fd 3: pty \d+: packet mode with a status byte its master's holder has not read/,
       ],
       ["async", /fd 4: pty \d+: O_ASYNC \(signal-driven I\/O\): not supported yet/],
+      [
+        "packet flow",
+        /fd 4: pty \d+: 5 bytes typed on its master side and not read yet would be lost: in packet mode with IXON/,
+      ],
     ] as const
   ) {
     const { pid } = await startPtyHolder(mode);

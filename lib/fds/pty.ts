@@ -35,6 +35,7 @@ import {
   drainInput,
   drainOutput,
   EXTPROC,
+  ICANON,
   InputQueue,
   inputRefusal,
   KEEP_BELOW,
@@ -58,7 +59,7 @@ const PtyImage = z.object({
   packet: z.boolean().optional(),
   /** Bytes the kernel showed waiting on this side and left there, and why (refused). */
   waiting: z.number().int().min(0).optional(),
-  left: z.enum(["extproc", "full", "no TIOCSTI"]).optional(),
+  left: z.enum(["extproc", "full", "no TIOCSTI", "packet flow"]).optional(),
   /** First slave side of its pty: what was typed on the master side and not read yet. */
   input: InputQueue.optional(),
   /** First master of its pty: what the slave side wrote and the master's holder has not read. */
@@ -73,6 +74,7 @@ type PtyImage = z.output<typeof PtyImage>;
 const NAME = "pty";
 const SLAVE = /^\/dev\/pts\/(\d+)$/;
 const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000, O_ASYNC = 0o20000;
+const IXON = 0o2000;
 
 /**
  * Dump side: the masters the tree holds (index → "pid:fd"), those dumped
@@ -304,8 +306,14 @@ function keepInput(p: FdProbe, e: PtyImage, packet: boolean): void {
   const signalled = holdersOf(p.tree, `/dev/pts/${e.index}`).some((h) => h.flags & O_ASYNC);
   if (signalled || e.flags & O_ASYNC) return;
   const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
-  const left = e.terminal.termios.lflag & EXTPROC
+  const t = e.terminal.termios;
+  // Without VLNEXT (non-canonical), IXON's characters could not be put back as bytes, and in
+  // packet mode disabling them would tell the master's holder.
+  const flowBound = packet && t.iflag & IXON && !(t.lflag & ICANON);
+  const left = t.lflag & EXTPROC
     ? "extproc"
+    : flowBound
+    ? "packet flow"
     : waiting >= KEEP_BELOW
     ? "full"
     : !canStuff()
@@ -417,6 +425,8 @@ export const ptyFd = defineFdKind({
         ? "its buffer is full (what waits behind it could not surely be put back)"
         : `more than amber keeps (${KEEP_BELOW - 1})`,
       "no TIOCSTI": "putting them back needs CAP_SYS_ADMIN (TIOCSTI)",
+      "packet flow": "in packet mode with IXON, non-canonical (its start and stop characters " +
+        "could not be put back)",
       none: "",
     }[e.left ?? "none"];
     return `${pty}: ${e.waiting} bytes ${what} and not read yet would be lost: ${why}: ` +
