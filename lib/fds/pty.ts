@@ -74,7 +74,7 @@ type PtyImage = z.output<typeof PtyImage>;
 const NAME = "pty";
 const SLAVE = /^\/dev\/pts\/(\d+)$/;
 const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000, O_ASYNC = 0o20000;
-const IXON = 0o2000;
+const IXON = 0o2000, N_TTY = 0;
 
 /**
  * Dump side: the masters the tree holds (index → "pid:fd"), those dumped
@@ -283,7 +283,8 @@ function takeAndPutBack<T>(p: FdProbe, take: (fd: number) => T, put: (fd: number
 
 /** The first master of a pty: what its holder has not read, unless it cannot be kept. */
 function keepOutput(p: FdProbe, e: PtyImage): void {
-  if (e.flags & O_ASYNC) return; // refused: stuffing bytes would signal its owner
+  // Refused (see unrestorable): stuffing bytes would signal its owner; another discipline.
+  if (e.flags & O_ASYNC || e.terminal.termios.line !== N_TTY) return;
   if (e.packet && withFdCopy(p, hasPriorityData)) {
     e.packetStatus = true;
     return;
@@ -304,7 +305,7 @@ function keepOutput(p: FdProbe, e: PtyImage): void {
 function keepInput(p: FdProbe, e: PtyImage, packet: boolean): void {
   // Refused (see unrestorable): stuffing bytes would signal its owner.
   const signalled = holdersOf(p.tree, `/dev/pts/${e.index}`).some((h) => h.flags & O_ASYNC);
-  if (signalled || e.flags & O_ASYNC) return;
+  if (signalled || e.flags & O_ASYNC || e.terminal.termios.line !== N_TTY) return;
   const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
   const t = e.terminal.termios;
   // Without VLNEXT (non-canonical), IXON's characters could not be put back as bytes, and in
@@ -411,6 +412,9 @@ export const ptyFd = defineFdKind({
     }
     const pty = `fd ${e.fd}: pty ${e.index}`;
     if (e.flags & O_ASYNC) return `${pty}: O_ASYNC (signal-driven I/O): not supported yet`;
+    // TCSETS does not change it, and its queues are not n_tty's.
+    const line = e.terminal.termios.line;
+    if (line !== N_TTY) return `${pty}: line discipline ${line} (not N_TTY): not supported yet`;
     if (e.packetStatus) {
       return `${pty}: packet mode with a status byte its master's holder has not read: ` +
         "not supported yet";
