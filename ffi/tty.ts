@@ -2,7 +2,8 @@
  * Terminal ioctls amber runs on its own descriptors: on a copy of a
  * tracee's terminal (pidfd_getfd) at dump, on its own terminal at restore.
  */
-import { addressOf, check, libc, rawSyscall } from "./libc.ts";
+import { addressOf, check, lastErrno, libc, rawSyscall, SysError } from "./libc.ts";
+import { NR } from "./inject.ts";
 
 export const TTY_IOCTL = {
   TCGETS: 0x5401,
@@ -11,6 +12,7 @@ export const TTY_IOCTL = {
   TIOCGPGRP: 0x540f,
   TIOCSPGRP: 0x5410,
   TIOCOUTQ: 0x5411,
+  TIOCSTI: 0x5412,
   TIOCGWINSZ: 0x5413,
   TIOCSWINSZ: 0x5414,
   FIONREAD: 0x541b,
@@ -21,6 +23,8 @@ export const TTY_IOCTL = {
   TIOCGPKT: 0x80045438,
   TIOCGPTLCK: 0x80045439,
 } as const;
+
+const TIOCGPTPEER = 0x5441, O_RDWR = 2, O_NOCTTY = 0o400;
 
 /** The kernel's struct termios (TCGETS): four flag words, the line discipline, 19 c_cc. */
 export interface Termios {
@@ -123,4 +127,65 @@ export function stopSelf(signal: number): void {
 /** kill(2): `target` is a pid, or minus a process group. */
 export function sendSignal(target: number, signal: number): void {
   rawSyscall(`kill(${target}, ${signal})`, NR_KILL, target, signal);
+}
+
+const F_GETFL = 3, F_SETFL = 4, O_NONBLOCK = 0o4000, EAGAIN = 11, EIO = 5;
+
+/**
+ * Runs fn with O_NONBLOCK set on the open file description of `fd` (shared
+ * with the process amber took it from), then puts its flags back.
+ */
+export function withNonBlocking<T>(fd: number, fn: () => T): T {
+  const flags = check("fcntl(F_GETFL)", libc().fcntl(fd, F_GETFL, 0n));
+  check("fcntl(F_SETFL)", libc().fcntl(fd, F_SETFL, BigInt(flags | O_NONBLOCK)));
+  try {
+    return fn();
+  } finally {
+    check("fcntl(F_SETFL)", libc().fcntl(fd, F_SETFL, BigInt(flags)));
+  }
+}
+
+/**
+ * One read(2) of a terminal into buf: the byte count (0 for an empty
+ * line), or -1 when nothing is left: EAGAIN, or EIO once the other side
+ * of a pty is closed and its bytes are all read.
+ */
+export function readSome(fd: number, buf: Uint8Array): number {
+  const n = Number(libc().read(fd, buf, BigInt(buf.length)));
+  if (n >= 0) return n;
+  const errno = lastErrno();
+  if (errno === EAGAIN || errno === EIO) return -1;
+  throw new SysError("read", errno);
+}
+
+/** TIOCSTI: the terminal's line discipline receives `byte` as if it had come from the other side. */
+export function stuffByte(fd: number, byte: number): void {
+  ioctl(fd, "TIOCSTI", new Uint8Array([byte]));
+}
+
+const POLLPRI = 2;
+
+/** Whether poll(2) reports POLLPRI on fd now (a pty master in packet mode: a status byte). */
+export function hasPriorityData(fd: number): boolean {
+  const pfd = new Uint8Array(8);
+  const v = new DataView(pfd.buffer);
+  v.setInt32(0, fd, true);
+  v.setInt16(4, POLLPRI, true);
+  rawSyscall("poll", NR.poll, addressOf(pfd), 1, 0);
+  return (v.getInt16(6, true) & POLLPRI) !== 0;
+}
+
+/** A new descriptor of amber's own on the slave of pty master `fd` (TIOCGPTPEER), non-blocking. */
+export function openPeer(fd: number): number {
+  const flags = O_RDWR | O_NOCTTY | O_NONBLOCK;
+  return Number(rawSyscall("ioctl(TIOCGPTPEER)", NR.ioctl, fd, TIOCGPTPEER, flags));
+}
+
+/** One write(2): the byte count, or 0 when the terminal takes nothing now (EAGAIN). */
+export function writeSome(fd: number, data: Uint8Array): number {
+  const n = Number(libc().write(fd, data, BigInt(data.length)));
+  if (n >= 0) return n;
+  const errno = lastErrno();
+  if (errno === EAGAIN) return 0;
+  throw new SysError("write", errno);
 }

@@ -1216,6 +1216,28 @@ const CASES: Case[] = [
       return `job ${f[2]} error ${f[4]}, ${Deno.statSync(`${r.dir}/data`).size} bytes`;
     },
   },
+  {
+    // A pty pair inside the tree: the output in flight between bash and script (and the VEOF
+    // script types once its stdin, /dev/null, ends) must come through neither lost nor twice.
+    name: "script -qfc (a shell's output through a pty inside the tree)",
+    commands: ["script", "bash"],
+    expect: "restores",
+    argv: () => [
+      "setsid",
+      "script",
+      "-qfc",
+      "i=0; while [ $i -lt 200000 ]; do echo line $i; i=$((i+1)); done",
+      "typescript",
+    ],
+    env: { SHELL: "/bin/bash", PATH: "/usr/bin:/bin" },
+    midWork: (r) => untilFile(`${r.dir}/typescript`, 65536),
+    // Between script's dated first and last lines, what went through the pty.
+    result: async (r) => {
+      const lines = (await Deno.readTextFile(`${r.dir}/typescript`)).split("\n");
+      const body = lines.filter((l) => !l.startsWith("Script ")).join("\n");
+      return `${lines.length} lines, sha256 ${await sha256Hex(new TextEncoder().encode(body))}`;
+    },
+  },
 ];
 
 // ---------------------------------------------------------------------------

@@ -1,16 +1,21 @@
 /**
  * Ptys amber refuses rather than breaks (issue 10's gaps): a master in the
- * tree whose slave a process outside the tree holds.
+ * tree whose slave a process outside the tree holds, and a process of a
+ * pty's session other than its leader (restore creates it before the
+ * leader gets its pty back, so it could not inherit it).
  * Run with: deno test -A tests/pty_gaps_test.ts
  */
 import assert from "node:assert/strict";
 import {
   amber,
   assertOneLineError,
+  descendants,
   dumpArgs,
   exists,
   isAlive,
   killAndReap,
+  killTree,
+  procStatFields,
   spawnTarget,
   tempDir,
   until,
@@ -76,4 +81,41 @@ for (const [how, argv] of Object.entries(OUTSIDE)) {
       if (outside) await killAndReap(outside);
     }
   });
+}
+
+Deno.test("a process of a pty's session other than its leader (script -qfc 'sleep; true') is refused, named", async () => {
+  await using tmp = await tempDir();
+  // script's child, bash, leads the pty's session; sleep is a member, on the pty too.
+  const tree = spawnTarget(["setsid", "script", "-qfc", "sleep 600; true", `${tmp.path}/ts`], {
+    env: { SHELL: "/bin/bash", PATH: "/usr/bin:/bin" },
+  });
+  try {
+    let sleeper = 0;
+    await until(() => {
+      sleeper = descendants(tree.pid).find((p) => comm(p) === "sleep") ?? 0;
+      return sleeper !== 0;
+    }, "script's command does not run");
+    const leader = Number(procStatFields(sleeper)[3]);
+    const img = `${tmp.path}/img`;
+    const msg = assertOneLineError(await amber(dumpArgs(tree.pid, img)), 1, "dump");
+    assert.match(
+      msg,
+      new RegExp(
+        `pid ${sleeper}: pty \\d+ is its controlling terminal, and it is not its session's leader ` +
+          `\\(${leader}\\)`,
+      ),
+    );
+    assert.ok(isAlive(tree.pid) && isAlive(sleeper), "the refused dump harmed the tree");
+    assert.ok(!exists(img), "the refused dump left images");
+  } finally {
+    await killTree(tree.pid);
+  }
+});
+
+function comm(pid: number): string | undefined {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/comm`).trim();
+  } catch {
+    return undefined;
+  }
 }

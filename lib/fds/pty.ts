@@ -7,23 +7,43 @@
  * and reopens /dev/pts/N for each slave. Sessions and foreground groups
  * come back through restoreControllingTerminal (lib/fds/tty.ts).
  *
- * Bytes waiting in either direction cannot be read without taking them
- * away from the tree: the dump records how many there are and refuses.
- * (A line being typed in canonical mode is not counted by the kernel.)
+ * Bytes waiting in either direction (typed on the master side and not
+ * read from the slave, written on the slave side and not read from the
+ * master) are taken out once per pty, kept in the image, and put back at
+ * once, the tree still frozen (lib/fds/ptyqueue.ts); restore puts them
+ * into the new pair the same way. What cannot be put back exactly is
+ * refused, named.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { getInt } from "../../ffi/tty.ts";
 import type { RestoreContext, TreeDumpState } from "../context.ts";
 import { kindState } from "../context.ts";
-import { AmberError } from "../errors.ts";
+import { AmberError, withContext } from "../errors.ts";
 import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
-import { encodeTermios, TTY_IOCTL } from "../../ffi/tty.ts";
+import { encodeTermios, hasPriorityData, TTY_IOCTL } from "../../ffi/tty.ts";
+import { takeFd } from "../../ffi/socket.ts";
+import { libc } from "../../ffi/libc.ts";
 import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
 import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
 import { readStat } from "../proc/stat.ts";
 import { holdersOf } from "./holders.ts";
+import {
+  canStuff,
+  type Drained,
+  drainInput,
+  drainOutput,
+  EXTPROC,
+  ICANON,
+  InputQueue,
+  inputRefusal,
+  KEEP_BELOW,
+  OutputQueue,
+  putInput,
+  putOutput,
+  QUEUE_MAX,
+} from "./ptyqueue.ts";
 
 const PtyImage = z.object({
   kind: z.literal("pty"),
@@ -37,8 +57,15 @@ const PtyImage = z.object({
   /** Master only: unlockpt(3) not called yet; packet mode (TIOCPKT) on. */
   locked: z.boolean().optional(),
   packet: z.boolean().optional(),
-  /** Bytes readable on this side that nobody has read yet. */
-  waiting: z.number().int().min(0),
+  /** Bytes the kernel showed waiting on this side and left there, and why (refused). */
+  waiting: z.number().int().min(0).optional(),
+  left: z.enum(["extproc", "full", "no TIOCSTI", "packet flow"]).optional(),
+  /** First slave side of its pty: what was typed on the master side and not read yet. */
+  input: InputQueue.optional(),
+  /** First master of its pty: what the slave side wrote and the master's holder has not read. */
+  output: OutputQueue.optional(),
+  /** Master in packet mode with a status byte (TIOCPKT_FLUSHREAD...) its holder has not read. */
+  packetStatus: z.boolean().optional(),
   /** Master only: processes outside the tree holding its slave (the new pair cannot reach them). */
   outside: z.array(z.number().int().min(1)).max(64).optional(),
 });
@@ -46,7 +73,8 @@ type PtyImage = z.output<typeof PtyImage>;
 
 const NAME = "pty";
 const SLAVE = /^\/dev\/pts\/(\d+)$/;
-const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
+const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000, O_ASYNC = 0o20000;
+const IXON = 0o2000, N_TTY = 0;
 
 /**
  * Dump side: the masters the tree holds (index → "pid:fd"), those dumped
@@ -57,6 +85,9 @@ interface DumpState {
   inTree: Set<number>;
   masters: Map<number, string>;
   dumped: Set<number>;
+  /** Ptys whose typed bytes are taken already; packet mode of each master dumped. */
+  drained: Set<number>;
+  packet: Map<number, boolean>;
   leaders: Set<number>;
   foreground: Set<number>;
 }
@@ -129,13 +160,42 @@ function mastersOf(pid: number): [number, string][] {
   });
 }
 
+/**
+ * A process other than its session's leader whose controlling terminal is
+ * a pty of the tree: restore creates every process before the leader gets
+ * its pty back (TIOCSCTTY), and only a process forked after that inherits
+ * it.
+ */
+function refuseMembers(tree: TreeDumpState, pids: number[], masters: Map<number, string>): void {
+  for (const pid of pids) {
+    let st;
+    try {
+      st = readStat(pid);
+    } catch {
+      continue; // gone since the freeze (a zombie reaped)
+    }
+    const index = ptsIndex(st.ttyNr);
+    // A zombie needs no terminal: it only waits to be reaped.
+    if (index === undefined || !masters.has(index) || st.sid === pid || st.state === "Z") continue;
+    tree.pending.set(
+      `pty ${index} member ${pid}`,
+      `pid ${pid}: pty ${index} is its controlling terminal, and it is not its session's leader ` +
+        `(${st.sid}): only a leader gets its pty back: not supported yet`,
+    );
+  }
+}
+
 function dumpState(tree: TreeDumpState, pid: number): DumpState {
   return kindState(tree.kinds, NAME, () => {
     const pids = frozenTree(pid);
+    const masters = new Map(pids.flatMap(mastersOf));
+    refuseMembers(tree, pids, masters);
     return {
       inTree: new Set(pids),
-      masters: new Map(pids.flatMap(mastersOf)),
+      masters,
       dumped: new Set<number>(),
+      drained: new Set<number>(),
+      packet: new Map<number, boolean>(),
       leaders: new Set<number>(),
       foreground: new Set<number>(),
     };
@@ -202,7 +262,94 @@ function dumpMaster(p: FdProbe, fd: number): PtyImage {
     },
     locked: getInt(fd, "TIOCGPTLCK") !== 0,
     packet: getInt(fd, "TIOCGPKT") !== 0,
-    waiting: getInt(fd, "FIONREAD"),
+  };
+}
+
+/**
+ * Runs take on amber's copy of the descriptor, then put on what it took:
+ * the tree, frozen, finds its queue as it was, whether it is killed or
+ * runs on (dump -R, a failed dump).
+ */
+function takeAndPutBack<T>(p: FdProbe, take: (fd: number) => T, put: (fd: number, t: T) => void) {
+  const fd = takeFd(p.pid, p.fd);
+  try {
+    const got = take(fd);
+    put(fd, got);
+    return got;
+  } finally {
+    libc().close(fd);
+  }
+}
+
+/** The first master of a pty: what its holder has not read, unless it cannot be kept. */
+function keepOutput(p: FdProbe, e: PtyImage): void {
+  // Refused (see unrestorable): stuffing bytes would signal its owner; another discipline.
+  if (e.flags & O_ASYNC || e.terminal.termios.line !== N_TTY) return;
+  if (e.packet && withFdCopy(p, hasPriorityData)) {
+    e.packetStatus = true;
+    return;
+  }
+  // A full buffer may have more behind it, in the pty's flip buffer, which takes more or
+  // less depending on how it was written: it could not surely be put back.
+  const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
+  const left = waiting >= QUEUE_MAX ? "full" : !canStuff() ? "no TIOCSTI" : undefined;
+  if (left) {
+    if (waiting) Object.assign(e, { waiting, left });
+    return;
+  }
+  const out = takeAndPutBack(p, (fd) => drainOutput(fd, !!e.packet), putOutput);
+  if (out.length) e.output = out;
+}
+
+/** The first slave side of a pty: what was typed and not read yet, unless it cannot be kept. */
+function keepInput(p: FdProbe, e: PtyImage, packet: boolean): void {
+  // Refused (see unrestorable): stuffing bytes would signal its owner.
+  const signalled = holdersOf(p.tree, `/dev/pts/${e.index}`).some((h) => h.flags & O_ASYNC);
+  if (signalled || e.flags & O_ASYNC || e.terminal.termios.line !== N_TTY) return;
+  const waiting = withFdCopy(p, (fd) => getInt(fd, "FIONREAD"));
+  const t = e.terminal.termios;
+  // Without VLNEXT (non-canonical), IXON's characters could not be put back as bytes, and in
+  // packet mode disabling them would tell the master's holder.
+  const flowBound = packet && t.iflag & IXON && !(t.lflag & ICANON);
+  const left = t.lflag & EXTPROC
+    ? "extproc"
+    : flowBound
+    ? "packet flow"
+    : waiting >= KEEP_BELOW
+    ? "full"
+    : !canStuff()
+    ? "no TIOCSTI"
+    : undefined;
+  if (left) {
+    if (waiting) Object.assign(e, { waiting, left });
+    return;
+  }
+  const into: Drained = { lines: [], rest: new Uint8Array(), lnext: false };
+  takeAndPutBack(p, (fd) => {
+    try {
+      drainInput(fd, into);
+    } catch (err) {
+      // Putting back the lines taken would put them after those left.
+      const taken = into.lines.reduce((n, l) => n + l.length, into.rest.length);
+      if (taken) {
+        throw new AmberError(
+          `${err instanceof Error ? err.message : err}: ${taken} bytes typed were taken out ` +
+            "and cannot be put back in order",
+        );
+      }
+      throw err;
+    }
+  }, (fd) => putInput(fd, queueOf(into, packet)));
+  const q = queueOf(into, packet);
+  if (q.lines.length || q.rest.length || q.lnext) e.input = q;
+}
+
+function queueOf(d: Drained, packet: boolean): InputQueue {
+  return {
+    lines: d.lines,
+    rest: d.rest,
+    ...(d.lnext ? { lnext: true } : {}),
+    ...(packet ? { packet: true } : {}),
   };
 }
 
@@ -221,7 +368,11 @@ export const ptyFd = defineFdKind({
       const e = withFdCopy(p, (fd) => dumpMaster(p, fd));
       const outside = outsideHolders(p, state, e.index);
       if (outside.length) e.outside = outside;
-      if (!state.dumped.has(e.index)) expectHolders(p, state, e);
+      if (!state.dumped.has(e.index)) {
+        expectHolders(p, state, e);
+        if (!outside.length) keepOutput(p, e);
+        state.packet.set(e.index, !!e.packet);
+      }
       state.dumped.add(e.index);
       return e;
     }
@@ -244,8 +395,12 @@ export const ptyFd = defineFdKind({
       side: devTty ? "tty" : "slave",
       index,
       terminal: readTerminal(p.pid, fd, rdev),
-      waiting: getInt(fd, "FIONREAD"),
     }));
+    // Not before its master: restore would have no pair to put them in.
+    if (!state.drained.has(index) && state.dumped.has(index)) {
+      state.drained.add(index);
+      keepInput(p, e, state.packet.get(index) ?? false);
+    }
     noteHolder(p, state, e);
     return e;
   },
@@ -255,15 +410,62 @@ export const ptyFd = defineFdKind({
         e.outside.join(", pid ")
       } outside the dumped tree: not supported yet`;
     }
+    const pty = `fd ${e.fd}: pty ${e.index}`;
+    if (e.flags & O_ASYNC) return `${pty}: O_ASYNC (signal-driven I/O): not supported yet`;
+    // TCSETS does not change it, and its queues are not n_tty's.
+    const line = e.terminal.termios.line;
+    if (line !== N_TTY) return `${pty}: line discipline ${line} (not N_TTY): not supported yet`;
+    if (e.packetStatus) {
+      return `${pty}: packet mode with a status byte its master's holder has not read: ` +
+        "not supported yet";
+    }
+    const bad = e.input && inputRefusal(e.input, e.terminal.termios);
+    if (bad) return `${pty}: ${bad}: not supported yet`;
     if (!e.waiting) return;
     const what = e.side === "master" ? "written on its slave side" : "typed on its master side";
-    return `fd ${e.fd}: pty ${e.index}: ${e.waiting} bytes ${what} and not read yet would be lost`;
+    const why = {
+      extproc: "with EXTPROC on (line editing left to the master's holder)",
+      full: e.side === "master"
+        ? "its buffer is full (what waits behind it could not surely be put back)"
+        : `more than amber keeps (${KEEP_BELOW - 1})`,
+      "no TIOCSTI": "putting them back needs CAP_SYS_ADMIN (TIOCSTI)",
+      "packet flow": "in packet mode with IXON, non-canonical (its start and stop characters " +
+        "could not be put back)",
+      none: "",
+    }[e.left ?? "none"];
+    return `${pty}: ${e.waiting} bytes ${what} and not read yet would be lost: ${why}: ` +
+      "not supported yet";
+  },
+  precheck(e) {
+    if ((e.input || e.output?.length) && !canStuff()) {
+      throw new AmberError(
+        `fd ${e.fd}: pty ${e.index}: putting back its bytes needs CAP_SYS_ADMIN (TIOCSTI)`,
+      );
+    }
   },
   restore(ctx, e) {
-    if (e.side === "tty") return openDevTty(ctx, e);
-    return e.side === "master" ? openMaster(ctx, e) : openSlave(ctx, e);
+    if (e.side === "master") return openMaster(ctx, e);
+    const fd = e.side === "tty" ? openDevTty(ctx, e) : openSlave(ctx, e);
+    if (e.input) {
+      const q = e.input;
+      withContext(
+        `pty ${e.index}: putting back the bytes typed`,
+        () => throughCopy(ctx, fd, (c) => putInput(c, q)),
+      );
+    }
+    return fd;
   },
 });
+
+/** Runs fn on amber's copy of the restored process's descriptor `fd`. */
+function throughCopy(ctx: RestoreContext, fd: number, fn: (copy: number) => void): void {
+  const copy = takeFd(ctx.pid, fd);
+  try {
+    fn(copy);
+  } finally {
+    libc().close(copy);
+  }
+}
 
 /** Restore side: the masters recreated so far, by index. */
 function created(ctx: RestoreContext): Set<number> {
@@ -319,6 +521,13 @@ function openMaster(ctx: RestoreContext, e: PtyImage): number {
     putBytes(ctx.pid, ctx.scratch, ws),
   );
   if (e.packet) setInt(ctx, fd, "TIOCPKT", 1);
+  const out = e.output;
+  if (out?.length) {
+    withContext(
+      `pty ${e.index}: putting back the bytes written on its slave side`,
+      () => throughCopy(ctx, fd, (c) => putOutput(c, out)),
+    );
+  }
   // Locked: nobody could have opened the slave, so nobody will need to.
   if (e.locked) setInt(ctx, fd, "TIOCSPTLCK", 1);
   created(ctx).add(e.index);
