@@ -46,7 +46,9 @@ Cases:
                 files, with an ignored mask on fan/quiet; each tick writes both
                 and reads exactly one event, fan/loudN's
   fanotify-queued the same, with one event left unread
-  fanotify-mount the same, with a mount mark too
+  fanotify-perm a fanotify group of the permission class FAN_CLASS_CONTENT
+  fanotify-mount the same, with a mount mark and a filesystem mark too (ignored
+                masks), each tick checking its fdinfo still shows every mark
   inotify-flags inotify watches with IN_ONESHOT and IN_EXCL_UNLINK, checked
                 in its own fdinfo each tick
   pidfd         a pidfd of its forked child, signalled (0) every tick
@@ -467,6 +469,13 @@ def inotify_flags():
     return use
 
 
+def fanotify_perm():
+    fan = libc.fanotify_init(0x4, os.O_RDONLY)  # FAN_CLASS_CONTENT
+    if fan < 0:
+        raise OSError(ctypes.get_errno(), "fanotify_init")
+    return lambda: os.fstat(fan) is not None
+
+
 def fanotify(leave_one=False, mount=False):
     import struct
     libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
@@ -481,8 +490,10 @@ def fanotify(leave_one=False, mount=False):
         raise OSError(ctypes.get_errno(), "fanotify_init")
     marks = [(ADD, FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD, d),
              (ADD | IGNORED | SURV, FAN_CLOSE_WRITE, f"{d}/quiet")]
-    if mount:
-        marks.append((ADD | MOUNT | IGNORED, FAN_OPEN_EXEC, WORK))  # (an ignored mask: no events)
+    if mount:  # ignored masks only: no events from the rest of the machine
+        FILESYSTEM = 0x100
+        marks.append((ADD | MOUNT | IGNORED | SURV, FAN_OPEN_EXEC, WORK))
+        marks.append((ADD | FILESYSTEM | IGNORED | SURV, FAN_OPEN_EXEC, WORK))
     for flags, mask, path in marks:
         if libc.fanotify_mark(fan, flags, mask, -100, path.encode()) != 0:
             raise OSError(ctypes.get_errno(), "fanotify_mark")
@@ -507,7 +518,11 @@ def fanotify(leave_one=False, mount=False):
             os.close(fd)
         want = (24, FAN_CLOSE_WRITE, os.getpid())
         return seen[-1] == (*want, f"{d}/{name}") and \
-            all(e == (*want, f"{d}/left") for e in seen[:-1])
+            all(e == (*want, f"{d}/left") for e in seen[:-1]) and marks_now() == marks_then
+    marks_now = lambda: sorted(line.split(" ", 1)[0] + " " + " ".join(
+        w for w in line.split() if w.split(":")[0] in ("mflags", "mask", "ignored_mask"))
+        for line in open(f"/proc/self/fdinfo/{fan}") if line.startswith("fanotify "))
+    marks_then = marks_now()
     return use
 
 
@@ -568,6 +583,7 @@ CASES = {
     "fanotify": fanotify,
     "fanotify-queued": lambda: fanotify(leave_one=True),
     "fanotify-mount": lambda: fanotify(mount=True),
+    "fanotify-perm": fanotify_perm,
     "epoll": epoll,
     "epoll-reused": epoll_reused,
     "epoll-child-fd": epoll_child_fd,

@@ -2,11 +2,12 @@
  * fanotify: the group (its init flags and the flags of the event
  * descriptors it hands out, from fdinfo) and every inode mark (mask,
  * ignored mask, mark flags), found again through the marked inode's file
- * handle and recorded by path, like inotify's watches. Restore creates the
- * group with fanotify_init and adds the marks with fanotify_mark.
- * Refused: events queued and not read; groups of the permission classes
- * (a process may be blocked waiting for an answer the group owes it, which
- * nothing shows); mount and filesystem marks (not supported yet).
+ * handle and recorded by path, like inotify's watches; mount marks by
+ * their mount point (mountinfo) and filesystem marks by a mount of that
+ * filesystem. Restore creates the group with fanotify_init and adds the
+ * marks with fanotify_mark. Refused: events queued and not read; groups of
+ * the permission classes (a process may be blocked waiting for an answer
+ * the group owes it, which nothing shows).
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
@@ -19,6 +20,8 @@ import {
   handlePath,
   hexField,
   inodeAt,
+  mountOf,
+  mountPointOf,
   queuedBytes,
   setNonblock,
 } from "./fshandle.ts";
@@ -26,12 +29,16 @@ import { defineFdKind, type FdProbe } from "./kind.ts";
 
 const FAN_CLOEXEC = 0x1, FAN_NONBLOCK = 0x2, FAN_CLASS_MASK = 0xc;
 const FAN_MARK_ADD = 0x1, FAN_MARK_IGNORED_MASK = 0x20, FAN_MARK_IGNORE = 0x400;
+const FAN_MARK_ON = { inode: 0, mount: 0x10, filesystem: 0x100 } as const;
 /** Mark flags fdinfo shows and fanotify_mark takes back as they are. */
 const FAN_MARK_IGNORED_SURV_MODIFY = 0x40, FAN_MARK_EVICTABLE = 0x200;
 const AT_FDCWD = -100;
 
 const Mark = z.object({
+  /** What is marked: the inode at `path`, the mount there, or its filesystem. */
+  on: z.enum(["inode", "mount", "filesystem"]),
   path: z.string().startsWith("/"),
+  /** The inode at `path` at the dump (for a mount or filesystem: the mount's root). */
   ino: z.number().int().min(0),
   mask: z.number().int().min(0),
   ignoredMask: z.number().int().min(0),
@@ -39,30 +46,37 @@ const Mark = z.object({
 });
 type Mark = z.infer<typeof Mark>;
 
-/** The group line and the marks of an fdinfo; mount and filesystem marks by kind. */
+/** The group line and the marks of an fdinfo. */
 function readMarks(p: FdProbe) {
   let group: Map<string, string> | undefined;
   const marks: z.input<typeof Mark>[] = [];
-  const other: string[] = [];
   for (const line of readProcText(p.pid, `fdinfo/${p.fd}`).split("\n")) {
     if (!line.startsWith("fanotify ")) continue;
     const f = fdinfoFields(line);
-    if (f.has("event-flags")) group = f;
-    else if (f.has("mnt_id")) other.push(`mount mark of mount ${hexField(f, "mnt_id")}`);
-    else if (!f.has("ino")) other.push(`filesystem mark of device ${f.get("sdev")}`);
-    else {
-      const path = withContext(`fanotify mark of inode ${f.get("ino")}`, () => handlePath(p, f));
-      marks.push({
-        path,
-        ino: hexField(f, "ino"),
-        mask: hexField(f, "mask"),
-        ignoredMask: hexField(f, "ignored_mask"),
-        markFlags: hexField(f, "mflags"),
-      });
+    if (f.has("event-flags")) {
+      group = f;
+      continue;
     }
+    const on = f.has("mnt_id") ? "mount" : f.has("ino") ? "inode" : "filesystem";
+    const path = withContext(`fanotify ${on} mark`, () => markedPath(p, on, f));
+    marks.push({
+      on,
+      path,
+      ino: on === "inode" ? hexField(f, "ino") : inodeAt(path) ?? 0,
+      mask: hexField(f, "mask"),
+      ignoredMask: hexField(f, "ignored_mask"),
+      markFlags: hexField(f, "mflags"),
+    });
   }
   if (!group) throw new AmberError(`fdinfo: no fanotify group line`);
-  return { group, marks, other };
+  return { group, marks };
+}
+
+/** Where a mark is found again: the inode's path, the mount point, a mount of the filesystem. */
+function markedPath(p: FdProbe, on: Mark["on"], f: Map<string, string>): string {
+  if (on === "inode") return handlePath(p, f);
+  if (on === "mount") return mountPointOf(p.pid, hexField(f, "mnt_id"));
+  return mountOf(p.pid, hexField(f, "sdev"));
 }
 
 export const fanotifyFd = defineFdKind({
@@ -75,14 +89,12 @@ export const fanotifyFd = defineFdKind({
     initFlags: z.number().int().min(0),
     eventFlags: z.number().int().min(0),
     marks: z.array(Mark),
-    /** Marks amber does not restore yet, named. */
-    otherMarks: z.array(z.string()),
     /** Bytes of events queued and not read at the dump. */
     queued: z.number().int().min(0),
   }),
   matches: (p) => p.link === "anon_inode:[fanotify]" && !!p.inject,
   dump(p) {
-    const { group, marks, other } = readMarks(p);
+    const { group, marks } = readMarks(p);
     return {
       kind: "fanotify" as const,
       fd: p.fd,
@@ -90,7 +102,6 @@ export const fanotifyFd = defineFdKind({
       initFlags: hexField(group, "flags"),
       eventFlags: hexField(group, "event-flags"),
       marks,
-      otherMarks: other,
       queued: queuedBytes(p),
     };
   },
@@ -102,12 +113,11 @@ export const fanotifyFd = defineFdKind({
     if (e.initFlags & FAN_CLASS_MASK) {
       return `${what}: a permission-class group (answers it owes cannot be seen): not supported yet`;
     }
-    if (e.otherMarks.length) return `${what}: ${e.otherMarks[0]}: not supported yet`;
   },
   precheck(e) {
     for (const m of e.marks) {
       if (inodeAt(m.path) !== m.ino) {
-        throw new AmberError(`fanotify mark: ${m.path} is not the marked file any more`);
+        throw new AmberError(`fanotify ${m.on} mark: ${m.path} is not what was marked any more`);
       }
     }
   },
@@ -127,7 +137,8 @@ export const fanotifyFd = defineFdKind({
 function addMark(ctx: RestoreContext, fd: number, m: Mark): void {
   const inj = ctx.injector;
   const at = putString(ctx.pid, ctx.scratch, m.path);
-  const keep = m.markFlags & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE);
+  const keep = (m.markFlags & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE)) |
+    FAN_MARK_ON[m.on];
   if (m.mask) {
     inj.call("fanotify_mark", NR.fanotify_mark, fd, FAN_MARK_ADD | keep, m.mask, AT_FDCWD, at);
   }

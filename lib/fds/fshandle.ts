@@ -32,15 +32,28 @@ export function hexField(fields: Map<string, string>, key: string): number {
   return parseInt(v, 16);
 }
 
+/** mountinfo's octal escapes (\040 for a space) undone. */
+function unescapeMountPath(path: string): string {
+  return path.replace(/\\(\d{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
+}
+
+/** The mount point of mount `mntId` (mountinfo's first field) as `pid` sees it. */
+export function mountPointOf(pid: number, mntId: number): string {
+  const m = readProcText(pid, "mountinfo").split("\n").map((l) => l.split(" "))
+    .find((f) => f[0] === String(mntId));
+  if (!m) throw new AmberError(`no mount ${mntId} in /proc/${pid}/mountinfo`);
+  return unescapeMountPath(m[4]);
+}
+
 /** A mount point of the filesystem with kernel device number `sdev` (major << 20 | minor). */
-function mountOf(pid: number, sdev: number): string {
+export function mountOf(pid: number, sdev: number): string {
   const dev = `${sdev >>> 20}:${sdev & 0xfffff}`;
   const mounts = readProcText(pid, "mountinfo").split("\n").map((l) => l.split(" "))
     .filter((f) => f[2] === dev);
   // A mount of the filesystem's root sees every inode of it.
   const m = mounts.find((f) => f[3] === "/") ?? mounts[0];
   if (!m) throw new AmberError(`no mount of device ${dev} in /proc/${pid}/mountinfo`);
-  return m[4].replace(/\\(\d{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
+  return unescapeMountPath(m[4]);
 }
 
 /** The file handle of an fdinfo line (sdev, fhandle-bytes, fhandle-type, f_handle) as bytes. */
