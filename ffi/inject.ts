@@ -340,6 +340,7 @@ export const NR = {
   setfsuid: 122,
   setfsgid: 123,
   capset: 126,
+  rt_sigtimedwait: 128,
   rt_sigqueueinfo: 129,
   sigaltstack: 131,
   personality: 135,

@@ -9,6 +9,12 @@
  *     exists, waits 20 ms (the timer keeps expiring) and takes the signal:
  *     writes "PASS" if it is the timer's own (SI_TIMER, its value, some
  *     overruns counted), else "FAIL ...".
+ *   MODE "slow": a 10 s timer armed 3.5 intervals in the past, its signal
+ *     taken at once: timer_getoverrun() is 3 and the next expiry 5 s away
+ *     (nothing pending meanwhile).
+ *   With GO in "delivered" or "slow": once GO exists, checks that
+ *     timer_getoverrun() is what it was, then takes the timer's next signal:
+ *     "PASS", or "FAIL ..." naming what differs.
  * The timer stays armed (timer_settime would reset the overrun count).
  * Writes "ready OVERRUN" (timer_getoverrun, or -1 while still pending)
  * and then sleeps until killed.
@@ -40,8 +46,18 @@ int main(int argc, char **argv) {
   if (timer_create(CLOCK_MONOTONIC, &sev, &t)) return 3;
   struct itimerspec on = {{0, 1000000}, {0, 1000000}};
   int overrun = -1;
-  timer_settime(t, 0, &on, NULL);
-  for (;;) {
+  if (strcmp(argv[2], "slow") == 0) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    struct itimerspec past = {{10, 0}, {now.tv_sec - 35, now.tv_nsec}};
+    timer_settime(t, TIMER_ABSTIME, &past, NULL);
+    siginfo_t si;
+    sigwaitinfo(&set, &si);
+    overrun = timer_getoverrun(t);
+  } else {
+    timer_settime(t, 0, &on, NULL);
+  }
+  for (; strcmp(argv[2], "slow") != 0;) {
     struct timespec nap = {0, 20000000};
     nanosleep(&nap, NULL);
     if (strcmp(argv[2], "pending") == 0) break;
@@ -57,6 +73,19 @@ int main(int argc, char **argv) {
   while (access(argv[3], F_OK) != 0) {
     struct timespec nap = {0, 10000000};
     nanosleep(&nap, NULL);
+  }
+  if (strcmp(argv[2], "pending") != 0) {
+    int now = timer_getoverrun(t);
+    siginfo_t si;
+    sigwaitinfo(&set, &si);
+    if (now == overrun && si.si_code == SI_TIMER && si.si_value.sival_int == 4242) {
+      n = snprintf(line, sizeof line, "PASS\n");
+    } else {
+      n = snprintf(line, sizeof line, "FAIL overrun %d (was %d) code %d value %d\n", now, overrun,
+                   si.si_code, si.si_value.sival_int);
+    }
+    write_all(out, line, (size_t)n);
+    for (;;) pause();
   }
   struct timespec nap = {0, 20000000};
   nanosleep(&nap, NULL);

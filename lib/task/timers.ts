@@ -12,6 +12,7 @@
  */
 import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
+import { type Syscall, withBatch } from "../batch.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
@@ -108,6 +109,10 @@ export function timerIdOf(info: Uint8Array): number | undefined {
  */
 export function expireNow(ctx: RestoreContext, id: number): void {
   withContext(`POSIX timer ${id}: its pending signal`, () => {
+    const t = (ctx.images.timers as z.output<typeof TimersSchema> | undefined)?.posix
+      .find((p) => p.id === id);
+    // (Expiring soon, not at once: the overrun goes in first; see armWithOverrun.)
+    if (t && t.overrun > 0) return armWithOverrun(ctx, t, OVERRUN_LEAD_NS);
     ctx.injector.call("timer_gettime", NR.timer_gettime, id, ctx.scratch.addr);
     const [intervalNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1n);
     const its = putBytes(ctx.pid, ctx.scratch, timeBytes(intervalNs, 1n, 1n), 128);
@@ -148,12 +153,76 @@ function unrestorableTimer(t: PosixTimerImage, tids: Set<number>): string | unde
       cpuClockTask(t.clock)
     } outside the process: not supported yet`;
   }
-  // Only expiries the process missed make an overrun; a new timer cannot be given one.
-  if (t.overrun > 0) return `${where}: overrun count ${t.overrun}: not supported yet`;
+  if (t.overrun > 0) {
+    const why = overrunUnrestorable(t);
+    if (why) return `${where}: overrun count ${t.overrun}: ${why}: not supported yet`;
+  }
   if (t.notify & SIGEV_THREAD_ID && !tids.has(t.target)) {
     return `${where}: signals thread ${t.target}, which is not in the images`;
   }
   return undefined;
+}
+
+/** Clocks whose time runs on while amber restores: REALTIME, MONOTONIC, BOOTTIME, TAI. */
+const WALL_CLOCKS = [0, 1, 7, 11];
+const TIMER_ABSTIME = 1;
+/** How soon a timer whose signal was pending expires again after getting its overrun. */
+const OVERRUN_LEAD_NS = 20_000_000n;
+
+/** Why timer `t`'s overrun count cannot be given to a new timer, if it cannot. */
+function overrunUnrestorable(t: PosixTimerImage): string | undefined {
+  if (!t.intervalNs) return "a one-shot timer";
+  if ((t.notify & ~SIGEV_THREAD_ID) !== SIGEV_SIGNAL) return "a timer without a signal";
+  if (!WALL_CLOCKS.includes(t.clock)) return `clock ${t.clock}`;
+  if (t.valueNs > t.intervalNs) return "more time left than its interval";
+}
+
+/**
+ * Arms restored timer `t` with its interval, about `leftNs` from now, and
+ * gives it the overrun count the process reads (timer_getoverrun: the
+ * expiries missed before the signal it took last), which only the
+ * kernel's own delivery sets: the timer is armed at an absolute time N+1
+ * intervals before the wanted expiry, so it expires at once, and taking
+ * its signal (rt_sigtimedwait, in the thread it targets, every signal
+ * blocked) makes the kernel forward it past now, counting N overruns when
+ * the signal is taken less than `lead` after the clock was read and
+ * `lead` is under one interval. The three calls run as one batch (lib/batch.ts)
+ * so that this holds for short intervals too; a miss is tried again. A
+ * later timer_settime would clear the count.
+ */
+function armWithOverrun(ctx: RestoreContext, t: PosixTimerImage, leftNs: bigint): void {
+  const inj = t.notify & SIGEV_THREAD_ID ? ctx.threads.get(t.target) ?? ctx.injector : ctx.injector;
+  const n = BigInt(t.overrun), interval = t.intervalNs;
+  // The wanted expiry if it is far enough off, else as near as it can be.
+  const lead = leftNs > OVERRUN_LEAD_NS
+    ? leftNs
+    : interval > OVERRUN_LEAD_NS
+    ? OVERRUN_LEAD_NS
+    : interval / 2n;
+  const at = (offset: number) => ctx.scratch.addr + BigInt(offset);
+  const set = u64Bytes([1n << BigInt(t.signal - 1)]);
+  // The timer expired when armed: its signal is queued at once (wait at most 10 ms).
+  putBytes(ctx.pid, ctx.scratch, new Uint8Array([...set, ...u64Bytes([0, 10_000_000n])]), 256);
+  withBatch({ pid: ctx.pid, injector: inj, scratch: ctx.scratch }, (run) => {
+    for (let tries = 1;; tries++) {
+      inj.call("clock_gettime", NR.clock_gettime, t.clock, at(512));
+      const [sec, nsec] = readU64s(getBytes(ctx.pid, ctx.scratch, 16, 512));
+      const start = sec * 1_000_000_000n + nsec + lead - (n + 1n) * interval;
+      if (start <= 0n) throw new AmberError(`overrun count ${n}: its clock is not that far along`);
+      putBytes(ctx.pid, ctx.scratch, timeBytes(interval, start, 1n), 320);
+      const calls: Syscall[] = [
+        [NR.timer_settime, t.id, TIMER_ABSTIME, at(320), 0],
+        [NR.rt_sigtimedwait, at(256), 0, at(264), 8],
+        [NR.timer_getoverrun, t.id],
+      ];
+      const [armed, taken, got] = run ? run(calls) : calls.map(([nr, ...a]) => inj.raw(nr, ...a));
+      if (armed < 0n) throw new AmberError(`timer_settime: errno ${-armed}`);
+      if (taken !== BigInt(t.signal)) throw new AmberError(`rt_sigtimedwait: ${taken}`);
+      if (got === n) return;
+      // Taken too late: one more interval went by. Again.
+      if (tries === 5) throw new AmberError(`overrun count ${n}: the kernel counted ${got}`);
+    }
+  });
 }
 
 /** timer_create(clock, sigevent, &id) asking for `t.id` (restore-ids mode, or the next id). */
@@ -188,7 +257,8 @@ function restorePosixTimers(ctx: RestoreContext, timers: PosixTimerImage[]): voi
       }
       for (const s of spare) inj.call("timer_delete", NR.timer_delete, s);
       if (id !== t.id) throw new AmberError(`timer_create gave id ${id}`);
-      if (t.valueNs > 0n) {
+      if (t.valueNs > 0n && t.overrun > 0) armWithOverrun(ctx, t, t.valueNs);
+      else if (t.valueNs > 0n) {
         const its = putBytes(ctx.pid, ctx.scratch, timeBytes(t.intervalNs, t.valueNs, 1n), 128);
         inj.call("timer_settime", NR.timer_settime, t.id, 0, its, 0);
       }
