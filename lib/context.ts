@@ -103,6 +103,12 @@ export interface RestoreOptions {
    * will write (lib/fds/unix.ts backlog data) is assumed present.
    */
   takenLater?: boolean;
+  /**
+   * The images were sent by `amber migrate` from another amber (another
+   * machine, or other namespaces): restored into this amber's namespaces;
+   * what is tied to the old network namespace is refused instead.
+   */
+  migrated?: boolean;
 }
 
 /** `--inherit-fd fd[N]:RESOURCE`: amber's fd N takes the place of RESOURCE (e.g. "pipe:[123]"). */

@@ -21,7 +21,7 @@ import { connectPageServer, type PageServerAddress, streamTo } from "./streaming
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { preparePages } from "./mm/pages.ts";
-import { disarmArmed, openParent, type TrackingState } from "./mm/tracking.ts";
+import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
@@ -92,6 +92,13 @@ export interface DumpRequest {
   prevImagesDir?: string;
   /** Store only the pages written since `prevImagesDir` was dumped (CRIU's --track-mem). */
   trackMem?: boolean;
+  /**
+   * (lib/migrate.ts) A stream already connected that takes this round's
+   * images, and the round it builds on, as the receiver names it: a
+   * migration's pre-copy rounds go over one connection, their parents stay
+   * in memory here.
+   */
+  migrationRound?: { into: StreamImages; parent?: Parent };
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -240,6 +247,7 @@ function refuseToEnd(why: string): AmberError {
  * chain (its parents would be here, the images there).
  */
 async function openTarget(req: DumpRequest): Promise<ImageDir> {
+  if (req.migrationRound) return req.migrationRound.into;
   const elsewhere = req.stream ? "--stream" : req.pageServer ? "--page-server" : undefined;
   if (!elsewhere) {
     if (!req.dir) throw new UsageError("-D DIR is required; see amber dump --help");
@@ -283,7 +291,9 @@ function trackingFor(req: DumpRequest, log: LogLine): TrackingState {
       "--track-mem needs --prev-images-dir (the pre-dump this dump builds on)",
     );
   }
-  const parent = req.prevImagesDir === undefined
+  const parent = req.migrationRound
+    ? req.migrationRound.parent
+    : req.prevImagesDir === undefined
     ? undefined
     : openParent(req.dir!, req.prevImagesDir);
   return { arm: !!req.preDump, parent, armed: [], log };

@@ -45,7 +45,7 @@ export function streamTo(out: ByteWriter, where = "stream"): StreamImages {
   return new StreamImages(new RecordWriter(out, where));
 }
 
-async function readExactly(conn: ByteReader, n: number, what: string): Promise<Uint8Array> {
+export async function readExactly(conn: ByteReader, n: number, what: string): Promise<Uint8Array> {
   const buf = new Uint8Array(n);
   for (let got = 0; got < n;) {
     const r = await conn.read(buf.subarray(got));
@@ -58,7 +58,19 @@ async function readExactly(conn: ByteReader, n: number, what: string): Promise<U
 }
 
 /** Reads the page server's reply: resolves if it stored the images, throws its message if not. */
-async function readReply(conn: ByteReader, where: string): Promise<void> {
+export async function readReply(conn: ByteReader, where: string): Promise<void> {
+  const { ok, text } = await readReplyMessage(conn, where);
+  if (!ok) throw new AmberError(`${where}: ${text || "refused the images"}`);
+}
+
+/**
+ * Reads one reply, whichever it says (ok, or refused with a reason);
+ * throws only if none came (the connection closed) or it is malformed.
+ */
+export async function readReplyMessage(
+  conn: ByteReader,
+  where: string,
+): Promise<{ ok: boolean; text: string }> {
   const head = await readExactly(conn, REPLY_BYTES, where);
   const v = new DataView(head.buffer);
   if (REPLY_MAGIC.some((b, i) => head[i] !== b)) {
@@ -67,10 +79,10 @@ async function readReply(conn: ByteReader, where: string): Promise<void> {
   const status = v.getUint32(8, true), len = v.getUint32(12, true);
   if (status > 1 || len > REPLY_MESSAGE_MAX) throw new AmberError(`${where}: malformed reply`);
   const text = new TextDecoder().decode(await readExactly(conn, len, where));
-  if (status !== 0) throw new AmberError(`${where}: ${text || "refused the images"}`);
+  return { ok: status === 0, text };
 }
 
-function reply(ok: boolean, message = ""): Uint8Array {
+export function reply(ok: boolean, message = ""): Uint8Array {
   const text = new TextEncoder().encode(message).subarray(0, REPLY_MESSAGE_MAX);
   const out = new Uint8Array(REPLY_BYTES + text.length);
   out.set(REPLY_MAGIC);
@@ -235,7 +247,7 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
   }
 }
 
-async function writeReply(conn: Deno.TcpConn, data: Uint8Array): Promise<void> {
+export async function writeReply(conn: Deno.TcpConn, data: Uint8Array): Promise<void> {
   for (let done = 0; done < data.length;) done += await conn.write(data.subarray(done));
 }
 

@@ -466,7 +466,7 @@ function resolveChain(dir: ImageDir, pid: number, image: PagemapImage): Level[] 
         throw new AmberError(`pagemap: more than ${MAX_CHAIN} parents`);
       }
       if (!child.parent) throw new AmberError("pagemap: pages from a parent image, but no parent");
-      const p = openParent(childDir.path, child.parent.dir);
+      const p = openParent(childDir, child.parent.dir);
       levels.push({ dir: p.dir, image: child, placed: [] });
       const where = `parent images ${p.dir.path}`;
       if (p.createdAt !== child.parent.createdAt) {
@@ -564,7 +564,7 @@ export const pagemapPart = definePart({
     }
     for (const l of resolveChain(ctx.dir, ctx.pid, image).slice(1)) {
       try {
-        l.dir.openData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE).close();
+        l.dir.checkData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
       } finally {
         l.dir.close();
       }

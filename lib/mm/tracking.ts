@@ -81,14 +81,18 @@ export function parentPath(imagesDir: string, path: string): string {
   return path.startsWith("/") ? path : `${publishedPath(imagesDir)}/${path}`;
 }
 
-/** Opens a parent images directory with the same checks as any images directory. */
-export function openParent(imagesDir: string, path: string): Parent {
-  const full = parentPath(imagesDir, path);
-  const dir = new ImageDir(full);
+/**
+ * Opens a parent images directory with the same checks as any images
+ * directory (a stream's parent is one it was told of, lib/migrate.ts).
+ */
+export function openParent(imagesDir: string | ImageDir, path: string): Parent {
+  const dir = typeof imagesDir === "string"
+    ? new ImageDir(parentPath(imagesDir, path))
+    : imagesDir.parentImages(path);
   if (!dir.has("inventory.cbor")) {
     dir.close();
     throw new AmberError(
-      `parent images ${full}: not a complete images directory (no inventory.cbor)`,
+      `parent images ${dir.path}: not a complete images directory (no inventory.cbor)`,
     );
   }
   return { path, dir, createdAt: dir.read(inventoryImage).createdAt };
