@@ -30,7 +30,7 @@ import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
 import { restoreTree } from "./restore.ts";
-import { type Parent } from "./mm/tracking.ts";
+import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
 import { errnoOf, messageOf, RecordWriter, StreamImages } from "./images/stream.ts";
@@ -126,6 +126,9 @@ const Restored = {
   },
 };
 
+/** The receiver may or may not run the tree: this one is left stopped. */
+class UnknownOutcome extends AmberError {}
+
 /**
  * A receiver that stored the final round and then went silent: the tree
  * may run there. Stopped here, neither resumed nor killed (see the top).
@@ -137,8 +140,10 @@ function leaveStopped(pid: number, where: string, e: unknown): AmberError {
       Deno.kill(p, "SIGSTOP");
     } catch { /* gone */ }
   }
-  return new AmberError(
-    `${where}: ${messageOf(e)} after it stored the final round: it may run the tree; ` +
+  return new UnknownOutcome(
+    `${where}: ${
+      messageOf(e).replace(`${where}: `, "")
+    } after it stored the final round: it may run the tree; ` +
       `the tree is left stopped here (pids ${pids.join(" ")}): kill -CONT them if it does ` +
       "not run there, kill -KILL if it does",
     { cause: e },
@@ -226,6 +231,16 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
         createdAt: into.read(inventoryImage).createdAt,
       };
     }
+  } catch (e) {
+    // The tree runs on here: without the trackers the pre-copy rounds armed.
+    if (parent && !(e instanceof UnknownOutcome)) {
+      try {
+        disarmTree(req.pid);
+      } catch (d) {
+        log(`migrate: pid ${req.pid}: closing write tracking: ${messageOf(d)}`);
+      }
+    }
+    throw e;
   } finally {
     try {
       conn.close();
@@ -344,6 +359,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
   try {
     for (let round = 1;; round++) {
       const { final } = await Promise.race([readRoundHeader(conn, round, from), guard.stopped]);
+      await faultPointAsync(`migrate-round-${round}`);
       const dir = `${root}/round-${round}`;
       received.push(dir);
       const got = await receiveImages({

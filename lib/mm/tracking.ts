@@ -27,7 +27,7 @@ import {
   uffdioRegister,
   uffdioWriteprotect,
 } from "../../ffi/uffd.ts";
-import type { Injector } from "../../ffi/inject.ts";
+import { Injector } from "../../ffi/inject.ts";
 import { SysError } from "../../ffi/libc.ts";
 import { type DumpContext, kindState } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
@@ -36,6 +36,7 @@ import { inventoryImage } from "../tree/pstree.ts";
 import { putBytes } from "../scratch.ts";
 import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
 import { type MappingImage, mappingLabel, PAGE } from "./mappings.ts";
+import { seizeTree } from "../tree/seize.ts";
 
 const O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000;
@@ -333,5 +334,28 @@ export function disarmArmed(kinds: Map<string, unknown>): void {
       a.injector.raw(NR.close, a.fd);
       a.injector.end();
     } catch { /* the process is gone */ }
+  }
+}
+
+/**
+ * Closes amber's trackers in a tree no round will build on any more (a
+ * migration that failed after its pre-copy rounds): frozen for the few
+ * injected closes, then it runs on as it did before the first round.
+ */
+export function disarmTree(rootPid: number): void {
+  const tree = seizeTree(rootPid);
+  try {
+    for (const p of tree.processes.filter((p) => !p.zombie)) {
+      const t = findTracker(p.pid);
+      if (!t) continue;
+      const inj = Injector.forThread(p.threads[0], p.pid).begin();
+      try {
+        inj.raw(NR.close, t.fd);
+      } finally {
+        inj.end();
+      }
+    }
+  } finally {
+    tree.release();
   }
 }
