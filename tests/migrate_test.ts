@@ -347,3 +347,40 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "a socket bound in the source's network namespace is refused by the destination, the source runs on",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using _recv = await startReceiver(hosts, tmp.path);
+    const out = `${tmp.path}/ready.txt`;
+    const code = "import socket, sys, time\n" +
+      "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" +
+      `s.bind(("${SRC_ADDR}", 5013))\n` +
+      "open(sys.argv[1], 'w').write('ready\\n')\n" +
+      "while True: time.sleep(1)\n";
+    const w = await startWriter(
+      ["setsid", "nsenter", `--net=/run/netns/${hosts.src}`, "--", "python3", "-c", code, out],
+      out,
+      1,
+    );
+    try {
+      const r = await amberIn(hosts.src, migrateArgs(w.pid));
+      assertExit(r, 1, "migrate with a bound udp socket");
+      assert.match(
+        r.stderr,
+        new RegExp(
+          `udp ${SRC_ADDR.replaceAll(".", "\\.")}:5013: bound in the source's network namespace`,
+        ),
+      );
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+      assert.ok(isAlive(w.pid), "the source runs on");
+      assert.equal(procState(w.pid) === "T", false, "and is not stopped");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
