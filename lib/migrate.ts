@@ -154,6 +154,8 @@ function leaveStopped(pid: number, where: string, e: unknown): AmberError {
 export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   const t0 = performance.now();
   const log = detailLog(req);
+  // Between rounds too, SIGINT stops it as it stops a dump: the tree resumes here, untracked.
+  using guard = new SignalGuard(req.signal);
   const maxRounds = req.maxRounds ?? DEFAULT_ROUNDS;
   if (!Number.isSafeInteger(maxRounds) || maxRounds < 0 || maxRounds >= MAX_ROUNDS) {
     throw new AmberError(`--max-rounds ${maxRounds}: from 0 to ${MAX_ROUNDS - 1}`);
@@ -181,6 +183,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   let last: DumpStats | undefined;
   try {
     for (let round = 1;; round++) {
+      await guard.checkpoint();
       const pre = rounds.filter((r) => !r.final);
       const stalled = pre.length >= 2 &&
         pre[pre.length - 1].pageBytes >= pre[pre.length - 2].pageBytes;
