@@ -413,6 +413,8 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     const verdictOptions = {
       ...dumpVerdictOptions(options.shellJob),
       takenLater: !options.leaveRunning,
+      // A migration's rounds are judged as the receiver will judge them.
+      migrated: req.migrationRound !== undefined,
     };
     const reasons = dir instanceof StreamImages
       ? await judgeImageDir(dir, verdictOptions)

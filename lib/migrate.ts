@@ -228,6 +228,10 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
           `frozen ${last.frozenMs.toFixed(1)} ms`,
       );
       if (final) break;
+      // What the receiver would refuse (a socket of this network namespace) stops it now,
+      // not after every page has been sent again.
+      const refused = into.read(inventoryImage).verdict?.[0];
+      if (refused) throw new AmberError(`${refused}; not migrated, the tree runs on here`);
       parent = {
         path: `../round-${round}`,
         dir: into,

@@ -195,7 +195,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "a socket bound in the source's network namespace is refused by the destination, the source runs on",
+    "a socket bound in the source's network namespace is refused, named, and the source runs on",
   ignore: !usable,
   async fn() {
     await using tmp = await tempDir();
