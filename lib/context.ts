@@ -24,6 +24,12 @@ export interface DumpOptions {
   tcpEstablished: boolean;
   /** Objects outside the tree the images may refer to (CRIU's --external), e.g. "pipe:[123]". */
   external?: string[];
+  /**
+   * A migration's pre-copy round: the pages are copied once the tree runs
+   * again, write tracking armed before (a page written meanwhile is sent
+   * by the next round). Its images alone are not a consistent checkpoint.
+   */
+  copyWhileRunning?: boolean;
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */
@@ -81,6 +87,8 @@ export interface TreeDumpState {
    * What they write into `dir` is part of the images.
    */
   beforeCommit: ((dir: ImageDir) => void)[];
+  /** Run once the tree runs again, before the images are complete (copyWhileRunning). */
+  afterResume: (() => Promise<void>)[];
 }
 
 export interface RestoreOptions {

@@ -313,6 +313,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
+    copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);
@@ -329,6 +330,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     options,
     onEnd: [],
     beforeCommit: [],
+    afterResume: [],
   };
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
@@ -407,6 +409,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // Everything is in the page cache: a tree that keeps running need not
     // wait for the disk.
     if (options.leaveRunning) resume();
+    for (const copy of state.afterResume.splice(0)) await copy();
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.

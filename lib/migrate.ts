@@ -240,7 +240,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     }
   } catch (e) {
     // The tree runs on here: without the trackers the pre-copy rounds armed.
-    if (parent && !(e instanceof UnknownOutcome)) {
+    if (!(e instanceof UnknownOutcome)) {
       try {
         disarmTree(req.pid);
       } catch (d) {
