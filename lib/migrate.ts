@@ -25,7 +25,7 @@
  * the source tree is left stopped (SIGSTOP) and amber says so; whoever
  * knows what the destination did sends it SIGCONT or SIGKILL.
  */
-import { AmberError, faultPointAsync, InterruptedError } from "./errors.ts";
+import { AmberError, faultPointAsync } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
@@ -35,6 +35,7 @@ import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
 import { errnoOf, messageOf, RecordWriter, StreamImages } from "./images/stream.ts";
 import {
+  acceptOne,
   type PageServerAddress,
   readExactly,
   readReply,
@@ -347,20 +348,15 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
     if (own) removeQuietly(root);
     throw new AmberError(`${where}: ${root}: ${errnoOf(e)}`, { cause: e });
   }
-  let conn: Deno.TcpConn;
-  try {
-    where = `migrate-receive ${req.address}:${(listener.addr as Deno.NetAddr).port}`;
-    req.listening?.((listener.addr as Deno.NetAddr).port);
-    conn = await Promise.race([listener.accept(), guard.stopped]);
-  } catch (e) {
-    if (own) removeQuietly(root);
-    if (e instanceof InterruptedError) throw e;
-    throw new AmberError(`${where}: accept: ${errnoOf(e)}`, { cause: e });
-  } finally {
-    listener.close();
-  }
-  const peerAddr = conn.remoteAddr as Deno.NetAddr;
-  const peer = `${peerAddr.hostname}:${peerAddr.port}`;
+  const port = (listener.addr as Deno.NetAddr).port;
+  where = `migrate-receive ${req.address}:${port}`;
+  const { conn, peer } = await acceptOne(
+    listener,
+    guard.stopped,
+    where,
+    () => own && removeQuietly(root),
+    () => req.listening?.(port),
+  );
   const from = `${where}: migration from ${peer}`;
   let bytes = 0, rounds = 0;
   try {

@@ -209,21 +209,15 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
     dir.discard();
     throw new AmberError(`${where}: listen: ${errnoOf(e)}`, { cause: e });
   }
-  let conn: Deno.TcpConn;
   const port = (listener.addr as Deno.NetAddr).port;
   where = `page server ${req.address}:${port}`;
-  try {
-    req.listening?.(port);
-    conn = await Promise.race([listener.accept(), guard.stopped]);
-  } catch (e) {
-    dir.discard();
-    if (e instanceof InterruptedError) throw e;
-    throw new AmberError(`${where}: accept: ${errnoOf(e)}`, { cause: e });
-  } finally {
-    listener.close();
-  }
-  const peerAddr = conn.remoteAddr as Deno.NetAddr;
-  const peer = `${peerAddr.hostname}:${peerAddr.port}`;
+  const { conn, peer } = await acceptOne(
+    listener,
+    guard.stopped,
+    where,
+    () => dir.discard(),
+    () => req.listening?.(port),
+  );
   const from = `${where}: dump from ${peer}`;
   try {
     const got = await receiveImages({
@@ -245,6 +239,32 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
   } finally {
     conn.close();
   }
+}
+
+/**
+ * Waits for the one sender a server serves, then closes the listener;
+ * `discard` undoes what the server prepared if none comes (SIGINT).
+ */
+export async function acceptOne(
+  listener: Deno.TcpListener,
+  stopped: Promise<never>,
+  where: string,
+  discard: () => void,
+  listening: () => void,
+): Promise<{ conn: Deno.TcpConn; peer: string }> {
+  let conn: Deno.TcpConn;
+  try {
+    listening();
+    conn = await Promise.race([listener.accept(), stopped]);
+  } catch (e) {
+    discard();
+    if (e instanceof InterruptedError) throw e;
+    throw new AmberError(`${where}: accept: ${errnoOf(e)}`, { cause: e });
+  } finally {
+    listener.close();
+  }
+  const a = conn.remoteAddr as Deno.NetAddr;
+  return { conn, peer: `${a.hostname}:${a.port}` };
 }
 
 export async function writeReply(conn: Deno.TcpConn, data: Uint8Array): Promise<void> {

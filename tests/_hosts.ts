@@ -5,7 +5,16 @@
  * (on one machine the source tree holds the pids until the end). Used by
  * tests/migrate_test.ts and bench/bench.ts.
  */
-import { type AmberResult, CLI, commandWorks, DENO, readLines, ROOT, waitFor } from "./_util.ts";
+import {
+  type AmberResult,
+  amberVia,
+  CLI,
+  commandWorks,
+  DENO,
+  readLines,
+  ROOT,
+  waitFor,
+} from "./_util.ts";
 
 export const SRC_ADDR = "10.213.0.1", DST_ADDR = "10.213.0.2";
 export const PORT = 27013;
@@ -72,17 +81,8 @@ export function netnsId(name: string): string {
 }
 
 /** amber in network namespace `ns`, as amber() runs it elsewhere. */
-export async function amberIn(ns: string, args: string[]): Promise<AmberResult> {
-  const r = await new Deno.Command("nsenter", {
-    args: [`--net=/run/netns/${ns}`, "--", DENO, "run", "-A", CLI, ...args],
-    cwd: ROOT,
-    env: { NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: r.code, stdout: dec.decode(r.stdout), stderr: dec.decode(r.stderr) };
+export function amberIn(ns: string, args: string[]): Promise<AmberResult> {
+  return amberVia(["nsenter", `--net=/run/netns/${ns}`, "--"], args);
 }
 
 /** `amber migrate-receive` on the destination "host", in a pid namespace of its own. */
