@@ -92,13 +92,6 @@ export interface DumpRequest {
   prevImagesDir?: string;
   /** Store only the pages written since `prevImagesDir` was dumped (CRIU's --track-mem). */
   trackMem?: boolean;
-  /**
-   * (lib/migrate.ts) A stream already connected that takes this round's
-   * images, and the round it builds on, as the receiver names it: a
-   * migration's pre-copy rounds go over one connection, their parents stay
-   * in memory here.
-   */
-  migrationRound?: { into: StreamImages; parent?: Parent };
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -107,6 +100,16 @@ export interface DumpRequest {
   log?: LogLine;
   /** Receives how far the dump is: at each part of each process, and as pages are copied. */
   progress?: ProgressCallback;
+}
+
+/** A dump as one round of a migration (lib/migrate.ts; not in mod.ts). */
+export interface MigrationDump extends DumpRequest {
+  /**
+   * A stream already connected that takes this round's images, and the
+   * round it builds on, as the receiver names it: a migration's rounds go
+   * over one connection, their parents stay in memory here.
+   */
+  migrationRound?: { into: StreamImages; parent?: Parent };
 }
 
 /** What a dump did (mod.ts `dump`). */
@@ -246,7 +249,7 @@ function refuseToEnd(why: string): AmberError {
  * to before anything is frozen). A stream carries one complete dump: no
  * chain (its parents would be here, the images there).
  */
-async function openTarget(req: DumpRequest): Promise<ImageDir> {
+async function openTarget(req: MigrationDump): Promise<ImageDir> {
   if (req.migrationRound) return req.migrationRound.into;
   const elsewhere = req.stream ? "--stream" : req.pageServer ? "--page-server" : undefined;
   if (!elsewhere) {
@@ -282,7 +285,7 @@ function endKinds(state: TreeDumpState, end: DumpEnd): void {
 }
 
 /** What the request says about write tracking (lib/mm/tracking.ts). */
-function trackingFor(req: DumpRequest, log: LogLine): TrackingState {
+function trackingFor(req: MigrationDump, log: LogLine): TrackingState {
   if (req.prevImagesDir !== undefined && !req.trackMem && !req.preDump) {
     throw new UsageError("--prev-images-dir needs --track-mem");
   }
@@ -304,7 +307,7 @@ function closeParent(state: TreeDumpState): void {
 }
 
 /** Dumps the tree rooted at `req.pid` into `req.dir`. */
-export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
+export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
   const t0 = performance.now();
   const options: DumpOptions = {
     leaveRunning: (req.leaveRunning || req.preDump) ?? false,

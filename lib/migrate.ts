@@ -33,6 +33,7 @@ import { restoreTree } from "./restore.ts";
 import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
+import { readImages } from "./images/read.ts";
 import { errnoOf, messageOf, RecordWriter, StreamImages } from "./images/stream.ts";
 import {
   acceptOne,
@@ -63,7 +64,9 @@ export interface MigrateRequest {
   maxRounds?: number;
   /** The tree is a job of a shell (CRIU's --shell-job). */
   shellJob?: boolean;
+  /** Print the detail lines (per round, per part) on stderr. */
   verbose?: boolean;
+  /** Receives every detail line (what -v prints). */
   log?: LogLine;
   /** Aborting it stops the migration as SIGINT does: the tree resumes here. */
   signal?: AbortSignal;
@@ -71,12 +74,15 @@ export interface MigrateRequest {
 
 /** One round of a migration, as the source saw it. */
 export interface MigrateRound {
+  /** Its number, from 1. */
   round: number;
+  /** The round that froze the tree for the last time. */
   final: boolean;
   /** Bytes of memory pages sent in this round. */
   pageBytes: number;
   /** Milliseconds the tree was frozen for it. */
   frozenMs: number;
+  /** Milliseconds the whole round took. */
   totalMs: number;
 }
 
@@ -84,6 +90,7 @@ export interface MigrateRound {
 export interface MigrateResult {
   /** The processes moved, root first (the same pids at the destination). */
   pids: number[];
+  /** Every round, the final one last. */
   rounds: MigrateRound[];
   /** Rounds run while the tree ran, before the final one. */
   preCopyRounds: number;
@@ -91,6 +98,7 @@ export interface MigrateResult {
   finalPageBytes: number;
   /** Milliseconds the tree was frozen in the final round (sending, restoring there). */
   frozenMs: number;
+  /** Milliseconds the whole migration took. */
   totalMs: number;
   /** What the receiver said: the pids it runs, how long its restore took. */
   destination: { pids: number[]; restoreMs: number };
@@ -270,26 +278,34 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
 export interface MigrateReceiveRequest {
   /** Address to listen on. */
   address: string;
+  /** TCP port to listen on (0: any free one, given to `listening`). */
   port: number;
   /**
    * Where the rounds are written (`DIR/round-N`) and kept after the
    * restore; without it a private directory, removed once the tree runs.
    */
   dir?: string;
+  /** Called once it listens, with the port. */
   listening?: (port: number) => void;
+  /** Print the detail lines on stderr. */
   verbose?: boolean;
+  /** Receives every detail line (what -v prints). */
   log?: LogLine;
+  /** Aborting it stops the receiver as SIGINT does: what was received is removed. */
   signal?: AbortSignal;
 }
 
 /** What a receiver did. */
 export interface MigrateReceiveResult {
+  /** Who sent the tree (address:port). */
   peer: string;
+  /** Rounds received, the final one included. */
   rounds: number;
   /** Bytes received over all rounds. */
   bytes: number;
   /** The pids now running here. */
   pids: number[];
+  /** Milliseconds the restore took. */
   restoreMs: number;
   /** Where the rounds are kept (with `dir`). */
   dir?: string;
@@ -313,6 +329,23 @@ async function readRoundHeader(
     throw new AmberError(`${where}: more than ${MAX_ROUNDS} rounds (refused)`);
   }
   return { final: flags === FINAL };
+}
+
+/**
+ * A round may build only on the round before it, in this receiver's own
+ * directory: a parent path from the sender is hostile input like any other.
+ */
+function checkChain(dir: string, round: number, where: string): void {
+  const want = `../round-${round - 1}`;
+  for (const p of readImages(dir).processes) {
+    const got = (p.parts.pagemap as { parent?: { dir: string } } | undefined)?.parent?.dir;
+    if (got !== undefined && (round === 1 || got !== want)) {
+      throw new AmberError(
+        `${where}: round ${round}: pid ${p.entry.pid}: parent images ${got}: only ` +
+          `${round === 1 ? "none" : want} (refused)`,
+      );
+    }
+  }
 }
 
 function removeQuietly(path: string): void {
@@ -373,6 +406,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         stopped: guard.stopped,
         durable: !own,
       });
+      checkChain(dir, round, from);
       bytes += got.bytes;
       rounds = round;
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
