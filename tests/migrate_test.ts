@@ -8,14 +8,20 @@
  * keeps rewriting; it checks every byte on SIGUSR1.
  */
 import assert from "node:assert/strict";
+import { RecordWriter } from "../lib/images/stream.ts";
 import {
+  amber,
   assertExit,
   buildC,
+  CLI,
+  DENO,
   isAlive,
   killAndReap,
   listDir,
   procState,
   readLines,
+  ROOT,
+  startCounter,
   startWriter,
   tempDir,
   until,
@@ -228,4 +234,69 @@ Deno.test({
       await killAndReap(w.pid);
     }
   },
+});
+
+Deno.test("a round that names a parent other than the round before is refused by migrate-receive", async () => {
+  await using tmp = await tempDir();
+  const c = await startCounter(tmp.path, 8);
+  try {
+    const pid = String(c.pid);
+    assertExit(await amber(["pre-dump", "-t", pid, "-D", `${tmp.path}/pre`]), 0, "pre-dump");
+    const final = `${tmp.path}/final`;
+    const inc = ["--prev-images-dir", "../pre", "--track-mem"];
+    assertExit(await amber(["dump", "-R", "-t", pid, "-D", final, ...inc]), 0, "dump");
+    const kept = `${tmp.path}/kept`;
+    const recv = new Deno.Command(DENO, {
+      args: [
+        "run",
+        "-A",
+        CLI,
+        "migrate-receive",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "-D",
+        kept,
+      ],
+      cwd: ROOT,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const reader = recv.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    let said = "";
+    let port = 0;
+    while (!port) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`migrate-receive ended: ${said}`);
+      said += value;
+      port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(said)?.[1] ?? 0);
+    }
+    // A hostile sender: round 1, final, whose pages come from ../pre on the receiver's disk.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    const head = new Uint8Array(16);
+    head.set(new TextEncoder().encode("AMBERMIG"));
+    new DataView(head.buffer).setUint32(8, 1, true);
+    new DataView(head.buffer).setUint32(12, 1, true);
+    await conn.write(head);
+    const w = new RecordWriter(conn, "test sender");
+    const names = listDir(final).filter((n) => n !== "inventory.cbor");
+    for (const n of [...names, "inventory.cbor"]) {
+      await w.send(n, Deno.readFileSync(`${final}/${n}`));
+    }
+    await w.end();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      said += value;
+    }
+    conn.close();
+    assert.equal((await recv.status).code, 1, said);
+    assert.match(said, /round 1: pid \d+: parent images \.\.\/pre: only none \(refused\)/);
+    assert.deepEqual(listDir(kept), [], "nothing kept");
+    assert.ok(isAlive(c.pid), "the counter runs on");
+  } finally {
+    await killAndReap(c.pid);
+  }
 });
