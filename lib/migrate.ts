@@ -202,11 +202,11 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
         new RecordWriter(conn, where, explain),
         final
           ? async () => {
-            // Stored there: until this reply, any failure resumes the tree here.
-            await readReply(conn, where);
+            // Stored there: until this reply, any failure (SIGINT too) resumes the tree here.
+            await Promise.race([readReply(conn, where), guard.stopped]);
             let said: { ok: boolean; text: string };
             try {
-              said = await readReplyMessage(conn, where);
+              said = await Promise.race([readReplyMessage(conn, where), guard.stopped]);
             } catch (e) {
               throw leaveStopped(req.pid, where, e);
             }
