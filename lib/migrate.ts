@@ -211,9 +211,14 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
               throw leaveStopped(req.pid, where, e);
             }
             if (!said.ok) throw new AmberError(`${where}: restore: ${said.text}`);
-            destination = Restored.parse(said.text, where);
+            try {
+              destination = Restored.parse(said.text, where);
+            } catch (e) {
+              // It said the tree runs, in words amber cannot read: it may well run.
+              throw leaveStopped(req.pid, where, e);
+            }
           }
-          : () => readReply(conn, where),
+          : () => Promise.race([readReply(conn, where), guard.stopped]),
       );
       if (parent) into.withParent(parent.path, parent.dir as StreamImages);
       last = await dumpTree({
