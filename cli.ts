@@ -11,6 +11,8 @@ import {
   type DumpRequest,
   formatCheck,
   InterruptedError,
+  migrate,
+  migrateReceive,
   pageServer,
   preDump,
   restore,
@@ -102,6 +104,15 @@ function addressArg(v: unknown, command: string): string {
     throw new UsageError(`--address ADDR is required; see amber ${command} --help`);
   }
   return v;
+}
+
+/** --to HOST:PORT ([v6]:PORT for an IPv6 literal). */
+function hostPortArg(v: unknown): { address: string; port: number } {
+  const m = typeof v === "string" ? /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(v) : null;
+  if (!m) {
+    throw new UsageError(`--to needs HOST:PORT, got ${v ?? "nothing"}; see amber migrate --help`);
+  }
+  return { address: m[1] ?? m[2], port: portArg(m[3], "migrate") };
 }
 
 /** Where dump sends the images instead of -D: stdout (--stream) or a page server. */
@@ -497,6 +508,79 @@ const COMMANDS: Command[] = [
           `received ${got.files} files, ${got.bytes} bytes from ${got.peer} into ${dir}`,
         );}
       return 0;
+    },
+  },
+  {
+    name: "migrate",
+    args: "-t PID --to HOST:PORT",
+    summary: "move PID's running tree to amber migrate-receive at HOST:PORT (pre-copy rounds)",
+    flags: [
+      { long: "tree", short: "t", value: "PID", help: "root of the tree to move" },
+      { long: "to", value: "HOST:PORT", help: "where amber migrate-receive listens" },
+      {
+        long: "max-rounds",
+        value: "N",
+        help: "pre-copy rounds at most before the final one (default 5; 0: none)",
+      },
+      SHELL_JOB,
+      VERBOSE,
+      LOG_FILE,
+      JSON_OUT,
+    ],
+    run(v, positionals) {
+      noPositionals("migrate", positionals);
+      const pid = pidArg(v.tree);
+      const to = hostPortArg(v.to);
+      const rounds = v["max-rounds"];
+      if (rounds !== undefined && !/^\d{1,2}$/.test(String(rounds))) {
+        throw new UsageError(`--max-rounds needs a number, got ${rounds}`);
+      }
+      return withLog(v, async ({ detail }) => {
+        const r = await migrate({
+          pid,
+          to,
+          maxRounds: rounds === undefined ? undefined : Number(rounds),
+          shellJob: !!v["shell-job"],
+          log: detail,
+        });
+        detail(
+          `migrated ${r.pids.join(" ")} after ${r.preCopyRounds} pre-copy round(s): ` +
+            `${r.finalPageBytes} bytes of pages in the final round, frozen ` +
+            `${r.frozenMs.toFixed(0)} ms`,
+        );
+        if (v.json) printJson({ ok: true, command: "migrate", ...r });
+        return 0;
+      });
+    },
+  },
+  {
+    name: "migrate-receive",
+    args: "--port PORT [-D DIR]",
+    summary: "wait for one amber migrate, restore the tree it sends here, then exit",
+    flags: [
+      { ...ADDRESS, help: "address to listen on (default 0.0.0.0)" },
+      { ...PORT, help: "TCP port to listen on (0: any free one, printed)" },
+      { ...IMAGES_DIR, help: "keep the rounds in DIR/round-N (default: a private one, removed)" },
+      VERBOSE,
+      LOG_FILE,
+      JSON_OUT,
+    ],
+    run(v, positionals) {
+      noPositionals("migrate-receive", positionals);
+      const address = typeof v.address === "string" && v.address ? v.address : "0.0.0.0";
+      const port = portArg(v.port, "migrate-receive", true);
+      return withLog(v, async ({ detail }) => {
+        const got = await migrateReceive({
+          address,
+          port,
+          dir: v["images-dir"] as string | undefined,
+          log: detail,
+          listening: (p) => console.error(`amber migrate-receive: listening on ${address}:${p}`),
+        });
+        if (v.json) printJson({ ok: true, command: "migrate-receive", ...got });
+        else console.log(`restored ${got.pids.join(" ")} from ${got.peer} (${got.rounds} rounds)`);
+        return 0;
+      });
     },
   },
   {

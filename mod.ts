@@ -32,6 +32,15 @@ import {
   servePageServer,
 } from "./lib/streaming.ts";
 import { UsageError } from "./lib/errors.ts";
+import {
+  migrate as migrateImpl,
+  migrateReceive as migrateReceiveImpl,
+  type MigrateReceiveRequest,
+  type MigrateReceiveResult,
+  type MigrateRequest,
+  type MigrateResult,
+  type MigrateRound,
+} from "./lib/migrate.ts";
 
 export {
   AmberError,
@@ -45,6 +54,13 @@ export type { LogLine } from "./lib/log.ts";
 export type { CheckFeature, CheckReport } from "./lib/check.ts";
 export type { CheckpointResult, RunRequest, RunResult };
 export type { DumpRequest, DumpStats } from "./lib/dump.ts";
+export type {
+  MigrateReceiveRequest,
+  MigrateReceiveResult,
+  MigrateRequest,
+  MigrateResult,
+  MigrateRound,
+};
 export type { RestoreRequest, RestoreResult } from "./lib/restore.ts";
 export type { InheritFd } from "./lib/context.ts";
 export type { ByteReader, ByteWriter } from "./lib/images/stream.ts";
@@ -206,6 +222,32 @@ export function restore(req: RestoreRequest): Promise<RestoreResult> {
  */
 export function pageServer(req: PageServerRequest): Promise<PageServerResult> {
   return servePageServer(req);
+}
+
+/**
+ * Moves a running tree to the amber `migrateReceive` runs at `to`:
+ * pre-copy rounds while it runs, then a short freeze for the last dirty
+ * pages and the rest of its state; the tree here ends only once the
+ * destination said it runs there. Any failure before that resumes it here.
+ *
+ * @example
+ * ```ts
+ * const r = await migrate({ pid: 1234, to: { address: "10.0.0.2", port: 27001 } });
+ * console.log(r.preCopyRounds, r.finalPageBytes, r.frozenMs);
+ * ```
+ */
+export function migrate(req: MigrateRequest): Promise<MigrateResult> {
+  cleanStaleLocks();
+  return migrateImpl(req);
+}
+
+/**
+ * Waits for one `migrate` on `address:port`, stores its rounds and
+ * restores the tree here (in this amber's namespaces); resolves once it runs.
+ */
+export function migrateReceive(req: MigrateReceiveRequest): Promise<MigrateReceiveResult> {
+  cleanStaleLocks();
+  return migrateReceiveImpl(req);
 }
 
 /**

@@ -6,6 +6,7 @@
  *
  *   deno task bench [--vs-criu] [MiB ...]
  *   deno task bench redis        (only the redis pause)
+ *   deno task bench migrate      (only the migration pause)
  *
  * Each case runs ROUNDS cycles of dump -R (frozen time as amber measures
  * it), dump (ends the tree), restore -d, and `dump --stream | restore
@@ -27,19 +28,32 @@ import {
   freePort,
   killAndReap,
   killTree,
+  readLines,
   reapZombies,
   ROOT,
   sizeOf,
   spawnTarget,
   tempDir,
+  waitForLine,
   waitForLines,
   waitVanished,
 } from "../tests/_util.ts";
+import {
+  amberIn,
+  DST_ADDR,
+  hostPid,
+  makeHosts,
+  PORT,
+  startReceiver,
+  usable,
+} from "../tests/_hosts.ts";
 
 const ROUNDS = 3;
 const ONLY_REDIS = Deno.args.includes("redis");
-const args = Deno.args.filter((a) => a !== "--vs-criu" && a !== "redis");
-const VS_CRIU = args.length !== Deno.args.length;
+const ONLY_MIGRATE = Deno.args.includes("migrate");
+const ONLY = ONLY_REDIS || ONLY_MIGRATE;
+const args = Deno.args.filter((a) => a !== "--vs-criu" && a !== "redis" && a !== "migrate");
+const VS_CRIU = Deno.args.includes("--vs-criu");
 const CRIU = Deno.env.get("CRIU_BIN") ?? `${ROOT}/../shared/reference/criu`;
 
 /**
@@ -240,8 +254,8 @@ const header = [
   "stream",
 ];
 if (VS_CRIU) header.push("CRIU dump", "CRIU restore", "dump ratio", "restore ratio");
-if (!ONLY_REDIS) console.log(header.join(" | "));
-for (const c of ONLY_REDIS ? [] : CASES) {
+if (!ONLY) console.log(header.join(" | "));
+for (const c of ONLY ? [] : CASES) {
   await using tmp = await tempDir("amber-bench-");
   const targets: Target[] = [await c.start(`${tmp.path}/a`)];
   try {
@@ -389,4 +403,83 @@ async function redisPause(): Promise<void> {
   }
 }
 
-await redisPause();
+/** Asks testdata/gaps.c for its longest gap since the last ask (ms), after it checked its memory. */
+async function gapOf(pid: number, out: string): Promise<number> {
+  const before = (await readLines(out)).filter((l) => l.startsWith("check")).length;
+  Deno.kill(pid, "SIGUSR1");
+  const lines = await waitForLine(
+    out,
+    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
+    60_000,
+  );
+  const check = lines.filter((l) => l.startsWith("check")).at(-1);
+  if (check !== "check ok") throw new Error(`gaps ${pid}: ${check}`);
+  return Number(lines.filter((l) => l.startsWith("gap ")).at(-1)!.slice(4)) / 1000;
+}
+
+/**
+ * testdata/gaps.c (256 MiB, a 1 ms loop rewriting hot pages) moved
+ * between two network namespaces with `amber migrate` (tests/_hosts.ts),
+ * and on this host with a plain dump + restore: the longest gap its own
+ * loop saw, which is the longest pause of all the rounds.
+ */
+async function migratePause(): Promise<void> {
+  if (!usable) {
+    console.log("migrate: needs root, ip netns and unshare --pid; skipped");
+    return;
+  }
+  const bin = await buildC("gaps");
+  const mib = 256;
+  const plain: number[] = [], moved: number[] = [], rounds: string[] = [];
+  for (let i = 0; i < ROUNDS; i++) {
+    await using tmp = await tempDir("amber-bench-");
+    await warmMemory(tmp.path, mib * 3 * 1048576);
+    const a = spawnTarget([bin, `${tmp.path}/a.txt`, String(mib)]);
+    try {
+      await waitForLines(`${tmp.path}/a.txt`, 1, 60_000);
+      await gapOf(a.pid, `${tmp.path}/a.txt`);
+      await timed(dumpArgs(a.pid, `${tmp.path}/img`));
+      await waitVanished([a.pid]);
+      await timed(["restore", "-D", `${tmp.path}/img`, "-d"]);
+      plain.push(await gapOf(a.pid, `${tmp.path}/a.txt`));
+    } finally {
+      await killAndReap(a.pid).catch(() => {});
+    }
+    await using hosts = await makeHosts();
+    await using _recv = await startReceiver(hosts, tmp.path);
+    const out = `${tmp.path}/b.txt`;
+    const b = spawnTarget([
+      "nsenter",
+      `--net=/run/netns/${hosts.src}`,
+      "--",
+      bin,
+      out,
+      String(mib),
+    ]);
+    try {
+      await waitForLines(out, 1, 60_000);
+      await gapOf(b.pid, out);
+      const to = `${DST_ADDR}:${PORT}`;
+      const r = await amberIn(hosts.src, ["migrate", "-t", String(b.pid), "--to", to, "--json"]);
+      if (r.code !== 0) throw new Error(`migrate: ${r.stderr.trim()}`);
+      const m = JSON.parse(r.stdout);
+      await waitVanished([b.pid]);
+      const there = hostPid(b.pid, bin);
+      if (!there) throw new Error("migrate: the tree does not run at the destination");
+      moved.push(await gapOf(there, out));
+      const frozen = (m.rounds as { frozenMs: number }[]).map((x) => x.frozenMs.toFixed(0));
+      rounds.push(
+        `${frozen.join("+")} ms frozen, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB`,
+      );
+    } finally {
+      await killAndReap(b.pid).catch(() => {});
+    }
+  }
+  console.log(
+    `gaps, ${mib} MiB, 1 ms loop: longest pause it saw (ms): migrate between network namespaces ` +
+      `${both(moved)} [${rounds.join("; ")}], dump + restore ${both(plain)}`,
+  );
+}
+
+if (!ONLY_MIGRATE) await redisPause();
+if (!ONLY_REDIS) await migratePause();

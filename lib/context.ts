@@ -24,6 +24,12 @@ export interface DumpOptions {
   tcpEstablished: boolean;
   /** Objects outside the tree the images may refer to (CRIU's --external), e.g. "pipe:[123]". */
   external?: string[];
+  /**
+   * A migration's pre-copy round: the pages are copied once the tree runs
+   * again, write tracking armed before (a page written meanwhile is sent
+   * by the next round). Its images alone are not a consistent checkpoint.
+   */
+  copyWhileRunning?: boolean;
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */
@@ -81,6 +87,8 @@ export interface TreeDumpState {
    * What they write into `dir` is part of the images.
    */
   beforeCommit: ((dir: ImageDir) => void)[];
+  /** Run once the tree runs again, before the images are complete (copyWhileRunning). */
+  afterResume: (() => Promise<void>)[];
 }
 
 export interface RestoreOptions {
@@ -103,6 +111,12 @@ export interface RestoreOptions {
    * will write (lib/fds/unix.ts backlog data) is assumed present.
    */
   takenLater?: boolean;
+  /**
+   * The images were sent by `amber migrate` from another amber (another
+   * machine, or other namespaces): restored into this amber's namespaces;
+   * what is tied to the old network namespace is refused instead.
+   */
+  migrated?: boolean;
 }
 
 /** `--inherit-fd fd[N]:RESOURCE`: amber's fd N takes the place of RESOURCE (e.g. "pipe:[123]"). */

@@ -21,7 +21,7 @@ import { connectPageServer, type PageServerAddress, streamTo } from "./streaming
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { preparePages } from "./mm/pages.ts";
-import { disarmArmed, openParent, type TrackingState } from "./mm/tracking.ts";
+import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
@@ -100,6 +100,16 @@ export interface DumpRequest {
   log?: LogLine;
   /** Receives how far the dump is: at each part of each process, and as pages are copied. */
   progress?: ProgressCallback;
+}
+
+/** A dump as one round of a migration (lib/migrate.ts; not in mod.ts). */
+export interface MigrationDump extends DumpRequest {
+  /**
+   * A stream already connected that takes this round's images, and the
+   * round it builds on, as the receiver names it: a migration's rounds go
+   * over one connection, their parents stay in memory here.
+   */
+  migrationRound?: { into: StreamImages; parent?: Parent };
 }
 
 /** What a dump did (mod.ts `dump`). */
@@ -239,7 +249,8 @@ function refuseToEnd(why: string): AmberError {
  * to before anything is frozen). A stream carries one complete dump: no
  * chain (its parents would be here, the images there).
  */
-async function openTarget(req: DumpRequest): Promise<ImageDir> {
+async function openTarget(req: MigrationDump): Promise<ImageDir> {
+  if (req.migrationRound) return req.migrationRound.into;
   const elsewhere = req.stream ? "--stream" : req.pageServer ? "--page-server" : undefined;
   if (!elsewhere) {
     if (!req.dir) throw new UsageError("-D DIR is required; see amber dump --help");
@@ -274,7 +285,7 @@ function endKinds(state: TreeDumpState, end: DumpEnd): void {
 }
 
 /** What the request says about write tracking (lib/mm/tracking.ts). */
-function trackingFor(req: DumpRequest, log: LogLine): TrackingState {
+function trackingFor(req: MigrationDump, log: LogLine): TrackingState {
   if (req.prevImagesDir !== undefined && !req.trackMem && !req.preDump) {
     throw new UsageError("--prev-images-dir needs --track-mem");
   }
@@ -283,7 +294,9 @@ function trackingFor(req: DumpRequest, log: LogLine): TrackingState {
       "--track-mem needs --prev-images-dir (the pre-dump this dump builds on)",
     );
   }
-  const parent = req.prevImagesDir === undefined
+  const parent = req.migrationRound
+    ? req.migrationRound.parent
+    : req.prevImagesDir === undefined
     ? undefined
     : openParent(req.dir!, req.prevImagesDir);
   return { arm: !!req.preDump, parent, armed: [], log };
@@ -294,7 +307,7 @@ function closeParent(state: TreeDumpState): void {
 }
 
 /** Dumps the tree rooted at `req.pid` into `req.dir`. */
-export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
+export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
   const t0 = performance.now();
   const options: DumpOptions = {
     leaveRunning: (req.leaveRunning || req.preDump) ?? false,
@@ -303,6 +316,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
+    copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);
@@ -319,6 +333,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     options,
     onEnd: [],
     beforeCommit: [],
+    afterResume: [],
   };
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
@@ -397,12 +412,15 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     // Everything is in the page cache: a tree that keeps running need not
     // wait for the disk.
     if (options.leaveRunning) resume();
+    for (const copy of state.afterResume.splice(0)) await copy();
     dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.
     const verdictOptions = {
       ...dumpVerdictOptions(options.shellJob),
       takenLater: !options.leaveRunning,
+      // A migration's rounds are judged as the receiver will judge them.
+      migrated: req.migrationRound !== undefined,
     };
     const reasons = dir instanceof StreamImages
       ? await judgeImageDir(dir, verdictOptions)

@@ -84,6 +84,11 @@ export interface RestoreRequest {
   log?: LogLine;
   /** Receives how far the restore is: at each part of each process, and as pages are filled. */
   progress?: ProgressCallback;
+  /**
+   * (lib/migrate.ts) The images come from another amber by `migrate`: the
+   * tree is restored into this amber's namespaces, whatever the dumper's were.
+   */
+  migrated?: boolean;
 }
 
 /** What a restore did (mod.ts `restore`). */
@@ -455,6 +460,7 @@ export async function restoreTree(
     verbose: req.verbose ?? false,
     allowChangedFiles: req.allowChangedFiles ?? false,
     inheritFds: req.inheritFds ?? [],
+    migrated: req.migrated ?? false,
   };
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);

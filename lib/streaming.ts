@@ -45,7 +45,7 @@ export function streamTo(out: ByteWriter, where = "stream"): StreamImages {
   return new StreamImages(new RecordWriter(out, where));
 }
 
-async function readExactly(conn: ByteReader, n: number, what: string): Promise<Uint8Array> {
+export async function readExactly(conn: ByteReader, n: number, what: string): Promise<Uint8Array> {
   const buf = new Uint8Array(n);
   for (let got = 0; got < n;) {
     const r = await conn.read(buf.subarray(got));
@@ -58,7 +58,19 @@ async function readExactly(conn: ByteReader, n: number, what: string): Promise<U
 }
 
 /** Reads the page server's reply: resolves if it stored the images, throws its message if not. */
-async function readReply(conn: ByteReader, where: string): Promise<void> {
+export async function readReply(conn: ByteReader, where: string): Promise<void> {
+  const { ok, text } = await readReplyMessage(conn, where);
+  if (!ok) throw new AmberError(`${where}: ${text || "refused the images"}`);
+}
+
+/**
+ * Reads one reply, whichever it says (ok, or refused with a reason);
+ * throws only if none came (the connection closed) or it is malformed.
+ */
+export async function readReplyMessage(
+  conn: ByteReader,
+  where: string,
+): Promise<{ ok: boolean; text: string }> {
   const head = await readExactly(conn, REPLY_BYTES, where);
   const v = new DataView(head.buffer);
   if (REPLY_MAGIC.some((b, i) => head[i] !== b)) {
@@ -67,10 +79,10 @@ async function readReply(conn: ByteReader, where: string): Promise<void> {
   const status = v.getUint32(8, true), len = v.getUint32(12, true);
   if (status > 1 || len > REPLY_MESSAGE_MAX) throw new AmberError(`${where}: malformed reply`);
   const text = new TextDecoder().decode(await readExactly(conn, len, where));
-  if (status !== 0) throw new AmberError(`${where}: ${text || "refused the images"}`);
+  return { ok: status === 0, text };
 }
 
-function reply(ok: boolean, message = ""): Uint8Array {
+export function reply(ok: boolean, message = ""): Uint8Array {
   const text = new TextEncoder().encode(message).subarray(0, REPLY_MESSAGE_MAX);
   const out = new Uint8Array(REPLY_BYTES + text.length);
   out.set(REPLY_MAGIC);
@@ -197,21 +209,15 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
     dir.discard();
     throw new AmberError(`${where}: listen: ${errnoOf(e)}`, { cause: e });
   }
-  let conn: Deno.TcpConn;
   const port = (listener.addr as Deno.NetAddr).port;
   where = `page server ${req.address}:${port}`;
-  try {
-    req.listening?.(port);
-    conn = await Promise.race([listener.accept(), guard.stopped]);
-  } catch (e) {
-    dir.discard();
-    if (e instanceof InterruptedError) throw e;
-    throw new AmberError(`${where}: accept: ${errnoOf(e)}`, { cause: e });
-  } finally {
-    listener.close();
-  }
-  const peerAddr = conn.remoteAddr as Deno.NetAddr;
-  const peer = `${peerAddr.hostname}:${peerAddr.port}`;
+  const { conn, peer } = await acceptOne(
+    listener,
+    guard.stopped,
+    where,
+    () => dir.discard(),
+    () => req.listening?.(port),
+  );
   const from = `${where}: dump from ${peer}`;
   try {
     const got = await receiveImages({
@@ -235,7 +241,33 @@ export async function servePageServer(req: PageServerRequest): Promise<PageServe
   }
 }
 
-async function writeReply(conn: Deno.TcpConn, data: Uint8Array): Promise<void> {
+/**
+ * Waits for the one sender a server serves, then closes the listener;
+ * `discard` undoes what the server prepared if none comes (SIGINT).
+ */
+export async function acceptOne(
+  listener: Deno.TcpListener,
+  stopped: Promise<never>,
+  where: string,
+  discard: () => void,
+  listening: () => void,
+): Promise<{ conn: Deno.TcpConn; peer: string }> {
+  let conn: Deno.TcpConn;
+  try {
+    listening();
+    conn = await Promise.race([listener.accept(), stopped]);
+  } catch (e) {
+    discard();
+    if (e instanceof InterruptedError) throw e;
+    throw new AmberError(`${where}: accept: ${errnoOf(e)}`, { cause: e });
+  } finally {
+    listener.close();
+  }
+  const a = conn.remoteAddr as Deno.NetAddr;
+  return { conn, peer: `${a.hostname}:${a.port}` };
+}
+
+export async function writeReply(conn: Deno.TcpConn, data: Uint8Array): Promise<void> {
   for (let done = 0; done < data.length;) done += await conn.write(data.subarray(done));
 }
 

@@ -733,6 +733,15 @@ export function amber(
   return run(DENO, ["run", "-A", CLI, ...args], env, timeoutMs);
 }
 
+/** Runs amber like amber(), through `prefix` (`nsenter --net=... --`, `env ...`), which execs it. */
+export function amberVia(
+  prefix: string[],
+  args: string[],
+  timeoutMs = 120_000,
+): Promise<AmberResult> {
+  return run(prefix[0], [...prefix.slice(1), DENO, "run", "-A", CLI, ...args], {}, timeoutMs);
+}
+
 /**
  * Runs amber like amber(), from a bash that first runs the shell command
  * `setup` (opening an fd, raising a limit, ...) and then execs amber.

@@ -211,6 +211,13 @@ export const fdsPart = definePart({
       // The same verdict the dump gave, so images dumped with -R refuse here.
       const why = kind.unrestorable?.(e);
       if (why) throw new AmberError(why);
+      const tied = ctx.options.migrated ? kind.netnsBound?.(e) : undefined;
+      if (tied) {
+        throw new AmberError(
+          `fd ${e.fd}: ${tied}: bound in the source's network namespace, which a migration ` +
+            "leaves (not migrated)",
+        );
+      }
       withContext(`fd ${e.fd}`, () => kind.precheck?.(e, ctx));
     }
   },

@@ -44,6 +44,12 @@ export interface FdKind<S extends z.ZodType = z.ZodType> {
   afterAll?(ctx: RestoreContext, entry: z.output<S>): void;
   /** Why this descriptor cannot be restored yet, if it cannot. */
   unrestorable?(entry: z.output<S>): string | undefined;
+  /**
+   * What ties this descriptor to the network namespace it was dumped in
+   * (an address there), if anything: a migration, which restores into
+   * another one, refuses it.
+   */
+  netnsBound?(entry: z.output<S>): string | undefined;
 }
 
 export function defineFdKind<S extends z.ZodType>(kind: FdKind<S>): FdKind<S> {

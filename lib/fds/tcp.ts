@@ -330,5 +330,7 @@ export const tcpFd = defineFdKind({
       return `fd ${e.fd}: ${describe(e)}: no repair state in the images`;
     }
   },
+  // Its addresses and connections live in the network namespace.
+  netnsBound: describe,
   restore: restoreSocket,
 });

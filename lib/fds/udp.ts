@@ -260,5 +260,6 @@ export const udpFd = defineFdKind({
   matches: (p: FdProbe) => isInet(p, SOCK_DGRAM, IPPROTO_UDP),
   dump: dumpSocket,
   unrestorable: (e) => e.refusal && `fd ${e.fd}: ${describe(e)}: ${e.refusal}`,
+  netnsBound: describe,
   restore: restoreSocket,
 });

@@ -670,6 +670,8 @@ export const unixFd = defineFdKind({
     return entry;
   },
   unrestorable: (e) => e.refusal && `fd ${e.fd}: ${describe(e)}: ${e.refusal}`,
+  // An abstract name is the network namespace's; a path name is the filesystem's.
+  netnsBound: (e) => e.name?.length && e.name[0] === 0 ? describe(e) : undefined,
   precheck(e, ctx) {
     checkSentData(e, ctx);
     const path = pathName(e.name);

@@ -406,6 +406,14 @@ export class ImageDir {
     this.openData(name, size).close();
   }
 
+  /**
+   * The images directory `path` names as this one's parent (CRIU's
+   * --prev-images-dir: relative to this directory unless absolute).
+   */
+  parentImages(path: string): ImageDir {
+    return new ImageDir(path.startsWith("/") ? path : `${publishedPath(this.path)}/${path}`);
+  }
+
   /** Closes the directory descriptors (and so releases a writer's lock). */
   close(): void {
     this.dirFd?.close();

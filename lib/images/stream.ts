@@ -290,6 +290,8 @@ export class StreamImages extends ImageDir {
   private held = new Map<string, Uint8Array>();
   /** Pages files sent already, with their sizes. */
   private sent = new Map<string, number>();
+  /** Earlier streams this one's images name as parents, by the path they name (a migration). */
+  private parents = new Map<string, StreamImages>();
   private pagesBytes = 0;
 
   /**
@@ -393,6 +395,18 @@ export class StreamImages extends ImageDir {
 
   override storedBytes(): { pages: number; total: number } {
     return { pages: this.pagesBytes, total: this.out.bytes };
+  }
+
+  /** Says that `path`, as this stream's images name a parent, is `images`, sent before. */
+  withParent(path: string, images: StreamImages): this {
+    this.parents.set(path, images);
+    return this;
+  }
+
+  override parentImages(path: string): ImageDir {
+    const p = this.parents.get(path);
+    if (!p) throw new AmberError(`${this.path}: parent images ${path}: not sent before`);
+    return p;
   }
 
   override close(): void {}

@@ -466,7 +466,7 @@ function resolveChain(dir: ImageDir, pid: number, image: PagemapImage): Level[] 
         throw new AmberError(`pagemap: more than ${MAX_CHAIN} parents`);
       }
       if (!child.parent) throw new AmberError("pagemap: pages from a parent image, but no parent");
-      const p = openParent(childDir.path, child.parent.dir);
+      const p = openParent(childDir, child.parent.dir);
       levels.push({ dir: p.dir, image: child, placed: [] });
       const where = `parent images ${p.dir.path}`;
       if (p.createdAt !== child.parent.createdAt) {
@@ -533,9 +533,23 @@ export const pagemapPart = definePart({
     const planned = planRuns(ctx.pid, mappings);
     const { own, fromParent } = splitAgainstParent(ctx, planned, mappings, parentPages(ctx));
     const runs = spansToRuns(own);
-    const { bytes, direct } = await copyPages(ctx, runs, mappings);
-    // The tracker read, a pre-dump arms a new one (still frozen: no write is missed).
-    const tracking = retrack(ctx, mappings);
+    let bytes: number, direct = false, tracking;
+    if (ctx.options.copyWhileRunning) {
+      // Armed first, still frozen: whatever the tree writes while its pages are copied is
+      // marked written, and the next round sends it again.
+      tracking = retrack(ctx, mappings);
+      bytes = runs.reduce((s, r) => s + r.pages, 0) * PAGE_SIZE;
+      ctx.tree.afterResume.push(async () => {
+        const got = await copyPages(ctx, runs, mappings);
+        if (got.bytes !== bytes) {
+          throw new AmberError(`pagemap: ${got.bytes} bytes, ${bytes} planned`);
+        }
+      });
+    } else {
+      ({ bytes, direct } = await copyPages(ctx, runs, mappings));
+      // The tracker read, a pre-dump arms a new one (still frozen: no write is missed).
+      tracking = retrack(ctx, mappings);
+    }
     const parent = trackingState(ctx.tree.kinds).parent;
     return {
       pagesFile: pagesFileName(ctx.pid),
@@ -564,7 +578,7 @@ export const pagemapPart = definePart({
     }
     for (const l of resolveChain(ctx.dir, ctx.pid, image).slice(1)) {
       try {
-        l.dir.openData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE).close();
+        l.dir.checkData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
       } finally {
         l.dir.close();
       }

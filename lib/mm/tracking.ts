@@ -27,7 +27,7 @@ import {
   uffdioRegister,
   uffdioWriteprotect,
 } from "../../ffi/uffd.ts";
-import type { Injector } from "../../ffi/inject.ts";
+import { Injector } from "../../ffi/inject.ts";
 import { SysError } from "../../ffi/libc.ts";
 import { type DumpContext, kindState } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
@@ -36,6 +36,7 @@ import { inventoryImage } from "../tree/pstree.ts";
 import { putBytes } from "../scratch.ts";
 import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
 import { type MappingImage, mappingLabel, PAGE } from "./mappings.ts";
+import { seizeTree } from "../tree/seize.ts";
 
 const O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000;
@@ -81,14 +82,18 @@ export function parentPath(imagesDir: string, path: string): string {
   return path.startsWith("/") ? path : `${publishedPath(imagesDir)}/${path}`;
 }
 
-/** Opens a parent images directory with the same checks as any images directory. */
-export function openParent(imagesDir: string, path: string): Parent {
-  const full = parentPath(imagesDir, path);
-  const dir = new ImageDir(full);
+/**
+ * Opens a parent images directory with the same checks as any images
+ * directory (a stream's parent is one it was told of, lib/migrate.ts).
+ */
+export function openParent(imagesDir: string | ImageDir, path: string): Parent {
+  const dir = typeof imagesDir === "string"
+    ? new ImageDir(parentPath(imagesDir, path))
+    : imagesDir.parentImages(path);
   if (!dir.has("inventory.cbor")) {
     dir.close();
     throw new AmberError(
-      `parent images ${full}: not a complete images directory (no inventory.cbor)`,
+      `parent images ${dir.path}: not a complete images directory (no inventory.cbor)`,
     );
   }
   return { path, dir, createdAt: dir.read(inventoryImage).createdAt };
@@ -329,5 +334,28 @@ export function disarmArmed(kinds: Map<string, unknown>): void {
       a.injector.raw(NR.close, a.fd);
       a.injector.end();
     } catch { /* the process is gone */ }
+  }
+}
+
+/**
+ * Closes amber's trackers in a tree no round will build on any more (a
+ * migration that failed after its pre-copy rounds): frozen for the few
+ * injected closes, then it runs on as it did before the first round.
+ */
+export function disarmTree(rootPid: number): void {
+  const tree = seizeTree(rootPid);
+  try {
+    for (const p of tree.processes.filter((p) => !p.zombie)) {
+      const t = findTracker(p.pid);
+      if (!t) continue;
+      const inj = Injector.forThread(p.threads[0], p.pid).begin();
+      try {
+        inj.raw(NR.close, t.fd);
+      } finally {
+        inj.end();
+      }
+    }
+  } finally {
+    tree.release();
   }
 }

@@ -1,7 +1,8 @@
 /**
  * Namespaces: amber restores a process into its own namespaces, so a
  * process whose /proc/PID/ns/* differ from the dumping amber's is refused,
- * and restore refuses to run in namespaces other than the dumper's.
+ * and restore refuses to run in namespaces other than the dumper's, but
+ * for a migrated tree (lib/migrate.ts).
  */
 import { z } from "zod";
 import { definePart } from "../context.ts";
@@ -39,7 +40,11 @@ export const nsPart = definePart({
       return `namespace ${n.name} ${n.id} differs from amber's own ${n.dumper}: not supported yet`;
     }
   },
-  precheck({ namespaces }) {
+  precheck({ namespaces }, { options }) {
+    // A migration restores into the receiving amber's namespaces (another
+    // machine's, or here other ones): their ids say nothing across hosts.
+    // What belongs to the old network namespace is refused by its kind.
+    if (options.migrated) return;
     const n = namespaces.find((n) => nsLink("self", n.name) !== n.dumper);
     if (n) {
       throw new AmberError(

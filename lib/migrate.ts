@@ -1,0 +1,455 @@
+/**
+ * `amber migrate` and `amber migrate-receive` (issue 13): a running tree
+ * moves to another amber over one TCP connection.
+ *
+ * The source runs pre-copy rounds while the tree runs (pre-dumps with
+ * write tracking, lib/mm/tracking.ts), each one streamed (lib/images/stream.ts)
+ * into the receiver's `DIR/round-N`, and each after the first holding only
+ * the pages written since the round before, whose images (CBOR, no pages)
+ * stay in memory here as its parent. Once a round is not smaller than the
+ * one before (or after a bound), the final round freezes the tree, sends
+ * the last dirty pages and the rest of the state as `DIR/round-N` with
+ * `../round-(N-1)` as its parent, and the receiver restores the chain.
+ *
+ * On the wire, before each round's stream: a 16-byte header ("AMBERMIG",
+ * the round number, 1 if final). After a pre-copy round the receiver
+ * replies (streaming.ts's reply) once the round is stored; after the
+ * final one, twice: stored, then restored (its pids) or refused (why).
+ *
+ * When the source tree ends: only once the receiver said the tree runs
+ * there. Any failure said or seen before that (a refusal, a closed
+ * connection before the final round was stored) resumes the source tree,
+ * and the receiver removes what it received. A receiver that goes silent
+ * after it stored the final round may have restored the tree or not:
+ * resuming could leave two copies running, killing could leave none, so
+ * the source tree is left stopped (SIGSTOP) and amber says so; whoever
+ * knows what the destination did sends it SIGCONT or SIGKILL.
+ */
+import { AmberError, faultPointAsync } from "./errors.ts";
+import { SignalGuard } from "./interrupt.ts";
+import { detailLog, type LogLine } from "./log.ts";
+import { type DumpStats, dumpTree } from "./dump.ts";
+import { restoreTree } from "./restore.ts";
+import { disarmTree, type Parent } from "./mm/tracking.ts";
+import { listTree } from "./tree/seize.ts";
+import { inventoryImage } from "./tree/pstree.ts";
+import { readImages } from "./images/read.ts";
+import { errnoOf, messageOf, RecordWriter, StreamImages } from "./images/stream.ts";
+import {
+  acceptOne,
+  type PageServerAddress,
+  readExactly,
+  readReply,
+  readReplyMessage,
+  receiveImages,
+  reply,
+  writeReply,
+} from "./streaming.ts";
+
+const MAGIC = new TextEncoder().encode("AMBERMIG");
+const HEADER_BYTES = 16;
+const FINAL = 1;
+/** Pre-copy rounds at most, unless asked otherwise. */
+export const DEFAULT_ROUNDS = 5;
+/** A chain the receiver accepts at most (each round is a directory). */
+const MAX_ROUNDS = 32;
+
+/** What `amber migrate` is asked to do (mod.ts `migrate`). */
+export interface MigrateRequest {
+  /** Root of the tree to move. */
+  pid: number;
+  /** The `amber migrate-receive` to move it to. */
+  to: PageServerAddress;
+  /** Pre-copy rounds at most before the final one (default 5). */
+  maxRounds?: number;
+  /** The tree is a job of a shell (CRIU's --shell-job). */
+  shellJob?: boolean;
+  /** Print the detail lines (per round, per part) on stderr. */
+  verbose?: boolean;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
+  /** Aborting it stops the migration as SIGINT does: the tree resumes here. */
+  signal?: AbortSignal;
+}
+
+/** One round of a migration, as the source saw it. */
+export interface MigrateRound {
+  /** Its number, from 1. */
+  round: number;
+  /** The round that froze the tree for the last time. */
+  final: boolean;
+  /** Bytes of memory pages sent in this round. */
+  pageBytes: number;
+  /** Milliseconds the tree was frozen for it. */
+  frozenMs: number;
+  /** Milliseconds the whole round took. */
+  totalMs: number;
+}
+
+/** What a migration did (mod.ts `migrate`). */
+export interface MigrateResult {
+  /** The processes moved, root first (the same pids at the destination). */
+  pids: number[];
+  /** Every round, the final one last. */
+  rounds: MigrateRound[];
+  /** Rounds run while the tree ran, before the final one. */
+  preCopyRounds: number;
+  /** Bytes of pages sent in the final round, while the tree was frozen. */
+  finalPageBytes: number;
+  /** Milliseconds the tree was frozen in the final round (sending, restoring there). */
+  frozenMs: number;
+  /** Milliseconds the whole migration took. */
+  totalMs: number;
+  /** What the receiver said: the pids it runs, how long its restore took. */
+  destination: { pids: number[]; restoreMs: number };
+}
+
+function roundHeader(round: number, final: boolean): Uint8Array {
+  const h = new Uint8Array(HEADER_BYTES);
+  h.set(MAGIC);
+  const v = new DataView(h.buffer);
+  v.setUint32(8, round, true);
+  v.setUint32(12, final ? FINAL : 0, true);
+  return h;
+}
+
+async function writeAll(conn: Deno.Conn, data: Uint8Array, where: string): Promise<void> {
+  try {
+    for (let done = 0; done < data.length;) done += await conn.write(data.subarray(done));
+  } catch (e) {
+    throw new AmberError(`${where}: send: ${errnoOf(e)}`, { cause: e });
+  }
+}
+
+/** The receiver's word on the restore, once the final round is stored. */
+const Restored = {
+  parse(text: string, where: string): { pids: number[]; restoreMs: number } {
+    try {
+      const v = JSON.parse(text);
+      if (
+        Array.isArray(v.pids) && v.pids.every((p: unknown) => Number.isSafeInteger(p)) &&
+        typeof v.restoreMs === "number"
+      ) return { pids: v.pids, restoreMs: v.restoreMs };
+    } catch { /* below */ }
+    throw new AmberError(`${where}: malformed restore reply`);
+  },
+};
+
+/** The receiver may or may not run the tree: this one is left stopped. */
+class UnknownOutcome extends AmberError {}
+
+/**
+ * A receiver that stored the final round and then went silent: the tree
+ * may run there. Stopped here, neither resumed nor killed (see the top).
+ */
+function leaveStopped(pid: number, where: string, e: unknown): AmberError {
+  const pids = listTree(pid);
+  for (const p of pids) {
+    try {
+      Deno.kill(p, "SIGSTOP");
+    } catch { /* gone */ }
+  }
+  return new UnknownOutcome(
+    `${where}: ${
+      messageOf(e).replace(`${where}: `, "")
+    } after it stored the final round: it may run the tree; ` +
+      `the tree is left stopped here (pids ${pids.join(" ")}): kill -CONT them if it does ` +
+      "not run there, kill -KILL if it does",
+    { cause: e },
+  );
+}
+
+/** Moves the tree at `req.pid` to the amber at `req.to`. */
+export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
+  const t0 = performance.now();
+  const log = detailLog(req);
+  // Between rounds too, SIGINT stops it as it stops a dump: the tree resumes here, untracked.
+  using guard = new SignalGuard(req.signal);
+  const maxRounds = req.maxRounds ?? DEFAULT_ROUNDS;
+  if (!Number.isSafeInteger(maxRounds) || maxRounds < 0 || maxRounds >= MAX_ROUNDS) {
+    throw new AmberError(`--max-rounds ${maxRounds}: from 0 to ${MAX_ROUNDS - 1}`);
+  }
+  const where = `migrate-receive ${req.to.address}:${req.to.port}`;
+  let conn: Deno.TcpConn;
+  try {
+    conn = await Deno.connect({ hostname: req.to.address, port: req.to.port });
+  } catch (e) {
+    throw new AmberError(`${where}: connect: ${errnoOf(e)}`, { cause: e });
+  }
+  // A receiver that refused says why before it closes: a better reason than EPIPE.
+  const explain = async (e: unknown) => {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const got = await Promise.race([
+      readReplyMessage(conn, where).catch(() => undefined),
+      new Promise<undefined>((r) => timer = setTimeout(() => r(undefined), 2000)),
+    ]);
+    clearTimeout(timer);
+    return got && !got.ok ? new AmberError(`${where}: ${got.text}`) : e;
+  };
+  const rounds: MigrateRound[] = [];
+  let destination: MigrateResult["destination"] | undefined;
+  let parent: Parent | undefined;
+  let last: DumpStats | undefined;
+  try {
+    for (let round = 1;; round++) {
+      await guard.checkpoint();
+      const pre = rounds.filter((r) => !r.final);
+      const stalled = pre.length >= 2 &&
+        pre[pre.length - 1].pageBytes >= pre[pre.length - 2].pageBytes;
+      const final = pre.length >= maxRounds || stalled;
+      await writeAll(conn, roundHeader(round, final), where);
+      const into: StreamImages = new StreamImages(
+        new RecordWriter(conn, where, explain),
+        final
+          ? async () => {
+            // Stored there: until this reply, any failure (SIGINT too) resumes the tree here.
+            await Promise.race([readReply(conn, where), guard.stopped]);
+            let said: { ok: boolean; text: string };
+            try {
+              said = await Promise.race([readReplyMessage(conn, where), guard.stopped]);
+            } catch (e) {
+              throw leaveStopped(req.pid, where, e);
+            }
+            if (!said.ok) throw new AmberError(`${where}: restore: ${said.text}`);
+            try {
+              destination = Restored.parse(said.text, where);
+            } catch (e) {
+              // It said the tree runs, in words amber cannot read: it may well run.
+              throw leaveStopped(req.pid, where, e);
+            }
+          }
+          : () => Promise.race([readReply(conn, where), guard.stopped]),
+      );
+      if (parent) into.withParent(parent.path, parent.dir as StreamImages);
+      last = await dumpTree({
+        pid: req.pid,
+        shellJob: req.shellJob,
+        verbose: req.verbose,
+        log: req.log,
+        signal: req.signal,
+        preDump: !final,
+        migrationRound: { into, parent },
+      });
+      rounds.push({
+        round,
+        final,
+        pageBytes: last.pageBytes,
+        frozenMs: last.frozenMs,
+        totalMs: last.totalMs,
+      });
+      log(
+        `migrate: round ${round}${final ? " (final)" : ""}: ${last.pageBytes} bytes of pages, ` +
+          `frozen ${last.frozenMs.toFixed(1)} ms`,
+      );
+      if (final) break;
+      // What the receiver would refuse (a socket of this network namespace) stops it now,
+      // not after every page has been sent again.
+      const refused = into.read(inventoryImage).verdict?.[0];
+      if (refused) throw new AmberError(`${refused}; not migrated, the tree runs on here`);
+      parent = {
+        path: `../round-${round}`,
+        dir: into,
+        createdAt: into.read(inventoryImage).createdAt,
+      };
+    }
+  } catch (e) {
+    // The tree runs on here: without the trackers the pre-copy rounds armed.
+    if (!(e instanceof UnknownOutcome)) {
+      try {
+        disarmTree(req.pid);
+      } catch (d) {
+        log(`migrate: pid ${req.pid}: closing write tracking: ${messageOf(d)}`);
+      }
+    }
+    throw e;
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed */ }
+  }
+  const finalRound = rounds[rounds.length - 1];
+  return {
+    pids: last!.pids,
+    rounds,
+    preCopyRounds: rounds.length - 1,
+    finalPageBytes: finalRound.pageBytes,
+    frozenMs: finalRound.frozenMs,
+    totalMs: performance.now() - t0,
+    destination: destination!,
+  };
+}
+
+/** What `amber migrate-receive` is asked to do (mod.ts `migrateReceive`). */
+export interface MigrateReceiveRequest {
+  /** Address to listen on. */
+  address: string;
+  /** TCP port to listen on (0: any free one, given to `listening`). */
+  port: number;
+  /**
+   * Where the rounds are written (`DIR/round-N`) and kept after the
+   * restore; without it a private directory, removed once the tree runs.
+   */
+  dir?: string;
+  /** Called once it listens, with the port. */
+  listening?: (port: number) => void;
+  /** Print the detail lines on stderr. */
+  verbose?: boolean;
+  /** Receives every detail line (what -v prints). */
+  log?: LogLine;
+  /** Aborting it stops the receiver as SIGINT does: what was received is removed. */
+  signal?: AbortSignal;
+}
+
+/** What a receiver did. */
+export interface MigrateReceiveResult {
+  /** Who sent the tree (address:port). */
+  peer: string;
+  /** Rounds received, the final one included. */
+  rounds: number;
+  /** Bytes received over all rounds. */
+  bytes: number;
+  /** The pids now running here. */
+  pids: number[];
+  /** Milliseconds the restore took. */
+  restoreMs: number;
+  /** Where the rounds are kept (with `dir`). */
+  dir?: string;
+}
+
+/** Reads the next round's header; throws naming what is wrong. */
+async function readRoundHeader(
+  conn: Deno.Conn,
+  expected: number,
+  where: string,
+): Promise<{ final: boolean }> {
+  const h = await readExactly(conn, HEADER_BYTES, where);
+  if (MAGIC.some((b, i) => h[i] !== b)) throw new AmberError(`${where}: not an amber migration`);
+  const v = new DataView(h.buffer);
+  const round = v.getUint32(8, true), flags = v.getUint32(12, true);
+  if (round !== expected) {
+    throw new AmberError(`${where}: round ${round} sent, round ${expected} expected (refused)`);
+  }
+  if (flags > FINAL) throw new AmberError(`${where}: round ${round}: unknown flags ${flags}`);
+  if (round > MAX_ROUNDS) {
+    throw new AmberError(`${where}: more than ${MAX_ROUNDS} rounds (refused)`);
+  }
+  return { final: flags === FINAL };
+}
+
+/**
+ * A round may build only on the round before it, in this receiver's own
+ * directory: a parent path from the sender is hostile input like any other.
+ */
+function checkChain(dir: string, round: number, where: string): void {
+  const want = `../round-${round - 1}`;
+  for (const p of readImages(dir).processes) {
+    const got = (p.parts.pagemap as { parent?: { dir: string } } | undefined)?.parent?.dir;
+    if (got !== undefined && (round === 1 || got !== want)) {
+      throw new AmberError(
+        `${where}: round ${round}: pid ${p.entry.pid}: parent images ${got}: only ` +
+          `${round === 1 ? "none" : want} (refused)`,
+      );
+    }
+  }
+}
+
+function removeQuietly(path: string): void {
+  try {
+    Deno.removeSync(path, { recursive: true });
+  } catch { /* gone */ }
+}
+
+/**
+ * Waits for one migration on `address:port`, stores its rounds, restores
+ * the tree from them, and tells the sender whether it runs here.
+ */
+export async function migrateReceive(req: MigrateReceiveRequest): Promise<MigrateReceiveResult> {
+  using guard = new SignalGuard(req.signal);
+  const log = detailLog(req);
+  const own = req.dir === undefined;
+  const root = req.dir ?? Deno.makeTempDirSync({ prefix: "amber-migrate-" });
+  let where = `migrate-receive ${req.address}:${req.port}`;
+  const received: string[] = [];
+  // What was received goes, whatever failed (the tree, once it runs, no longer needs it with no -D).
+  const removeReceived = () => {
+    for (const d of received.splice(0)) removeQuietly(d);
+    if (own) removeQuietly(root);
+  };
+  let listener: Deno.TcpListener;
+  try {
+    // Checked before listening: a directory that cannot take the rounds fails before a sender waits.
+    Deno.mkdirSync(root, { recursive: true, mode: 0o700 });
+    const probe = Deno.makeTempDirSync({ dir: root, prefix: ".probe-" });
+    Deno.removeSync(probe);
+    listener = Deno.listen({ hostname: req.address, port: req.port });
+  } catch (e) {
+    if (own) removeQuietly(root);
+    throw new AmberError(`${where}: ${root}: ${errnoOf(e)}`, { cause: e });
+  }
+  const port = (listener.addr as Deno.NetAddr).port;
+  where = `migrate-receive ${req.address}:${port}`;
+  const { conn, peer } = await acceptOne(
+    listener,
+    guard.stopped,
+    where,
+    () => own && removeQuietly(root),
+    () => req.listening?.(port),
+  );
+  const from = `${where}: migration from ${peer}`;
+  let bytes = 0, rounds = 0;
+  try {
+    for (let round = 1;; round++) {
+      const { final } = await Promise.race([readRoundHeader(conn, round, from), guard.stopped]);
+      await faultPointAsync(`migrate-round-${round}`);
+      const dir = `${root}/round-${round}`;
+      received.push(dir);
+      const got = await receiveImages({
+        input: conn,
+        dir,
+        where: `${from}: round ${round}`,
+        expectEof: false,
+        stopped: guard.stopped,
+        durable: !own,
+      });
+      checkChain(dir, round, from);
+      bytes += got.bytes;
+      rounds = round;
+      log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
+      await writeReply(conn, reply(true));
+      if (!final) continue;
+      await faultPointAsync("migrate-before-restore");
+      const restored = await restoreTree({
+        dir,
+        detached: true,
+        migrated: true,
+        verbose: req.verbose,
+        log: req.log,
+        signal: req.signal,
+      });
+      // (A test's receiver that dies here: the tree runs, the sender never hears it.)
+      await faultPointAsync("migrate-after-restore");
+      const word = JSON.stringify({ pids: restored.pids, restoreMs: restored.restoreMs });
+      // The tree runs here now: a sender gone by now stopped its own copy, see the top.
+      await writeReply(conn, reply(true, word)).catch(() => {});
+      if (own) removeReceived();
+      return {
+        peer,
+        rounds,
+        bytes,
+        pids: restored.pids,
+        restoreMs: restored.restoreMs,
+        dir: req.dir,
+      };
+    }
+  } catch (e) {
+    removeReceived();
+    // The sender resumes its tree on this word (or on the closed connection).
+    const why = messageOf(e).replace(`${from}: `, "");
+    await writeReply(conn, reply(false, why)).catch(() => {});
+    throw e;
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed */ }
+  }
+}

@@ -1,0 +1,170 @@
+/**
+ * Two "hosts" on this machine for migration (issue 13): network
+ * namespaces joined by a veth pair, amber run in one of them, and
+ * `amber migrate-receive` run in the other, in a pid namespace of its own
+ * (on one machine the source tree holds the pids until the end). Used by
+ * tests/migrate_test.ts and bench/bench.ts.
+ */
+import {
+  type AmberResult,
+  amberVia,
+  CLI,
+  commandWorks,
+  DENO,
+  readLines,
+  ROOT,
+  waitFor,
+} from "./_util.ts";
+
+export const SRC_ADDR = "10.213.0.1", DST_ADDR = "10.213.0.2";
+export const PORT = 27013;
+
+export const usable = Deno.uid() === 0 && await commandWorks("ip", "netns", "list") &&
+  await commandWorks("unshare", "--pid", "--fork", "--mount-proc", "true");
+
+export interface Hosts extends AsyncDisposable {
+  src: string;
+  dst: string;
+}
+
+let hostsMade = 0;
+
+async function ip(...args: string[]): Promise<void> {
+  const r = await new Deno.Command("ip", { args, stdout: "null", stderr: "piped" }).output();
+  if (!r.success) throw new Error(`ip ${args.join(" ")}: ${new TextDecoder().decode(r.stderr)}`);
+}
+
+/** Two network namespaces joined by a veth pair, SRC_ADDR on one side, DST_ADDR on the other. */
+export async function makeHosts(): Promise<Hosts> {
+  const tag = `amig${Deno.pid}x${hostsMade++}`;
+  const src = `${tag}s`, dst = `${tag}d`;
+  await ip("netns", "add", src);
+  await ip("netns", "add", dst);
+  const hosts: Hosts = {
+    src,
+    dst,
+    async [Symbol.asyncDispose]() {
+      await ip("netns", "del", src).catch(() => {});
+      await ip("netns", "del", dst).catch(() => {});
+    },
+  };
+  try {
+    await ip(
+      "link",
+      "add",
+      `${tag}a`,
+      "netns",
+      src,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      `${tag}b`,
+      "netns",
+      dst,
+    );
+    await ip("-n", src, "addr", "add", `${SRC_ADDR}/24`, "dev", `${tag}a`);
+    await ip("-n", dst, "addr", "add", `${DST_ADDR}/24`, "dev", `${tag}b`);
+    for (const [ns, dev] of [[src, `${tag}a`], [dst, `${tag}b`]]) {
+      await ip("-n", ns, "link", "set", dev, "up");
+      await ip("-n", ns, "link", "set", "lo", "up");
+    }
+  } catch (e) {
+    await hosts[Symbol.asyncDispose]();
+    throw e;
+  }
+  return hosts;
+}
+
+export function netnsId(name: string): string {
+  return `net:[${Deno.statSync(`/run/netns/${name}`).ino}]`;
+}
+
+/** amber in network namespace `ns`, as amber() runs it elsewhere. */
+export function amberIn(ns: string, args: string[]): Promise<AmberResult> {
+  return amberVia(["nsenter", `--net=/run/netns/${ns}`, "--"], args);
+}
+
+/** `amber migrate-receive` on the destination "host", in a pid namespace of its own. */
+export interface Receiver extends AsyncDisposable {
+  /** Its --json line and exit status, once it ended. */
+  result(): Promise<{ code: number; json: Record<string, unknown> }>;
+}
+
+export async function startReceiver(
+  hosts: Hosts,
+  dir: string,
+  extra: string[] = [],
+  env: Record<string, string> = {},
+): Promise<Receiver> {
+  const out = `${dir}/recv.out`, err = `${dir}/recv.err`, rc = `${dir}/recv.rc`;
+  // The shell stays as the pid namespace's init: the restored tree lives on after amber exits.
+  const script = `"$@" >${out} 2>${err}; echo $? >${rc}; exec sleep 1000000`;
+  const child = new Deno.Command("nsenter", {
+    args: [
+      `--net=/run/netns/${hosts.dst}`,
+      "--",
+      "unshare",
+      "--pid",
+      "--fork",
+      "--mount-proc",
+      "--kill-child",
+      "--",
+      "sh",
+      "-c",
+      script,
+      "receiver",
+      DENO,
+      "run",
+      "-A",
+      CLI,
+      "migrate-receive",
+      "--address",
+      DST_ADDR,
+      "--port",
+      String(PORT),
+      "--json",
+      ...extra,
+    ],
+    cwd: ROOT,
+    env: { NO_COLOR: "1", ...env },
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await waitFor(
+    async () => (await readLines(err)).some((l) => l.includes("listening on")) || undefined,
+    () => `migrate-receive listening: ${Deno.readTextFileSync(err)}`,
+    60_000,
+  ).catch(async (e) => {
+    child.kill("SIGKILL");
+    await child.status;
+    throw e;
+  });
+  return {
+    async result() {
+      await waitFor(async () => (await readLines(rc)).length > 0 || undefined, "receiver", 60_000);
+      const code = Number((await readLines(rc))[0]);
+      const json = JSON.parse((await readLines(out)).at(-1) ?? "{}");
+      return { code, json };
+    },
+    async [Symbol.asyncDispose]() {
+      // Its pid namespace's init goes, and with it whatever runs there.
+      child.kill("SIGKILL");
+      await child.status;
+    },
+  };
+}
+
+/** The host's pid of the process that is `inner` in a child pid namespace, running `argv0`. */
+export function hostPid(inner: number, argv0: string): number | undefined {
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const ns = /^NSpid:\s*(.*)$/m.exec(Deno.readTextFileSync(`/proc/${e.name}/status`))?.[1];
+      const ids = ns?.trim().split(/\s+/).map(Number) ?? [];
+      const argv = Deno.readTextFileSync(`/proc/${e.name}/cmdline`).split("\0");
+      if (ids.length > 1 && ids.at(-1) === inner && argv[0] === argv0) return Number(e.name);
+    } catch { /* gone */ }
+  }
+}

@@ -1,0 +1,302 @@
+/**
+ * `amber migrate` (issue 13) between two "hosts": network namespaces with
+ * a veth pair between them. The destination amber also runs in a pid
+ * namespace of its own (unshare --pid --mount-proc): on one machine the
+ * tree's pids are still held by the source tree while the destination
+ * restores, as they would not be on another machine. Target:
+ * testdata/dirtier.c with 256 MiB of patterned memory and hot pages it
+ * keeps rewriting; it checks every byte on SIGUSR1.
+ */
+import assert from "node:assert/strict";
+import { RecordWriter } from "../lib/images/stream.ts";
+import {
+  amber,
+  assertExit,
+  buildC,
+  CLI,
+  DENO,
+  isAlive,
+  killAndReap,
+  listDir,
+  procState,
+  readLines,
+  ROOT,
+  startCounter,
+  startWriter,
+  tempDir,
+  until,
+  waitForLine,
+  waitGone,
+  type Writer,
+} from "./_util.ts";
+import {
+  amberIn,
+  DST_ADDR,
+  hostPid,
+  type Hosts,
+  makeHosts,
+  netnsId,
+  PORT,
+  SRC_ADDR,
+  startReceiver,
+  usable,
+} from "./_hosts.ts";
+
+const MEMORY_MIB = 256;
+const HOT_PAGES = 64;
+
+async function startDirtier(hosts: Hosts, dir: string): Promise<Writer> {
+  const bin = await buildC("dirtier");
+  const out = `${dir}/out.txt`;
+  return await startWriter(
+    [
+      "nsenter",
+      `--net=/run/netns/${hosts.src}`,
+      "--",
+      bin,
+      out,
+      String(MEMORY_MIB),
+      String(HOT_PAGES),
+    ],
+    out,
+    3,
+    30_000,
+  );
+}
+
+/** Asks the target (by pid) for a memory check and asserts it passed. */
+async function assertChecksOk(pid: number, out: string, what: string): Promise<void> {
+  const before = (await readLines(out)).filter((l) => l.startsWith("check")).length;
+  Deno.kill(pid, "SIGUSR1");
+  const lines = await waitForLine(
+    out,
+    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
+  );
+  const checks = lines.filter((l) => l.startsWith("check"));
+  assert.deepEqual(checks, Array(checks.length).fill("check ok"), `${what}: ${checks.at(-1)}`);
+}
+
+function trackerFds(pid: number): string[] {
+  return [...Deno.readDirSync(`/proc/${pid}/fd`)]
+    .map((e) => Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`))
+    .filter((l) => l === "anon_inode:[userfaultfd]");
+}
+
+function migrateArgs(pid: number): string[] {
+  return ["migrate", "-t", String(pid), "--to", `${DST_ADDR}:${PORT}`, "--json"];
+}
+
+Deno.test({
+  name: "migrate moves a 256 MiB writing process to the other network namespace, every byte right",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using recv = await startReceiver(hosts, tmp.path);
+    const w = await startDirtier(hosts, tmp.path);
+    try {
+      const r = await amberIn(hosts.src, migrateArgs(w.pid));
+      assertExit(r, 0, "migrate");
+      const m = JSON.parse(r.stdout);
+      assert.ok(m.preCopyRounds >= 1, `pre-copy rounds: ${m.preCopyRounds}`);
+      assert.equal(m.rounds.length, m.preCopyRounds + 1);
+      assert.ok(m.rounds[0].pageBytes >= MEMORY_MIB * 1024 * 1024, "round 1 copies everything");
+      assert.ok(
+        m.finalPageBytes < MEMORY_MIB * 1024 * 1024 / 16,
+        `final round ${m.finalPageBytes} bytes: only what was written since`,
+      );
+      assert.ok(await waitGone(w.pid), "no process left at the source");
+      const got = await recv.result();
+      assert.equal(got.code, 0, JSON.stringify(got.json));
+      assert.deepEqual(got.json.pids, [w.pid]);
+      assert.deepEqual(m.destination.pids, [w.pid]);
+
+      const moved = hostPid(w.pid, await buildC("dirtier"));
+      assert.ok(moved, "the tree runs at the destination");
+      assert.equal(Deno.readLinkSync(`/proc/${moved}/ns/net`), netnsId(hosts.dst));
+      const last = Number((await readLines(w.out)).filter((l) => /^\d+$/.test(l)).at(-1));
+      await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last));
+      await assertChecksOk(moved, w.out, "after the migration");
+      assert.equal(trackerFds(moved).length, 0, "no tracker in the migrated process");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name: "a destination that refuses before it restores leaves the source running unharmed",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    const kept = `${tmp.path}/dest`;
+    await using recv = await startReceiver(hosts, tmp.path, ["-D", kept], {
+      AMBER_TEST_FAULT: "migrate-before-restore",
+    });
+    const w = await startDirtier(hosts, tmp.path);
+    try {
+      const r = await amberIn(hosts.src, migrateArgs(w.pid));
+      assertExit(r, 1, "migrate to a refusing destination");
+      assert.match(
+        r.stderr,
+        /^amber: migrate-receive .*injected test fault at migrate-before-restore/,
+      );
+      assert.ok(isAlive(w.pid), "the source tree runs on");
+      assert.equal(trackerFds(w.pid).length, 0, "no tracking left in the source");
+      await assertChecksOk(w.pid, w.out, "after the refused migration");
+      assert.equal((await recv.result()).code, 1);
+      assert.deepEqual(listDir(kept), [], "the destination removed what it received");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name: "a destination killed mid-way (round 2) leaves the source running, its tracking closed",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using _recv = await startReceiver(hosts, tmp.path, [], {
+      AMBER_TEST_FAULT: "migrate-round-2:SIGKILL",
+    });
+    const w = await startDirtier(hosts, tmp.path);
+    try {
+      const r = await amberIn(hosts.src, migrateArgs(w.pid));
+      assertExit(r, 1, "migrate to a destination that dies");
+      assert.ok(isAlive(w.pid), "the source tree runs on");
+      assert.equal(trackerFds(w.pid).length, 0, "the pre-copy round's tracking is closed");
+      await assertChecksOk(w.pid, w.out, "after the failed migration");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name: "a destination that dies after restoring, before answering: the source is left stopped",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using _recv = await startReceiver(hosts, tmp.path, [], {
+      AMBER_TEST_FAULT: "migrate-after-restore:SIGKILL",
+    });
+    const w = await startDirtier(hosts, tmp.path);
+    try {
+      const r = await amberIn(hosts.src, migrateArgs(w.pid));
+      assertExit(r, 1, "migrate, no answer");
+      assert.match(r.stderr, /it may run the tree; the tree is left stopped here/);
+      await until(() => procState(w.pid) === "T", "the source tree stopped");
+      const moved = hostPid(w.pid, await buildC("dirtier"));
+      assert.ok(moved, "the destination runs it");
+      await assertChecksOk(moved, w.out, "the copy at the destination");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a socket bound in the source's network namespace is refused, named, and the source runs on",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using _recv = await startReceiver(hosts, tmp.path);
+    const out = `${tmp.path}/ready.txt`;
+    const code = "import socket, sys, time\n" +
+      "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" +
+      `s.bind(("${SRC_ADDR}", 5013))\n` +
+      "open(sys.argv[1], 'w').write('ready\\n')\n" +
+      "while True: time.sleep(1)\n";
+    const w = await startWriter(
+      ["setsid", "nsenter", `--net=/run/netns/${hosts.src}`, "--", "python3", "-c", code, out],
+      out,
+      1,
+    );
+    try {
+      const r = await amberIn(hosts.src, migrateArgs(w.pid));
+      assertExit(r, 1, "migrate with a bound udp socket");
+      assert.match(
+        r.stderr,
+        new RegExp(
+          `udp ${SRC_ADDR.replaceAll(".", "\\.")}:5013: bound in the source's network namespace`,
+        ),
+      );
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+      assert.ok(isAlive(w.pid), "the source runs on");
+      assert.equal(procState(w.pid) === "T", false, "and is not stopped");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test("a round that names a parent other than the round before is refused by migrate-receive", async () => {
+  await using tmp = await tempDir();
+  const c = await startCounter(tmp.path, 8);
+  try {
+    const pid = String(c.pid);
+    assertExit(await amber(["pre-dump", "-t", pid, "-D", `${tmp.path}/pre`]), 0, "pre-dump");
+    const final = `${tmp.path}/final`;
+    const inc = ["--prev-images-dir", "../pre", "--track-mem"];
+    assertExit(await amber(["dump", "-R", "-t", pid, "-D", final, ...inc]), 0, "dump");
+    const kept = `${tmp.path}/kept`;
+    const recv = new Deno.Command(DENO, {
+      args: [
+        "run",
+        "-A",
+        CLI,
+        "migrate-receive",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "-D",
+        kept,
+      ],
+      cwd: ROOT,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const reader = recv.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    let said = "";
+    let port = 0;
+    while (!port) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`migrate-receive ended: ${said}`);
+      said += value;
+      port = Number(/listening on 127\.0\.0\.1:(\d+)/.exec(said)?.[1] ?? 0);
+    }
+    // A hostile sender: round 1, final, whose pages come from ../pre on the receiver's disk.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    const head = new Uint8Array(16);
+    head.set(new TextEncoder().encode("AMBERMIG"));
+    new DataView(head.buffer).setUint32(8, 1, true);
+    new DataView(head.buffer).setUint32(12, 1, true);
+    await conn.write(head);
+    const w = new RecordWriter(conn, "test sender");
+    const names = listDir(final).filter((n) => n !== "inventory.cbor");
+    for (const n of [...names, "inventory.cbor"]) {
+      await w.send(n, Deno.readFileSync(`${final}/${n}`));
+    }
+    await w.end();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      said += value;
+    }
+    conn.close();
+    assert.equal((await recv.status).code, 1, said);
+    assert.match(said, /round 1: pid \d+: parent images \.\.\/pre: only none \(refused\)/);
+    assert.deepEqual(listDir(kept), [], "nothing kept");
+    assert.ok(isAlive(c.pid), "the counter runs on");
+  } finally {
+    await killAndReap(c.pid);
+  }
+});
