@@ -12,7 +12,6 @@ import {
   buildC,
   dumpArgs,
   exists,
-  isAlive,
   killAndReap,
   procState,
   readLines,
