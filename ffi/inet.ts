@@ -298,6 +298,11 @@ export function setRepairOptions(
   setRaw(sock, SOL.TCP, TCPOPT.REPAIR_OPTIONS, new Uint8Array(a.buffer));
 }
 
+/** shutdown(SHUT_WR); in repair mode with the send queue selected, the FIN is queued as already sent. */
+export function shutdownWrite(sock: number): void {
+  check("shutdown(SHUT_WR)", libc().shutdown(sock, 1));
+}
+
 /** Another descriptor of amber's for the same socket (F_DUPFD_CLOEXEC). */
 export function dupSocket(sock: number): number {
   return check("fcntl(F_DUPFD_CLOEXEC)", libc().fcntl(sock, 1030, 3n));

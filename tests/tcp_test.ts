@@ -751,3 +751,192 @@ Deno.test({
     );
   },
 });
+
+/**
+ * The tree's side of a connection that is half-closed when dumped
+ * (argv: port, its output file, a go file, the state to reach). It
+ * accepts one connection and sends the byte pattern (a little, or until
+ * the peer's window is full for the states whose FIN must wait behind
+ * unsent bytes), shuts down its side where the state wants it, writes
+ * "ready SENT" once the socket is in that state, and after restore (the go
+ * file) reads everything until EOF and closes: "done RECEIVED ok|FAIL".
+ */
+const HALF_PY = `import os, socket, sys, time
+port, out, go, state = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+NAMES = ["", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+         "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING"]
+def log(line):
+    with open(out, "a") as f:
+        f.write(line + "\\n")
+def wait_state(s, *names):
+    while NAMES[s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]] not in names:
+        time.sleep(0.01)
+def pattern(at, n):
+    return bytes((at + i) % 251 for i in range(n))
+l = socket.socket()
+l.bind(("127.0.0.1", port))
+l.listen(1)
+log("listening")
+c, _ = l.accept()
+sent = 0
+def fill():
+    global sent
+    c.setblocking(False)
+    try:
+        while True:
+            sent += c.send(pattern(sent, 65536))
+    except BlockingIOError:
+        pass
+    c.setblocking(True)
+if state in ("CLOSE_WAIT", "FIN_WAIT2"):
+    c.sendall(pattern(0, 1000))
+    sent = 1000
+if state == "LAST_ACK":
+    wait_state(c, "CLOSE_WAIT")
+if state in ("FIN_WAIT1", "LAST_ACK", "CLOSING"):
+    fill()
+if state != "CLOSE_WAIT":
+    c.shutdown(socket.SHUT_WR)
+if state == "CLOSING":
+    log("fin")
+wait_state(c, state)
+log("ready %d" % sent)
+while not os.path.exists(go):
+    time.sleep(0.02)
+got, ok = 0, True
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    ok = ok and b == pattern(got, len(b))
+    got += len(b)
+c.close()
+log("done %d %s" % (got, "ok" if ok else "FAIL"))
+time.sleep(600)
+`;
+
+/**
+ * The peer outside the tree, driven line by line on stdin: "send N" sends
+ * N bytes of the pattern, "shut" shuts its side down, "read" reads until
+ * EOF ("read RECEIVED ok|FAIL EOF|error"), "status" prints SO_ERROR and
+ * what one more recv returns.
+ */
+const PEER_PY = `import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sent = 0
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "send":
+        c.sendall(bytes((sent + i) % 251 for i in range(int(cmd[1]))))
+        sent += int(cmd[1])
+        print("sent")
+    elif cmd[0] == "shut":
+        c.shutdown(socket.SHUT_WR)
+        print("shut")
+    elif cmd[0] == "read":
+        got, ok, end = 0, True, "EOF"
+        try:
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                ok = ok and b == bytes((got + i) % 251 for i in range(len(b)))
+                got += len(b)
+        except OSError as e:
+            end = "error:%s" % e.errno
+        print("read %d %s %s" % (got, "ok" if ok else "FAIL", end))
+    elif cmd[0] == "status":
+        err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        try:
+            more = repr(c.recv(10))
+        except OSError as e:
+            more = "error:%s" % e.errno
+        print("status %d %s" % (err, more))
+    sys.stdout.flush()
+`;
+
+/** A line-driven child process: `ask` writes one command and returns its answer line. */
+function linePeer(argv: string[]) {
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const writer = child.stdin.getWriter(), reader = child.stdout.getReader();
+  let pending = "";
+  const ask = async (cmd: string): Promise<string> => {
+    await writer.write(new TextEncoder().encode(cmd + "\n"));
+    while (!pending.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`peer: no answer to ${cmd}`);
+      pending += new TextDecoder().decode(value);
+    }
+    const line = pending.slice(0, pending.indexOf("\n"));
+    pending = pending.slice(line.length + 1);
+    return line;
+  };
+  const stop = async () => {
+    await writer.close().catch(() => {});
+    reader.releaseLock();
+    await child.stdout.cancel().catch(() => {});
+    child.kill("SIGKILL");
+    await child.status;
+  };
+  return { ask, stop };
+}
+
+const PEER_BYTES = 5000;
+const TCP_STATE_NUMBER = { FIN_WAIT1: 4, FIN_WAIT2: 5, CLOSE_WAIT: 8, LAST_ACK: 9, CLOSING: 11 };
+
+for (const state of ["CLOSE_WAIT", "FIN_WAIT2", "FIN_WAIT1", "LAST_ACK", "CLOSING"] as const) {
+  Deno.test({
+    name: `a connection in ${state} with its peer outside is restored and closes as it would have`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const port = freePort();
+      const [out, go] = [`${tmp.path}/half.txt`, `${tmp.path}/go`];
+      const target = spawnTarget(["setsid", PYTHON, "-c", HALF_PY, String(port), out, go, state]);
+      let peer: ReturnType<typeof linePeer> | undefined;
+      try {
+        await waitForLines(out, 1, 30_000);
+        peer = linePeer([PYTHON, "-c", PEER_PY, String(port)]);
+        // The peer closes its side first where its FIN came before ours, or after (CLOSING).
+        const peerFirst = state === "CLOSE_WAIT" || state === "LAST_ACK";
+        if (peerFirst) {
+          await peer.ask(`send ${PEER_BYTES}`);
+          await peer.ask("shut");
+        }
+        if (state === "CLOSING") {
+          await waitForLines(out, 2, 30_000);
+          await peer.ask(`send ${PEER_BYTES}`);
+          await peer.ask("shut");
+        }
+        const ready = (await waitForLines(out, state === "CLOSING" ? 3 : 2, 30_000)).at(-1)!;
+        const sent = Number(/^ready (\d+)$/.exec(ready)![1]);
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        const entry = tcpEntries(await showJson(img)).find((e) => e.peer);
+        assert.equal(entry?.state, TCP_STATE_NUMBER[state], "the state dumped");
+        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+        await assertNoLock("after restore");
+        await Deno.writeTextFile(go, "");
+        if (!peerFirst && state !== "CLOSING") {
+          await peer.ask(`send ${PEER_BYTES}`);
+          await peer.ask("shut");
+        }
+        assert.equal(await peer.ask("read"), `read ${sent} ok EOF`, "what the peer received");
+        const lines = await waitForLines(out, state === "CLOSING" ? 4 : 3, 30_000);
+        assert.equal(lines.at(-1), `done ${PEER_BYTES} ok`, "what the tree's side received");
+        // Both sides closed without a reset: no error, and recv still says EOF.
+        assert.equal(await peer.ask("status"), "status 0 b''", "the peer after the close");
+      } finally {
+        await peer?.stop();
+        await killTree(target.pid);
+        await assertNoLock("at the end");
+      }
+    },
+  });
+}

@@ -22,12 +22,14 @@ import {
 } from "../../ffi/inet.ts";
 import { takeFd } from "../../ffi/socket.ts";
 import { libc } from "../../ffi/libc.ts";
-import { kindState } from "../context.ts";
+import { NR } from "../../ffi/inject.ts";
+import { kindState, type RestoreContext } from "../context.ts";
 import { bytes } from "../images/codec.ts";
-import type { FdProbe } from "./kind.ts";
+import { type FdProbe, O_CLOEXEC } from "./kind.ts";
 
 const LINK = /^socket:\[(\d+)\]$/;
 const O_NONBLOCK = 0o4000;
+const SOCK_RAW = 3, IPPROTO_RAW = 255;
 
 export const Addr = z.object({
   family: z.union([z.literal(AF.INET), z.literal(AF.INET6)]),
@@ -213,4 +215,15 @@ export function bindAgain(sock: number, e: InetImage, then?: () => void): void {
   if (e.local.port !== 0) bindTo(sock, e.local);
   then?.();
   setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, e.reuseaddr ? 1 : 0);
+}
+
+/** A raw socket (IPPROTO_RAW: the caller writes the IP header) of the process's network, as amber's. */
+export function rawSocket(ctx: RestoreContext, family: number): number {
+  const inj = ctx.injector;
+  const fd = Number(inj.call("socket(raw)", NR.socket, family, SOCK_RAW | O_CLOEXEC, IPPROTO_RAW));
+  try {
+    return takeFd(ctx.pid, fd);
+  } finally {
+    inj.call("close", NR.close, fd);
+  }
 }
