@@ -55,7 +55,7 @@ export const TCP_STATES = [
 ] as const;
 export const QUEUE = { NONE: 0, RECV: 1, SEND: 2 } as const;
 const SIOCINQ = 0x541b, SIOCOUTQ = 0x5411, SIOCOUTQNSD = 0x894b;
-const MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
+const MSG_PEEK = 2, MSG_DONTWAIT = 0x40, O_NONBLOCK = 0o4000, EINPROGRESS = 115;
 
 /** An address and port as a string and a number ("::ffff:1.2.3.4" for v4-mapped v6). */
 export interface InetAddr {
@@ -99,7 +99,8 @@ export function identity(sock: number): { family: number; type: number; protocol
   };
 }
 
-function decodeAddr(b: Uint8Array): InetAddr {
+/** A sockaddr_in / sockaddr_in6 as an InetAddr. */
+export function decodeAddr(b: Uint8Array): InetAddr {
   const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
   const family = v.getUint16(0, true), port = v.getUint16(2, false);
   if (family === AF.INET) return { family, port, addr: [...b.subarray(4, 8)].join(".") };
@@ -170,6 +171,21 @@ export function bindTo(sock: number, a: InetAddr): void {
 export function connectTo(sock: number, a: InetAddr): void {
   const addr = encodeAddr(a);
   check(`connect ${a.addr}:${a.port}`, libc().connect(sock, addr, addr.length));
+}
+
+/** A non-blocking connect: starts the handshake (EINPROGRESS), or fails. */
+export function connectStart(sock: number, a: InetAddr): void {
+  const flags = check("fcntl(F_GETFL)", libc().fcntl(sock, 3, 0n));
+  setStatusFlags(sock, flags | O_NONBLOCK);
+  try {
+    const addr = encodeAddr(a);
+    if (libc().connect(sock, addr, addr.length) === -1) {
+      const errno = lastErrno();
+      if (errno !== EINPROGRESS) throw new SysError(`connect ${a.addr}:${a.port}`, errno);
+    }
+  } finally {
+    setStatusFlags(sock, flags);
+  }
 }
 
 export function listenOn(sock: number, backlog: number): void {

@@ -1015,3 +1015,143 @@ for (const [state, how] of HALF_CLOSED) {
     },
   });
 }
+
+/**
+ * A listener outside the tree whose accept queue is full (it holds one
+ * connection of its own, with backlog 0), so SYNs to it are dropped and a
+ * client stays in SYN_SENT; it watches every other SYN arriving on loopback.
+ * Commands: "syns" (the SYNs seen so far as "syns PORT:SEQ ..."), "free"
+ * (accepts its own connection: the queue has room again), "serve" (accepts
+ * the next, reads until EOF: "served RECEIVED ok|FAIL EOF|error").
+ */
+const LISTEN_PY = `import socket, struct, sys, threading
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(0)
+port = l.getsockname()[1]
+cap = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+cap.bind(("lo", 0x0800))
+syns = []
+def watch():
+    while True:
+        pkt, addr = cap.recvfrom(65536)
+        if addr[2] != socket.PACKET_HOST or pkt[9] != 6:
+            continue
+        t = pkt[(pkt[0] & 15) * 4:]
+        sport, dport, seq = struct.unpack("!HHI", t[:8])
+        if dport == port and t[13] & 0x12 == 0x02:
+            syns.append("%d:%d" % (sport, seq))
+threading.Thread(target=watch, daemon=True).start()
+mine = socket.create_connection(("127.0.0.1", port))
+own = "%d:" % mine.getsockname()[1]
+print(port)
+sys.stdout.flush()
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "syns":
+        print("syns " + " ".join(x for x in syns if not x.startswith(own)))
+    elif cmd == "free":
+        l.accept()[0].close()
+        mine.close()
+        print("free")
+    elif cmd == "serve":
+        c, _ = l.accept()
+        got, ok, end = 0, True, "EOF"
+        try:
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                ok = ok and b == bytes((got + i) % 251 for i in range(len(b)))
+                got += len(b)
+        except OSError as e:
+            end = "error:%s" % e.errno
+        print("served %d %s %s" % (got, "ok" if ok else "FAIL", end))
+    sys.stdout.flush()
+`;
+
+/** Connects to argv[1] (blocking, or "nonblocking" and waiting for it), then sends argv[3] bytes of the pattern. */
+const CONNECT_PY = `import select, socket, sys
+port, out, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+open(out, "a").write("connecting\\n")
+if sys.argv[4] == "nonblocking":
+    s.setblocking(False)
+    assert s.connect_ex(("127.0.0.1", port)) == 115  # EINPROGRESS
+    select.select([], [s], [])
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    s.setblocking(True)
+else:
+    s.connect(("127.0.0.1", port))
+    err = 0
+open(out, "a").write("connected %d %d\\n" % (err, s.getsockname()[1]))
+s.sendall(bytes(i % 251 for i in range(n)))
+s.close()
+open(out, "a").write("sent\\n")
+`;
+
+for (const mode of ["blocking", "nonblocking"]) {
+  Deno.test({
+    name:
+      `a ${mode} connect() in progress (SYN_SENT) is restored: the peer sees the same SYN again`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const out = `${tmp.path}/connect.txt`;
+      const listener = linePeer([PYTHON, "-c", LISTEN_PY]);
+      let target: Target | undefined;
+      let done = false;
+      try {
+        const port = Number(await listener.ask(""));
+        await listener.ask("syns"); // (the empty line's answer: the port)
+        target = spawnTarget([
+          "setsid",
+          PYTHON,
+          "-c",
+          CONNECT_PY,
+          String(port),
+          out,
+          "100000",
+          mode,
+        ]);
+        await waitForLines(out, 1, 30_000);
+        // Its SYN was dropped (the queue is full): it is connecting, and retransmits.
+        const first = await waitFor(
+          async () => {
+            const syns = (await listener.ask("syns")).split(" ").slice(1);
+            return syns.length ? syns[0] : undefined;
+          },
+          "no SYN from the target",
+          30_000,
+        );
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        const entry = tcpEntries(await showJson(img)).find((e) => e.peer);
+        assert.equal(entry?.state, 2, "dumped in SYN_SENT");
+        assert.equal(await listener.ask("free"), "free");
+        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+        await assertNoLock("after restore");
+        assert.equal(await listener.ask("serve"), "served 100000 ok EOF", "what the peer received");
+        const lines = await waitForLines(out, 3, 30_000);
+        assert.equal(
+          lines[1],
+          `connected 0 ${first.split(":")[0]}`,
+          "the connect, as the target saw it",
+        );
+        // Every SYN from that port, before and after the dump, is the same one.
+        const syns = (await listener.ask("syns")).split(" ").slice(1);
+        assert.ok(syns.length >= 2, `SYNs seen: ${syns}`);
+        assert.deepEqual(new Set(syns), new Set([first]), "the SYNs the peer saw");
+        done = true;
+      } finally {
+        await listener.stop();
+        if (target) {
+          await killTree(target.pid);
+          if (!done) await removeLocksOf(target.pid);
+        }
+      }
+      await assertNoLock("at the end");
+    },
+  });
+}

@@ -7,9 +7,11 @@ import { z } from "zod";
 import {
   AF,
   bindTo,
+  decodeAddr,
   getInt,
   getRaw,
   identity,
+  type InetAddr,
   IP_TOS,
   IPV6_TCLASS,
   IPV6_V6ONLY,
@@ -225,5 +227,28 @@ export function rawSocket(ctx: RestoreContext, family: number): number {
     return takeFd(ctx.pid, fd);
   } finally {
     inj.call("close", NR.close, fd);
+  }
+}
+
+/**
+ * The remote address of TCP socket `ino` of process `pid` as its network's
+ * /proc/net/tcp{,6} shows it: getpeername() says ENOTCONN while a connect
+ * is in progress.
+ */
+export function remoteFromProc(pid: number, ino: number, family: number): InetAddr | undefined {
+  const file = `/proc/${pid}/net/${family === AF.INET ? "tcp" : "tcp6"}`;
+  for (const line of Deno.readTextFileSync(file).split("\n").slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10 || Number(f[9]) !== ino) continue;
+    const [hex, port] = f[2].split(":");
+    // Each 32-bit word of the address is printed in host (little-endian) order.
+    const words = hex.match(/.{8}/g)!.map((w) => w.match(/../g)!.reverse().join(""));
+    const raw = Uint8Array.from(words.join("").match(/../g)!.map((b) => parseInt(b, 16)));
+    const sa = new Uint8Array(family === AF.INET ? 16 : 28);
+    const v = new DataView(sa.buffer);
+    v.setUint16(0, family, true);
+    v.setUint16(2, parseInt(port, 16), false);
+    sa.set(raw, family === AF.INET ? 4 : 8);
+    return decodeAddr(sa);
   }
 }

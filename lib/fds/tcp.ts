@@ -22,13 +22,18 @@
  *   out) or, if it was never sent, after the unsent bytes; the peer's FIN
  *   (and its ACK of ours) as segments crafted on a raw socket, which the
  *   lock lets through by their mark.
- * Connecting sockets (SYN_SENT, SYN_RECV) are refused.
+ * - a connect() in progress (SYN_SENT) is locked too (so the handshake
+ *   cannot finish while the tree is dumped) and comes back as a new
+ *   non-blocking connect from the same address and port with the same
+ *   initial sequence number, started once the lock is gone: to the peer,
+ *   a retransmission of the same SYN.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import {
   AF,
   bindTo,
+  connectStart,
   connectTo,
   dupSocket,
   fillRepairQueue,
@@ -80,6 +85,7 @@ import {
   inode,
   isInet,
   rawSocket,
+  remoteFromProc,
   TCP_OPTIONS,
   TCP_UNCONNECTED_OPTIONS,
 } from "./inet.ts";
@@ -87,6 +93,7 @@ import {
 const SOCK_STREAM = 1, IPPROTO_TCP = 6;
 const STATE = {
   ESTABLISHED: 1,
+  SYN_SENT: 2,
   FIN_WAIT1: 4,
   FIN_WAIT2: 5,
   CLOSE: 7,
@@ -145,6 +152,8 @@ const TcpEntry = z.object({
   repair: Repair.optional(),
   /** The nftables table that locks this connection until it is restored. */
   lock: z.string().refine(validTableName, "not an amber lock table").optional(),
+  /** A connect() in progress (SYN_SENT): the initial sequence number of its SYN. */
+  synSeq: u32.optional(),
   /** Why it cannot be restored, when it cannot (seen at dump). */
   refusal: z.string().optional(),
 });
@@ -201,7 +210,13 @@ function checkpointConnection(
   local: InetAddr,
   peer: InetAddr,
   reuseaddr: boolean,
-): { repair?: z.input<typeof Repair>; lock: string; state: number; refusal?: string } {
+): {
+  repair?: z.input<typeof Repair>;
+  synSeq?: number;
+  lock: string;
+  state: number;
+  refusal?: string;
+} {
   const tree = p.tree;
   const create = tree.netLock === undefined;
   const lock = tree.netLock ?? lockTableName(p.pid);
@@ -213,6 +228,10 @@ function checkpointConnection(
   try {
     // Read again under the lock: a segment may have moved it meanwhile.
     const state = tcpInfo(sock).state;
+    // write_seq is one past the SYN's sequence number.
+    if (state === STATE.SYN_SENT) {
+      return { synSeq: (queueSeq(sock, QUEUE.SEND) - 1) >>> 0, lock, state };
+    }
     if (!CONNECTED.includes(state)) {
       return { lock, state, refusal: "changed state while being locked: not supported yet" };
     }
@@ -278,6 +297,9 @@ function refusalOf(state: number, info: { unacked: number }, tcpEstablished: boo
   if (CONNECTED.includes(state)) {
     return tcpEstablished ? undefined : "a half-closed connection: dump with --tcp-established";
   }
+  if (state === STATE.SYN_SENT) {
+    return tcpEstablished ? undefined : "a connect in progress: dump with --tcp-established";
+  }
   if (state !== STATE.CLOSE) return "a connection being set up: not supported yet";
 }
 
@@ -289,6 +311,8 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
     const local = localName(sock);
     const peer = info.state === STATE.LISTEN || info.state === STATE.CLOSE
       ? undefined
+      : info.state === STATE.SYN_SENT
+      ? remoteFromProc(p.pid, ino, family)
       : peerName(sock);
     const refusal = refusalOf(info.state, info, p.tree.options.tcpEstablished);
     const entry: z.input<typeof TcpEntry> = {
@@ -308,7 +332,7 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
       ),
       refusal,
     };
-    if (!refusal && CONNECTED.includes(info.state) && peer) {
+    if (!refusal && (CONNECTED.includes(info.state) || info.state === STATE.SYN_SENT) && peer) {
       Object.assign(entry, checkpointConnection(p, sock, local, peer, entry.reuseaddr));
     }
     return entry;
@@ -448,6 +472,31 @@ function setupConnection(ctx: RestoreContext, sock: number, e: TcpImage): void {
   });
 }
 
+/**
+ * A connect() in progress: bound again to its address and port, its SYN's
+ * sequence number set (in repair mode, the only way), and connected
+ * without blocking once the lock is gone, so the first SYN is not dropped.
+ * A process blocked in connect() restarts it and waits on this one.
+ */
+function setupConnecting(ctx: RestoreContext, sock: number, e: TcpImage): void {
+  setRepair(sock, 1); // bind shares the port as the other repaired sockets do
+  setQueueSeq(sock, QUEUE.SEND, e.synSeq!);
+  setInt(sock, SOL.TCP, TCPOPT.REPAIR_QUEUE, QUEUE.NONE);
+  bindTo(sock, e.local);
+  setRepair(sock, -1); // an ordinary connect from here on: its handshake goes out
+  setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, e.reuseaddr ? 1 : 0);
+  const copy = dupSocket(sock);
+  ctx.tree.onEnd.push((ok) => {
+    try {
+      if (ok) connectStart(copy, e.peer!);
+    } catch (err) {
+      throw new AmberError(`${describe(e)}: ${err instanceof Error ? err.message : err}`);
+    } finally {
+      libc().close(copy);
+    }
+  });
+}
+
 function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
   const fd = Number(
     ctx.injector.call("socket", NR.socket, e.family, SOCK_STREAM | O_CLOEXEC, IPPROTO_TCP),
@@ -456,6 +505,7 @@ function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
   try {
     applyOptions(sock, e);
     if (CONNECTED.includes(e.state)) setupConnection(ctx, sock, e);
+    else if (e.state === STATE.SYN_SENT) setupConnecting(ctx, sock, e);
     else {
       bindAgain(sock, e, () => e.state === STATE.LISTEN && listenOn(sock, e.backlog ?? 128));
     }
@@ -483,6 +533,9 @@ export const tcpFd = defineFdKind({
   },
   unrestorable(e) {
     if (e.refusal) return `fd ${e.fd}: ${describe(e)}: ${e.refusal}`;
+    if (e.state === STATE.SYN_SENT && (e.synSeq === undefined || !e.peer)) {
+      return `fd ${e.fd}: ${describe(e)}: no sequence number or peer in the images`;
+    }
     if (CONNECTED.includes(e.state) && (!e.repair || !e.peer)) {
       return `fd ${e.fd}: ${describe(e)}: no repair state in the images`;
     }
