@@ -1155,3 +1155,50 @@ for (const mode of ["blocking", "nonblocking"]) {
     },
   });
 }
+
+/** A server that closes each connection first (so its side lingers in TIME_WAIT); argv[2] "reuse" sets SO_REUSEADDR. */
+const CLOSE_FIRST_PY = `import socket, sys
+l = socket.socket()
+if sys.argv[2] == "reuse":
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(4)
+n = 0
+while True:
+    c, _ = l.accept()
+    n += 1
+    c.sendall(b"hello %d" % n)
+    c.close()
+`;
+
+/** Whether a TIME_WAIT connection on local port `port` is in this network's /proc/net/tcp. */
+function timeWaitOn(port: number): boolean {
+  const hex = port.toString(16).toUpperCase().padStart(4, "0");
+  return Deno.readTextFileSync("/proc/net/tcp").split("\n").some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f[1]?.endsWith(`:${hex}`) && f[3] === "06";
+  });
+}
+
+for (const reuse of ["reuse", "no-reuse"]) {
+  Deno.test(`a listener (${reuse}) whose port holds TIME_WAIT connections is bound again`, async () => {
+    const port = freePort();
+    const target = spawnTarget(["setsid", PYTHON, "-c", CLOSE_FIRST_PY, String(port), reuse]);
+    await using tmp = await tempDir();
+    try {
+      const ask = async () => await readAll(await Deno.connect({ hostname: "127.0.0.1", port }));
+      assert.equal(
+        await waitFor(() => ask().catch(() => undefined), "no server", 30_000),
+        "hello 1",
+      );
+      assert.ok(timeWaitOn(port), "the server's side of the connection is in TIME_WAIT");
+      const img = `${tmp.path}/img`;
+      assertExit(await amber(dumpArgs(target.pid, img)), 0, "dump");
+      await target.child.status;
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+      assert.equal(await ask(), "hello 2", "a new connection after restore");
+    } finally {
+      await killTree(target.pid);
+    }
+  });
+}

@@ -23,7 +23,7 @@ import {
   TCPOPT,
 } from "../../ffi/inet.ts";
 import { takeFd } from "../../ffi/socket.ts";
-import { libc } from "../../ffi/libc.ts";
+import { libc, SysError } from "../../ffi/libc.ts";
 import { NR } from "../../ffi/inject.ts";
 import { kindState, type RestoreContext } from "../context.ts";
 import { bytes } from "../images/codec.ts";
@@ -31,7 +31,7 @@ import { type FdProbe, O_CLOEXEC } from "./kind.ts";
 
 const LINK = /^socket:\[(\d+)\]$/;
 const O_NONBLOCK = 0o4000;
-const SOCK_RAW = 3, IPPROTO_RAW = 255;
+const SOCK_RAW = 3, IPPROTO_RAW = 255, EADDRINUSE = 98;
 
 export const Addr = z.object({
   family: z.union([z.literal(AF.INET), z.literal(AF.INET6)]),
@@ -210,19 +210,45 @@ export function applyOptions(sock: number, e: InetImage): void {
  * Binds again to the dumped address, if the socket was bound. Like a
  * restarting server's SO_REUSEADDR: the dumped socket's port may linger
  * (TIME_WAIT, a connection restored before it); the image's own setting
- * comes back once bound.
+ * comes back once bound. When bind or `then` (listen) still finds the
+ * port in use, `inUse` may free it (TIME_WAIT connections that had no
+ * SO_REUSEADDR) and says whether to try once more.
  */
-export function bindAgain(sock: number, e: InetImage, then?: () => void): void {
+export function bindAgain(
+  sock: number,
+  e: InetImage,
+  then?: () => void,
+  inUse?: () => boolean,
+): void {
+  // `inUse` may free the port (and says so): then once more.
+  const retried = (step: () => void) => {
+    try {
+      step();
+    } catch (err) {
+      if (!(err instanceof SysError && err.errno === EADDRINUSE && inUse?.())) throw err;
+      step();
+    }
+  };
   setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, 1);
-  if (e.local.port !== 0) bindTo(sock, e.local);
-  then?.();
+  if (e.local.port !== 0) retried(() => bindTo(sock, e.local));
+  if (then) retried(then);
   setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, e.reuseaddr ? 1 : 0);
 }
 
 /** A raw socket (IPPROTO_RAW: the caller writes the IP header) of the process's network, as amber's. */
 export function rawSocket(ctx: RestoreContext, family: number): number {
+  return processSocket(ctx, family, SOCK_RAW, IPPROTO_RAW);
+}
+
+/** A socket made in the restored process (so of its network namespace), as amber's. */
+export function processSocket(
+  ctx: RestoreContext,
+  family: number,
+  type: number,
+  protocol: number,
+): number {
   const inj = ctx.injector;
-  const fd = Number(inj.call("socket(raw)", NR.socket, family, SOCK_RAW | O_CLOEXEC, IPPROTO_RAW));
+  const fd = Number(inj.call("socket", NR.socket, family, type | O_CLOEXEC, protocol));
   try {
     return takeFd(ctx.pid, fd);
   } finally {

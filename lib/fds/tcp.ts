@@ -36,6 +36,7 @@ import {
   connectStart,
   connectTo,
   dupSocket,
+  encodeAddr,
   fillRepairQueue,
   getInt,
   type InetAddr,
@@ -61,6 +62,7 @@ import {
   tcpInfo,
   TCPOPT,
 } from "../../ffi/inet.ts";
+import { destroyTimeWait } from "../../ffi/inetdiag.ts";
 import { takeFd } from "../../ffi/socket.ts";
 import { libc } from "../../ffi/libc.ts";
 import { kindState, type RestoreContext, type TreeDumpState } from "../context.ts";
@@ -84,6 +86,7 @@ import {
   inetFields,
   inode,
   isInet,
+  processSocket,
   rawSocket,
   remoteFromProc,
   TCP_OPTIONS,
@@ -115,7 +118,7 @@ const PEER_FIN: readonly number[] = [STATE.CLOSE_WAIT, STATE.CLOSING, STATE.LAST
 const CONNECTED: readonly number[] = [STATE.ESTABLISHED, STATE.CLOSE_WAIT, ...OUR_FIN];
 /** How long restore waits for a crafted segment to move a connection's state. */
 const SEGMENT_MS = 5_000;
-const SO_MARK = 36;
+const SO_MARK = 36, SOCK_DGRAM = 2, NETLINK_SOCK_DIAG = 4;
 const TCPI_OPT = { TIMESTAMPS: 1, SACK: 2, WSCALE: 4 } as const;
 /** Most bytes amber keeps for one connection's queues. */
 const QUEUE_LIMIT = 64 * 1024 * 1024;
@@ -497,6 +500,25 @@ function setupConnecting(ctx: RestoreContext, sock: number, e: TcpImage): void {
   });
 }
 
+/**
+ * Ends the connections in TIME_WAIT on the socket's address and port (as
+ * `ss -K` does); returns how many. Closed by the tree before the dump, they
+ * are orphans nothing dumps, but they keep a listener that had no
+ * SO_REUSEADDR from binding its port again (SO_REUSEADDR on the new
+ * socket is not enough: theirs counts too). All they still did was answer
+ * a late segment of their old connection, which now gets a reset.
+ */
+function endTimeWait(ctx: RestoreContext, local: InetAddr): number {
+  const nl = processSocket(ctx, AF.NETLINK, SOCK_DGRAM, NETLINK_SOCK_DIAG);
+  try {
+    const raw = encodeAddr({ ...local, port: 0 });
+    const addr = local.family === AF.INET ? raw.slice(4, 8) : raw.slice(8, 24);
+    return destroyTimeWait(nl, local.family, local.port, addr);
+  } finally {
+    libc().close(nl);
+  }
+}
+
 function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
   const fd = Number(
     ctx.injector.call("socket", NR.socket, e.family, SOCK_STREAM | O_CLOEXEC, IPPROTO_TCP),
@@ -507,7 +529,12 @@ function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
     if (CONNECTED.includes(e.state)) setupConnection(ctx, sock, e);
     else if (e.state === STATE.SYN_SENT) setupConnecting(ctx, sock, e);
     else {
-      bindAgain(sock, e, () => e.state === STATE.LISTEN && listenOn(sock, e.backlog ?? 128));
+      bindAgain(
+        sock,
+        e,
+        () => e.state === STATE.LISTEN && listenOn(sock, e.backlog ?? 128),
+        () => endTimeWait(ctx, e.local) > 0,
+      );
     }
   } catch (err) {
     throw new AmberError(`${describe(e)}: ${err instanceof Error ? err.message : err}`);
