@@ -203,10 +203,13 @@ export interface TcpInfo {
   unacked: number;
   /** For a listener: its backlog. */
   sacked: number;
+  /** Segments sent and received (both 0 on a socket that never connected, or was disconnected). */
+  segsOut: number;
+  segsIn: number;
 }
 
 export function tcpInfo(sock: number): TcpInfo {
-  const b = getRaw(sock, SOL.TCP, TCPOPT.INFO, 104);
+  const b = getRaw(sock, SOL.TCP, TCPOPT.INFO, 144);
   const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
   return {
     state: b[0],
@@ -215,6 +218,8 @@ export function tcpInfo(sock: number): TcpInfo {
     rcvWscale: b[6] >> 4,
     unacked: v.getUint32(24, true),
     sacked: v.getUint32(28, true),
+    segsOut: v.getUint32(136, true),
+    segsIn: v.getUint32(140, true),
   };
 }
 

@@ -1202,3 +1202,38 @@ for (const reuse of ["reuse", "no-reuse"]) {
     }
   });
 }
+
+/** Connects to argv[1], reads until the peer's EOF, shuts its side down and keeps the closed socket. */
+const ENDED_PY = `import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while s.recv(100):
+    pass
+s.shutdown(socket.SHUT_WR)
+while s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != 7:  # TCP_CLOSE
+    time.sleep(0.01)
+open(sys.argv[2], "w").write("closed\\n")
+time.sleep(600)
+`;
+
+Deno.test("a socket whose connection has ended (CLOSE, descriptor still open) is refused, naming it", async () => {
+  await using tmp = await tempDir();
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const ready = `${tmp.path}/ready`;
+  const port = (listener.addr as Deno.NetAddr).port;
+  const target = spawnTarget(["setsid", PYTHON, "-c", ENDED_PY, String(port), ready]);
+  try {
+    const conn = await listener.accept();
+    conn.close();
+    await waitForLines(ready, 1, 30_000);
+    const msg = assertOneLineError(
+      await amber(dumpArgs(target.pid, `${tmp.path}/img`, "--tcp-established")),
+      1,
+      "dump",
+    );
+    assert.match(msg, /fd \d+: tcp 127\.0\.0\.1:\d+ \(CLOSE\): a connection that has ended/);
+    assert.ok(isAlive(target.pid), "the target runs on");
+  } finally {
+    listener.close();
+    await killTree(target.pid);
+  }
+});

@@ -59,6 +59,7 @@ import {
   SOCKOPT,
   SOL,
   TCP_STATES,
+  type TcpInfo,
   tcpInfo,
   TCPOPT,
 } from "../../ffi/inet.ts";
@@ -288,7 +289,7 @@ function readRepair(sock: number, state: number): z.input<typeof Repair> {
   return repair;
 }
 
-function refusalOf(state: number, info: { unacked: number }, tcpEstablished: boolean) {
+function refusalOf(state: number, info: TcpInfo, tcpEstablished: boolean) {
   if (state === STATE.LISTEN) {
     return info.unacked
       ? `${info.unacked} connection(s) waiting to be accepted: not supported yet`
@@ -304,6 +305,9 @@ function refusalOf(state: number, info: { unacked: number }, tcpEstablished: boo
     return tcpEstablished ? undefined : "a connect in progress: dump with --tcp-established";
   }
   if (state !== STATE.CLOSE) return "a connection being set up: not supported yet";
+  // Closed after a connection (reset, or both FINs acknowledged): recv would say EOF or an
+  // error, a fresh socket ENOTCONN; nothing shows its peer any more.
+  if (info.segsOut || info.segsIn) return "a connection that has ended: not supported yet";
 }
 
 function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
