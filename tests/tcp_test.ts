@@ -829,6 +829,21 @@ log("done %d %s" % (got, "ok" if ok else "FAIL"))
 time.sleep(600)
 `;
 
+/** Python: reads socket c until EOF, checking the pattern: "RECEIVED ok|FAIL EOF|error:ERRNO". */
+const READ_ALL_PY = `def read_all(c):
+    got, ok, end = 0, True, "EOF"
+    try:
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            ok = ok and b == bytes((got + i) % 251 for i in range(len(b)))
+            got += len(b)
+    except OSError as e:
+        end = "error:%s" % e.errno
+    return "%d %s %s" % (got, "ok" if ok else "FAIL", end)
+`;
+
 /**
  * The peer outside the tree, driven line by line on stdin: "send N" sends
  * N bytes of the pattern, "shut" shuts its side down, "read" reads until
@@ -836,7 +851,7 @@ time.sleep(600)
  * what one more recv returns.
  */
 const PEER_PY = `import socket, sys
-c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+${READ_ALL_PY}c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 sent = 0
 for line in sys.stdin:
     cmd = line.split()
@@ -848,17 +863,7 @@ for line in sys.stdin:
         c.shutdown(socket.SHUT_WR)
         print("shut")
     elif cmd[0] == "read":
-        got, ok, end = 0, True, "EOF"
-        try:
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                ok = ok and b == bytes((got + i) % 251 for i in range(len(b)))
-                got += len(b)
-        except OSError as e:
-            end = "error:%s" % e.errno
-        print("read %d %s %s" % (got, "ok" if ok else "FAIL", end))
+        print("read " + read_all(c))
     elif cmd[0] == "status":
         err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         try:
@@ -1025,7 +1030,7 @@ for (const [state, how] of HALF_CLOSED) {
  * the next, reads until EOF: "served RECEIVED ok|FAIL EOF|error").
  */
 const LISTEN_PY = `import socket, struct, sys, threading
-l = socket.socket()
+${READ_ALL_PY}l = socket.socket()
 l.bind(("127.0.0.1", 0))
 l.listen(0)
 port = l.getsockname()[1]
@@ -1055,18 +1060,7 @@ for line in sys.stdin:
         mine.close()
         print("free")
     elif cmd == "serve":
-        c, _ = l.accept()
-        got, ok, end = 0, True, "EOF"
-        try:
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                ok = ok and b == bytes((got + i) % 251 for i in range(len(b)))
-                got += len(b)
-        except OSError as e:
-            end = "error:%s" % e.errno
-        print("served %d %s %s" % (got, "ok" if ok else "FAIL", end))
+        print("served " + read_all(l.accept()[0]))
     sys.stdout.flush()
 `;
 
