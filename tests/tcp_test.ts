@@ -778,8 +778,11 @@ def wait_state(s, *names):
         time.sleep(0.01)
 def pattern(at, n):
     return bytes((at + i) % 251 for i in range(n))
-l = socket.socket()
-l.bind(("127.0.0.1", port))
+host = os.environ.get("HALF_HOST", "127.0.0.1")
+l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+if host == "::":
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind((host, port))
 l.listen(1)
 log("listening")
 c, _ = l.accept()
@@ -851,7 +854,7 @@ const READ_ALL_PY = `def read_all(c):
  * what one more recv returns.
  */
 const PEER_PY = `import socket, sys
-${READ_ALL_PY}c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+${READ_ALL_PY}c = socket.create_connection((sys.argv[2], int(sys.argv[1])))
 sent = 0
 for line in sys.stdin:
     cmd = line.split()
@@ -929,20 +932,25 @@ async function dropFrom(port: number): Promise<AsyncDisposable> {
   return { [Symbol.asyncDispose]: () => nft(`delete table inet ${table}`) };
 }
 
+/** State, how our FIN stands, where the tree's side listens and where the peer connects. */
 const HALF_CLOSED = [
-  ["CLOSE_WAIT", ""],
-  ["FIN_WAIT2", ""],
-  ["FIN_WAIT1", "its FIN behind unsent bytes"],
-  ["LAST_ACK", "its FIN behind unsent bytes"],
-  ["CLOSING", "its FIN behind unsent bytes"],
-  ["FIN_WAIT1", "sent"],
-  ["LAST_ACK", "sent"],
-  ["CLOSING", "sent"],
+  ["CLOSE_WAIT", "", "127.0.0.1", "127.0.0.1"],
+  ["FIN_WAIT2", "", "127.0.0.1", "127.0.0.1"],
+  ["FIN_WAIT1", "its FIN behind unsent bytes", "127.0.0.1", "127.0.0.1"],
+  ["LAST_ACK", "its FIN behind unsent bytes", "127.0.0.1", "127.0.0.1"],
+  ["CLOSING", "its FIN behind unsent bytes", "127.0.0.1", "127.0.0.1"],
+  ["FIN_WAIT1", "sent", "127.0.0.1", "127.0.0.1"],
+  ["LAST_ACK", "sent", "127.0.0.1", "127.0.0.1"],
+  ["CLOSING", "sent", "127.0.0.1", "127.0.0.1"],
+  ["CLOSE_WAIT", "", "::1", "::1"],
+  ["LAST_ACK", "sent", "::1", "::1"],
+  ["FIN_WAIT2", "", "::", "127.0.0.1"],
 ] as const;
 
-for (const [state, how] of HALF_CLOSED) {
+for (const [state, how, listen, connect] of HALF_CLOSED) {
   const sentFin = how === "sent";
-  const label = how ? ` (${sentFin ? "its FIN sent, not acknowledged" : how})` : "";
+  const label = (how ? ` (${sentFin ? "its FIN sent, not acknowledged" : how})` : "") +
+    (listen === "127.0.0.1" ? "" : ` over IPv6 (listening on ${listen}, peer to ${connect})`);
   Deno.test({
     name:
       `a connection in ${state}${label} with its peer outside is restored and closes as it would have`,
@@ -961,7 +969,7 @@ for (const [state, how] of HALF_CLOSED) {
         state,
         ...(sentFin ? ["sent"] : []),
       ];
-      const target = spawnTarget(["setsid", ...argv]);
+      const target = spawnTarget(["setsid", ...argv], { env: { HALF_HOST: listen } });
       let peer: ReturnType<typeof linePeer> | undefined;
       let drop: AsyncDisposable | undefined;
       let done = false;
@@ -970,7 +978,7 @@ for (const [state, how] of HALF_CLOSED) {
           .find((l) => l.startsWith(prefix))!;
       try {
         await line("listening");
-        peer = linePeer([PYTHON, "-c", PEER_PY, String(port)]);
+        peer = linePeer([PYTHON, "-c", PEER_PY, String(port), connect]);
         // The peer closes its side first where its FIN came before ours, or after (CLOSING).
         const peerFirst = state === "CLOSE_WAIT" || state === "LAST_ACK";
         if (peerFirst) {
