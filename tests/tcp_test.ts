@@ -945,15 +945,20 @@ const HALF_CLOSED = [
   ["CLOSE_WAIT", "", "::1", "::1"],
   ["LAST_ACK", "sent", "::1", "::1"],
   ["FIN_WAIT2", "", "::", "127.0.0.1"],
+  // dump -R: the tree runs on, the lock is gone at once.
+  ["CLOSE_WAIT", "", "127.0.0.1", "127.0.0.1", "-R"],
+  ["FIN_WAIT1", "sent", "127.0.0.1", "127.0.0.1", "-R"],
 ] as const;
 
-for (const [state, how, listen, connect] of HALF_CLOSED) {
+for (const [state, how, listen, connect, leaveRunning] of HALF_CLOSED) {
   const sentFin = how === "sent";
   const label = (how ? ` (${sentFin ? "its FIN sent, not acknowledged" : how})` : "") +
-    (listen === "127.0.0.1" ? "" : ` over IPv6 (listening on ${listen}, peer to ${connect})`);
+    (listen === "127.0.0.1" ? "" : ` over IPv6 (listening on ${listen}, peer to ${connect})`) +
+    (leaveRunning ? ", dumped with -R," : "");
   Deno.test({
-    name:
-      `a connection in ${state}${label} with its peer outside is restored and closes as it would have`,
+    name: `a connection in ${state}${label} with its peer outside ${
+      leaveRunning ? "runs on" : "is restored"
+    } and closes as it would have`,
     ignore: !HAVE_NFT,
     async fn() {
       await using tmp = await tempDir();
@@ -998,15 +1003,19 @@ for (const [state, how, listen, connect] of HALF_CLOSED) {
         }
         const sent = Number((await line("ready")).split(" ")[1]);
         const img = `${tmp.path}/img`;
-        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
-        await target.child.status;
+        const flags = ["--tcp-established", ...(leaveRunning ? [leaveRunning] : [])];
+        assertExit(await amber(dumpArgs(target.pid, img, ...flags)), 0, "dump");
+        if (!leaveRunning) await target.child.status;
         await drop?.[Symbol.asyncDispose]();
         drop = undefined;
         const entry = tcpEntries(await showJson(img)).find((e) => e.peer);
         assert.equal(entry?.state, TCP_STATE_NUMBER[state], "the state dumped");
         assert.equal(entry?.repair?.finUnsent ?? false, how !== "" && !sentFin, "an unsent FIN");
-        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
-        await assertNoLock("after restore");
+        if (leaveRunning) await assertNoLock("after dump -R");
+        else {
+          assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+          await assertNoLock("after restore");
+        }
         await Deno.writeTextFile(go, "");
         if (!peerFirst && state !== "CLOSING") {
           await peer.ask(`send ${PEER_BYTES}`);
