@@ -55,7 +55,7 @@ export const TCP_STATES = [
 ] as const;
 export const QUEUE = { NONE: 0, RECV: 1, SEND: 2 } as const;
 const SIOCINQ = 0x541b, SIOCOUTQ = 0x5411, SIOCOUTQNSD = 0x894b;
-const MSG_PEEK = 2, MSG_DONTWAIT = 0x40;
+const MSG_PEEK = 2, MSG_DONTWAIT = 0x40, O_NONBLOCK = 0o4000, EINPROGRESS = 115;
 
 /** An address and port as a string and a number ("::ffff:1.2.3.4" for v4-mapped v6). */
 export interface InetAddr {
@@ -99,7 +99,8 @@ export function identity(sock: number): { family: number; type: number; protocol
   };
 }
 
-function decodeAddr(b: Uint8Array): InetAddr {
+/** A sockaddr_in / sockaddr_in6 as an InetAddr. */
+export function decodeAddr(b: Uint8Array): InetAddr {
   const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
   const family = v.getUint16(0, true), port = v.getUint16(2, false);
   if (family === AF.INET) return { family, port, addr: [...b.subarray(4, 8)].join(".") };
@@ -172,6 +173,21 @@ export function connectTo(sock: number, a: InetAddr): void {
   check(`connect ${a.addr}:${a.port}`, libc().connect(sock, addr, addr.length));
 }
 
+/** A non-blocking connect: starts the handshake (EINPROGRESS), or fails. */
+export function connectStart(sock: number, a: InetAddr): void {
+  const flags = check("fcntl(F_GETFL)", libc().fcntl(sock, 3, 0n));
+  setStatusFlags(sock, flags | O_NONBLOCK);
+  try {
+    const addr = encodeAddr(a);
+    if (libc().connect(sock, addr, addr.length) === -1) {
+      const errno = lastErrno();
+      if (errno !== EINPROGRESS) throw new SysError(`connect ${a.addr}:${a.port}`, errno);
+    }
+  } finally {
+    setStatusFlags(sock, flags);
+  }
+}
+
 export function listenOn(sock: number, backlog: number): void {
   check("listen", libc().listen(sock, backlog));
 }
@@ -187,10 +203,13 @@ export interface TcpInfo {
   unacked: number;
   /** For a listener: its backlog. */
   sacked: number;
+  /** Segments sent and received (both 0 on a socket that never connected, or was disconnected). */
+  segsOut: number;
+  segsIn: number;
 }
 
 export function tcpInfo(sock: number): TcpInfo {
-  const b = getRaw(sock, SOL.TCP, TCPOPT.INFO, 104);
+  const b = getRaw(sock, SOL.TCP, TCPOPT.INFO, 144);
   const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
   return {
     state: b[0],
@@ -199,6 +218,8 @@ export function tcpInfo(sock: number): TcpInfo {
     rcvWscale: b[6] >> 4,
     unacked: v.getUint32(24, true),
     sacked: v.getUint32(28, true),
+    segsOut: v.getUint32(136, true),
+    segsIn: v.getUint32(140, true),
   };
 }
 
@@ -296,6 +317,11 @@ export function setRepairOptions(
   if (o.timestamps) pairs.push([TCPOPT_CODE.TIMESTAMP, 0]);
   const a = new Uint32Array(pairs.flat());
   setRaw(sock, SOL.TCP, TCPOPT.REPAIR_OPTIONS, new Uint8Array(a.buffer));
+}
+
+/** shutdown(SHUT_WR); in repair mode with the send queue selected, the FIN is queued as already sent. */
+export function shutdownWrite(sock: number): void {
+  check("shutdown(SHUT_WR)", libc().shutdown(sock, 1));
 }
 
 /** Another descriptor of amber's for the same socket (F_DUPFD_CLOEXEC). */

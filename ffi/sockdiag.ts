@@ -4,7 +4,7 @@
  * lengths and shutdown state, for every unix socket of this network
  * namespace in one dump.
  */
-import { addressOf, check, libc } from "./libc.ts";
+import { addressOf, check, libc, SysError } from "./libc.ts";
 
 const AF_NETLINK = 16, AF_UNIX = 1;
 const SOCK_DGRAM = 2, SOCK_CLOEXEC = 0o2000000;
@@ -89,6 +89,43 @@ function parseMessage(v: DataView, at: number, end: number): UnixSocketInfo {
   return info;
 }
 
+/**
+ * Sends one NETLINK_SOCK_DIAG request on `fd` and hands each answer
+ * message (the DataView over the whole buffer, where its body starts and
+ * ends) to `each`, until the dump is done or the request acknowledged; an
+ * error in `harmless` counts as an acknowledgement.
+ */
+export function sockDiagExchange(
+  fd: number,
+  req: Uint8Array,
+  each: (v: DataView, at: number, end: number) => void,
+  harmless: number[] = [],
+): void {
+  const dest = new Uint8Array(12);
+  dest[0] = AF_NETLINK;
+  check("sendto(sock_diag)", libc().sendto(fd, req, BigInt(req.length), 0, dest, 12));
+  const buf = new Uint8Array(64 * 1024);
+  const iov = new BigUint64Array([addressOf(buf), BigInt(buf.length)]);
+  const msg = new BigUint64Array(7); // struct msghdr: only the iovec is set
+  msg[2] = addressOf(iov);
+  msg[3] = 1n;
+  for (;;) {
+    const n = Number(check("recvmsg(sock_diag)", libc().recvmsg(fd, msg, 0)));
+    const v = new DataView(buf.buffer, 0, n);
+    for (let at = 0; at + 16 <= n;) {
+      const len = v.getUint32(at, true), type = v.getUint16(at + 4, true);
+      if (type === NLMSG_DONE) return;
+      if (type === NLMSG_ERROR) {
+        const errno = -v.getInt32(at + 16, true);
+        if (errno && !harmless.includes(errno)) throw new SysError("sock_diag", errno);
+        return; // an acknowledgement
+      }
+      each(v, at + 16, at + len);
+      at += (len + 3) & ~3;
+    }
+  }
+}
+
 /** Every unix socket of amber's network namespace, by inode. */
 export function unixSockets(): Map<number, UnixSocketInfo> {
   const out = new Map<number, UnixSocketInfo>();
@@ -97,29 +134,11 @@ export function unixSockets(): Map<number, UnixSocketInfo> {
     libc().socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG),
   );
   try {
-    const req = request();
-    const dest = new Uint8Array(12);
-    dest[0] = AF_NETLINK;
-    check("sendto(sock_diag)", libc().sendto(fd, req, BigInt(req.length), 0, dest, 12));
-    const buf = new Uint8Array(64 * 1024);
-    const iov = new BigUint64Array([addressOf(buf), BigInt(buf.length)]);
-    const msg = new BigUint64Array(7); // struct msghdr: only the iovec is set
-    msg[2] = addressOf(iov);
-    msg[3] = 1n;
-    for (;;) {
-      const n = Number(check("recvmsg(sock_diag)", libc().recvmsg(fd, msg, 0)));
-      const v = new DataView(buf.buffer, 0, n);
-      for (let at = 0; at + 16 <= n;) {
-        const len = v.getUint32(at, true), type = v.getUint16(at + 4, true);
-        if (type === NLMSG_DONE) return out;
-        if (type === NLMSG_ERROR) {
-          throw new Error(`sock_diag: errno ${-v.getInt32(at + 16, true)}`);
-        }
-        const info = parseMessage(v, at + 16, at + len);
-        out.set(info.ino, info);
-        at += (len + 3) & ~3;
-      }
-    }
+    sockDiagExchange(fd, request(), (v, at, end) => {
+      const info = parseMessage(v, at, end);
+      out.set(info.ino, info);
+    });
+    return out;
   } finally {
     libc().close(fd);
   }

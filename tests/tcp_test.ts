@@ -23,6 +23,7 @@ import {
   tempDir,
   until,
   waitFor,
+  waitForLine,
   waitForLines,
   waitVanished,
 } from "./_util.ts";
@@ -750,4 +751,500 @@ Deno.test({
       r.stdout,
     );
   },
+});
+
+/**
+ * The tree's side of a connection that is half-closed when dumped
+ * (argv: port, its output file, a go file, the state to reach, and "sent"
+ * for a FIN of ours sent but not acknowledged). It accepts one connection
+ * and sends the byte pattern: a little, or, for the states whose FIN waits
+ * behind unsent bytes, until the peer's window is full. With "sent" it
+ * writes "drop" once its bytes are acknowledged and waits for GO.shut
+ * (the test then drops what it sends). It shuts down its side where the
+ * state wants it ("fin" in CLOSING, for the peer to close then), writes
+ * "ready SENT" once the socket is in that state, and after restore (the go
+ * file) reads everything until EOF and closes: "done RECEIVED ok|FAIL".
+ */
+const HALF_PY = `import os, socket, sys, time
+port, out, go, state = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+fin_sent = sys.argv[5:] == ["sent"]
+NAMES = ["", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+         "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING"]
+def log(line):
+    with open(out, "a") as f:
+        f.write(line + "\\n")
+def wait_state(s, *names):
+    while NAMES[s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]] not in names:
+        time.sleep(0.01)
+def pattern(at, n):
+    return bytes((at + i) % 251 for i in range(n))
+host = os.environ.get("HALF_HOST", "127.0.0.1")
+l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+if host == "::":
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind((host, port))
+l.listen(1)
+log("listening")
+c, _ = l.accept()
+sent = 0
+def fill():
+    global sent
+    c.setblocking(False)
+    try:
+        while True:
+            sent += c.send(pattern(sent, 65536))
+    except BlockingIOError:
+        pass
+    c.setblocking(True)
+if state in ("CLOSE_WAIT", "FIN_WAIT2") or fin_sent:
+    c.sendall(pattern(0, 1000))
+    sent = 1000
+if state == "LAST_ACK":
+    wait_state(c, "CLOSE_WAIT")
+if fin_sent:
+    import array, fcntl
+    outq = array.array("i", [1])
+    while outq[0]:
+        fcntl.ioctl(c, 0x5411, outq)  # SIOCOUTQ
+        time.sleep(0.01)
+    log("drop")
+    while not os.path.exists(go + ".shut"):
+        time.sleep(0.01)
+elif state in ("FIN_WAIT1", "LAST_ACK", "CLOSING"):
+    fill()
+if state != "CLOSE_WAIT":
+    c.shutdown(socket.SHUT_WR)
+if state == "CLOSING":
+    log("fin")
+wait_state(c, state)
+log("ready %d" % sent)
+while not os.path.exists(go):
+    time.sleep(0.02)
+got, ok = 0, True
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    ok = ok and b == pattern(got, len(b))
+    got += len(b)
+c.close()
+log("done %d %s" % (got, "ok" if ok else "FAIL"))
+time.sleep(600)
+`;
+
+/** Python: reads socket c until EOF, checking the pattern: "RECEIVED ok|FAIL EOF|error:ERRNO". */
+const READ_ALL_PY = `def read_all(c):
+    got, ok, end = 0, True, "EOF"
+    try:
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            ok = ok and b == bytes((got + i) % 251 for i in range(len(b)))
+            got += len(b)
+    except OSError as e:
+        end = "error:%s" % e.errno
+    return "%d %s %s" % (got, "ok" if ok else "FAIL", end)
+`;
+
+/**
+ * The peer outside the tree, driven line by line on stdin: "send N" sends
+ * N bytes of the pattern, "shut" shuts its side down, "read" reads until
+ * EOF ("read RECEIVED ok|FAIL EOF|error"), "status" prints SO_ERROR and
+ * what one more recv returns.
+ */
+const PEER_PY = `import socket, sys
+${READ_ALL_PY}c = socket.create_connection((sys.argv[2], int(sys.argv[1])))
+sent = 0
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "send":
+        c.sendall(bytes((sent + i) % 251 for i in range(int(cmd[1]))))
+        sent += int(cmd[1])
+        print("sent")
+    elif cmd[0] == "shut":
+        c.shutdown(socket.SHUT_WR)
+        print("shut")
+    elif cmd[0] == "read":
+        print("read " + read_all(c))
+    elif cmd[0] == "status":
+        err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        try:
+            more = repr(c.recv(10))
+        except OSError as e:
+            more = "error:%s" % e.errno
+        print("status %d %s" % (err, more))
+    sys.stdout.flush()
+`;
+
+/** A line-driven child process: `ask` writes one command and returns its answer line. */
+function linePeer(argv: string[]) {
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const writer = child.stdin.getWriter(), reader = child.stdout.getReader();
+  let pending = "";
+  const ask = async (cmd: string): Promise<string> => {
+    await writer.write(new TextEncoder().encode(cmd + "\n"));
+    while (!pending.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`peer: no answer to ${cmd}`);
+      pending += new TextDecoder().decode(value);
+    }
+    const line = pending.slice(0, pending.indexOf("\n"));
+    pending = pending.slice(line.length + 1);
+    return line;
+  };
+  const stop = async () => {
+    await writer.close().catch(() => {});
+    reader.releaseLock();
+    await child.stdout.cancel().catch(() => {});
+    child.kill("SIGKILL");
+    await child.status;
+  };
+  return { ask, stop };
+}
+
+const PEER_BYTES = 5000;
+const TCP_STATE_NUMBER = { FIN_WAIT1: 4, FIN_WAIT2: 5, CLOSE_WAIT: 8, LAST_ACK: 9, CLOSING: 11 };
+
+/** Removes the lock tables of dumps of `pid` (after a failed test, which did not restore them). */
+async function removeLocksOf(pid: number): Promise<void> {
+  for (const t of (await lockTables()).filter((t) => t.startsWith(`amber_${pid}_`))) {
+    await new Deno.Command("nft", { args: ["delete", "table", "inet", t] }).output();
+  }
+}
+
+/** Drops what the tree's side at `port` sends as it arrives (so it counts as sent), in a table of the test's own. */
+async function dropFrom(port: number): Promise<AsyncDisposable> {
+  const table = `tcptest_${Deno.pid}_${port}`;
+  const nft = async (cmd: string) => {
+    const r = await new Deno.Command("nft", { args: [cmd], stderr: "piped" }).output();
+    assert.ok(r.success, `nft ${cmd}: ${new TextDecoder().decode(r.stderr)}`);
+  };
+  await nft(
+    `add table inet ${table} ; add chain inet ${table} in { type filter hook input priority 0 ; } ; ` +
+      `add rule inet ${table} in tcp sport ${port} drop`,
+  );
+  return { [Symbol.asyncDispose]: () => nft(`delete table inet ${table}`) };
+}
+
+/** State, how our FIN stands, where the tree's side listens and where the peer connects. */
+const HALF_CLOSED = [
+  ["CLOSE_WAIT", "", "127.0.0.1", "127.0.0.1"],
+  ["FIN_WAIT2", "", "127.0.0.1", "127.0.0.1"],
+  ["FIN_WAIT1", "its FIN behind unsent bytes", "127.0.0.1", "127.0.0.1"],
+  ["LAST_ACK", "its FIN behind unsent bytes", "127.0.0.1", "127.0.0.1"],
+  ["CLOSING", "its FIN behind unsent bytes", "127.0.0.1", "127.0.0.1"],
+  ["FIN_WAIT1", "sent", "127.0.0.1", "127.0.0.1"],
+  ["LAST_ACK", "sent", "127.0.0.1", "127.0.0.1"],
+  ["CLOSING", "sent", "127.0.0.1", "127.0.0.1"],
+  ["CLOSE_WAIT", "", "::1", "::1"],
+  ["LAST_ACK", "sent", "::1", "::1"],
+  ["FIN_WAIT2", "", "::", "127.0.0.1"],
+  // dump -R: the tree runs on, the lock is gone at once.
+  ["CLOSE_WAIT", "", "127.0.0.1", "127.0.0.1", "-R"],
+  ["FIN_WAIT1", "sent", "127.0.0.1", "127.0.0.1", "-R"],
+] as const;
+
+for (const [state, how, listen, connect, leaveRunning] of HALF_CLOSED) {
+  const sentFin = how === "sent";
+  const label = (how ? ` (${sentFin ? "its FIN sent, not acknowledged" : how})` : "") +
+    (listen === "127.0.0.1" ? "" : ` over IPv6 (listening on ${listen}, peer to ${connect})`) +
+    (leaveRunning ? ", dumped with -R," : "");
+  Deno.test({
+    name: `a connection in ${state}${label} with its peer outside ${
+      leaveRunning ? "runs on" : "is restored"
+    } and closes as it would have`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const port = freePort();
+      const [out, go] = [`${tmp.path}/half.txt`, `${tmp.path}/go`];
+      const argv = [
+        PYTHON,
+        "-c",
+        HALF_PY,
+        String(port),
+        out,
+        go,
+        state,
+        ...(sentFin ? ["sent"] : []),
+      ];
+      const target = spawnTarget(["setsid", ...argv], { env: { HALF_HOST: listen } });
+      let peer: ReturnType<typeof linePeer> | undefined;
+      let drop: AsyncDisposable | undefined;
+      let done = false;
+      const line = async (prefix: string) =>
+        (await waitForLine(out, (ls) => ls.some((l) => l.startsWith(prefix)), 30_000))
+          .find((l) => l.startsWith(prefix))!;
+      try {
+        await line("listening");
+        peer = linePeer([PYTHON, "-c", PEER_PY, String(port), connect]);
+        // The peer closes its side first where its FIN came before ours, or after (CLOSING).
+        const peerFirst = state === "CLOSE_WAIT" || state === "LAST_ACK";
+        if (peerFirst) {
+          await peer.ask(`send ${PEER_BYTES}`);
+          await peer.ask("shut");
+        }
+        if (sentFin) {
+          // Our FIN leaves, but never reaches the peer: nothing acknowledges it.
+          await line("drop");
+          drop = await dropFrom(port);
+          await Deno.writeTextFile(`${go}.shut`, "");
+        }
+        if (state === "CLOSING") {
+          await line("fin");
+          await peer.ask(`send ${PEER_BYTES}`);
+          await peer.ask("shut");
+        }
+        const sent = Number((await line("ready")).split(" ")[1]);
+        const img = `${tmp.path}/img`;
+        const flags = ["--tcp-established", ...(leaveRunning ? [leaveRunning] : [])];
+        assertExit(await amber(dumpArgs(target.pid, img, ...flags)), 0, "dump");
+        if (!leaveRunning) await target.child.status;
+        await drop?.[Symbol.asyncDispose]();
+        drop = undefined;
+        const entry = tcpEntries(await showJson(img)).find((e) => e.peer);
+        assert.equal(entry?.state, TCP_STATE_NUMBER[state], "the state dumped");
+        assert.equal(entry?.repair?.finUnsent ?? false, how !== "" && !sentFin, "an unsent FIN");
+        if (leaveRunning) await assertNoLock("after dump -R");
+        else {
+          assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+          await assertNoLock("after restore");
+        }
+        await Deno.writeTextFile(go, "");
+        if (!peerFirst && state !== "CLOSING") {
+          await peer.ask(`send ${PEER_BYTES}`);
+          await peer.ask("shut");
+        }
+        assert.equal(await peer.ask("read"), `read ${sent} ok EOF`, "what the peer received");
+        assert.equal(await line("done"), `done ${PEER_BYTES} ok`, "what the tree's side received");
+        // Both sides closed without a reset: no error, and recv still says EOF.
+        assert.equal(await peer.ask("status"), "status 0 b''", "the peer after the close");
+        done = true;
+      } finally {
+        await drop?.[Symbol.asyncDispose]();
+        await peer?.stop();
+        await killTree(target.pid);
+        // A failure between dump and restore leaves the dump's lock: not amber's fault, not to be kept.
+        if (!done) await removeLocksOf(target.pid);
+      }
+      await assertNoLock("at the end");
+    },
+  });
+}
+
+/**
+ * A listener outside the tree whose accept queue is full (it holds one
+ * connection of its own, with backlog 0), so SYNs to it are dropped and a
+ * client stays in SYN_SENT; it watches every other SYN arriving on loopback.
+ * Commands: "syns" (the SYNs seen so far as "syns PORT:SEQ ..."), "free"
+ * (accepts its own connection: the queue has room again), "serve" (accepts
+ * the next, reads until EOF: "served RECEIVED ok|FAIL EOF|error").
+ */
+const LISTEN_PY = `import socket, struct, sys, threading
+${READ_ALL_PY}l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(0)
+port = l.getsockname()[1]
+cap = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+cap.bind(("lo", 0x0800))
+syns = []
+def watch():
+    while True:
+        pkt, addr = cap.recvfrom(65536)
+        if addr[2] != socket.PACKET_HOST or pkt[9] != 6:
+            continue
+        t = pkt[(pkt[0] & 15) * 4:]
+        sport, dport, seq = struct.unpack("!HHI", t[:8])
+        if dport == port and t[13] & 0x12 == 0x02:
+            syns.append("%d:%d" % (sport, seq))
+threading.Thread(target=watch, daemon=True).start()
+mine = socket.create_connection(("127.0.0.1", port))
+own = "%d:" % mine.getsockname()[1]
+print(port)
+sys.stdout.flush()
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "syns":
+        print("syns " + " ".join(x for x in syns if not x.startswith(own)))
+    elif cmd == "free":
+        l.accept()[0].close()
+        mine.close()
+        print("free")
+    elif cmd == "serve":
+        print("served " + read_all(l.accept()[0]))
+    sys.stdout.flush()
+`;
+
+/** Connects to argv[1] (blocking, or "nonblocking" and waiting for it), then sends argv[3] bytes of the pattern. */
+const CONNECT_PY = `import select, socket, sys
+port, out, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+open(out, "a").write("connecting\\n")
+if sys.argv[4] == "nonblocking":
+    s.setblocking(False)
+    assert s.connect_ex(("127.0.0.1", port)) == 115  # EINPROGRESS
+    select.select([], [s], [])
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    s.setblocking(True)
+else:
+    s.connect(("127.0.0.1", port))
+    err = 0
+open(out, "a").write("connected %d %d\\n" % (err, s.getsockname()[1]))
+s.sendall(bytes(i % 251 for i in range(n)))
+s.close()
+open(out, "a").write("sent\\n")
+`;
+
+for (const mode of ["blocking", "nonblocking"]) {
+  Deno.test({
+    name:
+      `a ${mode} connect() in progress (SYN_SENT) is restored: the peer sees the same SYN again`,
+    ignore: !HAVE_NFT,
+    async fn() {
+      await using tmp = await tempDir();
+      const out = `${tmp.path}/connect.txt`;
+      const listener = linePeer([PYTHON, "-c", LISTEN_PY]);
+      let target: Target | undefined;
+      let done = false;
+      try {
+        const port = Number(await listener.ask(""));
+        await listener.ask("syns"); // (the empty line's answer: the port)
+        target = spawnTarget([
+          "setsid",
+          PYTHON,
+          "-c",
+          CONNECT_PY,
+          String(port),
+          out,
+          "100000",
+          mode,
+        ]);
+        await waitForLines(out, 1, 30_000);
+        // Its SYN was dropped (the queue is full): it is connecting, and retransmits.
+        const first = await waitFor(
+          async () => {
+            const syns = (await listener.ask("syns")).split(" ").slice(1);
+            return syns.length ? syns[0] : undefined;
+          },
+          "no SYN from the target",
+          30_000,
+        );
+        const img = `${tmp.path}/img`;
+        assertExit(await amber(dumpArgs(target.pid, img, "--tcp-established")), 0, "dump");
+        await target.child.status;
+        const entry = tcpEntries(await showJson(img)).find((e) => e.peer);
+        assert.equal(entry?.state, 2, "dumped in SYN_SENT");
+        assert.equal(await listener.ask("free"), "free");
+        assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+        await assertNoLock("after restore");
+        assert.equal(await listener.ask("serve"), "served 100000 ok EOF", "what the peer received");
+        const lines = await waitForLines(out, 3, 30_000);
+        assert.equal(
+          lines[1],
+          `connected 0 ${first.split(":")[0]}`,
+          "the connect, as the target saw it",
+        );
+        // Every SYN from that port, before and after the dump, is the same one.
+        const syns = (await listener.ask("syns")).split(" ").slice(1);
+        assert.ok(syns.length >= 2, `SYNs seen: ${syns}`);
+        assert.deepEqual(new Set(syns), new Set([first]), "the SYNs the peer saw");
+        done = true;
+      } finally {
+        await listener.stop();
+        if (target) {
+          await killTree(target.pid);
+          if (!done) await removeLocksOf(target.pid);
+        }
+      }
+      await assertNoLock("at the end");
+    },
+  });
+}
+
+/** A server that closes each connection first (so its side lingers in TIME_WAIT); argv[2] "reuse" sets SO_REUSEADDR. */
+const CLOSE_FIRST_PY = `import socket, sys
+l = socket.socket()
+if sys.argv[2] == "reuse":
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(4)
+n = 0
+while True:
+    c, _ = l.accept()
+    n += 1
+    c.sendall(b"hello %d" % n)
+    c.close()
+`;
+
+/** Whether a TIME_WAIT connection on local port `port` is in this network's /proc/net/tcp. */
+function timeWaitOn(port: number): boolean {
+  const hex = port.toString(16).toUpperCase().padStart(4, "0");
+  return Deno.readTextFileSync("/proc/net/tcp").split("\n").some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f[1]?.endsWith(`:${hex}`) && f[3] === "06";
+  });
+}
+
+for (const reuse of ["reuse", "no-reuse"]) {
+  Deno.test(`a listener (${reuse}) whose port holds TIME_WAIT connections is bound again`, async () => {
+    const port = freePort();
+    const target = spawnTarget(["setsid", PYTHON, "-c", CLOSE_FIRST_PY, String(port), reuse]);
+    await using tmp = await tempDir();
+    try {
+      const ask = async () => await readAll(await Deno.connect({ hostname: "127.0.0.1", port }));
+      assert.equal(
+        await waitFor(() => ask().catch(() => undefined), "no server", 30_000),
+        "hello 1",
+      );
+      assert.ok(timeWaitOn(port), "the server's side of the connection is in TIME_WAIT");
+      const img = `${tmp.path}/img`;
+      assertExit(await amber(dumpArgs(target.pid, img)), 0, "dump");
+      await target.child.status;
+      assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+      assert.equal(await ask(), "hello 2", "a new connection after restore");
+    } finally {
+      await killTree(target.pid);
+    }
+  });
+}
+
+/** Connects to argv[1], reads until the peer's EOF, shuts its side down and keeps the closed socket. */
+const ENDED_PY = `import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while s.recv(100):
+    pass
+s.shutdown(socket.SHUT_WR)
+while s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != 7:  # TCP_CLOSE
+    time.sleep(0.01)
+open(sys.argv[2], "w").write("closed\\n")
+time.sleep(600)
+`;
+
+Deno.test("a socket whose connection has ended (CLOSE, descriptor still open) is refused, naming it", async () => {
+  await using tmp = await tempDir();
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const ready = `${tmp.path}/ready`;
+  const port = (listener.addr as Deno.NetAddr).port;
+  const target = spawnTarget(["setsid", PYTHON, "-c", ENDED_PY, String(port), ready]);
+  try {
+    const conn = await listener.accept();
+    conn.close();
+    await waitForLines(ready, 1, 30_000);
+    const msg = assertOneLineError(
+      await amber(dumpArgs(target.pid, `${tmp.path}/img`, "--tcp-established")),
+      1,
+      "dump",
+    );
+    assert.match(msg, /fd \d+: tcp 127\.0\.0\.1:\d+ \(CLOSE\): a connection that has ended/);
+    assert.ok(isAlive(target.pid), "the target runs on");
+  } finally {
+    listener.close();
+    await killTree(target.pid);
+  }
 });

@@ -7,9 +7,11 @@ import { z } from "zod";
 import {
   AF,
   bindTo,
+  decodeAddr,
   getInt,
   getRaw,
   identity,
+  type InetAddr,
   IP_TOS,
   IPV6_TCLASS,
   IPV6_V6ONLY,
@@ -21,13 +23,15 @@ import {
   TCPOPT,
 } from "../../ffi/inet.ts";
 import { takeFd } from "../../ffi/socket.ts";
-import { libc } from "../../ffi/libc.ts";
-import { kindState } from "../context.ts";
+import { libc, SysError } from "../../ffi/libc.ts";
+import { NR } from "../../ffi/inject.ts";
+import { kindState, type RestoreContext } from "../context.ts";
 import { bytes } from "../images/codec.ts";
-import type { FdProbe } from "./kind.ts";
+import { type FdProbe, O_CLOEXEC } from "./kind.ts";
 
 const LINK = /^socket:\[(\d+)\]$/;
 const O_NONBLOCK = 0o4000;
+const SOCK_RAW = 3, IPPROTO_RAW = 255, EADDRINUSE = 98;
 
 export const Addr = z.object({
   family: z.union([z.literal(AF.INET), z.literal(AF.INET6)]),
@@ -206,11 +210,71 @@ export function applyOptions(sock: number, e: InetImage): void {
  * Binds again to the dumped address, if the socket was bound. Like a
  * restarting server's SO_REUSEADDR: the dumped socket's port may linger
  * (TIME_WAIT, a connection restored before it); the image's own setting
- * comes back once bound.
+ * comes back once bound. When bind or `then` (listen) still finds the
+ * port in use, `inUse` may free it (TIME_WAIT connections that had no
+ * SO_REUSEADDR) and says whether to try once more.
  */
-export function bindAgain(sock: number, e: InetImage, then?: () => void): void {
+export function bindAgain(
+  sock: number,
+  e: InetImage,
+  then?: () => void,
+  inUse?: () => boolean,
+): void {
+  // `inUse` may free the port (and says so): then once more.
+  const retried = (step: () => void) => {
+    try {
+      step();
+    } catch (err) {
+      if (!(err instanceof SysError && err.errno === EADDRINUSE && inUse?.())) throw err;
+      step();
+    }
+  };
   setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, 1);
-  if (e.local.port !== 0) bindTo(sock, e.local);
-  then?.();
+  if (e.local.port !== 0) retried(() => bindTo(sock, e.local));
+  if (then) retried(then);
   setInt(sock, SOL.SOCKET, SOCKOPT.REUSEADDR, e.reuseaddr ? 1 : 0);
+}
+
+/** A raw socket (IPPROTO_RAW: the caller writes the IP header) of the process's network, as amber's. */
+export function rawSocket(ctx: RestoreContext, family: number): number {
+  return processSocket(ctx, family, SOCK_RAW, IPPROTO_RAW);
+}
+
+/** A socket made in the restored process (so of its network namespace), as amber's. */
+export function processSocket(
+  ctx: RestoreContext,
+  family: number,
+  type: number,
+  protocol: number,
+): number {
+  const inj = ctx.injector;
+  const fd = Number(inj.call("socket", NR.socket, family, type | O_CLOEXEC, protocol));
+  try {
+    return takeFd(ctx.pid, fd);
+  } finally {
+    inj.call("close", NR.close, fd);
+  }
+}
+
+/**
+ * The remote address of TCP socket `ino` of process `pid` as its network's
+ * /proc/net/tcp{,6} shows it: getpeername() says ENOTCONN while a connect
+ * is in progress.
+ */
+export function remoteFromProc(pid: number, ino: number, family: number): InetAddr | undefined {
+  const file = `/proc/${pid}/net/${family === AF.INET ? "tcp" : "tcp6"}`;
+  for (const line of Deno.readTextFileSync(file).split("\n").slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10 || Number(f[9]) !== ino) continue;
+    const [hex, port] = f[2].split(":");
+    // Each 32-bit word of the address is printed in host (little-endian) order.
+    const words = hex.match(/.{8}/g)!.map((w) => w.match(/../g)!.reverse().join(""));
+    const raw = Uint8Array.from(words.join("").match(/../g)!.map((b) => parseInt(b, 16)));
+    const sa = new Uint8Array(family === AF.INET ? 16 : 28);
+    const v = new DataView(sa.buffer);
+    v.setUint16(0, family, true);
+    v.setUint16(2, parseInt(port, 16), false);
+    sa.set(raw, family === AF.INET ? 4 : 8);
+    return decodeAddr(sa);
+  }
 }

@@ -43,6 +43,7 @@ import {
   inetFields,
   inode,
   isInet,
+  rawSocket,
   UDP_V4_OPTIONS,
   UDP_V6_OPTIONS,
 } from "./inet.ts";
@@ -50,7 +51,6 @@ import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 
 const SOCK_DGRAM = 2, IPPROTO_UDP = 17;
 const SOL_UDP = 17, UDP_CORK = 1;
-const SOCK_RAW = 3, IPPROTO_RAW = 255;
 /** Most bytes and datagrams amber keeps for one socket's receive queue. */
 const QUEUE_LIMIT = 64 * 1024 * 1024, QUEUE_COUNT = 65536;
 /** How long restore waits for one handed-back datagram to reach the socket. */
@@ -189,17 +189,6 @@ function destinationOf(e: UdpImage, v4: boolean): InetAddr {
   return v4
     ? { family: AF.INET, addr: "127.0.0.1", port }
     : { family: AF.INET6, addr: "::1", port };
-}
-
-/** A raw socket (IPPROTO_RAW: the caller writes the IP header) of the process's network, as amber's. */
-function rawSocket(ctx: RestoreContext, family: number): number {
-  const inj = ctx.injector;
-  const fd = Number(inj.call("socket(raw)", NR.socket, family, SOCK_RAW | O_CLOEXEC, IPPROTO_RAW));
-  try {
-    return takeFd(ctx.pid, fd);
-  } finally {
-    inj.call("close", NR.close, fd);
-  }
 }
 
 /**

@@ -19,6 +19,14 @@ export interface LockedConn {
   peer: { addr: string; port: number };
 }
 
+/**
+ * The mark (SO_MARK) of amber's own raw socket at restore: packets it
+ * crafts for a locked connection (a peer's FIN or ACK that will not come
+ * again) pass the lock; the kernel keeps the mark from output to input on
+ * loopback.
+ */
+export const LOCK_MARK = 0x616d6272;
+
 const TABLE = /^amber_[a-z0-9_]{1,40}$/;
 
 /** A table name for a dump: unique enough on one machine, and a valid nft identifier. */
@@ -75,6 +83,8 @@ export function lockConnection(table: string, c: LockedConn, create: boolean): v
       `add chain inet ${table} ${dumpingChain()}`,
       `add chain inet ${table} in { type filter hook input priority -300 ; policy accept ; }`,
       `add chain inet ${table} out { type filter hook output priority -300 ; policy accept ; }`,
+      `add rule inet ${table} in meta mark ${LOCK_MARK} accept`,
+      `add rule inet ${table} out meta mark ${LOCK_MARK} accept`,
     );
   }
   for (const r of rules(c)) {
