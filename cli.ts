@@ -263,6 +263,49 @@ async function withLog<T>(v: Values, fn: (out: Output) => Promise<T>): Promise<T
   }
 }
 
+/** Set in the background amber that `restore --lazy-pages -d` starts. */
+const LAZY_DAEMON_ENV = "AMBER_LAZY_DAEMON";
+
+/**
+ * restore --lazy-pages -d: the tree must run and this command return while
+ * its pages are still being served, so the whole restore runs in a second
+ * amber (same arguments but -d), in its own session, which stays until
+ * every page is in. This one waits until the tree runs (or the restore
+ * failed: its message is on the shared stderr) and then returns, as -d does.
+ */
+async function startLazyDaemon(json: boolean): Promise<number> {
+  const args = Deno.args.filter((a) => a !== "-d" && a !== "--restore-detached");
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "--config",
+      new URL("./deno.json", import.meta.url).pathname,
+      new URL(import.meta.url).pathname,
+      ...args,
+    ],
+    env: { [LAZY_DAEMON_ENV]: "1" },
+    stdin: args.includes("--stream") ? "inherit" : "null",
+    stdout: "piped",
+    stderr: "inherit",
+    detached: true,
+  }).spawn();
+  const reader = child.stdout.getReader();
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += new TextDecoder().decode(value);
+  }
+  reader.releaseLock();
+  await child.stdout.cancel();
+  if (!text.includes("\n")) return (await child.status).code || 1;
+  child.unref();
+  const result = JSON.parse(text.slice(0, text.indexOf("\n")));
+  if (json) printJson({ ...result, lazyServer: child.pid });
+  return 0;
+}
+
 function printJson(v: unknown): void {
   console.log(JSON.stringify(v));
 }
@@ -429,6 +472,11 @@ const COMMANDS: Command[] = [
         long: "stream",
         help: "read the images from stdin (dump --stream); -D DIR keeps them there",
       },
+      {
+        long: "lazy-pages",
+        help: "run the tree at once and serve its anonymous memory as it is touched, " +
+          "copying the rest meanwhile; amber (with -d, a background amber) stays until all is in",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -443,9 +491,13 @@ const COMMANDS: Command[] = [
       const dir = v.stream
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "restore");
+      const lazyPages = !!v["lazy-pages"];
+      const daemon = lazyPages && Deno.env.get(LAZY_DAEMON_ENV) === "1";
+      if (lazyPages && v["restore-detached"] && !daemon) return startLazyDaemon(!!v.json);
       return withLog(v, async ({ detail, log, progress }) => {
         const t0 = performance.now();
         const result = await restore({
+          lazyPages,
           dir,
           stream: v.stream ? Deno.stdin : undefined,
           detached: !!v["restore-detached"],
@@ -457,11 +509,19 @@ const COMMANDS: Command[] = [
           progress: progress?.callback,
         });
         log?.(`restored ${result.pids.join(" ")}`);
+        const { lazy: _, ...shown } = result;
+        if (daemon) {
+          // To the amber that started this one (restore -d): the tree runs.
+          printJson({ ok: true, command: "restore", ...shown, totalMs: performance.now() - t0 });
+          const stats = await result.lazy!;
+          log?.(`lazy pages: all in after ${stats.allInMs.toFixed(0)} ms`);
+          return 0;
+        }
         if (v.json) {
           printJson({
             ok: true,
             command: "restore",
-            ...result,
+            ...shown,
             totalMs: performance.now() - t0,
             imagesDir: dir,
           });

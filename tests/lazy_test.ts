@@ -1,0 +1,144 @@
+/**
+ * Lazy restore (issue 13): `restore --lazy-pages` lets the tree run before
+ * its private anonymous memory is in, serves faults from the images over
+ * userfaultfd and copies the rest meanwhile. Targets: testdata/dirtier.c
+ * (patterned memory it checks itself on SIGUSR1) and testdata/tree.c.
+ */
+import assert from "node:assert/strict";
+import {
+  amber,
+  assertExit,
+  buildC,
+  CLI,
+  DENO,
+  descendants,
+  isAlive,
+  killAndReap,
+  readLines,
+  ROOT,
+  startWriter,
+  tempDir,
+  waitForLine,
+  waitGone,
+  waitVanished,
+  withTree,
+  type Writer,
+} from "./_util.ts";
+
+const MIB = 256;
+const HOT_PAGES = 16;
+
+async function startDirtier(dir: string, mib = MIB): Promise<Writer> {
+  const bin = await buildC("dirtier");
+  const out = `${dir}/out.txt`;
+  return await startWriter([bin, out, String(mib), String(HOT_PAGES)], out, 3, 30_000);
+}
+
+/** Asks the target for a memory check and returns its verdict line. */
+async function checkLine(w: Writer): Promise<string> {
+  const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
+  Deno.kill(w.pid, "SIGUSR1");
+  const lines = await waitForLine(
+    w.out,
+    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
+    60_000,
+  );
+  return lines.filter((l) => l.startsWith("check")).at(-1)!;
+}
+
+/** The last generation the target wrote. */
+async function generation(out: string): Promise<number> {
+  const nums = (await readLines(out)).filter((l) => /^\d+$/.test(l));
+  return Number(nums.at(-1) ?? -1);
+}
+
+/** amber started in the background, its stderr collected line by line. */
+interface Background {
+  child: Deno.ChildProcess;
+  lines: string[];
+  done: Promise<Deno.CommandStatus>;
+  waitLine(re: RegExp, timeoutMs?: number): Promise<string>;
+}
+
+function amberInBackground(args: string[]): Background {
+  const child = new Deno.Command(DENO, {
+    args: ["run", "-A", CLI, ...args],
+    cwd: ROOT,
+    env: { NO_COLOR: "1" },
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const lines: string[] = [];
+  const reading = (async () => {
+    let rest = "";
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
+      rest += chunk;
+      const parts = rest.split("\n");
+      rest = parts.pop()!;
+      lines.push(...parts);
+    }
+    if (rest) lines.push(rest);
+  })();
+  const done = reading.then(() => child.status);
+  return {
+    child,
+    lines,
+    done,
+    async waitLine(re, timeoutMs = 120_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const hit = lines.find((l) => re.test(l));
+        if (hit) return hit;
+        assert.ok(Date.now() < deadline, `no line like ${re}:\n${lines.join("\n")}`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    },
+  };
+}
+
+Deno.test("restore --lazy-pages: 256 MiB of patterned memory runs before its pages are in, and every byte checks out", async () => {
+  await using tmp = await tempDir();
+  const w = await startDirtier(tmp.path);
+  const img = `${tmp.path}/img`;
+  try {
+    assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
+    assert.ok(await waitGone(w.pid), "the dumped process ends");
+    const last = await generation(w.out);
+    const t0 = performance.now();
+    const bg = amberInBackground(["restore", "-D", img, "--lazy-pages", "-v"]);
+    try {
+      await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last), 60_000);
+      const runningMs = performance.now() - t0;
+      const allInBefore = bg.lines.some((l) => /lazy pages: all in/.test(l));
+      // A check while pages may still be missing: its reads fault them in from the images.
+      assert.equal(await checkLine(w), "check ok", "memory check during lazy restore");
+      const allIn = await bg.waitLine(/lazy pages: all in after \d+ ms/);
+      const allInMs = performance.now() - t0;
+      console.log(
+        `  ${MIB} MiB: running after ${runningMs.toFixed(0)} ms (amber started), all pages in ` +
+          `after ${allInMs.toFixed(0)} ms${allInBefore ? " (all in before it ran on)" : ""}; ${
+            allIn.replace(/^.*lazy pages: /, "")
+          }`,
+      );
+      assert.equal(await checkLine(w), "check ok", "memory check once every page is in");
+      assert.deepEqual(uffdsOf(w.pid), [], "no userfaultfd left in the restored process");
+      await killAndReap(w.pid);
+      const st = await bg.done;
+      assert.equal(st.code, 128 + 9, `amber exits with the root's status:\n${bg.lines.join("\n")}`);
+    } finally {
+      try {
+        bg.child.kill("SIGKILL");
+      } catch { /* ended */ }
+      await bg.done;
+    }
+  } finally {
+    await killAndReap(w.pid);
+  }
+});
+
+function uffdsOf(pid: number): string[] {
+  return [...Deno.readDirSync(`/proc/${pid}/fd`)]
+    .map((e) => Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`))
+    .filter((l) => l === "anon_inode:[userfaultfd]");
+}
