@@ -270,8 +270,9 @@ const LAZY_DAEMON_ENV = "AMBER_LAZY_DAEMON";
  * restore --lazy-pages -d: the tree must run and this command return while
  * its pages are still being served, so the whole restore runs in a second
  * amber (same arguments but -d), in its own session, which stays until
- * every page is in. This one waits until the tree runs (or the restore
- * failed: its message is on the shared stderr) and then returns, as -d does.
+ * every page is in. This one waits until the tree runs and then returns,
+ * as -d does. The other's messages go to the -o log, and to stderr only if
+ * that is a terminal; so a failed restore is told here by the code only.
  */
 async function startLazyDaemon(json: boolean): Promise<number> {
   const args = Deno.args.filter((a) => a !== "-d" && a !== "--restore-detached");
@@ -287,7 +288,9 @@ async function startLazyDaemon(json: boolean): Promise<number> {
     env: { [LAZY_DAEMON_ENV]: "1" },
     stdin: args.includes("--stream") ? "inherit" : "null",
     stdout: "piped",
-    stderr: "inherit",
+    // Not a pipe of the caller's: it would stay open, and `amber restore -d | ...` never end.
+    // Its failures are in the -o log (and on the terminal).
+    stderr: Deno.stderr.isTerminal() ? "inherit" : "null",
     detached: true,
   }).spawn();
   const reader = child.stdout.getReader();
@@ -299,7 +302,15 @@ async function startLazyDaemon(json: boolean): Promise<number> {
   }
   reader.releaseLock();
   await child.stdout.cancel();
-  if (!text.includes("\n")) return (await child.status).code || 1;
+  if (!text.includes("\n")) {
+    const code = (await child.status).code || 1;
+    if (!Deno.stderr.isTerminal()) {
+      console.error(
+        "amber: restore --lazy-pages -d: the restore failed (its reason is in the -o log)",
+      );
+    }
+    return code;
+  }
   child.unref();
   const result = JSON.parse(text.slice(0, text.indexOf("\n")));
   if (json) printJson({ ...result, lazyServer: child.pid });
@@ -500,7 +511,8 @@ const COMMANDS: Command[] = [
           lazyPages,
           dir,
           stream: v.stream ? Deno.stdin : undefined,
-          detached: !!v["restore-detached"],
+          // The background amber of -d: the tree is not its child, it waits only for the pages.
+          detached: !!v["restore-detached"] || daemon,
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
           allowChangedFiles: !!v["allow-changed-files"],

@@ -19,9 +19,9 @@ import {
   startWriter,
   tempDir,
   waitForLine,
+  waitForLines,
   waitGone,
   waitVanished,
-  withTree,
   type Writer,
 } from "./_util.ts";
 
@@ -141,4 +141,101 @@ function uffdsOf(pid: number): string[] {
   return [...Deno.readDirSync(`/proc/${pid}/fd`)]
     .map((e) => Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`))
     .filter((l) => l === "anon_inode:[userfaultfd]");
+}
+
+async function startLazyTree(
+  dir: string,
+  mib: number,
+): Promise<{ pids: number[]; outs: string[] }> {
+  const bin = await buildC("lazytree");
+  const outs = [`${dir}/parent.txt`, `${dir}/child.txt`];
+  const w = await startWriter([bin, dir, String(mib)], outs[0], 3, 30_000);
+  await waitForLines(outs[1], 3, 30_000);
+  return { pids: [w.pid, ...descendants(w.pid).filter((p) => p !== w.pid)], outs };
+}
+
+/** Sends `signal` and waits for the line it makes the process write (`what ok` or `what BAD...`). */
+async function ask(pid: number, out: string, signal: Deno.Signal, what: string): Promise<string> {
+  const seen = (ls: string[]) => ls.filter((l) => l.startsWith(`${what} `)).length;
+  const before = seen(await readLines(out));
+  Deno.kill(pid, signal);
+  const lines = await waitForLine(out, (ls) => seen(ls) > before, 60_000);
+  return lines.filter((l) => l.startsWith(`${what} `)).at(-1)!;
+}
+
+Deno.test("restore --lazy-pages -d: a tree of two processes runs at once; MADV_DONTNEED, mremap, munmap and fork while pages are missing; a background amber serves until all is in", async () => {
+  await using tmp = await tempDir();
+  const { pids, outs } = await startLazyTree(tmp.path, 64);
+  const img = `${tmp.path}/img`;
+  const log = `${tmp.path}/lazy.log`;
+  let server = 0;
+  try {
+    assertExit(await amber(["dump", "-t", String(pids[0]), "-D", img]), 0, "dump");
+    await waitVanished(pids);
+    const r = await amber(["restore", "-D", img, "--lazy-pages", "-d", "--json", "-o", log]);
+    assertExit(r, 0, "restore --lazy-pages -d");
+    const result = JSON.parse(r.stdout);
+    assert.deepEqual(result.pids, pids, "same pids");
+    server = result.lazyServer;
+    assert.ok(server > 0, `the background server: ${r.stdout}`);
+    // Both at once, while their pages are still coming in (likely, not asserted: the log says).
+    const each = (signal: Deno.Signal, what: string) =>
+      Promise.all(pids.map((pid, i) => ask(pid, outs[i], signal, what)));
+    assert.deepEqual(await each("SIGUSR2", "fork"), ["fork ok", "fork ok"], "forked now: checks");
+    assert.deepEqual(await each("SIGWINCH", "ops"), ["ops ok", "ops ok"], "dontneed, mremap");
+    assert.deepEqual(await each("SIGUSR1", "check"), ["check ok", "check ok"], "check");
+    assert.ok(await waitGone(server, 60_000), "the background server ends once all is in");
+    const text = await Deno.readTextFile(log);
+    const allIn = /lazy pages: all in after .*/.exec(text);
+    assert.ok(allIn, `the log says all pages are in:\n${text}`);
+    console.log(`  2 x 64 MiB: ${allIn[0]}`);
+    for (const [i, pid] of pids.entries()) {
+      assert.equal(
+        await ask(pid, outs[i], "SIGUSR1", "check"),
+        "check ok",
+        `pid ${pid}: check after`,
+      );
+      assert.equal(await ask(pid, outs[i], "SIGUSR2", "fork"), "fork ok", `pid ${pid}: fork after`);
+      assert.deepEqual(uffdsOf(pid), [], `pid ${pid}: no userfaultfd left`);
+    }
+  } finally {
+    for (const pid of pids.toReversed()) await killAndReap(pid);
+    if (server && isAlive(server)) Deno.kill(server, "SIGKILL");
+  }
+});
+
+for (
+  const [fault, why] of [
+    [
+      "lazy-half",
+      /^amber: lazy pages: injected test fault at lazy-half: \d+ pages not in yet: killed \d+/,
+    ],
+    [
+      "lazy-half:SIGTERM",
+      /^amber: lazy pages: interrupted by SIGTERM.*: \d+ pages not in yet: killed \d+/,
+    ],
+    [
+      "lazy-half:SIGKILL",
+      /^amber: lazy pages: amber \(pid \d+\) died with pages missing: killed \d+/,
+    ],
+  ] as const
+) {
+  Deno.test(`restore --lazy-pages: the page server failing half-way (${fault}) kills the restored process and says why`, async () => {
+    await using tmp = await tempDir();
+    const w = await startDirtier(tmp.path);
+    const img = `${tmp.path}/img`;
+    try {
+      assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
+      assert.ok(await waitGone(w.pid), "the dumped process ends");
+      const r = await amber(["restore", "-D", img, "--lazy-pages"], { AMBER_TEST_FAULT: fault });
+      assert.notEqual(r.code, 0, `amber fails: ${r.stderr}`);
+      const lines = r.stderr.trim().split("\n");
+      assert.ok(lines.some((l) => why.test(l)), `says why:\n${r.stderr}`);
+      assert.ok(await waitGone(w.pid), "the restored process is killed");
+      const bad = (await readLines(w.out)).filter((l) => l.includes("BAD"));
+      assert.deepEqual(bad, [], "it never saw wrong memory");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  });
 }

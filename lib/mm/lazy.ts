@@ -54,7 +54,7 @@ import {
   uffdZeropage,
 } from "../../ffi/uffd.ts";
 import { kindState } from "../context.ts";
-import { AmberError, withContext } from "../errors.ts";
+import { AmberError, faultPointAsync, withContext } from "../errors.ts";
 import { SignalGuard } from "../interrupt.ts";
 import { findFreeRange, type MappingImage, mappingLabel, PAGE } from "./mappings.ts";
 import { readMaps } from "../proc/maps.ts";
@@ -140,6 +140,8 @@ export interface LazyStats {
   faultedPages: number;
   /** Milliseconds from the tree's start until every page was in. */
   allInMs: number;
+  /** Events seen while pages were missing: forks, mremaps, MADV_DONTNEED/REMOVE, munmaps. */
+  events: { fork: number; remap: number; remove: number; unmap: number };
 }
 
 /** The lazy part of a restore, for the whole tree (kind state "lazy"). */
@@ -149,8 +151,15 @@ export class LazyPages {
   private readonly pushBuf = alignedBuffer(PUSH_BYTES);
   private readonly faultBuf = alignedBuffer(FAULT_AROUND * PAGE_SIZE);
   private readonly files = new Set<RawFile>();
-  readonly stats: LazyStats = { faults: 0, pushedPages: 0, faultedPages: 0, allInMs: 0 };
+  readonly stats: LazyStats = {
+    faults: 0,
+    pushedPages: 0,
+    faultedPages: 0,
+    allInMs: 0,
+    events: { fork: 0, remap: 0, remove: 0, unmap: 0 },
+  };
   private next = 0;
+  private watchdog?: Deno.ChildProcess;
 
   constructor(private readonly log: (line: string) => void) {}
 
@@ -194,6 +203,7 @@ export class LazyPages {
         this.spaces.push({ label: `pid ${p.pid}`, pid: p.pid, fd, missing, retry: [] });
       });
     }
+    if (this.spaces.length) this.watchdog = startWatchdog(this.spaces);
   }
 
   /** Whether any page is still missing. */
@@ -247,9 +257,16 @@ export class LazyPages {
    */
   async serve(t0: number): Promise<LazyStats> {
     using guard = new SignalGuard();
+    const half = this.missingPages() / 2;
+    let halfway = false;
     try {
       while (this.active) {
         guard.throwIfStopped();
+        if (!halfway && this.stats.pushedPages + this.stats.faultedPages >= half) {
+          halfway = true;
+          await faultPointAsync("lazy-half");
+          guard.throwIfStopped();
+        }
         for (const s of [...this.spaces]) await this.drain(s);
         await this.pushOne();
       }
@@ -257,7 +274,8 @@ export class LazyPages {
       this.stats.allInMs = performance.now() - t0;
       this.log(
         `lazy pages: all in after ${this.stats.allInMs.toFixed(0)} ms: ${this.stats.faults} ` +
-          `faults, ${this.stats.faultedPages} pages on demand, ${this.stats.pushedPages} pushed`,
+          `faults, ${this.stats.faultedPages} pages on demand, ${this.stats.pushedPages} pushed; ` +
+          `events: ${Object.entries(this.stats.events).map(([k, n]) => `${n} ${k}`).join(", ")}`,
       );
       return this.stats;
     } catch (e) {
@@ -298,6 +316,13 @@ export class LazyPages {
   }
 
   private close(): void {
+    // The watchdog's copies first: the last copy closed unregisters the memory.
+    if (this.watchdog) {
+      try {
+        Deno.kill(-this.watchdog.pid, "SIGKILL");
+      } catch { /* gone */ }
+      this.watchdog = undefined;
+    }
     for (const s of this.spaces.splice(0)) libc().close(s.fd);
     for (const f of this.files) f.close();
     this.files.clear();
@@ -329,6 +354,8 @@ export class LazyPages {
 
   /** Bookkeeping of non-cooperative events (faults are queued by drain). */
   private event(s: Space, m: UffdMsg): void {
+    const name = EVENT_NAMES.get(m.event);
+    if (name) this.stats.events[name]++;
     if (m.event === UFFD_EVENT.REMOVE || m.event === UFFD_EVENT.UNMAP) {
       const start = m.start!, end = m.end!;
       s.missing = clipMissing(
@@ -457,6 +484,47 @@ function pagesAmberMayTouch(regs: Regs): Span[] {
   const args = (["rdi", "rsi", "rdx", "r10", "r8", "r9"] as const).map((r) => regs.get(r));
   const stack: Span = [Number((sp - 4096n) / PAGE), Number(sp / PAGE) + 1];
   return [stack, ...args.map((a): Span => [Number(a / PAGE), Number((a + 32n) / PAGE) + 1])];
+}
+
+const F_SETFD = 2, FD_CLOEXEC = 1;
+const EVENT_NAMES = new Map<number, keyof LazyStats["events"]>([
+  [UFFD_EVENT.FORK, "fork"],
+  [UFFD_EVENT.REMAP, "remap"],
+  [UFFD_EVENT.REMOVE, "remove"],
+  [UFFD_EVENT.UNMAP, "unmap"],
+]);
+
+/**
+ * If amber dies (SIGKILL) while pages are missing, the kernel would
+ * unregister the memory as amber's descriptors close, and the tree would
+ * run on with zeros where its pages should be. A watchdog holding copies
+ * of the userfaultfds (inherited: the only descriptors amber lets through)
+ * keeps the faulting threads waiting instead, and once amber is gone kills
+ * the tree and says why. It lives in its own process group, killed as a
+ * whole once every page is in. Children forked later are served by
+ * userfaultfds the watchdog does not hold: those amber's own end kills.
+ */
+function startWatchdog(spaces: Space[]): Deno.ChildProcess {
+  const fds = spaces.map((s) => s.fd);
+  const pids = spaces.flatMap((s) => (s.pid ? [String(s.pid)] : []));
+  const script = 'amber=$1; shift; tail --pid="$amber" -s 0.1 -f /dev/null; ' +
+    'kill -KILL "$@" 2>/dev/null; ' +
+    'echo "amber: lazy pages: amber (pid $amber) died with pages missing: killed $*" >&2';
+  for (const fd of fds) libc().fcntl(fd, F_SETFD, 0n);
+  try {
+    const child = new Deno.Command("/bin/bash", {
+      args: ["-c", script, "amber-lazy-watch", String(Deno.pid), ...pids],
+      stdin: "null",
+      stdout: "null",
+      stderr: "inherit",
+      detached: true,
+    }).spawn();
+    child.unref();
+    child.status.catch(() => {});
+    return child;
+  } finally {
+    for (const fd of fds) libc().fcntl(fd, F_SETFD, BigInt(FD_CLOEXEC));
+  }
 }
 
 function addressOfSub(buf: Uint8Array, pages: number): bigint {
