@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import {
   amber,
+  assertConsecutive,
   assertExit,
   buildC,
   CLI,
@@ -15,9 +16,12 @@ import {
   isAlive,
   killAndReap,
   readLines,
+  readThreadLines,
   ROOT,
+  startThreads,
   startWriter,
   tempDir,
+  threadsOf,
   waitForLine,
   waitForLines,
   waitGone,
@@ -239,3 +243,23 @@ for (
     }
   });
 }
+
+Deno.test("restore --lazy-pages: a process of 4 threads, stacks served lazily, counts on in every thread", async () => {
+  await using tmp = await tempDir();
+  const t = await startThreads(tmp.path, 4);
+  const img = `${tmp.path}/img`;
+  try {
+    assertExit(await amber(["dump", "-t", String(t.pid), "-D", img]), 0, "dump");
+    assert.ok(await waitGone(t.pid), "the dumped process ends");
+    const r = await amber(["restore", "-D", img, "--lazy-pages", "-d", "--json"]);
+    assertExit(r, 0, "restore --lazy-pages -d");
+    const server = JSON.parse(r.stdout).lazyServer;
+    assert.deepEqual(threadsOf(t.pid), t.tids, "same threads");
+    const before = (await readLines(t.out)).length;
+    await waitForLines(t.out, before + 4 * 10);
+    assert.ok(await waitGone(server, 60_000), "the background server ends once all is in");
+    for (const [i, counts] of await readThreadLines(t.out)) assertConsecutive(counts, `T${i}`);
+  } finally {
+    await killAndReap(t.pid);
+  }
+});
