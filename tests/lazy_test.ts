@@ -263,3 +263,51 @@ Deno.test("restore --lazy-pages: a process of 4 threads, stacks served lazily, c
     await killAndReap(t.pid);
   }
 });
+
+Deno.test("restore --lazy-pages from a chain of pre-dumps: pages come from whichever image holds them", async () => {
+  await using tmp = await tempDir();
+  const w = await startDirtier(tmp.path, 32);
+  const pre = `${tmp.path}/pre`, fin = `${tmp.path}/final`;
+  try {
+    assertExit(await amber(["pre-dump", "-t", String(w.pid), "-D", pre]), 0, "pre-dump");
+    const g = await generation(w.out);
+    await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > g + HOT_PAGES));
+    const args = ["-t", String(w.pid), "-D", fin, "--prev-images-dir", "../pre", "--track-mem"];
+    assertExit(await amber(["dump", ...args]), 0, "final dump");
+    assert.ok(await waitGone(w.pid), "the dumped process ends");
+    const r = await amber(["restore", "-D", fin, "--lazy-pages", "-d", "--json"]);
+    assertExit(r, 0, "restore --lazy-pages -d from the chain");
+    assert.equal(await checkLine(w), "check ok", "memory check while pages come in");
+    assert.ok(await waitGone(JSON.parse(r.stdout).lazyServer, 60_000), "the server ends");
+    assert.equal(await checkLine(w), "check ok", "memory check once all is in");
+  } finally {
+    await killAndReap(w.pid);
+  }
+});
+
+Deno.test("dump --stream | restore --stream --lazy-pages -d: the unpacked images serve the pages", async () => {
+  await using tmp = await tempDir();
+  const w = await startDirtier(tmp.path, 64);
+  try {
+    const cmd = `${DENO} run -A ${CLI}`;
+    const r = await new Deno.Command("/bin/bash", {
+      args: [
+        "-c",
+        `set -o pipefail; ${cmd} dump -t ${w.pid} --stream | ${cmd} restore --stream --lazy-pages -d --json`,
+      ],
+      cwd: ROOT,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const dec = new TextDecoder();
+    assert.equal(r.code, 0, dec.decode(r.stderr));
+    const result = JSON.parse(dec.decode(r.stdout));
+    assert.deepEqual(result.pids, [w.pid]);
+    assert.equal(await checkLine(w), "check ok", "memory check while pages come in");
+    assert.ok(await waitGone(result.lazyServer, 60_000), "the server ends");
+    assert.equal(await checkLine(w), "check ok", "memory check once all is in");
+  } finally {
+    await killAndReap(w.pid);
+  }
+});
