@@ -38,6 +38,20 @@ async function startDirtier(dir: string, mib = MIB): Promise<Writer> {
   return await startWriter([bin, out, String(mib), String(HOT_PAGES)], out, 3, 30_000);
 }
 
+/** A dirtier of MIB MiB dumped into DIR/img (and so ended). */
+async function dumpedDirtier(dir: string): Promise<{ w: Writer; img: string }> {
+  const w = await startDirtier(dir);
+  const img = `${dir}/img`;
+  try {
+    assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
+    assert.ok(await waitGone(w.pid), "the dumped process ends");
+  } catch (e) {
+    await killAndReap(w.pid);
+    throw e;
+  }
+  return { w, img };
+}
+
 /** Asks the target for a memory check and returns its verdict line. */
 async function checkLine(w: Writer): Promise<string> {
   const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
@@ -103,11 +117,8 @@ function amberInBackground(args: string[]): Background {
 
 Deno.test("restore --lazy-pages: 256 MiB of patterned memory runs before its pages are in, and every byte checks out", async () => {
   await using tmp = await tempDir();
-  const w = await startDirtier(tmp.path);
-  const img = `${tmp.path}/img`;
+  const { w, img } = await dumpedDirtier(tmp.path);
   try {
-    assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
-    assert.ok(await waitGone(w.pid), "the dumped process ends");
     const last = await generation(w.out);
     const t0 = performance.now();
     const bg = amberInBackground(["restore", "-D", img, "--lazy-pages", "-v"]);
@@ -226,11 +237,8 @@ for (
 ) {
   Deno.test(`restore --lazy-pages: the page server failing half-way (${fault}) kills the restored process and says why`, async () => {
     await using tmp = await tempDir();
-    const w = await startDirtier(tmp.path);
-    const img = `${tmp.path}/img`;
+    const { w, img } = await dumpedDirtier(tmp.path);
     try {
-      assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
-      assert.ok(await waitGone(w.pid), "the dumped process ends");
       const r = await amber(["restore", "-D", img, "--lazy-pages"], { AMBER_TEST_FAULT: fault });
       assert.notEqual(r.code, 0, `amber fails: ${r.stderr}`);
       const lines = r.stderr.trim().split("\n");
@@ -307,6 +315,32 @@ Deno.test("dump --stream | restore --stream --lazy-pages -d: the unpacked images
     assert.equal(await checkLine(w), "check ok", "memory check while pages come in");
     assert.ok(await waitGone(result.lazyServer, 60_000), "the server ends");
     assert.equal(await checkLine(w), "check ok", "memory check once all is in");
+  } finally {
+    await killAndReap(w.pid);
+  }
+});
+
+Deno.test("restore --lazy-pages of a process of uid 65534: no userfaultfd for it here, so it is filled before it runs, and says so", async () => {
+  await using tmp = await tempDir();
+  await Deno.chmod(tmp.path, 0o755);
+  const out = `${tmp.path}/out.txt`;
+  await Deno.writeTextFile(out, "");
+  await Deno.chmod(out, 0o666);
+  const bin = await buildC("dirtier");
+  const nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+  const w = await startWriter([...nobody, bin, out, "16", String(HOT_PAGES)], out, 3, 30_000);
+  const img = `${tmp.path}/img`;
+  try {
+    assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
+    assert.ok(await waitGone(w.pid), "the dumped process ends");
+    const log = `${tmp.path}/lazy.log`;
+    const r = await amber(["restore", "-D", img, "--lazy-pages", "-d", "--json", "-o", log]);
+    assertExit(r, 0, "restore --lazy-pages -d");
+    assert.match(
+      await Deno.readTextFile(log),
+      new RegExp(`pid ${w.pid}: lazy pages: userfaultfd: EPERM .*: filled before it runs`),
+    );
+    assert.equal(await checkLine(w), "check ok", "memory check");
   } finally {
     await killAndReap(w.pid);
   }

@@ -42,7 +42,6 @@ import {
   readUffd,
   registeredIoctls,
   UFFD_EVENT,
-  UFFD_FEATURE_EVENT_FORK,
   uffdCopy,
   UFFDIO_API,
   UFFDIO_COPY_BIT,
@@ -70,7 +69,7 @@ const PUSH_BYTES = 512 * 1024;
 /** Pages copied for a fault: the faulting one and those after it (sequential readers). */
 const FAULT_AROUND = 16;
 const O_CLOEXEC = 0o2000000, O_NONBLOCK = 0o4000;
-const EAGAIN = 11, EEXIST = 17, ENOENT = 2, ESRCH = 3, EPERM = 1;
+const EAGAIN = 11, EEXIST = 17, ENOENT = 2, ESRCH = 3, EPERM = 1, EINVAL = 22;
 const SIGKILL = 9;
 const PM_PRESENT = 0x80000000;
 
@@ -194,9 +193,9 @@ export class LazyPages {
       withContext(`pid ${p.pid}: lazy pages`, () => {
         const inj = injectors.get(p.pid)!;
         const missing = this.fillTouched(p, threadRegs(p.pid).flatMap(pagesAmberMayTouch));
-        const fd = withContext("userfaultfd", () => makeUffd(inj, p.mappings));
-        if (fd === undefined) {
-          this.log(`pid ${p.pid}: lazy pages: no fork events here: filled before it runs`);
+        const fd = makeUffd(inj, p.mappings);
+        if (typeof fd === "string") {
+          this.log(`pid ${p.pid}: lazy pages: ${fd}: filled before it runs`);
           for (const m of missing) this.writeNow(p.pid, m);
           return;
         }
@@ -542,10 +541,10 @@ function safeList(pid: number): number[] {
 
 /**
  * Makes the userfaultfd inside the stopped process, registers its lazy
- * mappings and moves it to amber. Undefined when the kernel refuses
- * fork events for it (EPERM): then it is filled before it runs.
+ * mappings and moves it to amber. A string when the kernel will not give
+ * this process one that serves kernel-mode faults and reports forks: why.
  */
-function makeUffd(inj: Injector, mappings: MappingImage[]): number | undefined {
+function makeUffd(inj: Injector, mappings: MappingImage[]): number | string {
   const pid = inj.tid;
   const scratchAddr = findFreeRange(readMaps(pid), PAGE);
   // MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE; never registered, so never faults to amber.
@@ -553,13 +552,19 @@ function makeUffd(inj: Injector, mappings: MappingImage[]): number | undefined {
   const scratch = { addr: scratchAddr, size: PAGE_SIZE };
   let fd = -1;
   try {
-    fd = Number(inj.call("userfaultfd", NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK));
+    const made = inj.raw(NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+    // User-mode-only faults would not do: a read() into a missing page must be served too.
+    if (made === -BigInt(EPERM)) {
+      return "userfaultfd: EPERM for its credentials (no CAP_SYS_PTRACE, " +
+        "vm.unprivileged_userfaultfd 0)";
+    }
+    if (made < 0n) throw new SysError("userfaultfd", Number(-made));
+    fd = Number(made);
     const api = putBytes(pid, scratch, uffdioApiWith(LAZY_FEATURES));
     const r = inj.raw(NR.ioctl, fd, UFFDIO_API, api);
-    if (r === -BigInt(EPERM) || r === -22n) {
-      // EVENT_FORK needs CAP_SYS_PTRACE in the process; EINVAL: a kernel without some event.
-      void UFFD_FEATURE_EVENT_FORK;
-      return undefined;
+    if (r === -BigInt(EPERM) || r === -BigInt(EINVAL)) {
+      return `ioctl(UFFDIO_API): ${r === -BigInt(EPERM) ? "EPERM" : "EINVAL"} for the ` +
+        "fork, remap, remove and unmap events";
     }
     if (r < 0n) throw new SysError("ioctl(UFFDIO_API)", Number(-r));
     for (const m of mappings) {
