@@ -690,6 +690,7 @@ const CRIU_FLAGS = new Set([
   "pidfile",
   "inherit-fd",
   "stream",
+  "lazy-pages",
   "page-server",
   "address",
   "port",
