@@ -501,14 +501,17 @@ const EVENT_NAMES = new Map<number, keyof LazyStats["events"]>([
  * keeps the faulting threads waiting instead, and once amber is gone kills
  * the tree and says why. It lives in its own process group, killed as a
  * whole once every page is in. Children forked later are served by
- * userfaultfds the watchdog does not hold: those amber's own end kills.
+ * userfaultfds the watchdog does not hold: it kills them too, but they may
+ * run for its polling interval (0.1 s) with zeros where pages were missing.
  */
 function startWatchdog(spaces: Space[]): Deno.ChildProcess {
   const fds = spaces.map((s) => s.fd);
   const pids = spaces.flatMap((s) => (s.pid ? [String(s.pid)] : []));
   const script = 'amber=$1; shift; tail --pid="$amber" -s 0.1 -f /dev/null; ' +
-    'kill -KILL "$@" 2>/dev/null; ' +
-    'echo "amber: lazy pages: amber (pid $amber) died with pages missing: killed $*" >&2';
+    // The tree and what it forked since, listed before any is killed (orphans move).
+    'tree() { echo "$1"; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; }; ' +
+    'all=$(for p in "$@"; do tree "$p"; done); kill -KILL $all 2>/dev/null; ' +
+    'echo "amber: lazy pages: amber (pid $amber) died with pages missing: killed" $all >&2';
   for (const fd of fds) libc().fcntl(fd, F_SETFD, 0n);
   try {
     const child = new Deno.Command("/bin/bash", {
