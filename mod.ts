@@ -47,6 +47,7 @@ export type { CheckpointResult, RunRequest, RunResult };
 export type { DumpRequest, DumpStats } from "./lib/dump.ts";
 export type { RestoreRequest, RestoreResult } from "./lib/restore.ts";
 export type { InheritFd } from "./lib/context.ts";
+export type { LazyStats } from "./lib/mm/lazy.ts";
 export type { ByteReader, ByteWriter } from "./lib/images/stream.ts";
 export type { PageServerAddress, PageServerRequest, PageServerResult } from "./lib/streaming.ts";
 

@@ -130,6 +130,7 @@ interface Pending {
   missing: Missing[];
 }
 
+/** What a lazy restore took to bring every page in (RestoreResult.lazy). */
 export interface LazyStats {
   /** Faults answered (from the images or with zeros). */
   faults: number;
