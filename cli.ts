@@ -274,6 +274,60 @@ async function withLog<T>(v: Values, fn: (out: Output) => Promise<T>): Promise<T
   }
 }
 
+/** Set in the background amber that `restore --lazy-pages -d` starts. */
+const LAZY_DAEMON_ENV = "AMBER_LAZY_DAEMON";
+
+/**
+ * restore --lazy-pages -d: the tree must run and this command return while
+ * its pages are still being served, so the whole restore runs in a second
+ * amber (same arguments but -d), in its own session, which stays until
+ * every page is in. This one waits until the tree runs and then returns,
+ * as -d does. The other's messages go to the -o log, and to stderr only if
+ * that is a terminal; so a failed restore is told here by the code only.
+ */
+async function startLazyDaemon(json: boolean): Promise<number> {
+  const args = Deno.args.filter((a) => a !== "-d" && a !== "--restore-detached");
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "--config",
+      new URL("./deno.json", import.meta.url).pathname,
+      new URL(import.meta.url).pathname,
+      ...args,
+    ],
+    env: { [LAZY_DAEMON_ENV]: "1" },
+    stdin: args.includes("--stream") ? "inherit" : "null",
+    stdout: "piped",
+    // Not a pipe of the caller's: it would stay open, and `amber restore -d | ...` never end.
+    // Its failures are in the -o log (and on the terminal).
+    stderr: Deno.stderr.isTerminal() ? "inherit" : "null",
+    detached: true,
+  }).spawn();
+  const reader = child.stdout.getReader();
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += new TextDecoder().decode(value);
+  }
+  reader.releaseLock();
+  await child.stdout.cancel();
+  if (!text.includes("\n")) {
+    const code = (await child.status).code || 1;
+    if (!Deno.stderr.isTerminal()) {
+      console.error(
+        "amber: restore --lazy-pages -d: the restore failed (its reason is in the -o log)",
+      );
+    }
+    return code;
+  }
+  child.unref();
+  const result = JSON.parse(text.slice(0, text.indexOf("\n")));
+  if (json) printJson({ ...result, lazyServer: child.pid });
+  return 0;
+}
+
 function printJson(v: unknown): void {
   console.log(JSON.stringify(v));
 }
@@ -440,6 +494,11 @@ const COMMANDS: Command[] = [
         long: "stream",
         help: "read the images from stdin (dump --stream); -D DIR keeps them there",
       },
+      {
+        long: "lazy-pages",
+        help: "run the tree at once and serve its anonymous memory as it is touched, " +
+          "copying the rest meanwhile; amber (with -d, a background amber) stays until all is in",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -454,12 +513,17 @@ const COMMANDS: Command[] = [
       const dir = v.stream
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "restore");
+      const lazyPages = !!v["lazy-pages"];
+      const daemon = lazyPages && Deno.env.get(LAZY_DAEMON_ENV) === "1";
+      if (lazyPages && v["restore-detached"] && !daemon) return startLazyDaemon(!!v.json);
       return withLog(v, async ({ detail, log, progress }) => {
         const t0 = performance.now();
         const result = await restore({
+          lazyPages,
           dir,
           stream: v.stream ? Deno.stdin : undefined,
-          detached: !!v["restore-detached"],
+          // The background amber of -d: the tree is not its child, it waits only for the pages.
+          detached: !!v["restore-detached"] || daemon,
           pidfile: v.pidfile as string | undefined,
           shellJob: !!v["shell-job"],
           allowChangedFiles: !!v["allow-changed-files"],
@@ -468,11 +532,19 @@ const COMMANDS: Command[] = [
           progress: progress?.callback,
         });
         log?.(`restored ${result.pids.join(" ")}`);
+        const { lazy: _, ...shown } = result;
+        if (daemon) {
+          // To the amber that started this one (restore -d): the tree runs.
+          printJson({ ok: true, command: "restore", ...shown, totalMs: performance.now() - t0 });
+          const stats = await result.lazy!;
+          log?.(`lazy pages: all in after ${stats.allInMs.toFixed(0)} ms`);
+          return 0;
+        }
         if (v.json) {
           printJson({
             ok: true,
             command: "restore",
-            ...result,
+            ...shown,
             totalMs: performance.now() - t0,
             imagesDir: dir,
           });
@@ -702,6 +774,7 @@ const CRIU_FLAGS = new Set([
   "pidfile",
   "inherit-fd",
   "stream",
+  "lazy-pages",
   "page-server",
   "address",
   "port",

@@ -7,6 +7,10 @@
  *   deno task bench [--vs-criu] [MiB ...]
  *   deno task bench redis        (only the redis pause)
  *   deno task bench migrate      (only the migration pause)
+ *   deno task bench lazy [MiB ...] (only the lazy restore rows)
+ *
+ * Then lazy restore (restore --lazy-pages -d) of the memory cases: until
+ * the command returns, the process runs, and every page is in.
  *
  * Each case runs ROUNDS cycles of dump -R (frozen time as amber measures
  * it), dump (ends the tree), restore -d, and `dump --stream | restore
@@ -51,8 +55,9 @@ import {
 const ROUNDS = 3;
 const ONLY_REDIS = Deno.args.includes("redis");
 const ONLY_MIGRATE = Deno.args.includes("migrate");
-const ONLY = ONLY_REDIS || ONLY_MIGRATE;
-const args = Deno.args.filter((a) => a !== "--vs-criu" && a !== "redis" && a !== "migrate");
+const ONLY_LAZY = Deno.args.includes("lazy");
+const ONLY = ONLY_REDIS || ONLY_MIGRATE || ONLY_LAZY;
+const args = Deno.args.filter((a) => !["--vs-criu", "redis", "migrate", "lazy"].includes(a));
 const VS_CRIU = Deno.args.includes("--vs-criu");
 const CRIU = Deno.env.get("CRIU_BIN") ?? `${ROOT}/../shared/reference/criu`;
 
@@ -481,5 +486,68 @@ async function migratePause(): Promise<void> {
   );
 }
 
-if (!ONLY_MIGRATE) await redisPause();
-if (!ONLY_REDIS) await migratePause();
+/**
+ * Lazy restore (restore --lazy-pages -d) of the counter target beside a
+ * plain restore -d, from the same images, alternating: the time until the
+ * restore command returns, until the process writes its next line (it
+ * runs), and until the background server says every page is in.
+ */
+async function lazyRows(sizes: number[]): Promise<void> {
+  console.log(
+    "lazy restore (ms, from the command's start): restore -d | lazy: returns | " +
+      "runs (next line) | all pages in",
+  );
+  for (const mib of sizes) {
+    await using tmp = await tempDir("amber-bench-");
+    const t = await memoryCase(mib).start(`${tmp.path}/a`);
+    const out = `${tmp.path}/a/out.txt`;
+    const img = `${tmp.path}/img`;
+    const lines = async () => (await Deno.readTextFile(out)).split("\n").length;
+    const rounds: { plain: number; back: number; runs: number; allIn: number }[] = [];
+    try {
+      for (let i = 0; i < ROUNDS; i++) {
+        await timed(dumpArgs(t.root, img));
+        await waitVanished(t.pids);
+        await warmMemory(tmp.path, mib * 1048576 * 2);
+        const plain = (await timed(["restore", "-D", img, "-d"])).ms;
+        await Deno.remove(img, { recursive: true });
+        await timed(dumpArgs(t.root, img));
+        await waitVanished(t.pids);
+        await warmMemory(tmp.path, mib * 1048576 * 2);
+        const before = await lines();
+        const log = `${tmp.path}/lazy-${i}.log`;
+        const t0 = performance.now();
+        const r = await amber(["restore", "-D", img, "-d", "--lazy-pages", "--json", "-o", log]);
+        const back = performance.now() - t0;
+        if (r.code !== 0) throw new Error(`restore --lazy-pages: ${r.stderr.trim()}`);
+        let runs = NaN, allIn = NaN;
+        while (Number.isNaN(allIn)) {
+          if (Number.isNaN(runs) && await lines() > before) runs = performance.now() - t0;
+          if (/lazy pages: all in/.test(await Deno.readTextFile(log))) {
+            allIn = performance.now() - t0;
+          }
+          await new Promise((r) => setTimeout(r, 2));
+        }
+        if (Number.isNaN(runs)) runs = allIn;
+        rounds.push({ plain, back, runs, allIn });
+        await Deno.remove(img, { recursive: true });
+      }
+      const col = (f: (r: (typeof rounds)[0]) => number) => both(rounds.map(f));
+      console.log(
+        [
+          `${mib} MiB`,
+          col((r) => r.plain),
+          col((r) => r.back),
+          col((r) => r.runs),
+          col((r) => r.allIn),
+        ].join(" | "),
+      );
+    } finally {
+      await killAndReap(t.root).catch(() => {});
+    }
+  }
+}
+
+if (!ONLY || ONLY_LAZY) await lazyRows(args.length ? args.map(Number) : [256, 1024]);
+if (!ONLY || ONLY_REDIS) await redisPause();
+if (!ONLY || ONLY_MIGRATE) await migratePause();

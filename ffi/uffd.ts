@@ -3,7 +3,7 @@
  * injects (write-protect in async mode) and the PAGEMAP_SCAN ioctl that
  * reads which pages were written since.
  */
-import { addressOf, rawSyscall } from "./libc.ts";
+import { addressOf, lastErrno, libc, rawSyscall, SysError } from "./libc.ts";
 
 export const NR_USERFAULTFD = 323;
 export const UFFD_USER_MODE_ONLY = 1;
@@ -103,4 +103,112 @@ function scanRange(pagemapFd: number, start: bigint, end: bigint): [bigint, bigi
     at = walkEnd;
   }
   return out;
+}
+
+// Lazy restore (lib/mm/lazy.ts): missing-mode registration, served by amber.
+
+/** Non-cooperative events amber must see to keep its map of missing pages right. */
+export const UFFD_FEATURE_EVENT_FORK = 1n << 1n;
+export const UFFD_FEATURE_EVENT_REMAP = 1n << 2n;
+export const UFFD_FEATURE_EVENT_REMOVE = 1n << 3n;
+export const UFFD_FEATURE_EVENT_UNMAP = 1n << 6n;
+export const LAZY_FEATURES = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP |
+  UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+const UFFDIO_REGISTER_MODE_MISSING = 1n;
+/** Bit of uffdio_register.ioctls saying UFFDIO_COPY works on the range (_UFFDIO_COPY = 3). */
+export const UFFDIO_COPY_BIT = 1n << 3n;
+/** _IOWR(0xAA, 0x03, struct uffdio_copy): 40 bytes. */
+const UFFDIO_COPY = 0xc028aa03n;
+/** _IOWR(0xAA, 0x04, struct uffdio_zeropage): 32 bytes. */
+const UFFDIO_ZEROPAGE = 0xc020aa04n;
+/** _IOR(0xAA, 0x02, struct uffdio_range): 16 bytes. */
+const UFFDIO_WAKE = 0x8010aa02n;
+
+export const UFFD_EVENT = { PAGEFAULT: 0x12, FORK: 0x13, REMAP: 0x14, REMOVE: 0x15, UNMAP: 0x16 };
+
+/** struct uffdio_api asking for `features`. */
+export function uffdioApiWith(features: bigint): Uint8Array {
+  return u64s([UFFD_API, features, 0n]);
+}
+
+/** struct uffdio_register for missing-page faults over [start, end). */
+export function uffdioRegisterMissing(start: bigint, end: bigint): Uint8Array {
+  return u64s([start, end - start, UFFDIO_REGISTER_MODE_MISSING, 0n]);
+}
+
+/** The ioctls field a UFFDIO_REGISTER wrote back. */
+export function registeredIoctls(reg: Uint8Array): bigint {
+  return new BigUint64Array(reg.buffer, reg.byteOffset, 4)[3];
+}
+
+/** One message read from a userfaultfd (struct uffd_msg, 32 bytes). */
+export interface UffdMsg {
+  event: number;
+  /** PAGEFAULT: the faulting address. */
+  address?: bigint;
+  /** FORK: the child's userfaultfd, now a descriptor of the reader. */
+  ufd?: number;
+  /** REMAP: from, to, len; REMOVE/UNMAP: start, end. */
+  from?: bigint;
+  to?: bigint;
+  len?: bigint;
+  start?: bigint;
+  end?: bigint;
+}
+
+const MSG_BYTES = 32;
+const EAGAIN = 11;
+
+/** Reads the messages waiting on non-blocking userfaultfd `fd` (up to 64). */
+export function readUffd(fd: number): UffdMsg[] {
+  const buf = new Uint8Array(MSG_BYTES * 64);
+  const n = libc().read(fd, buf, BigInt(buf.length));
+  if (n < 0n) {
+    const e = lastErrno();
+    if (e === EAGAIN) return [];
+    throw new SysError("read(userfaultfd)", e);
+  }
+  const v = new DataView(buf.buffer);
+  const out: UffdMsg[] = [];
+  for (let off = 0; off + MSG_BYTES <= Number(n); off += MSG_BYTES) {
+    const event = v.getUint8(off);
+    const a = (i: number) => v.getBigUint64(off + 8 + 8 * i, true);
+    if (event === UFFD_EVENT.PAGEFAULT) out.push({ event, address: a(1) });
+    else if (event === UFFD_EVENT.FORK) out.push({ event, ufd: v.getUint32(off + 8, true) });
+    else if (event === UFFD_EVENT.REMAP) out.push({ event, from: a(0), to: a(1), len: a(2) });
+    else if (event === UFFD_EVENT.REMOVE || event === UFFD_EVENT.UNMAP) {
+      out.push({ event, start: a(0), end: a(1) });
+    } else out.push({ event });
+  }
+  return out;
+}
+
+/**
+ * The result of a fill: bytes placed, or -errno (EAGAIN: the address space
+ * is changing, read the events first; EEXIST: a page is there already;
+ * ENOENT/ESRCH: the range or the process is gone).
+ */
+function fill(fd: number, req: bigint, arg: BigInt64Array, outIndex: number): number {
+  const r = libc().syscall(BigInt(NR_IOCTL), BigInt(fd), req, addressOf(arg), 0n, 0n, 0n);
+  if (r < 0n) {
+    const placed = Number(arg[outIndex]);
+    return placed > 0 ? placed : -lastErrno();
+  }
+  return Number(arg[outIndex]);
+}
+
+/** UFFDIO_COPY of `len` bytes at `src` (amber's) to `dst` (the process's), waking faulters. */
+export function uffdCopy(fd: number, dst: bigint, src: bigint, len: number): number {
+  return fill(fd, UFFDIO_COPY, new BigInt64Array([dst, src, BigInt(len), 0n, 0n]), 4);
+}
+
+/** UFFDIO_ZEROPAGE over [start, start + len), waking faulters. */
+export function uffdZeropage(fd: number, start: bigint, len: number): number {
+  return fill(fd, UFFDIO_ZEROPAGE, new BigInt64Array([start, BigInt(len), 0n, 0n]), 3);
+}
+
+/** UFFDIO_WAKE: lets threads waiting on a page that is present after all go on. */
+export function uffdWake(fd: number, start: bigint, len: number): void {
+  const arg = new BigUint64Array([start, BigInt(len)]);
+  libc().syscall(BigInt(NR_IOCTL), BigInt(fd), UFFDIO_WAKE, addressOf(arg), 0n, 0n, 0n);
 }

@@ -4,6 +4,7 @@
  * started through a shell, and clone3 is only called with arguments the
  * kernel rejects before it creates anything.
  */
+import { LAZY_FEATURES } from "../ffi/uffd.ts";
 import { addressOf, check, libc, rawSyscall, SysError } from "../ffi/libc.ts";
 import * as pt from "../ffi/ptrace.ts";
 import { NR } from "../ffi/inject.ts";
@@ -68,8 +69,12 @@ const PURPOSE: Record<string, { enables: string; without: string }> = {
     without: "nothing",
   },
   "userfaultfd": {
-    enables: "lazy restore and write tracking, once amber has them",
-    without: "nothing amber does yet",
+    enables: "lazy restore (restore --lazy-pages) and write tracking (pre-dump)",
+    without: "restore --lazy-pages and pre-dump",
+  },
+  "userfaultfd events": {
+    enables: "lazy restore of processes that fork, mremap, munmap or MADV_DONTNEED meanwhile",
+    without: "restore --lazy-pages",
   },
   "userfaultfd WP async": {
     enables: "incremental dumps by write tracking, once amber has them",
@@ -235,6 +240,20 @@ function uffdWpAsyncProbe(): string {
       throw new Error(`features 0x${api[1].toString(16)}: no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)`);
     }
     return `features 0x${api[1].toString(16)}`;
+  });
+}
+
+/** The non-cooperative events lazy restore asks for (lib/mm/lazy.ts). */
+function uffdEventsProbe(): string {
+  const fd = rawSyscall("userfaultfd", NR.userfaultfd, O_CLOEXEC | O_NONBLOCK);
+  return withFd(fd, () => {
+    const api = new BigUint64Array([UFFD_API, 0n, 0n]);
+    rawSyscall("ioctl(UFFDIO_API)", NR.ioctl, fd, UFFDIO_API, addressOf(api));
+    const lacking = LAZY_FEATURES & ~api[1];
+    if (lacking) {
+      throw new Error(`features 0x${api[1].toString(16)}: lacks 0x${lacking.toString(16)}`);
+    }
+    return "fork, remap, remove and unmap events";
   });
 }
 
@@ -541,6 +560,7 @@ export function checkKernel(): CheckReport {
     probe("/proc/sys/kernel/ns_last_pid", false, nsLastPidProbe),
     probe("userfaultfd", false, userfaultfdProbe),
     probe("userfaultfd WP async", false, uffdWpAsyncProbe),
+    probe("userfaultfd events", false, uffdEventsProbe),
     probe("PAGEMAP_SCAN", false, pagemapScanProbe),
     // Dump finds descriptors that processes share with kcmp(KCMP_FILE).
     probe("kcmp", true, kcmpProbe),

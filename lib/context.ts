@@ -97,6 +97,8 @@ export interface RestoreOptions {
   verbose: boolean;
   /** Reopen regular files even if they changed since the dump (--allow-changed-files). */
   allowChangedFiles: boolean;
+  /** Leave private anonymous memory to be served on demand once the tree runs (--lazy-pages). */
+  lazyPages?: boolean;
   /** Accepted as CRIU's flag; the images say which connections come back. */
   tcpEstablished?: boolean;
   /** Amber's own descriptors standing in for external objects (CRIU's --inherit-fd). */

@@ -12,7 +12,6 @@ import type { ByteReader } from "./images/stream.ts";
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
-import type { Regs } from "../ffi/regs.ts";
 import { libc } from "../ffi/libc.ts";
 import { replaceFile } from "../ffi/dirfd.ts";
 import type {
@@ -51,6 +50,8 @@ import {
 } from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
 import { unlock } from "./net/netlock.ts";
+import { LazyPages, type LazyStats } from "./mm/lazy.ts";
+import { Regs } from "../ffi/regs.ts";
 
 /** What to restore, and how (mod.ts `restore`). */
 export interface RestoreRequest {
@@ -76,6 +77,12 @@ export interface RestoreRequest {
   allowChangedFiles?: boolean;
   /** amber's own descriptors put in the place of external objects (CRIU's --inherit-fd). */
   inheritFds?: InheritFd[];
+  /**
+   * Leave private anonymous memory out of the fill: the tree runs at once,
+   * and amber serves its pages from the images as they are touched, and
+   * copies the rest meanwhile (CRIU's --lazy-pages; lib/mm/lazy.ts).
+   */
+  lazyPages?: boolean;
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */
@@ -101,6 +108,14 @@ export interface RestoreResult {
   restoreMs: number;
   /** Milliseconds spent in each part, summed over the processes. */
   partMs: Record<string, number>;
+  /**
+   * With lazyPages: settles once every page is in (with what it took), or
+   * rejects when serving failed (the tree was killed). Not detached, the
+   * restore itself waits for it as well as for the root.
+   */
+  lazy?: Promise<LazyStats>;
+  /** With lazyPages, not detached: what serving took. */
+  lazyStats?: LazyStats;
 }
 
 const SCRATCH_SIZE = 64 * 1024;
@@ -461,6 +476,7 @@ export async function restoreTree(
     allowChangedFiles: req.allowChangedFiles ?? false,
     inheritFds: req.inheritFds ?? [],
     migrated: req.migrated ?? false,
+    lazyPages: req.lazyPages ?? false,
   };
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);
@@ -504,6 +520,13 @@ export async function restoreTree(
     await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     finishProcesses(contexts);
+    // The userfaultfds come last, once no injected call can fault on lazy memory.
+    LazyPages.find(tree.kinds)?.arm(
+      new Map([...created].map(([pid, b]) => [pid, b.injector])),
+      (pid) =>
+        threads.filter(([tid]) => created.get(pid)!.images.entry.threads.includes(tid))
+          .map(([, img]) => new Regs(img.regs)),
+    );
     for (const [tid, img] of threads) {
       const fallback = applyThreadState(tid, img);
       if (fallback) intoSleep.set(tid, fallback);
@@ -526,6 +549,7 @@ export async function restoreTree(
     if (lock) withContext("network lock", () => unlock(lock));
     for (const end of tree.onEnd.splice(0)) end(true);
   } catch (e) {
+    LazyPages.find(tree.kinds)?.abandon();
     for (const end of tree.onEnd.splice(0)) end(false);
     killCreated(created, helper);
     helper.child.kill("SIGKILL");
@@ -548,9 +572,16 @@ export async function restoreTree(
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
+  const lazyPages = LazyPages.find(tree.kinds);
+  const lazy = lazyPages?.serve(performance.now());
+  lazy?.catch(() => {}); // a caller who does not wait for it still sees the tree killed
   running?.();
   const partMs = tracker.partMs;
-  if (options.detached) return { pids, restoreMs, partMs };
-  const st = job ? await job.wait() : await pt.waitpidAsync(pids[0], 0);
-  return { pids, restoreMs, partMs, exitCode: st.exited ? st.exitCode : 128 + st.termSignal };
+  if (options.detached) return { pids, restoreMs, partMs, lazy };
+  const root = job ? job.wait() : pt.waitpidAsync(pids[0], 0);
+  // A failure to serve ends the wait for the root: the tree was killed.
+  const st = lazy ? await Promise.race([root, lazy.then(() => root)]) : await root;
+  const lazyStats = lazy ? await lazy : undefined;
+  const exitCode = st.exited ? st.exitCode : 128 + st.termSignal;
+  return { pids, restoreMs, partMs, exitCode, lazy, lazyStats };
 }

@@ -83,6 +83,8 @@ interface Case {
   midWork(run: Run, pid: number): Promise<void>;
   /** Extra `amber dump` flags (e.g. --tcp-established for a client's connection). */
   dumpFlags?: string[];
+  /** Extra `amber restore -d` flags (--lazy-pages). */
+  restoreFlags?: string[];
   /** For jobs that never end by themselves: the rest of the work, then ends the job. */
   finish?(run: Run, pid: number): Promise<void>;
   /** The job's result once it has ended (and `beside` is stopped): bytes, checksums. */
@@ -1332,7 +1334,7 @@ async function dumpMidWork(c: Case, job: Target, img: string): Promise<Dumped> {
     assertExit(r, 0, `${c.name}: dump`);
     await job.child.status;
     await waitVanished(pids);
-    const rr = await amber(["restore", "-D", img, "-d"]);
+    const rr = await amber(["restore", "-D", img, "-d", ...(c.restoreFlags ?? [])]);
     if (c.expect !== "restores") {
       // Say what became of the job, for whoever fixes it.
       const dishonest = `the dump ended the job instead of refusing, then restore -d ${
@@ -1417,6 +1419,12 @@ async function runCase(c: Case): Promise<void> {
 }
 
 const RUN_BROKEN = Deno.env.get("AMBER_RUN_BROKEN") === "1";
+
+/** Cases run again restored with --lazy-pages: their memory comes in while they work on. */
+for (const name of ["sort --parallel=2 (3M lines)", "python3 multiprocessing.Pool(2)"]) {
+  const c = CASES.find((x) => x.name === name)!;
+  CASES.push({ ...c, name: `${name}, restore --lazy-pages`, restoreFlags: ["--lazy-pages"] });
+}
 
 for (const c of CASES) {
   const outcome = c.expect === "restores" ? "restores" : `refused ${c.expect.refused}`;

@@ -50,6 +50,7 @@ import {
   union,
 } from "./tracking.ts";
 import { trackerIn } from "../progress.ts";
+import { clipMissing, isLazy, LazyPages } from "./lazy.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
@@ -602,11 +603,36 @@ export const pagemapPart = definePart({
     // Oldest first is not needed: the levels' pages are disjoint.
     const levels = resolveChain(ctx.dir, ctx.pid, image);
     try {
+      const lazy = ctx.options.lazyPages ? mappings.filter(isLazy) : [];
+      const lazySpans = union(
+        lazy.map((m): Span => [Number(m.start / PAGE), Number(m.end / PAGE)]),
+      );
       for (const l of levels) {
-        const file = l.dir.openData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
+        const size = l.image.totalPages * PAGE_SIZE;
+        const all = l.placed.map((p) => ({
+          start: Number(p.addr / PAGE),
+          end: Number(p.addr / PAGE) + p.len / PAGE_SIZE,
+          fileOff: p.fileOff,
+        }));
+        const later = clipMissing(all, lazySpans, true);
+        // Served by the lazy pages server after the tree runs (lib/mm/lazy.ts).
+        if (later.length) {
+          const file = l.dir.openData(l.image.pagesFile, size);
+          LazyPages.of(ctx.tree.kinds, ctx.log).add(
+            ctx.pid,
+            lazy,
+            later.map((x) => ({ ...x, file })),
+          );
+        }
+        const now = (later.length ? clipMissing(all, lazySpans, false) : all).map((x) => ({
+          addr: BigInt(x.start) * PAGE,
+          len: (x.end - x.start) * PAGE_SIZE,
+          fileOff: x.fileOff,
+        }));
+        const file = l.dir.openData(l.image.pagesFile, size);
         // Parallel direct reads beat the page cache's readahead for data not in it.
         if (l.image.direct) file.setDirect();
-        await fillPages(ctx.pid, l.placed, file, mappings, (n) => tracker?.pages(n));
+        await fillPages(ctx.pid, now, file, mappings, (n) => tracker?.pages(n));
       }
     } finally {
       for (const l of levels.slice(1)) l.dir.close();
