@@ -154,6 +154,7 @@ function processEntry(proc: FrozenProcess): ProcessEntryImage {
     ppid: st.ppid,
     pgid: st.pgid,
     sid: st.sid,
+    ...(st.ttyNr ? { tty: st.ttyNr } : {}),
     comm: st.comm,
     exitSignal: st.exitSignal,
     threads: proc.threads,

@@ -584,6 +584,51 @@ for (const how of ["kill", "-R"] as const) {
   );
 }
 
+Deno.test("a tmux server inside the tree, cat in the foreground of a pane's shell: keys reach cat after restore -d, Ctrl-C ends it and the shell prompts", async () => {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  await using tmp = await tempDir();
+  const inner = new Tmux(tmp.path, "inner");
+  try {
+    await inner.start();
+    // cat is a job of the pane's shell: a member of the pty's session, in its own group.
+    await inner.command("cat");
+    const cat = await inner.job("cat");
+    const shell = await inner.panePid();
+    await until(() => tpgid(cat) === pgid(cat), "cat is not in the pane's foreground");
+    await inner.command("before dump");
+    await inner.waitScreen(
+      (l) => l.filter((x) => x === "before dump").length === 2,
+      "cat's first line",
+    );
+    const before = procStatFields(cat);
+    const tree = descendants(inner.server);
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(inner.server, img)), 0, "dump");
+    await waitVanished(tree);
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+    assert.deepEqual(descendants(inner.server), tree, "the restored server's processes");
+    const now = procStatFields(cat);
+    // Its group, session, controlling terminal and the terminal's foreground group.
+    assert.deepEqual(now.slice(2, 6), before.slice(2, 6), "cat's group, session and terminal");
+    assert.notEqual(pgid(cat), pgid(shell), "cat is in its shell's group");
+    // Typed keys reach cat (echoed by the pty, then written back by cat).
+    await inner.command("after restore");
+    await inner.waitScreen(
+      (l) => l.filter((x) => x === "after restore").length === 2,
+      "the line echoed and written back by cat",
+    );
+    // Ctrl-C is the pty's interrupt: it ends cat, its shell takes the terminal back.
+    await inner.keys("C-c");
+    await inner.waitPrompt(130, "cat ended by Ctrl-C");
+    await waitVanished([cat]);
+    await inner.command("echo shell $((6*7))");
+    await inner.waitScreen((l) => l.includes("shell 42"), "the shell's next command");
+    assert.equal(tpgid(shell), pgid(shell), "the shell is not in the foreground again");
+  } finally {
+    await inner.close();
+  }
+});
+
 /** A pane's program that reads its terminal only once DIR/go appears, logging each read (JSON). */
 const PY_PANE_READER = `
 import json, os, sys, time
