@@ -24,6 +24,8 @@ export interface DumpOptions {
   tcpEstablished: boolean;
   /** Objects outside the tree the images may refer to (CRIU's --external), e.g. "pipe:[123]". */
   external?: string[];
+  /** Unix sockets whose outside peer has a name are connected to it again (--ext-unix-sk). */
+  extUnixSk?: boolean;
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */

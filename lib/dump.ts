@@ -81,6 +81,12 @@ export interface DumpRequest {
    */
   external?: string[];
   /**
+   * A unix socket connected to a peer outside the tree that has a name (/dev/log, a
+   * supervisor's listening path) is recorded to be connected to that name again at restore
+   * (CRIU's --ext-unix-sk); without it such a socket is refused.
+   */
+  extUnixSk?: boolean;
+  /**
    * Pre-dump (mod.ts `preDump`): the tree runs on and write tracking is
    * armed in it, so a later dump with `prevImagesDir` stores only what changed.
    */
@@ -304,6 +310,7 @@ export async function dumpTree(req: DumpRequest): Promise<DumpStats> {
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
+    extUnixSk: req.extUnixSk ?? false,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);

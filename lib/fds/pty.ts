@@ -28,7 +28,7 @@ import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
 import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
 import { readStat } from "../proc/stat.ts";
-import { holdersOf } from "./holders.ts";
+import { holdersOf, tracedByAmber } from "./holders.ts";
 import {
   canStuff,
   type Drained,
@@ -124,14 +124,6 @@ function noteHolder(p: FdProbe, state: DumpState, e: PtyImage): void {
   }
 }
 
-function tracedByUs(pid: number): boolean {
-  try {
-    return /^TracerPid:\s*(\d+)$/m.exec(readProcText(pid, "status"))?.[1] === String(Deno.pid);
-  } catch {
-    return false;
-  }
-}
-
 function parentOf(pid: number): number {
   const stat = readProcText(pid, "stat");
   return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
@@ -146,9 +138,9 @@ function childrenOf(pid: number): number[] {
 /** The frozen tree holding `pid`: every process amber traces around it. */
 function frozenTree(pid: number): number[] {
   let root = pid;
-  for (let p = parentOf(root); p > 1 && tracedByUs(p); p = parentOf(p)) root = p;
+  for (let p = parentOf(root); p > 1 && tracedByAmber(p); p = parentOf(p)) root = p;
   const out = [root];
-  for (let i = 0; i < out.length; i++) out.push(...childrenOf(out[i]).filter(tracedByUs));
+  for (let i = 0; i < out.length; i++) out.push(...childrenOf(out[i]).filter(tracedByAmber));
   return out;
 }
 
