@@ -307,3 +307,59 @@ Deno.test("a process logging to an outside datagram socket at a path: --ext-unix
     await killAndReap(server.pid);
   }
 });
+
+/**
+ * A listener outside the tree at argv[1]: each connection's lines go to
+ * argv[2] as "K LINE" (K counts connections), then "K end" at its end.
+ */
+const LINE_SERVER_PY = `import socket, sys, threading
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind(sys.argv[1]); l.listen()
+out = open(sys.argv[2], "a")
+lock = threading.Lock()
+def serve(c, k):
+    for line in c.makefile("r"):
+        with lock:
+            out.write(f"{k} {line}"); out.flush()
+    with lock:
+        out.write(f"{k} end\\n"); out.flush()
+k = 0
+while True:
+    c, _ = l.accept(); k += 1
+    threading.Thread(target=serve, args=(c, k)).start()`;
+
+/** Sends a counter, a line at a time, on one connection to the listener at argv[1]. */
+const LINE_CLIENT_PY = `import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+n = 0
+while True:
+    s.sendall(f"{n}\\n".encode()); n += 1; time.sleep(0.02)`;
+
+Deno.test("a stream connection to an outside listener: --ext-unix-sk makes a new connection to its path; the listener sees the old one end, then the new one", async () => {
+  await using tmp = await tempDir();
+  const sock = `${tmp.path}/srv.sock`, log = `${tmp.path}/srv.txt`;
+  const server = spawnTarget(["python3", "-c", LINE_SERVER_PY, sock, log]);
+  let client: number | undefined;
+  try {
+    await until(() => exists(sock), "the listener is not bound");
+    client = spawnTarget(["setsid", "python3", "-c", LINE_CLIENT_PY, sock]).pid;
+    await waitForLines(log, 3, 30_000);
+    const img = `${tmp.path}/img`;
+    assertExit(await amber([...dumpArgs(client, img), "--ext-unix-sk"]), 0, "dump --ext-unix-sk");
+    await waitVanished([client]);
+    // The old connection ends with the tree: the listener read what it had sent, then EOF.
+    await until(() => Deno.readTextFileSync(log).includes("1 end\n"), "the old connection's end");
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    const count = (await readLines(log)).length;
+    await waitForLines(log, count + 10, 30_000);
+    const lines = await readLines(log);
+    const end = lines.indexOf("1 end");
+    assert.ok(end > 0 && lines.slice(end + 1).every((l) => l.startsWith("2 ")), lines.join("|"));
+    const numbers = lines.filter((l) => !l.endsWith(" end")).map((l) => Number(l.split(" ")[1]));
+    assertConsecutive(numbers, "the lines over both connections");
+  } finally {
+    if (client !== undefined) await killAndReap(client);
+    await killAndReap(server.pid);
+  }
+});
