@@ -623,6 +623,37 @@ Deno.test("a tmux server inside the tree, cat in the foreground of a pane's shel
   }
 });
 
+Deno.test("a tmux server inside the tree, vim in the foreground of a pane's shell: after restore -d it takes keys at once and :wq writes the file", async () => {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  assert.ok(await commandWorks("vim", "--version"), "this test needs vim (Debian package vim)");
+  await using tmp = await tempDir();
+  const inner = new Tmux(tmp.path, "inner");
+  const file = `${tmp.path}/note.txt`;
+  try {
+    await inner.start();
+    await inner.command(`vim -u NONE -N -n ${shellQuote(file)}`);
+    const vim = await inner.job("vim");
+    await until(() => tpgid(vim) === pgid(vim), "vim is not in the pane's foreground");
+    await inner.type("ibefore dump");
+    await inner.keys("Escape");
+    await inner.waitScreen((l) => l[0] === "before dump", "vim's buffer");
+    await dumpRestoreServer(inner, `${tmp.path}/img`);
+    // Raw mode came back: each key reaches vim without Enter.
+    await inner.type("A, after restore");
+    await inner.keys("Escape");
+    await inner.waitScreen((l) => l[0] === "before dump, after restore", "the keys typed to vim");
+    await inner.command(":wq");
+    await inner.waitPrompt(0, "vim ended by :wq");
+    assert.equal(
+      await Deno.readTextFile(file),
+      "before dump, after restore\n",
+      "the file vim wrote",
+    );
+  } finally {
+    await inner.close();
+  }
+});
+
 /** A pane's program that reads its terminal only once DIR/go appears, logging each read (JSON). */
 const PY_PANE_READER = `
 import json, os, sys, time
