@@ -363,3 +363,40 @@ Deno.test("a stream connection to an outside listener: --ext-unix-sk makes a new
     await killAndReap(server.pid);
   }
 });
+
+Deno.test("an external unix socket with bytes from its outside peer waiting is refused, named, the job left running", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/read.txt`;
+  // The reader sends first; sleep, the job, never reads its stdout socket.
+  const sender = `import socket, subprocess, sys, time
+a, b = socket.socketpair()
+a.sendall(b"unread")
+job = subprocess.Popen(["sleep", "600"], stdout=b, start_new_session=True)
+b.close()
+open(sys.argv[1] + ".pid", "w").write(str(job.pid))
+time.sleep(600)`;
+  const outside = spawnTarget(["python3", "-c", sender, out]);
+  let job: number | undefined;
+  try {
+    await until(() => exists(`${out}.pid`), "the job did not start");
+    job = Number(await Deno.readTextFile(`${out}.pid`));
+    const link = Deno.readLinkSync(`/proc/${job}/fd/1`);
+    const ino = /^socket:\[(\d+)\]$/.exec(link)![1];
+    const img = `${tmp.path}/img`;
+    const r = await amber([...dumpArgs(job, img), "--external", `unix[${ino}]`]);
+    assertExit(r, 1, "dump --external");
+    assert.match(
+      r.stderr,
+      new RegExp(
+        `fd 1: unix stream ${link.replace(/[[\]]/g, "\\$&")} .*6 bytes from its peer ` +
+          "outside the tree wait in its queue and would be lost",
+      ),
+      r.stderr,
+    );
+    assert.ok(["S", "R"].includes(procState(job) ?? ""), "the refused dump harmed the job");
+    assert.ok(!exists(img), "the refused dump left images");
+  } finally {
+    if (job !== undefined) await killAndReap(job);
+    await killTree(outside.pid);
+  }
+});
