@@ -81,6 +81,11 @@ const TCP_ESTABLISHED: Flag = {
   help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
 };
 
+const EXT_UNIX_SK: Flag = {
+  long: "ext-unix-sk",
+  help: "a unix socket whose outside peer has a name (/dev/log) is connected to it again",
+};
+
 const ADDRESS: Flag = {
   long: "address",
   value: "ADDR",
@@ -200,11 +205,16 @@ function inheritFdArgs(v: unknown): { fd: number; resource: string }[] {
   });
 }
 
-/** `--external RESOURCE`, each: only pipes so far. */
+/** `--external RESOURCE`, each: a pipe, or a unix socket (CRIU's unix[INO], or socket:[INO]). */
 function externalArgs(v: unknown): string[] {
   return ((v ?? []) as string[]).map((a) => {
-    if (!/^pipe:\[\d+\]$/.test(a)) {
-      throw new UsageError(`--external takes pipe:[INO] (as /proc/PID/fd shows it), got ${a}`);
+    const unix = /^unix\[(\d+)\]$/.exec(a);
+    if (unix) return `socket:[${unix[1]}]`;
+    if (!/^(pipe|socket):\[\d+\]$/.test(a)) {
+      throw new UsageError(
+        `--external takes pipe:[INO], unix[INO] or socket:[INO] (as /proc/PID/fd shows it), ` +
+          `got ${a}`,
+      );
     }
     return a;
   });
@@ -360,11 +370,13 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      EXT_UNIX_SK,
       {
         long: "external",
         value: "RESOURCE",
         multiple: true,
-        help: "a pipe:[INO] whose other end is outside the tree: recorded as external",
+        help: "pipe:[INO] or unix[INO] (a socket:[INO]) leading outside the tree: recorded as " +
+          "external",
       },
       PREV_IMAGES_DIR,
       {
@@ -402,6 +414,7 @@ const COMMANDS: Command[] = [
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
           tcpEstablished: !!v["tcp-established"],
           external: externalArgs(v.external),
+          extUnixSk: !!v["ext-unix-sk"],
           prevImagesDir: v["prev-images-dir"] as string | undefined,
           trackMem: !!v["track-mem"],
           log: detail,
@@ -484,11 +497,13 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      { ...EXT_UNIX_SK, help: "accepted as CRIU's (the images say which sockets reconnect)" },
       {
         long: "inherit-fd",
         value: "fd[N]:RESOURCE",
         multiple: true,
-        help: "amber's fd N takes the place of the external RESOURCE (e.g. fd[7]:pipe:[1234])",
+        help:
+          "amber's fd N takes the place of the external RESOURCE (fd[7]:pipe:[12], fd[7]:socket:[12])",
       },
       {
         long: "stream",
@@ -768,6 +783,7 @@ const CRIU_FLAGS = new Set([
   "prev-images-dir",
   "track-mem",
   "tcp-established",
+  "ext-unix-sk",
   "ghost-limit",
   "external",
   "restore-detached",

@@ -8,7 +8,15 @@ import { NR } from "./inject.ts";
 import { addressOf, check, lastErrno, libc, rawSyscall, SysError } from "./libc.ts";
 
 const SOL_SOCKET = 1;
-export const SO = { SNDBUF: 7, RCVBUF: 8, PASSCRED: 16, PASSSEC: 34, PEEK_OFF: 42 } as const;
+export const SO = {
+  TYPE: 3,
+  SNDBUF: 7,
+  RCVBUF: 8,
+  PASSCRED: 16,
+  PASSSEC: 34,
+  DOMAIN: 39,
+  PEEK_OFF: 42,
+} as const;
 const MSG_PEEK = 2, MSG_TRUNC = 0x20, MSG_DONTWAIT = 0x40;
 const SOCK_STREAM = 1;
 const EAGAIN = 11;

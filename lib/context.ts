@@ -30,6 +30,8 @@ export interface DumpOptions {
    * by the next round). Its images alone are not a consistent checkpoint.
    */
   copyWhileRunning?: boolean;
+  /** Unix sockets whose outside peer has a name are connected to it again (--ext-unix-sk). */
+  extUnixSk?: boolean;
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */

@@ -81,6 +81,12 @@ export interface DumpRequest {
    */
   external?: string[];
   /**
+   * A unix socket connected to a peer outside the tree that has a name (/dev/log, a
+   * supervisor's listening path) is recorded to be connected to that name again at restore
+   * (CRIU's --ext-unix-sk); without it such a socket is refused.
+   */
+  extUnixSk?: boolean;
+  /**
    * Pre-dump (mod.ts `preDump`): the tree runs on and write tracking is
    * armed in it, so a later dump with `prevImagesDir` stores only what changed.
    */
@@ -164,6 +170,7 @@ function processEntry(proc: FrozenProcess): ProcessEntryImage {
     ppid: st.ppid,
     pgid: st.pgid,
     sid: st.sid,
+    ...(st.ttyNr ? { tty: st.ttyNr } : {}),
     comm: st.comm,
     exitSignal: st.exitSignal,
     threads: proc.threads,
@@ -317,6 +324,7 @@ export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
     copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
+    extUnixSk: req.extUnixSk ?? false,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);

@@ -35,6 +35,7 @@ import { judgeImages } from "./verdict.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { ShellJob } from "./fds/shelljob.ts";
 import { restoreControllingTerminal } from "./fds/tty.ts";
+import { createdLate, ptyMembers, takeTerminalEarly } from "./fds/ptymembers.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker, trackerIn } from "./progress.ts";
 import { PARTS } from "./parts.ts";
@@ -275,8 +276,12 @@ function inheritedFds(): Map<number, string> {
   return out;
 }
 
-/** Creates every process of the tree, parents first, each a copy of the helper. */
-function createTree(
+/**
+ * Creates `procs` (parents first, each parent already created and still a
+ * copy of the helper), each a copy of the helper.
+ */
+function createProcesses(
+  procs: ProcessImages[],
   images: Images,
   helper: Helper,
   created: Map<number, Blank>,
@@ -285,7 +290,7 @@ function createTree(
   const pids = new Set(images.processes.map((p) => p.entry.pid));
   const standIns: { leader: Injector; parent: Injector }[] = [];
   try {
-    for (const p of images.processes) {
+    for (const p of procs) {
       const { pid, ppid, pgid, exitSignal } = p.entry;
       withContext(`pid ${pid}: create`, () => {
         const parent = created.get(ppid);
@@ -309,6 +314,56 @@ function createTree(
     }
   } finally {
     for (const s of standIns) endStandIn(s.leader, s.parent);
+  }
+}
+
+/**
+ * Creates the processes of the tree, parents first, but those that must
+ * inherit a pty from their session leader (lib/fds/ptymembers.ts) only
+ * once it has it: `beforeRebuilding` is called for each process just
+ * before it is rebuilt, while it is still a copy of the helper.
+ */
+class TreeBuilder {
+  private readonly late: Set<number>;
+  private readonly leaders = new Map<number, number>();
+  private readonly haveTty = new Set<number>();
+
+  constructor(
+    private readonly images: Images,
+    private readonly helper: Helper,
+    readonly created: Map<number, Blank>,
+    private readonly detached: boolean,
+  ) {
+    this.late = createdLate(images);
+    for (const m of ptyMembers(images)) this.leaders.set(m.leader, m.index);
+  }
+
+  createEarly(): void {
+    const early = this.images.processes.filter((p) => !this.late.has(p.entry.pid));
+    createProcesses(early, this.images, this.helper, this.created, this.detached);
+  }
+
+  beforeRebuilding(pid: number): void {
+    const index = this.leaders.get(pid);
+    if (index === undefined) return;
+    withContext(`pid ${pid}: terminal`, () => {
+      takeTerminalEarly(this.created.get(pid)!.injector, this.helper.scratch, index);
+    });
+    this.haveTty.add(pid);
+    const members = new Map(ptyMembers(this.images).map((m) => [m.pid, m.leader]));
+    const ready = this.images.processes.filter(({ entry: e }) => {
+      if (!this.late.has(e.pid) || this.created.has(e.pid)) return false;
+      const leader = members.get(e.pid);
+      return leader === undefined || this.haveTty.has(leader);
+    });
+    // Parents first: a process whose parent is still waiting waits too.
+    const now = new Set(ready.map((p) => p.entry.pid));
+    const batch = ready.filter(({ entry: e }) => {
+      const parentReady = this.created.has(e.ppid) || now.has(e.ppid);
+      if (!parentReady) now.delete(e.pid);
+      return parentReady;
+    });
+    createProcesses(batch, this.images, this.helper, this.created, this.detached);
   }
 }
 
@@ -506,11 +561,15 @@ export async function restoreTree(
     tracker.addTotal(((p.parts.pagemap as { totalPages?: number })?.totalPages ?? 0) * 4096);
   }
   try {
-    createTree(images, helper, created, options.detached);
-    for (const blank of created.values()) {
+    const builder = new TreeBuilder(images, helper, created, options.detached);
+    builder.createEarly();
+    for (const { entry: { pid } } of images.processes) {
       await guard.checkpoint();
+      builder.beforeRebuilding(pid);
+      const blank = created.get(pid);
+      // The verdict (ptyMemberRefusals) makes sure of it.
+      if (!blank) throw new AmberError(`pid ${pid}: create: not created before its turn`);
       if (blank.images.entry.state === "zombie") continue;
-      const pid = blank.images.entry.pid;
       contexts.push(
         await withContextAsync(`pid ${pid}`, () => rebuildProcess(blank, dir, options, tree, log)),
       );
@@ -567,7 +626,7 @@ export async function restoreTree(
   job?.started();
   helper.child.kill("SIGKILL");
   await helper.child.status;
-  const pids = [...created.keys()];
+  const pids = images.processes.map((p) => p.entry.pid);
   const restoreMs = performance.now() - t0;
   log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
   // The tree runs on its own now: signals to amber are amber's again.

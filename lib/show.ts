@@ -37,6 +37,8 @@ interface FdImage {
   pos?: number;
   ino?: number;
   external?: boolean;
+  /** A unix socket's outside peer name (--ext-unix-sk). */
+  reconnect?: Uint8Array;
 }
 
 interface FsImage {
@@ -212,11 +214,23 @@ function treeLines(images: Images): string[] {
   return lines;
 }
 
+/** A unix socket name as text: a path, or @name for an abstract one; escaped for a terminal. */
+function socketName(name: Uint8Array): string {
+  const text = new TextDecoder().decode(name[0] === 0 ? name.subarray(1) : name);
+  return escapeText((name[0] === 0 ? "@" : "") + text.replace(/\0+$/, ""), SHOW_TEXT_MAX);
+}
+
 function fdTarget(f: FdImage): string {
   if (f.kind === "unsupported") return `${f.link ?? ""} (${f.type ?? "?"}, not restorable)`;
   if (f.kind === "pipe") {
     const end = `pipe:[${f.ino}] ${(f.flags & 3) === 0 ? "read" : "write"} end`;
     return f.external ? `${end}, external (restore needs --inherit-fd)` : end;
+  }
+  if (f.kind === "unix" && f.external) {
+    return `socket:[${f.ino}], external (restore needs --inherit-fd fd[N]:socket:[${f.ino}])`;
+  }
+  if (f.kind === "unix" && f.reconnect) {
+    return `socket:[${f.ino}], connected again to ${socketName(f.reconnect)} (--ext-unix-sk)`;
   }
   return f.path ?? f.link ?? "";
 }

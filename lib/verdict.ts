@@ -12,6 +12,7 @@ import { ImageDir } from "./images/dir.ts";
 import { type Images, type ProcessImages, readImagesIn } from "./images/read.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { PARTS } from "./parts.ts";
+import { ptyMemberRefusals } from "./fds/ptymembers.ts";
 
 function messageOf(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
@@ -84,6 +85,8 @@ export async function judgeImages(
     );
   }
   reasons.push(...images.unrestorable);
+  // Which process restore creates from which depends on the whole tree.
+  reasons.push(...ptyMemberRefusals(images));
   for (const p of images.processes) reasons.push(...processRefusals(p, images, dir, options));
   return reasons;
 }

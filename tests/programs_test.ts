@@ -677,6 +677,23 @@ const CASES: Case[] = [
     result: (r) => digests(`${r.dir}/out.gz`),
   },
   {
+    // script's shell leads the pty's session; gzip, its job, has the pty as controlling terminal.
+    name: "script -qefc 'gzip -6 ...; true' (gzip on script's pty, not its session's leader)",
+    commands: ["script", "gzip"],
+    expect: "restores",
+    prepare: (input) => Deno.writeFile(`${input}/words.txt`, genText(1_200_000, 7)),
+    env: { SHELL: "/bin/bash", PATH: "/usr/bin:/bin" },
+    argv: (r) => [
+      "setsid",
+      "script",
+      "-qefc",
+      `gzip -6 -n -c ${words(r)} > ${r.dir}/out.gz; true`,
+      `${r.dir}/typescript`,
+    ],
+    midWork: (r) => untilFile(`${r.dir}/out.gz`, 65536),
+    result: (r) => digests(`${r.dir}/out.gz`),
+  },
+  {
     name: "python3 threads (hashlib in 2 threads, joined)",
     commands: [PYTHON],
     expect: "restores",

@@ -1,13 +1,15 @@
 /**
  * Ptys amber refuses rather than breaks (issue 10's gaps): a master in the
  * tree whose slave a process outside the tree holds, and a process of a
- * pty's session other than its leader (restore creates it before the
- * leader gets its pty back, so it could not inherit it).
+ * pty's session other than its leader whose leader holds the master itself
+ * (restore could not fork it after the leader got its pty back); one whose
+ * leader is restored after the master comes back with its pty.
  * Run with: deno test -A tests/pty_gaps_test.ts
  */
 import assert from "node:assert/strict";
 import {
   amber,
+  assertExit,
   assertOneLineError,
   descendants,
   dumpArgs,
@@ -20,6 +22,7 @@ import {
   tempDir,
   until,
   waitForLines,
+  waitVanished,
 } from "./_util.ts";
 
 /** Opens a pty pair, writes the slave's name to argv[1], keeps only the master. */
@@ -83,7 +86,7 @@ for (const [how, argv] of Object.entries(OUTSIDE)) {
   });
 }
 
-Deno.test("a process of a pty's session other than its leader (script -qfc 'sleep; true') is refused, named", async () => {
+Deno.test("a process of a pty's session other than its leader (script -qfc 'sleep; true') comes back with the pty as controlling terminal", async () => {
   await using tmp = await tempDir();
   // script's child, bash, leads the pty's session; sleep is a member, on the pty too.
   const tree = spawnTarget(["setsid", "script", "-qfc", "sleep 600; true", `${tmp.path}/ts`], {
@@ -95,17 +98,55 @@ Deno.test("a process of a pty's session other than its leader (script -qfc 'slee
       sleeper = descendants(tree.pid).find((p) => comm(p) === "sleep") ?? 0;
       return sleeper !== 0;
     }, "script's command does not run");
-    const leader = Number(procStatFields(sleeper)[3]);
+    const before = descendants(tree.pid).map((p) => [p, ...procStatFields(p).slice(1, 6)]);
+    const slave = Deno.readLinkSync(`/proc/${sleeper}/fd/0`);
+    assert.notEqual(procStatFields(sleeper)[3], String(sleeper), "test bug: sleep leads");
+    const img = `${tmp.path}/img`;
+    assertExit(await amber(dumpArgs(tree.pid, img)), 0, "dump");
+    await waitVanished(before.map(([p]) => Number(p)));
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+    // Parent, group, session, controlling terminal (tty_nr) and its foreground group, each.
+    const after = descendants(tree.pid).map((p) => [p, ...procStatFields(p).slice(1, 6)]);
+    assert.deepEqual(after, before, "the restored processes' sessions and terminals");
+    assert.equal(Deno.readLinkSync(`/proc/${sleeper}/fd/0`), slave, "sleep's stdin");
+  } finally {
+    await killTree(tree.pid);
+  }
+});
+
+/**
+ * A session leader holding its pty's master itself, and a child of it on
+ * the pty: the master is restored only with the leader, too late for the
+ * child to be forked after the leader took its pty.
+ */
+const PY_OWN_MASTER = `
+import fcntl, os, sys, termios, time
+os.setsid()
+m, s = os.openpty()
+fcntl.ioctl(s, termios.TIOCSCTTY, 0)
+if os.fork() == 0:
+    os.execvp("sleep", ["sleep", "600"])
+open(sys.argv[1], "w").close()
+time.sleep(600)
+`;
+
+Deno.test("a pty's session member whose leader holds the pty's master itself is refused, named", async () => {
+  await using tmp = await tempDir();
+  const ready = `${tmp.path}/ready`;
+  const tree = spawnTarget(["python3", "-c", PY_OWN_MASTER, ready]);
+  try {
+    await until(() => exists(ready), "python3 did not start its child");
+    const [child] = descendants(tree.pid).slice(1);
     const img = `${tmp.path}/img`;
     const msg = assertOneLineError(await amber(dumpArgs(tree.pid, img)), 1, "dump");
     assert.match(
       msg,
       new RegExp(
-        `pid ${sleeper}: pty \\d+ is its controlling terminal, and it is not its session's leader ` +
-          `\\(${leader}\\)`,
+        `pid ${child}: pty \\d+ is its controlling terminal, and its master is restored only ` +
+          `with or after its session leader ${tree.pid}`,
       ),
     );
-    assert.ok(isAlive(tree.pid) && isAlive(sleeper), "the refused dump harmed the tree");
+    assert.ok(isAlive(tree.pid) && isAlive(child), "the refused dump harmed the tree");
     assert.ok(!exists(img), "the refused dump left images");
   } finally {
     await killTree(tree.pid);

@@ -190,6 +190,24 @@ function pgid(pid: number): number {
   return Number(procStatFields(pid)[2]);
 }
 
+/** Dumps a whole tmux server into `img` and restores it -d: the same processes come back. */
+async function dumpRestoreServer(t: Tmux, img: string): Promise<void> {
+  const tree = descendants(t.server);
+  assertExit(await amber(dumpArgs(t.server, img)), 0, "dump");
+  await waitVanished(tree);
+  assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
+  assert.deepEqual(descendants(t.server), tree, "the restored server's processes");
+}
+
+/** Types a line to the pane's cat: it is on the screen twice, echoed by the terminal and written by cat. */
+async function catWritesBack(t: Tmux, line: string): Promise<void> {
+  await t.command(line);
+  await t.waitScreen(
+    (l) => l.filter((x) => x === line).length === 2,
+    `"${line}" echoed and written back by cat`,
+  );
+}
+
 /**
  * Runs `body` with a tmux pane whose shell has started `cmd` in its
  * foreground, then kills everything.
@@ -301,13 +319,7 @@ Deno.test("cooked-mode job (cat) restored in its pane: lines echo, Ctrl-C ends i
     await t.command("cat");
     const pid = await t.job("cat");
     const amberPid = await dumpAndRestoreInPane(t, dir, pid);
-    await t.type("hello there");
-    await t.keys("Enter");
-    // Once echoed by the terminal, once written by cat.
-    await t.waitScreen(
-      (l) => l.filter((x) => x === "hello there").length === 2,
-      "the line echoed and written back",
-    );
+    await catWritesBack(t, "hello there");
     await t.keys("C-c");
     await t.waitPrompt(130, "cat ended by Ctrl-C");
     await waitVanished([pid, amberPid]);
@@ -512,13 +524,8 @@ Deno.test("a tmux server with two panes dumped and restored -d: its panes run on
       await inner.run("send-keys", "-t", pane, "Enter");
       await inner.waitScreen((l) => l.includes(`${pane} before 42`), pane, 20_000, pane);
     }
-    const tree = descendants(inner.server);
 
-    const img = `${tmp.path}/img`;
-    assertExit(await amber(dumpArgs(inner.server, img)), 0, "dump");
-    await waitVanished(tree);
-    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore -d");
-    assert.deepEqual(descendants(inner.server), tree, "the restored server's processes");
+    await dumpRestoreServer(inner, `${tmp.path}/img`);
     // Its listening socket came back: a new client gets the same panes, on the same ptys.
     assert.equal(await panes(), before, "the panes' shells and ptys");
     for (const pane of ["t.0", "t.1"]) {
@@ -583,6 +590,69 @@ for (const how of ["kill", "-R"] as const) {
     },
   );
 }
+
+Deno.test("a tmux server inside the tree, cat in the foreground of a pane's shell: keys reach cat after restore -d, Ctrl-C ends it and the shell prompts", async () => {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  await using tmp = await tempDir();
+  const inner = new Tmux(tmp.path, "inner");
+  try {
+    await inner.start();
+    // cat is a job of the pane's shell: a member of the pty's session, in its own group.
+    await inner.command("cat");
+    const cat = await inner.job("cat");
+    const shell = await inner.panePid();
+    await until(() => tpgid(cat) === pgid(cat), "cat is not in the pane's foreground");
+    await catWritesBack(inner, "before dump");
+    const before = procStatFields(cat);
+    await dumpRestoreServer(inner, `${tmp.path}/img`);
+    const now = procStatFields(cat);
+    // Its group, session, controlling terminal and the terminal's foreground group.
+    assert.deepEqual(now.slice(2, 6), before.slice(2, 6), "cat's group, session and terminal");
+    assert.notEqual(pgid(cat), pgid(shell), "cat is in its shell's group");
+    // Typed keys reach cat.
+    await catWritesBack(inner, "after restore");
+    // Ctrl-C is the pty's interrupt: it ends cat, its shell takes the terminal back.
+    await inner.keys("C-c");
+    await inner.waitPrompt(130, "cat ended by Ctrl-C");
+    await waitVanished([cat]);
+    await inner.command("echo shell $((6*7))");
+    await inner.waitScreen((l) => l.includes("shell 42"), "the shell's next command");
+    assert.equal(tpgid(shell), pgid(shell), "the shell is not in the foreground again");
+  } finally {
+    await inner.close();
+  }
+});
+
+Deno.test("a tmux server inside the tree, vim in the foreground of a pane's shell: after restore -d it takes keys at once and :wq writes the file", async () => {
+  assert.ok(await commandWorks("tmux", "-V"), "these tests need tmux (Debian package tmux)");
+  assert.ok(await commandWorks("vim", "--version"), "this test needs vim (Debian package vim)");
+  await using tmp = await tempDir();
+  const inner = new Tmux(tmp.path, "inner");
+  const file = `${tmp.path}/note.txt`;
+  try {
+    await inner.start();
+    await inner.command(`vim -u NONE -N -n ${shellQuote(file)}`);
+    const vim = await inner.job("vim");
+    await until(() => tpgid(vim) === pgid(vim), "vim is not in the pane's foreground");
+    await inner.type("ibefore dump");
+    await inner.keys("Escape");
+    await inner.waitScreen((l) => l[0] === "before dump", "vim's buffer");
+    await dumpRestoreServer(inner, `${tmp.path}/img`);
+    // Raw mode came back: each key reaches vim without Enter.
+    await inner.type("A, after restore");
+    await inner.keys("Escape");
+    await inner.waitScreen((l) => l[0] === "before dump, after restore", "the keys typed to vim");
+    await inner.command(":wq");
+    await inner.waitPrompt(0, "vim ended by :wq");
+    assert.equal(
+      await Deno.readTextFile(file),
+      "before dump, after restore\n",
+      "the file vim wrote",
+    );
+  } finally {
+    await inner.close();
+  }
+});
 
 /** A pane's program that reads its terminal only once DIR/go appears, logging each read (JSON). */
 const PY_PANE_READER = `

@@ -42,6 +42,16 @@ function scanAll(): Map<string, { pid: number; fd: number }[]> {
   return byLink;
 }
 
+/** Whether `pid` is a process amber traces (one of the frozen tree's). */
+export function tracedByAmber(pid: number): boolean {
+  try {
+    const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+    return /^TracerPid:\s*(\d+)$/m.exec(status)?.[1] === String(Deno.pid);
+  } catch {
+    return false;
+  }
+}
+
 /** Every descriptor of any process whose /proc link is `link`, with its flags. */
 export function holdersOf(tree: TreeDumpState, link: string): Holder[] {
   let scan = scans.get(tree);

@@ -27,6 +27,7 @@ import { bytes } from "../images/codec.ts";
 import { getBytes, putBytes, putString } from "../scratch.ts";
 import { fetchFd, parkFd } from "./fetch.ts";
 import { holdersOf } from "./holders.ts";
+import { givenFor, takeInherited } from "./inherit.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
 
 const O_ACCMODE = 3, O_NONBLOCK = 0o4000, O_DIRECT = 0o40000, O_NOATIME = 0o1000000;
@@ -142,32 +143,12 @@ function refill(ctx: RestoreContext, w: number, data: Uint8Array): void {
   }
 }
 
-/** The --inherit-fd entry standing in for external pipe `ino`, if one was given. */
-function inheritFor(ctx: PrecheckContext | RestoreContext, ino: number) {
-  return (ctx.options.inheritFds ?? []).find((i) => i.resource === `pipe:[${ino}]`);
-}
-
 /** amber's fd N must be there, a pipe end of the same direction as the one it stands for. */
 function checkInherited(ctx: PrecheckContext, e: PipeImage): void {
-  const flag = `--inherit-fd fd[N]:pipe:[${e.ino}]`;
-  const given = inheritFor(ctx, e.ino);
-  if (!given) {
-    if (ctx.options.assumeInherited) return;
+  const given = givenFor(ctx, `pipe:[${e.ino}]`, `pipe:[${e.ino}] (${endOf(e.flags)} end)`);
+  if (given && (!LINK.test(given.link) || endOf(given.flags) !== endOf(e.flags))) {
     throw new AmberError(
-      `pipe:[${e.ino}] (${endOf(e.flags)} end) is external: restore with ${flag}`,
-    );
-  }
-  let link: string, flags: number;
-  try {
-    link = Deno.readLinkSync(`/proc/self/fd/${given.fd}`);
-    const info = Deno.readTextFileSync(`/proc/self/fdinfo/${given.fd}`);
-    flags = parseInt(/^flags:\s*(\d+)/m.exec(info)?.[1] ?? "0", 8);
-  } catch {
-    throw new AmberError(`--inherit-fd fd[${given.fd}]: amber has no fd ${given.fd}`);
-  }
-  if (!LINK.test(link) || endOf(flags) !== endOf(e.flags)) {
-    throw new AmberError(
-      `--inherit-fd fd[${given.fd}]: amber's fd ${given.fd} is ${link}, ` +
+      `--inherit-fd fd[${given.fd}]: amber's fd ${given.fd} is ${given.link}, ` +
         `not the ${endOf(e.flags)} end of a pipe`,
     );
   }
@@ -175,9 +156,7 @@ function checkInherited(ctx: PrecheckContext, e: PipeImage): void {
 
 /** amber's inherited descriptor, taken into this process; buffered bytes written after. */
 function inheritPipe(ctx: RestoreContext, e: PipeImage): number {
-  const given = inheritFor(ctx, e.ino);
-  if (!given) throw new AmberError(`pipe:[${e.ino}] is external: no --inherit-fd for it`);
-  const fd = fetchFd(ctx, { pid: Deno.pid, fd: given.fd });
+  const fd = takeInherited(ctx, `pipe:[${e.ino}]`);
   if (e.contents?.data.length) {
     // A write end of the same pipe, through /proc, only for the refill.
     const O_WRONLY = 1;

@@ -28,7 +28,7 @@ import { getBytes, putBytes, putString } from "../scratch.ts";
 import { defineFdKind, type FdProbe } from "./kind.ts";
 import { openDevTty, readTerminal, TerminalImage, terminalKind, withFdCopy } from "./tty.ts";
 import { readStat } from "../proc/stat.ts";
-import { holdersOf } from "./holders.ts";
+import { holdersOf, tracedByAmber } from "./holders.ts";
 import {
   canStuff,
   type Drained,
@@ -124,14 +124,6 @@ function noteHolder(p: FdProbe, state: DumpState, e: PtyImage): void {
   }
 }
 
-function tracedByUs(pid: number): boolean {
-  try {
-    return /^TracerPid:\s*(\d+)$/m.exec(readProcText(pid, "status"))?.[1] === String(Deno.pid);
-  } catch {
-    return false;
-  }
-}
-
 function parentOf(pid: number): number {
   const stat = readProcText(pid, "stat");
   return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
@@ -146,9 +138,9 @@ function childrenOf(pid: number): number[] {
 /** The frozen tree holding `pid`: every process amber traces around it. */
 function frozenTree(pid: number): number[] {
   let root = pid;
-  for (let p = parentOf(root); p > 1 && tracedByUs(p); p = parentOf(p)) root = p;
+  for (let p = parentOf(root); p > 1 && tracedByAmber(p); p = parentOf(p)) root = p;
   const out = [root];
-  for (let i = 0; i < out.length; i++) out.push(...childrenOf(out[i]).filter(tracedByUs));
+  for (let i = 0; i < out.length; i++) out.push(...childrenOf(out[i]).filter(tracedByAmber));
   return out;
 }
 
@@ -160,36 +152,11 @@ function mastersOf(pid: number): [number, string][] {
   });
 }
 
-/**
- * A process other than its session's leader whose controlling terminal is
- * a pty of the tree: restore creates every process before the leader gets
- * its pty back (TIOCSCTTY), and only a process forked after that inherits
- * it.
- */
-function refuseMembers(tree: TreeDumpState, pids: number[], masters: Map<number, string>): void {
-  for (const pid of pids) {
-    let st;
-    try {
-      st = readStat(pid);
-    } catch {
-      continue; // gone since the freeze (a zombie reaped)
-    }
-    const index = ptsIndex(st.ttyNr);
-    // A zombie needs no terminal: it only waits to be reaped.
-    if (index === undefined || !masters.has(index) || st.sid === pid || st.state === "Z") continue;
-    tree.pending.set(
-      `pty ${index} member ${pid}`,
-      `pid ${pid}: pty ${index} is its controlling terminal, and it is not its session's leader ` +
-        `(${st.sid}): only a leader gets its pty back: not supported yet`,
-    );
-  }
-}
-
 function dumpState(tree: TreeDumpState, pid: number): DumpState {
   return kindState(tree.kinds, NAME, () => {
     const pids = frozenTree(pid);
+    // Members of a pty's session are judged on the images (lib/fds/ptymembers.ts).
     const masters = new Map(pids.flatMap(mastersOf));
-    refuseMembers(tree, pids, masters);
     return {
       inTree: new Set(pids),
       masters,
@@ -203,7 +170,7 @@ function dumpState(tree: TreeDumpState, pid: number): DumpState {
 }
 
 /** The pty index of a tty_nr (major 136: /dev/pts), if it is one. */
-function ptsIndex(ttyNr: number): number | undefined {
+export function ptsIndex(ttyNr: number): number | undefined {
   if (((ttyNr >>> 8) & 0xfff) !== 136) return undefined;
   return (ttyNr & 0xff) | ((ttyNr >>> 12) & 0xfff00);
 }

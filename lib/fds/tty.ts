@@ -110,8 +110,9 @@ export function withFdCopy<T>(p: FdProbe, fn: (fd: number) => T): T {
 
 /** Reopens /dev/tty inside the process: its controlling terminal, as restored. */
 export function openDevTty(ctx: RestoreContext, e: { flags: number }): number {
-  // A session leader's controlling terminal is set at the end: set it now.
-  restoreControllingTerminal(ctx);
+  // A session leader's controlling terminal is set at the end: set it now. (Other
+  // processes inherited theirs; their foreground group waits for the end.)
+  restoreControllingTerminal(ctx, true);
   const path = putString(ctx.pid, ctx.scratch, "/dev/tty");
   // Access mode, O_APPEND and O_NONBLOCK; never O_CREAT and the like.
   const flags = (e.flags & (0o3 | 0o2000 | 0o4000)) | O_NOCTTY;
@@ -165,7 +166,7 @@ interface TerminalEntry {
  * controlling terminal through it. Shared descriptors count too: a shell
  * usually holds its terminal only as descriptors inherited from its parent.
  */
-export function restoreControllingTerminal(ctx: RestoreContext): void {
+export function restoreControllingTerminal(ctx: RestoreContext, leaderOnly = false): void {
   const fds = (ctx.images.fds as { fds: TerminalEntry[] } | undefined)?.fds ?? [];
   const ctty = fds.find((e) => (e.kind === "tty" || e.kind === "pty") && e.terminal?.ctty);
   if (!ctty?.terminal) return;
@@ -181,7 +182,7 @@ export function restoreControllingTerminal(ctx: RestoreContext): void {
       }
       if (r < 0n) throw new AmberError(`TIOCSCTTY: ${errnoName(Number(-r))}`);
     }
-    if (ctty.kind === "pty" && fg && pgrp !== undefined) {
+    if (ctty.kind === "pty" && fg && pgrp !== undefined && !leaderOnly) {
       const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(new Int32Array([pgrp]).buffer));
       ctx.injector.call(`ioctl(TIOCSPGRP ${pgrp})`, NR.ioctl, ctty.fd, TTY_IOCTL.TIOCSPGRP, at);
     }

@@ -13,8 +13,13 @@
  *   yet accept()ed) whose client end is in the tree: the client's socket
  *   is connected to the restored listener again, so accept() returns it,
  *   and what the client had sent is sent again from it (see takeBacklog).
- * Anything else (a peer outside the tree, descriptors or credentials in a
- * queue) is refused.
+ * - a socket whose peer is outside the tree (a supervisor, /dev/log): with
+ *   `dump --external unix[INO]` it is recorded as external and restore puts
+ *   amber's own descriptor given by `--inherit-fd fd[N]:socket:[INO]` in its
+ *   place; with `dump --ext-unix-sk`, when that peer has a name, restore
+ *   connects a new socket to the name again (see outsideEntry).
+ * Anything else (a peer outside the tree otherwise, descriptors or
+ * credentials in a queue) is refused.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
@@ -45,6 +50,8 @@ import { readProcText } from "../proc/read.ts";
 import { getBytes, putBytes } from "../scratch.ts";
 import { fetchFd, parkFd } from "./fetch.ts";
 import { defineFdKind, type FdProbe, O_CLOEXEC } from "./kind.ts";
+import { holdersOf, tracedByAmber } from "./holders.ts";
+import { givenFor, takeInherited } from "./inherit.ts";
 
 const LINK = /^socket:\[(\d+)\]$/;
 const AF_UNIX = 1;
@@ -92,6 +99,10 @@ const UnixEntry = z.object({
   sndbuf: z.number().int(),
   rcvbuf: z.number().int(),
   passcred: z.boolean(),
+  /** Its peer is outside the tree (--external): restore needs --inherit-fd fd[N]:socket:[INO]. */
+  external: z.boolean().optional(),
+  /** Its peer is outside the tree and has this name (--ext-unix-sk): connected to again. */
+  reconnect: bytes.refine((b) => b.length > 0 && b.length <= 108, "bad peer name").optional(),
   /** Why it cannot be restored, when it cannot (seen at dump). */
   refusal: z.string().optional(),
 });
@@ -163,7 +174,8 @@ function refusalOf(p: FdProbe, s: UnixSocketInfo): string | undefined {
     // socket may be connected one way only, to a receiver bound elsewhere.
     const peer = s.peer === undefined ? undefined : sockets.get(s.peer);
     if (s.type === 2 && peer?.peer !== s.ino) {
-      return `datagram socket connected to socket:[${s.peer}] one way: not supported yet`;
+      return `datagram socket connected to socket:[${s.peer}] one way: not supported yet ` +
+        "(dump --ext-unix-sk connects to its name again)";
     }
   } else if (s.state !== STATE.UNCONNECTED) {
     return `in state ${s.state} (connecting or closing): not supported yet`;
@@ -245,7 +257,9 @@ function noteRelations(tree: TreeDumpState, e: z.input<typeof UnixEntry>, label:
     ? [{
       ino: e.peer,
       why: `${label}: its peer socket:[${e.peer}] is ${outside} ` +
-        "(a supervisor, /dev/log, a client?): not supported yet",
+        "(a supervisor, /dev/log, a client?): not supported yet " +
+        `(dump --external unix[${e.ino}] records it as external; --ext-unix-sk connects ` +
+        "to the peer's name again)",
     }]
     : e.inflight
     ? [{
@@ -605,11 +619,7 @@ function sentData(dir: ImageDir, e: UnixImage): Uint8Array[] {
  */
 function createWaitingClient(ctx: RestoreContext, e: UnixImage): number {
   const inj = ctx.injector;
-  const fd = Number(inj.call("socket", NR.socket, AF_UNIX, e.type | O_CLOEXEC | O_NONBLOCK, 0));
-  applyOptions(ctx, fd, e);
-  // A client may have bound a name of its own before connecting.
-  if (e.name) bindName(ctx, fd, e.name);
-  ownSocketFile(e);
+  const fd = newClient(ctx, e);
   const st = backlogRestore(ctx);
   const listener = e.inflight!.listener;
   if (!st.listening.has(listener)) {
@@ -625,21 +635,38 @@ function createWaitingClient(ctx: RestoreContext, e: UnixImage): number {
   return fd;
 }
 
+/**
+ * A client's new socket, nonblocking until connected (a full backlog then
+ * fails rather than waits), bound to its own name again if it had one (a
+ * client may bind before connecting).
+ */
+function newClient(ctx: RestoreContext, e: UnixImage): number {
+  const inj = ctx.injector;
+  const fd = Number(inj.call("socket", NR.socket, AF_UNIX, e.type | O_CLOEXEC | O_NONBLOCK, 0));
+  applyOptions(ctx, fd, e);
+  if (e.name) bindName(ctx, fd, e.name);
+  ownSocketFile(e);
+  return fd;
+}
+
+function connectName(ctx: RestoreContext, fd: number, name: Uint8Array): void {
+  const addr = sockaddr(name);
+  const at = putBytes(ctx.pid, ctx.scratch, addr);
+  ctx.injector.call(`connect ${displayName(name)}`, NR.connect, fd, at, addr.length);
+}
+
+/** A connected client's shutdown state and file flags, as dumped. */
+function finishClient(ctx: RestoreContext, fd: number, e: UnixImage): void {
+  const how = [-1, 0, 1, 2][e.shutdown];
+  if (how >= 0) ctx.injector.call("shutdown", NR.shutdown, fd, how);
+  ctx.injector.call("fcntl(F_SETFL)", NR.fcntl, fd, F_SETFL, e.flags & O_NONBLOCK);
+}
+
 /** Connects client `e` to its listener, so it waits in the backlog again, and sends again what it had sent. */
 function connectClient(ctx: RestoreContext, fd: number, e: UnixImage): void {
-  const inj = ctx.injector;
-  const addr = sockaddr(e.inflight!.name);
-  inj.call(
-    `connect ${displayName(e.inflight!.name)}`,
-    NR.connect,
-    fd,
-    putBytes(ctx.pid, ctx.scratch, addr),
-    addr.length,
-  );
+  connectName(ctx, fd, e.inflight!.name);
   sendQueued(ctx, fd, e.type, sentData(ctx.dir, e));
-  const how = [-1, 0, 1, 2][e.shutdown];
-  if (how >= 0) inj.call("shutdown", NR.shutdown, fd, how);
-  inj.call("fcntl(F_SETFL)", NR.fcntl, fd, F_SETFL, e.flags & O_NONBLOCK);
+  finishClient(ctx, fd, e);
 }
 
 /** The backlog data a client needs is in the images (unless the dump has yet to write it). */
@@ -654,6 +681,105 @@ function removeStaleSocket(path: string): void {
   } catch { /* not there */ }
 }
 
+/** How a socket whose peer is outside the tree is to come back, if the dump was told. */
+function outsideMode(p: FdProbe, s: UnixSocketInfo): "external" | "reconnect" | undefined {
+  const listed = p.tree.options.external ?? [];
+  if (listed.includes(`socket:[${s.ino}]`) || listed.includes(`unix[${s.ino}]`)) return "external";
+  if (!p.tree.options.extUnixSk || s.state !== STATE.CONNECTED || s.peer === undefined) return;
+  if (clientsWaiting(p.tree).has(s.ino)) return; // its listener's backlog: restored as such
+  const peer = socketsOf(p.tree).get(s.peer);
+  if (!peer?.name?.length || peerInTree(p, s.peer)) return;
+  return "reconnect";
+}
+
+/** Whether a process of the dumped tree holds socket `ino`. */
+function peerInTree(p: FdProbe, ino: number): boolean {
+  return holdersOf(p.tree, `socket:[${ino}]`).some((h) => tracedByAmber(h.pid));
+}
+
+/**
+ * A socket whose peer is outside the tree. External (--external): amber's
+ * own descriptor takes its place at restore. Reconnect (--ext-unix-sk): a
+ * new socket is connected to the peer's name, the one the peer was bound
+ * to (a stream connection's peer carries its listener's name), so a
+ * datagram socket sends to the same receiver again, and a stream is a new
+ * connection to the listener (its old connection ends with the dumped
+ * tree: the peer reads what was sent, then end of file). What waits in the
+ * socket's own receive queue would be lost either way, so it is refused.
+ */
+function outsideEntry(
+  p: FdProbe,
+  s: UnixSocketInfo,
+  mode: "external" | "reconnect",
+): z.input<typeof UnixEntry> {
+  const e = dumpSocket(p, s);
+  // Not peeked when refusalOf refused it (connected one way): unix_diag's count says.
+  const queued = Math.max(s.rqueue, e.queue.reduce((n, m) => n + m.length, 0));
+  const refusal = mode === "external" && s.peer !== undefined && peerInTree(p, s.peer)
+    ? `listed with --external, but its peer socket:[${s.peer}] is in the tree`
+    : s.pending.length
+    ? `listed with --external, but ${s.pending.length} connection(s) wait in its backlog`
+    : queued
+    ? `${queued} bytes from its peer outside the tree wait in its queue and would be lost: ` +
+      "not supported yet"
+    : undefined;
+  const peerName = mode === "reconnect" ? socketsOf(p.tree).get(s.peer!)!.name : undefined;
+  noteSeen(p.tree, s.ino, []);
+  return {
+    ...e,
+    peer: undefined,
+    inflight: undefined,
+    queue: [],
+    ...(mode === "external" ? { external: true } : { reconnect: peerName }),
+    refusal,
+  };
+}
+
+/** amber's fd N must be there, a unix socket of the same type as the one it stands for. */
+function checkInherited(ctx: PrecheckContext, e: UnixImage): void {
+  const given = givenFor(ctx, `socket:[${e.ino}]`, describe(e));
+  if (!given) return;
+  const kind = inode(given.link) === undefined
+    ? undefined
+    : [getIntOption(given.fd, SO.DOMAIN), getIntOption(given.fd, SO.TYPE)];
+  if (!kind || kind[0] !== AF_UNIX || kind[1] !== e.type) {
+    throw new AmberError(
+      `--inherit-fd fd[${given.fd}]: amber's fd ${given.fd} is ${given.link}, ` +
+        `not a unix ${TYPES[e.type]} socket`,
+    );
+  }
+}
+
+/** amber's descriptor, taken into this process with the file flags of the image. */
+function inheritSocket(ctx: RestoreContext, e: UnixImage): number {
+  const fd = takeInherited(ctx, `socket:[${e.ino}]`);
+  ctx.injector.call("fcntl(F_SETFL)", NR.fcntl, fd, F_SETFL, e.flags & O_NONBLOCK);
+  return fd;
+}
+
+/** The peer's path must still be a socket to connect to (an abstract name is tried at restore). */
+function checkPeerName(e: UnixImage): void {
+  const path = pathName(e.reconnect);
+  if (!path) return;
+  let isSocket = false;
+  try {
+    isSocket = Deno.statSync(path).isSocket ?? false;
+  } catch { /* gone */ }
+  if (!isSocket) {
+    throw new AmberError(
+      `${describe(e)}: its peer's name ${path} is not a socket now: nothing to connect to again`,
+    );
+  }
+}
+
+/** A new socket connected to the outside peer's name. */
+function reconnect(ctx: RestoreContext, e: UnixImage): number {
+  const fd = newClient(ctx, e);
+  connectName(ctx, fd, e.reconnect!);
+  finishClient(ctx, fd, e);
+  return fd;
+}
+
 export const unixFd = defineFdKind({
   name: "unix",
   schema: UnixEntry,
@@ -663,6 +789,8 @@ export const unixFd = defineFdKind({
   },
   dump(p: FdProbe) {
     const s = socketsOf(p.tree).get(inode(p.link)!)!;
+    const outside = outsideMode(p, s);
+    if (outside) return outsideEntry(p, s, outside);
     const entry = dumpSocket(p, s);
     const label = `fd ${p.fd}: ${describe(entry)}`;
     noteRelations(p.tree, entry, label);
@@ -673,6 +801,8 @@ export const unixFd = defineFdKind({
   // An abstract name is the network namespace's; a path name is the filesystem's.
   netnsBound: (e) => e.name?.length && e.name[0] === 0 ? describe(e) : undefined,
   precheck(e, ctx) {
+    if (e.external) return checkInherited(ctx, e);
+    if (e.reconnect) return checkPeerName(e);
     checkSentData(e, ctx);
     const path = pathName(e.name);
     if (!path || (e.state === STATE.CONNECTED && !e.inflight)) return;
@@ -689,6 +819,8 @@ export const unixFd = defineFdKind({
     }
   },
   restore(ctx, e) {
+    if (e.external) return inheritSocket(ctx, e);
+    if (e.reconnect) return reconnect(ctx, e);
     if (e.inflight) return createWaitingClient(ctx, e);
     if (e.state === STATE.LISTEN) {
       const fd = createBound(ctx, e);

@@ -10,6 +10,8 @@ export const ProcessEntry = z.object({
   ppid: z.number().int().min(0),
   pgid: pidNumber,
   sid: z.number().int().min(0),
+  /** Its controlling terminal's device number (stat tty_nr), when it has one. */
+  tty: z.number().int().min(1).optional(),
   /** The process name (its main thread's comm). */
   comm: z.string().max(16),
   exitSignal: z.number().int().min(0).max(64),
