@@ -648,6 +648,11 @@ const COMMANDS: Command[] = [
       { ...ADDRESS, help: "address to listen on (default 0.0.0.0)" },
       { ...PORT, help: "TCP port to listen on (0: any free one, printed)" },
       { ...IMAGES_DIR, help: "keep the rounds in DIR/round-N (default: a private one, removed)" },
+      {
+        long: "lazy-pages",
+        help: "run the tree before its anonymous memory is in and serve it from the rounds as " +
+          "it is touched (restore --lazy-pages); exit once all is in",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -661,6 +666,7 @@ const COMMANDS: Command[] = [
           address,
           port,
           dir: v["images-dir"] as string | undefined,
+          lazyPages: !!v["lazy-pages"],
           log: detail,
           listening: (p) => console.error(`amber migrate-receive: listening on ${address}:${p}`),
         });

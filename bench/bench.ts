@@ -435,7 +435,7 @@ async function migratePause(): Promise<void> {
   }
   const bin = await buildC("gaps");
   const mib = 256;
-  const plain: number[] = [], moved: number[] = [], rounds: string[] = [];
+  const plain: number[] = [], moved: number[] = [], lazily: number[] = [], rounds: string[] = [];
   for (let i = 0; i < ROUNDS; i++) {
     await using tmp = await tempDir("amber-bench-");
     await warmMemory(tmp.path, mib * 3 * 1048576);
@@ -450,40 +450,48 @@ async function migratePause(): Promise<void> {
     } finally {
       await killAndReap(a.pid).catch(() => {});
     }
-    await using hosts = await makeHosts();
-    await using _recv = await startReceiver(hosts, tmp.path);
-    const out = `${tmp.path}/b.txt`;
-    const b = spawnTarget([
-      "nsenter",
-      `--net=/run/netns/${hosts.src}`,
-      "--",
-      bin,
-      out,
-      String(mib),
-    ]);
-    try {
-      await waitForLines(out, 1, 60_000);
-      await gapOf(b.pid, out);
-      const to = `${DST_ADDR}:${PORT}`;
-      const r = await amberIn(hosts.src, ["migrate", "-t", String(b.pid), "--to", to, "--json"]);
-      if (r.code !== 0) throw new Error(`migrate: ${r.stderr.trim()}`);
-      const m = JSON.parse(r.stdout);
-      await waitVanished([b.pid]);
-      const there = hostPid(b.pid, bin);
-      if (!there) throw new Error("migrate: the tree does not run at the destination");
-      moved.push(await gapOf(there, out));
-      const frozen = (m.rounds as { frozenMs: number }[]).map((x) => x.frozenMs.toFixed(0));
-      rounds.push(
-        `${frozen.join("+")} ms frozen, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB`,
-      );
-    } finally {
-      await killAndReap(b.pid).catch(() => {});
-    }
+    const eager = await migrateOnce(tmp.path, bin, mib, false);
+    moved.push(eager.gap);
+    rounds.push(eager.rounds);
+    lazily.push((await migrateOnce(tmp.path, bin, mib, true)).gap);
   }
   console.log(
     `gaps, ${mib} MiB, 1 ms loop: longest pause it saw (ms): migrate between network namespaces ` +
-      `${both(moved)} [${rounds.join("; ")}], dump + restore ${both(plain)}`,
+      `${both(moved)} [${rounds.join("; ")}], with migrate-receive --lazy-pages ${both(lazily)}, ` +
+      `dump + restore ${both(plain)}`,
   );
+}
+
+/** One migration of a new gaps target between two new hosts: the longest gap it saw. */
+async function migrateOnce(
+  dir: string,
+  bin: string,
+  mib: number,
+  lazy: boolean,
+): Promise<{ gap: number; rounds: string }> {
+  await using hosts = await makeHosts();
+  await using _recv = await startReceiver(hosts, dir, lazy ? ["--lazy-pages"] : []);
+  const out = `${dir}/b-${lazy ? "lazy" : "eager"}.txt`;
+  const b = spawnTarget(["nsenter", `--net=/run/netns/${hosts.src}`, "--", bin, out, String(mib)]);
+  try {
+    await waitForLines(out, 1, 60_000);
+    await gapOf(b.pid, out);
+    const to = `${DST_ADDR}:${PORT}`;
+    const r = await amberIn(hosts.src, ["migrate", "-t", String(b.pid), "--to", to, "--json"]);
+    if (r.code !== 0) throw new Error(`migrate: ${r.stderr.trim()}`);
+    const m = JSON.parse(r.stdout);
+    await waitVanished([b.pid]);
+    const there = hostPid(b.pid, bin);
+    if (!there) throw new Error("migrate: the tree does not run at the destination");
+    const gap = await gapOf(there, out);
+    const frozen = (m.rounds as { frozenMs: number }[]).map((x) => x.frozenMs.toFixed(0));
+    return {
+      gap,
+      rounds: `${frozen.join("+")} ms frozen, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB`,
+    };
+  } finally {
+    await killAndReap(b.pid).catch(() => {});
+  }
 }
 
 /**

@@ -29,6 +29,7 @@ import { AmberError, faultPointAsync } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
+import type { LazyStats } from "./mm/lazy.ts";
 import { restoreTree } from "./restore.ts";
 import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
@@ -298,6 +299,14 @@ export interface MigrateReceiveRequest {
   log?: LogLine;
   /** Aborting it stops the receiver as SIGINT does: what was received is removed. */
   signal?: AbortSignal;
+  /**
+   * Restore the tree with lazy pages (restore --lazy-pages): it runs as
+   * soon as all but its anonymous memory is in, which the receiver then
+   * serves from the received rounds as it is touched, returning once
+   * every page is in. If serving fails the tree is killed (its source
+   * copy is gone by then): the pause is shorter, the risk is that one.
+   */
+  lazyPages?: boolean;
 }
 
 /** What a receiver did. */
@@ -314,6 +323,8 @@ export interface MigrateReceiveResult {
   restoreMs: number;
   /** Where the rounds are kept (with `dir`). */
   dir?: string;
+  /** With lazyPages: what serving the memory took. */
+  lazy?: LazyStats;
 }
 
 /** Reads the next round's header; throws naming what is wrong. */
@@ -422,6 +433,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         dir,
         detached: true,
         migrated: true,
+        lazyPages: req.lazyPages,
         verbose: req.verbose,
         log: req.log,
         signal: req.signal,
@@ -431,6 +443,8 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       const word = JSON.stringify({ pids: restored.pids, restoreMs: restored.restoreMs });
       // The tree runs here now: a sender gone by now stopped its own copy, see the top.
       await writeReply(conn, reply(true, word)).catch(() => {});
+      // The rounds are the page source of a lazy tree until every page is in.
+      const lazy = restored.lazy ? await restored.lazy : undefined;
       if (own) removeReceived();
       return {
         peer,
@@ -439,6 +453,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         pids: restored.pids,
         restoreMs: restored.restoreMs,
         dir: req.dir,
+        lazy,
       };
     }
   } catch (e) {

@@ -87,6 +87,32 @@ function migrateArgs(pid: number): string[] {
 }
 
 Deno.test({
+  name:
+    "migrate-receive --lazy-pages: the tree runs there, its memory served from the rounds, every byte right",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using recv = await startReceiver(hosts, tmp.path, ["--lazy-pages"]);
+    const w = await startDirtier(hosts, tmp.path);
+    try {
+      assertExit(await amberIn(hosts.src, migrateArgs(w.pid)), 0, "migrate");
+      assert.ok(await waitGone(w.pid), "no process left at the source");
+      // The receiver answers once the tree runs, and exits once every page is in.
+      const got = await recv.result();
+      assert.equal(got.code, 0, JSON.stringify(got.json));
+      assert.ok(got.json.lazy, `no lazy figures: ${JSON.stringify(got.json)}`);
+      const moved = hostPid(w.pid, await buildC("dirtier"));
+      assert.ok(moved, "the tree runs at the destination");
+      await assertChecksOk(moved, w.out, "after a lazy migration");
+      assert.equal(trackerFds(moved).length, 0, "no userfaultfd left in the migrated process");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
   name: "migrate moves a 256 MiB writing process to the other network namespace, every byte right",
   ignore: !usable,
   async fn() {
