@@ -3,7 +3,7 @@
  * injects (write-protect in async mode) and the PAGEMAP_SCAN ioctl that
  * reads which pages were written since.
  */
-import { addressOf, rawSyscall } from "./libc.ts";
+import { addressOf, libc, rawSyscall, SysError } from "./libc.ts";
 
 export const NR_USERFAULTFD = 323;
 export const UFFD_USER_MODE_ONLY = 1;
@@ -103,4 +103,87 @@ function scanRange(pagemapFd: number, start: bigint, end: bigint): [bigint, bigi
     at = walkEnd;
   }
   return out;
+}
+
+/*
+ * The copy-on-write snapshot of dump -R (lib/mm/snapshot.ts): a userfaultfd
+ * in sync write-protect mode, made in the target but held and served by
+ * amber alone.
+ */
+
+/** mremap, madvise(DONTNEED) and munmap of registered memory are reported (the copy must know). */
+export const SNAPSHOT_FEATURES = (1n << 2n) | (1n << 3n) | (1n << 6n);
+/** _IOWR(0xAA, 0x01, struct uffdio_range): 16 bytes. */
+const UFFDIO_UNREGISTER = 0x8010aa01n;
+const EAGAIN = 11;
+
+export const UFFD_EVENT = { PAGEFAULT: 0x12, FORK: 0x13, REMAP: 0x14, REMOVE: 0x15, UNMAP: 0x16 };
+
+/** One struct uffd_msg: the event and its three 64-bit arguments. */
+export interface UffdMessage {
+  event: number;
+  /** pagefault: flags, address; remap: from, to, len; remove/unmap: start, end. */
+  args: [bigint, bigint, bigint];
+}
+
+function uffdCall(name: string, fd: number, req: bigint, arg: Uint8Array): void {
+  rawSyscall(name, NR_IOCTL, fd, req, addressOf(arg));
+}
+
+/** UFFDIO_API on amber's own descriptor (the context stays bound to the target's memory). */
+export function uffdApi(fd: number, features: bigint): void {
+  uffdCall("ioctl(UFFDIO_API)", fd, UFFDIO_API, u64s([UFFD_API, features, 0n]));
+}
+
+/** Registers [start, end) for write-protect faults; false when the kernel will not (EBUSY, EINVAL). */
+export function uffdRegisterWp(fd: number, start: bigint, end: bigint): boolean {
+  try {
+    uffdCall("ioctl(UFFDIO_REGISTER)", fd, UFFDIO_REGISTER, uffdioRegister(start, end));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function uffdUnregister(fd: number, start: bigint, end: bigint): void {
+  uffdCall("ioctl(UFFDIO_UNREGISTER)", fd, UFFDIO_UNREGISTER, u64s([start, end - start]));
+}
+
+/** Write-protects [start, end), or lifts the protection and wakes the threads that wait on it. */
+export function uffdProtect(fd: number, start: bigint, end: bigint, on: boolean): void {
+  const mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0n;
+  uffdCall("ioctl(UFFDIO_WRITEPROTECT)", fd, UFFDIO_WRITEPROTECT, u64s([start, end - start, mode]));
+}
+
+const MSG_BYTES = 32;
+const MSGS_PER_READ = 64;
+
+/** The messages waiting on a non-blocking userfaultfd (none: empty). */
+export function uffdMessages(fd: number): UffdMessage[] {
+  const out: UffdMessage[] = [];
+  const buf = new BigUint64Array(MSG_BYTES / 8 * MSGS_PER_READ);
+  for (;;) {
+    let n: number;
+    try {
+      n = Number(rawSyscall("read(userfaultfd)", 0, fd, addressOf(buf), buf.byteLength));
+    } catch (e) {
+      if (e instanceof SysError && e.errno === EAGAIN) return out;
+      throw e;
+    }
+    for (let i = 0; i < n / MSG_BYTES; i++) {
+      const w = 4 * i;
+      out.push({ event: Number(buf[w] & 0xffn), args: [buf[w + 1], buf[w + 2], buf[w + 3]] });
+    }
+    if (n < buf.byteLength) return out;
+  }
+}
+
+const POLLIN = 1;
+
+/** Waits on a pool thread until `fd` is readable or `ms` pass; whether it is. */
+export async function uffdWait(fd: number, ms: number): Promise<boolean> {
+  const pfd = new Uint8Array(8);
+  new DataView(pfd.buffer).setInt32(0, fd, true);
+  new DataView(pfd.buffer).setInt16(4, POLLIN, true);
+  return (await libc().poll_async(pfd, 1n, ms)) > 0;
 }

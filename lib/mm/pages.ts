@@ -50,6 +50,8 @@ import {
   union,
 } from "./tracking.ts";
 import { trackerIn } from "../progress.ts";
+import { libc } from "../../ffi/libc.ts";
+import { addSnapshot, startSnapshot } from "./snapshot.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
@@ -314,7 +316,12 @@ export async function preparePages(dir: ImageDir, pid: number): Promise<Prepared
   return { file, size: estimate, commit, drop: () => (file.close(), drop()) };
 }
 
-/** Copies the planned runs into the pages file; returns bytes written and whether it went past the page cache. */
+/**
+ * Copies the planned runs into the pages file; returns bytes stored and
+ * whether it went past the page cache. Under `dump -R` with a prepared
+ * file, the private anonymous runs are left to the snapshot
+ * (lib/mm/snapshot.ts), copied after the tree resumes.
+ */
 export async function copyPages(
   ctx: DumpContext,
   runs: PageRun[],
@@ -326,31 +333,61 @@ export async function copyPages(
   // A tree that dies after the dump waits for the disk anyway: straight to
   // it, without growing the page cache (the slow part here) or writing twice.
   const direct = !prepared && !ctx.options.leaveRunning && file.setDirect();
-  const list = chunks(place(runs));
-  const total = list.reduce((s, c) => s + c.bytes, 0);
+  const placed = place(runs);
+  const total = placed.reduce((s, p) => s + p.len, 0);
+  const finish = () => {
+    // A prepared file may be larger than what was stored.
+    if (prepared && prepared.size > total) file.truncate(total);
+    file.close();
+    commit();
+  };
+  const snap = prepared && !trackingState(ctx.tree.kinds).arm
+    ? startSnapshot(ctx, mappings, (m) => placed.some((p) => m.start <= p.addr && p.addr < m.end))
+    : undefined;
+  const later = (p: Placed) => snap?.registered.some((m) => m.start <= p.addr && p.addr < m.end);
+  const now = placed.filter((p) => !later(p));
   const tracker = trackerIn(ctx.tree.kinds);
   tracker?.addTotal(total);
   try {
-    await transfer(list, async (c, buf, i) => {
-      try {
-        const got = await readRangesAsync(ctx.pid, c.ranges, buf);
-        if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
-        if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
-      } catch (e) {
-        // A stream waits for this chunk before the next ones: they must not wait forever.
-        file.abort?.(e);
-        throw e;
-      }
-      await file.pwriteAll(buf, c.fileOff);
-      tracker?.pages(c.bytes);
-    });
-    // A prepared file may be larger than what was stored.
-    if (prepared && prepared.size > total) file.truncate(total);
-  } finally {
+    await copyNow(ctx, chunks(now), file, mappings);
+  } catch (e) {
     file.close();
+    if (snap) libc().close(snap.uffd);
+    throw e;
   }
-  commit();
+  if (!snap) {
+    finish();
+    return { bytes: total, direct };
+  }
+  const deferred = placed.filter(later);
+  addSnapshot(ctx, {
+    pid: ctx.pid,
+    uffd: snap.uffd,
+    file,
+    finish,
+    mappings,
+    protect: deferred.map((p) => ({ addr: p.addr, len: p.len })),
+    chunks: chunks(deferred),
+  });
   return { bytes: total, direct };
+}
+
+/** The frozen copy of `list` into `file` (left open). */
+async function copyNow(ctx: DumpContext, list: Chunk[], file: BulkFile, mappings: MappingImage[]) {
+  const tracker = trackerIn(ctx.tree.kinds);
+  await transfer(list, async (c, buf, i) => {
+    try {
+      const got = await readRangesAsync(ctx.pid, c.ranges, buf);
+      if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
+      if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
+    } catch (e) {
+      // A stream waits for this chunk before the next ones: they must not wait forever.
+      file.abort?.(e);
+      throw e;
+    }
+    await file.pwriteAll(buf, c.fileOff);
+    tracker?.pages(c.bytes);
+  });
 }
 
 /**
