@@ -63,11 +63,28 @@ const NR_CLOSE = 3;
  * written), per PAGEMAP_SCAN on its /proc/PID/pagemap.
  */
 export function scanWritten(pid: number, ranges: [bigint, bigint][]): [bigint, bigint][] {
+  return scanPages(pid, ranges, { all: PAGE_IS_WRITTEN, any: 0n, returned: PAGE_IS_WRITTEN })
+    .map(([s, e]) => [s, e]);
+}
+
+export const PAGE_IS_PRESENT = 1n << 3n;
+export const PAGE_IS_SWAPPED = 1n << 4n;
+
+/**
+ * The regions of `ranges` whose pages have all the categories `all` and
+ * one of `any`, each with its categories among `returned` (PAGEMAP_SCAN:
+ * the kernel walks the page tables, far faster than reading pagemap).
+ */
+export function scanPages(
+  pid: number,
+  ranges: [bigint, bigint][],
+  mask: { all: bigint; any: bigint; returned: bigint },
+): [bigint, bigint, bigint][] {
   if (!ranges.length) return [];
   const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
   const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
   try {
-    return ranges.flatMap(([start, end]) => scanRange(fd, start, end));
+    return ranges.flatMap(([start, end]) => scanRange(fd, start, end, mask));
   } finally {
     rawSyscall("close", NR_CLOSE, fd);
   }
@@ -75,8 +92,13 @@ export function scanWritten(pid: number, ranges: [bigint, bigint][]): [bigint, b
 
 const O_CLOEXEC = 0o2000000;
 
-function scanRange(pagemapFd: number, start: bigint, end: bigint): [bigint, bigint][] {
-  const out: [bigint, bigint][] = [];
+function scanRange(
+  pagemapFd: number,
+  start: bigint,
+  end: bigint,
+  mask: { all: bigint; any: bigint; returned: bigint },
+): [bigint, bigint, bigint][] {
+  const out: [bigint, bigint, bigint][] = [];
   const vec = new BigUint64Array(VEC_LEN * 3);
   let at = start;
   while (at < end) {
@@ -90,14 +112,14 @@ function scanRange(pagemapFd: number, start: bigint, end: bigint): [bigint, bigi
       BigInt(VEC_LEN),
       0n, // max_pages: no limit
       0n, // category_inverted
-      PAGE_IS_WRITTEN, // category_mask
-      0n, // category_anyof_mask
-      PAGE_IS_WRITTEN, // return_mask
+      mask.all, // category_mask
+      mask.any, // category_anyof_mask
+      mask.returned, // return_mask
     ]);
     const n = Number(
       rawSyscall("ioctl(PAGEMAP_SCAN)", NR_IOCTL, pagemapFd, PAGEMAP_SCAN, addressOf(arg)),
     );
-    for (let i = 0; i < n; i++) out.push([vec[3 * i], vec[3 * i + 1]]);
+    for (let i = 0; i < n; i++) out.push([vec[3 * i], vec[3 * i + 1], vec[3 * i + 2]]);
     const walkEnd = arg[4];
     if (walkEnd <= at) throw new Error("PAGEMAP_SCAN: no progress");
     at = walkEnd;

@@ -51,6 +51,7 @@ import {
 } from "./tracking.ts";
 import { trackerIn } from "../progress.ts";
 import { libc } from "../../ffi/libc.ts";
+import { PAGE_IS_PRESENT, PAGE_IS_SWAPPED, scanPages } from "../../ffi/uffd.ts";
 import { addSnapshot, startSnapshot } from "./snapshot.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
@@ -140,6 +141,7 @@ function sharedMemoryRuns(pid: number, m: MappingImage): PageRun[] | undefined {
 export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
   const runs: PageRun[] = [];
   using pm = Deno.openSync(`/proc/${pid}/pagemap`, { read: true });
+  const present = presentRegions(pid, mappings);
   for (const m of mappings) {
     if (!receivesPages(m)) continue;
     const shared = m.kind === "shmem" && m.shared ? sharedMemoryRuns(pid, m) : undefined;
@@ -147,21 +149,75 @@ export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
       runs.push(...shared);
       continue;
     }
-    const entries = withContext(
-      `${mappingLabel(m)}: pagemap`,
-      () => readPagemap(pm, m.start, m.end),
-    );
-    const stores = pageFilter(m);
-    const pages = entries.length / 2;
-    let runStart = -1;
-    for (let i = 0; i <= pages; i++) {
-      // Numbers, not BigInt: this runs once per page of the address space.
-      const keep = i < pages && stores(entries[2 * i + 1], entries[2 * i]);
-      if (keep && runStart < 0) runStart = i;
-      if (!keep && runStart >= 0) {
-        runs.push({ addr: m.start + BigInt(runStart) * PAGE, pages: i - runStart });
-        runStart = -1;
+    const regions = present.get(m);
+    if (regions) {
+      // (A run never spans two mappings: restore checks each lies in one.)
+      const own: PageRun[] = [];
+      for (const [start, end, swapped] of regions) {
+        if (swapped) own.push(...entryRuns(pm, m, start, end));
+        else appendRun(own, start, Number((end - start) / PAGE));
       }
+      runs.push(...own);
+      continue;
+    }
+    runs.push(...entryRuns(pm, m, m.start, m.end));
+  }
+  return runs;
+}
+
+/** Adds a run, merged into the last one when they touch. */
+function appendRun(runs: PageRun[], addr: bigint, pages: number): void {
+  const last = runs[runs.length - 1];
+  if (last && last.addr + BigInt(last.pages) * PAGE === addr) last.pages += pages;
+  else runs.push({ addr, pages });
+}
+
+/**
+ * Private anonymous mappings' present or swapped regions, by PAGEMAP_SCAN
+ * (the kernel walks the page tables: ~4x faster than reading and scanning
+ * pagemap at 2 GiB, and this runs frozen). A region with swapped pages is
+ * looked at entry by entry (a write-protect marker also reads as swapped).
+ */
+function presentRegions(
+  pid: number,
+  mappings: MappingImage[],
+): Map<MappingImage, [bigint, bigint, boolean][]> {
+  const anon = mappings.filter((m) => m.kind === "anon" && !m.shared && receivesPages(m));
+  const found = withContext(
+    "PAGEMAP_SCAN",
+    () =>
+      scanPages(pid, anon.map((m) => [m.start, m.end]), {
+        all: 0n,
+        any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        returned: PAGE_IS_SWAPPED,
+      }),
+  );
+  const out = new Map<MappingImage, [bigint, bigint, boolean][]>(anon.map((m) => [m, []]));
+  let i = 0;
+  for (const [start, end, cat] of found) {
+    while (anon[i].end <= start) i++;
+    out.get(anon[i])!.push([start, end, cat !== 0n]);
+  }
+  return out;
+}
+
+/** The runs of [start, end) of mapping `m`, from its pagemap entries. */
+function entryRuns(pm: Deno.FsFile, m: MappingImage, start: bigint, end: bigint): PageRun[] {
+  const runs: PageRun[] = [];
+  const entries = withContext(
+    `${mappingLabel(m)}: pagemap`,
+    () => readPagemap(pm, start, end),
+  );
+  const stores = pageFilter(m);
+  const pages = entries.length / 2;
+  let runStart = -1;
+  for (let i = 0; i <= pages; i++) {
+    // Numbers, not BigInt: this runs once per page of the address space.
+    const keep = i < pages && stores(entries[2 * i + 1], entries[2 * i]);
+    if (keep && runStart < 0) runStart = i;
+    if (!keep && runStart >= 0) {
+      runs.push({ addr: start + BigInt(runStart) * PAGE, pages: i - runStart });
+      runStart = -1;
     }
   }
   return runs;
