@@ -424,8 +424,12 @@ async function dumpTreeOnce(req: DumpRequest, snapshots: boolean): Promise<DumpS
     // (protected the last thing before), as it was at this moment.
     if (options.leaveRunning) {
       const t = performance.now();
-      protectSnapshots(state.kinds);
-      log(`snapshot: write-protected in ${(performance.now() - t).toFixed(1)} ms`);
+      const n = protectSnapshots(state.kinds);
+      if (n) {
+        log(
+          `snapshot: ${n} process(es) write-protected in ${(performance.now() - t).toFixed(1)} ms`,
+        );
+      }
       resume();
       snapshot = await copySnapshots(state.kinds);
       if (snapshot) {

@@ -184,9 +184,10 @@ export function addSnapshot(
   snapshotState(ctx.tree.kinds).snaps.push(snap);
 }
 
-/** The last step under the freeze: every page to copy is write-protected. */
-export function protectSnapshots(kinds: Map<string, unknown>): void {
-  for (const s of snapshotState(kinds).snaps) {
+/** The last step under the freeze: every page to copy is write-protected; returns how many processes. */
+export function protectSnapshots(kinds: Map<string, unknown>): number {
+  const snaps = snapshotState(kinds).snaps;
+  for (const s of snaps) {
     for (const r of s.protect) {
       withContext(
         `pid ${s.pid}: snapshot: ${labelAt(s, r.addr)}`,
@@ -194,6 +195,7 @@ export function protectSnapshots(kinds: Map<string, unknown>): void {
       );
     }
   }
+  return snaps.length;
 }
 
 function labelAt(s: Snapshot, addr: bigint): string {
