@@ -88,15 +88,17 @@ async function timedStream(root: number): Promise<number> {
     `set -o pipefail; ${amberCmd} dump -t ${root} --stream | ${amberCmd} restore --stream -d`;
   const t0 = performance.now();
   let done = false;
-  const run = new Deno.Command("/bin/bash", {
+  const child = new Deno.Command("/bin/bash", {
     args: ["-c", pipe],
     cwd: ROOT,
     stdin: "null",
     stdout: "null",
     stderr: "piped",
-  }).output().finally(() => done = true);
+  }).spawn();
+  // (Not the pipeline's bash: Deno reaps it, and fails if another did.)
+  const run = child.output().finally(() => done = true);
   while (!done) {
-    reapZombies();
+    reapZombies([child.pid]);
     await new Promise((r) => setTimeout(r, 10));
   }
   const r = await run;
@@ -201,7 +203,8 @@ async function criuCycle(path: string, t: Target, bytes: number, round: Round): 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const best = (xs: number[]) => Math.min(...xs);
 const gbs = (bytes: number, ms: number) => (bytes / 1e9 / (ms / 1000)).toFixed(2);
-const both = (xs: number[]) => `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
+const both = (xs: number[]) =>
+  xs.some(Number.isNaN) ? "-" : `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
 
 interface Case {
   name: string;
@@ -315,7 +318,7 @@ for (const c of ONLY_REDIS ? [] : CASES) {
     ];
     if (VS_CRIU) {
       const ratio = (a: (r: Round) => number | undefined, b: (r: Round) => number | undefined) =>
-        (median(col(a)) / median(col(b))).toFixed(2) + "x";
+        col(a).some(Number.isNaN) ? "-" : (median(col(a)) / median(col(b))).toFixed(2) + "x";
       row.push(
         both(col((r) => r.criuFeltMs)),
         ratio((r) => r.feltMs, (r) => r.criuFeltMs),
