@@ -123,12 +123,15 @@ function takeUffd(ctx: DumpContext): number | undefined {
   const r = ctx.injector.raw(NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
   if (r < 0n) return undefined;
   const inTarget = Number(r);
-  let fd: number;
+  let fd: number | undefined;
   try {
     fd = takeFd(ctx.pid, inTarget);
+  } catch {
+    // (pidfd_getfd refused: copied frozen, as without a snapshot.)
   } finally {
     ctx.injector.call("close userfaultfd", NR.close, inTarget);
   }
+  if (fd === undefined) return undefined;
   try {
     uffdApi(fd, SNAPSHOT_FEATURES);
   } catch {
