@@ -1,5 +1,5 @@
 /*
- * sweeper OUTFILE MIB [--churn] [--setsid]
+ * sweeper OUTFILE MIB [--churn] [--threads N] [--setsid]
  *
  * Test target for the copy-on-write snapshot of dump -R: it keeps writing
  * its memory while the dump copies it, and checks itself.
@@ -23,9 +23,14 @@
  * --churn: each tick also maps a 256 KiB private region, writes it,
  * moves it with mremap and unmaps it (memory that comes and goes while a
  * dump copies).
+ *
+ * --threads N: N more threads each sweep a 1 MiB private region of their
+ * own the same way, checking each page before they write it (a bad page
+ * counts in BAD).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
@@ -98,6 +103,30 @@ static void *map_anon(size_t bytes, int flags) {
   return p;
 }
 
+/* One more writer: its own region, sweep and cursor (on its stack, so in the image). */
+static void *sweep_alone(void *arg) {
+  size_t base = (size_t)arg * (1u << 20);
+  size_t pages = EXTRA_BYTES / PAGE;
+  uint64_t *mem = map_anon(EXTRA_BYTES, MAP_PRIVATE);
+  for (size_t p = 0; p < pages; p++) mem[p * (PAGE / 8)] = word(0, base + p);
+  uint64_t gen = 1;
+  size_t cursor = 0;
+  for (;;) {
+    for (int i = 0; i < PER_TICK; i++) {
+      uint64_t *w = mem + cursor * (PAGE / 8);
+      if (*w != word(gen - 1, base + cursor)) __atomic_add_fetch(&bad, 1, __ATOMIC_RELAXED);
+      *w = word(gen, base + cursor);
+      if (++cursor == pages) {
+        cursor = 0;
+        gen++;
+      }
+    }
+    struct timespec ts = {0, 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return NULL;
+}
+
 static void churn(void) {
   unsigned char *a = map_anon(CHURN_BYTES, MAP_PRIVATE);
   memset(a, 0x5a, CHURN_BYTES);
@@ -111,8 +140,10 @@ static void churn(void) {
 int main(int argc, char **argv) {
   if (argc < 3) return 2;
   int do_churn = 0;
+  long threads = 0;
   for (int i = 3; i < argc; i++) {
     if (strcmp(argv[i], "--churn") == 0) do_churn = 1;
+    else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = strtol(argv[++i], NULL, 10);
     else if (strcmp(argv[i], "--setsid") == 0) {
       if (setsid() < 0) return 4;
     } else return 2;
@@ -132,6 +163,10 @@ int main(int argc, char **argv) {
   if (fd < 0) return 6;
   signal(SIGUSR1, on_usr1);
   signal(SIGUSR2, on_usr2);
+  for (long t = 1; t <= threads; t++) {
+    pthread_t th;
+    if (pthread_create(&th, NULL, sweep_alone, (void *)t) != 0) return 7;
+  }
 
   uint64_t gen = 1, max_gap = 0, last = now_us(), last_line = 0;
   size_t cursor = 0;

@@ -191,6 +191,7 @@ export function processesNamed(pid: number, name: string): number[] {
 /** Flags each testdata program needs at link time. */
 const LINK_FLAGS: Record<string, string[]> = {
   threads: ["-pthread"],
+  sweeper: ["-pthread"],
   dynlib: ["-lm", "-lz", "-lcrypt"],
 };
 

@@ -128,6 +128,21 @@ Deno.test("dump -R of a process that maps, mremaps and unmaps memory all the tim
   }
 });
 
+Deno.test("dump -R of a process whose 4 threads all write: every thread's memory is of the freeze", async () => {
+  await using tmp = await tempDir();
+  const w = await startSweeper(tmp.path, "--threads", "3");
+  try {
+    await writesOn(w);
+    const img = `${tmp.path}/img`;
+    const { json } = await dumpR(w, img);
+    assert.ok(json.snapshot, "copied after the freeze");
+    await assertChecksOk(w, "the original, after the dump");
+    await restoreAndCheck(w, img, "threads");
+  } finally {
+    await killAndReap(w.pid);
+  }
+});
+
 Deno.test("amber killed in the middle of a snapshot copy: the target writes on, nothing left protected", async () => {
   await using tmp = await tempDir();
   const w = await startSweeper(tmp.path);
