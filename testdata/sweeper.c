@@ -21,8 +21,10 @@
  * page and writes "check ok" or "check BAD ...".
  *
  * --churn: each tick also maps a 256 KiB private region, writes it,
- * moves it with mremap and unmaps it (memory that comes and goes while a
- * dump copies).
+ * moves it with mremap and unmaps it, and unmaps the TAIL_BYTES just past
+ * the private memory (mapped with it) and maps them again, written: memory
+ * that comes and goes while a dump copies, some of it there at the freeze
+ * and gone a tick later.
  *
  * --threads N: N more threads each sweep a 1 MiB private region of their
  * own the same way, checking each page before they write it (a bad page
@@ -47,6 +49,7 @@
 #define PER_TICK 32
 #define EXTRA_BYTES (1u << 20)
 #define CHURN_BYTES (256u << 10)
+#define TAIL_BYTES (8u << 20)
 
 static volatile sig_atomic_t check_requested, reset_requested;
 static void on_usr1(int sig) {
@@ -127,7 +130,14 @@ static void *sweep_alone(void *arg) {
   return NULL;
 }
 
+static unsigned char *tail;
+
 static void churn(void) {
+  if (munmap(tail, TAIL_BYTES) != 0) _exit(5);
+  if (mmap(tail, TAIL_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+           0) != tail)
+    _exit(5);
+  for (size_t i = 0; i < TAIL_BYTES; i += PAGE) tail[i] = 1;
   unsigned char *a = map_anon(CHURN_BYTES, MAP_PRIVATE);
   memset(a, 0x5a, CHURN_BYTES);
   unsigned char *b = mremap(a, CHURN_BYTES, 2 * CHURN_BYTES, MREMAP_MAYMOVE);
@@ -149,7 +159,8 @@ int main(int argc, char **argv) {
     } else return 2;
   }
   size_t bytes = strtoull(argv[2], NULL, 10) << 20;
-  regions[0] = (struct region){map_anon(bytes, MAP_PRIVATE), bytes / PAGE, "private"};
+  regions[0] = (struct region){map_anon(bytes + TAIL_BYTES, MAP_PRIVATE), bytes / PAGE, "private"};
+  tail = regions[0].base + bytes;
   regions[1] = (struct region){map_anon(EXTRA_BYTES, MAP_SHARED), EXTRA_BYTES / PAGE, "shared"};
   regions[2] = (struct region){map_anon(EXTRA_BYTES, MAP_PRIVATE), EXTRA_BYTES / PAGE, "dontfork"};
   regions[3] = (struct region){map_anon(EXTRA_BYTES, MAP_PRIVATE), EXTRA_BYTES / PAGE, "wipeonfork"};
