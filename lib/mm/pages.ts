@@ -397,11 +397,14 @@ export async function copyPages(
     file.close();
     commit();
   };
+  const owners = ownersOf(placed, mappings);
+  const holding = new Set(owners);
   const snap = prepared && !trackingState(ctx.tree.kinds).arm
-    ? startSnapshot(ctx, mappings, (m) => placed.some((p) => m.start <= p.addr && p.addr < m.end))
+    ? startSnapshot(ctx, mappings, (m) => holding.has(m))
     : undefined;
-  const later = (p: Placed) => snap?.registered.some((m) => m.start <= p.addr && p.addr < m.end);
-  const now = placed.filter((p) => !later(p));
+  const registered = new Set(snap?.registered);
+  const later = (_: Placed, i: number) => registered.has(owners[i]!);
+  const now = placed.filter((p, i) => !later(p, i));
   const tracker = trackerIn(ctx.tree.kinds);
   tracker?.addTotal(total);
   try {
@@ -426,6 +429,16 @@ export async function copyPages(
     chunks: chunks(deferred),
   });
   return { bytes: total, direct };
+}
+
+/** The mapping each run lies in (both sorted by address: one walk). */
+function ownersOf(runs: Placed[], mappings: MappingImage[]): (MappingImage | undefined)[] {
+  let j = 0;
+  return runs.map((r) => {
+    while (j < mappings.length && mappings[j].end <= r.addr) j++;
+    const m = mappings[j];
+    return m && m.start <= r.addr ? m : undefined;
+  });
 }
 
 /** The frozen copy of `list` into `file` (left open). */
