@@ -49,6 +49,16 @@ async function writesOn(w: Writer): Promise<void> {
     }), 20_000);
 }
 
+/** Waits until the sweeper has written every page once more (a whole sweep). */
+async function sweepsOn(w: Writer): Promise<void> {
+  const [g] = (await status(w)).at(-1)!;
+  await waitForLine(
+    w.out,
+    (ls) => ls.some((l) => /^\d+ \d+ \d+ \d+$/.test(l) && Number(l.split(" ")[0]) > g + 1),
+    30_000,
+  );
+}
+
 async function assertChecksOk(w: Writer, what: string): Promise<void> {
   const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
   Deno.kill(w.pid, "SIGUSR1");
@@ -156,8 +166,7 @@ Deno.test("amber killed in the middle of a snapshot copy: the target writes on, 
     assert.ok(isAlive(w.pid), "the target lives");
     // The sweeper writes every page of its row: a page still protected
     // with nobody to serve it would stop it for good.
-    await writesOn(w);
-    await writesOn(w);
+    await sweepsOn(w);
     assert.equal(userfaultfds(w.pid), 0, "the target holds no userfaultfd");
     await assertChecksOk(w, "after amber died");
   } finally {
