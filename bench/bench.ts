@@ -79,6 +79,9 @@ async function warmMemory(dir: string, bytes: number): Promise<void> {
 
 interface Round {
   frozenMs: number;
+  /** The longest gap the target's 1 ms loop saw during dump -R (sweeper targets only). */
+  feltMs?: number;
+  criuFeltMs?: number;
   dumpRMs: number;
   dumpMs: number;
   restoreMs: number;
@@ -104,15 +107,17 @@ async function timedStream(root: number): Promise<number> {
     `set -o pipefail; ${amberCmd} dump -t ${root} --stream | ${amberCmd} restore --stream -d`;
   const t0 = performance.now();
   let done = false;
-  const run = new Deno.Command("/bin/bash", {
+  const child = new Deno.Command("/bin/bash", {
     args: ["-c", pipe],
     cwd: ROOT,
     stdin: "null",
     stdout: "null",
     stderr: "piped",
-  }).output().finally(() => done = true);
+  }).spawn();
+  // (Not the pipeline's bash: Deno reaps it, and fails if another did.)
+  const run = child.output().finally(() => done = true);
   while (!done) {
-    reapZombies();
+    reapZombies([child.pid]);
     await new Promise((r) => setTimeout(r, 10));
   }
   const r = await run;
@@ -141,12 +146,36 @@ function figure(text: string, re: RegExp): number {
 interface Target {
   root: number;
   pids: number[];
+  /** Where a testdata/sweeper.c target reports its longest gap. */
+  gaps?: string;
+}
+
+/**
+ * Runs `step` and returns the longest gap the sweeper's 1 ms loop saw
+ * meanwhile (its status line: "SWEEP CURSOR MAXGAP_US BAD"; SIGUSR2 resets).
+ */
+async function longestGap(t: Target, step: () => Promise<unknown>): Promise<number | undefined> {
+  if (!t.gaps) {
+    await step();
+    return undefined;
+  }
+  Deno.kill(t.root, "SIGUSR2");
+  await new Promise((r) => setTimeout(r, 50));
+  await step();
+  // The next status line (every 20 ms) holds the gap.
+  await new Promise((r) => setTimeout(r, 60));
+  const last = (await Deno.readTextFile(t.gaps)).trim().split("\n").at(-1) ?? "";
+  const us = Number(last.split(" ")[2]);
+  return Number.isFinite(us) ? us / 1000 : undefined;
 }
 
 /** One amber round on a target, which comes back each time. */
 async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
   await warmMemory(path, bytes * 2);
-  const d = await timed(dumpArgs(t.root, `${path}/img-R`, "-R"));
+  let d = { ms: 0, text: "" };
+  const feltMs = await longestGap(t, async () => {
+    d = await timed(dumpArgs(t.root, `${path}/img-R`, "-R"));
+  });
   const pageBytes = sizeOf(`${path}/img-R`, /^pages-/);
   await Deno.remove(`${path}/img-R`, { recursive: true });
   await warmMemory(path, bytes * 2);
@@ -160,6 +189,7 @@ async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
   const streamMs = await timedStream(t.root);
   return {
     frozenMs: figure(d.text, /frozen (\d+) ms/),
+    feltMs,
     dumpRMs: d.ms,
     dumpMs: k.ms,
     restoreMs: r.ms,
@@ -173,6 +203,13 @@ async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
  * namespace of its own, which amber would refuse to dump afterwards).
  */
 async function criuCycle(path: string, t: Target, bytes: number, round: Round): Promise<void> {
+  await Deno.mkdir(`${path}/criu-R`);
+  await warmMemory(path, bytes * 2);
+  round.criuFeltMs = await longestGap(
+    t,
+    () => timedCriu(["dump", "-R", "-t", String(t.root), "-D", `${path}/criu-R`]),
+  );
+  await Deno.remove(`${path}/criu-R`, { recursive: true });
   await Deno.mkdir(`${path}/criu`);
   await warmMemory(path, bytes * 2);
   round.criuDumpMs = await timedCriu(["dump", "-t", String(t.root), "-D", `${path}/criu`]);
@@ -185,7 +222,8 @@ async function criuCycle(path: string, t: Target, bytes: number, round: Round): 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const best = (xs: number[]) => Math.min(...xs);
 const gbs = (bytes: number, ms: number) => (bytes / 1e9 / (ms / 1000)).toFixed(2);
-const both = (xs: number[]) => `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
+const both = (xs: number[]) =>
+  xs.some(Number.isNaN) ? "-" : `${median(xs).toFixed(0)} (${best(xs).toFixed(0)})`;
 
 interface Case {
   name: string;
@@ -194,7 +232,7 @@ interface Case {
   start(dir: string): Promise<Target>;
 }
 
-const counter = await buildC("counter");
+const sweeper = await buildC("sweeper");
 const threads = await buildC("threads");
 const tree = await buildC("tree");
 
@@ -205,9 +243,10 @@ function memoryCase(mib: number): Case {
     async start(dir) {
       await Deno.mkdir(dir, { recursive: true });
       const out = `${dir}/out.txt`;
-      const { pid } = spawnTarget([counter, out, String(mib), "--setsid"]);
+      // It writes its memory all the time and reports its longest gap.
+      const { pid } = spawnTarget([sweeper, out, String(mib), "--setsid"]);
       await waitForLines(out, 2, 120_000);
-      return { root: pid, pids: [pid] };
+      return { root: pid, pids: [pid], gaps: out };
     },
   };
 }
@@ -245,12 +284,15 @@ console.log(
   `amber bench, ${new Date().toISOString().slice(0, 10)}, ${Deno.osRelease()}, ` +
     `${navigator.hardwareConcurrency} CPUs: median (best) of ${ROUNDS} rounds, whole commands (ms).`,
 );
-console.log("frozen: dump -R as amber measures it; dump: a dump that ends the tree (images");
+console.log("frozen: dump -R as amber measures it; felt: the longest gap the target's 1 ms loop");
+console.log("saw during dump -R (memory cases: testdata/sweeper.c, writing all the time);");
+console.log("dump: a dump that ends the tree (images");
 console.log("durable); restore: restore -d; GB/s: pages over the median; stream: dump --stream |");
 console.log("restore --stream -d, the two at once.");
 const header = [
   "case",
   "frozen",
+  "felt",
   "dump -R",
   "dump",
   "dump GB/s",
@@ -258,7 +300,16 @@ const header = [
   "restore GB/s",
   "stream",
 ];
-if (VS_CRIU) header.push("CRIU dump", "CRIU restore", "dump ratio", "restore ratio");
+if (VS_CRIU) {
+  header.push(
+    "CRIU felt",
+    "felt ratio",
+    "CRIU dump",
+    "CRIU restore",
+    "dump ratio",
+    "restore ratio",
+  );
+}
 if (!ONLY) console.log(header.join(" | "));
 for (const c of ONLY ? [] : CASES) {
   await using tmp = await tempDir("amber-bench-");
@@ -276,6 +327,7 @@ for (const c of ONLY ? [] : CASES) {
     const row = [
       c.name,
       both(col((r) => r.frozenMs)),
+      both(col((r) => r.feltMs)),
       both(col((r) => r.dumpRMs)),
       both(col((r) => r.dumpMs)),
       gbs(pages, median(col((r) => r.dumpMs))),
@@ -285,8 +337,10 @@ for (const c of ONLY ? [] : CASES) {
     ];
     if (VS_CRIU) {
       const ratio = (a: (r: Round) => number | undefined, b: (r: Round) => number | undefined) =>
-        (median(col(a)) / median(col(b))).toFixed(2) + "x";
+        col(a).some(Number.isNaN) ? "-" : (median(col(a)) / median(col(b))).toFixed(2) + "x";
       row.push(
+        both(col((r) => r.criuFeltMs)),
+        ratio((r) => r.feltMs, (r) => r.criuFeltMs),
         both(col((r) => r.criuDumpMs)),
         both(col((r) => r.criuRestoreMs)),
         ratio((r) => r.dumpMs, (r) => r.criuDumpMs),

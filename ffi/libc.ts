@@ -52,6 +52,12 @@ const SYMBOLS = {
     result: "i64",
     nonblocking: true,
   },
+  poll_async: {
+    name: "poll",
+    parameters: ["buffer", "u64", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
   open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
   openat: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   mkdirat: { parameters: ["i32", "buffer", "u32"], result: "i32" },

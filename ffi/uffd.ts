@@ -63,11 +63,28 @@ const NR_CLOSE = 3;
  * written), per PAGEMAP_SCAN on its /proc/PID/pagemap.
  */
 export function scanWritten(pid: number, ranges: [bigint, bigint][]): [bigint, bigint][] {
+  return scanPages(pid, ranges, { all: PAGE_IS_WRITTEN, any: 0n, returned: PAGE_IS_WRITTEN })
+    .map(([s, e]) => [s, e]);
+}
+
+export const PAGE_IS_PRESENT = 1n << 3n;
+export const PAGE_IS_SWAPPED = 1n << 4n;
+
+/**
+ * The regions of `ranges` whose pages have all the categories `all` and
+ * one of `any`, each with its categories among `returned` (PAGEMAP_SCAN:
+ * the kernel walks the page tables, far faster than reading pagemap).
+ */
+export function scanPages(
+  pid: number,
+  ranges: [bigint, bigint][],
+  mask: { all: bigint; any: bigint; returned: bigint },
+): [bigint, bigint, bigint][] {
   if (!ranges.length) return [];
   const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
   const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
   try {
-    return ranges.flatMap(([start, end]) => scanRange(fd, start, end));
+    return ranges.flatMap(([start, end]) => scanRange(fd, start, end, mask));
   } finally {
     rawSyscall("close", NR_CLOSE, fd);
   }
@@ -75,8 +92,13 @@ export function scanWritten(pid: number, ranges: [bigint, bigint][]): [bigint, b
 
 const O_CLOEXEC = 0o2000000;
 
-function scanRange(pagemapFd: number, start: bigint, end: bigint): [bigint, bigint][] {
-  const out: [bigint, bigint][] = [];
+function scanRange(
+  pagemapFd: number,
+  start: bigint,
+  end: bigint,
+  mask: { all: bigint; any: bigint; returned: bigint },
+): [bigint, bigint, bigint][] {
+  const out: [bigint, bigint, bigint][] = [];
   const vec = new BigUint64Array(VEC_LEN * 3);
   let at = start;
   while (at < end) {
@@ -90,14 +112,14 @@ function scanRange(pagemapFd: number, start: bigint, end: bigint): [bigint, bigi
       BigInt(VEC_LEN),
       0n, // max_pages: no limit
       0n, // category_inverted
-      PAGE_IS_WRITTEN, // category_mask
-      0n, // category_anyof_mask
-      PAGE_IS_WRITTEN, // return_mask
+      mask.all, // category_mask
+      mask.any, // category_anyof_mask
+      mask.returned, // return_mask
     ]);
     const n = Number(
       rawSyscall("ioctl(PAGEMAP_SCAN)", NR_IOCTL, pagemapFd, PAGEMAP_SCAN, addressOf(arg)),
     );
-    for (let i = 0; i < n; i++) out.push([vec[3 * i], vec[3 * i + 1]]);
+    for (let i = 0; i < n; i++) out.push([vec[3 * i], vec[3 * i + 1], vec[3 * i + 2]]);
     const walkEnd = arg[4];
     if (walkEnd <= at) throw new Error("PAGEMAP_SCAN: no progress");
     at = walkEnd;
@@ -156,31 +178,17 @@ export interface UffdMsg {
   end?: bigint;
 }
 
-const MSG_BYTES = 32;
-const EAGAIN = 11;
-
-/** Reads the messages waiting on non-blocking userfaultfd `fd` (up to 64). */
+/** Reads the messages waiting on non-blocking userfaultfd `fd`, decoded. */
 export function readUffd(fd: number): UffdMsg[] {
-  const buf = new Uint8Array(MSG_BYTES * 64);
-  const n = libc().read(fd, buf, BigInt(buf.length));
-  if (n < 0n) {
-    const e = lastErrno();
-    if (e === EAGAIN) return [];
-    throw new SysError("read(userfaultfd)", e);
-  }
-  const v = new DataView(buf.buffer);
-  const out: UffdMsg[] = [];
-  for (let off = 0; off + MSG_BYTES <= Number(n); off += MSG_BYTES) {
-    const event = v.getUint8(off);
-    const a = (i: number) => v.getBigUint64(off + 8 + 8 * i, true);
-    if (event === UFFD_EVENT.PAGEFAULT) out.push({ event, address: a(1) });
-    else if (event === UFFD_EVENT.FORK) out.push({ event, ufd: v.getUint32(off + 8, true) });
-    else if (event === UFFD_EVENT.REMAP) out.push({ event, from: a(0), to: a(1), len: a(2) });
-    else if (event === UFFD_EVENT.REMOVE || event === UFFD_EVENT.UNMAP) {
-      out.push({ event, start: a(0), end: a(1) });
-    } else out.push({ event });
-  }
-  return out;
+  return uffdMessages(fd).map(({ event, args: [a0, a1, a2] }) => {
+    if (event === UFFD_EVENT.PAGEFAULT) return { event, address: a1 };
+    if (event === UFFD_EVENT.FORK) return { event, ufd: Number(a0 & 0xffffffffn) };
+    if (event === UFFD_EVENT.REMAP) return { event, from: a0, to: a1, len: a2 };
+    if (event === UFFD_EVENT.REMOVE || event === UFFD_EVENT.UNMAP) {
+      return { event, start: a0, end: a1 };
+    }
+    return { event };
+  });
 }
 
 /**
@@ -211,4 +219,85 @@ export function uffdZeropage(fd: number, start: bigint, len: number): number {
 export function uffdWake(fd: number, start: bigint, len: number): void {
   const arg = new BigUint64Array([start, BigInt(len)]);
   libc().syscall(BigInt(NR_IOCTL), BigInt(fd), UFFDIO_WAKE, addressOf(arg), 0n, 0n, 0n);
+}
+
+/*
+ * The copy-on-write snapshot of dump -R (lib/mm/snapshot.ts): a userfaultfd
+ * in sync write-protect mode, made in the target but held and served by
+ * amber alone.
+ */
+
+/** mremap, madvise(DONTNEED) and munmap of registered memory are reported (the copy must know). */
+export const SNAPSHOT_FEATURES = (1n << 2n) | (1n << 3n) | (1n << 6n);
+/** _IOWR(0xAA, 0x01, struct uffdio_range): 16 bytes. */
+const UFFDIO_UNREGISTER = 0x8010aa01n;
+const EAGAIN = 11;
+
+/** One struct uffd_msg: the event and its three 64-bit arguments. */
+export interface UffdMessage {
+  event: number;
+  /** pagefault: flags, address; remap: from, to, len; remove/unmap: start, end. */
+  args: [bigint, bigint, bigint];
+}
+
+function uffdCall(name: string, fd: number, req: bigint, arg: Uint8Array): void {
+  rawSyscall(name, NR_IOCTL, fd, req, addressOf(arg));
+}
+
+/** UFFDIO_API on amber's own descriptor (the context stays bound to the target's memory). */
+export function uffdApi(fd: number, features: bigint): void {
+  uffdCall("ioctl(UFFDIO_API)", fd, UFFDIO_API, u64s([UFFD_API, features, 0n]));
+}
+
+/** Registers [start, end) for write-protect faults; false when the kernel will not (EBUSY, EINVAL). */
+export function uffdRegisterWp(fd: number, start: bigint, end: bigint): boolean {
+  try {
+    uffdCall("ioctl(UFFDIO_REGISTER)", fd, UFFDIO_REGISTER, uffdioRegister(start, end));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function uffdUnregister(fd: number, start: bigint, end: bigint): void {
+  uffdCall("ioctl(UFFDIO_UNREGISTER)", fd, UFFDIO_UNREGISTER, u64s([start, end - start]));
+}
+
+/** Write-protects [start, end), or lifts the protection and wakes the threads that wait on it. */
+export function uffdProtect(fd: number, start: bigint, end: bigint, on: boolean): void {
+  const mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0n;
+  uffdCall("ioctl(UFFDIO_WRITEPROTECT)", fd, UFFDIO_WRITEPROTECT, u64s([start, end - start, mode]));
+}
+
+const MSG_BYTES = 32;
+const MSGS_PER_READ = 64;
+
+/** The messages waiting on a non-blocking userfaultfd (none: empty). */
+export function uffdMessages(fd: number): UffdMessage[] {
+  const out: UffdMessage[] = [];
+  const buf = new BigUint64Array(MSG_BYTES / 8 * MSGS_PER_READ);
+  for (;;) {
+    let n: number;
+    try {
+      n = Number(rawSyscall("read(userfaultfd)", 0, fd, addressOf(buf), buf.byteLength));
+    } catch (e) {
+      if (e instanceof SysError && e.errno === EAGAIN) return out;
+      throw e;
+    }
+    for (let i = 0; i < n / MSG_BYTES; i++) {
+      const w = 4 * i;
+      out.push({ event: Number(buf[w] & 0xffn), args: [buf[w + 1], buf[w + 2], buf[w + 3]] });
+    }
+    if (n < buf.byteLength) return out;
+  }
+}
+
+const POLLIN = 1;
+
+/** Waits on a pool thread until `fd` is readable or `ms` pass; whether it is. */
+export async function uffdWait(fd: number, ms: number): Promise<boolean> {
+  const pfd = new Uint8Array(8);
+  new DataView(pfd.buffer).setInt32(0, fd, true);
+  new DataView(pfd.buffer).setInt16(4, POLLIN, true);
+  return (await libc().poll_async(pfd, 1n, ms)) > 0;
 }

@@ -21,6 +21,14 @@ import { connectPageServer, type PageServerAddress, streamTo } from "./streaming
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { preparePages } from "./mm/pages.ts";
+import {
+  closeSnapshots,
+  copySnapshots,
+  enableSnapshots,
+  protectSnapshots,
+  SnapshotLost,
+  type SnapshotStats,
+} from "./mm/snapshot.ts";
 import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { SignalGuard } from "./interrupt.ts";
@@ -124,6 +132,8 @@ export interface DumpStats {
   pids: number[];
   /** Milliseconds the tree was frozen. */
   frozenMs: number;
+  /** What the copy-on-write snapshot of dump -R copied after the tree resumed. */
+  snapshot?: SnapshotStats;
   /** Milliseconds the whole dump took. */
   totalMs: number;
   /** Bytes of memory pages stored. */
@@ -313,8 +323,21 @@ function closeParent(state: TreeDumpState): void {
   (state.kinds.get("tracking") as TrackingState | undefined)?.parent?.dir.close();
 }
 
-/** Dumps the tree rooted at `req.pid` into `req.dir`. */
+/**
+ * Dumps the tree rooted at `req.pid` into `req.dir`. A dump -R whose
+ * snapshot lost pages to the running tree is taken again, frozen.
+ */
 export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
+  try {
+    return await dumpTreeOnce(req, true);
+  } catch (e) {
+    if (!(e instanceof SnapshotLost)) throw e;
+    detailLog(req)(`${e.message}: dumping again, frozen for the whole copy`);
+    return await dumpTreeOnce(req, false);
+  }
+}
+
+async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<DumpStats> {
   const t0 = performance.now();
   const options: DumpOptions = {
     leaveRunning: (req.leaveRunning || req.preDump) ?? false,
@@ -347,6 +370,7 @@ export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
   let tree: FrozenTree;
   try {
     state.kinds.set("tracking", trackingFor(req, log));
+    enableSnapshots(state.kinds, snapshots);
     // Grow the page cache for the big pages files while the tree still runs
     // (for -R, whose tree is frozen only for the copy; a killed tree's pages
     // go straight to the disk instead).
@@ -368,6 +392,7 @@ export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
   }
   let frozenMs = 0;
   let running = false;
+  let snapshot: SnapshotStats | undefined;
   // Objects a kind changed while dumping (TCP repair mode) go back first,
   // then the network lock goes: the tree runs as it was.
   const resume = () => {
@@ -418,8 +443,26 @@ export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
     await guard.checkpoint();
     await dumpLateParts(contexts);
     // Everything is in the page cache: a tree that keeps running need not
-    // wait for the disk.
-    if (options.leaveRunning) resume();
+    // wait for the disk. Its private memory is copied after it runs again
+    // (protected the last thing before), as it was at this moment.
+    if (options.leaveRunning) {
+      const t = performance.now();
+      const n = protectSnapshots(state.kinds);
+      if (n) {
+        log(
+          `snapshot: ${n} process(es) write-protected in ${(performance.now() - t).toFixed(1)} ms`,
+        );
+      }
+      resume();
+      snapshot = await copySnapshots(state.kinds);
+      if (snapshot) {
+        log(
+          `snapshot: ${(snapshot.bytes / 1048576).toFixed(1)} MiB copied while running in ${
+            snapshot.ms.toFixed(0)
+          } ms, ${snapshot.faults} write fault(s) served`,
+        );
+      }
+    }
     for (const copy of state.afterResume.splice(0)) await copy();
     dir.syncAll();
     dir.write(inventoryImage, inventory);
@@ -445,6 +488,7 @@ export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
     // stream sends it (and waits for the page server's word that it is stored).
     await dir.complete();
   } catch (e) {
+    closeSnapshots(state.kinds);
     if (!running) {
       disarmArmed(state.kinds);
       withContext("resuming the tree after a failed dump", resume);
@@ -466,6 +510,7 @@ export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
   return {
     pids: tree.pids,
     frozenMs,
+    ...(snapshot ? { snapshot } : {}),
     totalMs: performance.now() - t0,
     pageBytes: stored.pages,
     imageBytes: stored.total,

@@ -55,12 +55,13 @@ export function ownChildren(): number[] {
 /**
  * Reaps every zombie child of the test process that Deno did not start
  * itself (orphans handed to us as subreaper, restored processes). Returns the
- * pids reaped. Deno's own children are left for their `child.status`.
+ * pids reaped. Deno's own children are left for their `child.status`, and
+ * so are `except` (children of a Deno.Command).
  */
-export function reapZombies(): number[] {
+export function reapZombies(except: number[] = []): number[] {
   const reaped: number[] = [];
   for (const pid of ownChildren()) {
-    if (denoChildren.has(pid)) continue;
+    if (denoChildren.has(pid) || except.includes(pid)) continue;
     if (procState(pid) !== "Z") continue;
     if (waitpidNoHang(pid) === pid) reaped.push(pid);
   }
@@ -190,6 +191,7 @@ export function processesNamed(pid: number, name: string): number[] {
 /** Flags each testdata program needs at link time. */
 const LINK_FLAGS: Record<string, string[]> = {
   threads: ["-pthread"],
+  sweeper: ["-pthread"],
   dynlib: ["-lm", "-lz", "-lcrypt"],
 };
 

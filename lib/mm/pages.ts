@@ -51,6 +51,9 @@ import {
 } from "./tracking.ts";
 import { trackerIn } from "../progress.ts";
 import { clipMissing, isLazy, LazyPages } from "./lazy.ts";
+import { libc } from "../../ffi/libc.ts";
+import { PAGE_IS_PRESENT, PAGE_IS_SWAPPED, scanPages } from "../../ffi/uffd.ts";
+import { addSnapshot, startSnapshot } from "./snapshot.ts";
 
 // Pagemap flag bits, as bits of each entry's high 32-bit word (63, 62, 61).
 const PM_PRESENT = 0x80000000;
@@ -139,6 +142,7 @@ function sharedMemoryRuns(pid: number, m: MappingImage): PageRun[] | undefined {
 export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
   const runs: PageRun[] = [];
   using pm = Deno.openSync(`/proc/${pid}/pagemap`, { read: true });
+  const present = presentRegions(pid, mappings);
   for (const m of mappings) {
     if (!receivesPages(m)) continue;
     const shared = m.kind === "shmem" && m.shared ? sharedMemoryRuns(pid, m) : undefined;
@@ -146,21 +150,75 @@ export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
       runs.push(...shared);
       continue;
     }
-    const entries = withContext(
-      `${mappingLabel(m)}: pagemap`,
-      () => readPagemap(pm, m.start, m.end),
-    );
-    const stores = pageFilter(m);
-    const pages = entries.length / 2;
-    let runStart = -1;
-    for (let i = 0; i <= pages; i++) {
-      // Numbers, not BigInt: this runs once per page of the address space.
-      const keep = i < pages && stores(entries[2 * i + 1], entries[2 * i]);
-      if (keep && runStart < 0) runStart = i;
-      if (!keep && runStart >= 0) {
-        runs.push({ addr: m.start + BigInt(runStart) * PAGE, pages: i - runStart });
-        runStart = -1;
+    const regions = present.get(m);
+    if (regions) {
+      // (A run never spans two mappings: restore checks each lies in one.)
+      const own: PageRun[] = [];
+      for (const [start, end, swapped] of regions) {
+        if (swapped) own.push(...entryRuns(pm, m, start, end));
+        else appendRun(own, start, Number((end - start) / PAGE));
       }
+      runs.push(...own);
+      continue;
+    }
+    runs.push(...entryRuns(pm, m, m.start, m.end));
+  }
+  return runs;
+}
+
+/** Adds a run, merged into the last one when they touch. */
+function appendRun(runs: PageRun[], addr: bigint, pages: number): void {
+  const last = runs[runs.length - 1];
+  if (last && last.addr + BigInt(last.pages) * PAGE === addr) last.pages += pages;
+  else runs.push({ addr, pages });
+}
+
+/**
+ * Private anonymous mappings' present or swapped regions, by PAGEMAP_SCAN
+ * (the kernel walks the page tables: ~4x faster than reading and scanning
+ * pagemap at 2 GiB, and this runs frozen). A region with swapped pages is
+ * looked at entry by entry (a write-protect marker also reads as swapped).
+ */
+function presentRegions(
+  pid: number,
+  mappings: MappingImage[],
+): Map<MappingImage, [bigint, bigint, boolean][]> {
+  const anon = mappings.filter((m) => m.kind === "anon" && !m.shared && receivesPages(m));
+  const found = withContext(
+    "PAGEMAP_SCAN",
+    () =>
+      scanPages(pid, anon.map((m) => [m.start, m.end]), {
+        all: 0n,
+        any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        returned: PAGE_IS_SWAPPED,
+      }),
+  );
+  const out = new Map<MappingImage, [bigint, bigint, boolean][]>(anon.map((m) => [m, []]));
+  let i = 0;
+  for (const [start, end, cat] of found) {
+    while (anon[i].end <= start) i++;
+    out.get(anon[i])!.push([start, end, cat !== 0n]);
+  }
+  return out;
+}
+
+/** The runs of [start, end) of mapping `m`, from its pagemap entries. */
+function entryRuns(pm: Deno.FsFile, m: MappingImage, start: bigint, end: bigint): PageRun[] {
+  const runs: PageRun[] = [];
+  const entries = withContext(
+    `${mappingLabel(m)}: pagemap`,
+    () => readPagemap(pm, start, end),
+  );
+  const stores = pageFilter(m);
+  const pages = entries.length / 2;
+  let runStart = -1;
+  for (let i = 0; i <= pages; i++) {
+    // Numbers, not BigInt: this runs once per page of the address space.
+    const keep = i < pages && stores(entries[2 * i + 1], entries[2 * i]);
+    if (keep && runStart < 0) runStart = i;
+    if (!keep && runStart >= 0) {
+      runs.push({ addr: start + BigInt(runStart) * PAGE, pages: i - runStart });
+      runStart = -1;
     }
   }
   return runs;
@@ -315,7 +373,12 @@ export async function preparePages(dir: ImageDir, pid: number): Promise<Prepared
   return { file, size: estimate, commit, drop: () => (file.close(), drop()) };
 }
 
-/** Copies the planned runs into the pages file; returns bytes written and whether it went past the page cache. */
+/**
+ * Copies the planned runs into the pages file; returns bytes stored and
+ * whether it went past the page cache. Under `dump -R` with a prepared
+ * file, the private anonymous runs are left to the snapshot
+ * (lib/mm/snapshot.ts), copied after the tree resumes.
+ */
 export async function copyPages(
   ctx: DumpContext,
   runs: PageRun[],
@@ -327,31 +390,74 @@ export async function copyPages(
   // A tree that dies after the dump waits for the disk anyway: straight to
   // it, without growing the page cache (the slow part here) or writing twice.
   const direct = !prepared && !ctx.options.leaveRunning && file.setDirect();
-  const list = chunks(place(runs));
-  const total = list.reduce((s, c) => s + c.bytes, 0);
+  const placed = place(runs);
+  const total = placed.reduce((s, p) => s + p.len, 0);
+  const finish = () => {
+    // A prepared file may be larger than what was stored.
+    if (prepared && prepared.size > total) file.truncate(total);
+    file.close();
+    commit();
+  };
+  const owners = ownersOf(placed, mappings);
+  const holding = new Set(owners);
+  const snap = prepared && !trackingState(ctx.tree.kinds).arm
+    ? startSnapshot(ctx, mappings, (m) => holding.has(m))
+    : undefined;
+  const registered = new Set(snap?.registered);
+  const later = (_: Placed, i: number) => registered.has(owners[i]!);
+  const now = placed.filter((p, i) => !later(p, i));
   const tracker = trackerIn(ctx.tree.kinds);
   tracker?.addTotal(total);
   try {
-    await transfer(list, async (c, buf, i) => {
-      try {
-        const got = await readRangesAsync(ctx.pid, c.ranges, buf);
-        if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
-        if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
-      } catch (e) {
-        // A stream waits for this chunk before the next ones: they must not wait forever.
-        file.abort?.(e);
-        throw e;
-      }
-      await file.pwriteAll(buf, c.fileOff);
-      tracker?.pages(c.bytes);
-    });
-    // A prepared file may be larger than what was stored.
-    if (prepared && prepared.size > total) file.truncate(total);
-  } finally {
+    await copyNow(ctx, chunks(now), file, mappings);
+  } catch (e) {
     file.close();
+    if (snap) libc().close(snap.uffd);
+    throw e;
   }
-  commit();
+  if (!snap) {
+    finish();
+    return { bytes: total, direct };
+  }
+  const deferred = placed.filter(later);
+  addSnapshot(ctx, {
+    pid: ctx.pid,
+    uffd: snap.uffd,
+    file,
+    finish,
+    mappings,
+    protect: deferred.map((p) => ({ addr: p.addr, len: p.len })),
+    chunks: chunks(deferred),
+  });
   return { bytes: total, direct };
+}
+
+/** The mapping each run lies in (both sorted by address: one walk). */
+function ownersOf(runs: Placed[], mappings: MappingImage[]): (MappingImage | undefined)[] {
+  let j = 0;
+  return runs.map((r) => {
+    while (j < mappings.length && mappings[j].end <= r.addr) j++;
+    const m = mappings[j];
+    return m && m.start <= r.addr ? m : undefined;
+  });
+}
+
+/** The frozen copy of `list` into `file` (left open). */
+async function copyNow(ctx: DumpContext, list: Chunk[], file: BulkFile, mappings: MappingImage[]) {
+  const tracker = trackerIn(ctx.tree.kinds);
+  await transfer(list, async (c, buf, i) => {
+    try {
+      const got = await readRangesAsync(ctx.pid, c.ranges, buf);
+      if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
+      if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
+    } catch (e) {
+      // A stream waits for this chunk before the next ones: they must not wait forever.
+      file.abort?.(e);
+      throw e;
+    }
+    await file.pwriteAll(buf, c.fileOff);
+    tracker?.pages(c.bytes);
+  });
 }
 
 /**
