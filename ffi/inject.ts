@@ -258,6 +258,9 @@ export class Injector {
       pt.cont(this.tid);
     }
     if (this.options.restoreAfterEachCall) this.savedRegs.write(this.tid);
+    // Every signal blocked again for the calls that follow (a SIGTRAP queued
+    // by one of them would be delivered and lost at its stop otherwise).
+    else pt.setSigmask(this.tid, ALL_SIGNALS);
     if (!foreign) {
       this.raw(NR.getpid);
       return;

@@ -4,7 +4,7 @@
  * area and stops once (ffi/inject.ts runBatch). Each plain injected call
  * costs two ptrace stops, which dominate a dump of many small processes.
  */
-import { BATCH_CODE, BATCH_ENTRY, NR } from "../ffi/inject.ts";
+import { BATCH_CODE, BATCH_ENTRY, type Injector, NR } from "../ffi/inject.ts";
 import type { DumpContext } from "./context.ts";
 import { readStatus, statusHex } from "./proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "./scratch.ts";
@@ -18,37 +18,54 @@ type Ctx = Pick<DumpContext, "pid" | "injector" | "scratch">;
 /** A syscall: its number and arguments. */
 export type Syscall = [nr: number, ...args: (number | bigint)[]];
 
+/** Runs a table of calls in one stop; returns each call's result (-errno on failure). */
+export type BatchRun = (calls: Syscall[]) => bigint[];
+
+/** A SIGTRAP ignored or pending (for the process, or thread `tid`) would meet the int3's. */
+function trapInTheWay(pid: number, tid: number, shared: boolean): boolean {
+  const status = readStatus(pid, tid);
+  const trap = statusHex(status, "SigPnd") |
+    (shared ? statusHex(status, "SigIgn") | statusHex(status, "ShdPnd") : 0n);
+  return (trap & SIGTRAP_BIT) !== 0n;
+}
+
 /**
  * Runs `fn` with a batch runner, or with undefined where batching cannot be
  * used here (SIGTRAP ignored or pending, or no executable page allowed):
  * the caller then injects one call at a time. The code page is gone again
- * when `fn` returns.
+ * when `fn` returns. `onThread` gives a runner on another thread of the
+ * process (the page is the process's), or undefined where that thread
+ * has a SIGTRAP pending.
  */
-export function withBatch<T>(ctx: Ctx, fn: (run?: (calls: Syscall[]) => bigint[]) => T): T {
-  const status = readStatus(ctx.pid, ctx.injector.tid);
-  const trap = statusHex(status, "SigIgn") | statusHex(status, "SigPnd") |
-    statusHex(status, "ShdPnd");
-  if (trap & SIGTRAP_BIT) return fn();
+export function withBatch<T>(
+  ctx: Ctx,
+  fn: (run?: BatchRun, onThread?: (inj: Injector) => BatchRun | undefined) => T,
+): T {
+  if (trapInTheWay(ctx.pid, ctx.injector.tid, true)) return fn();
   const inj = ctx.injector;
   const flags = MAP_PRIVATE | MAP_ANONYMOUS;
   const code = inj.raw(NR.mmap, 0, PAGE, PROT_READ | PROT_EXEC, flags, -1, 0);
   if (code < 0n && code > -4096n) return fn(); // e.g. refused by memory-deny-write-execute
   try {
     inj.poke(code, BATCH_CODE);
-    return fn((calls) => runCalls(ctx, code, calls));
+    const on = (other: Injector) =>
+      other.tid === inj.tid || !trapInTheWay(ctx.pid, other.tid, false)
+        ? (calls: Syscall[]) => runCalls(ctx, other, code, calls)
+        : undefined;
+    return fn((calls) => runCalls(ctx, inj, code, calls), on);
   } finally {
     inj.call("munmap", NR.munmap, code, PAGE);
   }
 }
 
-/** Runs `calls` through the code page; the table takes the start of the scratch area. */
-function runCalls(ctx: Ctx, code: bigint, calls: Syscall[]): bigint[] {
+/** Runs `calls` on `inj`'s thread through the code page; the table takes the start of the scratch area. */
+function runCalls(ctx: Ctx, inj: Injector, code: bigint, calls: Syscall[]): bigint[] {
   const table = calls.flatMap(([nr, ...args]) => {
     const six = [0, 1, 2, 3, 4, 5].map((i) => args[i] ?? 0);
     return [nr, ...six, -1];
   });
   const at = putBytes(ctx.pid, ctx.scratch, u64Bytes(table));
-  ctx.injector.runBatch(ctx.pid, code, at, calls.length);
+  inj.runBatch(ctx.pid, code, at, calls.length);
   const out = readU64s(getBytes(ctx.pid, ctx.scratch, calls.length * BATCH_ENTRY));
   return calls.map((_, i) => BigInt.asIntN(64, out[i * 8 + 7]));
 }
