@@ -13,7 +13,7 @@ const SIGTRAP_BIT = 1n << 4n;
 const PROT_READ = 1, PROT_EXEC = 4, MAP_PRIVATE = 2, MAP_ANONYMOUS = 0x20;
 const PAGE = 4096;
 
-type Ctx = Pick<DumpContext, "pid" | "injector" | "scratch">;
+type Ctx = Pick<DumpContext, "pid" | "injector" | "scratch" | "batchPage">;
 
 /** A syscall: its number and arguments. */
 export type Syscall = [nr: number, ...args: (number | bigint)[]];
@@ -43,19 +43,49 @@ export function withBatch<T>(
 ): T {
   if (trapInTheWay(ctx.pid, ctx.injector.tid, true)) return fn();
   const inj = ctx.injector;
-  const flags = MAP_PRIVATE | MAP_ANONYMOUS;
-  const code = inj.raw(NR.mmap, 0, PAGE, PROT_READ | PROT_EXEC, flags, -1, 0);
-  if (code < 0n && code > -4096n) return fn(); // e.g. refused by memory-deny-write-execute
+  const kept = ctx.batchPage;
+  const code = kept?.addr ?? mapCodePage(inj);
+  if (code === undefined) return fn();
+  if (kept) kept.addr = code;
   try {
-    inj.poke(code, BATCH_CODE);
     const on = (other: Injector) =>
       other.tid === inj.tid || !trapInTheWay(ctx.pid, other.tid, false)
         ? (calls: Syscall[]) => runCalls(ctx, other, code, calls)
         : undefined;
     return fn((calls) => runCalls(ctx, inj, code, calls), on);
   } finally {
-    inj.call("munmap", NR.munmap, code, PAGE);
+    if (!kept) inj.call("munmap", NR.munmap, code, PAGE);
   }
+}
+
+/** A new code page holding BATCH_CODE; undefined where none may be made executable. */
+function mapCodePage(inj: Injector): bigint | undefined {
+  const flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  const code = inj.raw(NR.mmap, 0, PAGE, PROT_READ | PROT_EXEC, flags, -1, 0);
+  if (code < 0n && code > -4096n) return undefined; // e.g. refused by memory-deny-write-execute
+  inj.poke(code, BATCH_CODE);
+  return code;
+}
+
+/**
+ * From now on the process's batches share one code page (two injected
+ * calls fewer per batching part), until dropBatchPage. Only for a dump,
+ * whose parts run one process at a time: dump drops it before any part
+ * that reads the mappings (Part.readsMemoryLayout) and when the process
+ * is done, so no image sees it, and it lives only while amber holds the
+ * process frozen (like the scratch bytes, which are put back).
+ */
+export function keepBatchPage(ctx: DumpContext): void {
+  ctx.batchPage ??= {};
+}
+
+/** Unmaps the kept code page, if one was mapped; batches map their own again until keepBatchPage. */
+export function dropBatchPage(ctx: DumpContext): void {
+  const addr = ctx.batchPage?.addr;
+  ctx.batchPage = undefined;
+  if (addr === undefined) return;
+  ctx.injector.call("munmap", NR.munmap, addr, PAGE);
+  ctx.injector.end();
 }
 
 /** Runs `calls` on `inj`'s thread through the code page; the table takes the start of the scratch area. */

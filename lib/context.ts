@@ -41,6 +41,11 @@ export interface DumpContext {
   done: Record<string, unknown>;
   /** What earlier processes of the tree hold, for objects processes share. */
   tree: TreeDumpState;
+  /**
+   * The batch code page kept for the process's parts (lib/batch.ts
+   * keepBatchPage), once one mapped it; absent: each batch maps its own.
+   */
+  batchPage?: { addr?: bigint };
 }
 
 /** Kernel objects seen so far in the tree, so a second holder can refer to the first. */
@@ -194,6 +199,11 @@ export interface Part<S extends z.ZodType = z.ZodType> {
    * can gain meanwhile (a signal sent to it during the dump).
    */
   dumpAgainLast?: boolean;
+  /**
+   * Its dump reads the process's mappings or memory: the batch code page
+   * (lib/batch.ts) is not mapped while it runs.
+   */
+  readsMemoryLayout?: boolean;
   /** Why an object in this image cannot be restored yet, if one cannot. */
   unrestorable?(data: z.output<S>): string | undefined;
 }

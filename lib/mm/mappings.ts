@@ -434,6 +434,7 @@ function whyNot(m: MappingImage): string | undefined {
 
 export const mappingsPart = definePart({
   name: "mappings",
+  readsMemoryLayout: true,
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),

@@ -12,6 +12,8 @@
  */
 import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
+import { SysError } from "../../ffi/libc.ts";
+import { batchTableBytes, withBatch } from "../batch.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
@@ -52,10 +54,32 @@ function pairsNs(words: bigint[], unit: bigint): [bigint, bigint] {
   return [ns(0), ns(2)];
 }
 
+/** struct itimerval: two struct timeval. */
+const ITIMERVAL_SIZE = 32;
+
+/** Each itimer's struct itimerval as u64 words: the three in one batch where one can run. */
+function readItimers(ctx: DumpContext): bigint[][] {
+  return withBatch(ctx, (run) => {
+    if (!run) {
+      return ITIMER_NAMES.map((name, which) => {
+        ctx.injector.call(`getitimer(${name})`, NR.getitimer, which, ctx.scratch.addr);
+        return readU64s(getBytes(ctx.pid, ctx.scratch, ITIMERVAL_SIZE));
+      });
+    }
+    const base = batchTableBytes(ITIMER_NAMES.length);
+    const at = (i: number) => ctx.scratch.addr + BigInt(base + i * ITIMERVAL_SIZE);
+    const results = run(ITIMER_NAMES.map((_, which) => [NR.getitimer, which, at(which)]));
+    const words = readU64s(getBytes(ctx.pid, ctx.scratch, 3 * ITIMERVAL_SIZE, base));
+    return ITIMER_NAMES.map((name, which) => {
+      if (results[which] < 0n) throw new SysError(`getitimer(${name})`, Number(-results[which]));
+      return words.slice(which * 4, which * 4 + 4);
+    });
+  });
+}
+
 function dumpItimers(ctx: DumpContext) {
-  return ITIMER_NAMES.map((name, which) => {
-    ctx.injector.call(`getitimer(${name})`, NR.getitimer, which, ctx.scratch.addr);
-    const [intervalNs, valueNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1000n);
+  return readItimers(ctx).map((words, which) => {
+    const [intervalNs, valueNs] = pairsNs(words, 1000n);
     // A periodic ITIMER_REAL whose SIGALRM is pending reads 0: the kernel
     // rearms it when that signal is taken, at most one interval later. A
     // setitimer of 0 would disarm it, so it comes back due in one interval.
