@@ -5,15 +5,16 @@
  * costs two ptrace stops, which dominate a dump of many small processes.
  */
 import { BATCH_CODE, BATCH_ENTRY, type Injector, NR } from "../ffi/inject.ts";
-import type { DumpContext } from "./context.ts";
+import type { DumpContext, RestoreContext } from "./context.ts";
 import { readStatus, statusHex } from "./proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "./scratch.ts";
 
 const SIGTRAP_BIT = 1n << 4n;
 const PROT_READ = 1, PROT_EXEC = 4, MAP_PRIVATE = 2, MAP_ANONYMOUS = 0x20;
+const MAP_FIXED_NOREPLACE = 0x100000;
 const PAGE = 4096;
 
-type Ctx = Pick<DumpContext, "pid" | "injector" | "scratch" | "batchPage">;
+type Ctx = Pick<DumpContext | RestoreContext, "pid" | "injector" | "scratch" | "batchPage">;
 
 /** A syscall: its number and arguments. */
 export type Syscall = [nr: number, ...args: (number | bigint)[]];
@@ -58,13 +59,32 @@ export function withBatch<T>(
   }
 }
 
-/** A new code page holding BATCH_CODE; undefined where none may be made executable. */
-function mapCodePage(inj: Injector): bigint | undefined {
-  const flags = MAP_PRIVATE | MAP_ANONYMOUS;
-  const code = inj.raw(NR.mmap, 0, PAGE, PROT_READ | PROT_EXEC, flags, -1, 0);
+/** Bytes of the batch code page. */
+export const BATCH_PAGE_SIZE = PAGE;
+
+/**
+ * A new code page holding BATCH_CODE, at `at` if given (never replacing a
+ * mapping); undefined where none may be made executable.
+ */
+function mapCodePage(inj: Injector, at = 0n): bigint | undefined {
+  const flags = MAP_PRIVATE | MAP_ANONYMOUS | (at ? MAP_FIXED_NOREPLACE : 0);
+  const code = inj.raw(NR.mmap, at, PAGE, PROT_READ | PROT_EXEC, flags, -1, 0);
   if (code < 0n && code > -4096n) return undefined; // e.g. refused by memory-deny-write-execute
+  if (at && code !== at) {
+    inj.call("munmap", NR.munmap, code, PAGE); // (a kernel without MAP_FIXED_NOREPLACE)
+    return undefined;
+  }
   inj.poke(code, BATCH_CODE);
   return code;
+}
+
+/**
+ * For a restore: a code page at `at`, a range its caller chose outside
+ * every mapping of the image, kept for all the parts of the process
+ * (ctx.batchPage) and unmapped by the caller with its scratch area.
+ */
+export function mapBatchPageAt(inj: Injector, at: bigint): bigint | undefined {
+  return mapCodePage(inj, at);
 }
 
 /**

@@ -136,6 +136,8 @@ export interface RestoreContext {
   /** Objects the processes of the tree share, as restored so far. */
   tree: TreeRestoreState;
   log: (msg: string) => void;
+  /** The batch code page beside the scratch area, for all its parts (lib/batch.ts). */
+  batchPage?: { addr?: bigint };
 }
 
 /** Where a descriptor lives in the tree being restored. */

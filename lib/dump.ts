@@ -199,7 +199,6 @@ async function dumpProcess(
   tracker: Tracker,
 ): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
-  let failed = false;
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
@@ -218,16 +217,12 @@ async function dumpProcess(
       log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
     }
   } catch (e) {
-    failed = true;
-    throw e;
-  } finally {
-    // (After a failure, that failure is the one to report.)
     try {
       dropBatchPage(ctx);
-    } catch (e) {
-      if (!failed) throw e;
-    }
+    } catch { /* the first failure is the one to report */ }
+    throw e;
   }
+  dropBatchPage(ctx);
   return { ctx, refusal };
 }
 
