@@ -255,7 +255,7 @@ function applyAttrs(
 /** Runs fn with an injector on thread `tid` (the part's own for the leader). */
 function onThread<T>(pid: number, tid: number, leader: Injector, fn: (inj: Injector) => T): T {
   if (tid === pid) return fn(leader);
-  const inj = new Injector(tid, leader.syscallAddr);
+  const inj = new Injector(tid, leader.syscallAddr, { restAtTrap: true });
   try {
     return fn(inj);
   } finally {
