@@ -111,6 +111,13 @@ export interface InjectorOptions {
    * tree, which must survive amber.
    */
   restoreAfterEachCall?: boolean;
+  /**
+   * After a batch the thread may wait at the trap's stop (two stops fewer):
+   * the next call resumes it from there, and end()'s interrupt stops it
+   * inside signal handling as the freeze did. For a dump's other threads,
+   * which are always ended, never let go from that stop.
+   */
+  restAtTrap?: boolean;
 }
 
 /**
@@ -237,7 +244,8 @@ export class Injector {
    * and never lets it through. A SIGTRAP from elsewhere that comes first
    * is queued again (from `tgid`, by the thread itself) afterwards. The
    * thread then runs one plain call, so it waits in a syscall-exit stop
-   * like after any other injected call (see restoreAfterEachCall).
+   * like after any other injected call (see restoreAfterEachCall), unless
+   * it may rest at the trap (restAtTrap).
    */
   runBatch(tgid: number, code: bigint, table: bigint, count: number): void {
     if (!this.saved) this.begin();
@@ -258,8 +266,11 @@ export class Injector {
       pt.cont(this.tid);
     }
     if (this.options.restoreAfterEachCall) this.savedRegs.write(this.tid);
+    // Every signal blocked again for the calls that follow (a SIGTRAP queued
+    // by one of them would be delivered and lost at its stop otherwise).
+    else pt.setSigmask(this.tid, ALL_SIGNALS);
     if (!foreign) {
-      this.raw(NR.getpid);
+      if (!this.options.restAtTrap) this.raw(NR.getpid);
       return;
     }
     this.poke(table, foreign); // (the table is used up)

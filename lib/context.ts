@@ -49,6 +49,11 @@ export interface DumpContext {
   done: Record<string, unknown>;
   /** What earlier processes of the tree hold, for objects processes share. */
   tree: TreeDumpState;
+  /**
+   * The batch code page kept for the process's parts (lib/batch.ts
+   * keepBatchPage), once one mapped it; absent: each batch maps its own.
+   */
+  batchPage?: { addr?: bigint };
 }
 
 /** Kernel objects seen so far in the tree, so a second holder can refer to the first. */
@@ -149,6 +154,8 @@ export interface RestoreContext {
   /** Objects the processes of the tree share, as restored so far. */
   tree: TreeRestoreState;
   log: (msg: string) => void;
+  /** The batch code page beside the scratch area, for all its parts (lib/batch.ts). */
+  batchPage?: { addr?: bigint };
 }
 
 /** Where a descriptor lives in the tree being restored. */
@@ -212,6 +219,11 @@ export interface Part<S extends z.ZodType = z.ZodType> {
    * can gain meanwhile (a signal sent to it during the dump).
    */
   dumpAgainLast?: boolean;
+  /**
+   * Its dump reads the process's mappings or memory: the batch code page
+   * (lib/batch.ts) is not mapped while it runs.
+   */
+  readsMemoryLayout?: boolean;
   /** Why an object in this image cannot be restored yet, if one cannot. */
   unrestorable?(data: z.output<S>): string | undefined;
 }

@@ -3,6 +3,7 @@
  * A failed dump resumes every thread as it was and removes its images.
  */
 import { Injector } from "../ffi/inject.ts";
+import { dropBatchPage, keepBatchPage } from "./batch.ts";
 import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
@@ -229,15 +230,26 @@ async function dumpProcess(
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
   const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {}, tree };
-  for (const part of PARTS) {
-    await guard.checkpoint();
-    const t0 = performance.now();
-    tracker.at(proc.pid, part.name);
-    await dumpOnePart(ctx, part);
-    refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
-    tracker.took(part.name, performance.now() - t0);
-    log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
+  try {
+    for (const part of PARTS) {
+      await guard.checkpoint();
+      const t0 = performance.now();
+      tracker.at(proc.pid, part.name);
+      // One batch code page for the parts that batch, never seen by those that read the layout.
+      if (part.readsMemoryLayout) dropBatchPage(ctx);
+      else keepBatchPage(ctx);
+      await dumpOnePart(ctx, part);
+      refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
+      tracker.took(part.name, performance.now() - t0);
+      log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
+    }
+  } catch (e) {
+    try {
+      dropBatchPage(ctx);
+    } catch { /* the first failure is the one to report */ }
+    throw e;
   }
+  dropBatchPage(ctx);
   return { ctx, refusal };
 }
 

@@ -9,6 +9,7 @@
  * detached at once. Any failure kills all that was created.
  */
 import type { ByteReader } from "./images/stream.ts";
+import { BATCH_PAGE_SIZE, mapBatchPageAt } from "./batch.ts";
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
@@ -206,8 +207,8 @@ function cloneProcess(
 }
 
 /** A scratch page in a process, where neither its current nor its future mappings are. */
-function mapScratch(inj: Injector, future: MappingImage[]): Scratch {
-  const addr = findFreeRange([...readMaps(inj.tid), ...future], BigInt(SCRATCH_SIZE));
+function mapScratch(inj: Injector, future: MappingImage[], room = SCRATCH_SIZE): Scratch {
+  const addr = findFreeRange([...readMaps(inj.tid), ...future], BigInt(room));
   // MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
   inj.call("mmap scratch", NR.mmap, addr, SCRATCH_SIZE, 3, 0x02 | 0x20 | 0x100000, -1, 0);
   return { addr, size: SCRATCH_SIZE };
@@ -399,7 +400,10 @@ async function rebuildProcess(
 ): Promise<RestoreContext> {
   const pid = blank.images.entry.pid;
   const { mappings } = blank.images.parts.mappings as { mappings: MappingImage[] };
-  const scratch = mapScratch(blank.injector, mappings);
+  // The batch code page sits right after the scratch, in a range no mapping of the image uses.
+  const scratch = mapScratch(blank.injector, mappings, SCRATCH_SIZE + BATCH_PAGE_SIZE);
+  const codeAt = scratch.addr + BigInt(scratch.size);
+  const code = mapBatchPageAt(blank.injector, codeAt);
   const ctx: RestoreContext = {
     pid,
     dir,
@@ -412,6 +416,7 @@ async function rebuildProcess(
     parkFloor: 3,
     tree,
     log,
+    batchPage: code === undefined ? undefined : { addr: code },
   };
   const tracker = trackerIn(tree.kinds);
   for (const part of PARTS) {
@@ -425,7 +430,8 @@ async function rebuildProcess(
   }
   // Its session leader and group exist by now (parents are rebuilt first).
   withContext("terminal", () => restoreControllingTerminal(ctx));
-  blank.injector.call("munmap scratch", NR.munmap, scratch.addr, scratch.size);
+  const span = scratch.size + (code === undefined ? 0 : BATCH_PAGE_SIZE);
+  blank.injector.call("munmap scratch", NR.munmap, scratch.addr, span);
   return ctx;
 }
 

@@ -104,7 +104,7 @@ Deno.test("show --json lists every mapping and pages about the resident anon mem
     assert.deepEqual(
       after.map(mapKey),
       before.map(mapKey),
-      "counter's mappings changed (test bug)",
+      "counter's mappings changed (amber left a mapping behind, or a test bug)",
     );
 
     const doc = await showJson(img);

@@ -8,6 +8,8 @@
 import { findTracker } from "./tracking.ts";
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
+import { SysError } from "../../ffi/libc.ts";
+import { BATCH_PAGE_SIZE, type Syscall, withBatch } from "../batch.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
@@ -310,14 +312,41 @@ function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
   for (const t of ctx.threads.values()) t.syscallAddr = inj.syscallAddr;
 }
 
+/** Unmaps all the helper's own mappings but the kernel's, the scratch area and the code page. */
 function unmapHelper(ctx: RestoreContext): void {
-  for (const m of readMaps(ctx.pid)) {
-    if ((SPECIAL as readonly string[]).includes(m.path) || m.path === "[vsyscall]") continue;
-    if (
-      overlaps(m, { start: ctx.scratch.addr, end: ctx.scratch.addr + BigInt(ctx.scratch.size) })
-    ) continue;
-    ctx.injector.call(`munmap ${mappingLabel(m)}`, NR.munmap, m.start, m.end - m.start);
-  }
+  const ours = [{ start: ctx.scratch.addr, end: ctx.scratch.addr + BigInt(ctx.scratch.size) }];
+  const code = ctx.batchPage?.addr;
+  if (code !== undefined) ours.push({ start: code, end: code + BigInt(BATCH_PAGE_SIZE) });
+  const gone = readMaps(ctx.pid).filter((m) =>
+    !(SPECIAL as readonly string[]).includes(m.path) && m.path !== "[vsyscall]" &&
+    !ours.some((r) => overlaps(m, r))
+  );
+  runEach(
+    ctx,
+    gone.map((m) => ({
+      what: `munmap ${mappingLabel(m)}`,
+      call: [NR.munmap, m.start, m.end - m.start],
+    })),
+  );
+}
+
+/** Calls per batch: their table fits any scratch area (4 KiB at least). */
+const BATCH_MAX = 48;
+
+/** Independent calls, in batches where they can run so, else one at a time; throws the first failure. */
+function runEach(ctx: RestoreContext, calls: { what: string; call: Syscall }[]): bigint[] {
+  return withBatch(ctx, (run) => {
+    if (!run) return calls.map(({ what, call }) => ctx.injector.call(what, ...call));
+    const out: bigint[] = [];
+    for (let i = 0; i < calls.length; i += BATCH_MAX) {
+      const chunk = calls.slice(i, i + BATCH_MAX);
+      run(chunk.map((c) => c.call)).forEach((r, j) => {
+        if (r < 0n && r > -4096n) throw new SysError(chunk[j].what, Number(-r));
+        out.push(r);
+      });
+    }
+    return out;
+  });
 }
 
 function openAt(ctx: RestoreContext, path: string, mode: number): number {
@@ -375,24 +404,65 @@ function openMode(m: MappingImage, privately = O_RDWR): number {
   return m.prot & PROT.WRITE || m.vmFlags.includes("mw") ? O_RDWR : O_RDONLY;
 }
 
-function mapOne(ctx: RestoreContext, m: MappingImage, fds: Map<string, number>): void {
-  const inj = ctx.injector;
-  if (m.sysv && m.sharedWith === undefined) return attachSysvShm(ctx, m.sysv, m.start);
+/** The mmap that recreates `m` (its file opened into `fds` first); undefined for SysV memory, attached here. */
+function mmapOf(
+  ctx: RestoreContext,
+  m: MappingImage,
+  fds: Map<string, number>,
+): Syscall | undefined {
+  if (m.sysv && m.sharedWith === undefined) return void attachSysvShm(ctx, m.sysv, m.start);
   const prot = m.prot | (writableWhileFilled(m) ? PROT.READ | PROT.WRITE : 0);
   let flags = MAP.FIXED | (m.shared ? MAP.SHARED : MAP.PRIVATE);
   if (m.vmFlags.includes("gd")) flags |= MAP.GROWSDOWN;
   if (m.vmFlags.includes("nr")) flags |= MAP.NORESERVE;
   const { fd, offset } = backing(ctx, m, fds);
   if (fd < 0) flags |= MAP.ANONYMOUS;
-  const len = m.end - m.start;
-  const got = inj.call("mmap", NR.mmap, m.start, len, prot, flags, fd, offset);
-  if (BigInt.asUintN(64, got) !== m.start) throw new AmberError(`mmap landed at ${hex(got)}`);
+  return [NR.mmap, m.start, m.end - m.start, prot, flags, fd, offset];
+}
+
+/** Gives an anonymous mapping its name ([anon:NAME]), once it exists. */
+function nameOne(ctx: RestoreContext, m: MappingImage): void {
   const anonName = /^\[anon(_shmem)?:(.*)\]$/.exec(m.path);
-  if (anonName) {
-    // PR_SET_VMA(0x53564d41), PR_SET_VMA_ANON_NAME(0)
-    const name = putString(ctx.pid, ctx.scratch, anonName[2]);
-    inj.call("prctl(PR_SET_VMA_ANON_NAME)", NR.prctl, 0x53564d41, 0, m.start, len, name);
+  if (!anonName) return;
+  // PR_SET_VMA(0x53564d41), PR_SET_VMA_ANON_NAME(0)
+  const name = putString(ctx.pid, ctx.scratch, anonName[2]);
+  ctx.injector.call(
+    "prctl(PR_SET_VMA_ANON_NAME)",
+    NR.prctl,
+    0x53564d41,
+    0,
+    m.start,
+    m.end - m.start,
+    name,
+  );
+}
+
+/**
+ * Recreates the mappings: files opened (and SysV segments attached) one
+ * at a time, the mmaps, which are independent of each other (fixed,
+ * disjoint ranges), in batches; those already planned go before a mapping
+ * that opens one of this process's own (memory it maps twice).
+ */
+function mapAll(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> {
+  const fds = new Map<string, number>();
+  let planned: { m: MappingImage; what: string; call: Syscall }[] = [];
+  const flush = () => {
+    const got = runEach(ctx, planned);
+    planned.forEach(({ m }, i) => {
+      if (BigInt.asUintN(64, got[i]) !== m.start) {
+        throw new AmberError(`${mappingLabel(m)}: mmap landed at ${hex(got[i])}`);
+      }
+    });
+    for (const { m } of planned) withContext(mappingLabel(m), () => nameOne(ctx, m));
+    planned = [];
+  };
+  for (const m of maps) {
+    if (m.sharedWith === ctx.pid) flush();
+    const call = withContext(mappingLabel(m), () => mmapOf(ctx, m, fds));
+    if (call) planned.push({ m, what: `${mappingLabel(m)}: mmap`, call });
   }
+  flush();
+  return fds;
 }
 
 const DELETED = " (deleted)";
@@ -434,6 +504,7 @@ function whyNot(m: MappingImage): string | undefined {
 
 export const mappingsPart = definePart({
   name: "mappings",
+  readsMemoryLayout: true,
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
@@ -477,12 +548,9 @@ export const mappingsPart = definePart({
   restore(ctx, { mappings }) {
     moveSpecials(ctx, mappings);
     unmapHelper(ctx);
-    const fds = new Map<string, number>();
-    for (const m of mappings) {
-      if (m.kind === "special" || m.kind === "vsyscall" || m.aio) continue;
-      withContext(mappingLabel(m), () => mapOne(ctx, m, fds));
-    }
-    for (const fd of fds.values()) ctx.injector.call("close", NR.close, fd);
+    const plain = mappings.filter((m) => !(m.kind === "special" || m.kind === "vsyscall" || m.aio));
+    const fds = mapAll(ctx, plain);
+    runEach(ctx, [...fds.values()].map((fd) => ({ what: "close", call: [NR.close, fd] })));
     // Once every mapping is in place: io_setup's ring lands in a hole, then moves to its own.
     for (const m of mappings) {
       if (m.aio) withContext(mappingLabel(m), () => restoreAioRing(ctx, m.aio!, m.start));

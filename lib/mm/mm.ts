@@ -38,6 +38,7 @@ export type MmImage = z.output<typeof MmSchema>;
 
 export const mmPart = definePart({
   name: "mm",
+  readsMemoryLayout: true,
   version: 1,
   schema: MmSchema,
   dump({ pid, injector }) {

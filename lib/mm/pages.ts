@@ -632,6 +632,7 @@ export function describeChain(
 
 export const pagemapPart = definePart({
   name: "pagemap",
+  readsMemoryLayout: true,
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: PagemapSchema,

@@ -64,6 +64,7 @@ function applied(f: string): boolean {
 
 export const vmflagsPart = definePart({
   name: "vmflags",
+  readsMemoryLayout: true,
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Entry) }),

@@ -9,6 +9,8 @@
  */
 import { z } from "zod";
 import { Injector, NR } from "../../ffi/inject.ts";
+import { SysError } from "../../ffi/libc.ts";
+import { type BatchRun, batchTableBytes, type Syscall, withBatch } from "../batch.ts";
 import { definePart, type Scratch } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { pidNumber, u64 } from "../images/codec.ts";
@@ -29,14 +31,41 @@ interface Target {
   scratch: Scratch;
 }
 
-interface Attr {
+/**
+ * How an attribute is read: one syscall, so many can go in one batch
+ * (lib/batch.ts). `out` is scratch memory the call may store an int at.
+ */
+interface Query {
+  call(out: bigint): Syscall;
+  /** The call stores its result as an int at `out` rather than returning it. */
+  stores?: boolean;
+  /** The value from the call's result `r` (-errno) and the int at `out`; undefined: cannot tell. */
+  value(r: bigint, stored: number, t: Target): bigint | undefined;
+}
+
+interface Attr extends Query {
   name: string;
   scope: "thread" | "process";
-  /** The current value; undefined when this kernel cannot tell. */
-  get(t: Target): bigint | undefined;
   set(t: Target, v: bigint): void;
   /** Why a value cannot be restored, if it cannot. */
   refuse?(v: bigint): string | undefined;
+}
+
+/** `r`, or the call `what`'s error if it failed. */
+function must(what: string, r: bigint): bigint {
+  if (r < 0n && r > -4096n) throw new SysError(what, Number(-r));
+  return r;
+}
+
+/** Reads one attribute with its own injected call. */
+function getOne(a: Query, t: Target): bigint | undefined {
+  const r = t.inj.raw(...a.call(t.scratch.addr));
+  return a.value(r, a.stores ? readInt(t, 0) : 0, t);
+}
+
+function readInt(t: Target, offset: number): number {
+  const b = getBytes(t.pid, t.scratch, 4, offset);
+  return new DataView(b.buffer, b.byteOffset).getInt32(0, true);
 }
 
 function prctl(t: Target, what: string, ...args: (number | bigint)[]): bigint {
@@ -48,7 +77,8 @@ function returned(name: string, scope: Attr["scope"], get: number, set: number):
   return {
     name,
     scope,
-    get: (t) => prctl(t, `${get}`, get, 0, 0, 0, 0),
+    call: () => [NR.prctl, get, 0, 0, 0, 0],
+    value: (r) => must(`prctl(${get})`, r),
     set: (t, v) => void prctl(t, `${set}`, set, v, 0, 0, 0),
   };
 }
@@ -58,11 +88,9 @@ function pointed(name: string, scope: Attr["scope"], get: number, set: number): 
   return {
     name,
     scope,
-    get(t) {
-      prctl(t, `${get}`, get, t.scratch.addr, 0, 0, 0);
-      const b = getBytes(t.pid, t.scratch, 4);
-      return BigInt(new DataView(b.buffer, b.byteOffset).getInt32(0, true));
-    },
+    call: (out) => [NR.prctl, get, out, 0, 0, 0],
+    stores: true,
+    value: (r, stored) => (must(`prctl(${get})`, r), BigInt(stored)),
     set: (t, v) => void prctl(t, `${set}`, set, v, 0, 0, 0),
   };
 }
@@ -81,13 +109,11 @@ function speculation(name: string, which: number): Attr {
   return {
     name,
     scope: "thread",
-    get(t) {
-      // Not on this CPU or kernel (EINVAL, ENODEV...): nothing to keep.
-      const r = t.inj.raw(NR.prctl, 52, which, 0, 0, 0);
-      return r < 0n ? undefined : r;
-    },
+    call: () => [NR.prctl, 52, which, 0, 0, 0],
+    // Not on this CPU or kernel (EINVAL, ENODEV...): nothing to keep.
+    value: (r) => r < 0n ? undefined : r,
     set(t, v) {
-      const now = this.get(t);
+      const now = getOne(this, t);
       if (now === undefined || (now & ~PR_SPEC_PRCTL) === (v & ~PR_SPEC_PRCTL)) return;
       const ctrl = [FORCE_DISABLE, DISABLE_NOEXEC, DISABLE, ENABLE].find((b) => v & b);
       if (ctrl === undefined || !(now & PR_SPEC_PRCTL)) {
@@ -104,25 +130,25 @@ const ATTRS: Attr[] = [
   {
     name: "personality",
     scope: "thread",
-    get: (t) => t.inj.call("personality", NR.personality, 0xffffffff),
+    call: () => [NR.personality, 0xffffffff],
+    value: (r) => must("personality", r),
     set: (t, v) => void t.inj.call("personality", NR.personality, v),
   },
   pointed("TSC mode", "thread", 25, 26),
   {
     name: "machine-check kill policy",
     scope: "thread",
-    get: (t) => prctl(t, "MCE_KILL_GET", 34, 0, 0, 0, 0),
+    call: () => [NR.prctl, 34, 0, 0, 0, 0],
+    value: (r) => must("prctl(MCE_KILL_GET)", r),
     // PR_MCE_KILL_DEFAULT (2) is undone with PR_MCE_KILL_CLEAR, the others set with _SET.
     set: (t, v) => void prctl(t, "MCE_KILL", 33, v === 2n ? 0 : 1, v === 2n ? 0 : v, 0, 0),
   },
   notYet({
     name: "NUMA memory policy",
     scope: "thread",
-    get(t) {
-      t.inj.call("get_mempolicy", NR.get_mempolicy, t.scratch.addr, 0, 0, 0, 0);
-      const b = getBytes(t.pid, t.scratch, 4);
-      return BigInt(new DataView(b.buffer, b.byteOffset).getInt32(0, true));
-    },
+    call: (out) => [NR.get_mempolicy, out, 0, 0, 0, 0],
+    stores: true,
+    value: (r, stored) => (must("get_mempolicy", r), BigInt(stored)),
     set() {},
   }, 0n),
   speculation("speculative store bypass", 0),
@@ -137,16 +163,17 @@ const ATTRS: Attr[] = [
   {
     name: "THP disable",
     scope: "process",
-    get: (t) => prctl(t, "GET_THP_DISABLE", 42, 0, 0, 0, 0),
+    call: () => [NR.prctl, 42, 0, 0, 0, 0],
+    value: (r) => must("prctl(GET_THP_DISABLE)", r),
     // Bit 0: disabled; the other bits are the PR_THP_DISABLE_* flags of arg3.
     set: (t, v) => void prctl(t, "SET_THP_DISABLE", 41, v & 1n, v & ~1n, 0, 0),
   },
   {
     name: "membarrier registrations",
     scope: "process",
-    get(t) {
+    call: () => [NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0],
+    value(r) {
       // Kernels before 6.3 cannot tell (EINVAL): nothing to compare then.
-      const r = t.inj.raw(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0);
       if (r === EINVAL) return undefined;
       if (r < 0n) throw new AmberError(`membarrier(GET_REGISTRATIONS): errno ${-r}`);
       return r;
@@ -165,8 +192,7 @@ const ATTRS: Attr[] = [
   },
   notYet({
     ...returned("I/O flusher", "thread", 58, 57),
-    get(t) {
-      const r = t.inj.raw(NR.prctl, 58, 0, 0, 0, 0);
+    value(r, _, t) {
       if (r >= 0n) return r;
       if (r !== EPERM) throw new AmberError(`prctl(GET_IO_FLUSHER): errno ${-r}`);
       // Reading it needs CAP_SYS_RESOURCE too: see the task flags it stands for.
@@ -181,22 +207,47 @@ const ATTRS: Attr[] = [
 
 const Values = z.record(z.string(), u64);
 
-function readAttrs(t: Target, scope: Attr["scope"]): Record<string, bigint> {
+/** The attributes of `scope`, in table order. */
+const inScope = (scope: Attr["scope"]) => ATTRS.filter((a) => a.scope === scope);
+
+/**
+ * The current values of `attrs` (undefined where the kernel cannot tell),
+ * all asked in one batch when `run` is given, else one call each.
+ */
+function readValues(t: Target, attrs: Attr[], run?: BatchRun): (bigint | undefined)[] {
+  if (!run) return attrs.map((a) => withContext(a.name, () => getOne(a, t)));
+  const base = batchTableBytes(attrs.length);
+  const out = (i: number) => t.scratch.addr + BigInt(base + 4 * i);
+  const results = run(attrs.map((a, i) => a.call(out(i))));
+  const stored = getBytes(t.pid, t.scratch, 4 * attrs.length, base);
+  const ints = new DataView(stored.buffer, stored.byteOffset, stored.length);
+  return attrs.map((a, i) =>
+    withContext(a.name, () => a.value(results[i], a.stores ? ints.getInt32(4 * i, true) : 0, t))
+  );
+}
+
+function readAttrs(t: Target, scope: Attr["scope"], run?: BatchRun): Record<string, bigint> {
+  const attrs = inScope(scope);
+  const values = readValues(t, attrs, run);
   const out: Record<string, bigint> = {};
-  for (const a of ATTRS.filter((a) => a.scope === scope)) {
-    const v = withContext(a.name, () => a.get(t));
-    if (v !== undefined) out[a.name] = v;
-  }
+  attrs.forEach((a, i) => {
+    if (values[i] !== undefined) out[a.name] = values[i];
+  });
   return out;
 }
 
-/** Sets what differs from the thread's current values, in table order. */
-function applyAttrs(t: Target, scope: Attr["scope"], want: Record<string, bigint>): void {
-  for (const a of ATTRS.filter((a) => a.scope === scope)) {
+/** Sets what differs from the thread's current values `now` (readAttrs), in table order. */
+function applyAttrs(
+  t: Target,
+  scope: Attr["scope"],
+  want: Record<string, bigint>,
+  now: Record<string, bigint>,
+): void {
+  for (const a of inScope(scope)) {
     const v = want[a.name];
     if (v === undefined) continue;
     withContext(`${a.name} ${v}`, () => {
-      if (a.get(t) !== v) a.set(t, v);
+      if (now[a.name] !== v) a.set(t, v);
     });
   }
 }
@@ -204,7 +255,7 @@ function applyAttrs(t: Target, scope: Attr["scope"], want: Record<string, bigint
 /** Runs fn with an injector on thread `tid` (the part's own for the leader). */
 function onThread<T>(pid: number, tid: number, leader: Injector, fn: (inj: Injector) => T): T {
   if (tid === pid) return fn(leader);
-  const inj = new Injector(tid, leader.syscallAddr);
+  const inj = new Injector(tid, leader.syscallAddr, { restAtTrap: true });
   try {
     return fn(inj);
   } finally {
@@ -227,15 +278,20 @@ export const prctlPart = definePart({
     process: Values,
     threads: z.array(z.object({ tid: pidNumber, values: Values })).min(1),
   }),
-  dump({ pid, proc, injector, scratch }) {
-    const process = readAttrs({ pid, inj: injector, scratch }, "process");
-    const threads = proc.threads.map((tid) =>
-      withContext(`tid ${tid}`, () => ({
-        tid,
-        values: onThread(pid, tid, injector, (inj) => readAttrs({ pid, inj, scratch }, "thread")),
-      }))
-    );
-    return { process, threads };
+  dump(ctx) {
+    const { pid, proc, injector, scratch } = ctx;
+    // ~16 calls a thread: one batch each instead of two stops a call.
+    return withBatch(ctx, (run, batchOn) => {
+      const process = readAttrs({ pid, inj: injector, scratch }, "process", run);
+      const threads = proc.threads.map((tid) =>
+        withContext(`tid ${tid}`, () => ({
+          tid,
+          values: onThread(pid, tid, injector, (inj) =>
+            readAttrs({ pid, inj, scratch }, "thread", batchOn?.(inj))),
+        }))
+      );
+      return { process, threads };
+    });
   },
   unrestorable({ process, threads }) {
     const why = refusal(process);
@@ -247,11 +303,27 @@ export const prctlPart = definePart({
   },
   restore(ctx, { process, threads }) {
     const { pid, scratch } = ctx;
-    for (const t of threads) {
+    const injectors = threads.map((t) => {
       const inj = ctx.threads.get(t.tid);
       if (!inj) throw new AmberError(`tid ${t.tid}: thread not created`);
-      withContext(`tid ${t.tid}`, () => applyAttrs({ pid, inj, scratch }, "thread", t.values));
-    }
-    applyAttrs({ pid, inj: ctx.injector, scratch }, "process", process);
+      return inj;
+    });
+    // Every current value first, in batches; then one call per value that differs.
+    const [nowThreads, nowProcess] = withBatch(ctx, (run, batchOn) => [
+      threads.map((t, i) =>
+        withContext(
+          `tid ${t.tid}`,
+          () => readAttrs({ pid, inj: injectors[i], scratch }, "thread", batchOn?.(injectors[i])),
+        )
+      ),
+      readAttrs({ pid, inj: ctx.injector, scratch }, "process", run),
+    ]);
+    threads.forEach((t, i) =>
+      withContext(
+        `tid ${t.tid}`,
+        () => applyAttrs({ pid, inj: injectors[i], scratch }, "thread", t.values, nowThreads[i]),
+      )
+    );
+    applyAttrs({ pid, inj: ctx.injector, scratch }, "process", process, nowProcess);
   },
 });

@@ -111,6 +111,7 @@ function installFilters(ctx: RestoreContext, inj: Injector, t: ThreadSeccomp): v
 
 export const seccompPart = definePart({
   name: "seccomp",
+  readsMemoryLayout: true,
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ threads: z.array(ThreadSeccomp).min(1) }),

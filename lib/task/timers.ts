@@ -12,7 +12,8 @@
  */
 import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
-import { type Syscall, withBatch } from "../batch.ts";
+import { SysError } from "../../ffi/libc.ts";
+import { batchTableBytes, type Syscall, withBatch } from "../batch.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
@@ -53,10 +54,32 @@ function pairsNs(words: bigint[], unit: bigint): [bigint, bigint] {
   return [ns(0), ns(2)];
 }
 
+/** struct itimerval: two struct timeval. */
+const ITIMERVAL_SIZE = 32;
+
+/** Each itimer's struct itimerval as u64 words: the three in one batch where one can run. */
+function readItimers(ctx: DumpContext): bigint[][] {
+  return withBatch(ctx, (run) => {
+    if (!run) {
+      return ITIMER_NAMES.map((name, which) => {
+        ctx.injector.call(`getitimer(${name})`, NR.getitimer, which, ctx.scratch.addr);
+        return readU64s(getBytes(ctx.pid, ctx.scratch, ITIMERVAL_SIZE));
+      });
+    }
+    const base = batchTableBytes(ITIMER_NAMES.length);
+    const at = (i: number) => ctx.scratch.addr + BigInt(base + i * ITIMERVAL_SIZE);
+    const results = run(ITIMER_NAMES.map((_, which) => [NR.getitimer, which, at(which)]));
+    const words = readU64s(getBytes(ctx.pid, ctx.scratch, 3 * ITIMERVAL_SIZE, base));
+    return ITIMER_NAMES.map((name, which) => {
+      if (results[which] < 0n) throw new SysError(`getitimer(${name})`, Number(-results[which]));
+      return words.slice(which * 4, which * 4 + 4);
+    });
+  });
+}
+
 function dumpItimers(ctx: DumpContext) {
-  return ITIMER_NAMES.map((name, which) => {
-    ctx.injector.call(`getitimer(${name})`, NR.getitimer, which, ctx.scratch.addr);
-    const [intervalNs, valueNs] = pairsNs(readU64s(getBytes(ctx.pid, ctx.scratch, 32)), 1000n);
+  return readItimers(ctx).map((words, which) => {
+    const [intervalNs, valueNs] = pairsNs(words, 1000n);
     // A periodic ITIMER_REAL whose SIGALRM is pending reads 0: the kernel
     // rearms it when that signal is taken, at most one interval later. A
     // setitimer of 0 would disarm it, so it comes back due in one interval.
@@ -203,7 +226,8 @@ function armWithOverrun(ctx: RestoreContext, t: PosixTimerImage, leftNs: bigint)
   const set = u64Bytes([1n << BigInt(t.signal - 1)]);
   // The timer expired when armed: its signal is queued at once (wait at most 10 ms).
   putBytes(ctx.pid, ctx.scratch, new Uint8Array([...set, ...u64Bytes([0, 10_000_000n])]), 256);
-  withBatch({ pid: ctx.pid, injector: inj, scratch: ctx.scratch }, (run) => {
+  withBatch(ctx, (runMain, onThread) => {
+    const run = inj === ctx.injector ? runMain : onThread?.(inj);
     for (let tries = 1;; tries++) {
       inj.call("clock_gettime", NR.clock_gettime, t.clock, at(512));
       const [sec, nsec] = readU64s(getBytes(ctx.pid, ctx.scratch, 16, 512));
