@@ -64,6 +64,7 @@ export type {
 export type { RestoreRequest, RestoreResult } from "./lib/restore.ts";
 export type { InheritFd } from "./lib/context.ts";
 export type { LazyStats } from "./lib/mm/lazy.ts";
+export type { SnapshotStats } from "./lib/mm/snapshot.ts";
 export type { ByteReader, ByteWriter } from "./lib/images/stream.ts";
 export type { PageServerAddress, PageServerRequest, PageServerResult } from "./lib/streaming.ts";
 

@@ -282,6 +282,7 @@ export function closeSnapshots(kinds: Map<string, unknown>): void {
   }
 }
 
+/** What the copy-on-write snapshot of a dump -R copied after the tree ran again. */
 export interface SnapshotStats {
   /** Bytes copied while the tree ran. */
   bytes: number;
