@@ -267,16 +267,30 @@ export function peekRepairQueue(sock: number, queue: number, len: number): Uint8
 }
 
 /** Sends all of `data` without blocking; throws if the socket takes less. */
-export function sendAll(sock: number, data: Uint8Array, what: string): void {
+export function sendAll(sock: number, data: Uint8Array, what: string, waitMs = 0): void {
+  const until = performance.now() + waitMs;
   for (let at = 0; at < data.length;) {
     const part = data.subarray(at, at + 64 * 1024);
     const n = Number(libc().sendto(sock, part, BigInt(part.length), MSG_DONTWAIT, null, 0));
     if (n < 0) {
       const errno = lastErrno();
+      // A full send buffer drains as the peer reads: wait for room, up to `waitMs` in all.
+      if (errno === EAGAIN && waitWritable(sock, until - performance.now())) continue;
       throw new SysError(`${what}: send (${at} of ${data.length} bytes in)`, errno);
     }
     at += n;
   }
+}
+
+const EAGAIN = 11, POLLOUT = 4;
+
+/** Whether `sock` becomes writable within `ms` (none left: false at once). */
+function waitWritable(sock: number, ms: number): boolean {
+  if (ms <= 0) return false;
+  const pfd = new Uint8Array(8);
+  new DataView(pfd.buffer).setInt32(0, sock, true);
+  new DataView(pfd.buffer).setInt16(4, POLLOUT, true);
+  return libc().poll(pfd, 1n, Math.ceil(ms)) > 0;
 }
 
 /** In repair mode: refills a queue with bytes (recv: as if received; send: as if sent). */

@@ -61,6 +61,8 @@ interface Case {
   name: string;
   /** Commands the case runs (installed by .ci/run). */
   commands: string[];
+  /** Python modules the job imports (Debian's python3, as PYTHON). */
+  pythonModules?: string[];
   expect: Outcome;
   /** What goes wrong today instead; the case is ignored until it is fixed. */
   knownBroken?: string;
@@ -706,6 +708,7 @@ const CASES: Case[] = [
   {
     name: "python3 numpy matmul on 2 OpenBLAS threads",
     commands: [PYTHON],
+    pythonModules: ["numpy"],
     expect: "restores",
     env: { OPENBLAS_NUM_THREADS: "2" },
     argv: () => ["setsid", PYTHON, "-c", NUMPY_PY],
@@ -1415,6 +1418,10 @@ async function runCase(c: Case): Promise<void> {
       ? exists(cmd)
       : await commandWorks("sh", "-c", `command -v ${cmd}`);
     assert.ok(found, `${cmd} is not installed (.ci/run installs it)`);
+  }
+  for (const m of c.pythonModules ?? []) {
+    const found = await commandWorks(PYTHON, "-c", `import ${m}`);
+    assert.ok(found, `python3 module ${m} is not installed (.ci/run installs it)`);
   }
   await using tmp = await tempDir("amber-programs-");
   const input = `${tmp.path}/in`;

@@ -465,7 +465,8 @@ function setupConnection(ctx: RestoreContext, sock: number, e: TcpImage): void {
       if (!ok) return; // closed in repair mode: nothing reaches the peer
       setRepair(copy, 0);
       // Bytes never sent go out the ordinary way, and a FIN never sent after them.
-      sendAll(copy, r.sendQueue.subarray(sent), `${describe(e)}: unsent bytes`);
+      // (Going out while the peer reads: more than the new socket's buffer holds may be waiting.)
+      sendAll(copy, r.sendQueue.subarray(sent), `${describe(e)}: unsent bytes`, UNSENT_WAIT_MS);
       try {
         later(copy);
       } catch (err) {
@@ -547,6 +548,9 @@ function restoreSocket(ctx: RestoreContext, e: TcpImage): number {
   }
   return fd;
 }
+
+/** How long restore waits for the peer to make room for a connection's unsent bytes. */
+const UNSENT_WAIT_MS = 60_000;
 
 export const tcpFd = defineFdKind({
   name: "tcp",
