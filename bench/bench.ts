@@ -536,7 +536,10 @@ async function migrateOnce(
     const m = JSON.parse(r.stdout);
     await waitVanished([b.pid]);
     const there = hostPid(b.pid, bin);
-    if (!there) throw new Error("migrate: the tree does not run at the destination");
+    if (!there) {
+      const why = await Deno.readTextFile(`${dir}/recv.err`).catch(() => "");
+      throw new Error(`migrate: the tree does not run at the destination: ${why.trim()}`);
+    }
     const gap = await gapOf(there, out);
     const frozen = (m.rounds as { frozenMs: number }[]).map((x) => x.frozenMs.toFixed(0));
     return {

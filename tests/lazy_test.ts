@@ -43,6 +43,7 @@ async function dumpedDirtier(dir: string): Promise<{ w: Writer; img: string }> {
   const w = await startDirtier(dir);
   const img = `${dir}/img`;
   try {
+    Deno.writeTextFileSync(`${dir}/cmdline`, Deno.readTextFileSync(`/proc/${w.pid}/cmdline`));
     assertExit(await amber(["dump", "-t", String(w.pid), "-D", img]), 0, "dump");
     assert.ok(await waitGone(w.pid), "the dumped process ends");
   } catch (e) {
@@ -120,12 +121,15 @@ Deno.test("restore --lazy-pages: 256 MiB of patterned memory runs before its pag
   const { w, img } = await dumpedDirtier(tmp.path);
   try {
     const last = await generation(w.out);
+    const cmdline = Deno.readTextFileSync(`${img}/../cmdline`);
     const t0 = performance.now();
     const bg = amberInBackground(["restore", "-D", img, "--lazy-pages", "-v"]);
     try {
       await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last), 60_000);
       const runningMs = performance.now() - t0;
       const allInBefore = bg.lines.some((l) => /lazy pages: all in/.test(l));
+      // ps and pgrep -f read it from the process's memory, which they cannot fault in.
+      assert.equal(Deno.readTextFileSync(`/proc/${w.pid}/cmdline`), cmdline, "its cmdline");
       // A check while pages may still be missing: its reads fault them in from the images.
       assert.equal(await checkLine(w), "check ok", "memory check during lazy restore");
       const allIn = await bg.waitLine(/lazy pages: all in after \d+ ms/);

@@ -57,6 +57,7 @@ import { AmberError, faultPointAsync, withContext } from "../errors.ts";
 import { SignalGuard } from "../interrupt.ts";
 import { findFreeRange, type MappingImage, mappingLabel, PAGE } from "./mappings.ts";
 import { readMaps } from "../proc/maps.ts";
+import { readStat } from "../proc/stat.ts";
 import { listProcNumbers } from "../proc/read.ts";
 import { putBytes } from "../scratch.ts";
 import { readPagemap } from "./pages.ts";
@@ -193,7 +194,10 @@ export class LazyPages {
     for (const p of this.pending.splice(0)) {
       withContext(`pid ${p.pid}: lazy pages`, () => {
         const inj = injectors.get(p.pid)!;
-        const missing = this.fillTouched(p, threadRegs(p.pid).flatMap(pagesAmberMayTouch));
+        const missing = this.fillTouched(p, [
+          ...threadRegs(p.pid).flatMap(pagesAmberMayTouch),
+          ...pagesOthersRead(p.pid),
+        ]);
         const fd = makeUffd(inj, p.mappings);
         if (typeof fd === "string") {
           this.log(`pid ${p.pid}: lazy pages: ${fd}: filled before it runs`);
@@ -484,6 +488,20 @@ function pagesAmberMayTouch(regs: Regs): Span[] {
   const args = (["rdi", "rsi", "rdx", "r10", "r8", "r9"] as const).map((r) => regs.get(r));
   const stack: Span = [Number((sp - 4096n) / PAGE), Number(sp / PAGE) + 1];
   return [stack, ...args.map((a): Span => [Number(a / PAGE), Number((a + 32n) / PAGE) + 1])];
+}
+
+/**
+ * The argument and environment strings: read by other processes through
+ * /proc/PID/cmdline and environ (ps, pgrep -f), whose remote reads of a
+ * missing page fail instead of waiting for amber, so they would read empty.
+ */
+function pagesOthersRead(pid: number): Span[] {
+  const st = readStat(pid);
+  const span = (
+    from: bigint,
+    to: bigint,
+  ): Span => [Number(from / PAGE), Number((to + PAGE - 1n) / PAGE)];
+  return [span(st.argStart, st.argEnd), span(st.envStart, st.envEnd)];
 }
 
 const F_SETFD = 2, FD_CLOEXEC = 1;
