@@ -571,6 +571,22 @@ export async function startWriter(
 }
 
 /** Waits for `more` further lines, asks for a memory check, and checks everything written. */
+/**
+ * Asks a self-checking target (SIGUSR1: testdata/dirtier.c, sweeper.c...)
+ * for a memory check, by `pid` (default its own: a migrated one has
+ * another), and asserts every check it wrote so far said "check ok".
+ */
+export async function assertChecksOk(w: Writer, what: string, pid = w.pid): Promise<void> {
+  const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
+  Deno.kill(pid, "SIGUSR1");
+  const lines = await waitForLine(
+    w.out,
+    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
+  );
+  const checks = lines.filter((l) => l.startsWith("check"));
+  assert.deepEqual(checks, Array(checks.length).fill("check ok"), `${what}: ${checks.at(-1)}`);
+}
+
 export async function assertCounterHealthy(c: Writer, more = 10): Promise<void> {
   assert.ok(isAlive(c.pid), `counter ${c.pid} is not running`);
   const now = (await readLines(c.out)).length;

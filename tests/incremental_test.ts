@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import {
   amber,
+  assertChecksOk,
   assertExit,
   assertOneLineError,
   buildC,
@@ -40,18 +41,6 @@ async function letItWrite(w: Writer): Promise<void> {
   const lines = await readLines(w.out);
   const last = Number(lines.filter((l) => /^\d+$/.test(l)).at(-1));
   await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last + HOT_PAGES));
-}
-
-/** Asks the target for a memory check and asserts it passed. */
-async function assertChecksOk(w: Writer, what: string): Promise<void> {
-  const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
-  Deno.kill(w.pid, "SIGUSR1");
-  const lines = await waitForLine(
-    w.out,
-    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
-  );
-  const checks = lines.filter((l) => l.startsWith("check"));
-  assert.deepEqual(checks, Array(checks.length).fill("check ok"), `${what}: ${checks.at(-1)}`);
 }
 
 function pagesBytes(dir: string): number {

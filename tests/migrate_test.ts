@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { RecordWriter } from "../lib/images/stream.ts";
 import {
   amber,
+  assertChecksOk,
   assertExit,
   buildC,
   CLI,
@@ -64,18 +65,6 @@ async function startDirtier(hosts: Hosts, dir: string): Promise<Writer> {
   );
 }
 
-/** Asks the target (by pid) for a memory check and asserts it passed. */
-async function assertChecksOk(pid: number, out: string, what: string): Promise<void> {
-  const before = (await readLines(out)).filter((l) => l.startsWith("check")).length;
-  Deno.kill(pid, "SIGUSR1");
-  const lines = await waitForLine(
-    out,
-    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
-  );
-  const checks = lines.filter((l) => l.startsWith("check"));
-  assert.deepEqual(checks, Array(checks.length).fill("check ok"), `${what}: ${checks.at(-1)}`);
-}
-
 function trackerFds(pid: number): string[] {
   return [...Deno.readDirSync(`/proc/${pid}/fd`)]
     .map((e) => Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`))
@@ -104,7 +93,7 @@ Deno.test({
       assert.ok(got.json.lazy, `no lazy figures: ${JSON.stringify(got.json)}`);
       const moved = hostPid(w.pid, await buildC("dirtier"));
       assert.ok(moved, "the tree runs at the destination");
-      await assertChecksOk(moved, w.out, "after a lazy migration");
+      await assertChecksOk(w, "after a lazy migration", moved);
       assert.equal(trackerFds(moved).length, 0, "no userfaultfd left in the migrated process");
     } finally {
       await killAndReap(w.pid);
@@ -142,7 +131,7 @@ Deno.test({
       assert.equal(Deno.readLinkSync(`/proc/${moved}/ns/net`), netnsId(hosts.dst));
       const last = Number((await readLines(w.out)).filter((l) => /^\d+$/.test(l)).at(-1));
       await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last));
-      await assertChecksOk(moved, w.out, "after the migration");
+      await assertChecksOk(w, "after the migration", moved);
       assert.equal(trackerFds(moved).length, 0, "no tracker in the migrated process");
     } finally {
       await killAndReap(w.pid);
@@ -170,7 +159,7 @@ Deno.test({
       );
       assert.ok(isAlive(w.pid), "the source tree runs on");
       assert.equal(trackerFds(w.pid).length, 0, "no tracking left in the source");
-      await assertChecksOk(w.pid, w.out, "after the refused migration");
+      await assertChecksOk(w, "after the refused migration");
       assert.equal((await recv.result()).code, 1);
       assert.deepEqual(listDir(kept), [], "the destination removed what it received");
     } finally {
@@ -194,7 +183,7 @@ Deno.test({
       assertExit(r, 1, "migrate to a destination that dies");
       assert.ok(isAlive(w.pid), "the source tree runs on");
       assert.equal(trackerFds(w.pid).length, 0, "the pre-copy round's tracking is closed");
-      await assertChecksOk(w.pid, w.out, "after the failed migration");
+      await assertChecksOk(w, "after the failed migration");
     } finally {
       await killAndReap(w.pid);
     }
@@ -218,7 +207,7 @@ Deno.test({
       await until(() => procState(w.pid) === "T", "the source tree stopped");
       const moved = hostPid(w.pid, await buildC("dirtier"));
       assert.ok(moved, "the destination runs it");
-      await assertChecksOk(moved, w.out, "the copy at the destination");
+      await assertChecksOk(w, "the copy at the destination", moved);
     } finally {
       await killAndReap(w.pid);
     }

@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import {
   amber,
+  assertChecksOk,
   assertExit,
   assertOneLineError,
   buildC,
@@ -57,17 +58,6 @@ async function sweepsOn(w: Writer): Promise<void> {
     (ls) => ls.some((l) => /^\d+ \d+ \d+ \d+$/.test(l) && Number(l.split(" ")[0]) > g + 1),
     30_000,
   );
-}
-
-async function assertChecksOk(w: Writer, what: string): Promise<void> {
-  const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
-  Deno.kill(w.pid, "SIGUSR1");
-  const lines = await waitForLine(
-    w.out,
-    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
-  );
-  const checks = lines.filter((l) => l.startsWith("check"));
-  assert.deepEqual(checks, Array(checks.length).fill("check ok"), `${what}: ${checks.at(-1)}`);
 }
 
 function userfaultfds(pid: number): number {
