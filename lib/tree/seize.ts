@@ -132,6 +132,8 @@ function freezeThread(tid: number): boolean {
     pt.seize(tid, pt.PTRACE_O.TRACESYSGOOD | pt.PTRACE_O.SUSPEND_SECCOMP);
   } catch (e) {
     if (e instanceof SysError && e.code === "ESRCH") return false;
+    // The kernel refuses (EPERM) a task that is exiting: it ended meanwhile.
+    if (e instanceof SysError && e.code === "EPERM" && exited(tid)) return false;
     throw seizeRefusal(tid, e);
   }
   pt.interrupt(tid);
@@ -143,6 +145,12 @@ function freezeThread(tid: number): boolean {
     // would have; the interrupt stays pending and stops the thread next.
     pt.cont(tid, st.event ? 0 : st.stopSignal);
   }
+}
+
+/** Whether thread `tid` is gone or exiting (a zombie, or dead). */
+function exited(tid: number): boolean {
+  const state = readStatSafe(tid)?.state;
+  return state === undefined || state === "Z" || state === "X";
 }
 
 function threadsOf(pid: number): number[] {
@@ -164,6 +172,14 @@ function childrenOf(pid: number, threads: number[]): number[] {
   return [...out].sort((a, b) => a - b);
 }
 
+/** An unreaped child: nothing to seize, only its exit status to keep. */
+function frozenZombie(proc: FrozenProcess, exitStatus: number, tree: FrozenTree): FrozenProcess {
+  proc.threads = [proc.pid];
+  proc.zombie = { exitStatus };
+  tree.processes.push(proc);
+  return proc;
+}
+
 function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined {
   const stat = readStatSafe(pid);
   if (!stat) return undefined;
@@ -174,13 +190,7 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
     stopped: stat.state === "T",
     sleeps: new Map(),
   };
-  if (stat.state === "Z") {
-    // An unreaped child: nothing to seize, only its exit status to keep.
-    proc.threads = [pid];
-    proc.zombie = { exitStatus: stat.exitCode };
-    tree.processes.push(proc);
-    return proc;
-  }
+  if (stat.state === "Z") return frozenZombie(proc, stat.exitCode, tree);
   const seen = new Set<number>();
   // Only a sleep's timer tells its deadline, and the interrupt cancels it.
   const watch = SleepWatch.watch(pid, threadsOf(pid));
@@ -194,7 +204,11 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
     }
   }
   proc.sleeps = watch?.settle() ?? proc.sleeps;
-  if (!proc.threads.length) return undefined;
+  if (!proc.threads.length) {
+    // It exited while amber froze it: its parent, frozen, cannot reap it.
+    const now = readStatSafe(pid);
+    return now?.state === "Z" ? frozenZombie(proc, now.exitCode, tree) : undefined;
+  }
   tree.processes.push(proc);
   proc.children = childrenOf(pid, proc.threads);
   return proc;
