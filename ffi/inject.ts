@@ -7,12 +7,12 @@
  * SIG_DFL when SIGTRAP is blocked or ignored: the target's own SIGTRAP
  * handler would be lost.
  */
-import { SysError } from "./libc.ts";
+import { libc, SysError } from "./libc.ts";
 import { readMemoryProc, writeMemory } from "./memory.ts";
 import * as pt from "./ptrace.ts";
 import { Regs } from "./regs.ts";
 
-const SIGTRAP = 5;
+const SIGTRAP = 5, SIGSTOP = 19;
 /** A syscall stop's signal with PTRACE_O_TRACESYSGOOD. */
 export const SYSCALL_STOP = SIGTRAP | 0x80;
 const ALL_SIGNALS = (1n << 64n) - 1n;
@@ -154,9 +154,33 @@ export class Injector {
       if (st.event === pt.PTRACE_EVENT.STOP) break;
       // A signal that became deliverable with the mask put back: the
       // trap comes first, the signal stays queued for when the tree runs.
+      this.passOver(st);
       pt.cont(this.tid);
     }
     this.moved = false;
+    this.giveBackStop();
+  }
+
+  /** A SIGSTOP (never blocked) taken at a stop amber passes over; see giveBackStop. */
+  private stopTaken = false;
+
+  private passOver(st: pt.WaitStatus): void {
+    if (st.event === 0 && st.stopSignal === SIGSTOP) this.stopTaken = true;
+  }
+
+  /**
+   * Sends the thread's process again a SIGSTOP that arrived while amber
+   * moved the thread for an injected call: resuming past its delivery stop
+   * took it, and the tree must still stop (and a dump see it pending).
+   */
+  private giveBackStop(): void {
+    if (!this.stopTaken) return;
+    this.stopTaken = false;
+    let tgid = this.tid;
+    try {
+      tgid = Number(/^Tgid:\s*(\d+)/m.exec(Deno.readTextFileSync(`/proc/${this.tid}/status`))![1]);
+    } catch { /* gone: nothing to stop */ }
+    libc().kill(tgid, SIGSTOP);
   }
 
   private wait(): pt.WaitStatus {
@@ -178,6 +202,7 @@ export class Injector {
       }
       // Any other stop (a group stop, a signal that cannot be blocked) is
       // passed over: the syscall has not finished yet.
+      this.passOver(st);
       pt.syscall(this.tid);
     }
   }
@@ -195,6 +220,7 @@ export class Injector {
     this.moved = true;
     this.toSyscallStop(); // entry
     this.toSyscallStop(); // exit
+    this.giveBackStop();
     const result = Regs.read(this.tid).signed("rax");
     // Cheaper than end() after each call (no interrupt, cont and wait), and as safe.
     if (this.options.restoreAfterEachCall) {
@@ -231,9 +257,10 @@ export class Injector {
       if (st.stopSignal === SIGTRAP && st.event === 0) {
         if (Regs.read(this.tid).get("rip") === end) break;
         foreign = pt.getSiginfo(this.tid);
-      }
+      } else this.passOver(st);
       pt.cont(this.tid);
     }
+    this.giveBackStop();
     if (this.options.restoreAfterEachCall) this.savedRegs.write(this.tid);
     // Every signal blocked again for the calls that follow (a SIGTRAP queued
     // by one of them would be delivered and lost at its stop otherwise).
