@@ -8,6 +8,11 @@ import { decode, Encoder } from "cbor-x/decode";
 import { z } from "zod";
 import { AmberError } from "../errors.ts";
 
+// zod compiles a schema to a function on its first parse (1-6 ms each, ~25
+// ms for a dump's parts, all of it while the tree is frozen); amber parses
+// each schema a few times per run, so its interpreter is cheaper.
+z.config({ jitless: true });
+
 /** Largest CBOR image we accept: anything bigger is not ours. */
 export const MAX_IMAGE_BYTES = 256 * 1024 * 1024;
 
