@@ -20,6 +20,12 @@ const SYMBOLS = {
     parameters: ["i64", "u64", "u64", "u64", "u64", "u64", "u64"],
     result: "i64",
   },
+  syscall_async: {
+    name: "syscall",
+    parameters: ["i64", "u64", "u64", "u64", "u64", "u64", "u64"],
+    result: "i64",
+    nonblocking: true,
+  },
   process_vm_readv: {
     parameters: ["i32", "buffer", "u64", "buffer", "u64", "u64"],
     result: "i64",
@@ -194,6 +200,22 @@ export function rawSyscall(
 ): bigint {
   const a = [0, 1, 2, 3, 4, 5].map((i) => BigInt.asUintN(64, BigInt(args[i] ?? 0)));
   return check(name, libc().syscall(BigInt(nr), a[0], a[1], a[2], a[3], a[4], a[5]));
+}
+
+/**
+ * rawSyscall on a pool thread, for a long kernel walk amber can overlap
+ * with other work. That thread's errno is lost: on failure the call is made
+ * again here, where it is read, and that error is thrown. Only for calls
+ * that are harmless to repeat.
+ */
+export async function rawSyscallAsync(
+  name: string,
+  nr: number,
+  ...args: (number | bigint)[]
+): Promise<bigint> {
+  const a = [0, 1, 2, 3, 4, 5].map((i) => BigInt.asUintN(64, BigInt(args[i] ?? 0)));
+  const r = await libc().syscall_async(BigInt(nr), a[0], a[1], a[2], a[3], a[4], a[5]);
+  return r === -1n ? rawSyscall(name, nr, ...args) : r;
 }
 
 const NR_KCMP = 312;

@@ -3,7 +3,7 @@
  * injects (write-protect in async mode) and the PAGEMAP_SCAN ioctl that
  * reads which pages were written since.
  */
-import { addressOf, lastErrno, libc, rawSyscall, SysError } from "./libc.ts";
+import { addressOf, lastErrno, libc, rawSyscall, rawSyscallAsync, SysError } from "./libc.ts";
 
 export const NR_USERFAULTFD = 323;
 export const UFFD_USER_MODE_ONLY = 1;
@@ -267,6 +267,20 @@ export function uffdUnregister(fd: number, start: bigint, end: bigint): void {
 export function uffdProtect(fd: number, start: bigint, end: bigint, on: boolean): void {
   const mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0n;
   uffdCall("ioctl(UFFDIO_WRITEPROTECT)", fd, UFFDIO_WRITEPROTECT, u64s([start, end - start, mode]));
+}
+
+/** uffdProtect(on) on a pool thread: a walk of every page table entry of the range. */
+export async function uffdProtectAsync(fd: number, start: bigint, end: bigint): Promise<void> {
+  const arg = u64s([start, end - start, UFFDIO_WRITEPROTECT_MODE_WP]);
+  await rawSyscallAsync(
+    "ioctl(UFFDIO_WRITEPROTECT)",
+    NR_IOCTL,
+    fd,
+    UFFDIO_WRITEPROTECT,
+    addressOf(arg),
+  );
+  // (arg is referenced until here, so it outlives the call.)
+  arg.fill(0);
 }
 
 const MSG_BYTES = 32;

@@ -459,7 +459,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     // (protected the last thing before), as it was at this moment.
     if (options.leaveRunning) {
       const t = performance.now();
-      const n = protectSnapshots(state.kinds);
+      const n = await protectSnapshots(state.kinds);
       if (n) {
         log(
           `snapshot: ${n} process(es) write-protected in ${(performance.now() - t).toFixed(1)} ms`,

@@ -268,7 +268,8 @@ Deno.test("dump into an unwritable directory fails and leaves the target running
     await assertCounterHealthy(c, 5);
   }));
 
-for (const point of ["after-freeze", "mid-pages", "before-commit"]) {
+// mid-sigactions: after the snapshot's early write protection began (-R), before it is done.
+for (const point of ["after-freeze", "mid-pages", "mid-sigactions", "before-commit"]) {
   for (const leaveRunning of [true, false]) {
     const flag = leaveRunning ? " -R" : "";
     Deno.test(`a fault at ${point}${flag} leaves the target running and no images`, () =>
