@@ -47,6 +47,8 @@ export interface DumpContext {
   scratch: Scratch;
   /** Image bodies already dumped for this process, by part name. */
   done: Record<string, unknown>;
+  /** What parts began reading ahead for this process (their prefetch), by part name. */
+  ahead: Map<string, unknown>;
   /** What earlier processes of the tree hold, for objects processes share. */
   tree: TreeDumpState;
   /**
@@ -224,6 +226,12 @@ export interface Part<S extends z.ZodType = z.ZodType> {
    * (lib/batch.ts) is not mapped while it runs.
    */
   readsMemoryLayout?: boolean;
+  /**
+   * Begins, once the tree is frozen and before any part runs, a slow read
+   * its dump of process `pid` will need, on a pool thread; what it returns
+   * is that process's ctx.ahead entry for the part.
+   */
+  prefetch?(pid: number): unknown;
   /** Why an object in this image cannot be restored yet, if one cannot. */
   unrestorable?(data: z.output<S>): string | undefined;
 }

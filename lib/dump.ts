@@ -211,6 +211,13 @@ async function dumpOnePart(ctx: DumpContext, part: Part): Promise<void> {
   });
 }
 
+/** Every part's read ahead for one process of the frozen tree (see Part.prefetch). */
+function prefetchParts(pid: number): Map<string, unknown> {
+  const ahead = new Map<string, unknown>();
+  for (const part of PARTS) if (part.prefetch) ahead.set(part.name, part.prefetch(pid));
+  return ahead;
+}
+
 /**
  * Dumps every part of one process; returns its context and why it could
  * not be restored, if its images alone say so (the verdict's own check of
@@ -224,12 +231,23 @@ async function dumpProcess(
   guard: SignalGuard,
   log: LogLine,
   tracker: Tracker,
+  ahead: Map<string, unknown>,
 ): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
-  const ctx: DumpContext = { pid: proc.pid, proc, dir, options, injector, scratch, done: {}, tree };
+  const ctx: DumpContext = {
+    pid: proc.pid,
+    proc,
+    dir,
+    options,
+    injector,
+    scratch,
+    done: {},
+    ahead,
+    tree,
+  };
   try {
     for (const part of PARTS) {
       await guard.checkpoint();
@@ -424,10 +442,12 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
     const contexts: DumpContext[] = [];
-    for (const proc of tree.processes.filter((p) => !p.zombie)) {
+    const live = tree.processes.filter((p) => !p.zombie);
+    const ahead = new Map(live.map((p) => [p.pid, prefetchParts(p.pid)]));
+    for (const proc of live) {
       const { ctx, refusal } = await withContextAsync(
         `pid ${proc.pid}`,
-        () => dumpProcess(dir, proc, options, state, guard, log, tracker),
+        () => dumpProcess(dir, proc, options, state, guard, log, tracker, ahead.get(proc.pid)!),
       );
       if (refusal && !options.leaveRunning) throw refuseToEnd(refusal);
       contexts.push(ctx);

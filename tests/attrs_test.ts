@@ -67,7 +67,7 @@ function restoredVmflags(img: string, pid: number): string {
   return vmflagsText(
     imageMappings(img, pid).map((m) => {
       const now = maps.find((n) => n.start <= m.start && m.start < n.end);
-      return [m.start, now ? flags.get(now.start) ?? [] : ["(unmapped)"]];
+      return [m.start, now ? flags.get(now.start)?.flags ?? [] : ["(unmapped)"]];
     }),
   );
 }
@@ -121,7 +121,7 @@ async function roundTrip(user?: number): Promise<void> {
     if (user !== undefined) {
       assert.equal(before[`${pid} Uid`], `${user}\t${user}\t${user}\t${user}`);
     }
-    const flagsBefore = vmflagsText([...readVmFlags(pid)]);
+    const flagsBefore = vmflagsText([...readVmFlags(pid)].map(([a, e]) => [a, e.flags]));
     for (const f of ["lo", "dc", "wf", "dd", "sr", "rr", "nh"]) {
       assert.ok(set.regions[f], `region ${f} was set up`);
       assert.match(flagsBefore, new RegExp(`^${set.regions[f]}:.* ${f}( |$)`, "m"), f);

@@ -14,7 +14,13 @@ import { readMemoryProc } from "../../ffi/memory.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
-import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
+import {
+  type MapsEntry,
+  readMaps,
+  readVmFlags,
+  readVmFlagsAsync,
+  type VmFlagsEntry,
+} from "../proc/maps.ts";
 import { putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
@@ -160,13 +166,31 @@ function dumpDeleted(w: DumpWhere, e: MapsEntry, exe: string): Partial<MappingIm
   return { deleted, ghost: saveGhost(w.dir, w.tree, source, w.ghostLimit) };
 }
 
-export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
+/**
+ * VmFlags read ahead (see the part's prefetch), if they are of exactly these
+ * mappings; read again now if not (the layout changed meanwhile: amber's
+ * own batch page, or a failed read).
+ */
+function vmFlagsFor(
+  pid: number,
+  maps: MapsEntry[],
+  ahead?: Map<bigint, VmFlagsEntry>,
+): Map<bigint, VmFlagsEntry> {
+  const same = ahead && maps.every((e) => ahead.get(e.start)?.end === e.end);
+  return same ? ahead : readVmFlags(pid);
+}
+
+export function dumpMappings(
+  w: DumpWhere,
+  ahead?: Map<bigint, VmFlagsEntry>,
+): z.input<typeof Mapping>[] {
   const { pid, tree } = w;
-  const flags = readVmFlags(pid);
+  const maps = readMaps(pid);
+  const flags = vmFlagsFor(pid, maps, ahead);
   // Write-protect registration by amber's own tracker is not the process's.
   const tracker = findTracker(pid) !== undefined;
   const exe = readProcLink(pid, "exe");
-  return readMaps(pid).map((e) => {
+  return maps.map((e) => {
     const kind = kindOf(e);
     let sharedWith: number | undefined;
     let sharedFrom: MapsEntry | undefined;
@@ -191,7 +215,7 @@ export function dumpMappings(w: DumpWhere): z.input<typeof Mapping>[] {
       offset: e.offset,
       path: e.path,
       kind,
-      vmFlags: (flags.get(e.start) ?? []).filter((f) =>
+      vmFlags: (flags.get(e.start)?.flags ?? []).filter((f) =>
         !(tracker && f === "uw" && kind === "anon" && e.perms[3] !== "s")
       ),
       file: kind === "file"
@@ -508,8 +532,11 @@ export const mappingsPart = definePart({
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
-  async dump({ pid, tree, dir, options, injector }) {
-    const mappings = dumpMappings({ pid, tree, dir, ghostLimit: options.ghostLimit, injector });
+  prefetch: readVmFlagsAsync,
+  async dump({ pid, tree, dir, options, injector, ahead }) {
+    const flags = await (ahead.get("mappings") as ReturnType<typeof readVmFlagsAsync> | undefined);
+    const where = { pid, tree, dir, ghostLimit: options.ghostLimit, injector };
+    const mappings = dumpMappings(where, flags);
     return { mappings, vdsoSha256: await vdsoDigest(pid) };
   },
   unrestorable({ mappings }) {
