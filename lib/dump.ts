@@ -207,7 +207,11 @@ async function dumpOnePart(ctx: DumpContext, part: Part): Promise<void> {
     const body = await dumpPart(ctx, () => part.dump(ctx));
     const image = partImage(part);
     ctx.done[part.name] = image.schema.parse(body);
-    ctx.dir.write(image, body, ctx.pid);
+    const write = () => ctx.dir.write(image, body, ctx.pid);
+    // A tree that runs on is not kept frozen while its images are written.
+    if (!ctx.options.leaveRunning) return write();
+    const label = `pid ${ctx.pid}: ${part.name}`;
+    ctx.tree.afterResume.push(() => Promise.resolve(withContext(label, write)));
   });
 }
 
