@@ -22,7 +22,6 @@
  * before anything is read, and what is read goes into an ImageDir's
  * staging directory, committed only once the end record checked out.
  */
-import { crc32 } from "node:zlib";
 import { AmberError, InterruptedError } from "../errors.ts";
 import { partImage, PARTS } from "../parts.ts";
 // (Loaded for the tree images they define, which the allow-list takes from codec.ts.)
@@ -76,19 +75,38 @@ export function errnoOf(e: unknown): string {
 /** Never settles: what a stream waits with when nothing can stop it. */
 const NEVER = new Promise<never>(() => {});
 
-function recordHeader(type: number, name: Uint8Array, payload: Uint8Array, n: number): Uint8Array {
+type Crc32 = typeof import("node:zlib").crc32;
+let zlibCrc32: Crc32 | undefined;
+
+/** node:zlib's crc32, loaded on first use: node compatibility costs every command ~50 ms of start-up. */
+async function crc32Ready(): Promise<Crc32> {
+  return zlibCrc32 ??= (await import("node:zlib")).crc32;
+}
+
+/** A record's header; its crc is filled in once crc32 is loaded (see RecordWriter.enqueue). */
+function recordHeader(type: number, name: Uint8Array, payload: Uint8Array, n: number): Sealed {
   const h = new Uint8Array(RECORD_HEADER_BYTES);
   const v = new DataView(h.buffer);
   v.setUint8(0, type);
   v.setUint8(1, name.length);
   v.setUint32(4, payload.length, true);
   v.setUint32(12, n, true);
-  v.setUint32(8, recordCrc(h, name, payload), true);
-  return h;
+  return (crc32) => {
+    v.setUint32(8, recordCrc(crc32, h, name, payload), true);
+    return h;
+  };
 }
 
+/** A part of the stream that needs crc32 to be complete. */
+type Sealed = (crc32: Crc32) => Uint8Array;
+
 /** crc32 of a record: its header with the crc field zero, its name and its payload. */
-function recordCrc(header: Uint8Array, name: Uint8Array, payload: Uint8Array): number {
+function recordCrc(
+  crc32: Crc32,
+  header: Uint8Array,
+  name: Uint8Array,
+  payload: Uint8Array,
+): number {
   const h = header.slice();
   h.fill(0, 8, 12);
   return crc32(payload, crc32(name, crc32(h))) >>> 0;
@@ -140,11 +158,14 @@ export class RecordWriter {
     }
   }
 
-  private enqueue(parts: Uint8Array[]): Promise<void> {
+  private enqueue(parts: (Uint8Array | Sealed)[]): Promise<void> {
     const p = this.tail.then(async () => {
       if (this.failure) throw this.failure;
       try {
-        for (const part of parts) await this.writeAll(part);
+        const crc32 = await crc32Ready();
+        for (const part of parts) {
+          await this.writeAll(part instanceof Uint8Array ? part : part(crc32));
+        }
       } catch (e) {
         this.failure ??= this.explain && !(e instanceof InterruptedError)
           ? await this.explain(e)
@@ -160,7 +181,7 @@ export class RecordWriter {
   send(name: string, data: Uint8Array, first = true): Promise<void> {
     const nameBytes = new TextEncoder().encode(name);
     if (first) this.files++;
-    const parts: Uint8Array[] = [];
+    const parts: (Uint8Array | Sealed)[] = [];
     for (let off = 0; off < data.length || (off === 0 && !parts.length); off += RECORD_MAX) {
       const payload = data.subarray(off, off + RECORD_MAX);
       parts.push(recordHeader(DATA, nameBytes, payload, ++this.n), nameBytes, payload);
@@ -459,6 +480,7 @@ export async function unpackStream(
 ): Promise<{ files: number; bytes: number }> {
   const stopped = opts.stopped ?? NEVER;
   const where = opts.where;
+  const crc32 = await crc32Ready();
   const head = new Uint8Array(HEADER_BYTES);
   const got = await readFull(input, head, stopped);
   if (got === 0) throw new AmberError(`${where}: empty (nothing was dumped into it)`);
@@ -536,7 +558,7 @@ export async function unpackStream(
       if (pgot < len) {
         throw new AmberError(`${label}: ends after ${pgot} of its ${len} bytes (truncated)`);
       }
-      if (recordCrc(rh, nameBytes, payload) !== rv.getUint32(8, true)) {
+      if (recordCrc(crc32, rh, nameBytes, payload) !== rv.getUint32(8, true)) {
         throw new AmberError(`${label}: checksum mismatch (corrupted)`);
       }
       if (type === END) {
