@@ -194,6 +194,13 @@ function sizeArg(v: unknown): number {
   return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
 }
 
+/** `--aio-timeout SECONDS` (fractions allowed), in ms. */
+function secondsArg(v: unknown): number {
+  const s = typeof v === "string" && /^\d+(\.\d+)?$/.test(v) ? Number(v) : NaN;
+  if (!(s <= 3600)) throw new UsageError(`--aio-timeout needs seconds like 5 or 0.5, got ${v}`);
+  return Math.round(s * 1000);
+}
+
 /** `--inherit-fd fd[N]:RESOURCE` (CRIU's syntax), each. */
 function inheritFdArgs(v: unknown): { fd: number; resource: string }[] {
   return ((v ?? []) as string[]).map((a) => {
@@ -368,6 +375,11 @@ const COMMANDS: Command[] = [
         value: "SIZE",
         help: "largest deleted file whose contents go into the images (default 1M; K, M, G)",
       },
+      {
+        long: "aio-timeout",
+        value: "SECONDS",
+        help: "how long AIO requests in flight are waited for, frozen, before refusing (default 5)",
+      },
       FILE_LOCKS,
       TCP_ESTABLISHED,
       EXT_UNIX_SK,
@@ -412,6 +424,7 @@ const COMMANDS: Command[] = [
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
+          aioTimeoutMs: v["aio-timeout"] === undefined ? undefined : secondsArg(v["aio-timeout"]),
           tcpEstablished: !!v["tcp-established"],
           external: externalArgs(v.external),
           extUnixSk: !!v["ext-unix-sk"],

@@ -1,5 +1,5 @@
 /*
- * aio OUTFILE DATAFILE
+ * aio OUTFILE DATAFILE [FIFO]
  *
  * Test target for amber: an AIO context (io_setup(128)) holding one
  * completion not yet reaped: a pread of DATAFILE's first 16 bytes (no
@@ -8,11 +8,20 @@
  * with io_getevents, submits a second pread (at offset 16) and reaps it,
  * and writes "check ok" to OUTFILE.check, or "check BAD ..." saying what
  * differed.
+ *
+ * With FIFO (opened read-only without blocking: a poll of a FIFO opened
+ * read-write is refused, EINVAL, as it has two wait queues), the
+ * context also polls FIFO for input (IOCB_CMD_POLL, tagged 7): a request
+ * in flight until someone writes to FIFO. Its completion must then come
+ * right after the read's: check first looks at the ring as user space
+ * reaps it (head, tail, events), where both must wait, then reaps both
+ * with io_getevents.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/aio_abi.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -22,8 +31,14 @@
 
 #include "common.h"
 
+/* The ring's header as the kernel maps it (struct aio_ring). */
+struct ring {
+  unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
+  struct io_event events[];
+};
+
 static aio_context_t ctx;
-static int data;
+static int data, fifo = -1;
 static char first[16], second[16], expect[32];
 static volatile sig_atomic_t asked;
 
@@ -56,8 +71,40 @@ static const char *reap(unsigned long tag, const char *buf, const char *want) {
   return NULL;
 }
 
+static long submitPoll(void) {
+  struct iocb cb = {0};
+  struct iocb *list[1] = {&cb};
+  cb.aio_data = 7;
+  cb.aio_lio_opcode = IOCB_CMD_POLL;
+  cb.aio_fildes = (unsigned)fifo;
+  cb.aio_buf = POLLIN;
+  return syscall(SYS_io_submit, ctx, 1, list);
+}
+
+/* NULL if the ring holds the read's completion, then the poll's, else what is wrong. */
+static const char *peekRing(void) {
+  const struct ring *r = (const struct ring *)ctx;
+  if ((r->tail + r->nr - r->head) % r->nr != 2) return "ring: not 2 completions waiting";
+  if (r->events[r->head].data != 1) return "ring: first completion is not the read";
+  if (r->events[(r->head + 1) % r->nr].data != 7) return "ring: second is not the poll";
+  return NULL;
+}
+
+/* Reaps the poll's completion and the FIFO's input. */
+static const char *reapPoll(void) {
+  struct io_event ev;
+  struct timespec ts = {2, 0};
+  char buf[64];
+  if (syscall(SYS_io_getevents, ctx, 1, 1, &ev, &ts) != 1) return "no poll completion";
+  if (ev.data != 7 || !(ev.res & POLLIN)) return "wrong poll completion";
+  if (read(fifo, buf, sizeof buf) <= 0) return "FIFO: no input";
+  return NULL;
+}
+
 static void check(const char *path) {
-  const char *bad = reap(1, first, expect);
+  const char *bad = fifo >= 0 ? peekRing() : NULL;
+  if (!bad) bad = reap(1, first, expect);
+  if (!bad && fifo >= 0) bad = reapPoll();
   if (!bad && submit(second, 16, 2) != 1) bad = "io_submit after restore";
   if (!bad) bad = reap(2, second, expect + 16);
   int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -80,6 +127,10 @@ int main(int argc, char **argv) {
   }
   memset(first, 0, sizeof first);
   if (submit(first, 0, 1) != 1) return 5;
+  if (argc > 3) {
+    fifo = open(argv[3], O_RDONLY | O_NONBLOCK);
+    if (fifo < 0 || submitPoll() != 1) return 6;
+  }
   signal(SIGUSR1, on_usr1);
   for (long n = 0;; n++) {
     if (asked) {

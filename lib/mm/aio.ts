@@ -21,7 +21,9 @@ import { NR } from "../../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
 import type { Injector } from "../../ffi/inject.ts";
 import type { RestoreContext } from "../context.ts";
-import { AmberError, hex } from "../errors.ts";
+import { AmberError, hex, withContextAsync } from "../errors.ts";
+import { readMaps } from "../proc/maps.ts";
+import { type AioDrainWhere, drainAio } from "./aiodrain.ts";
 import { bytes } from "../images/codec.ts";
 import { putBytes, putString } from "../scratch.ts";
 
@@ -61,10 +63,31 @@ function ringBytes(nr: number): number {
 }
 
 /**
- * The ring mapped at start..end of a frozen process. `inj` runs in it:
- * io_getevents for no event tells whether this process has the context
- * (a child inherits the mapping over fork, not the context).
+ * Whether the process `inj` runs in has the context of the ring at
+ * `start`: io_getevents for no event says (a child inherits the mapping
+ * over fork, not the context).
  */
+function ownsContext(inj: Injector, start: bigint): boolean {
+  const r = inj.raw(NR.io_getevents, start, 0, 0, 0, 0);
+  if (r === -EINVAL) return false;
+  if (r < 0n) throw new AmberError(`AIO ring: io_getevents: errno ${-r}`);
+  return true;
+}
+
+/**
+ * Before the rings are read: waits until no context of the frozen process
+ * has a request in flight, or refuses (lib/mm/aiodrain.ts). Rings of
+ * contexts it does not have are left to dumpAioRing to refuse.
+ */
+export async function drainAioContexts(w: AioDrainWhere): Promise<void> {
+  for (const m of readMaps(w.pid).filter((m) => isAioRing(m.path))) {
+    if (ownsContext(w.injector, m.start)) {
+      await withContextAsync(`aio context 0x${hex(m.start)}`, () => drainAio(w, m.start));
+    }
+  }
+}
+
+/** The ring mapped at start..end of a frozen process, `inj` running in it, once drained. */
 export function dumpAioRing(
   pid: number,
   inj: Injector,
@@ -80,11 +103,9 @@ export function dumpAioRing(
   if (ringBytes(nr) !== Number(end - start)) {
     throw new AmberError(`AIO ring of ${nr} events mapped in part: not supported yet`);
   }
-  const r = inj.raw(NR.io_getevents, start, 0, 0, 0, 0);
-  if (r === -EINVAL) {
+  if (!ownsContext(inj, start)) {
     throw new AmberError("AIO ring of a context this process does not have (inherited over fork)");
   }
-  if (r < 0n) throw new AmberError(`AIO ring: io_getevents: errno ${-r}`);
   // User space may write head; the kernel takes it modulo nr.
   const from = head % nr, count = (tail - from + nr) % nr;
   const events = new Uint8Array(count * EVENT);
