@@ -17,12 +17,12 @@
  * and never less than the truth (a slot cached by a CPU amber cannot run
  * on counts as in flight): 0 means none.
  *
- * While some are in flight amber waits (each completion lands in the
- * ring, where dump finds it). Then it writes to the pipe: its polls
- * complete after the process's own completions, and more of them,
- * answered at once, take the ring's tail a whole round back to where it
- * was; the slots and the head are written back as they were, with the
- * completions that arrived meanwhile after the ones already waiting.
+ * Then it writes to the pipe: its polls complete after the process's own
+ * completions, and more of them, answered at once, take the ring's tail a
+ * whole round back to where it was; the slots and the head are written
+ * back as they were, with the completions that arrived meanwhile after
+ * the ones already waiting. While some are in flight amber counts again
+ * after a pause (each completion lands in the ring, where dump finds it).
  */
 import { type Injector, NR } from "../../ffi/inject.ts";
 import { SysError } from "../../ffi/libc.ts";
@@ -44,8 +44,8 @@ const MASK = 128;
 const AT = { iocb: 0, fds: 64, byte: 72, savedMask: 128, oneCpu: 128 + MASK, ptrs: 128 + 2 * MASK };
 /** How long dump waits for requests in flight by default, ms. */
 export const AIO_TIMEOUT_DEFAULT_MS = 5000;
-/** How often a wait looks at the ring again, ms. */
-const LOOK_MS = 5;
+/** Longest pause between two counts while requests are in flight, ms. */
+const MAX_PAUSE_MS = 100;
 /** How long amber's own polls may go without completing once the pipe is written, ms. */
 const PROBE_MS = 2000;
 
@@ -302,26 +302,38 @@ class Probe {
 }
 
 /**
- * Waits, while the process is frozen, until the context whose ring is at
- * `ring` has no request in flight; refuses after w.timeoutMs. Either way the ring is left as the process had it,
- * plus the completions that arrived.
+ * Counts the requests of the process in flight in the context whose ring
+ * is at `ring`, leaving the ring as it was (plus what arrived). amber's
+ * polls are there only for the count: were amber killed meanwhile, they
+ * would stay in the process, holding slots.
  */
-export async function drainAio(w: AioDrainWhere, ring: bigint): Promise<void> {
-  const before = readHeader(w.pid, ring);
-  const probe = new Probe(w, ring, before);
-  let left = 0;
+async function countInFlight(w: AioDrainWhere, ring: bigint) {
+  const probe = new Probe(w, ring, readHeader(w.pid, ring));
   try {
     probe.open();
     probe.takeFreeSlots();
-    const deadline = performance.now() + w.timeoutMs;
-    for (left = probe.inFlight(); left > 0 && performance.now() < deadline;) {
-      await sleep(LOOK_MS);
-      left = probe.inFlight();
-    }
+    const left = probe.inFlight();
     await probe.release(Math.max(0, left));
+    return { left, missed: probe.missed };
   } finally {
     probe.close();
   }
+}
+
+/**
+ * Waits, while the process is frozen, until the context whose ring is at
+ * `ring` has no request in flight, counting again and again (less often
+ * as time goes by); refuses after w.timeoutMs. The ring is left as the
+ * process had it, plus the completions that arrived.
+ */
+export async function drainAio(w: AioDrainWhere, ring: bigint): Promise<void> {
+  const deadline = performance.now() + w.timeoutMs;
+  let count = await countInFlight(w, ring);
+  for (let pause = 1; count.left > 0 && performance.now() < deadline; pause *= 2) {
+    await sleep(Math.min(pause, MAX_PAUSE_MS, Math.max(0, deadline - performance.now())));
+    count = await countInFlight(w, ring);
+  }
+  const { left, missed } = count;
   if (left < 0) {
     throw new RefusalError(
       `the ring's head was moved back past completions the kernel counts as reaped; ` +
@@ -329,12 +341,11 @@ export async function drainAio(w: AioDrainWhere, ring: bigint): Promise<void> {
     );
   }
   if (left > 0) {
-    const missed = probe.missed.length
-      ? ` (or held by CPUs ${probe.missed.join(",")}, ` +
-        "where amber could not count)"
+    const elsewhere = missed.length
+      ? ` (or held by CPUs ${missed.join(",")}, where amber could not count)`
       : "";
     throw new RefusalError(
-      `${left} request${left === 1 ? "" : "s"} still in flight${missed} after ` +
+      `${left} request${left === 1 ? "" : "s"} still in flight${elsewhere} after ` +
         `${w.timeoutMs / 1000} s (--aio-timeout)`,
     );
   }
