@@ -36,8 +36,8 @@ const HEADER = 32, EVENT = 32, IOCB = 64;
 const IOCB_CMD_POLL = 5, POLLIN = 1;
 const O_NONBLOCK = 0o4000, O_CLOEXEC = 0o2000000;
 const EAGAIN = 11;
-/** Polls per io_submit. */
-const BATCH = 64;
+/** Polls per io_submit (their pointers fill half the scratch area). */
+const BATCH = 256;
 /** Bytes of a CPU mask amber passes (1024 CPUs). */
 const MASK = 128;
 /** Where things go in the scratch area. */
