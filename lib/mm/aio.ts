@@ -63,6 +63,24 @@ function ringBytes(nr: number): number {
 }
 
 /**
+ * What is wrong with the ring header at start..end (the process can write
+ * it), if anything: the kernel keeps its own size and tail, and writes
+ * the ring's copies.
+ */
+function ringProblem(pid: number, start: bigint, end: bigint): string | undefined {
+  const h = new DataView(readMemoryProc(pid, start, HEADER).buffer);
+  const [nr, , tail, magic] = [0, 1, 2, 3].map((i) => h.getUint32(4 + i * 4, true));
+  const incompat = h.getUint32(24, true), headerLength = h.getUint32(28, true);
+  if (magic !== AIO_RING_MAGIC || incompat !== 0 || headerLength !== HEADER) {
+    return "AIO ring: not a ring header amber knows";
+  }
+  if (nr < 2 || ringBytes(nr) !== Number(end - start)) {
+    return `AIO ring of ${nr} events mapped in part: not supported yet`;
+  }
+  if (tail >= nr) return `AIO ring: tail ${tail} beyond its ${nr} events`;
+}
+
+/**
  * Whether the process `inj` runs in has the context of the ring at
  * `start`: io_getevents for no event says (a child inherits the mapping
  * over fork, not the context).
@@ -81,7 +99,7 @@ function ownsContext(inj: Injector, start: bigint): boolean {
  */
 export async function drainAioContexts(w: AioDrainWhere): Promise<void> {
   for (const m of readMaps(w.pid).filter((m) => isAioRing(m.path))) {
-    if (ownsContext(w.injector, m.start)) {
+    if (!ringProblem(w.pid, m.start, m.end) && ownsContext(w.injector, m.start)) {
       await withContextAsync(`aio context 0x${hex(m.start)}`, () => drainAio(w, m.start));
     }
   }
@@ -94,15 +112,10 @@ export function dumpAioRing(
   start: bigint,
   end: bigint,
 ): z.input<typeof AioRing> {
+  const problem = ringProblem(pid, start, end);
+  if (problem) throw new AmberError(problem);
   const h = new DataView(readMemoryProc(pid, start, HEADER).buffer);
-  const [nr, head, tail, magic] = [0, 1, 2, 3].map((i) => h.getUint32(4 + i * 4, true));
-  const incompat = h.getUint32(24, true), headerLength = h.getUint32(28, true);
-  if (magic !== AIO_RING_MAGIC || incompat !== 0 || headerLength !== HEADER) {
-    throw new AmberError("AIO ring: not a ring header amber knows");
-  }
-  if (ringBytes(nr) !== Number(end - start)) {
-    throw new AmberError(`AIO ring of ${nr} events mapped in part: not supported yet`);
-  }
+  const [nr, head, tail] = [0, 1, 2].map((i) => h.getUint32(4 + i * 4, true));
   if (!ownsContext(inj, start)) {
     throw new AmberError("AIO ring of a context this process does not have (inherited over fork)");
   }

@@ -88,7 +88,7 @@ function cpuList(which: string): number[] {
  * Slots the kernel never gives out: the global count's remainder below one
  * batch. req_batch is (nr - 1) / (4 * possible CPUs), at least 1.
  */
-export function unreachableSlots(nr: number, possibleCpus: number): number {
+function unreachableSlots(nr: number, possibleCpus: number): number {
   const batch = Math.max(1, Math.floor((nr - 1) / (4 * possibleCpus)));
   return (nr - 1) % batch;
 }
