@@ -427,6 +427,8 @@ Deno.test("restored: an AIO poll in flight at the dump, completed while frozen, 
     // The read's completion, then the poll's (aio_data 7), at the ring's own places.
     assert.deepEqual([image.aio.nr, image.aio.head, image.aio.tail], [383, 200, 202], "the ring");
     assert.equal(image.aio.events.slice(64, 66), "07", "the poll's completion in the image");
+    const shown = await amber(["show", img]);
+    assert.match(shown.stdout, /AIO ring of 383 events, head 200, tail 202, 2 completions waiting/);
     assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
     assert.equal(waitingIn(pid, ring.start), 2, "completions waiting after restore");
     await checkOk(pid, out, "after restore");

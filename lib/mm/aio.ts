@@ -53,6 +53,13 @@ export const AioRing = z.object({
 );
 export type AioRingImage = z.output<typeof AioRing>;
 
+/** A ring as `show` prints it. */
+export function aioRingText(r: AioRingImage): string {
+  const waiting = r.events.length / EVENT;
+  return `AIO ring of ${r.nr} events, head ${r.head}, tail ${r.tail}, ` +
+    `${waiting} completion${waiting === 1 ? "" : "s"} waiting`;
+}
+
 export function isAioRing(path: string): boolean {
   return path.startsWith("/[aio]");
 }
