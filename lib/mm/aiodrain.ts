@@ -239,9 +239,10 @@ class Probe {
    * Completes amber's polls (the pipe gets a byte), then submits more,
    * answered at once, until the kernel's tail went whole rounds, and
    * puts the ring back. `pending`: requests of the process still in
-   * flight, whose completions may land in the slots after the tail.
+   * flight, whose completions may land in the slots after the tail
+   * (undefined: not counted, any may).
    */
-  async release(pending: number): Promise<void> {
+  async release(pending?: number): Promise<void> {
     if (this.taken === 0) return;
     try {
       putBytes(this.w.pid, this.w.scratch, new Uint8Array([1]), AT.byte);
@@ -272,7 +273,7 @@ class Probe {
    * before them. After whole rounds the tail is back at its place, moved
    * on only by what arrived: every slot is then written as it was.
    */
-  private putBack(pending: number): void {
+  private putBack(pending?: number): void {
     const nr = this.nr, tail = this.readTo, keep = this.waiting();
     const from = (tail - keep + nr) % nr;
     const image = this.slots.slice();
@@ -288,10 +289,10 @@ class Probe {
         image.set(ev.subarray(k, k + EVENT), at * EVENT);
       }
     }
-    const whole = this.seen % nr === 0;
+    const whole = this.seen % nr === 0 && pending !== undefined;
     // Slots after the tail are the kernel's to write, for requests still in flight.
     const ranges = whole
-      ? slotRanges(nr, tail + pending, nr - pending)
+      ? slotRanges(nr, tail + pending!, nr - pending!)
       : slotRanges(nr, from, keep);
     for (const [i, n] of ranges) {
       const bytes = image.subarray(i * EVENT, (i + n) * EVENT);
@@ -309,11 +310,16 @@ class Probe {
  */
 async function countInFlight(w: AioDrainWhere, ring: bigint) {
   const probe = new Probe(w, ring, readHeader(w.pid, ring));
+  let left: number | undefined;
   try {
     probe.open();
-    probe.takeFreeSlots();
-    const left = probe.inFlight();
-    await probe.release(Math.max(0, left));
+    try {
+      probe.takeFreeSlots();
+      left = probe.inFlight();
+    } finally {
+      // Also after a failure: closing the pipe would end the polls in the process's ring.
+      await probe.release(left === undefined ? undefined : Math.max(0, left));
+    }
     return { left, missed: probe.missed };
   } finally {
     probe.close();
