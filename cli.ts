@@ -61,6 +61,11 @@ const SHELL_JOB: Flag = {
   short: "j",
   help: "the tree is a job of a shell: its session or terminal is outside it",
 };
+const AIO_TIMEOUT: Flag = {
+  long: "aio-timeout",
+  value: "SECONDS",
+  help: "how long AIO requests in flight are waited for, frozen, before refusing (default 5)",
+};
 const IMAGES_DIR: Flag = { long: "images-dir", short: "D", value: "DIR", help: "images directory" };
 const JSON_OUT: Flag = {
   long: "json",
@@ -192,6 +197,15 @@ function sizeArg(v: unknown): number {
   const m = typeof v === "string" ? /^(\d+)([KMG]?)$/i.exec(v) : null;
   if (!m) throw new UsageError(`--ghost-limit needs a size like 1048576 or 10M, got ${v}`);
   return Number(m[1]) * ({ "": 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase()] ?? 1);
+}
+
+/** `--aio-timeout SECONDS` (fractions allowed), in ms; undefined when not given. */
+function aioTimeoutArg(v: Record<string, unknown>): number | undefined {
+  const arg = v["aio-timeout"];
+  if (arg === undefined) return undefined;
+  const s = typeof arg === "string" && /^\d+(\.\d+)?$/.test(arg) ? Number(arg) : NaN;
+  if (!(s <= 3600)) throw new UsageError(`--aio-timeout needs seconds like 5 or 0.5, got ${arg}`);
+  return Math.round(s * 1000);
 }
 
 /** `--inherit-fd fd[N]:RESOURCE` (CRIU's syntax), each. */
@@ -368,6 +382,7 @@ const COMMANDS: Command[] = [
         value: "SIZE",
         help: "largest deleted file whose contents go into the images (default 1M; K, M, G)",
       },
+      AIO_TIMEOUT,
       FILE_LOCKS,
       TCP_ESTABLISHED,
       EXT_UNIX_SK,
@@ -412,6 +427,7 @@ const COMMANDS: Command[] = [
           leaveRunning: !!v["leave-running"],
           shellJob: !!v["shell-job"],
           ghostLimit: v["ghost-limit"] === undefined ? undefined : sizeArg(v["ghost-limit"]),
+          aioTimeoutMs: aioTimeoutArg(v),
           tcpEstablished: !!v["tcp-established"],
           external: externalArgs(v.external),
           extUnixSk: !!v["ext-unix-sk"],
@@ -448,6 +464,7 @@ const COMMANDS: Command[] = [
       SHELL_JOB,
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      AIO_TIMEOUT,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -462,6 +479,7 @@ const COMMANDS: Command[] = [
           prevImagesDir: v["prev-images-dir"] as string | undefined,
           shellJob: !!v["shell-job"],
           tcpEstablished: !!v["tcp-established"],
+          aioTimeoutMs: aioTimeoutArg(v),
           log: detail,
           progress: progress?.callback,
         });

@@ -20,6 +20,8 @@ export interface DumpOptions {
   verbose: boolean;
   /** Largest deleted file whose contents dump saves (--ghost-limit), bytes. */
   ghostLimit: number;
+  /** How long dump waits for AIO requests in flight before refusing (--aio-timeout), ms. */
+  aioTimeoutMs: number;
   /** Established TCP connections may be dumped (with TCP_REPAIR, under a network lock). */
   tcpEstablished: boolean;
   /** Objects outside the tree the images may refer to (CRIU's --external), e.g. "pipe:[123]". */

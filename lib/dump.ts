@@ -20,6 +20,7 @@ import { ImageDir } from "./images/dir.ts";
 import { type ByteWriter, StreamImages } from "./images/stream.ts";
 import { connectPageServer, type PageServerAddress, streamTo } from "./streaming.ts";
 import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
+import { AIO_TIMEOUT_DEFAULT_MS } from "./mm/aiodrain.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { preparePages } from "./mm/pages.ts";
 import {
@@ -79,6 +80,11 @@ export interface DumpRequest {
   shellJob?: boolean;
   /** Largest deleted file whose contents dump saves, in bytes (CRIU's --ghost-limit). */
   ghostLimit?: number;
+  /**
+   * How long AIO requests in flight (O_DIRECT I/O, fsync, poll) are waited for while the tree is
+   * frozen, ms (default 5000); a dump of a context still holding some then is refused.
+   */
+  aioTimeoutMs?: number;
   /**
    * Checkpoint established TCP connections with TCP_REPAIR under an nftables lock (CRIU's
    * --tcp-established); without it a dump of a tree holding one fails naming it.
@@ -378,6 +384,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     shellJob: req.shellJob ?? false,
     verbose: req.verbose ?? false,
     ghostLimit: req.ghostLimit ?? GHOST_LIMIT_DEFAULT,
+    aioTimeoutMs: req.aioTimeoutMs ?? AIO_TIMEOUT_DEFAULT_MS,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
     copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,

@@ -10,6 +10,7 @@ import { type Images, type ProcessImages, readImages } from "./images/read.ts";
 import { dumpVerdictOptions, judgeImages } from "./verdict.ts";
 import { resolveImagesDir } from "./run.ts";
 import type { MappingImage } from "./mm/mappings.ts";
+import { aioRingText } from "./mm/aio.ts";
 import type { MmImage } from "./mm/mm.ts";
 import { describeChain, type PageRun } from "./mm/pages.ts";
 import type { ThreadImage } from "./task/threads.ts";
@@ -258,7 +259,7 @@ function processLines(p: ProcessImages, dirPath: string): string[] {
           permsOf(m),
           kib(m.end - m.start),
           m.kind,
-          m.path,
+          m.aio ? `${m.path} (${aioRingText(m.aio)})` : m.path,
         ]),
       ],
       [false, false, true],

@@ -82,6 +82,11 @@ Deno.test("usage: one line for unknown options; help for every command", async (
   const help = await amber(["help"]);
   assertExit(help, 0, "amber help");
   for (const cmd of ["dump", "restore", "show", "check"]) assert.ok(help.stdout.includes(cmd));
+  const timeout = await amber(["dump", "-t", "1", "-D", "/tmp/none", "--aio-timeout", "soon"]);
+  assert.equal(
+    assertOneLineError(timeout, 2, "--aio-timeout soon"),
+    "amber: --aio-timeout needs seconds like 5 or 0.5, got soon",
+  );
   const dumpHelp = (await amber(["help", "dump"])).stdout;
   assert.match(dumpHelp, /-j, --shell-job .*\(CRIU's\)/, "CRIU's flags are marked");
 });

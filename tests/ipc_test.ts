@@ -312,19 +312,71 @@ use = lambda: True
   }
 });
 
-/** The aio target (testdata/aio.c) on a data file, counting into out.txt. */
+/**
+ * The aio target (testdata/aio.c) on a data file, counting into out.txt;
+ * with `polls`, also polling a FIFO (`fifo`) that many times through its
+ * context, after 200 reads reaped on its CPUs in turn.
+ */
 async function withAioTarget(
-  body: (t: { pid: number; out: string; img: string }) => Promise<void>,
+  body: (t: { pid: number; out: string; img: string; fifo: string }) => Promise<void>,
+  polls = 0,
 ): Promise<void> {
   await using tmp = await tempDir();
-  const out = `${tmp.path}/out.txt`, data = `${tmp.path}/data`;
+  const out = `${tmp.path}/out.txt`, data = `${tmp.path}/data`, fifo = `${tmp.path}/fifo`;
   Deno.writeTextFileSync(data, "0123456789abcdefghijklmnopqrstuvwxyz");
-  const t = await startWriter(["setsid", await buildC("aio"), out, data], out, 3);
+  const mkfifo = await new Deno.Command("mkfifo", { args: [fifo] }).output();
+  assert.equal(mkfifo.code, 0, "mkfifo");
+  const argv = ["setsid", await buildC("aio"), out, data, ...(polls ? [fifo, String(polls)] : [])];
+  const t = await startWriter(argv, out, 3);
   try {
-    await body({ pid: t.pid, out, img: `${tmp.path}/img` });
+    await body({ pid: t.pid, out, img: `${tmp.path}/img`, fifo });
   } finally {
     if (isAlive(t.pid)) await killAndReap(t.pid);
   }
+}
+
+/** Bytes of the process's memory at `start`, read through /proc/PID/mem. */
+function memoryOf(pid: number, start: bigint, length: number): Uint8Array {
+  using f = Deno.openSync(`/proc/${pid}/mem`);
+  f.seekSync(Number(start), Deno.SeekMode.Start);
+  const buf = new Uint8Array(length);
+  for (let got = 0; got < length;) {
+    const n = f.readSync(buf.subarray(got));
+    if (!n) throw new Error(`pid ${pid}: memory at ${start.toString(16)}: short read`);
+    got += n;
+  }
+  return buf;
+}
+
+/** The target's AIO ring mapping. */
+function aioRingOf(pid: number): { start: bigint; end: bigint } {
+  const ring = procMaps(pid).find((m) => m.path.startsWith("/[aio]"));
+  assert.ok(ring, "the target has no AIO ring");
+  return ring;
+}
+
+/** Completions waiting in a ring (its header: nr, head, tail). */
+function waitingIn(pid: number, ring: bigint): number {
+  const [nr, head, tail] = new Uint32Array(memoryOf(pid, ring + 4n, 12).buffer);
+  return (tail + nr - head) % nr;
+}
+
+/** The pipes a process holds, by their names (pipe:[INO]). */
+function pipesOf(pid: number): Set<string> {
+  const links = [...Deno.readDirSync(`/proc/${pid}/fd`)].map((e) => {
+    try {
+      return Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`);
+    } catch {
+      return "";
+    }
+  });
+  return new Set(links.filter((l) => l.startsWith("pipe:")));
+}
+
+/** Writes a line to the FIFO the target polls (it holds the read end: opening never blocks). */
+function feed(fifo: string): void {
+  using f = Deno.openSync(fifo, { write: true });
+  f.writeSync(new TextEncoder().encode("fed\n"));
 }
 
 Deno.test("restored: an AIO context with a completion not yet reaped, then a new request", async () => {
@@ -353,6 +405,65 @@ Deno.test("restored: an AIO context from dump -R, which left the original's ring
     assertExit(await amber(["restore", "-D", img, "-d", "--allow-changed-files"]), 0, "restore");
     await checkOk(pid, out, "after restore");
   });
+});
+
+Deno.test("restored: an AIO poll in flight at the dump, completed while frozen, then reaped", async () => {
+  await withAioTarget(async ({ pid, out, img, fifo }) => {
+    const ring = aioRingOf(pid);
+    const pipes = pipesOf(pid);
+    const dump = amber(dumpArgs(pid, img, "--aio-timeout", "60"));
+    // amber's own pipe in the frozen target: it is counting the requests in flight.
+    await waitFor(
+      () => procState(pid) === "t" && [...pipesOf(pid)].some((p) => !pipes.has(p)) || undefined,
+      "amber counting the target's AIO requests",
+      60_000,
+    );
+    feed(fifo);
+    assertExit(await dump, 0, "dump");
+    await waitGone(pid);
+    const image = (await showJson(img)).processes[0].images.mappings.mappings.find((m: Json) =>
+      m.path.startsWith("/[aio]")
+    );
+    // The read's completion, then the poll's (aio_data 7), at the ring's own places.
+    assert.deepEqual([image.aio.nr, image.aio.head, image.aio.tail], [383, 200, 202], "the ring");
+    assert.equal(image.aio.events.slice(64, 66), "07", "the poll's completion in the image");
+    const shown = await amber(["show", img]);
+    assert.match(shown.stdout, /AIO ring of 383 events, head 200, tail 202, 2 completions waiting/);
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    assert.equal(waitingIn(pid, ring.start), 2, "completions waiting after restore");
+    await checkOk(pid, out, "after restore");
+    await assertCounterGoesOn(out, (await readLines(out)).length, 5, "after restore");
+  }, 1);
+});
+
+Deno.test("refused: AIO polls still in flight after --aio-timeout; the ring is left as it was", async () => {
+  await withAioTarget(async ({ pid, out, img, fifo }) => {
+    const ring = aioRingOf(pid);
+    const size = Number(ring.end - ring.start);
+    const before = memoryOf(pid, ring.start, size);
+    const msg = assertOneLineError(
+      await amber(dumpArgs(pid, img, "--aio-timeout", "1")),
+      1,
+      "dump",
+    );
+    assert.match(
+      msg,
+      new RegExp(
+        `^amber: pid ${pid}: .*aio context 0x${ring.start.toString(16)}: ` +
+          "3 requests still in flight after 1 s",
+      ),
+    );
+    assert.ok(!exists(img) || [...Deno.readDirSync(img)].length === 0, "images left");
+    // Header and every slot, but the 3 after the tail, which the polls' completions will take.
+    const after = memoryOf(pid, ring.start, size);
+    const tail = new Uint32Array(before.buffer, 12, 1)[0];
+    for (const m of [before, after]) m.fill(0, 32 + tail * 32, 32 + (tail + 3) * 32);
+    assert.deepEqual(after, before, "the ring changed");
+    await assertCounterGoesOn(out, (await readLines(out)).length, 5, "after the refusal");
+    feed(fifo);
+    await waitFor(() => waitingIn(pid, ring.start) === 4 || undefined, "the polls' completions");
+    await checkOk(pid, out, "fed after the refusal");
+  }, 3);
 });
 
 /**

@@ -21,7 +21,9 @@ import { NR } from "../../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
 import type { Injector } from "../../ffi/inject.ts";
 import type { RestoreContext } from "../context.ts";
-import { AmberError, hex } from "../errors.ts";
+import { AmberError, hex, withContextAsync } from "../errors.ts";
+import { readMaps } from "../proc/maps.ts";
+import { type AioDrainWhere, drainAio } from "./aiodrain.ts";
 import { bytes } from "../images/codec.ts";
 import { putBytes, putString } from "../scratch.ts";
 
@@ -51,6 +53,13 @@ export const AioRing = z.object({
 );
 export type AioRingImage = z.output<typeof AioRing>;
 
+/** A ring as `show` prints it. */
+export function aioRingText(r: AioRingImage): string {
+  const waiting = r.events.length / EVENT;
+  return `AIO ring of ${r.nr} events, head ${r.head}, tail ${r.tail}, ` +
+    `${waiting} completion${waiting === 1 ? "" : "s"} waiting`;
+}
+
 export function isAioRing(path: string): boolean {
   return path.startsWith("/[aio]");
 }
@@ -61,30 +70,62 @@ function ringBytes(nr: number): number {
 }
 
 /**
- * The ring mapped at start..end of a frozen process. `inj` runs in it:
- * io_getevents for no event tells whether this process has the context
- * (a child inherits the mapping over fork, not the context).
+ * What is wrong with the ring header at start..end (the process can write
+ * it), if anything: the kernel keeps its own size and tail, and writes
+ * the ring's copies.
  */
+function ringProblem(pid: number, start: bigint, end: bigint): string | undefined {
+  const h = new DataView(readMemoryProc(pid, start, HEADER).buffer);
+  const [nr, , tail, magic] = [0, 1, 2, 3].map((i) => h.getUint32(4 + i * 4, true));
+  const incompat = h.getUint32(24, true), headerLength = h.getUint32(28, true);
+  if (magic !== AIO_RING_MAGIC || incompat !== 0 || headerLength !== HEADER) {
+    return "AIO ring: not a ring header amber knows";
+  }
+  if (nr < 2 || ringBytes(nr) !== Number(end - start)) {
+    return `AIO ring of ${nr} events mapped in part: not supported yet`;
+  }
+  if (tail >= nr) return `AIO ring: tail ${tail} beyond its ${nr} events`;
+}
+
+/**
+ * Whether the process `inj` runs in has the context of the ring at
+ * `start`: io_getevents for no event says (a child inherits the mapping
+ * over fork, not the context).
+ */
+function ownsContext(inj: Injector, start: bigint): boolean {
+  const r = inj.raw(NR.io_getevents, start, 0, 0, 0, 0);
+  if (r === -EINVAL) return false;
+  if (r < 0n) throw new AmberError(`AIO ring: io_getevents: errno ${-r}`);
+  return true;
+}
+
+/**
+ * Before the rings are read: waits until no context of the frozen process
+ * has a request in flight, or refuses (lib/mm/aiodrain.ts). Rings of
+ * contexts it does not have are left to dumpAioRing to refuse.
+ */
+export async function drainAioContexts(w: AioDrainWhere): Promise<void> {
+  for (const m of readMaps(w.pid).filter((m) => isAioRing(m.path))) {
+    if (!ringProblem(w.pid, m.start, m.end) && ownsContext(w.injector, m.start)) {
+      await withContextAsync(`aio context 0x${hex(m.start)}`, () => drainAio(w, m.start));
+    }
+  }
+}
+
+/** The ring mapped at start..end of a frozen process, `inj` running in it, once drained. */
 export function dumpAioRing(
   pid: number,
   inj: Injector,
   start: bigint,
   end: bigint,
 ): z.input<typeof AioRing> {
+  const problem = ringProblem(pid, start, end);
+  if (problem) throw new AmberError(problem);
   const h = new DataView(readMemoryProc(pid, start, HEADER).buffer);
-  const [nr, head, tail, magic] = [0, 1, 2, 3].map((i) => h.getUint32(4 + i * 4, true));
-  const incompat = h.getUint32(24, true), headerLength = h.getUint32(28, true);
-  if (magic !== AIO_RING_MAGIC || incompat !== 0 || headerLength !== HEADER) {
-    throw new AmberError("AIO ring: not a ring header amber knows");
-  }
-  if (ringBytes(nr) !== Number(end - start)) {
-    throw new AmberError(`AIO ring of ${nr} events mapped in part: not supported yet`);
-  }
-  const r = inj.raw(NR.io_getevents, start, 0, 0, 0, 0);
-  if (r === -EINVAL) {
+  const [nr, head, tail] = [0, 1, 2].map((i) => h.getUint32(4 + i * 4, true));
+  if (!ownsContext(inj, start)) {
     throw new AmberError("AIO ring of a context this process does not have (inherited over fork)");
   }
-  if (r < 0n) throw new AmberError(`AIO ring: io_getevents: errno ${-r}`);
   // User space may write head; the kernel takes it modulo nr.
   const from = head % nr, count = (tail - from + nr) % nr;
   const events = new Uint8Array(count * EVENT);

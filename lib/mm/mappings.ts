@@ -25,7 +25,7 @@ import { putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { attachSysvShm, dumpSysvShm, sysvConflict, SysvShm } from "./sysvshm.ts";
-import { AioRing, dumpAioRing, isAioRing, restoreAioRing } from "./aio.ts";
+import { AioRing, drainAioContexts, dumpAioRing, isAioRing, restoreAioRing } from "./aio.ts";
 import type { Injector } from "../../ffi/inject.ts";
 import {
   checkGhost,
@@ -533,7 +533,8 @@ export const mappingsPart = definePart({
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
   prefetch: readVmFlagsAsync,
-  async dump({ pid, tree, dir, options, injector, ahead }) {
+  async dump({ pid, tree, dir, options, injector, scratch, ahead }) {
+    await drainAioContexts({ pid, injector, scratch, timeoutMs: options.aioTimeoutMs });
     const flags = await (ahead.get("mappings") as ReturnType<typeof readVmFlagsAsync> | undefined);
     const where = { pid, tree, dir, ghostLimit: options.ghostLimit, injector };
     const mappings = dumpMappings(where, flags);
