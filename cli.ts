@@ -440,7 +440,8 @@ const COMMANDS: Command[] = [
         detail(
           `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
             `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, ` +
-            `frozen ${stats.frozenMs.toFixed(0)} ms, total ${stats.totalMs.toFixed(0)} ms`,
+            `frozen ${stats.frozenMs.toFixed(0)} ms, total ${stats.totalMs.toFixed(0)} ms, ` +
+            `peak memory ${(stats.peakMemoryBytes / 1048576).toFixed(0)} MiB`,
         );
         const { dir: imagesDir, ...rest } = stats;
         if (v.json) printJson({ ok: true, command: "dump", ...rest, imagesDir });

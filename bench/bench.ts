@@ -87,6 +87,12 @@ interface Round {
   restoreMs: number;
   streamMs: number;
   pageBytes: number;
+  /** amber's peak resident memory (MiB) in the dump that ends the tree, and in restore -d. */
+  dumpPeakMiB: number;
+  restorePeakMiB: number;
+  /** All image files, amber's and CRIU's, of that dump. */
+  imageBytes: number;
+  criuImageBytes?: number;
   criuDumpMs?: number;
   criuRestoreMs?: number;
 }
@@ -182,6 +188,7 @@ async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
   const k = await timed(dumpArgs(t.root, `${path}/img`));
   await waitVanished(t.pids);
   await warmMemory(path, bytes * 2);
+  const imageBytes = sizeOf(`${path}/img`, /./);
   const r = await timed(["restore", "-D", `${path}/img`, "-d"]);
   await Deno.remove(`${path}/img`, { recursive: true });
   // Both ends on this machine: the restore side needs the memory as well.
@@ -195,6 +202,9 @@ async function cycle(path: string, t: Target, bytes: number): Promise<Round> {
     restoreMs: r.ms,
     streamMs,
     pageBytes,
+    dumpPeakMiB: figure(k.text, /peak memory (\d+) MiB/),
+    restorePeakMiB: figure(r.text, /peak memory (\d+) MiB/),
+    imageBytes,
   };
 }
 
@@ -213,6 +223,7 @@ async function criuCycle(path: string, t: Target, bytes: number, round: Round): 
   await Deno.mkdir(`${path}/criu`);
   await warmMemory(path, bytes * 2);
   round.criuDumpMs = await timedCriu(["dump", "-t", String(t.root), "-D", `${path}/criu`]);
+  round.criuImageBytes = sizeOf(`${path}/criu`, /./);
   await waitVanished(t.pids);
   await warmMemory(path, bytes * 2);
   round.criuRestoreMs = await timedCriu(["restore", "-D", `${path}/criu`, "-d"]);
@@ -288,7 +299,8 @@ console.log("frozen: dump -R as amber measures it; felt: the longest gap the tar
 console.log("saw during dump -R (memory cases: testdata/sweeper.c, writing all the time);");
 console.log("dump: a dump that ends the tree (images");
 console.log("durable); restore: restore -d; GB/s: pages over the median; stream: dump --stream |");
-console.log("restore --stream -d, the two at once.");
+console.log("restore --stream -d, the two at once; peak: amber's peak resident memory (MiB) in");
+console.log("dump / restore -d; images: MiB of all image files of the dump.");
 const header = [
   "case",
   "frozen",
@@ -299,9 +311,12 @@ const header = [
   "restore",
   "restore GB/s",
   "stream",
+  "peak",
+  "images",
 ];
 if (VS_CRIU) {
   header.push(
+    "CRIU images",
     "CRIU felt",
     "felt ratio",
     "CRIU dump",
@@ -334,11 +349,14 @@ for (const c of ONLY ? [] : CASES) {
       both(col((r) => r.restoreMs)),
       gbs(pages, median(col((r) => r.restoreMs))),
       both(col((r) => r.streamMs)),
+      `${median(col((r) => r.dumpPeakMiB))} / ${median(col((r) => r.restorePeakMiB))}`,
+      (median(col((r) => r.imageBytes)) / 1048576).toFixed(1),
     ];
     if (VS_CRIU) {
       const ratio = (a: (r: Round) => number | undefined, b: (r: Round) => number | undefined) =>
         col(a).some(Number.isNaN) ? "-" : (median(col(a)) / median(col(b))).toFixed(2) + "x";
       row.push(
+        (median(col((r) => r.criuImageBytes)) / 1048576).toFixed(1),
         both(col((r) => r.criuFeltMs)),
         ratio((r) => r.feltMs, (r) => r.criuFeltMs),
         both(col((r) => r.criuDumpMs)),

@@ -33,6 +33,7 @@ import {
 } from "./mm/snapshot.ts";
 import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
+import { ownPeakMemory } from "./proc/read.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker } from "./progress.ts";
@@ -149,6 +150,8 @@ export interface DumpStats {
   imageBytes: number;
   /** Milliseconds spent in each part (kind of kernel object), summed over the processes. */
   partMs: Record<string, number>;
+  /** amber's own peak resident memory by the end of the dump (VmHWM), in bytes. */
+  peakMemoryBytes: number;
   /** The images directory written. */
   dir: string;
 }
@@ -558,6 +561,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     pageBytes: stored.pages,
     imageBytes: stored.total,
     partMs: tracker.partMs,
+    peakMemoryBytes: ownPeakMemory(),
     dir: dir.path,
   };
 }

@@ -42,7 +42,7 @@ import { type ProgressCallback, Tracker, trackerIn } from "./progress.ts";
 import { PARTS } from "./parts.ts";
 import { resolveImagesDir } from "./run.ts";
 import { readMaps } from "./proc/maps.ts";
-import { listProcNumbers } from "./proc/read.ts";
+import { listProcNumbers, peakMemoryText } from "./proc/read.ts";
 import {
   applyThreadState,
   detachThread,
@@ -634,7 +634,10 @@ export async function restoreTree(
   await helper.child.status;
   const pids = images.processes.map((p) => p.entry.pid);
   const restoreMs = performance.now() - t0;
-  log(`restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms`);
+  log(
+    `restored ${pids.length} process(es) ${pids.join(" ")} in ${restoreMs.toFixed(0)} ms, ` +
+      peakMemoryText(),
+  );
   // The tree runs on its own now: signals to amber are amber's again.
   guard[Symbol.dispose]();
   const lazyPages = LazyPages.find(tree.kinds);

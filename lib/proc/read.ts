@@ -45,3 +45,18 @@ export function listProcNumbers(pid: number, rest: string): number[] {
   }
   return out.sort((a, b) => a - b);
 }
+
+/** amber's own peak resident memory so far (VmHWM), in bytes; 0 if unknown. */
+export function ownPeakMemory(): number {
+  try {
+    const status = Deno.readTextFileSync("/proc/self/status");
+    return Number(/^VmHWM:\s*(\d+) kB/m.exec(status)?.[1] ?? 0) * 1024;
+  } catch {
+    return 0;
+  }
+}
+
+/** ownPeakMemory for a summary line: "peak memory 87 MiB". */
+export function peakMemoryText(): string {
+  return `peak memory ${(ownPeakMemory() / 1048576).toFixed(0)} MiB`;
+}
