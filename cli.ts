@@ -126,7 +126,25 @@ function hostPortArg(v: unknown): { address: string; port: number } {
 }
 
 /** Where dump sends the images instead of -D: stdout (--stream) or a page server. */
-function dumpElsewhere(v: Values): Pick<DumpRequest, "stream" | "pageServer"> {
+function dumpElsewhere(v: Values): Pick<DumpRequest, "stream" | "pageServer" | "lazyPages"> {
+  if (v["lazy-pages"]) {
+    if (v["page-server"] || v.stream) {
+      throw new UsageError(
+        "--lazy-pages keeps the images in -D DIR and serves the pages itself: not with " +
+          (v.stream ? "--stream" : "--page-server"),
+      );
+    }
+    // CRIU's dump --lazy-pages: --address/--port are where this amber serves the pages.
+    const address = addressArg(v.address, "dump");
+    return {
+      lazyPages: {
+        address,
+        port: portArg(v.port, "dump", true),
+        listening: (p) =>
+          console.error(`amber dump: serving lazy pages on ${address}:${p} (tree frozen)`),
+      },
+    };
+  }
   if (v.stream) {
     if (v.json) {
       throw new UsageError("--json prints on stdout, which --stream writes the images to");
@@ -406,6 +424,12 @@ const COMMANDS: Command[] = [
         long: "page-server",
         help: "send the images to amber page-server at --address/--port, no -D",
       },
+      {
+        long: "lazy-pages",
+        help: "leave anonymous memory out of DIR and serve it on --address/--port to restore " +
+          "--lazy-pages --page-server; the tree stays frozen, ends once all is there, resumes " +
+          "if the connection ends before",
+      },
       ADDRESS,
       PORT,
       VERBOSE,
@@ -416,7 +440,7 @@ const COMMANDS: Command[] = [
       noPositionals("dump", positionals);
       const elsewhere = dumpElsewhere(v);
       const pid = pidArg(v.tree);
-      const dir = elsewhere.stream || elsewhere.pageServer
+      const dir = (elsewhere.stream || elsewhere.pageServer) && !elsewhere.lazyPages
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "dump");
       return withLog(v, async ({ detail, progress }) => {
@@ -532,6 +556,13 @@ const COMMANDS: Command[] = [
         help: "run the tree at once and serve its anonymous memory as it is touched, " +
           "copying the rest meanwhile; amber (with -d, a background amber) stays until all is in",
       },
+      {
+        long: "page-server",
+        help: "with --lazy-pages: take the pages dump --lazy-pages left out from that amber " +
+          "at --address/--port (CRIU's lazy-pages --page-server)",
+      },
+      { ...ADDRESS, help: "the dumping amber's address (dump --lazy-pages)" },
+      { ...PORT, help: "the dumping amber's TCP port" },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -547,12 +578,24 @@ const COMMANDS: Command[] = [
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "restore");
       const lazyPages = !!v["lazy-pages"];
+      const pageServer = v["page-server"]
+        ? { address: addressArg(v.address, "restore"), port: portArg(v.port, "restore") }
+        : undefined;
+      if (!pageServer && (v.address !== undefined || v.port !== undefined)) {
+        throw new UsageError(
+          "--address and --port go with --page-server; see amber restore --help",
+        );
+      }
+      if (pageServer && !lazyPages) {
+        throw new UsageError("--page-server serves lazy pages: it needs --lazy-pages");
+      }
       const daemon = lazyPages && Deno.env.get(LAZY_DAEMON_ENV) === "1";
       if (lazyPages && v["restore-detached"] && !daemon) return startLazyDaemon(!!v.json);
       return withLog(v, async ({ detail, log, progress }) => {
         const t0 = performance.now();
         const result = await restore({
           lazyPages,
+          pageServer,
           dir,
           stream: v.stream ? Deno.stdin : undefined,
           // The background amber of -d: the tree is not its child, it waits only for the pages.

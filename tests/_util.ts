@@ -760,6 +760,57 @@ export function amberVia(
   return run(prefix[0], [...prefix.slice(1), DENO, "run", "-A", CLI, ...args], {}, timeoutMs);
 }
 
+/** amber started in the background, its stderr collected line by line. */
+export interface Background {
+  child: Deno.ChildProcess;
+  lines: string[];
+  done: Promise<Deno.CommandStatus>;
+  waitLine(re: RegExp, timeoutMs?: number): Promise<string>;
+}
+
+/** amber ARGS started in the background (after `prefix`, e.g. nsenter), with `env`. */
+export function amberInBackground(
+  args: string[],
+  prefix: string[] = [],
+  env: Record<string, string> = {},
+): Background {
+  const argv = [...prefix, DENO, "run", "-A", CLI, ...args];
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
+    cwd: ROOT,
+    env: { NO_COLOR: "1", ...env },
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const lines: string[] = [];
+  const reading = (async () => {
+    let rest = "";
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
+      rest += chunk;
+      const parts = rest.split("\n");
+      rest = parts.pop()!;
+      lines.push(...parts);
+    }
+    if (rest) lines.push(rest);
+  })();
+  const done = reading.then(() => child.status);
+  return {
+    child,
+    lines,
+    done,
+    async waitLine(re, timeoutMs = 120_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const hit = lines.find((l) => re.test(l));
+        if (hit) return hit;
+        assert.ok(Date.now() < deadline, `no line like ${re}:\n${lines.join("\n")}`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    },
+  };
+}
+
 /**
  * Runs amber like amber(), from a bash that first runs the shell command
  * `setup` (opening an fd, raising a limit, ...) and then execs amber.

@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import {
   amber,
+  amberInBackground,
   assertConsecutive,
   assertExit,
   buildC,
@@ -69,51 +70,6 @@ async function checkLine(w: Writer): Promise<string> {
 async function generation(out: string): Promise<number> {
   const nums = (await readLines(out)).filter((l) => /^\d+$/.test(l));
   return Number(nums.at(-1) ?? -1);
-}
-
-/** amber started in the background, its stderr collected line by line. */
-interface Background {
-  child: Deno.ChildProcess;
-  lines: string[];
-  done: Promise<Deno.CommandStatus>;
-  waitLine(re: RegExp, timeoutMs?: number): Promise<string>;
-}
-
-function amberInBackground(args: string[]): Background {
-  const child = new Deno.Command(DENO, {
-    args: ["run", "-A", CLI, ...args],
-    cwd: ROOT,
-    env: { NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  const lines: string[] = [];
-  const reading = (async () => {
-    let rest = "";
-    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
-      rest += chunk;
-      const parts = rest.split("\n");
-      rest = parts.pop()!;
-      lines.push(...parts);
-    }
-    if (rest) lines.push(rest);
-  })();
-  const done = reading.then(() => child.status);
-  return {
-    child,
-    lines,
-    done,
-    async waitLine(re, timeoutMs = 120_000) {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const hit = lines.find((l) => re.test(l));
-        if (hit) return hit;
-        assert.ok(Date.now() < deadline, `no line like ${re}:\n${lines.join("\n")}`);
-        await new Promise((r) => setTimeout(r, 5));
-      }
-    },
-  };
 }
 
 Deno.test("restore --lazy-pages: 256 MiB of patterned memory runs before its pages are in, and every byte checks out", async () => {

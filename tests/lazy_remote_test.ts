@@ -1,0 +1,187 @@
+/**
+ * Lazy restore from a remote page source (issue 13): `dump --lazy-pages
+ * --address A --port P` on one "host" writes every image but the private
+ * anonymous pages and serves those from the frozen tree;
+ * `restore --lazy-pages --page-server --address A --port P` on the other
+ * fetches them as they are touched and the rest in the background. Hosts
+ * are network namespaces (tests/_hosts.ts); the destination runs in a pid
+ * namespace of its own, as the source tree holds the pids until the end.
+ * Target: testdata/dirtier.c, which checks every byte of its memory on SIGUSR1.
+ */
+import assert from "node:assert/strict";
+import {
+  amberInBackground,
+  assertChecksOk,
+  type Background,
+  buildC,
+  isAlive,
+  killAndReap,
+  readLines,
+  startWriter,
+  tempDir,
+  until,
+  waitFor,
+  waitGone,
+  type Writer,
+} from "./_util.ts";
+import {
+  hostPid,
+  type Hosts,
+  makeHosts,
+  PORT,
+  SRC_ADDR,
+  startAtDestination,
+  usable,
+} from "./_hosts.ts";
+
+const MIB = 128;
+
+async function startDirtier(hosts: Hosts, dir: string): Promise<Writer> {
+  const bin = await buildC("dirtier");
+  const out = `${dir}/out.txt`;
+  const inSrc = ["nsenter", `--net=/run/netns/${hosts.src}`, "--"];
+  return await startWriter([...inSrc, bin, out, String(MIB), "16"], out, 3, 30_000);
+}
+
+/** `amber dump --lazy-pages` in the source namespace, once it serves the pages. */
+async function dumpLazily(hosts: Hosts, w: Writer, img: string, env: Record<string, string> = {}) {
+  const args = ["dump", "-t", String(w.pid), "-D", img, "--lazy-pages"];
+  const src = amberInBackground(
+    [...args, "--address", SRC_ADDR, "--port", String(PORT), "-v"],
+    ["nsenter", `--net=/run/netns/${hosts.src}`, "--"],
+    env,
+  );
+  await src.waitLine(/serving lazy pages on/);
+  return src;
+}
+
+async function stop(b: Background): Promise<void> {
+  try {
+    b.child.kill("SIGKILL");
+  } catch { /* ended */ }
+  await b.done.catch(() => {});
+}
+
+function restoreArgs(img: string): string[] {
+  return [
+    "restore",
+    "-D",
+    img,
+    "--lazy-pages",
+    "--page-server",
+    "--address",
+    SRC_ADDR,
+    "--port",
+    String(PORT),
+  ];
+}
+
+Deno.test({
+  name:
+    "restore --lazy-pages --page-server: 128 MiB served from the dumping amber's frozen tree in the other namespace, every byte right; the source tree ends once all is in",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    const w = await startDirtier(hosts, tmp.path);
+    const img = `${tmp.path}/img`;
+    const src = await dumpLazily(hosts, w, img);
+    try {
+      const pages = Deno.statSync(`${img}/pages-${w.pid}.img`).size;
+      assert.ok(pages < MIB * 1024 * 1024 / 16, `anonymous memory left out of DIR (${pages})`);
+      await using dst = await startAtDestination(hosts, tmp.path, restoreArgs(img));
+      const bin = await buildC("dirtier");
+      const moved = await waitFor(
+        () => hostPid(w.pid, bin),
+        () => `the tree runs at the destination: ${dst.stderr()}${src.lines.join("\n")}`,
+        60_000,
+      );
+      // Checked while pages may still be coming: the check faults them in from the source.
+      await assertChecksOk(w, "during the lazy restore", moved);
+      const st = await src.done;
+      assert.equal(st.code, 0, `the source amber ends well:\n${src.lines.join("\n")}`);
+      const served = src.lines.find((l) => /has every page/.test(l));
+      assert.ok(served, src.lines.join("\n"));
+      console.log(`  ${served.replace(/^.*lazy pages: /, "")}`);
+      assert.ok(await waitGone(w.pid), "the source tree ends once the destination has every page");
+      await assertChecksOk(w, "once every page is in", moved);
+      assert.ok(isAlive(moved), `still runs: ${dst.stderr()}`);
+    } finally {
+      await stop(src);
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "the source amber killed mid-serve: the restored tree is killed and restore says which pages of which pid were missing and why",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    const w = await startDirtier(hosts, tmp.path);
+    const img = `${tmp.path}/img`;
+    const src = await dumpLazily(hosts, w, img, { AMBER_TEST_FAULT: "lazy-source-half:SIGKILL" });
+    try {
+      await using dst = await startAtDestination(hosts, tmp.path, restoreArgs(img));
+      const got = await dst.result();
+      assert.equal(got.code, 1, dst.stderr());
+      const lines = dst.stderr().trim().split("\n");
+      assert.equal(lines.length, 1, `one line:\n${dst.stderr()}`);
+      console.log(`  ${lines[0]}`);
+      assert.match(
+        lines[0],
+        new RegExp(
+          `^amber: lazy pages: pid ${w.pid}: pages [0-9a-f]+-[0-9a-f]+: page source ` +
+            `${
+              SRC_ADDR.replaceAll(".", "\\.")
+            }:${PORT} \\(its pid ${w.pid}\\): .*(closed|ECONNRESET)` +
+            `.*: \\d+ pages not in yet: killed ${w.pid} `,
+        ),
+      );
+      const bin = await buildC("dirtier");
+      await until(() => !hostPid(w.pid, bin), "the restored tree is killed");
+      const bad = (await readLines(w.out)).filter((l) => l.includes("BAD"));
+      assert.deepEqual(bad, [], "it never saw wrong memory");
+      assert.notEqual((await src.done).code, 0, "the source amber was killed");
+    } finally {
+      await stop(src);
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name: "the destination dying mid-restore resumes the source tree untouched, and dump says why",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    const w = await startDirtier(hosts, tmp.path);
+    const img = `${tmp.path}/img`;
+    const src = await dumpLazily(hosts, w, img);
+    try {
+      await using _dst = await startAtDestination(hosts, tmp.path, restoreArgs(img), {
+        AMBER_TEST_FAULT: "lazy-half:SIGKILL",
+      });
+      const st = await src.done;
+      assert.equal(st.code, 1, src.lines.join("\n"));
+      const said = src.lines.filter((l) => l.startsWith("amber: "));
+      assert.equal(said.length, 1, src.lines.join("\n"));
+      console.log(`  ${said[0]}`);
+      assert.match(
+        said[0],
+        new RegExp(
+          `^amber: lazy page source .*: closed the connection before all pages were in; ` +
+            `the tree \\(pids ${w.pid}\\) resumes here, untouched$`,
+        ),
+      );
+      assert.ok(isAlive(w.pid), "the source tree runs on");
+      await assertChecksOk(w, "the resumed source");
+    } finally {
+      await stop(src);
+      await killAndReap(w.pid);
+    }
+  },
+});
