@@ -670,6 +670,12 @@ const COMMANDS: Command[] = [
         value: "N",
         help: "pre-copy rounds at most before the final one (default 5; 0: none)",
       },
+      {
+        long: "timeout",
+        value: "SEC",
+        help: "how long the receiver may go without reading or answering (default 60); past " +
+          "it the tree resumes here",
+      },
       SHELL_JOB,
       VERBOSE,
       LOG_FILE,
@@ -683,10 +689,15 @@ const COMMANDS: Command[] = [
       if (rounds !== undefined && !/^\d{1,2}$/.test(String(rounds))) {
         throw new UsageError(`--max-rounds needs a number, got ${rounds}`);
       }
+      const timeout = v.timeout === undefined ? undefined : Number(v.timeout);
+      if (timeout !== undefined && !(timeout > 0 && timeout <= 86400)) {
+        throw new UsageError(`--timeout needs seconds (more than 0), got ${v.timeout}`);
+      }
       return withLog(v, async ({ detail }) => {
         const r = await migrate({
           pid,
           to,
+          timeoutMs: timeout === undefined ? undefined : timeout * 1000,
           maxRounds: rounds === undefined ? undefined : Number(rounds),
           shellJob: !!v["shell-job"],
           log: detail,
