@@ -16,6 +16,7 @@ import {
   buildC,
   isAlive,
   killAndReap,
+  procState,
   readLines,
   startWriter,
   tempDir,
@@ -55,6 +56,34 @@ async function dumpLazily(hosts: Hosts, w: Writer, img: string, env: Record<stri
   return src;
 }
 
+/** What each test has: a dirtier in the source namespace whose dump --lazy-pages serves. */
+interface LazyDump {
+  dir: string;
+  hosts: Hosts;
+  w: Writer;
+  img: string;
+  src: Background;
+}
+
+/** Runs `body` on a new lazy dump between two new hosts; ends all of it afterwards. */
+async function withLazyDump(
+  env: Record<string, string>,
+  body: (d: LazyDump) => Promise<void>,
+): Promise<void> {
+  await using tmp = await tempDir();
+  await using hosts = await makeHosts();
+  const w = await startDirtier(hosts, tmp.path);
+  const img = `${tmp.path}/img`;
+  let src: Background | undefined;
+  try {
+    src = await dumpLazily(hosts, w, img, env);
+    await body({ dir: tmp.path, hosts, w, img, src });
+  } finally {
+    if (src) await stop(src);
+    await killAndReap(w.pid);
+  }
+}
+
 async function stop(b: Background): Promise<void> {
   try {
     b.child.kill("SIGKILL");
@@ -80,16 +109,11 @@ Deno.test({
   name:
     "restore --lazy-pages --page-server: 128 MiB served from the dumping amber's frozen tree in the other namespace, every byte right; the source tree ends once all is in",
   ignore: !usable,
-  async fn() {
-    await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const w = await startDirtier(hosts, tmp.path);
-    const img = `${tmp.path}/img`;
-    const src = await dumpLazily(hosts, w, img);
-    try {
+  fn: () =>
+    withLazyDump({}, async ({ dir, hosts, w, img, src }) => {
       const pages = Deno.statSync(`${img}/pages-${w.pid}.img`).size;
       assert.ok(pages < MIB * 1024 * 1024 / 16, `anonymous memory left out of DIR (${pages})`);
-      await using dst = await startAtDestination(hosts, tmp.path, restoreArgs(img));
+      await using dst = await startAtDestination(hosts, dir, restoreArgs(img));
       const bin = await buildC("dirtier");
       const moved = await waitFor(
         () => hostPid(w.pid, bin),
@@ -106,63 +130,50 @@ Deno.test({
       assert.ok(await waitGone(w.pid), "the source tree ends once the destination has every page");
       await assertChecksOk(w, "once every page is in", moved);
       assert.ok(isAlive(moved), `still runs: ${dst.stderr()}`);
-    } finally {
-      await stop(src);
-      await killAndReap(w.pid);
-    }
-  },
+    }),
 });
 
 Deno.test({
   name:
     "the source amber killed mid-serve: the restored tree is killed and restore says which pages of which pid were missing and why",
   ignore: !usable,
-  async fn() {
-    await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const w = await startDirtier(hosts, tmp.path);
-    const img = `${tmp.path}/img`;
-    const src = await dumpLazily(hosts, w, img, { AMBER_TEST_FAULT: "lazy-source-half:SIGKILL" });
-    try {
-      await using dst = await startAtDestination(hosts, tmp.path, restoreArgs(img));
-      const got = await dst.result();
-      assert.equal(got.code, 1, dst.stderr());
-      const lines = dst.stderr().trim().split("\n");
-      assert.equal(lines.length, 1, `one line:\n${dst.stderr()}`);
-      console.log(`  ${lines[0]}`);
-      assert.match(
-        lines[0],
-        new RegExp(
-          `^amber: lazy pages: pid ${w.pid}: pages [0-9a-f]+-[0-9a-f]+: page source ` +
-            `${
-              SRC_ADDR.replaceAll(".", "\\.")
-            }:${PORT} \\(its pid ${w.pid}\\): .*(closed|ECONNRESET)` +
-            `.*: \\d+ pages not in yet: killed ${w.pid} `,
-        ),
-      );
-      const bin = await buildC("dirtier");
-      await until(() => !hostPid(w.pid, bin), "the restored tree is killed");
-      const bad = (await readLines(w.out)).filter((l) => l.includes("BAD"));
-      assert.deepEqual(bad, [], "it never saw wrong memory");
-      assert.notEqual((await src.done).code, 0, "the source amber was killed");
-    } finally {
-      await stop(src);
-      await killAndReap(w.pid);
-    }
-  },
+  fn: () =>
+    withLazyDump(
+      { AMBER_TEST_FAULT: "lazy-source-half:SIGKILL" },
+      async ({ dir, hosts, w, img, src }) => {
+        await using dst = await startAtDestination(hosts, dir, restoreArgs(img));
+        const got = await dst.result();
+        assert.equal(got.code, 1, dst.stderr());
+        const lines = dst.stderr().trim().split("\n");
+        assert.equal(lines.length, 1, `one line:\n${dst.stderr()}`);
+        console.log(`  ${lines[0]}`);
+        const source = `${SRC_ADDR.replaceAll(".", "\\.")}:${PORT}`;
+        assert.match(
+          lines[0],
+          new RegExp(
+            `^amber: lazy pages: pid ${w.pid}: pages [0-9a-f]+-[0-9a-f]+: page source ${source} ` +
+              `\\(its pid ${w.pid}\\): .*(closed|ECONNRESET).*: \\d+ pages not in yet: killed ${w.pid} `,
+          ),
+        );
+        const bin = await buildC("dirtier");
+        await until(() => !hostPid(w.pid, bin), "the restored tree is killed");
+        const bad = (await readLines(w.out)).filter((l) => l.includes("BAD"));
+        assert.deepEqual(bad, [], "it never saw wrong memory");
+        assert.notEqual((await src.done).code, 0, "the source amber was killed");
+        // (Its tree, detached by the kernel as its tracer died, is left as the kernel leaves it.)
+        console.log(
+          `  the source tree after its amber died: ${isAlive(w.pid) ? procState(w.pid) : "gone"}`,
+        );
+      },
+    ),
 });
 
 Deno.test({
   name: "the destination dying mid-restore resumes the source tree untouched, and dump says why",
   ignore: !usable,
-  async fn() {
-    await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const w = await startDirtier(hosts, tmp.path);
-    const img = `${tmp.path}/img`;
-    const src = await dumpLazily(hosts, w, img);
-    try {
-      await using _dst = await startAtDestination(hosts, tmp.path, restoreArgs(img), {
+  fn: () =>
+    withLazyDump({}, async ({ dir, hosts, w, img, src }) => {
+      await using _dst = await startAtDestination(hosts, dir, restoreArgs(img), {
         AMBER_TEST_FAULT: "lazy-half:SIGKILL",
       });
       const st = await src.done;
@@ -179,9 +190,5 @@ Deno.test({
       );
       assert.ok(isAlive(w.pid), "the source tree runs on");
       await assertChecksOk(w, "the resumed source");
-    } finally {
-      await stop(src);
-      await killAndReap(w.pid);
-    }
-  },
+    }),
 });
