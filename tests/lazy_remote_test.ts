@@ -10,8 +10,10 @@
  */
 import assert from "node:assert/strict";
 import {
+  amber,
   amberInBackground,
   assertChecksOk,
+  assertExit,
   type Background,
   buildC,
   isAlive,
@@ -191,4 +193,46 @@ Deno.test({
       assert.ok(isAlive(w.pid), "the source tree runs on");
       await assertChecksOk(w, "the resumed source");
     }),
+});
+
+Deno.test("images of dump --lazy-pages are refused without --page-server, naming the pages left behind; SIGINT to the serving dump resumes its tree", async () => {
+  await using tmp = await tempDir();
+  const bin = await buildC("dirtier");
+  const out = `${tmp.path}/out.txt`;
+  const w = await startWriter([bin, out, "16", "16"], out, 3, 30_000);
+  const img = `${tmp.path}/img`;
+  const src = amberInBackground([
+    "dump",
+    "-t",
+    String(w.pid),
+    "-D",
+    img,
+    "--lazy-pages",
+    "--address",
+    "127.0.0.1",
+    "--port",
+    "0",
+  ]);
+  try {
+    await src.waitLine(/serving lazy pages on 127\.0\.0\.1:\d+/);
+    const r = await amber(["restore", "-D", img, "--lazy-pages"]);
+    assertExit(r, 1, "restore without --page-server");
+    assert.match(
+      r.stderr,
+      new RegExp(
+        `^amber: pid ${w.pid}: pagemap: \\d+ pages were left in the dumped tree's memory ` +
+          "\\(dump --lazy-pages\\): restore with --lazy-pages --page-server",
+      ),
+    );
+    const u = await amber(["restore", "-D", img, "--page-server", "--address", "127.0.0.1"]);
+    assertExit(u, 2, "--page-server without --lazy-pages");
+    src.child.kill("SIGINT");
+    const st = await src.done;
+    assert.equal(st.code, 130, src.lines.join("\n"));
+    assert.ok(isAlive(w.pid), "the tree resumes");
+    await assertChecksOk(w, "the tree after SIGINT to its serving dump");
+  } finally {
+    await stop(src);
+    await killAndReap(w.pid);
+  }
 });
