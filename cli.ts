@@ -109,6 +109,16 @@ function portArg(v: unknown, command: string, zero = false): number {
   return n;
 }
 
+/** --timeout SEC: more than 0, at most a day; undefined if not given. */
+function secondsArg(v: unknown): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!(n > 0 && n <= 86400)) {
+    throw new UsageError(`--timeout needs seconds (more than 0), got ${v}`);
+  }
+  return n;
+}
+
 function addressArg(v: unknown, command: string): string {
   if (typeof v !== "string" || !v) {
     throw new UsageError(`--address ADDR is required; see amber ${command} --help`);
@@ -563,6 +573,12 @@ const COMMANDS: Command[] = [
       },
       { ...ADDRESS, help: "the dumping amber's address (dump --lazy-pages)" },
       { ...PORT, help: "the dumping amber's TCP port" },
+      {
+        long: "timeout",
+        value: "SEC",
+        help: "with --page-server: how long the dumping amber may take to answer (default 30); " +
+          "past it the tree is killed",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -578,9 +594,17 @@ const COMMANDS: Command[] = [
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "restore");
       const lazyPages = !!v["lazy-pages"];
+      const timeout = secondsArg(v.timeout);
       const pageServer = v["page-server"]
-        ? { address: addressArg(v.address, "restore"), port: portArg(v.port, "restore") }
+        ? {
+          address: addressArg(v.address, "restore"),
+          port: portArg(v.port, "restore"),
+          timeoutMs: timeout === undefined ? undefined : timeout * 1000,
+        }
         : undefined;
+      if (!pageServer && timeout !== undefined) {
+        throw new UsageError("--timeout goes with --page-server; see amber restore --help");
+      }
       if (!pageServer && (v.address !== undefined || v.port !== undefined)) {
         throw new UsageError(
           "--address and --port go with --page-server; see amber restore --help",
@@ -689,10 +713,7 @@ const COMMANDS: Command[] = [
       if (rounds !== undefined && !/^\d{1,2}$/.test(String(rounds))) {
         throw new UsageError(`--max-rounds needs a number, got ${rounds}`);
       }
-      const timeout = v.timeout === undefined ? undefined : Number(v.timeout);
-      if (timeout !== undefined && !(timeout > 0 && timeout <= 86400)) {
-        throw new UsageError(`--timeout needs seconds (more than 0), got ${v.timeout}`);
-      }
+      const timeout = secondsArg(v.timeout);
       return withLog(v, async ({ detail }) => {
         const r = await migrate({
           pid,

@@ -53,6 +53,7 @@ import {
   readReplyMessage,
   receiveImages,
   reply,
+  within,
   writeReply,
 } from "./streaming.ts";
 
@@ -65,19 +66,6 @@ export const DEFAULT_ROUNDS = 5;
 const MAX_ROUNDS = 32;
 /** How long the receiver may take to read what is sent, or to answer, unless asked otherwise. */
 export const DEFAULT_TIMEOUT_MS = 60_000;
-
-/** `p`, or a failure saying what did not happen within `ms`. */
-async function within<T>(p: Promise<T>, ms: number, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new AmberError(what())), ms);
-  });
-  try {
-    return await Promise.race([p, late]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /**
  * The connection as the rounds' streams write to it: a write the receiver

@@ -92,9 +92,10 @@ export interface RestoreRequest {
    * With lazyPages: the pages `dump --lazy-pages` left in the dumped tree
    * come from the dumping amber at this address (CRIU's `lazy-pages
    * --page-server --address --port`), connected to before anything is
-   * created; if it fails once the tree runs, the tree is killed.
+   * created; if it fails once the tree runs (or takes longer than
+   * `timeoutMs`, default 30 s, to answer), the tree is killed.
    */
-  pageServer?: PageServerAddress;
+  pageServer?: PageServerAddress & { timeoutMs?: number };
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */

@@ -171,6 +171,36 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "a source that hangs mid-serve: past restore --timeout the restored tree is killed and says so; the source, once it goes on, resumes its tree",
+  ignore: !usable,
+  fn: () =>
+    withLazyDump(
+      { AMBER_TEST_FAULT: "lazy-source-half:SIGSTOP" },
+      async ({ dir, hosts, w, img, src }) => {
+        const args = [...restoreArgs(img), "--timeout", "2"];
+        await using dst = await startAtDestination(hosts, dir, args);
+        const got = await dst.result();
+        assert.equal(got.code, 1, dst.stderr());
+        const lines = dst.stderr().trim().split("\n");
+        assert.equal(lines.length, 1, `one line:\n${dst.stderr()}`);
+        assert.match(
+          lines[0],
+          new RegExp(
+            `^amber: lazy pages: pid ${w.pid}: pages [0-9a-f]+-[0-9a-f]+: page source .*: no ` +
+              `answer for 2 s \\(the source hangs\\): \\d+ pages not in yet: killed ${w.pid} `,
+          ),
+        );
+        Deno.kill(src.child.pid, "SIGCONT");
+        assert.equal((await src.done).code, 1, src.lines.join("\n"));
+        assert.match(src.lines.join("\n"), /resumes here, untouched/);
+        assert.ok(isAlive(w.pid), "the source tree runs on");
+        await assertChecksOk(w, "the resumed source");
+      },
+    ),
+});
+
+Deno.test({
   name: "the destination dying mid-restore resumes the source tree untouched, and dump says why",
   ignore: !usable,
   fn: () =>

@@ -45,6 +45,7 @@ import {
   type PageServerAddress,
   readReplyMessage,
   reply,
+  within,
   writeReply,
 } from "../streaming.ts";
 import type { PageSource } from "./lazy.ts";
@@ -60,6 +61,8 @@ const PAGE_SIZE = Number(PAGE);
 /** Pages one request may ask for: one record's payload. */
 const MAX_REQUEST_PAGES = RECORD_MAX / PAGE_SIZE;
 const REPLY_MAGIC = new TextEncoder().encode("AMBERACK");
+/** How long the source may take to answer a request, unless asked otherwise. */
+export const DEFAULT_SOURCE_TIMEOUT_MS = 30_000;
 
 /** Which dump a source serves: the destination checks it is the one its images are. */
 interface DumpIdentity {
@@ -261,13 +264,20 @@ export class RemotePages {
   private closed = false;
   private readonly head = new Uint8Array(RECORD_HEADER_BYTES);
 
-  private constructor(private readonly conn: Deno.TcpConn, readonly where: string) {}
+  private constructor(
+    private readonly conn: Deno.TcpConn,
+    readonly where: string,
+    private readonly timeoutMs: number,
+  ) {}
 
   /**
    * Connects and checks the source serves the dump these images are
    * (`dump`: their inventory); throws naming the address and the error.
    */
-  static async connect(to: PageServerAddress, dump: DumpIdentity): Promise<RemotePages> {
+  static async connect(
+    to: PageServerAddress & { timeoutMs?: number },
+    dump: DumpIdentity,
+  ): Promise<RemotePages> {
     const where = `page source ${to.address}:${to.port}`;
     let conn: Deno.TcpConn;
     try {
@@ -276,13 +286,13 @@ export class RemotePages {
       throw new AmberError(`${where}: connect: ${errnoOf(e)}`, { cause: e });
     }
     conn.setNoDelay(true); // small requests and answers, one at a time
-    const r = new RemotePages(conn, where);
+    const r = new RemotePages(conn, where, to.timeoutMs ?? DEFAULT_SOURCE_TIMEOUT_MS);
     try {
       const hello = new Uint8Array(HELLO_BYTES);
       hello.set(HELLO);
       new DataView(hello.buffer).setUint32(8, VERSION, true);
       await send(conn, [hello], where);
-      const said = await readReplyMessage(conn, where);
+      const said = await r.answer(readReplyMessage(conn, where));
       if (!said.ok) throw new AmberError(`${where}: ${said.text}`);
       let serves: Partial<DumpIdentity> = {};
       try {
@@ -301,11 +311,19 @@ export class RemotePages {
     return r;
   }
 
+  /** What the source owes, within the timeout: a source that hangs fails like one that is gone. */
+  private answer<T>(p: Promise<T>): Promise<T> {
+    return within(p, this.timeoutMs, () => {
+      this.close(); // the late answer, if it comes, must not be read as the next one
+      return `no answer for ${this.timeoutMs / 1000} s (the source hangs)`;
+    });
+  }
+
   /** The pages of process `pid`, by their address in the source. */
   forPid(pid: number): PageSource {
     return {
       label: `${this.where} (its pid ${pid})`,
-      read: (buf, off) => this.queue(() => this.fetch(pid, BigInt(off), buf)),
+      read: (buf, off) => this.queue(() => this.answer(this.fetch(pid, BigInt(off), buf))),
       close: () => {},
     };
   }
@@ -368,7 +386,7 @@ export class RemotePages {
   done(): Promise<void> {
     return this.queue(async () => {
       await send(this.conn, [request(OP_DONE, 0, 0n, 0, ++this.n)], this.where);
-      const said = await readReplyMessage(this.conn, this.where);
+      const said = await this.answer(readReplyMessage(this.conn, this.where));
       if (!said.ok) throw new AmberError(`${this.where}: ${said.text}`);
     });
   }
