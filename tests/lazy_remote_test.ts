@@ -254,6 +254,10 @@ Deno.test("images of dump --lazy-pages are refused without --page-server, naming
           "\\(dump --lazy-pages\\): restore with --lazy-pages --page-server",
       ),
     );
+    const shown = await amber(["show", img]);
+    assertExit(shown, 0, "show");
+    assert.match(shown.stdout, /^restorable: yes, with --lazy-pages --page-server/m);
+    assert.match(shown.stdout, /^ {2}left in the dumped tree \(dump --lazy-pages\): \d+ pages$/m);
     const u = await amber(["restore", "-D", img, "--page-server", "--address", "127.0.0.1"]);
     assertExit(u, 2, "--page-server without --lazy-pages");
     src.child.kill("SIGINT");
