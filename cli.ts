@@ -569,7 +569,7 @@ const COMMANDS: Command[] = [
       {
         long: "page-server",
         help: "with --lazy-pages: take the pages dump --lazy-pages left out from that amber " +
-          "at --address/--port (CRIU's lazy-pages --page-server)",
+          "at --address/--port",
       },
       { ...ADDRESS, help: "the dumping amber's address (dump --lazy-pages)" },
       { ...PORT, help: "the dumping amber's TCP port" },
@@ -928,8 +928,17 @@ function overview(): string {
   ].join("\n");
 }
 
+/** CRIU's commands amber does not have as such, and what does their work here. */
+const CRIU_ELSEWHERE: Record<string, string> = {
+  "lazy-pages": "restore serves lazy pages itself: amber restore -D DIR --lazy-pages " +
+    "[--page-server --address A --port P]",
+};
+
 function findCommand(name: string): Command {
   const cmd = COMMANDS.find((c) => c.name === name);
+  if (!cmd && Object.hasOwn(CRIU_ELSEWHERE, name)) {
+    throw new UsageError(`no command ${name}: ${CRIU_ELSEWHERE[name]}`);
+  }
   if (!cmd) throw new UsageError(`unknown command ${name}; see amber help`);
   return cmd;
 }
