@@ -576,6 +576,20 @@ export async function startWriter(
  * for a memory check, by `pid` (default its own: a migrated one has
  * another), and asserts every check it wrote so far said "check ok".
  */
+/** Sends `signal` and waits for the line it makes the process write (`what ok` or `what BAD...`). */
+export async function ask(
+  pid: number,
+  out: string,
+  signal: Deno.Signal,
+  what: string,
+): Promise<string> {
+  const seen = (ls: string[]) => ls.filter((l) => l.startsWith(`${what} `)).length;
+  const before = seen(await readLines(out));
+  Deno.kill(pid, signal);
+  const lines = await waitForLine(out, (ls) => seen(ls) > before, 60_000);
+  return lines.filter((l) => l.startsWith(`${what} `)).at(-1)!;
+}
+
 export async function assertChecksOk(w: Writer, what: string, pid = w.pid): Promise<void> {
   const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
   Deno.kill(pid, "SIGUSR1");

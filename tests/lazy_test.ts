@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import {
   amber,
   amberInBackground,
+  ask,
   assertConsecutive,
   assertExit,
   buildC,
@@ -127,15 +128,6 @@ async function startLazyTree(
   const w = await startWriter([bin, dir, String(mib)], outs[0], 3, 30_000);
   await waitForLines(outs[1], 3, 30_000);
   return { pids: [w.pid, ...descendants(w.pid).filter((p) => p !== w.pid)], outs };
-}
-
-/** Sends `signal` and waits for the line it makes the process write (`what ok` or `what BAD...`). */
-async function ask(pid: number, out: string, signal: Deno.Signal, what: string): Promise<string> {
-  const seen = (ls: string[]) => ls.filter((l) => l.startsWith(`${what} `)).length;
-  const before = seen(await readLines(out));
-  Deno.kill(pid, signal);
-  const lines = await waitForLine(out, (ls) => seen(ls) > before, 60_000);
-  return lines.filter((l) => l.startsWith(`${what} `)).at(-1)!;
 }
 
 Deno.test("restore --lazy-pages -d: a tree of two processes runs at once; MADV_DONTNEED, mremap, munmap and fork while pages are missing; a background amber serves until all is in", async () => {
