@@ -109,6 +109,16 @@ function portArg(v: unknown, command: string, zero = false): number {
   return n;
 }
 
+/** --timeout SEC: more than 0, at most a day; undefined if not given. */
+function secondsArg(v: unknown): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!(n > 0 && n <= 86400)) {
+    throw new UsageError(`--timeout needs seconds (more than 0), got ${v}`);
+  }
+  return n;
+}
+
 function addressArg(v: unknown, command: string): string {
   if (typeof v !== "string" || !v) {
     throw new UsageError(`--address ADDR is required; see amber ${command} --help`);
@@ -126,7 +136,25 @@ function hostPortArg(v: unknown): { address: string; port: number } {
 }
 
 /** Where dump sends the images instead of -D: stdout (--stream) or a page server. */
-function dumpElsewhere(v: Values): Pick<DumpRequest, "stream" | "pageServer"> {
+function dumpElsewhere(v: Values): Pick<DumpRequest, "stream" | "pageServer" | "lazyPages"> {
+  if (v["lazy-pages"]) {
+    if (v["page-server"] || v.stream) {
+      throw new UsageError(
+        "--lazy-pages keeps the images in -D DIR and serves the pages itself: not with " +
+          (v.stream ? "--stream" : "--page-server"),
+      );
+    }
+    // CRIU's dump --lazy-pages: --address/--port are where this amber serves the pages.
+    const address = addressArg(v.address, "dump");
+    return {
+      lazyPages: {
+        address,
+        port: portArg(v.port, "dump", true),
+        listening: (p) =>
+          console.error(`amber dump: serving lazy pages on ${address}:${p} (tree frozen)`),
+      },
+    };
+  }
   if (v.stream) {
     if (v.json) {
       throw new UsageError("--json prints on stdout, which --stream writes the images to");
@@ -406,6 +434,12 @@ const COMMANDS: Command[] = [
         long: "page-server",
         help: "send the images to amber page-server at --address/--port, no -D",
       },
+      {
+        long: "lazy-pages",
+        help: "leave anonymous memory out of DIR and serve it on --address/--port to restore " +
+          "--lazy-pages --page-server; the tree stays frozen, ends once all is there, resumes " +
+          "if the connection ends before",
+      },
       ADDRESS,
       PORT,
       VERBOSE,
@@ -416,7 +450,7 @@ const COMMANDS: Command[] = [
       noPositionals("dump", positionals);
       const elsewhere = dumpElsewhere(v);
       const pid = pidArg(v.tree);
-      const dir = elsewhere.stream || elsewhere.pageServer
+      const dir = (elsewhere.stream || elsewhere.pageServer) && !elsewhere.lazyPages
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "dump");
       return withLog(v, async ({ detail, progress }) => {
@@ -533,6 +567,19 @@ const COMMANDS: Command[] = [
         help: "run the tree at once and serve its anonymous memory as it is touched, " +
           "copying the rest meanwhile; amber (with -d, a background amber) stays until all is in",
       },
+      {
+        long: "page-server",
+        help: "with --lazy-pages: take the pages dump --lazy-pages left out from that amber " +
+          "at --address/--port",
+      },
+      { ...ADDRESS, help: "the dumping amber's address (dump --lazy-pages)" },
+      { ...PORT, help: "the dumping amber's TCP port" },
+      {
+        long: "timeout",
+        value: "SEC",
+        help: "with --page-server: how long the dumping amber may take to answer (default 30); " +
+          "past it the tree is killed",
+      },
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -548,12 +595,32 @@ const COMMANDS: Command[] = [
         ? v["images-dir"] as string | undefined
         : dirArg(v["images-dir"], "restore");
       const lazyPages = !!v["lazy-pages"];
+      const timeout = secondsArg(v.timeout);
+      const pageServer = v["page-server"]
+        ? {
+          address: addressArg(v.address, "restore"),
+          port: portArg(v.port, "restore"),
+          timeoutMs: timeout === undefined ? undefined : timeout * 1000,
+        }
+        : undefined;
+      if (!pageServer && timeout !== undefined) {
+        throw new UsageError("--timeout goes with --page-server; see amber restore --help");
+      }
+      if (!pageServer && (v.address !== undefined || v.port !== undefined)) {
+        throw new UsageError(
+          "--address and --port go with --page-server; see amber restore --help",
+        );
+      }
+      if (pageServer && !lazyPages) {
+        throw new UsageError("--page-server serves lazy pages: it needs --lazy-pages");
+      }
       const daemon = lazyPages && Deno.env.get(LAZY_DAEMON_ENV) === "1";
       if (lazyPages && v["restore-detached"] && !daemon) return startLazyDaemon(!!v.json);
       return withLog(v, async ({ detail, log, progress }) => {
         const t0 = performance.now();
         const result = await restore({
           lazyPages,
+          pageServer,
           dir,
           stream: v.stream ? Deno.stdin : undefined,
           // The background amber of -d: the tree is not its child, it waits only for the pages.
@@ -628,6 +695,12 @@ const COMMANDS: Command[] = [
         value: "N",
         help: "pre-copy rounds at most before the final one (default 5; 0: none)",
       },
+      {
+        long: "timeout",
+        value: "SEC",
+        help: "how long the receiver may go without reading or answering (default 60); past " +
+          "it the tree resumes here",
+      },
       SHELL_JOB,
       VERBOSE,
       LOG_FILE,
@@ -641,10 +714,12 @@ const COMMANDS: Command[] = [
       if (rounds !== undefined && !/^\d{1,2}$/.test(String(rounds))) {
         throw new UsageError(`--max-rounds needs a number, got ${rounds}`);
       }
+      const timeout = secondsArg(v.timeout);
       return withLog(v, async ({ detail }) => {
         const r = await migrate({
           pid,
           to,
+          timeoutMs: timeout === undefined ? undefined : timeout * 1000,
           maxRounds: rounds === undefined ? undefined : Number(rounds),
           shellJob: !!v["shell-job"],
           log: detail,
@@ -854,8 +929,17 @@ function overview(): string {
   ].join("\n");
 }
 
+/** CRIU's commands amber does not have as such, and what does their work here. */
+const CRIU_ELSEWHERE: Record<string, string> = {
+  "lazy-pages": "restore serves lazy pages itself: amber restore -D DIR --lazy-pages " +
+    "[--page-server --address A --port P]",
+};
+
 function findCommand(name: string): Command {
   const cmd = COMMANDS.find((c) => c.name === name);
+  if (!cmd && Object.hasOwn(CRIU_ELSEWHERE, name)) {
+    throw new UsageError(`no command ${name}: ${CRIU_ELSEWHERE[name]}`);
+  }
   if (!cmd) throw new UsageError(`unknown command ${name}; see amber help`);
   return cmd;
 }

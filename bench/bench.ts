@@ -23,6 +23,7 @@
  */
 import {
   amber,
+  amberInBackground,
   buildC,
   CLI,
   commandWorks,
@@ -48,6 +49,8 @@ import {
   hostPid,
   makeHosts,
   PORT,
+  SRC_ADDR,
+  startAtDestination,
   startReceiver,
   usable,
 } from "../tests/_hosts.ts";
@@ -508,6 +511,7 @@ async function migratePause(): Promise<void> {
   const bin = await buildC("gaps");
   const mib = 256;
   const plain: number[] = [], moved: number[] = [], lazily: number[] = [], rounds: string[] = [];
+  const remote: number[] = [], served: string[] = [];
   for (let i = 0; i < ROUNDS; i++) {
     await using tmp = await tempDir("amber-bench-");
     await warmMemory(tmp.path, mib * 3 * 1048576);
@@ -526,12 +530,55 @@ async function migratePause(): Promise<void> {
     moved.push(eager.gap);
     rounds.push(eager.rounds);
     lazily.push((await migrateOnce(tmp.path, bin, mib, true)).gap);
+    const r = await remoteLazyOnce(tmp.path, bin, mib);
+    remote.push(r.gap);
+    served.push(r.served);
   }
   console.log(
     `gaps, ${mib} MiB, 1 ms loop: longest pause it saw (ms): migrate between network namespaces ` +
       `${both(moved)} [${rounds.join("; ")}], with migrate-receive --lazy-pages ${both(lazily)}, ` +
-      `dump + restore ${both(plain)}`,
+      `dump --lazy-pages + restore --lazy-pages --page-server there ${both(remote)} ` +
+      `[${served.join("; ")}], dump + restore ${both(plain)}`,
   );
+}
+
+/**
+ * A new gaps target dumped with --lazy-pages in one namespace and restored
+ * with --lazy-pages --page-server in the other: the longest gap it saw,
+ * and what the source served.
+ */
+async function remoteLazyOnce(
+  dir: string,
+  bin: string,
+  mib: number,
+): Promise<{ gap: number; served: string }> {
+  await using hosts = await makeHosts();
+  const out = `${dir}/b-remote.txt`;
+  const inSrc = ["nsenter", `--net=/run/netns/${hosts.src}`, "--"];
+  const b = spawnTarget([...inSrc, bin, out, String(mib)]);
+  const img = `${dir}/img-remote`;
+  const at = ["--address", SRC_ADDR, "--port", String(PORT)];
+  try {
+    await waitForLines(out, 1, 60_000);
+    await gapOf(b.pid, out);
+    const src = amberInBackground(
+      ["dump", "-t", String(b.pid), "-D", img, "--lazy-pages", ...at, "-v"],
+      inSrc,
+    );
+    await src.waitLine(/serving lazy pages on/);
+    const args = ["restore", "-D", img, "--lazy-pages", "--page-server", ...at];
+    await using _dst = await startAtDestination(hosts, dir, args);
+    const st = await src.done;
+    if (st.code !== 0) throw new Error(`dump --lazy-pages: ${src.lines.join("\n")}`);
+    const there = hostPid(b.pid, bin);
+    if (!there) throw new Error("dump --lazy-pages: the tree does not run at the destination");
+    const gap = await gapOf(there, out);
+    const line = src.lines.find((l) => /has every page/.test(l)) ?? "";
+    return { gap, served: line.replace(/^.*has every page: /, "") };
+  } finally {
+    await killAndReap(b.pid).catch(() => {});
+    await Deno.remove(img, { recursive: true }).catch(() => {});
+  }
 }
 
 /** One migration of a new gaps target between two new hosts: the longest gap it saw. */

@@ -34,6 +34,11 @@ export interface DumpOptions {
   copyWhileRunning?: boolean;
   /** Unix sockets whose outside peer has a name are connected to it again (--ext-unix-sk). */
   extUnixSk?: boolean;
+  /**
+   * dump --lazy-pages: the pages of lazy mappings stay in the frozen tree,
+   * served from there once the images are written (lib/mm/remote.ts).
+   */
+  lazySource?: boolean;
 }
 
 /** How a dump ends for the tree: it runs on (dump -R, or a failed dump), or it is killed. */
@@ -110,6 +115,11 @@ export interface RestoreOptions {
   allowChangedFiles: boolean;
   /** Leave private anonymous memory to be served on demand once the tree runs (--lazy-pages). */
   lazyPages?: boolean;
+  /**
+   * The pages dump --lazy-pages left in the dumped tree come from the
+   * dumping amber (restore --page-server), or from nowhere.
+   */
+  pageSource?: boolean;
   /** Accepted as CRIU's flag; the images say which connections come back. */
   tcpEstablished?: boolean;
   /** Amber's own descriptors standing in for external objects (CRIU's --inherit-fd). */

@@ -11,6 +11,7 @@ import { unlock } from "./net/netlock.ts";
 import {
   AmberError,
   faultPointAsync,
+  InterruptedError,
   RefusalError,
   UsageError,
   withContext,
@@ -23,6 +24,8 @@ import { GHOST_LIMIT_DEFAULT } from "./fds/ghost.ts";
 import { AIO_TIMEOUT_DEFAULT_MS } from "./mm/aiodrain.ts";
 import { vdsoDigest } from "./mm/mappings.ts";
 import { preparePages } from "./mm/pages.ts";
+import { servePageSource } from "./mm/remote.ts";
+import type { Span } from "./mm/tracking.ts";
 import {
   closeSnapshots,
   copySnapshots,
@@ -75,6 +78,14 @@ export interface DumpRequest {
    * writing a directory; the tree is ended only once the server said it stored them.
    */
   pageServer?: PageServerAddress;
+  /**
+   * Leave the private anonymous pages out of the images and serve them
+   * from the frozen tree at this address (CRIU's dump --lazy-pages with
+   * --address/--port) to `restore` with `lazyPages` and `pageServer`; the
+   * tree is ended once the destination has every page, and resumes if the
+   * connection ends before (lib/mm/remote.ts).
+   */
+  lazyPages?: PageServerAddress & { listening?: (port: number) => void };
   /** Let the tree run on after the dump (CRIU's -R); it is killed otherwise. */
   leaveRunning?: boolean;
   /** The tree is a job of a shell: its session or terminal is outside it (CRIU's --shell-job). */
@@ -311,6 +322,22 @@ function refuseToEnd(why: string): AmberError {
  */
 async function openTarget(req: MigrationDump): Promise<ImageDir> {
   if (req.migrationRound) return req.migrationRound.into;
+  if (req.lazyPages) {
+    const other = req.stream
+      ? "--stream"
+      : req.pageServer
+      ? "--page-server"
+      : req.leaveRunning
+      ? "-R"
+      : req.preDump || req.prevImagesDir !== undefined || req.trackMem
+      ? "pre-dump, --prev-images-dir or --track-mem"
+      : undefined;
+    if (other) {
+      throw new UsageError(
+        `--lazy-pages keeps one complete dump's tree frozen to serve its pages: not with ${other}`,
+      );
+    }
+  }
   const elsewhere = req.stream ? "--stream" : req.pageServer ? "--page-server" : undefined;
   if (!elsewhere) {
     if (!req.dir) throw new UsageError("-D DIR is required; see amber dump --help");
@@ -367,6 +394,44 @@ function closeParent(state: TreeDumpState): void {
 }
 
 /**
+ * dump --lazy-pages: the images are complete; the pages they left out are
+ * served from the frozen tree until the destination has them all. If it
+ * does not get there, the tree resumes (nothing it had was changed).
+ */
+async function serveLeftPages(
+  at: NonNullable<DumpRequest["lazyPages"]>,
+  tree: FrozenTree,
+  state: TreeDumpState,
+  guard: SignalGuard,
+  log: LogLine,
+  resume: () => void,
+  dump: { rootPid: number; createdAt: string },
+): Promise<void> {
+  try {
+    const got = await servePageSource({
+      ...at,
+      spans: (state.kinds.get("lazy-source") as Map<number, Span[]> | undefined) ?? new Map(),
+      dump,
+      stopped: guard.stopped,
+      listening: at.listening,
+      log,
+    });
+    log(
+      `lazy pages: ${got.peer} has every page: ${got.requests} requests, ` +
+        `${(got.bytes / 1048576).toFixed(1)} MiB served in ${got.ms.toFixed(0)} ms`,
+    );
+  } catch (e) {
+    withContext("resuming the tree after its page source failed", resume);
+    if (e instanceof InterruptedError) throw e;
+    throw new AmberError(
+      `${e instanceof Error ? e.message : e}; the tree (pids ${tree.pids.join(" ")}) ` +
+        "resumes here, untouched",
+      { cause: e },
+    );
+  }
+}
+
+/**
  * Dumps the tree rooted at `req.pid` into `req.dir`. A dump -R whose
  * snapshot lost pages to the running tree is taken again, frozen.
  */
@@ -392,6 +457,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     external: req.external ?? [],
     copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
     extUnixSk: req.extUnixSk ?? false,
+    lazySource: req.lazyPages !== undefined,
   };
   const log = detailLog(req);
   validateTargetPid(req.pid);
@@ -436,6 +502,8 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
   }
   let frozenMs = 0;
   let running = false;
+  /** The dump a lazy page source serves (--lazy-pages), as its inventory names it. */
+  let identity: { rootPid: number; createdAt: string } | undefined;
   let snapshot: SnapshotStats | undefined;
   // Objects a kind changed while dumping (TCP repair mode) go back first,
   // then the network lock goes: the tree runs as it was.
@@ -485,6 +553,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       // With -R the lock is gone as soon as the tree runs again.
       netLock: options.leaveRunning ? undefined : state.netLock,
     };
+    identity = { rootPid: inventory.rootPid, createdAt: inventory.createdAt };
     await faultPointAsync("before-commit");
     await guard.checkpoint();
     await dumpLateParts(contexts);
@@ -515,15 +584,24 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     // The verdict restore will give, from the images as written.
     const verdictOptions = {
       ...dumpVerdictOptions(options.shellJob),
+      // Its left-out pages come from this amber, to a restore with --lazy-pages --page-server.
+      ...(options.lazySource ? { lazyPages: true, pageSource: true } : {}),
       takenLater: !options.leaveRunning,
       // A migration's rounds are judged as the receiver will judge them.
-      migrated: req.migrationRound !== undefined,
+      migrated: req.migrationRound !== undefined || options.lazySource === true,
     };
     const reasons = dir instanceof StreamImages
       ? await judgeImageDir(dir, verdictOptions)
       : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
     await guard.checkpoint();
+    if (options.lazySource && state.beforeCommit.length) {
+      // Taken from the tree, it would be lost to it if the page source fails and it resumes.
+      throw new AmberError(
+        "a unix listener's backlog can only be dumped by taking it from the tree, which " +
+          "must stay untouched to resume: not with --lazy-pages",
+      );
+    }
     // Nothing can refuse this dump any more: what can only be read by
     // taking it from the tree is taken now (no checkpoint from here on).
     if (!options.leaveRunning) { for (const take of state.beforeCommit.splice(0)) take(dir); }
@@ -545,6 +623,9 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     throw e;
   }
   closeParent(state);
+  if (req.lazyPages) {
+    await serveLeftPages(req.lazyPages, tree, state, guard, log, resume, identity!);
+  }
   if (!options.leaveRunning) {
     frozenMs = performance.now() - tree.frozenAt;
     tree.kill();

@@ -14,18 +14,21 @@
  * On the wire, before each round's stream: a 16-byte header ("AMBERMIG",
  * the round number, 1 if final). After a pre-copy round the receiver
  * replies (streaming.ts's reply) once the round is stored; after the
- * final one, twice: stored, then restored (its pids) or refused (why).
+ * final one: stored; then the sender says go (a reply of its own), and
+ * only then does the receiver restore and answer restored (its pids) or
+ * refused (why).
  *
  * When the source tree ends: only once the receiver said the tree runs
- * there. Any failure said or seen before that (a refusal, a closed
- * connection before the final round was stored) resumes the source tree,
- * and the receiver removes what it received. A receiver that goes silent
- * after it stored the final round may have restored the tree or not:
- * resuming could leave two copies running, killing could leave none, so
- * the source tree is left stopped (SIGSTOP) and amber says so; whoever
- * knows what the destination did sends it SIGCONT or SIGKILL.
+ * there. Any failure said or seen before the go (a refusal, a closed
+ * connection, a receiver that stops reading or answering for the timeout)
+ * resumes the source tree, and the receiver, which never got the go,
+ * removes what it received. A receiver that goes silent after the go may
+ * have restored the tree or not: resuming could leave two copies running,
+ * killing could leave none, so the source tree is left stopped (SIGSTOP)
+ * and amber says so; whoever knows what the destination did sends it
+ * SIGCONT or SIGKILL.
  */
-import { AmberError, faultPointAsync } from "./errors.ts";
+import { AmberError, faultPointAsync, InterruptedError } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
@@ -35,7 +38,13 @@ import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
 import { readImages } from "./images/read.ts";
-import { errnoOf, messageOf, RecordWriter, StreamImages } from "./images/stream.ts";
+import {
+  type ByteWriter,
+  errnoOf,
+  messageOf,
+  RecordWriter,
+  StreamImages,
+} from "./images/stream.ts";
 import {
   acceptOne,
   type PageServerAddress,
@@ -44,6 +53,7 @@ import {
   readReplyMessage,
   receiveImages,
   reply,
+  within,
   writeReply,
 } from "./streaming.ts";
 
@@ -54,6 +64,23 @@ const FINAL = 1;
 export const DEFAULT_ROUNDS = 5;
 /** A chain the receiver accepts at most (each round is a directory). */
 const MAX_ROUNDS = 32;
+/** How long the receiver may take to read what is sent, or to answer, unless asked otherwise. */
+export const DEFAULT_TIMEOUT_MS = 60_000;
+
+/**
+ * The connection as the rounds' streams write to it: a write the receiver
+ * does not take within `ms` (it stopped reading) fails, and the round with it.
+ */
+function stallGuard(conn: Deno.TcpConn, ms: number, where: string): ByteWriter {
+  return {
+    write: (p) =>
+      within(
+        conn.write(p),
+        ms,
+        () => `${where}: the receiver read nothing for ${ms / 1000} s (it hangs)`,
+      ),
+  };
+}
 
 /** What `amber migrate` is asked to do (mod.ts `migrate`). */
 export interface MigrateRequest {
@@ -71,6 +98,12 @@ export interface MigrateRequest {
   log?: LogLine;
   /** Aborting it stops the migration as SIGINT does: the tree resumes here. */
   signal?: AbortSignal;
+  /**
+   * Milliseconds the receiver may take to read what is sent or to answer
+   * (default 60 s); a receiver that hangs longer fails the migration, and
+   * the tree resumes here if the receiver was not told to start it yet.
+   */
+  timeoutMs?: number;
 }
 
 /** One round of a migration, as the source saw it. */
@@ -114,7 +147,7 @@ function roundHeader(round: number, final: boolean): Uint8Array {
   return h;
 }
 
-async function writeAll(conn: Deno.Conn, data: Uint8Array, where: string): Promise<void> {
+async function writeAll(conn: ByteWriter, data: Uint8Array, where: string): Promise<void> {
   try {
     for (let done = 0; done < data.length;) done += await conn.write(data.subarray(done));
   } catch (e) {
@@ -171,6 +204,15 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     throw new AmberError(`--max-rounds ${maxRounds}: from 0 to ${MAX_ROUNDS - 1}`);
   }
   const where = `migrate-receive ${req.to.address}:${req.to.port}`;
+  const timeoutMs = req.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  if (!(timeoutMs > 0)) throw new AmberError(`--timeout ${timeoutMs / 1000}: more than 0 s`);
+  /** An answer the receiver owes, within the timeout. */
+  const answer = <T>(p: Promise<T>, what: string) =>
+    within(
+      Promise.race([p, guard.stopped]),
+      timeoutMs,
+      () => `${where}: no answer ${what} for ${timeoutMs / 1000} s (the receiver hangs)`,
+    );
   let conn: Deno.TcpConn;
   try {
     conn = await Deno.connect({ hostname: req.to.address, port: req.to.port });
@@ -187,6 +229,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     clearTimeout(timer);
     return got && !got.ok ? new AmberError(`${where}: ${got.text}`) : e;
   };
+  const out = stallGuard(conn, timeoutMs, where);
   const rounds: MigrateRound[] = [];
   let destination: MigrateResult["destination"] | undefined;
   let parent: Parent | undefined;
@@ -198,16 +241,17 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
       const stalled = pre.length >= 2 &&
         pre[pre.length - 1].pageBytes >= pre[pre.length - 2].pageBytes;
       const final = pre.length >= maxRounds || stalled;
-      await writeAll(conn, roundHeader(round, final), where);
+      await writeAll(out, roundHeader(round, final), where);
       const into: StreamImages = new StreamImages(
-        new RecordWriter(conn, where, explain),
+        new RecordWriter(out, where, explain),
         final
           ? async () => {
-            // Stored there: until this reply, any failure (SIGINT too) resumes the tree here.
-            await Promise.race([readReply(conn, where), guard.stopped]);
+            // Stored there: until the go, any failure (SIGINT, a timeout) resumes the tree here.
+            await answer(readReply(conn, where), "after the final round");
+            await writeAll(out, reply(true), where);
             let said: { ok: boolean; text: string };
             try {
-              said = await Promise.race([readReplyMessage(conn, where), guard.stopped]);
+              said = await answer(readReplyMessage(conn, where), "after the go");
             } catch (e) {
               throw leaveStopped(req.pid, where, e);
             }
@@ -219,7 +263,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
               throw leaveStopped(req.pid, where, e);
             }
           }
-          : () => Promise.race([readReply(conn, where), guard.stopped]),
+          : () => answer(readReply(conn, where), `after round ${round}`),
       );
       if (parent) into.withParent(parent.path, parent.dir as StreamImages);
       last = await dumpTree({
@@ -428,6 +472,15 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
       await writeReply(conn, reply(true));
       if (!final) continue;
+      try {
+        await Promise.race([readReply(conn, from), guard.stopped]);
+      } catch (e) {
+        if (e instanceof InterruptedError) throw e;
+        throw new AmberError(
+          `${from}: the sender gave up before it said to start the tree (not restored)`,
+          { cause: e },
+        );
+      }
       await faultPointAsync("migrate-before-restore");
       const restored = await restoreTree({
         dir,

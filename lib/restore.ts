@@ -26,6 +26,7 @@ import {
   AmberError,
   faultPointAsync,
   RefusalError,
+  UsageError,
   withContext,
   withContextAsync,
 } from "./errors.ts";
@@ -53,6 +54,8 @@ import {
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
 import { unlock } from "./net/netlock.ts";
 import { LazyPages, type LazyStats } from "./mm/lazy.ts";
+import { RemotePages } from "./mm/remote.ts";
+import type { PageServerAddress } from "./streaming.ts";
 import { Regs } from "../ffi/regs.ts";
 
 /** What to restore, and how (mod.ts `restore`). */
@@ -85,6 +88,14 @@ export interface RestoreRequest {
    * copies the rest meanwhile (CRIU's --lazy-pages; lib/mm/lazy.ts).
    */
   lazyPages?: boolean;
+  /**
+   * With lazyPages: the pages `dump --lazy-pages` left in the dumped tree
+   * come from the dumping amber at this address (CRIU's `lazy-pages
+   * --page-server --address --port`), connected to before anything is
+   * created; if it fails once the tree runs (or takes longer than
+   * `timeoutMs`, default 30 s, to answer), the tree is killed.
+   */
+  pageServer?: PageServerAddress & { timeoutMs?: number };
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the restore as SIGINT does: what was created is killed. */
@@ -536,9 +547,14 @@ export async function restoreTree(
     verbose: req.verbose ?? false,
     allowChangedFiles: req.allowChangedFiles ?? false,
     inheritFds: req.inheritFds ?? [],
-    migrated: req.migrated ?? false,
+    // Images served by a dumping amber come from another machine, as a migration's do.
+    migrated: (req.migrated || req.pageServer !== undefined) ?? false,
     lazyPages: req.lazyPages ?? false,
+    pageSource: req.pageServer !== undefined,
   };
+  if (req.pageServer && !options.lazyPages) {
+    throw new UsageError("--page-server serves lazy pages: it needs --lazy-pages");
+  }
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);
   // DIR/latest of amber run is followed, explicitly; no other link is.
@@ -547,12 +563,16 @@ export async function restoreTree(
   const dir = new ImageDir(path);
   const lock = images.inventory.netLock;
   let helper: Helper;
+  let remote: RemotePages | undefined;
   try {
     await precheck(images, options, dir);
     await guard.checkpoint();
     log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
+    // Before anything is created: a source that is not there, or serves another dump, fails here.
+    if (req.pageServer) remote = await RemotePages.connect(req.pageServer, images.inventory);
     helper = await startHelper(images.inventory);
   } catch (e) {
+    remote?.close();
     releaseLock(lock, log);
     throw e;
   }
@@ -563,6 +583,7 @@ export async function restoreTree(
   const contexts: RestoreContext[] = [];
   const tree: TreeRestoreState = { pipes: new Map(), parked: [], kinds: new Map(), onEnd: [] };
   const tracker = new Tracker("restore", req.progress).attach(tree.kinds);
+  if (remote) LazyPages.of(tree.kinds, log).useRemote(remote);
   for (const p of images.processes) {
     tracker.addTotal(((p.parts.pagemap as { totalPages?: number })?.totalPages ?? 0) * 4096);
   }
@@ -586,7 +607,7 @@ export async function restoreTree(
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     finishProcesses(contexts);
     // The userfaultfds come last, once no injected call can fault on lazy memory.
-    LazyPages.find(tree.kinds)?.arm(
+    await LazyPages.find(tree.kinds)?.arm(
       new Map([...created].map(([pid, b]) => [pid, b.injector])),
       (pid) =>
         threads.filter(([tid]) => created.get(pid)!.images.entry.threads.includes(tid))

@@ -26,6 +26,8 @@ interface PagemapImage {
   runs: PageRun[];
   totalPages: number;
   parentRuns?: PageRun[];
+  /** Left in the dumped tree's memory (dump --lazy-pages). */
+  remoteRuns?: PageRun[];
 }
 
 interface FdImage {
@@ -287,10 +289,22 @@ function processLines(p: ProcessImages, dirPath: string): string[] {
   const t = pageTotals(pagemap);
   out.push(`  pages: ${t.runs} runs, ${t.pages} pages, ${mib(t.bytes)} MiB (${pagemap.pagesFile})`);
   if (pagemap.parentRuns?.length) out.push(...chainLines(dirPath, p.entry.pid, pagemap));
+  const left = (pagemap.remoteRuns ?? []).reduce((n, r) => n + r.pages, 0);
+  if (left) out.push(`  left in the dumped tree (dump --lazy-pages): ${left} pages`);
   return out;
 }
 
-function verdictLines(reasons: string[]): string[] {
+/** Images of dump --lazy-pages: their anonymous memory is still in the dumped tree. */
+function leftInTree(images: Images): boolean {
+  return images.processes.some((p) =>
+    !!(p.parts.pagemap as PagemapImage | undefined)?.remoteRuns?.length
+  );
+}
+
+function verdictLines(reasons: string[], lazySource = false): string[] {
+  if (!reasons.length && lazySource) {
+    return ["restorable: yes, with --lazy-pages --page-server (from the dumping amber)"];
+  }
   if (!reasons.length) return ["restorable: yes"];
   return ["restorable: no", ...reasons.map((why) => `  cannot be restored: ${why}`)];
 }
@@ -301,7 +315,7 @@ function imagesText(images: Images, reasons: string[]): string {
     `amber images in ${images.dir}`,
     `inventory: amber ${inv.amberVersion}, kernel ${inv.kernel} ${inv.arch}, created ${inv.createdAt}, ` +
     `root pid ${inv.rootPid}${inv.shellJob ? ", shell job" : ""}, xsave ${inv.xsaveSize} bytes`,
-    ...verdictLines(reasons),
+    ...verdictLines(reasons, leftInTree(images)),
     "",
     "process tree:",
     ...treeLines(images),
@@ -386,7 +400,14 @@ export async function showImages(
   const images = readImages(dir);
   // Judged as restore would judge them, with the flags they were dumped with.
   using reader = new ImageDir(dir);
-  const reasons = await judgeImages(images, reader, dumpVerdictOptions(images.inventory.shellJob));
+  // (Those of dump --lazy-pages, as restore --lazy-pages --page-server judges them.)
+  const lazySource = leftInTree(images)
+    ? { lazyPages: true, pageSource: true, migrated: true }
+    : {};
+  const reasons = await judgeImages(images, reader, {
+    ...dumpVerdictOptions(images.inventory.shellJob),
+    ...lazySource,
+  });
   if (opts.json) return imagesJson(images, reasons);
   if (opts.tree) return compactTree(escapeStrings(images), escapeStrings(reasons));
   return imagesText(escapeStrings(images), escapeStrings(reasons));

@@ -45,6 +45,19 @@ export function streamTo(out: ByteWriter, where = "stream"): StreamImages {
   return new StreamImages(new RecordWriter(out, where));
 }
 
+/** `p`, or a failure saying what did not happen within `ms`. */
+export async function within<T>(p: Promise<T>, ms: number, what: () => string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new AmberError(what())), ms);
+  });
+  try {
+    return await Promise.race([p, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export async function readExactly(conn: ByteReader, n: number, what: string): Promise<Uint8Array> {
   const buf = new Uint8Array(n);
   for (let got = 0; got < n;) {

@@ -85,19 +85,38 @@ export function amberIn(ns: string, args: string[]): Promise<AmberResult> {
   return amberVia(["nsenter", `--net=/run/netns/${ns}`, "--"], args);
 }
 
-/** `amber migrate-receive` on the destination "host", in a pid namespace of its own. */
+/** An amber on the destination "host", in a pid namespace of its own. */
 export interface Receiver extends AsyncDisposable {
   /** Its --json line and exit status, once it ended. */
   result(): Promise<{ code: number; json: Record<string, unknown> }>;
+  /** What it wrote on stderr so far. */
+  stderr(): string;
 }
 
-export async function startReceiver(
+/** `amber migrate-receive` on the destination "host", listening on DST_ADDR:PORT. */
+export function startReceiver(
   hosts: Hosts,
   dir: string,
   extra: string[] = [],
   env: Record<string, string> = {},
 ): Promise<Receiver> {
+  const args = ["migrate-receive", "--address", DST_ADDR, "--port", String(PORT), "--json"];
+  return startAtDestination(hosts, dir, [...args, ...extra], env, "listening on");
+}
+
+/**
+ * `amber ARGS` on the destination "host" in a pid namespace of its own;
+ * returns once its stderr has a line with `ready` (if given).
+ */
+export async function startAtDestination(
+  hosts: Hosts,
+  dir: string,
+  args: string[],
+  env: Record<string, string> = {},
+  ready?: string,
+): Promise<Receiver> {
   const out = `${dir}/recv.out`, err = `${dir}/recv.err`, rc = `${dir}/recv.rc`;
+  Deno.writeTextFileSync(err, "");
   // The shell stays as the pid namespace's init: the restored tree lives on after amber exits.
   const script = `"$@" >${out} 2>${err}; echo $? >${rc}; exec sleep 1000000`;
   const child = new Deno.Command("nsenter", {
@@ -118,13 +137,7 @@ export async function startReceiver(
       "run",
       "-A",
       CLI,
-      "migrate-receive",
-      "--address",
-      DST_ADDR,
-      "--port",
-      String(PORT),
-      "--json",
-      ...extra,
+      ...args,
     ],
     cwd: ROOT,
     env: { NO_COLOR: "1", ...env },
@@ -132,15 +145,17 @@ export async function startReceiver(
     stdout: "null",
     stderr: "null",
   }).spawn();
-  await waitFor(
-    async () => (await readLines(err)).some((l) => l.includes("listening on")) || undefined,
-    () => `migrate-receive listening: ${Deno.readTextFileSync(err)}`,
-    60_000,
-  ).catch(async (e) => {
-    child.kill("SIGKILL");
-    await child.status;
-    throw e;
-  });
+  if (ready) {
+    await waitFor(
+      async () => (await readLines(err)).some((l) => l.includes(ready)) || undefined,
+      () => `${args[0]} ${ready}: ${Deno.readTextFileSync(err)}`,
+      60_000,
+    ).catch(async (e) => {
+      child.kill("SIGKILL");
+      await child.status;
+      throw e;
+    });
+  }
   return {
     async result() {
       await waitFor(async () => (await readLines(rc)).length > 0 || undefined, "receiver", 60_000);
@@ -148,6 +163,7 @@ export async function startReceiver(
       const json = JSON.parse((await readLines(out)).at(-1) ?? "{}");
       return { code, json };
     },
+    stderr: () => Deno.readTextFileSync(err),
     async [Symbol.asyncDispose]() {
       // Its pid namespace's init goes, and with it whatever runs there.
       child.kill("SIGKILL");

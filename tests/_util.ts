@@ -576,6 +576,20 @@ export async function startWriter(
  * for a memory check, by `pid` (default its own: a migrated one has
  * another), and asserts every check it wrote so far said "check ok".
  */
+/** Sends `signal` and waits for the line it makes the process write (`what ok` or `what BAD...`). */
+export async function ask(
+  pid: number,
+  out: string,
+  signal: Deno.Signal,
+  what: string,
+): Promise<string> {
+  const seen = (ls: string[]) => ls.filter((l) => l.startsWith(`${what} `)).length;
+  const before = seen(await readLines(out));
+  Deno.kill(pid, signal);
+  const lines = await waitForLine(out, (ls) => seen(ls) > before, 60_000);
+  return lines.filter((l) => l.startsWith(`${what} `)).at(-1)!;
+}
+
 export async function assertChecksOk(w: Writer, what: string, pid = w.pid): Promise<void> {
   const before = (await readLines(w.out)).filter((l) => l.startsWith("check")).length;
   Deno.kill(pid, "SIGUSR1");
@@ -758,6 +772,57 @@ export function amberVia(
   timeoutMs = 120_000,
 ): Promise<AmberResult> {
   return run(prefix[0], [...prefix.slice(1), DENO, "run", "-A", CLI, ...args], {}, timeoutMs);
+}
+
+/** amber started in the background, its stderr collected line by line. */
+export interface Background {
+  child: Deno.ChildProcess;
+  lines: string[];
+  done: Promise<Deno.CommandStatus>;
+  waitLine(re: RegExp, timeoutMs?: number): Promise<string>;
+}
+
+/** amber ARGS started in the background (after `prefix`, e.g. nsenter), with `env`. */
+export function amberInBackground(
+  args: string[],
+  prefix: string[] = [],
+  env: Record<string, string> = {},
+): Background {
+  const argv = [...prefix, DENO, "run", "-A", CLI, ...args];
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
+    cwd: ROOT,
+    env: { NO_COLOR: "1", ...env },
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const lines: string[] = [];
+  const reading = (async () => {
+    let rest = "";
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
+      rest += chunk;
+      const parts = rest.split("\n");
+      rest = parts.pop()!;
+      lines.push(...parts);
+    }
+    if (rest) lines.push(rest);
+  })();
+  const done = reading.then(() => child.status);
+  return {
+    child,
+    lines,
+    done,
+    async waitLine(re, timeoutMs = 120_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const hit = lines.find((l) => re.test(l));
+        if (hit) return hit;
+        assert.ok(Date.now() < deadline, `no line like ${re}:\n${lines.join("\n")}`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    },
+  };
 }
 
 /**

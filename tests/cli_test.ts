@@ -72,6 +72,21 @@ Deno.test("usage: one line for unknown options; help for every command", async (
     assertOneLineError(unknown, 2, "unknown option"),
     "amber: unknown option -x; see amber dump --help",
   );
+  // CRIU's lazy-pages daemon is restore's own work here: the message says how.
+  const lazy = await amber(["lazy-pages", "--page-server", "--address", "10.0.0.1"]);
+  assert.match(
+    assertOneLineError(lazy, 2, "amber lazy-pages"),
+    /^amber: no command lazy-pages: .*amber restore -D DIR --lazy-pages \[--page-server/,
+  );
+  const none = ["-D", "/tmp/none"], at = ["--address", "a", "--port", "1"];
+  const misuses: [string[], string][] = [
+    [["restore", ...none, "--page-server", ...at], "needs --lazy-pages"],
+    [["dump", "-t", "1", ...none, "--lazy-pages", "--port", "1"], "--address"],
+    [["dump", "-t", "1", ...none, "--lazy-pages", "-R", ...at], "not with -R"],
+  ];
+  for (const [args, why] of misuses) {
+    assert.ok(assertOneLineError(await amber(args), 2, args.join(" ")).includes(why), why);
+  }
   for (const cmd of ["dump", "restore", "show", "check"]) {
     for (const args of [["help", cmd], [cmd, "--help"]]) {
       const r = await amber(args);

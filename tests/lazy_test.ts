@@ -7,6 +7,8 @@
 import assert from "node:assert/strict";
 import {
   amber,
+  amberInBackground,
+  ask,
   assertConsecutive,
   assertExit,
   buildC,
@@ -71,51 +73,6 @@ async function generation(out: string): Promise<number> {
   return Number(nums.at(-1) ?? -1);
 }
 
-/** amber started in the background, its stderr collected line by line. */
-interface Background {
-  child: Deno.ChildProcess;
-  lines: string[];
-  done: Promise<Deno.CommandStatus>;
-  waitLine(re: RegExp, timeoutMs?: number): Promise<string>;
-}
-
-function amberInBackground(args: string[]): Background {
-  const child = new Deno.Command(DENO, {
-    args: ["run", "-A", CLI, ...args],
-    cwd: ROOT,
-    env: { NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  const lines: string[] = [];
-  const reading = (async () => {
-    let rest = "";
-    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
-      rest += chunk;
-      const parts = rest.split("\n");
-      rest = parts.pop()!;
-      lines.push(...parts);
-    }
-    if (rest) lines.push(rest);
-  })();
-  const done = reading.then(() => child.status);
-  return {
-    child,
-    lines,
-    done,
-    async waitLine(re, timeoutMs = 120_000) {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const hit = lines.find((l) => re.test(l));
-        if (hit) return hit;
-        assert.ok(Date.now() < deadline, `no line like ${re}:\n${lines.join("\n")}`);
-        await new Promise((r) => setTimeout(r, 5));
-      }
-    },
-  };
-}
-
 Deno.test("restore --lazy-pages: 256 MiB of patterned memory runs before its pages are in, and every byte checks out", async () => {
   await using tmp = await tempDir();
   const { w, img } = await dumpedDirtier(tmp.path);
@@ -171,15 +128,6 @@ async function startLazyTree(
   const w = await startWriter([bin, dir, String(mib)], outs[0], 3, 30_000);
   await waitForLines(outs[1], 3, 30_000);
   return { pids: [w.pid, ...descendants(w.pid).filter((p) => p !== w.pid)], outs };
-}
-
-/** Sends `signal` and waits for the line it makes the process write (`what ok` or `what BAD...`). */
-async function ask(pid: number, out: string, signal: Deno.Signal, what: string): Promise<string> {
-  const seen = (ls: string[]) => ls.filter((l) => l.startsWith(`${what} `)).length;
-  const before = seen(await readLines(out));
-  Deno.kill(pid, signal);
-  const lines = await waitForLine(out, (ls) => seen(ls) > before, 60_000);
-  return lines.filter((l) => l.startsWith(`${what} `)).at(-1)!;
 }
 
 Deno.test("restore --lazy-pages -d: a tree of two processes runs at once; MADV_DONTNEED, mremap, munmap and fork while pages are missing; a background amber serves until all is in", async () => {

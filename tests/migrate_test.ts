@@ -315,3 +315,44 @@ Deno.test("a round that names a parent other than the round before is refused by
     await killAndReap(c.pid);
   }
 });
+
+for (const reads of [false, true]) {
+  Deno.test(`a receiver that ${reads ? "reads the final round but never answers" : "accepts and never reads"}: past --timeout the frozen source resumes and keeps working`, async () => {
+    await using tmp = await tempDir();
+    const bin = await buildC("dirtier");
+    const out = `${tmp.path}/out.txt`;
+    const w = await startWriter([bin, out, "64", String(HOT_PAGES)], out, 3, 30_000);
+    // A receiver that hangs: it takes the connection, then does nothing (or only reads).
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const held: Deno.Conn[] = [];
+    const hanging = (async () => {
+      const conn = await listener.accept();
+      held.push(conn);
+      const buf = new Uint8Array(1 << 20);
+      while (reads && await conn.read(buf).catch(() => null) !== null) { /* swallowed */ }
+    })();
+    try {
+      const port = (listener.addr as Deno.NetAddr).port;
+      const args = ["migrate", "-t", String(w.pid), "--to", `127.0.0.1:${port}`];
+      const r = await amber([...args, "--max-rounds", "0", "--timeout", "2"]);
+      assertExit(r, 1, "migrate to a hung receiver");
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+      assert.match(
+        r.stderr,
+        reads
+          ? /^amber: migrate-receive 127\.0\.0\.1:\d+: no answer after the final round for 2 s \(the receiver hangs\)/
+          : /^amber: (pid \d+: pagemap: )?migrate-receive 127\.0\.0\.1:\d+: the receiver read nothing for 2 s \(it hangs\)/,
+      );
+      assert.ok(isAlive(w.pid), "the source tree runs on");
+      assert.notEqual(procState(w.pid), "T", "and is not left stopped");
+      const last = Number((await readLines(out)).filter((l) => /^\d+$/.test(l)).at(-1));
+      await waitForLine(out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last));
+      await assertChecksOk(w, "after the hung migration");
+    } finally {
+      listener.close();
+      for (const c of held) c.close();
+      await hanging.catch(() => {});
+      await killAndReap(w.pid);
+    }
+  });
+}

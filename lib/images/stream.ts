@@ -40,10 +40,12 @@ import {
 const MAGIC = new TextEncoder().encode("AMBERSTM");
 const VERSION = 1;
 const HEADER_BYTES = 16;
-const RECORD_HEADER_BYTES = 16;
+export const RECORD_HEADER_BYTES = 16;
 /** Largest payload of one record: a pages chunk (lib/mm/pages.ts) fits in one. */
 export const RECORD_MAX = 4 * 1024 * 1024;
-const DATA = 1, END = 2;
+/** A data record's type (the lazy page source answers with them too, lib/mm/remote.ts). */
+export const DATA = 1;
+const END = 2;
 const END_NAME = "end";
 const END_BYTES = 16;
 const INVENTORY = "inventory.cbor";
@@ -75,16 +77,21 @@ export function errnoOf(e: unknown): string {
 /** Never settles: what a stream waits with when nothing can stop it. */
 const NEVER = new Promise<never>(() => {});
 
-type Crc32 = typeof import("node:zlib").crc32;
+export type Crc32 = typeof import("node:zlib").crc32;
 let zlibCrc32: Crc32 | undefined;
 
 /** node:zlib's crc32, loaded on first use: node compatibility costs every command ~50 ms of start-up. */
-async function crc32Ready(): Promise<Crc32> {
+export async function crc32Ready(): Promise<Crc32> {
   return zlibCrc32 ??= (await import("node:zlib")).crc32;
 }
 
 /** A record's header; its crc is filled in once crc32 is loaded (see RecordWriter.enqueue). */
-function recordHeader(type: number, name: Uint8Array, payload: Uint8Array, n: number): Sealed {
+export function recordHeader(
+  type: number,
+  name: Uint8Array,
+  payload: Uint8Array,
+  n: number,
+): Sealed {
   const h = new Uint8Array(RECORD_HEADER_BYTES);
   const v = new DataView(h.buffer);
   v.setUint8(0, type);
@@ -98,10 +105,10 @@ function recordHeader(type: number, name: Uint8Array, payload: Uint8Array, n: nu
 }
 
 /** A part of the stream that needs crc32 to be complete. */
-type Sealed = (crc32: Crc32) => Uint8Array;
+export type Sealed = (crc32: Crc32) => Uint8Array;
 
 /** crc32 of a record: its header with the crc field zero, its name and its payload. */
-function recordCrc(
+export function recordCrc(
   crc32: Crc32,
   header: Uint8Array,
   name: Uint8Array,

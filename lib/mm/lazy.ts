@@ -53,7 +53,7 @@ import {
   uffdZeropage,
 } from "../../ffi/uffd.ts";
 import { kindState } from "../context.ts";
-import { AmberError, faultPointAsync, withContext } from "../errors.ts";
+import { AmberError, faultPointAsync, withContext, withContextAsync } from "../errors.ts";
 import { SignalGuard } from "../interrupt.ts";
 import { findFreeRange, type MappingImage, mappingLabel, PAGE } from "./mappings.ts";
 import { readMaps } from "../proc/maps.ts";
@@ -63,6 +63,7 @@ import { putBytes } from "../scratch.ts";
 import { readPagemap } from "./pages.ts";
 import { type Span, union } from "./tracking.ts";
 import type { Regs } from "../../ffi/regs.ts";
+import type { RemotePages } from "./remote.ts";
 
 const PAGE_SIZE = Number(PAGE);
 /** Bytes one background copy moves: a fault waits at most for one of these. */
@@ -74,11 +75,35 @@ const EAGAIN = 11, EEXIST = 17, ENOENT = 2, ESRCH = 3, EPERM = 1, EINVAL = 22;
 const SIGKILL = 9;
 const PM_PRESENT = 0x80000000;
 
-/** Missing pages [start, end) (page numbers), whose data is at `fileOff` of `file`. */
-interface Missing {
+/**
+ * Where missing pages come from: the images' pages files, or the amber
+ * that dumped the tree and keeps it frozen (dump --lazy-pages, lib/mm/remote.ts).
+ */
+export interface PageSource {
+  /** Names it in messages: the pages file, or the remote page source. */
+  readonly label: string;
+  /** Fills `buf` with the data at `off` (a file offset, or an address in the source process). */
+  read(buf: Uint8Array, off: number): Promise<void>;
+  close(): void;
+}
+
+/** A pages file of the images as a page source. */
+export function fileSource(file: RawFile): PageSource {
+  return {
+    label: file.path,
+    read: (buf, off) => file.preadAll(buf, off),
+    close: () => file.close(),
+  };
+}
+
+/**
+ * Missing pages [start, end) (page numbers), whose data is at `fileOff`
+ * of `source` (a file offset, or the address the source process had them at).
+ */
+export interface Missing {
   start: number;
   end: number;
-  file: RawFile;
+  source: PageSource;
   fileOff: number;
 }
 
@@ -151,7 +176,9 @@ export class LazyPages {
   private readonly spaces: Space[] = [];
   private readonly pushBuf = alignedBuffer(PUSH_BYTES);
   private readonly faultBuf = alignedBuffer(FAULT_AROUND * PAGE_SIZE);
-  private readonly files = new Set<RawFile>();
+  private readonly sources = new Set<PageSource>();
+  /** The dumping amber serving the pages (restore --page-server), told once all are in. */
+  private remote?: RemotePages;
   readonly stats: LazyStats = {
     faults: 0,
     pushedPages: 0,
@@ -175,7 +202,7 @@ export class LazyPages {
   /** Pages of process `pid` left for later (called by the pagemap part). */
   add(pid: number, mappings: MappingImage[], missing: Missing[]): void {
     if (!missing.length) return;
-    for (const m of missing) this.files.add(m.file);
+    for (const m of missing) this.sources.add(m.source);
     let p = this.pending.find((x) => x.pid === pid);
     if (!p) this.pending.push(p = { pid, mappings: [], missing: [] });
     p.missing = p.missing.concat(missing).sort((a, b) => a.start - b.start);
@@ -185,23 +212,34 @@ export class LazyPages {
     );
   }
 
+  /** The remote page source of this restore: closed with it, told when all pages are in. */
+  useRemote(remote: RemotePages): void {
+    this.remote = remote;
+  }
+
+  /** Where the pages process `pid` left in the dumped tree come from. */
+  remoteFor(pid: number): PageSource {
+    if (!this.remote) throw new AmberError("pages left in the dumped tree, but no page source");
+    return this.remote.forPid(pid);
+  }
+
   /**
    * Arms every process, the tree still stopped: pages something touched
    * during the restore are filled now (a fault would never come for them),
    * then the userfaultfd is made inside the process and taken by amber.
    */
-  arm(injectors: Map<number, Injector>, threadRegs: (pid: number) => Regs[]): void {
+  async arm(injectors: Map<number, Injector>, threadRegs: (pid: number) => Regs[]): Promise<void> {
     for (const p of this.pending.splice(0)) {
-      withContext(`pid ${p.pid}: lazy pages`, () => {
+      await withContextAsync(`pid ${p.pid}: lazy pages`, async () => {
         const inj = injectors.get(p.pid)!;
-        const missing = this.fillTouched(p, [
+        const missing = await this.fillTouched(p, [
           ...threadRegs(p.pid).flatMap(pagesAmberMayTouch),
           ...pagesOthersRead(p.pid),
         ]);
         const fd = makeUffd(inj, p.mappings);
         if (typeof fd === "string") {
           this.log(`pid ${p.pid}: lazy pages: ${fd}: filled before it runs`);
-          for (const m of missing) this.writeNow(p.pid, m);
+          for (const m of missing) await this.writeNow(p.pid, m);
           return;
         }
         this.spaces.push({ label: `pid ${p.pid}`, pid: p.pid, fd, missing, retry: [] });
@@ -224,7 +262,7 @@ export class LazyPages {
   }
 
   /** The pages the restore touched after all (present now): filled from the images at once. */
-  private fillTouched(p: Pending, touch: Span[]): Missing[] {
+  private async fillTouched(p: Pending, touch: Span[]): Promise<Missing[]> {
     using pm = Deno.openSync(`/proc/${p.pid}/pagemap`, { read: true });
     const present: Span[] = [];
     for (const m of p.mappings) {
@@ -238,20 +276,36 @@ export class LazyPages {
       }
     }
     const now = union(present, touch);
-    for (const m of clipMissing(p.missing, now, true)) this.writeNow(p.pid, m);
+    for (const m of clipMissing(p.missing, now, true)) await this.writeNow(p.pid, m);
     return clipMissing(p.missing, now, false);
   }
 
   /** Writes pages straight into a stopped process (no fault can be involved: they are present). */
-  private writeNow(pid: number, m: Missing): void {
-    const step = 1024; // pages per read: a run may be gigabytes
+  private async writeNow(pid: number, m: Missing): Promise<void> {
+    const step = PUSH_BYTES / PAGE_SIZE; // pages per read: a run may be gigabytes
     for (let at = m.start; at < m.end; at += step) {
-      const len = (Math.min(m.end, at + step) - at) * PAGE_SIZE;
-      const off = m.fileOff + (at - m.start) * PAGE_SIZE;
-      const buf = new Uint8Array(len);
-      const n = libc().pread64(m.file.fd, buf, BigInt(len), BigInt(off));
-      if (Number(n) !== len) throw new AmberError(`${m.file.path}: short read at ${off}`);
+      const to = Math.min(m.end, at + step);
+      const buf = this.pushBuf.subarray(0, (to - at) * PAGE_SIZE);
+      await this.readSource(`pid ${pid}`, m, at, to, buf);
       writeMemory(pid, BigInt(at) * PAGE, buf);
+    }
+  }
+
+  /** Reads pages [from, to) of `m` from its source; the error names the process and pages. */
+  private async readSource(
+    label: string,
+    m: Missing,
+    from: number,
+    to: number,
+    buf: Uint8Array,
+  ): Promise<void> {
+    try {
+      await m.source.read(buf, m.fileOff + (from - m.start) * PAGE_SIZE);
+    } catch (e) {
+      const range = `${(BigInt(from) * PAGE).toString(16)}-${(BigInt(to) * PAGE).toString(16)}`;
+      throw new AmberError(
+        `${label}: pages ${range}: ${m.source.label}: ${e instanceof Error ? e.message : e}`,
+      );
     }
   }
 
@@ -276,6 +330,7 @@ export class LazyPages {
       }
       for (const s of [...this.spaces]) await this.drain(s);
       this.stats.allInMs = performance.now() - t0;
+      await this.tellRemote();
       this.log(
         `lazy pages: all in after ${this.stats.allInMs.toFixed(0)} ms: ${this.stats.faults} ` +
           `faults, ${this.stats.faultedPages} pages on demand, ${this.stats.pushedPages} pushed; ` +
@@ -292,6 +347,23 @@ export class LazyPages {
       );
     } finally {
       this.close();
+    }
+  }
+
+  /**
+   * Tells the remote source every page is in, so it ends its copy of the
+   * tree. Without its word the tree stays here anyway (it has all its
+   * memory); the source resumes its own only if the word never reached it.
+   */
+  private async tellRemote(): Promise<void> {
+    if (!this.remote) return;
+    try {
+      await this.remote.done();
+    } catch (e) {
+      this.log(
+        `lazy pages: all in, but the page source did not confirm it ends its tree: ` +
+          `${e instanceof Error ? e.message : e}`,
+      );
     }
   }
 
@@ -328,8 +400,10 @@ export class LazyPages {
       this.watchdog = undefined;
     }
     for (const s of this.spaces.splice(0)) libc().close(s.fd);
-    for (const f of this.files) f.close();
-    this.files.clear();
+    for (const f of this.sources) f.close();
+    this.sources.clear();
+    this.remote?.close();
+    this.remote = undefined;
   }
 
   /** Handles what is waiting on one userfaultfd. */
@@ -433,14 +507,8 @@ export class LazyPages {
     to: number,
     buf: Uint8Array,
   ): Promise<number> {
-    const len = (to - from) * PAGE_SIZE;
-    const off = m.fileOff + (from - m.start) * PAGE_SIZE;
-    const data = buf.subarray(0, len);
-    try {
-      await m.file.preadAll(data, off);
-    } catch (e) {
-      throw new AmberError(`${s.label}: ${m.file.path}: ${e instanceof Error ? e.message : e}`);
-    }
+    const data = buf.subarray(0, (to - from) * PAGE_SIZE);
+    await this.readSource(s.label, m, from, to, data);
     // The list may have changed while the file was read (events of another space do not touch it,
     // but a drain of this one may have run): copy only what is still missing.
     if (!s.missing.includes(m) || from < m.start || to > m.end) return 0;

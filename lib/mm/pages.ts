@@ -23,7 +23,7 @@ import {
   writeMemory,
   writeRangesAsync,
 } from "../../ffi/memory.ts";
-import { definePart, type DumpContext } from "../context.ts";
+import { definePart, type DumpContext, kindState, type PrecheckContext } from "../context.ts";
 import { type BulkFile, ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
 import { defineImage, imageFileName, MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
@@ -50,7 +50,7 @@ import {
   union,
 } from "./tracking.ts";
 import { trackerIn } from "../progress.ts";
-import { clipMissing, isLazy, LazyPages } from "./lazy.ts";
+import { clipMissing, fileSource, isLazy, LazyPages } from "./lazy.ts";
 import { libc } from "../../ffi/libc.ts";
 import { PAGE_IS_PRESENT, PAGE_IS_SWAPPED, scanPages } from "../../ffi/uffd.ts";
 import { addSnapshot, startSnapshot } from "./snapshot.ts";
@@ -514,6 +514,41 @@ function placeWithin(runs: PageRun[], take: Span[]): Placed[] {
   });
 }
 
+/** The spans (page numbers) of the mappings restore serves lazily. */
+function lazySpansOf(mappings: MappingImage[]): Span[] {
+  return union(
+    mappings.filter(isLazy).map((m): Span => [Number(m.start / PAGE), Number(m.end / PAGE)]),
+  );
+}
+
+/**
+ * Pages left in the dumped tree (dump --lazy-pages) lie in lazy mappings
+ * only, apart from the stored ones, and need the dumping amber to serve them.
+ */
+function checkRemoteRuns(image: PagemapImage, ctx: PrecheckContext): void {
+  const remote = union(runsToSpans(image.remoteRuns ?? []));
+  if (!remote.length) return;
+  const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
+  const outside = subtract(remote, lazySpansOf(mappings));
+  if (outside.length) {
+    throw new AmberError(
+      `pagemap: page ${(BigInt(outside[0][0]) * PAGE).toString(16)} left in the dumped tree ` +
+        "is outside its private anonymous memory",
+    );
+  }
+  const stored = union(runsToSpans(image.runs), runsToSpans(image.parentRuns ?? []));
+  if (intersect(remote, stored).length) {
+    throw new AmberError("pagemap: a page is both stored and left in the dumped tree");
+  }
+  if (!ctx.options.lazyPages || !ctx.options.pageSource) {
+    const pages = remote.reduce((n, [a, b]) => n + b - a, 0);
+    throw new AmberError(
+      `${pages} pages were left in the dumped tree's memory (dump --lazy-pages): restore ` +
+        "with --lazy-pages --page-server --address A --port P of the dumping amber",
+    );
+  }
+}
+
 const PagemapSchema = z.object({
   pagesFile: z.string().regex(/^pages-\d+\.img$/),
   runs: z.array(Run).max(MAX_PAGES),
@@ -529,6 +564,11 @@ const PagemapSchema = z.object({
     .optional(),
   /** Pages unchanged since the parent image: restored from it (or its own parents). */
   parentRuns: z.array(Run).max(MAX_PAGES).optional(),
+  /**
+   * Pages of lazy mappings left in the dumped tree's memory (dump
+   * --lazy-pages), served by the dumping amber to restore --page-server.
+   */
+  remoteRuns: z.array(Run).max(MAX_PAGES).optional(),
   /** Write tracking armed in the process after this image (pre-dump), for the next round. */
   tracking: z.object({
     fd: z.number().int().min(0),
@@ -640,7 +680,16 @@ export const pagemapPart = definePart({
     const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
     const planned = planRuns(ctx.pid, mappings);
     const { own, fromParent } = splitAgainstParent(ctx, planned, mappings, parentPages(ctx));
-    const runs = spansToRuns(own);
+    let runs = spansToRuns(own);
+    let remoteRuns: PageRun[] | undefined;
+    if (ctx.options.lazySource) {
+      // Left in the frozen tree, served from there (lib/mm/remote.ts) as the destination asks.
+      const lazy = lazySpansOf(mappings);
+      const left = intersect(own, lazy);
+      remoteRuns = spansToRuns(left);
+      runs = spansToRuns(subtract(own, lazy));
+      kindState(ctx.tree.kinds, "lazy-source", () => new Map<number, Span[]>()).set(ctx.pid, left);
+    }
     let bytes: number, direct = false, tracking;
     if (ctx.options.copyWhileRunning) {
       // Armed first, still frozen: whatever the tree writes while its pages are copied is
@@ -665,6 +714,7 @@ export const pagemapPart = definePart({
       totalPages: bytes / PAGE_SIZE,
       direct,
       tracking,
+      ...(remoteRuns?.length ? { remoteRuns } : {}),
       ...(fromParent.length && parent
         ? {
           parent: { dir: parent.path, createdAt: parent.createdAt },
@@ -684,6 +734,7 @@ export const pagemapPart = definePart({
     if (intersect(union(runsToSpans(runs)), union(fromParent)).length) {
       throw new AmberError("pagemap: a page is both in this image and in its parent");
     }
+    checkRemoteRuns(image, ctx);
     for (const l of resolveChain(ctx.dir, ctx.pid, image).slice(1)) {
       try {
         l.dir.checkData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
@@ -711,9 +762,22 @@ export const pagemapPart = definePart({
     const levels = resolveChain(ctx.dir, ctx.pid, image);
     try {
       const lazy = ctx.options.lazyPages ? mappings.filter(isLazy) : [];
-      const lazySpans = union(
-        lazy.map((m): Span => [Number(m.start / PAGE), Number(m.end / PAGE)]),
-      );
+      const lazySpans = lazySpansOf(lazy);
+      if (image.remoteRuns?.length) {
+        // Their data is at the same address in the source process (checked in precheck).
+        const lazyPages = LazyPages.of(ctx.tree.kinds, ctx.log);
+        const source = lazyPages.remoteFor(ctx.pid);
+        lazyPages.add(
+          ctx.pid,
+          lazy,
+          image.remoteRuns.map((r) => ({
+            start: Number(r.addr / PAGE),
+            end: Number(r.addr / PAGE) + r.pages,
+            fileOff: Number(r.addr),
+            source,
+          })),
+        );
+      }
       for (const l of levels) {
         const size = l.image.totalPages * PAGE_SIZE;
         const all = l.placed.map((p) => ({
@@ -724,11 +788,11 @@ export const pagemapPart = definePart({
         const later = clipMissing(all, lazySpans, true);
         // Served by the lazy pages server after the tree runs (lib/mm/lazy.ts).
         if (later.length) {
-          const file = l.dir.openData(l.image.pagesFile, size);
+          const source = fileSource(l.dir.openData(l.image.pagesFile, size));
           LazyPages.of(ctx.tree.kinds, ctx.log).add(
             ctx.pid,
             lazy,
-            later.map((x) => ({ ...x, file })),
+            later.map((x) => ({ ...x, source })),
           );
         }
         const now = (later.length ? clipMissing(all, lazySpans, false) : all).map((x) => ({
