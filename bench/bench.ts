@@ -114,6 +114,7 @@ async function timedStream(root: number): Promise<number> {
   const amberCmd = `${DENO} run -A ${CLI}`;
   const pipe =
     `set -o pipefail; ${amberCmd} dump -t ${root} --stream | ${amberCmd} restore --stream -d`;
+  const tree = descendants(root);
   const t0 = performance.now();
   let done = false;
   const child = new Deno.Command("/bin/bash", {
@@ -123,10 +124,10 @@ async function timedStream(root: number): Promise<number> {
     stdout: "null",
     stderr: "piped",
   }).spawn();
-  // (Not the pipeline's bash: Deno reaps it, and fails if another did.)
+  // The tree's pids only (not the pipeline's bash: Deno reaps it, and fails if another did).
   const run = child.output().finally(() => done = true);
   while (!done) {
-    reapZombies([child.pid]);
+    reapZombies(tree);
     await new Promise((r) => setTimeout(r, 10));
   }
   const r = await run;

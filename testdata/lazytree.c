@@ -10,8 +10,9 @@
  * - SIGUSR2: forks a process that checks every word and exits 0 or 1:
  *   "fork ok" or "fork BAD";
  * - SIGWINCH: drops 1 MiB in the middle with MADV_DONTNEED (must read as
- *   zeros), moves the last quarter elsewhere with mremap (must keep its
- *   words), unmaps the first MiB, and checks: "ops ok" or "ops BAD at OFF".
+ *   zeros), moves the last quarter elsewhere with mremap and then back and
+ *   forth between two places MOVES times (must keep its words), unmaps the
+ *   first MiB, and checks: "ops ok" or "ops BAD at OFF".
  *   Later checks know about these changes.
  * Never touches stdout/stderr.
  */
@@ -70,14 +71,35 @@ static void report(const char *what, long long bad) {
   say(line);
 }
 
+/*
+ * Moves after the first: each mremap is one amber hears of only after the
+ * kernel moved the pages, while it may be copying pages of that quarter to
+ * where they were (a lazy restore's race, so the test meets it often). A
+ * pause of 0 to 500 us before each, different every time, lets the moves
+ * fall at every point of amber's copies.
+ */
+#define MOVES 200
+
+static void spin_us(long us) {
+  struct timespec t0, t;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  do clock_gettime(CLOCK_MONOTONIC, &t);
+  while ((t.tv_sec - t0.tv_sec) * 1000000L + (t.tv_nsec - t0.tv_nsec) / 1000 < us);
+}
+
 static void do_ops(void) {
   if (madvise(mem + words / 2, MIB, MADV_DONTNEED)) _exit(4);
   moved_from = words - words / 4;
   moved_words = words / 4;
-  void *to = mmap(NULL, moved_words * 8, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (to == MAP_FAILED) _exit(5);
-  moved = mremap(mem + moved_from, moved_words * 8, moved_words * 8, MREMAP_MAYMOVE | MREMAP_FIXED,
-                 to);
+  size_t len = moved_words * 8;
+  void *a = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void *b = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (a == MAP_FAILED || b == MAP_FAILED) _exit(5);
+  moved = mremap(mem + moved_from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, a);
+  for (int i = 0; i < MOVES && moved != MAP_FAILED; i++) {
+    spin_us(i * 37 % 500);
+    moved = mremap(moved, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, moved == a ? b : a);
+  }
   if (moved == MAP_FAILED) _exit(6);
   if (munmap(mem, MIB)) _exit(7);
   ops_done = 1;

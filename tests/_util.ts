@@ -31,8 +31,22 @@ if (libc().prctl(PR_SET_CHILD_SUBREAPER, 1n, 0n, 0n, 0n) !== 0) {
   throw new Error(`prctl(PR_SET_CHILD_SUBREAPER) failed, errno ${lastErrno()}`);
 }
 
-/** Children started through spawnTarget: Deno reaps these itself (child.status). */
+/** Children Deno started that tests wait for by pid (spawnTarget, trackChild): Deno reaps them. */
 const denoChildren = new Map<number, Deno.ChildProcess>();
+
+/**
+ * Lets waitGone, killAndReap and killTree take the pid of a child started
+ * with Deno.Command(...).spawn(): they then wait for its child.status
+ * instead of reaping it, which would make Deno's own wait fail (ECHILD).
+ */
+export function trackChild(child: Deno.ChildProcess): void {
+  denoChildren.set(child.pid, child);
+  // Once Deno has reaped it, the pid is no longer its child: a restored
+  // process may come back with it, ours to reap as the subreaper.
+  child.status.then(() => {
+    if (denoChildren.get(child.pid) === child) denoChildren.delete(child.pid);
+  }, () => {});
+}
 
 /**
  * waitpid(pid, WNOHANG | __WALL) on a process Deno did not start. Returns
@@ -53,16 +67,19 @@ export function ownChildren(): number[] {
 }
 
 /**
- * Reaps every zombie child of the test process that Deno did not start
- * itself (orphans handed to us as subreaper, restored processes). Returns the
- * pids reaped. Deno's own children are left for their `child.status`, and
- * so are `except` (children of a Deno.Command).
+ * Reaps those of `pids` that are zombie children of the test process
+ * (orphans handed to us as subreaper, restored processes) and returns
+ * them. Only pids a test names, the processes of its target trees, never
+ * "every zombie": a child Deno started itself (amber, a pipeline's bash,
+ * gcc) is a zombie of ours for a moment too, and reaping it makes Deno's
+ * own wait for it fail with ECHILD ("No child processes"), thrown where
+ * nobody catches it; nothing here tells such a child from an orphan
+ * (Deno.Command(...).output() shows no pid).
  */
-export function reapZombies(except: number[] = []): number[] {
+export function reapZombies(pids: number[]): number[] {
   const reaped: number[] = [];
-  for (const pid of ownChildren()) {
-    if (denoChildren.has(pid) || except.includes(pid)) continue;
-    if (procState(pid) !== "Z") continue;
+  for (const pid of new Set(pids)) {
+    if (denoChildren.has(pid) || procState(pid) !== "Z") continue;
     if (waitpidNoHang(pid) === pid) reaped.push(pid);
   }
   return reaped;
@@ -284,12 +301,7 @@ export function spawnTarget(argv: string[], opts: SpawnOptions = {}): Target {
     cwd: opts.cwd,
     env: opts.env,
   }).spawn();
-  denoChildren.set(child.pid, child);
-  // Once Deno has reaped it, the pid is no longer its child: a restored
-  // process may come back with it, ours to reap as the subreaper.
-  child.status.then(() => {
-    if (denoChildren.get(child.pid) === child) denoChildren.delete(child.pid);
-  });
+  trackChild(child);
   return { pid: child.pid, child };
 }
 
@@ -326,15 +338,19 @@ export async function waitGone(pid: number, timeoutMs = 10_000): Promise<boolean
   }
 }
 
-/** SIGKILLs PID (if still there) and waits until it is reaped. */
+/**
+ * SIGKILLs PID (if still there) and waits until it is reaped, and reaps
+ * those of its children that had ended already (orphaned, they are ours).
+ */
 export async function killAndReap(pid: number): Promise<void> {
+  const children = childrenOf(pid);
   try {
     Deno.kill(pid, "SIGKILL");
   } catch {
     // already gone (or a zombie)
   }
   if (!(await waitGone(pid))) throw new Error(`process ${pid} did not go away after SIGKILL`);
-  reapZombies();
+  reapZombies(children);
 }
 
 /**
@@ -383,11 +399,11 @@ export async function until(
   await waitFor(() => (pred() ? true : undefined), what, timeoutMs);
 }
 
-/** Reaps what we can until none of `pids` exists any more (not even as a zombie). */
+/** Reaps those of `pids` that are ours until none exists any more (not even as a zombie). */
 export async function waitVanished(pids: number[], timeoutMs = 10_000): Promise<void> {
   await until(
     () => {
-      reapZombies();
+      reapZombies(pids);
       return pids.every((p) => procState(p) === null);
     },
     () =>

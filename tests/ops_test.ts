@@ -26,6 +26,7 @@ import {
   spawnTarget,
   startCounter,
   tempDir,
+  trackChild,
   until,
   unusedPid,
   waitFor,
@@ -173,6 +174,8 @@ function startRun(dir: string, args: string[], n: number, env: Record<string, st
     stdin: "null",
     env: { NO_COLOR: "1", ...env },
   }).spawn();
+  // killTree(run.pid) must wait for its status, not reap it from under Deno.
+  trackChild(child);
   return { child, pid: child.pid, stdout, stderr };
 }
 
@@ -278,7 +281,7 @@ Deno.test("amber run: SIGKILL in the middle of a checkpoint; restore -D DIR/late
     }
     await run.child.status;
     for (const p of all) await waitGone(p);
-    reapZombies();
+    reapZombies(all);
     assert.ok(!isAlive(job), "the job is gone");
     const latest = latestOf(ck)!;
     assert.equal(latest, busy, "latest still names the last complete checkpoint");

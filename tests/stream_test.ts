@@ -115,14 +115,16 @@ Deno.test("two processes sharing memfds (ghost copies, shared memory) go through
   const out = `${tmp.path}/memfd.txt`;
   const t = await startWriter(["setsid", "python3", `${TESTDATA}/memfd.py`, out], out, 5, 30_000);
   try {
-    assert.equal(descendants(t.pid).length, 2, "parent and child (test bug)");
+    const tree = descendants(t.pid);
+    assert.equal(tree.length, 2, "parent and child (test bug)");
     // The dumped child is a zombie of ours (the subreaper) until reaped: restore waits for its pid.
+    // Only the tree's pids: the pipeline's bash is Deno's to reap.
     let done = false;
     const run = pipeline(`${AMBER} dump -t ${t.pid} --stream | ${AMBER} restore --stream -d`, {
       TMPDIR: scratch,
     }).finally(() => done = true);
     while (!done) {
-      reapZombies();
+      reapZombies(tree);
       await sleep(10);
     }
     const p = await run;

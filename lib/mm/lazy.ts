@@ -471,7 +471,8 @@ export class LazyPages {
     const m = s.missing.find((x) => x.start <= page && page < x.end);
     if (!m) {
       const r = uffdZeropage(s.fd, addr, PAGE_SIZE);
-      if (r === -EEXIST) uffdWake(s.fd, addr, PAGE_SIZE);
+      // EEXIST: present after all; ENOENT: unmapped or moved since (its thread meets that itself).
+      if (r === -EEXIST || r === -ENOENT) uffdWake(s.fd, addr, PAGE_SIZE);
       else if (r === -EAGAIN) s.retry.push(page);
       else if (r < 0 && r !== -ENOENT && r !== -ESRCH) {
         throw new SysError(`${s.label}: UFFDIO_ZEROPAGE ${addr.toString(16)}`, -r);
@@ -497,8 +498,19 @@ export class LazyPages {
 
   /**
    * UFFDIO_COPY of pages [from, to) of `m`; they leave the missing list
-   * once placed (or found present, or gone). Returns pages placed, or -1
-   * to try again after the events (the address space is changing).
+   * once placed (or found present, or gone for good). Returns pages
+   * placed, or -1 when none could be settled: try again after the events
+   * (the address space is changing).
+   *
+   * ENOENT (no registered mapping there) is not proof that a page is
+   * gone. The kernel looks the mapping up before it checks for a pending
+   * event, so a copy that meets an mremap answers ENOENT for the old
+   * place while the REMAP event saying where the pages went is still
+   * unread: dropping them then would serve zeros at the new place for
+   * data the image holds. So an ENOENT is asked again, page by page
+   * (a run may also end past its mapping), and a page is dropped only
+   * when a second ask, which checks for pending events first (EAGAIN),
+   * says ENOENT again: it is in no mapping and no event will bring it.
    */
   private async copy(
     s: Space,
@@ -512,36 +524,47 @@ export class LazyPages {
     // The list may have changed while the file was read (events of another space do not touch it,
     // but a drain of this one may have run): copy only what is still missing.
     if (!s.missing.includes(m) || from < m.start || to > m.end) return 0;
+    /** Pages [from, at) are settled: placed, present already, or gone. */
+    let at = from;
     let placed = 0;
-    while (from + placed < to) {
-      const at = from + placed;
-      const r = uffdCopy(
-        s.fd,
-        BigInt(at) * PAGE,
-        addressOfSub(data, placed),
-        (to - at) * PAGE_SIZE,
-      );
+    let pageByPage = false;
+    /** The page whose first ENOENT is being asked again. */
+    let doubted = -1;
+    while (at < to) {
+      const pages = pageByPage ? 1 : to - at;
+      const addr = BigInt(at) * PAGE;
+      const r = uffdCopy(s.fd, addr, addressOfSub(data, at - from), pages * PAGE_SIZE);
       if (r > 0) {
         placed += r / PAGE_SIZE;
+        at += r / PAGE_SIZE;
         continue;
       }
       if (r === -EAGAIN) break;
       if (r === -EEXIST) {
         // Present already (should not happen: every way in faults to amber): keep it, wake.
-        uffdWake(s.fd, BigInt(at) * PAGE, PAGE_SIZE);
-        placed++;
+        uffdWake(s.fd, addr, PAGE_SIZE);
+        at++;
         continue;
       }
-      if (r === -ENOENT || r === -ESRCH) {
-        // Unmapped meanwhile, or the process is gone: nothing to fill there.
-        s.missing = clipMissing(s.missing, [[at, to]], false);
-        if (r === -ESRCH) s.missing = [];
-        break;
+      if (r === -ESRCH) {
+        // The process is gone (or has exec'd): nothing more to fill in it.
+        s.missing = [];
+        return placed;
       }
-      throw new SysError(`${s.label}: UFFDIO_COPY ${(BigInt(at) * PAGE).toString(16)}`, -r);
+      if (r === -ENOENT && pages > 1) {
+        pageByPage = true;
+      } else if (r === -ENOENT && doubted !== at) {
+        doubted = at;
+      } else if (r === -ENOENT) {
+        // In no registered mapping, no event pending: a fault there never comes to amber.
+        uffdWake(s.fd, addr, PAGE_SIZE);
+        at++;
+      } else {
+        throw new SysError(`${s.label}: UFFDIO_COPY ${addr.toString(16)}`, -r);
+      }
     }
-    if (placed) s.missing = clipMissing(s.missing, [[from, from + placed]], false);
-    return placed === 0 && from < to ? -1 : placed;
+    if (at > from) s.missing = clipMissing(s.missing, [[from, at]], false);
+    return at === from ? -1 : placed;
   }
 }
 
