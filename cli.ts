@@ -81,6 +81,15 @@ const TCP_ESTABLISHED: Flag = {
   help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
 };
 
+const ACTION_SCRIPT: Flag = {
+  long: "action-script",
+  value: "SCRIPT",
+  multiple: true,
+  help: "shell code (sh -c) run at each step with CRTOOLS_SCRIPT_ACTION set (pre-dump, " +
+    "network-lock, post-dump, network-unlock, pre-restore, post-restore); see docs/NETWORK.md",
+};
+const actionScripts = (v: Values) => v["action-script"] as string[] | undefined;
+
 const EXT_UNIX_SK: Flag = {
   long: "ext-unix-sk",
   help: "a unix socket whose outside peer has a name (/dev/log) is connected to it again",
@@ -370,6 +379,7 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      ACTION_SCRIPT,
       EXT_UNIX_SK,
       {
         long: "external",
@@ -417,6 +427,7 @@ const COMMANDS: Command[] = [
           extUnixSk: !!v["ext-unix-sk"],
           prevImagesDir: v["prev-images-dir"] as string | undefined,
           trackMem: !!v["track-mem"],
+          actionScripts: actionScripts(v),
           log: detail,
           progress: progress?.callback,
         });
@@ -497,6 +508,7 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      ACTION_SCRIPT,
       { ...EXT_UNIX_SK, help: "accepted as CRIU's (the images say which sockets reconnect)" },
       {
         long: "inherit-fd",
@@ -543,6 +555,7 @@ const COMMANDS: Command[] = [
           shellJob: !!v["shell-job"],
           allowChangedFiles: !!v["allow-changed-files"],
           inheritFds: inheritFdArgs(v["inherit-fd"]),
+          actionScripts: actionScripts(v),
           log: detail,
           progress: progress?.callback,
         });
@@ -610,6 +623,12 @@ const COMMANDS: Command[] = [
         help: "pre-copy rounds at most before the final one (default 5; 0: none)",
       },
       SHELL_JOB,
+      {
+        ...TCP_ESTABLISHED,
+        help: "TCP sockets move with the tree (connections with TCP_REPAIR); their addresses " +
+          "must be up at the destination when it restores (--action-script moves them)",
+      },
+      ACTION_SCRIPT,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -628,6 +647,8 @@ const COMMANDS: Command[] = [
           to,
           maxRounds: rounds === undefined ? undefined : Number(rounds),
           shellJob: !!v["shell-job"],
+          tcpEstablished: !!v["tcp-established"],
+          actionScripts: actionScripts(v),
           log: detail,
         });
         detail(
@@ -653,6 +674,7 @@ const COMMANDS: Command[] = [
         help: "run the tree before its anonymous memory is in and serve it from the rounds as " +
           "it is touched (restore --lazy-pages); exit once all is in",
       },
+      ACTION_SCRIPT,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -667,6 +689,7 @@ const COMMANDS: Command[] = [
           port,
           dir: v["images-dir"] as string | undefined,
           lazyPages: !!v["lazy-pages"],
+          actionScripts: actionScripts(v),
           log: detail,
           listening: (p) => console.error(`amber migrate-receive: listening on ${address}:${p}`),
         });
@@ -789,6 +812,7 @@ const CRIU_FLAGS = new Set([
   "prev-images-dir",
   "track-mem",
   "tcp-established",
+  "action-script",
   "ext-unix-sk",
   "ghost-limit",
   "external",

@@ -15,6 +15,17 @@
  * the round number, 1 if final). After a pre-copy round the receiver
  * replies (streaming.ts's reply) once the round is stored; after the
  * final one, twice: stored, then restored (its pids) or refused (why).
+ * Between those two the sender says go (or why not: a post-dump action
+ * script failed) in the same form, once its post-dump scripts ran, so
+ * an address the source gives up is gone before the destination's
+ * pre-restore scripts bring it up there.
+ *
+ * With --tcp-established the tree's TCP sockets move with it: each
+ * round checkpoints them as a dump does, the final round under the
+ * source's network lock; the receiver locks the connections again in its
+ * own network before its pre-restore scripts run (lib/restore.ts), and
+ * the source's lock goes once its sockets were closed in repair mode.
+ * Moving the addresses is the operator's (--action-script).
  *
  * When the source tree ends: only once the receiver said the tree runs
  * there. Any failure said or seen before that (a refusal, a closed
@@ -27,6 +38,7 @@
  */
 import { AmberError, faultPointAsync } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
 import type { LazyStats } from "./mm/lazy.ts";
@@ -65,6 +77,19 @@ export interface MigrateRequest {
   maxRounds?: number;
   /** The tree is a job of a shell (CRIU's --shell-job). */
   shellJob?: boolean;
+  /**
+   * TCP sockets move with the tree, established connections checkpointed
+   * as `dump --tcp-established` does; their addresses must be in the
+   * destination's network when it restores (an action script moves them).
+   */
+  tcpEstablished?: boolean;
+  /**
+   * Shell code run here at pre-dump (before the first round), network-lock
+   * (the final round frozen), post-dump (the final round stored there,
+   * before it restores) and network-unlock (the tree resumes here after a
+   * failure) (CRIU's --action-script; lib/actions.ts).
+   */
+  actionScripts?: string[];
   /** Print the detail lines (per round, per part) on stderr. */
   verbose?: boolean;
   /** Receives every detail line (what -v prints). */
@@ -160,6 +185,26 @@ function leaveStopped(pid: number, where: string, e: unknown): AmberError {
   );
 }
 
+/**
+ * The final round is stored there: post-dump runs here, then the receiver
+ * hears go, or why not (it then removes what it received; the tree
+ * resumes here).
+ */
+async function sayGo(
+  conn: Deno.TcpConn,
+  scripts: string[] | undefined,
+  env: { initPid: number },
+  where: string,
+): Promise<void> {
+  try {
+    runActionScripts(scripts, "post-dump", env);
+  } catch (e) {
+    await writeReply(conn, reply(false, messageOf(e))).catch(() => {});
+    throw e;
+  }
+  await writeAll(conn, reply(true), where);
+}
+
 /** Moves the tree at `req.pid` to the amber at `req.to`. */
 export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   const t0 = performance.now();
@@ -188,10 +233,12 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     return got && !got.ok ? new AmberError(`${where}: ${got.text}`) : e;
   };
   const rounds: MigrateRound[] = [];
+  const scriptEnv = { initPid: req.pid };
   let destination: MigrateResult["destination"] | undefined;
   let parent: Parent | undefined;
   let last: DumpStats | undefined;
   try {
+    runActionScripts(req.actionScripts, "pre-dump", scriptEnv);
     for (let round = 1;; round++) {
       await guard.checkpoint();
       const pre = rounds.filter((r) => !r.final);
@@ -205,6 +252,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
           ? async () => {
             // Stored there: until this reply, any failure (SIGINT too) resumes the tree here.
             await Promise.race([readReply(conn, where), guard.stopped]);
+            await sayGo(conn, req.actionScripts, scriptEnv, where);
             let said: { ok: boolean; text: string };
             try {
               said = await Promise.race([readReplyMessage(conn, where), guard.stopped]);
@@ -225,6 +273,8 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
       last = await dumpTree({
         pid: req.pid,
         shellJob: req.shellJob,
+        tcpEstablished: req.tcpEstablished,
+        actionScripts: req.actionScripts,
         verbose: req.verbose,
         log: req.log,
         signal: req.signal,
@@ -299,6 +349,11 @@ export interface MigrateReceiveRequest {
   log?: LogLine;
   /** Aborting it stops the receiver as SIGINT does: what was received is removed. */
   signal?: AbortSignal;
+  /**
+   * Shell code run at the restore's network-lock, pre-restore,
+   * post-restore and network-unlock (restore's actionScripts).
+   */
+  actionScripts?: string[];
   /**
    * Restore the tree with lazy pages (restore --lazy-pages): it runs as
    * soon as all but its anonymous memory is in, which the receiver then
@@ -428,12 +483,15 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
       await writeReply(conn, reply(true));
       if (!final) continue;
+      // The sender's post-dump scripts ran (or failed: its word says why).
+      await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
       await faultPointAsync("migrate-before-restore");
       const restored = await restoreTree({
         dir,
         detached: true,
         migrated: true,
         lazyPages: req.lazyPages,
+        actionScripts: req.actionScripts,
         verbose: req.verbose,
         log: req.log,
         signal: req.signal,
