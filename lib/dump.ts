@@ -13,6 +13,7 @@ import {
   AmberError,
   faultPointAsync,
   RefusalError,
+  UnknownOutcomeError,
   UsageError,
   withContext,
   withContextAsync,
@@ -441,18 +442,19 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
   let snapshot: SnapshotStats | undefined;
   // Objects a kind changed while dumping (TCP repair mode) go back first,
   // then the network lock goes: the tree runs as it was.
-  const resume = () => {
+  // (A migration whose destination may run the tree keeps the network locked.)
+  const resume = (keepNetwork = false) => {
     frozenMs = performance.now() - tree.frozenAt;
     try {
       endKinds(state, "resume");
     } finally {
-      if (state.netLock) unlock(state.netLock);
-      state.netLock = undefined;
+      if (state.netLock && !keepNetwork) unlock(state.netLock);
+      if (!keepNetwork) state.netLock = undefined;
       tree.release();
       running = true;
     }
     // The operator's part of the lock goes once amber's has (a moved address comes back).
-    if (networkLocked) {
+    if (networkLocked && !keepNetwork) {
       networkLocked = false;
       runActionScripts(scripts, "network-unlock", scriptEnv);
     }
@@ -548,13 +550,22 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (!req.migrationRound) postDump(scripts, scriptEnv, options.leaveRunning);
   } catch (e) {
     closeSnapshots(state.kinds);
+    const unknown = e instanceof UnknownOutcomeError;
+    const kept = unknown ? state.netLock : undefined;
     if (!running) {
       disarmArmed(state.kinds);
-      withContext("resuming the tree after a failed dump", resume);
+      withContext("resuming the tree after a failed dump", () => resume(unknown));
     }
     for (const p of state.preparedPages.values()) p.file.close();
     closeParent(state);
     dir.discard();
+    if (kept) {
+      throw new UnknownOutcomeError(
+        `${(e as Error).message}; its connections stay locked (nft table inet ${kept}): ` +
+          "delete it too if the tree goes on here",
+        { cause: e },
+      );
+    }
     throw e;
   }
   closeParent(state);

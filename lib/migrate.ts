@@ -36,7 +36,7 @@
  * the source tree is left stopped (SIGSTOP) and amber says so; whoever
  * knows what the destination did sends it SIGCONT or SIGKILL.
  */
-import { AmberError, faultPointAsync } from "./errors.ts";
+import { AmberError, faultPointAsync, UnknownOutcomeError } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
@@ -161,9 +161,6 @@ const Restored = {
   },
 };
 
-/** The receiver may or may not run the tree: this one is left stopped. */
-class UnknownOutcome extends AmberError {}
-
 /**
  * A receiver that stored the final round and then went silent: the tree
  * may run there. Stopped here, neither resumed nor killed (see the top).
@@ -175,7 +172,7 @@ function leaveStopped(pid: number, where: string, e: unknown): AmberError {
       Deno.kill(p, "SIGSTOP");
     } catch { /* gone */ }
   }
-  return new UnknownOutcome(
+  return new UnknownOutcomeError(
     `${where}: ${
       messageOf(e).replace(`${where}: `, "")
     } after it stored the final round: it may run the tree; ` +
@@ -305,7 +302,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     }
   } catch (e) {
     // The tree runs on here: without the trackers the pre-copy rounds armed.
-    if (!(e instanceof UnknownOutcome)) {
+    if (!(e instanceof UnknownOutcomeError)) {
       try {
         disarmTree(req.pid);
       } catch (d) {

@@ -8,7 +8,7 @@
  * pre-restore). The client checks every reply follows the one before.
  */
 import assert from "node:assert/strict";
-import { assertExit, readLines, tempDir, waitGone } from "./_util.ts";
+import { assertExit, procState, readLines, tempDir, waitGone } from "./_util.ts";
 import {
   addClient,
   amberIn,
@@ -151,5 +151,34 @@ Deno.test({
     assert.deepEqual((await actions(net.srcLog)).at(-1), "network-unlock");
     await goesOn(redis);
     assert.deepEqual(await lockTables(hosts.dst), [], "no lock left at the destination");
+  },
+});
+
+Deno.test({
+  name: "a destination that dies after restoring, before answering: the source's redis-server " +
+    "is left stopped with its connections locked, the client goes on with the destination",
+  ignore: !haveRedis,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    const net = await addClient(hosts, tmp.path);
+    await using _recv = await startReceiver(hosts, tmp.path, ["--action-script", net.dstScript], {
+      AMBER_TEST_FAULT: "migrate-after-restore:SIGKILL",
+    });
+    await using redis = await startRedis(tmp.path, hosts.src, net, KEYS);
+    const r = await amberIn(hosts.src, [
+      "migrate",
+      ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
+      ...["--action-script", net.srcScript],
+    ]);
+    assertExit(r, 1, "migrate, no answer");
+    const table = /its connections stay locked \(nft table inet (amber_\w+)\)/.exec(r.stderr)?.[1];
+    assert.ok(table, r.stderr);
+    assert.match(r.stderr, /it may run the tree; the tree is left stopped here/);
+    assert.equal(procState(redis.pid), "T");
+    assert.deepEqual(await lockTables(hosts.src), [`table inet ${table}`]);
+    assert.deepEqual(await actions(net.srcLog), ["pre-dump", "network-lock", "post-dump"]);
+    assert.ok(movedRedis(redis.pid), "the destination runs it");
+    await goesOn(redis);
   },
 });
