@@ -52,21 +52,46 @@ async function goesOn(redis: Redis) {
   return c;
 }
 
+/** The three hosts, the receiver and redis-server with its client, as one test uses them. */
+async function scene(dir: string, opts: { dstScript?: boolean; fault?: string } = {}) {
+  await using stack = new AsyncDisposableStack();
+  const hosts = stack.use(await makeHosts());
+  const net = await addClient(hosts, dir);
+  const recv = stack.use(
+    await startReceiver(
+      hosts,
+      dir,
+      opts.dstScript === false ? [] : ["--action-script", net.dstScript],
+      opts.fault ? { AMBER_TEST_FAULT: opts.fault } : {},
+    ),
+  );
+  const redis = stack.use(await startRedis(dir, hosts.src, net, KEYS));
+  const resources = stack.move();
+  return {
+    hosts,
+    net,
+    recv,
+    redis,
+    /** amber migrate --tcp-established with the source's script, from the source. */
+    migrate: (...extra: string[]) =>
+      amberIn(hosts.src, [
+        "migrate",
+        ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
+        ...["--action-script", net.srcScript, ...extra],
+      ]),
+    [Symbol.asyncDispose]: () => resources.disposeAsync(),
+  };
+}
+
 Deno.test({
   name: "migrate --tcp-established moves redis-server and its address; its client sees every " +
     "INCR answered in order on one connection",
   ignore: !haveRedis,
   async fn() {
     await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const net = await addClient(hosts, tmp.path);
-    await using recv = await startReceiver(hosts, tmp.path, ["--action-script", net.dstScript]);
-    await using redis = await startRedis(tmp.path, hosts.src, net, KEYS);
-    const r = await amberIn(hosts.src, [
-      "migrate",
-      ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
-      ...["--action-script", net.srcScript, "--json"],
-    ]);
+    await using sc = await scene(tmp.path);
+    const { hosts, net, recv, redis } = sc;
+    const r = await sc.migrate("--json");
     assertExit(r, 0, "migrate");
     assert.ok(await waitGone(redis.pid), "no redis-server left at the source");
     const got = await recv.result();
@@ -100,17 +125,9 @@ Deno.test({
   ignore: !haveRedis,
   async fn() {
     await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const net = await addClient(hosts, tmp.path);
-    await using recv = await startReceiver(hosts, tmp.path, ["--action-script", net.dstScript], {
-      AMBER_TEST_FAULT: "migrate-before-restore",
-    });
-    await using redis = await startRedis(tmp.path, hosts.src, net, KEYS);
-    const r = await amberIn(hosts.src, [
-      "migrate",
-      ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
-      ...["--action-script", net.srcScript],
-    ]);
+    await using sc = await scene(tmp.path, { fault: "migrate-before-restore" });
+    const { hosts, net, recv, redis } = sc;
+    const r = await sc.migrate();
     assertExit(r, 1, "migrate to a refusing destination");
     assert.match(r.stderr, /injected test fault at migrate-before-restore/);
     assert.equal((await recv.result()).code, 1);
@@ -133,15 +150,9 @@ Deno.test({
   ignore: !haveRedis,
   async fn() {
     await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const net = await addClient(hosts, tmp.path);
-    await using recv = await startReceiver(hosts, tmp.path);
-    await using redis = await startRedis(tmp.path, hosts.src, net, KEYS);
-    const r = await amberIn(hosts.src, [
-      "migrate",
-      ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
-      ...["--action-script", net.srcScript],
-    ]);
+    await using sc = await scene(tmp.path, { dstScript: false });
+    const { hosts, net, recv, redis } = sc;
+    const r = await sc.migrate();
     assertExit(r, 1, "migrate to a destination without the address");
     assert.match(
       r.stderr,
@@ -160,17 +171,9 @@ Deno.test({
   ignore: !haveRedis,
   async fn() {
     await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const net = await addClient(hosts, tmp.path);
-    await using _recv = await startReceiver(hosts, tmp.path, ["--action-script", net.dstScript], {
-      AMBER_TEST_FAULT: "migrate-after-restore:SIGKILL",
-    });
-    await using redis = await startRedis(tmp.path, hosts.src, net, KEYS);
-    const r = await amberIn(hosts.src, [
-      "migrate",
-      ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
-      ...["--action-script", net.srcScript],
-    ]);
+    await using sc = await scene(tmp.path, { fault: "migrate-after-restore:SIGKILL" });
+    const { hosts, net, redis } = sc;
+    const r = await sc.migrate();
     assertExit(r, 1, "migrate, no answer");
     const table = /its connections stay locked \(nft table inet (amber_\w+)\)/.exec(r.stderr)?.[1];
     assert.ok(table, r.stderr);
