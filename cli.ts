@@ -85,8 +85,7 @@ const ACTION_SCRIPT: Flag = {
   long: "action-script",
   value: "SCRIPT",
   multiple: true,
-  help: "shell code (sh -c) run at each step with CRTOOLS_SCRIPT_ACTION set (pre-dump, " +
-    "network-lock, post-dump, network-unlock, pre-restore, post-restore); see docs/NETWORK.md",
+  help: "run sh -c SCRIPT at each step, CRTOOLS_SCRIPT_ACTION naming it (docs/NETWORK.md)",
 };
 const actionScripts = (v: Values) => v["action-script"] as string[] | undefined;
 
@@ -625,8 +624,8 @@ const COMMANDS: Command[] = [
       SHELL_JOB,
       {
         ...TCP_ESTABLISHED,
-        help: "TCP sockets move with the tree (connections with TCP_REPAIR); their addresses " +
-          "must be up at the destination when it restores (--action-script moves them)",
+        help: "TCP sockets move too (TCP_REPAIR); their addresses must be up there by its " +
+          "restore (--action-script)",
       },
       ACTION_SCRIPT,
       VERBOSE,
