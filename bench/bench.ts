@@ -573,7 +573,7 @@ async function redisMigratePause(mib: number): Promise<void> {
     return;
   }
   const keys = Math.round(mib * 1048576 / REDIS_KEY_BYTES);
-  const gaps: number[] = [], frozen: number[] = [], rounds: string[] = [];
+  const gaps: number[] = [], frozen: number[] = [], rounds: string[] = [], pauses: string[] = [];
   let replies = 0, wrong = 0;
   for (let i = 0; i < ROUNDS; i++) {
     await using tmp = await tempDir("amber-bench-");
@@ -597,6 +597,7 @@ async function redisMigratePause(mib: number): Promise<void> {
     if (await redisCli(net, "DBSIZE") !== String(keys + 1)) throw new Error("redis-migrate: keys");
     const m = JSON.parse(r.stdout);
     gaps.push(c.gapMs);
+    pauses.push(c.pauses.map((p) => p.toFixed(0)).join(" "));
     frozen.push(m.frozenMs);
     rounds.push(`${m.preCopyRounds} pre-copy, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB`);
     replies += c.n;
@@ -605,7 +606,8 @@ async function redisMigratePause(mib: number): Promise<void> {
   console.log(
     `redis-migrate: redis-server, ${mib} MiB (${keys} keys), migrated between network ` +
       `namespaces with its address, one client sending INCR (ms): longest pause between ` +
-      `replies ${both(gaps)}, final round frozen ${both(frozen)} [${rounds.join("; ")}]; ` +
+      `replies ${both(gaps)} (pauses over 100 ms in each round: ${pauses.join("; ")}), final ` +
+      `round frozen ${both(frozen)} [${rounds.join("; ")}]; ` +
       `${replies} replies, ${wrong} out of sequence or lost`,
   );
 }

@@ -2,7 +2,8 @@
 
 usage: incr_client.py OUT STOP ADDR PORT
 
-Writes "connected", then "at N VALUE" every 100 replies to OUT; once the
+Writes "connected", then "at N VALUE" every 100 replies to OUT, and "pause
+MS" for each time between two replies longer than 100 ms; once the
 file STOP exists, "done REPLIES LAST OUT_OF_SEQUENCE LONGEST_PAUSE_MS"; on
 any error (a reset, end of file, an error reply) "error WHAT after N
 replies", exit status 1. A reply out of sequence is one whose value is not
@@ -33,6 +34,8 @@ try:
             buf += d
         line, buf = buf.split(b"\r\n", 1)
         now = time.monotonic()
+        if now - t > 0.1:
+            f.write("pause %.1f\n" % ((now - t) * 1000))
         gap, t = max(gap, now - t), now
         if not line.startswith(b":"):
             raise ValueError("reply %r" % line)

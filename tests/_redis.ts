@@ -58,6 +58,8 @@ export interface ClientEnd {
   wrong: number;
   /** The longest time between two replies, ms. */
   gapMs: number;
+  /** Every time between two replies longer than 100 ms, ms, in order. */
+  pauses: number[];
 }
 
 export interface Redis extends AsyncDisposable {
@@ -134,7 +136,8 @@ export async function startRedis(
       const last = lines.find((l) => l.startsWith("done") || l.startsWith("error"));
       if (!last?.startsWith("done")) throw new Error(`client: ${last}`);
       const [n, value, wrong, gapMs] = last.split(" ").slice(1).map(Number);
-      return { n, last: value, wrong, gapMs };
+      const pauses = lines.filter((l) => l.startsWith("pause ")).map((l) => Number(l.slice(6)));
+      return { n, last: value, wrong, gapMs, pauses };
     },
     async [Symbol.asyncDispose]() {
       await end();
