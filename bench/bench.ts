@@ -564,8 +564,9 @@ const REDIS_KEY_BYTES = 393;
  * redis-server holding `mib` MiB of keys migrated (`migrate
  * --tcp-established`, tests/migrate_tcp_test.ts) between two network
  * namespaces with its service address, while a client in a third sends
- * INCR on one connection: the longest pause between two replies the
- * client saw, and what the source's rounds were frozen.
+ * INCR on one connection, ROUNDS times with a plain receiver and with
+ * `migrate-receive --lazy-pages`, alternating: the longest pause between
+ * two replies the client saw, and how long the final round froze redis.
  */
 async function redisMigratePause(mib: number): Promise<void> {
   if (!haveRedis) {
@@ -573,43 +574,65 @@ async function redisMigratePause(mib: number): Promise<void> {
     return;
   }
   const keys = Math.round(mib * 1048576 / REDIS_KEY_BYTES);
-  const gaps: number[] = [], frozen: number[] = [], rounds: string[] = [], pauses: string[] = [];
-  let replies = 0, wrong = 0;
+  const runs = { eager: [] as RedisMigration[], lazy: [] as RedisMigration[] };
   for (let i = 0; i < ROUNDS; i++) {
-    await using tmp = await tempDir("amber-bench-");
-    await warmMemory(tmp.path, mib * 3 * 1048576);
-    await using hosts = await makeHosts();
-    const net = await addClient(hosts, tmp.path);
-    await using recv = await startReceiver(hosts, tmp.path, ["--action-script", net.dstScript]);
-    await using redis = await startRedis(tmp.path, hosts.src, net, keys);
-    const r = await amberIn(hosts.src, [
-      "migrate",
-      ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
-      ...["--action-script", net.srcScript, "--json"],
-    ]);
-    if (r.code !== 0) throw new Error(`redis-migrate: ${r.stderr.trim()}`);
-    if ((await recv.result()).code !== 0 || !movedRedis(redis.pid)) {
-      throw new Error("redis-migrate: redis-server does not run at the destination");
+    for (const lazy of [false, true]) {
+      await using tmp = await tempDir("amber-bench-");
+      await warmMemory(tmp.path, mib * 3 * 1048576);
+      runs[lazy ? "lazy" : "eager"].push(await redisMigrateOnce(tmp.path, keys, lazy));
     }
-    const at = await redis.replies();
-    while (await redis.replies() < at + 200) await new Promise((r) => setTimeout(r, 20));
-    const c = await redis.stop();
-    if (await redisCli(net, "DBSIZE") !== String(keys + 1)) throw new Error("redis-migrate: keys");
-    const m = JSON.parse(r.stdout);
-    gaps.push(c.gapMs);
-    pauses.push(c.pauses.map((p) => p.toFixed(0)).join(" "));
-    frozen.push(m.frozenMs);
-    rounds.push(`${m.preCopyRounds} pre-copy, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB`);
-    replies += c.n;
-    wrong += c.wrong + (c.last === c.n ? 0 : 1);
   }
+  const all = [...runs.eager, ...runs.lazy];
+  const line = (rs: RedisMigration[]) =>
+    `longest pause ${both(rs.map((r) => r.gapMs))}, final round frozen ` +
+    `${both(rs.map((r) => r.frozenMs))} [${rs.map((r) => r.rounds).join("; ")}]`;
   console.log(
     `redis-migrate: redis-server, ${mib} MiB (${keys} keys), migrated between network ` +
-      `namespaces with its address, one client sending INCR (ms): longest pause between ` +
-      `replies ${both(gaps)} (pauses over 100 ms in each round: ${pauses.join("; ")}), final ` +
-      `round frozen ${both(frozen)} [${rounds.join("; ")}]; ` +
-      `${replies} replies, ${wrong} out of sequence or lost`,
+      `namespaces with its address, one client sending INCR (ms): ${line(runs.eager)}; with ` +
+      `migrate-receive --lazy-pages ${line(runs.lazy)}; ` +
+      `${all.reduce((n, r) => n + r.replies, 0)} replies, ` +
+      `${all.reduce((n, r) => n + r.wrong, 0)} out of sequence or lost`,
   );
+}
+
+interface RedisMigration {
+  gapMs: number;
+  frozenMs: number;
+  /** Pre-copy rounds, the final round's pages, the client's pauses over 100 ms. */
+  rounds: string;
+  replies: number;
+  wrong: number;
+}
+
+/** One migration of a new redis-server between new hosts. */
+async function redisMigrateOnce(dir: string, keys: number, lazy: boolean): Promise<RedisMigration> {
+  await using hosts = await makeHosts();
+  const net = await addClient(hosts, dir);
+  const recvArgs = ["--action-script", net.dstScript, ...(lazy ? ["--lazy-pages"] : [])];
+  await using recv = await startReceiver(hosts, dir, recvArgs);
+  await using redis = await startRedis(dir, hosts.src, net, keys);
+  const r = await amberIn(hosts.src, [
+    "migrate",
+    ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
+    ...["--action-script", net.srcScript, "--json"],
+  ]);
+  if (r.code !== 0) throw new Error(`redis-migrate: ${r.stderr.trim()}`);
+  if ((await recv.result()).code !== 0 || !movedRedis(redis.pid)) {
+    throw new Error("redis-migrate: redis-server does not run at the destination");
+  }
+  const at = await redis.replies();
+  while (await redis.replies() < at + 200) await new Promise((r) => setTimeout(r, 20));
+  const c = await redis.stop();
+  if (await redisCli(net, "DBSIZE") !== String(keys + 1)) throw new Error("redis-migrate: keys");
+  const m = JSON.parse(r.stdout);
+  return {
+    gapMs: c.gapMs,
+    frozenMs: m.frozenMs,
+    rounds: `${m.preCopyRounds} pre-copy, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB, ` +
+      `pauses ${c.pauses.map((p) => p.toFixed(0)).join(" ")}`,
+    replies: c.n,
+    wrong: c.wrong + (c.last === c.n ? 0 : 1),
+  };
 }
 
 /**
