@@ -607,7 +607,7 @@ interface RedisMigration {
 /** One migration of a new redis-server between new hosts. */
 async function redisMigrateOnce(dir: string, keys: number, lazy: boolean): Promise<RedisMigration> {
   await using hosts = await makeHosts();
-  const net = await addClient(hosts, dir);
+  await using net = await addClient(hosts, dir);
   const recvArgs = ["--action-script", net.dstScript, ...(lazy ? ["--lazy-pages"] : [])];
   await using recv = await startReceiver(hosts, dir, recvArgs);
   await using redis = await startRedis(dir, hosts.src, net, keys);

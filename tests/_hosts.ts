@@ -81,8 +81,8 @@ export const SERVICE_ADDR = "10.213.9.1";
 const CLIENT_ADDR = "10.213.1.1", SRC_SIDE = "10.213.1.2";
 const CLIENT_ADDR2 = "10.213.2.1", DST_SIDE = "10.213.2.2";
 
-/** A third namespace whose clients reach SERVICE_ADDR, and how to move it. */
-export interface ClientNet {
+/** A third namespace whose clients reach SERVICE_ADDR, and how to move it (disposing deletes it). */
+export interface ClientNet extends AsyncDisposable {
   /** The client's network namespace. */
   cli: string;
   /** Action script moving SERVICE_ADDR out of the source (`amber migrate --action-script`). */
@@ -105,11 +105,21 @@ export interface ClientNet {
 export async function addClient(hosts: Hosts, dir: string): Promise<ClientNet> {
   const cli = `${hosts.src.slice(0, -1)}c`;
   await ip("netns", "add", cli);
-  const prev = hosts[Symbol.asyncDispose].bind(hosts);
-  hosts[Symbol.asyncDispose] = async () => {
-    await prev();
-    await ip("netns", "del", cli).catch(() => {});
-  };
+  const remove = () => ip("netns", "del", cli).catch(() => {});
+  try {
+    return await setUpClient(hosts, dir, cli, remove);
+  } catch (e) {
+    await remove();
+    throw e;
+  }
+}
+
+async function setUpClient(
+  hosts: Hosts,
+  dir: string,
+  cli: string,
+  remove: () => Promise<void>,
+): Promise<ClientNet> {
   const tag = cli.slice(0, -1);
   const pair = async (ns: string, dev: string, mine: string, theirs: string) => {
     await ip(
@@ -154,6 +164,7 @@ export async function addClient(hosts: Hosts, dir: string): Promise<ClientNet> {
     cli,
     srcLog,
     dstLog,
+    [Symbol.asyncDispose]: remove,
     srcScript: script(
       `${dir}/src-actions.sh`,
       srcLog,

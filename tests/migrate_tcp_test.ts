@@ -56,7 +56,7 @@ async function goesOn(redis: Redis) {
 async function scene(dir: string, opts: { dstScript?: boolean; fault?: string } = {}) {
   await using stack = new AsyncDisposableStack();
   const hosts = stack.use(await makeHosts());
-  const net = await addClient(hosts, dir);
+  const net = stack.use(await addClient(hosts, dir));
   const recv = stack.use(
     await startReceiver(
       hosts,
