@@ -86,6 +86,14 @@ const TCP_ESTABLISHED: Flag = {
   help: "checkpoint established TCP connections (TCP_REPAIR, packets dropped meanwhile)",
 };
 
+const ACTION_SCRIPT: Flag = {
+  long: "action-script",
+  value: "SCRIPT",
+  multiple: true,
+  help: "run sh -c SCRIPT at each step, CRTOOLS_SCRIPT_ACTION naming it (docs/NETWORK.md)",
+};
+const actionScripts = (v: Values) => v["action-script"] as string[] | undefined;
+
 const EXT_UNIX_SK: Flag = {
   long: "ext-unix-sk",
   help: "a unix socket whose outside peer has a name (/dev/log) is connected to it again",
@@ -413,6 +421,7 @@ const COMMANDS: Command[] = [
       AIO_TIMEOUT,
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      ACTION_SCRIPT,
       EXT_UNIX_SK,
       {
         long: "external",
@@ -467,6 +476,7 @@ const COMMANDS: Command[] = [
           extUnixSk: !!v["ext-unix-sk"],
           prevImagesDir: v["prev-images-dir"] as string | undefined,
           trackMem: !!v["track-mem"],
+          actionScripts: actionScripts(v),
           log: detail,
           progress: progress?.callback,
         });
@@ -550,6 +560,7 @@ const COMMANDS: Command[] = [
       },
       FILE_LOCKS,
       TCP_ESTABLISHED,
+      ACTION_SCRIPT,
       { ...EXT_UNIX_SK, help: "accepted as CRIU's (the images say which sockets reconnect)" },
       {
         long: "inherit-fd",
@@ -629,6 +640,7 @@ const COMMANDS: Command[] = [
           shellJob: !!v["shell-job"],
           allowChangedFiles: !!v["allow-changed-files"],
           inheritFds: inheritFdArgs(v["inherit-fd"]),
+          actionScripts: actionScripts(v),
           log: detail,
           progress: progress?.callback,
         });
@@ -702,6 +714,12 @@ const COMMANDS: Command[] = [
           "it the tree resumes here",
       },
       SHELL_JOB,
+      {
+        ...TCP_ESTABLISHED,
+        help: "TCP sockets move too (TCP_REPAIR); their addresses must be up there by its " +
+          "restore (--action-script)",
+      },
+      ACTION_SCRIPT,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -722,6 +740,8 @@ const COMMANDS: Command[] = [
           timeoutMs: timeout === undefined ? undefined : timeout * 1000,
           maxRounds: rounds === undefined ? undefined : Number(rounds),
           shellJob: !!v["shell-job"],
+          tcpEstablished: !!v["tcp-established"],
+          actionScripts: actionScripts(v),
           log: detail,
         });
         detail(
@@ -747,6 +767,7 @@ const COMMANDS: Command[] = [
         help: "run the tree before its anonymous memory is in and serve it from the rounds as " +
           "it is touched (restore --lazy-pages); exit once all is in",
       },
+      ACTION_SCRIPT,
       VERBOSE,
       LOG_FILE,
       JSON_OUT,
@@ -761,6 +782,7 @@ const COMMANDS: Command[] = [
           port,
           dir: v["images-dir"] as string | undefined,
           lazyPages: !!v["lazy-pages"],
+          actionScripts: actionScripts(v),
           log: detail,
           listening: (p) => console.error(`amber migrate-receive: listening on ${address}:${p}`),
         });
@@ -883,6 +905,7 @@ const CRIU_FLAGS = new Set([
   "prev-images-dir",
   "track-mem",
   "tcp-established",
+  "action-script",
   "ext-unix-sk",
   "ghost-limit",
   "external",

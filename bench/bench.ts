@@ -7,6 +7,7 @@
  *   deno task bench [--vs-criu] [MiB ...]
  *   deno task bench redis        (only the redis pause)
  *   deno task bench migrate      (only the migration pause)
+ *   deno task bench redis-migrate [MiB] (only redis-server migrated, default 2048 MiB)
  *   deno task bench lazy [MiB ...] (only the lazy restore rows)
  *
  * Then lazy restore (restore --lazy-pages -d) of the memory cases: until
@@ -44,6 +45,7 @@ import {
   waitVanished,
 } from "../tests/_util.ts";
 import {
+  addClient,
   amberIn,
   DST_ADDR,
   hostPid,
@@ -54,13 +56,17 @@ import {
   startReceiver,
   usable,
 } from "../tests/_hosts.ts";
+import { haveRedis, movedRedis, redisCli, startRedis } from "../tests/_redis.ts";
 
 const ROUNDS = 3;
 const ONLY_REDIS = Deno.args.includes("redis");
 const ONLY_MIGRATE = Deno.args.includes("migrate");
 const ONLY_LAZY = Deno.args.includes("lazy");
-const ONLY = ONLY_REDIS || ONLY_MIGRATE || ONLY_LAZY;
-const args = Deno.args.filter((a) => !["--vs-criu", "redis", "migrate", "lazy"].includes(a));
+const ONLY_REDIS_MIGRATE = Deno.args.includes("redis-migrate");
+const ONLY = ONLY_REDIS || ONLY_MIGRATE || ONLY_LAZY || ONLY_REDIS_MIGRATE;
+const args = Deno.args.filter((a) =>
+  !["--vs-criu", "redis", "migrate", "lazy", "redis-migrate"].includes(a)
+);
 const VS_CRIU = Deno.args.includes("--vs-criu");
 const CRIU = Deno.env.get("CRIU_BIN") ?? `${ROOT}/../shared/reference/criu`;
 
@@ -617,6 +623,84 @@ async function migrateOnce(
   }
 }
 
+/** Bytes redis-server 7 holds per key of DEBUG POPULATE's with 256-byte values (measured). */
+const REDIS_KEY_BYTES = 393;
+
+/**
+ * redis-server holding `mib` MiB of keys migrated (`migrate
+ * --tcp-established`, tests/migrate_tcp_test.ts) between two network
+ * namespaces with its service address, while a client in a third sends
+ * INCR on one connection, ROUNDS times with a plain receiver and with
+ * `migrate-receive --lazy-pages`, alternating: the longest pause between
+ * two replies the client saw, and how long the final round froze redis.
+ */
+async function redisMigratePause(mib: number): Promise<void> {
+  if (!haveRedis) {
+    console.log("redis-migrate: needs root, ip netns, unshare --pid and redis-server; skipped");
+    return;
+  }
+  const keys = Math.round(mib * 1048576 / REDIS_KEY_BYTES);
+  const runs = { eager: [] as RedisMigration[], lazy: [] as RedisMigration[] };
+  for (let i = 0; i < ROUNDS; i++) {
+    for (const lazy of [false, true]) {
+      await using tmp = await tempDir("amber-bench-");
+      await warmMemory(tmp.path, mib * 3 * 1048576);
+      runs[lazy ? "lazy" : "eager"].push(await redisMigrateOnce(tmp.path, keys, lazy));
+    }
+  }
+  const all = [...runs.eager, ...runs.lazy];
+  const line = (rs: RedisMigration[]) =>
+    `longest pause ${both(rs.map((r) => r.gapMs))}, final round frozen ` +
+    `${both(rs.map((r) => r.frozenMs))} [${rs.map((r) => r.rounds).join("; ")}]`;
+  console.log(
+    `redis-migrate: redis-server, ${mib} MiB (${keys} keys), migrated between network ` +
+      `namespaces with its address, one client sending INCR (ms): ${line(runs.eager)}; with ` +
+      `migrate-receive --lazy-pages ${line(runs.lazy)}; ` +
+      `${all.reduce((n, r) => n + r.replies, 0)} replies, ` +
+      `${all.reduce((n, r) => n + r.wrong, 0)} out of sequence or lost`,
+  );
+}
+
+interface RedisMigration {
+  gapMs: number;
+  frozenMs: number;
+  /** Pre-copy rounds, the final round's pages, the client's pauses over 100 ms. */
+  rounds: string;
+  replies: number;
+  wrong: number;
+}
+
+/** One migration of a new redis-server between new hosts. */
+async function redisMigrateOnce(dir: string, keys: number, lazy: boolean): Promise<RedisMigration> {
+  await using hosts = await makeHosts();
+  await using net = await addClient(hosts, dir);
+  const recvArgs = ["--action-script", net.dstScript, ...(lazy ? ["--lazy-pages"] : [])];
+  await using recv = await startReceiver(hosts, dir, recvArgs);
+  await using redis = await startRedis(dir, hosts.src, net, keys);
+  const r = await amberIn(hosts.src, [
+    "migrate",
+    ...["-t", String(redis.pid), "--to", `${DST_ADDR}:${PORT}`, "--tcp-established"],
+    ...["--action-script", net.srcScript, "--json"],
+  ]);
+  if (r.code !== 0) throw new Error(`redis-migrate: ${r.stderr.trim()}`);
+  if ((await recv.result()).code !== 0 || !movedRedis(redis.pid)) {
+    throw new Error("redis-migrate: redis-server does not run at the destination");
+  }
+  const at = await redis.replies();
+  while (await redis.replies() < at + 200) await new Promise((r) => setTimeout(r, 20));
+  const c = await redis.stop();
+  if (await redisCli(net, "DBSIZE") !== String(keys + 1)) throw new Error("redis-migrate: keys");
+  const m = JSON.parse(r.stdout);
+  return {
+    gapMs: c.gapMs,
+    frozenMs: m.frozenMs,
+    rounds: `${m.preCopyRounds} pre-copy, final ${(m.finalPageBytes / 1024).toFixed(0)} KiB, ` +
+      `pauses ${c.pauses.map((p) => p.toFixed(0)).join(" ")}`,
+    replies: c.n,
+    wrong: c.wrong + (c.last === c.n ? 0 : 1),
+  };
+}
+
 /**
  * Lazy restore (restore --lazy-pages -d) of the counter target beside a
  * plain restore -d, from the same images, alternating: the time until the
@@ -682,3 +766,6 @@ async function lazyRows(sizes: number[]): Promise<void> {
 if (!ONLY || ONLY_LAZY) await lazyRows(args.length ? args.map(Number) : [256, 1024]);
 if (!ONLY || ONLY_REDIS) await redisPause();
 if (!ONLY || ONLY_MIGRATE) await migratePause();
+if (!ONLY || ONLY_REDIS_MIGRATE) {
+  await redisMigratePause(ONLY_REDIS_MIGRATE && args.length ? Number(args[0]) : 2048);
+}

@@ -140,6 +140,11 @@ export interface RestoreOptions {
    * what is tied to the old network namespace is refused instead.
    */
   migrated?: boolean;
+  /**
+   * A migration made with --tcp-established: its TCP sockets come back
+   * bound to their addresses, which the operator moved here.
+   */
+  movedTcp?: boolean;
 }
 
 /** `--inherit-fd fd[N]:RESOURCE`: amber's fd N takes the place of RESOURCE (e.g. "pipe:[123]"). */

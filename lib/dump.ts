@@ -8,11 +8,13 @@ import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { unlock } from "./net/netlock.ts";
+import { runActionScripts } from "./actions.ts";
 import {
   AmberError,
   faultPointAsync,
   InterruptedError,
   RefusalError,
+  UnknownOutcomeError,
   UsageError,
   withContext,
   withContextAsync,
@@ -125,6 +127,11 @@ export interface DumpRequest {
   prevImagesDir?: string;
   /** Store only the pages written since `prevImagesDir` was dumped (CRIU's --track-mem). */
   trackMem?: boolean;
+  /**
+   * Shell code run at pre-dump, network-lock, post-dump and network-unlock
+   * (CRIU's --action-script; lib/actions.ts, docs/NETWORK.md).
+   */
+  actionScripts?: string[];
   /** Print the detail lines (per-part times) on stderr. */
   verbose?: boolean;
   /** Aborting it stops the dump as SIGINT does: the tree resumes, no images are left. */
@@ -432,6 +439,27 @@ async function serveLeftPages(
 }
 
 /**
+ * post-dump, once the images are complete: a script that fails it fails
+ * the dump (the tree then runs on), but the images stay, complete.
+ */
+function postDump(
+  scripts: string[] | undefined,
+  env: { imageDir?: string; initPid: number },
+  leaveRunning: boolean,
+): void {
+  try {
+    runActionScripts(scripts, "post-dump", env);
+  } catch (e) {
+    if (leaveRunning) throw e;
+    throw new AmberError(
+      `${(e as Error).message}; the images are complete${
+        env.imageDir ? ` in ${env.imageDir}` : ""
+      }, the tree runs on`,
+    );
+  }
+}
+
+/**
  * Dumps the tree rooted at `req.pid` into `req.dir`. A dump -R whose
  * snapshot lost pages to the running tree is taken again, frozen.
  */
@@ -462,6 +490,13 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
   const log = detailLog(req);
   validateTargetPid(req.pid);
   using guard = new SignalGuard(req.signal);
+  // A migration runs pre-dump and post-dump once for all its rounds (lib/migrate.ts).
+  const scripts = req.actionScripts;
+  const scriptEnv = { imageDir: req.dir, initPid: req.pid };
+  if (!req.migrationRound) runActionScripts(scripts, "pre-dump", scriptEnv);
+  // The connections are locked only when the tree is dumped to end it or let it run on.
+  const locksNetwork = options.tcpEstablished && !req.preDump;
+  let networkLocked = false;
   const dir = await openTarget(req);
   if (dir instanceof StreamImages) dir.watch(guard.stopped);
   const state: TreeDumpState = {
@@ -507,20 +542,31 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
   let snapshot: SnapshotStats | undefined;
   // Objects a kind changed while dumping (TCP repair mode) go back first,
   // then the network lock goes: the tree runs as it was.
-  const resume = () => {
+  // (A migration whose destination may run the tree keeps the network locked.)
+  const resume = (keepNetwork = false) => {
     frozenMs = performance.now() - tree.frozenAt;
     try {
       endKinds(state, "resume");
     } finally {
-      if (state.netLock) unlock(state.netLock);
-      state.netLock = undefined;
+      if (state.netLock && !keepNetwork) unlock(state.netLock);
+      if (!keepNetwork) state.netLock = undefined;
       tree.release();
       running = true;
+    }
+    // The operator's part of the lock goes once amber's has (a moved address comes back).
+    if (networkLocked && !keepNetwork) {
+      networkLocked = false;
+      runActionScripts(scripts, "network-unlock", scriptEnv);
     }
   };
   try {
     await faultPointAsync("after-freeze");
     await guard.checkpoint();
+    // Frozen, before the first connection is locked: whatever else the operator locks.
+    if (locksNetwork) {
+      networkLocked = true;
+      runActionScripts(scripts, "network-lock", scriptEnv);
+    }
     const entries = tree.processes.map(processEntry);
     checkSessions(tree, entries, options.shellJob);
     const contexts: DumpContext[] = [];
@@ -552,6 +598,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       shellJob: options.shellJob,
       // With -R the lock is gone as soon as the tree runs again.
       netLock: options.leaveRunning ? undefined : state.netLock,
+      tcpEstablished: options.tcpEstablished || undefined,
     };
     identity = { rootPid: inventory.rootPid, createdAt: inventory.createdAt };
     await faultPointAsync("before-commit");
@@ -589,6 +636,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       takenLater: !options.leaveRunning,
       // A migration's rounds are judged as the receiver will judge them.
       migrated: req.migrationRound !== undefined || options.lazySource === true,
+      movedTcp: req.migrationRound !== undefined && options.tcpEstablished,
     };
     const reasons = dir instanceof StreamImages
       ? await judgeImageDir(dir, verdictOptions)
@@ -611,15 +659,25 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     // The complete image is in dir.stagingPath; publishing it replaces an earlier one. A
     // stream sends it (and waits for the page server's word that it is stored).
     await dir.complete();
+    if (!req.migrationRound) postDump(scripts, scriptEnv, options.leaveRunning);
   } catch (e) {
     closeSnapshots(state.kinds);
+    const unknown = e instanceof UnknownOutcomeError;
+    const kept = unknown ? state.netLock : undefined;
     if (!running) {
       disarmArmed(state.kinds);
-      withContext("resuming the tree after a failed dump", resume);
+      withContext("resuming the tree after a failed dump", () => resume(unknown));
     }
     for (const p of state.preparedPages.values()) p.file.close();
     closeParent(state);
     dir.discard();
+    if (kept) {
+      throw new UnknownOutcomeError(
+        `${(e as Error).message}; its connections stay locked (nft table inet ${kept}): ` +
+          "delete it too if the tree goes on here",
+        { cause: e },
+      );
+    }
     throw e;
   }
   closeParent(state);
@@ -631,6 +689,9 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     tree.kill();
     // The lock stays, recorded in the inventory, until restore.
     endKinds(state, "kill");
+    // A migrated tree's connections were restored under the destination's own lock, and
+    // their sockets here closed in repair mode: nothing here needs this one any more.
+    if (req.migrationRound && state.netLock) unlock(state.netLock);
   }
   tracker.finish();
   const stored = dir.storedBytes(tree.pids);

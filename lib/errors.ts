@@ -122,6 +122,13 @@ export class RefusalError extends AmberError {
   }
 }
 
+/**
+ * A migration's destination stored the final round and went silent: it
+ * may run the tree, so the source's copy is left stopped, its connections
+ * locked (lib/migrate.ts).
+ */
+export class UnknownOutcomeError extends AmberError {}
+
 /** A wrong command line or argument: exit code 2. */
 export class UsageError extends AmberError {
   /** `message` says what is wrong and where the help is. */

@@ -14,9 +14,20 @@
  * On the wire, before each round's stream: a 16-byte header ("AMBERMIG",
  * the round number, 1 if final). After a pre-copy round the receiver
  * replies (streaming.ts's reply) once the round is stored; after the
- * final one: stored; then the sender says go (a reply of its own), and
- * only then does the receiver restore and answer restored (its pids) or
- * refused (why).
+ * final one, twice: stored, then restored (its pids) or refused (why).
+ * Between those two the sender says go (or why not: a post-dump action
+ * script failed) in the same form, once its post-dump scripts ran, so
+ * an address the source gives up is gone before the destination's
+ * pre-restore scripts bring it up there; only then does the receiver
+ * restore (a sender that timed out before the go resumes its tree, and
+ * the receiver, never told to go, restores nothing).
+ *
+ * With --tcp-established the tree's TCP sockets move with it: each
+ * round checkpoints them as a dump does, the final round under the
+ * source's network lock; the receiver locks the connections again in its
+ * own network before its pre-restore scripts run (lib/restore.ts), and
+ * the source's lock goes once its sockets were closed in repair mode.
+ * Moving the addresses is the operator's (--action-script).
  *
  * When the source tree ends: only once the receiver said the tree runs
  * there. Any failure said or seen before the go (a refusal, a closed
@@ -28,8 +39,9 @@
  * and amber says so; whoever knows what the destination did sends it
  * SIGCONT or SIGKILL.
  */
-import { AmberError, faultPointAsync, InterruptedError } from "./errors.ts";
+import { AmberError, faultPointAsync, InterruptedError, UnknownOutcomeError } from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
+import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
 import type { LazyStats } from "./mm/lazy.ts";
@@ -92,6 +104,19 @@ export interface MigrateRequest {
   maxRounds?: number;
   /** The tree is a job of a shell (CRIU's --shell-job). */
   shellJob?: boolean;
+  /**
+   * TCP sockets move with the tree, established connections checkpointed
+   * as `dump --tcp-established` does; their addresses must be in the
+   * destination's network when it restores (an action script moves them).
+   */
+  tcpEstablished?: boolean;
+  /**
+   * Shell code run here at pre-dump (before the first round), network-lock
+   * (the final round frozen), post-dump (the final round stored there,
+   * before it restores) and network-unlock (the tree resumes here after a
+   * failure) (CRIU's --action-script; lib/actions.ts).
+   */
+  actionScripts?: string[];
   /** Print the detail lines (per round, per part) on stderr. */
   verbose?: boolean;
   /** Receives every detail line (what -v prints). */
@@ -169,9 +194,6 @@ const Restored = {
   },
 };
 
-/** The receiver may or may not run the tree: this one is left stopped. */
-class UnknownOutcome extends AmberError {}
-
 /**
  * A receiver that stored the final round and then went silent: the tree
  * may run there. Stopped here, neither resumed nor killed (see the top).
@@ -183,7 +205,7 @@ function leaveStopped(pid: number, where: string, e: unknown): AmberError {
       Deno.kill(p, "SIGSTOP");
     } catch { /* gone */ }
   }
-  return new UnknownOutcome(
+  return new UnknownOutcomeError(
     `${where}: ${
       messageOf(e).replace(`${where}: `, "")
     } after it stored the final round: it may run the tree; ` +
@@ -191,6 +213,27 @@ function leaveStopped(pid: number, where: string, e: unknown): AmberError {
       "not run there, kill -KILL if it does",
     { cause: e },
   );
+}
+
+/**
+ * The final round is stored there: post-dump runs here, then the receiver
+ * hears go, or why not (it then removes what it received; the tree
+ * resumes here).
+ */
+async function sayGo(
+  conn: Deno.TcpConn,
+  out: ByteWriter,
+  scripts: string[] | undefined,
+  env: { initPid: number },
+  where: string,
+): Promise<void> {
+  try {
+    runActionScripts(scripts, "post-dump", env);
+  } catch (e) {
+    await writeReply(conn, reply(false, messageOf(e))).catch(() => {});
+    throw e;
+  }
+  await writeAll(out, reply(true), where);
 }
 
 /** Moves the tree at `req.pid` to the amber at `req.to`. */
@@ -231,10 +274,12 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   };
   const out = stallGuard(conn, timeoutMs, where);
   const rounds: MigrateRound[] = [];
+  const scriptEnv = { initPid: req.pid };
   let destination: MigrateResult["destination"] | undefined;
   let parent: Parent | undefined;
   let last: DumpStats | undefined;
   try {
+    runActionScripts(req.actionScripts, "pre-dump", scriptEnv);
     for (let round = 1;; round++) {
       await guard.checkpoint();
       const pre = rounds.filter((r) => !r.final);
@@ -248,7 +293,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
           ? async () => {
             // Stored there: until the go, any failure (SIGINT, a timeout) resumes the tree here.
             await answer(readReply(conn, where), "after the final round");
-            await writeAll(out, reply(true), where);
+            await sayGo(conn, out, req.actionScripts, scriptEnv, where);
             let said: { ok: boolean; text: string };
             try {
               said = await answer(readReplyMessage(conn, where), "after the go");
@@ -269,6 +314,8 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
       last = await dumpTree({
         pid: req.pid,
         shellJob: req.shellJob,
+        tcpEstablished: req.tcpEstablished,
+        actionScripts: req.actionScripts,
         verbose: req.verbose,
         log: req.log,
         signal: req.signal,
@@ -299,7 +346,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     }
   } catch (e) {
     // The tree runs on here: without the trackers the pre-copy rounds armed.
-    if (!(e instanceof UnknownOutcome)) {
+    if (!(e instanceof UnknownOutcomeError)) {
       try {
         disarmTree(req.pid);
       } catch (d) {
@@ -343,6 +390,11 @@ export interface MigrateReceiveRequest {
   log?: LogLine;
   /** Aborting it stops the receiver as SIGINT does: what was received is removed. */
   signal?: AbortSignal;
+  /**
+   * Shell code run at the restore's network-lock, pre-restore,
+   * post-restore and network-unlock (restore's actionScripts).
+   */
+  actionScripts?: string[];
   /**
    * Restore the tree with lazy pages (restore --lazy-pages): it runs as
    * soon as all but its anonymous memory is in, which the receiver then
@@ -472,12 +524,13 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
       await writeReply(conn, reply(true));
       if (!final) continue;
+      // The sender's post-dump scripts ran (or failed: its word says why).
       try {
-        await Promise.race([readReply(conn, from), guard.stopped]);
+        await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
       } catch (e) {
         if (e instanceof InterruptedError) throw e;
         throw new AmberError(
-          `${from}: the sender gave up before it said to start the tree (not restored)`,
+          `${messageOf(e)} (the sender did not say to start the tree: not restored)`,
           { cause: e },
         );
       }
@@ -487,6 +540,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         detached: true,
         migrated: true,
         lazyPages: req.lazyPages,
+        actionScripts: req.actionScripts,
         verbose: req.verbose,
         log: req.log,
         signal: req.signal,

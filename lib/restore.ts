@@ -52,7 +52,9 @@ import {
   xstateSize,
 } from "./task/threads.ts";
 import { putBytes, putString, u64Bytes } from "./scratch.ts";
-import { unlock } from "./net/netlock.ts";
+import { lockConnection, lockedTables, unlock } from "./net/netlock.ts";
+import { lockedConnections } from "./fds/tcp.ts";
+import { type ActionEnv, runActionScripts } from "./actions.ts";
 import { LazyPages, type LazyStats } from "./mm/lazy.ts";
 import { RemotePages } from "./mm/remote.ts";
 import type { PageServerAddress } from "./streaming.ts";
@@ -109,6 +111,11 @@ export interface RestoreRequest {
    * tree is restored into this amber's namespaces, whatever the dumper's were.
    */
   migrated?: boolean;
+  /**
+   * Shell code run at network-lock (the connections locked here), pre-restore,
+   * post-restore and network-unlock (CRIU's --action-script; lib/actions.ts).
+   */
+  actionScripts?: string[];
 }
 
 /** What a restore did (mod.ts `restore`). */
@@ -525,14 +532,60 @@ function becomeZombie(blank: Blank): void {
  * packets; here nothing amber added outlives it, and the peers of the
  * dumped connections see them reset.
  */
-function releaseLock(lock: string | undefined, log: (m: string) => void): void {
-  if (!lock) return;
+function releaseLock(lock: NetworkLock, log: (m: string) => void): void {
+  if (!lock.table) return;
   try {
-    unlock(lock);
-    log(`network lock ${lock} removed: the dumped connections are lost`);
+    unlock(lock.table);
+    log(`network lock ${lock.table} removed: the dumped connections are lost`);
   } catch (e) {
-    log(`network lock ${lock}: ${e instanceof Error ? e.message : e}`);
+    log(`network lock ${lock.table}: ${e instanceof Error ? e.message : e}`);
   }
+  try {
+    lock.unlocked();
+  } catch (e) {
+    log(e instanceof Error ? e.message : String(e));
+  }
+}
+
+/** The images' network lock, as this restore holds it. */
+interface NetworkLock {
+  /** The dump's table (or the one made here in its name), if the images hold connections. */
+  table?: string;
+  /** Runs the network-unlock scripts, once, after the table is gone. */
+  unlocked(): void;
+}
+
+/**
+ * The lock the images' connections need here. On the dumping machine the
+ * dump's table still holds them; elsewhere (migrate-receive, images copied
+ * to another machine) none does, and a retransmission from a peer that
+ * reached this network before the connection exists would be answered
+ * with a reset: they are locked here first, in a table of the same name,
+ * before the pre-restore scripts can bring their addresses up.
+ */
+function takeLock(images: Images, scripts: string[] | undefined, env: ActionEnv): NetworkLock {
+  const table = images.inventory.netLock;
+  let pending = table !== undefined;
+  const lock: NetworkLock = {
+    table,
+    unlocked() {
+      if (!pending) return;
+      pending = false;
+      runActionScripts(scripts, "network-unlock", env);
+    },
+  };
+  if (table === undefined || lockedTables().includes(table)) return lock;
+  const conns = lockedConnections(images);
+  try {
+    conns.forEach((c, i) => {
+      withContext(`network lock ${table}`, () => lockConnection(table, c, i === 0));
+    });
+    if (conns.length) runActionScripts(scripts, "network-lock", env);
+  } catch (e) {
+    releaseLock(lock, () => {});
+    throw e;
+  }
+  return lock;
 }
 
 /** Restores the images in `req.dir`. */
@@ -555,18 +608,25 @@ export async function restoreTree(
   if (req.pageServer && !options.lazyPages) {
     throw new UsageError("--page-server serves lazy pages: it needs --lazy-pages");
   }
+  const scripts = req.actionScripts;
   const log = detailLog(req);
   using guard = new SignalGuard(req.signal);
   // DIR/latest of amber run is followed, explicitly; no other link is.
   const path = resolveImagesDir(req.dir);
   const images = readImages(path);
   const dir = new ImageDir(path);
-  const lock = images.inventory.netLock;
+  // Migrated with --tcp-established: the operator moved the sockets' addresses here.
+  options.movedTcp = options.migrated && images.inventory.tcpEstablished === true;
+  const env: ActionEnv = { imageDir: path, initPid: images.processes[0]?.entry.pid };
+  let lock: NetworkLock = { unlocked() {} };
   let helper: Helper;
   let remote: RemotePages | undefined;
   try {
+    lock = takeLock(images, scripts, env);
     await precheck(images, options, dir);
     await guard.checkpoint();
+    // Nothing exists yet; the connections are locked: the operator may bring up addresses.
+    runActionScripts(scripts, "pre-restore", env);
     log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
     // Before anything is created: a source that is not there, or serves another dump, fails here.
     if (req.pageServer) remote = await RemotePages.connect(req.pageServer, images.inventory);
@@ -630,9 +690,11 @@ export async function restoreTree(
       // A pending SIGSTOP puts it back into its group stop once detached.
       if (blank.images.entry.state === "stopped") libc().kill(blank.injector.tid, SIGSTOP);
     }
+    runActionScripts(scripts, "post-restore", env);
     // As CRIU does: the lock goes just before the tree runs, then repair
     // mode (its window probe reaches the peer at once).
-    if (lock) withContext("network lock", () => unlock(lock));
+    if (lock.table) withContext("network lock", () => unlock(lock.table!));
+    lock.unlocked();
     for (const end of tree.onEnd.splice(0)) end(true);
   } catch (e) {
     LazyPages.find(tree.kinds)?.abandon();

@@ -76,6 +76,109 @@ export async function makeHosts(): Promise<Hosts> {
   return hosts;
 }
 
+/** The address a service moves with it between the hosts (on lo, /32). */
+export const SERVICE_ADDR = "10.213.9.1";
+const CLIENT_ADDR = "10.213.1.1", SRC_SIDE = "10.213.1.2";
+const CLIENT_ADDR2 = "10.213.2.1", DST_SIDE = "10.213.2.2";
+
+/** A third namespace whose clients reach SERVICE_ADDR, and how to move it (disposing deletes it). */
+export interface ClientNet extends AsyncDisposable {
+  /** The client's network namespace. */
+  cli: string;
+  /** Action script moving SERVICE_ADDR out of the source (`amber migrate --action-script`). */
+  srcScript: string;
+  /** Action script bringing it up at the destination (`migrate-receive --action-script`). */
+  dstScript: string;
+  /** Where the scripts note each action they were run for, one line each ("ACTION PID"). */
+  srcLog: string;
+  dstLog: string;
+}
+
+/**
+ * A client "host" beside the two: a namespace with a veth pair to each,
+ * routing SERVICE_ADDR (on the source's lo) through the source. The
+ * scripts, written into `dir`, move the address as an operator would: the
+ * source drops it at post-dump (and takes it back at network-unlock, when
+ * the tree resumes there), the destination brings it up and switches the
+ * client's route at pre-restore.
+ */
+export async function addClient(hosts: Hosts, dir: string): Promise<ClientNet> {
+  const cli = `${hosts.src.slice(0, -1)}c`;
+  await ip("netns", "add", cli);
+  const remove = () => ip("netns", "del", cli).catch(() => {});
+  try {
+    return await setUpClient(hosts, dir, cli, remove);
+  } catch (e) {
+    await remove();
+    throw e;
+  }
+}
+
+async function setUpClient(
+  hosts: Hosts,
+  dir: string,
+  cli: string,
+  remove: () => Promise<void>,
+): Promise<ClientNet> {
+  const tag = cli.slice(0, -1);
+  const pair = async (ns: string, dev: string, mine: string, theirs: string) => {
+    await ip(
+      "link",
+      "add",
+      `${dev}c`,
+      "netns",
+      cli,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      dev,
+      "netns",
+      ns,
+    );
+    await ip("-n", cli, "addr", "add", `${mine}/24`, "dev", `${dev}c`);
+    await ip("-n", ns, "addr", "add", `${theirs}/24`, "dev", dev);
+    await ip("-n", cli, "link", "set", `${dev}c`, "up");
+    await ip("-n", ns, "link", "set", dev, "up");
+  };
+  await pair(hosts.src, `${tag}e`, CLIENT_ADDR, SRC_SIDE);
+  await pair(hosts.dst, `${tag}f`, CLIENT_ADDR2, DST_SIDE);
+  await ip("-n", cli, "link", "set", "lo", "up");
+  await ip("-n", hosts.src, "addr", "add", `${SERVICE_ADDR}/32`, "dev", "lo");
+  await ip("-n", cli, "route", "add", `${SERVICE_ADDR}/32`, "via", SRC_SIDE);
+  // The client's address is on its side of the source's pair: the destination answers it
+  // through its own.
+  await ip("-n", hosts.dst, "route", "add", `${CLIENT_ADDR}/32`, "via", CLIENT_ADDR2);
+  const srcLog = `${dir}/src-actions.txt`, dstLog = `${dir}/dst-actions.txt`;
+  const script = (path: string, log: string, cases: string) => {
+    Deno.writeTextFileSync(
+      path,
+      `#!/bin/sh\necho "$CRTOOLS_SCRIPT_ACTION $CRTOOLS_INIT_PID" >> ${log}\n` +
+        `case "$CRTOOLS_SCRIPT_ACTION" in\n${cases}esac\n`,
+      { mode: 0o755 },
+    );
+    return path;
+  };
+  const route = (via: string) => `ip -n ${cli} route replace ${SERVICE_ADDR}/32 via ${via}`;
+  return {
+    cli,
+    srcLog,
+    dstLog,
+    [Symbol.asyncDispose]: remove,
+    srcScript: script(
+      `${dir}/src-actions.sh`,
+      srcLog,
+      `post-dump) ip addr del ${SERVICE_ADDR}/32 dev lo ;;\n` +
+        `network-unlock) ip addr replace ${SERVICE_ADDR}/32 dev lo && ${route(SRC_SIDE)} ;;\n`,
+    ),
+    dstScript: script(
+      `${dir}/dst-actions.sh`,
+      dstLog,
+      `pre-restore) ip addr add ${SERVICE_ADDR}/32 dev lo && ${route(DST_SIDE)} ;;\n`,
+    ),
+  };
+}
+
 export function netnsId(name: string): string {
   return `net:[${Deno.statSync(`/run/netns/${name}`).ino}]`;
 }

@@ -211,7 +211,7 @@ export const fdsPart = definePart({
       // The same verdict the dump gave, so images dumped with -R refuse here.
       const why = kind.unrestorable?.(e);
       if (why) throw new AmberError(why);
-      const tied = ctx.options.migrated ? kind.netnsBound?.(e) : undefined;
+      const tied = ctx.options.migrated ? kind.netnsBound?.(e, ctx.options) : undefined;
       if (tied) {
         throw new AmberError(
           `fd ${e.fd}: ${tied}: bound in the source's network namespace, which a migration ` +

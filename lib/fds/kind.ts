@@ -1,7 +1,13 @@
 /** What every kind of file descriptor module provides. */
 import type { z } from "zod";
 import type { Injector } from "../../ffi/inject.ts";
-import type { PrecheckContext, RestoreContext, Scratch, TreeDumpState } from "../context.ts";
+import type {
+  PrecheckContext,
+  RestoreContext,
+  RestoreOptions,
+  Scratch,
+  TreeDumpState,
+} from "../context.ts";
 import type { ImageDir } from "../images/dir.ts";
 
 /** What /proc says about one open descriptor. */
@@ -47,9 +53,9 @@ export interface FdKind<S extends z.ZodType = z.ZodType> {
   /**
    * What ties this descriptor to the network namespace it was dumped in
    * (an address there), if anything: a migration, which restores into
-   * another one, refuses it.
+   * another one, refuses it (unless `options` say it moves too).
    */
-  netnsBound?(entry: z.output<S>): string | undefined;
+  netnsBound?(entry: z.output<S>, options: RestoreOptions): string | undefined;
 }
 
 export function defineFdKind<S extends z.ZodType>(kind: FdKind<S>): FdKind<S> {

@@ -70,10 +70,12 @@ import { kindState, type RestoreContext, type TreeDumpState } from "../context.t
 import { AmberError } from "../errors.ts";
 import { bytes } from "../images/codec.ts";
 import { isMapped, TCP_FLAG, tcpPacket, type TcpSegment } from "../net/datagram.ts";
+import type { Images } from "../images/read.ts";
 import {
   holdForRestore,
   LOCK_MARK,
   lockConnection,
+  type LockedConn,
   lockTableName,
   validTableName,
 } from "../net/netlock.ts";
@@ -351,6 +353,24 @@ function dumpSocket(p: FdProbe, ino: number): z.input<typeof TcpEntry> {
 // ---------------------------------------------------------------------------
 // restore
 
+/**
+ * The connections of `images` that their dump locked (established,
+ * half-closed, connecting), each once: a restore in another network
+ * (migrate-receive) locks them again there before anything can reach them.
+ */
+export function lockedConnections(images: Images): LockedConn[] {
+  const out = new Map<string, LockedConn>();
+  for (const p of images.processes) {
+    const fds = (p.parts.fds as { fds?: { kind: string }[] } | undefined)?.fds ?? [];
+    for (const e of fds.filter((e) => e.kind === "tcp") as TcpImage[]) {
+      if (!e.lock || !e.peer) continue;
+      const c = { local: e.local, peer: e.peer };
+      out.set(`${fmt(e.local)} ${fmt(e.peer)}`, c);
+    }
+  }
+  return [...out.values()];
+}
+
 /** An address as it goes on the wire: a v4-mapped one is IPv4. */
 function wire(a: InetAddr): InetAddr {
   return isMapped(a) ? { ...a, family: AF.INET, addr: a.addr.replace(/^::ffff:/i, "") } : a;
@@ -578,7 +598,8 @@ export const tcpFd = defineFdKind({
       return `fd ${e.fd}: ${describe(e)}: an unsent FIN in a state without one`;
     }
   },
-  // Its addresses and connections live in the network namespace.
-  netnsBound: describe,
+  // Its addresses and connections live in the network namespace; a migration with
+  // --tcp-established moves them (the operator moves the addresses).
+  netnsBound: (e, options) => options.movedTcp ? undefined : describe(e),
   restore: restoreSocket,
 });

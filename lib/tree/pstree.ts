@@ -63,6 +63,8 @@ export const inventoryImage = defineImage(
     shellJob: z.boolean(),
     /** The nftables table (lib/net/netlock.ts) locking the dumped TCP connections until restore. */
     netLock: z.string().regex(/^amber_[a-z0-9_]{1,40}$/).optional(),
+    /** Dumped with --tcp-established (a migration's TCP sockets move with it). */
+    tcpEstablished: z.boolean().optional(),
     /** Why restore would refuse these images, as dump judged them (see lib/verdict.ts). */
     verdict: z.array(z.string()).optional(),
   }),
