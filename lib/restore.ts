@@ -121,6 +121,13 @@ export interface RestoreResult {
 }
 
 const SCRATCH_SIZE = 64 * 1024;
+/**
+ * A restored thread may wait at a batch's trap stop (two stops fewer a
+ * batch): it is only ever given another injected call, its final
+ * registers and a detach from there, which act from that stop as from a
+ * syscall stop (the kernel's restart logic runs on the detach alike).
+ */
+const RESTORE_INJECTOR = { restAtTrap: true };
 const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
 const SIGKILL = 9;
@@ -203,7 +210,7 @@ function cloneProcess(
   if (Number(r) !== pid) throw new AmberError(`clone3 made pid ${r}, wanted ${pid}`);
   const st = pt.waitpid(pid);
   if (!st?.stopped) throw new AmberError(`pid ${pid}: did not stop after clone3`);
-  return new Injector(pid, parent.syscallAddr).begin();
+  return new Injector(pid, parent.syscallAddr, RESTORE_INJECTOR).begin();
 }
 
 /** A scratch page in a process, where neither its current nor its future mappings are. */

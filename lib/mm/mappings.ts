@@ -8,14 +8,14 @@
 import { findTracker } from "./tracking.ts";
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
+import { BATCH_PAGE_SIZE, batchTableBytes, runEach, type Syscall, withBatch } from "../batch.ts";
 import { SysError } from "../../ffi/libc.ts";
-import { BATCH_PAGE_SIZE, type Syscall, withBatch } from "../batch.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { type MapsEntry, readMaps, readVmFlags } from "../proc/maps.ts";
-import { putString } from "../scratch.ts";
+import { putBytes, putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { attachSysvShm, dumpSysvShm, sysvConflict, SysvShm } from "./sysvshm.ts";
@@ -289,26 +289,35 @@ function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
   const total = moves.reduce((s, m) => s + (m.w.end - m.w.start), 0n);
   let hole = findFreeRange(all, total + PAGE);
   const staged = moves.map(({ cur, w }) => {
-    const size = w.end - w.start;
-    inj.call(
-      `mremap ${cur.path}`,
-      NR.mremap,
-      cur.start,
-      size,
-      size,
-      MREMAP_MAYMOVE | MREMAP_FIXED,
-      hole,
-    );
-    if (cur.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - cur.start + hole;
     const at = hole;
-    hole += size;
-    return { at, w };
+    hole += w.end - w.start;
+    return { cur, at, w };
   });
-  for (const { at, w } of staged) {
-    const size = w.end - w.start;
-    inj.call(`mremap ${w.path}`, NR.mremap, at, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, w.start);
-    if (w.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - at + w.start;
-  }
+  const flags = MREMAP_MAYMOVE | MREMAP_FIXED;
+  const steps = [
+    ...staged.map(({ cur, at, w }) => ({ path: cur.path, from: cur.start, to: at, w })),
+    ...staged.map(({ at, w }) => ({ path: w.path, from: at, to: w.start, w })),
+  ];
+  const call = (s: (typeof steps)[0]): Syscall => {
+    const size = s.w.end - s.w.start;
+    return [NR.mremap, s.from, size, size, flags, s.to];
+  };
+  withBatch(ctx, (run) => {
+    if (!run) {
+      // One at a time, each from [vdso] where the last one left it.
+      for (const s of steps) {
+        inj.call(`mremap ${s.path}`, ...call(s));
+        if (s.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - s.from + s.to;
+      }
+      return;
+    }
+    // All in one batch: its code runs from its own page, not from [vdso].
+    run(steps.map(call)).forEach((r, i) => {
+      if (r < 0n && r > -4096n) throw new SysError(`mremap ${steps[i].path}`, Number(-r));
+    });
+    const vdso = staged.find(({ cur }) => cur.path === "[vdso]");
+    if (vdso) inj.syscallAddr = inj.syscallAddr - vdso.cur.start + vdso.w.start;
+  });
   for (const t of ctx.threads.values()) t.syscallAddr = inj.syscallAddr;
 }
 
@@ -328,25 +337,6 @@ function unmapHelper(ctx: RestoreContext): void {
       call: [NR.munmap, m.start, m.end - m.start],
     })),
   );
-}
-
-/** Calls per batch: their table fits any scratch area (4 KiB at least). */
-const BATCH_MAX = 48;
-
-/** Independent calls, in batches where they can run so, else one at a time; throws the first failure. */
-function runEach(ctx: RestoreContext, calls: { what: string; call: Syscall }[]): bigint[] {
-  return withBatch(ctx, (run) => {
-    if (!run) return calls.map(({ what, call }) => ctx.injector.call(what, ...call));
-    const out: bigint[] = [];
-    for (let i = 0; i < calls.length; i += BATCH_MAX) {
-      const chunk = calls.slice(i, i + BATCH_MAX);
-      run(chunk.map((c) => c.call)).forEach((r, j) => {
-        if (r < 0n && r > -4096n) throw new SysError(chunk[j].what, Number(-r));
-        out.push(r);
-      });
-    }
-    return out;
-  });
 }
 
 function openAt(ctx: RestoreContext, path: string, mode: number): number {
@@ -438,13 +428,61 @@ function nameOne(ctx: RestoreContext, m: MappingImage): void {
 }
 
 /**
+ * The files of `maps` that can be opened before any mapping is made (all
+ * but memory this process maps twice, ghosts and SysV segments), opened
+ * in batches, keyed as backing() looks them up.
+ */
+function openAhead(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> {
+  const wanted = new Map<string, { path: string; mode: number }>();
+  for (const m of maps) {
+    if (m.sysv && m.sharedWith === undefined) continue;
+    let path: string | undefined, mode = openMode(m);
+    if (m.sharedWith !== undefined) {
+      if (m.sharedWith !== ctx.pid && m.sharedFrom) {
+        path = `/proc/${m.sharedWith}/map_files/${hex(m.sharedFrom.start)}-${
+          hex(m.sharedFrom.end)
+        }`;
+      }
+    } else if (m.viaFd) path = `/proc/${m.viaFd.pid}/fd/${m.viaFd.fd}`;
+    else if (!m.ghost && m.kind === "file") {
+      path = m.path;
+      mode = openMode(m, O_RDONLY);
+    }
+    if (path !== undefined) wanted.set(`${mode}:${path}`, { path, mode });
+  }
+  const fds = new Map<string, number>();
+  const list = [...wanted];
+  const encoder = new TextEncoder();
+  for (let i = 0; i < list.length;) {
+    // As many as fit the scratch area: the table, then the paths.
+    const chunk: { what: string; call: Syscall }[] = [];
+    const keys: string[] = [];
+    let at = batchTableBytes(OPENS_PER_BATCH);
+    for (; i < list.length && chunk.length < OPENS_PER_BATCH; i++) {
+      const [key, { path, mode }] = list[i];
+      const bytes = encoder.encode(path + "\0");
+      if (chunk.length && at + bytes.length > ctx.scratch.size) break;
+      const addr = putBytes(ctx.pid, ctx.scratch, bytes, at);
+      at += bytes.length;
+      chunk.push({ what: `open ${path}`, call: [NR.openat, AT_FDCWD, addr, mode | O_CLOEXEC, 0] });
+      keys.push(key);
+    }
+    runEach(ctx, chunk).forEach((fd, j) => fds.set(keys[j], Number(fd)));
+  }
+  return fds;
+}
+
+/** Files opened per batch (openAhead). */
+const OPENS_PER_BATCH = 32;
+
+/**
  * Recreates the mappings: files opened (and SysV segments attached) one
  * at a time, the mmaps, which are independent of each other (fixed,
  * disjoint ranges), in batches; those already planned go before a mapping
  * that opens one of this process's own (memory it maps twice).
  */
 function mapAll(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> {
-  const fds = new Map<string, number>();
+  const fds = openAhead(ctx, maps);
   let planned: { m: MappingImage; what: string; call: Syscall }[] = [];
   const flush = () => {
     const got = runEach(ctx, planned);

@@ -6,6 +6,7 @@
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { definePart } from "../context.ts";
+import { runEach, type Syscall } from "../batch.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { bytes, u64 } from "../images/codec.ts";
 import { readProcBytes, readProcLink } from "../proc/read.ts";
@@ -80,27 +81,25 @@ export const mmPart = definePart({
     }
   },
   restore(ctx, mm) {
-    const { pid, injector: inj, scratch } = ctx;
+    const { pid, scratch } = ctx;
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
+    const calls: { what: string; call: Syscall }[] = [];
     for (const m of mappings) {
       if (m.kind === "special" || m.kind === "vsyscall") continue;
       withContext(mappingLabel(m), () => {
         if (m.sysv && m.sharedWith === undefined && !m.vmFlags.includes("mw")) {
           reattachReadOnly(ctx, m.sysv, m.start);
         }
-        if (writableWhileFilled(m)) {
-          inj.call("mprotect", NR.mprotect, m.start, m.end - m.start, m.prot);
-        }
       });
+      if (writableWhileFilled(m)) {
+        const call: Syscall = [NR.mprotect, m.start, m.end - m.start, m.prot];
+        calls.push({ what: `${mappingLabel(m)}: mprotect`, call });
+      }
     }
-    const exeFd = inj.call(
-      `open ${mm.exe}`,
-      NR.openat,
-      -100,
-      putString(pid, scratch, mm.exe),
-      0o2000000,
-      0,
-    );
+    // The mprotects (disjoint ranges) and the exe's open in one batch, the map and close in another.
+    const exePath = putString(pid, scratch, mm.exe, EXE_PATH_AT);
+    calls.push({ what: `open ${mm.exe}`, call: [NR.openat, -100, exePath, 0o2000000, 0] });
+    const exeFd = runEach(ctx, calls).at(-1)!;
     const auxvAddr = putBytes(pid, scratch, mm.auxv, 4096);
     const map = new Uint8Array(PRCTL_MM_MAP_SIZE);
     map.set(u64Bytes([
@@ -119,16 +118,16 @@ export const mmPart = definePart({
     ]));
     new DataView(map.buffer).setUint32(96, mm.auxv.length, true);
     new DataView(map.buffer).setUint32(100, Number(exeFd), true);
-    const mapAddr = putBytes(pid, scratch, map, 0);
-    inj.call(
-      "prctl(PR_SET_MM_MAP)",
-      NR.prctl,
-      PR_SET_MM,
-      PR_SET_MM_MAP,
-      mapAddr,
-      PRCTL_MM_MAP_SIZE,
-      0,
-    );
-    inj.call("close", NR.close, exeFd);
+    const mapAddr = putBytes(pid, scratch, map, MM_MAP_AT);
+    runEach(ctx, [
+      {
+        what: "prctl(PR_SET_MM_MAP)",
+        call: [NR.prctl, PR_SET_MM, PR_SET_MM_MAP, mapAddr, PRCTL_MM_MAP_SIZE, 0],
+      },
+      { what: "close", call: [NR.close, exeFd] },
+    ]);
   },
 });
+
+/** Where the exe's path and the prctl_mm_map go in the scratch area: past a batch's table. */
+const EXE_PATH_AT = 8192, MM_MAP_AT = 3072;
