@@ -22,7 +22,6 @@
  * before anything is read, and what is read goes into an ImageDir's
  * staging directory, committed only once the end record checked out.
  */
-import { crc32 } from "node:zlib";
 import { AmberError, InterruptedError } from "../errors.ts";
 import { partImage, PARTS } from "../parts.ts";
 // (Loaded for the tree images they define, which the allow-list takes from codec.ts.)
@@ -87,6 +86,18 @@ function recordHeader(type: number, name: Uint8Array, payload: Uint8Array, n: nu
   return h;
 }
 
+let crc32: (data: Uint8Array, value?: number) => number = () => {
+  throw new Error("stream: crc32 used before loadCrc");
+};
+
+/**
+ * node:zlib (for its crc32) loads with the first stream, not with every
+ * amber: the first node:* module costs tens of ms of start-up.
+ */
+async function loadCrc(): Promise<void> {
+  crc32 = (await import("node:zlib")).crc32;
+}
+
 /** crc32 of a record: its header with the crc field zero, its name and its payload. */
 function recordCrc(header: Uint8Array, name: Uint8Array, payload: Uint8Array): number {
   const h = header.slice();
@@ -106,7 +117,7 @@ function streamHeader(): Uint8Array {
  * later send fails with it, so a dump stops at the first broken pipe.
  */
 export class RecordWriter {
-  private tail: Promise<void> = Promise.resolve();
+  private tail: Promise<void> = loadCrc();
   private failure?: unknown;
   private n = 0;
   /** Files and payload bytes sent so far. */
@@ -124,7 +135,7 @@ export class RecordWriter {
     readonly where: string,
     private readonly explain?: (e: unknown) => Promise<unknown>,
   ) {
-    this.enqueue([streamHeader()]).catch(() => {});
+    this.enqueue(() => [streamHeader()]).catch(() => {});
   }
 
   private async writeAll(p: Uint8Array): Promise<void> {
@@ -140,11 +151,12 @@ export class RecordWriter {
     }
   }
 
-  private enqueue(parts: Uint8Array[]): Promise<void> {
+  /** Writes the parts `build` gives once the writes before are done (crc32 is loaded by then). */
+  private enqueue(build: () => Uint8Array[]): Promise<void> {
     const p = this.tail.then(async () => {
       if (this.failure) throw this.failure;
       try {
-        for (const part of parts) await this.writeAll(part);
+        for (const part of build()) await this.writeAll(part);
       } catch (e) {
         this.failure ??= this.explain && !(e instanceof InterruptedError)
           ? await this.explain(e)
@@ -160,13 +172,19 @@ export class RecordWriter {
   send(name: string, data: Uint8Array, first = true): Promise<void> {
     const nameBytes = new TextEncoder().encode(name);
     if (first) this.files++;
-    const parts: Uint8Array[] = [];
-    for (let off = 0; off < data.length || (off === 0 && !parts.length); off += RECORD_MAX) {
+    const records: { payload: Uint8Array; n: number }[] = [];
+    for (let off = 0; off < data.length || (off === 0 && !records.length); off += RECORD_MAX) {
       const payload = data.subarray(off, off + RECORD_MAX);
-      parts.push(recordHeader(DATA, nameBytes, payload, ++this.n), nameBytes, payload);
+      records.push({ payload, n: ++this.n });
       this.bytes += payload.length;
     }
-    return this.enqueue(parts);
+    return this.enqueue(() =>
+      records.flatMap(({ payload, n }) => [
+        recordHeader(DATA, nameBytes, payload, n),
+        nameBytes,
+        payload,
+      ])
+    );
   }
 
   /** Sends the end record and waits until everything was handed to the writer. */
@@ -176,7 +194,8 @@ export class RecordWriter {
     v.setUint32(0, this.files, true);
     v.setBigUint64(8, BigInt(this.bytes), true);
     const name = new TextEncoder().encode(END_NAME);
-    await this.enqueue([recordHeader(END, name, payload, ++this.n), name, payload]);
+    const n = ++this.n;
+    await this.enqueue(() => [recordHeader(END, name, payload, n), name, payload]);
   }
 
   /** Stops sending: whatever comes later fails with `why`. */
@@ -457,6 +476,7 @@ export async function unpackStream(
   dir: ImageDir,
   opts: UnpackOptions,
 ): Promise<{ files: number; bytes: number }> {
+  await loadCrc();
   const stopped = opts.stopped ?? NEVER;
   const where = opts.where;
   const head = new Uint8Array(HEADER_BYTES);
