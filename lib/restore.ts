@@ -233,7 +233,14 @@ function joinSession(inj: Injector, p: ProcessImages, created: Set<number>): voi
 interface Helper {
   child: Deno.ChildProcess;
   injector: Injector;
+  /**
+   * Its scratch area, and its batch code page right after it (undefined
+   * where none could be made), where no mapping of any process of the
+   * images lies: every process starts as a copy of the helper and keeps
+   * both until it is rebuilt.
+   */
   scratch: Scratch;
+  code?: bigint;
 }
 
 /** The FPU state of the images must fit this CPU. */
@@ -248,7 +255,8 @@ function checkCpu(inv: Images["inventory"], tid: number): void {
   }
 }
 
-async function startHelper(inv: Images["inventory"]): Promise<Helper> {
+async function startHelper(images: Images): Promise<Helper> {
+  const inv = images.inventory;
   const path = writeHelperElf();
   let child: Deno.ChildProcess;
   try {
@@ -262,9 +270,13 @@ async function startHelper(inv: Images["inventory"]): Promise<Helper> {
     pt.interrupt(child.pid);
     pt.waitpid(child.pid);
     const injector = Injector.forThread(child.pid).begin();
-    const scratch = mapScratch(injector, []);
+    const future = images.processes.flatMap((p) =>
+      (p.parts.mappings as { mappings: MappingImage[] } | undefined)?.mappings ?? []
+    );
+    const scratch = mapScratch(injector, future, SCRATCH_SIZE + BATCH_PAGE_SIZE);
+    const code = mapBatchPageAt(injector, scratch.addr + BigInt(scratch.size));
     checkCpu(inv, child.pid);
-    return { child, injector, scratch };
+    return { child, injector, scratch, code };
   } catch (e) {
     child.kill("SIGKILL");
     await child.status;
@@ -400,17 +412,16 @@ function endStandIn(leader: Injector, parent: Injector): void {
 
 async function rebuildProcess(
   blank: Blank,
+  helper: Helper,
   dir: ImageDir,
   options: RestoreOptions,
   tree: TreeRestoreState,
   log: (m: string) => void,
 ): Promise<RestoreContext> {
   const pid = blank.images.entry.pid;
-  const { mappings } = blank.images.parts.mappings as { mappings: MappingImage[] };
-  // The batch code page sits right after the scratch, in a range no mapping of the image uses.
-  const scratch = mapScratch(blank.injector, mappings, SCRATCH_SIZE + BATCH_PAGE_SIZE);
-  const codeAt = scratch.addr + BigInt(scratch.size);
-  const code = mapBatchPageAt(blank.injector, codeAt);
+  // The helper's, which this copy of it has too, in a range no mapping of the images uses.
+  const scratch = { ...helper.scratch };
+  const code = helper.code;
   const ctx: RestoreContext = {
     pid,
     dir,
@@ -558,7 +569,7 @@ export async function restoreTree(
     await precheck(images, options, dir);
     await guard.checkpoint();
     log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
-    helper = await startHelper(images.inventory);
+    helper = await startHelper(images);
   } catch (e) {
     releaseLock(lock, log);
     throw e;
@@ -584,7 +595,10 @@ export async function restoreTree(
       if (!blank) throw new AmberError(`pid ${pid}: create: not created before its turn`);
       if (blank.images.entry.state === "zombie") continue;
       contexts.push(
-        await withContextAsync(`pid ${pid}`, () => rebuildProcess(blank, dir, options, tree, log)),
+        await withContextAsync(
+          `pid ${pid}`,
+          () => rebuildProcess(blank, helper, dir, options, tree, log),
+        ),
       );
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
       for (const t of imgs) threads.push([t.tid, t]);

@@ -9,7 +9,6 @@ import { findTracker } from "./tracking.ts";
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { BATCH_PAGE_SIZE, batchTableBytes, runEach, type Syscall, withBatch } from "../batch.ts";
-import { SysError } from "../../ffi/libc.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
@@ -268,10 +267,14 @@ export function findFreeRange(taken: { start: bigint; end: bigint }[], size: big
   return candidate;
 }
 
-/** Moves the kernel's [vvar]/[vdso] mappings of the helper to the dumped addresses. */
-function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
+/** Unmaps the helper's own mappings (`unmaps`) and moves the kernel's [vvar]/[vdso] to the dumped addresses. */
+function moveSpecials(
+  ctx: RestoreContext,
+  image: MappingImage[],
+  current: MapsEntry[],
+  unmaps: { what: string; call: Syscall }[],
+): void {
   const inj = ctx.injector;
-  const current = readMaps(ctx.pid);
   const wanted = image.filter((m) => m.kind === "special");
   const all = [...current, ...image];
   // Through a free hole first, so a destination never overlaps a source.
@@ -304,6 +307,7 @@ function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
   };
   withBatch(ctx, (run) => {
     if (!run) {
+      for (const u of unmaps) inj.call(u.what, ...u.call);
       // One at a time, each from [vdso] where the last one left it.
       for (const s of steps) {
         inj.call(`mremap ${s.path}`, ...call(s));
@@ -311,32 +315,34 @@ function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
       }
       return;
     }
-    // All in one batch: its code runs from its own page, not from [vdso].
-    run(steps.map(call)).forEach((r, i) => {
-      if (r < 0n && r > -4096n) throw new SysError(`mremap ${steps[i].path}`, Number(-r));
-    });
+    // With the helper's mappings gone first, in batches: their code runs from its own page,
+    // not from [vdso].
+    runEach(ctx, [
+      ...unmaps,
+      ...steps.map((s) => ({ what: `mremap ${s.path}`, call: call(s) })),
+    ]);
     const vdso = staged.find(({ cur }) => cur.path === "[vdso]");
     if (vdso) inj.syscallAddr = inj.syscallAddr - vdso.cur.start + vdso.w.start;
   });
   for (const t of ctx.threads.values()) t.syscallAddr = inj.syscallAddr;
 }
 
-/** Unmaps all the helper's own mappings but the kernel's, the scratch area and the code page. */
-function unmapHelper(ctx: RestoreContext): void {
+/** munmaps of all the helper's own mappings but the kernel's, the scratch area and the code page. */
+function helperMappings(
+  ctx: RestoreContext,
+  current: MapsEntry[],
+): { what: string; call: Syscall }[] {
   const ours = [{ start: ctx.scratch.addr, end: ctx.scratch.addr + BigInt(ctx.scratch.size) }];
   const code = ctx.batchPage?.addr;
   if (code !== undefined) ours.push({ start: code, end: code + BigInt(BATCH_PAGE_SIZE) });
-  const gone = readMaps(ctx.pid).filter((m) =>
+  const gone = current.filter((m) =>
     !(SPECIAL as readonly string[]).includes(m.path) && m.path !== "[vsyscall]" &&
     !ours.some((r) => overlaps(m, r))
   );
-  runEach(
-    ctx,
-    gone.map((m) => ({
-      what: `munmap ${mappingLabel(m)}`,
-      call: [NR.munmap, m.start, m.end - m.start],
-    })),
-  );
+  return gone.map((m) => ({
+    what: `munmap ${mappingLabel(m)}`,
+    call: [NR.munmap, m.start, m.end - m.start],
+  }));
 }
 
 function openAt(ctx: RestoreContext, path: string, mode: number): number {
@@ -481,11 +487,15 @@ const OPENS_PER_BATCH = 32;
  * disjoint ranges), in batches; those already planned go before a mapping
  * that opens one of this process's own (memory it maps twice).
  */
-function mapAll(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> {
+function mapAll(ctx: RestoreContext, maps: MappingImage[]): void {
   const fds = openAhead(ctx, maps);
   let planned: { m: MappingImage; what: string; call: Syscall }[] = [];
-  const flush = () => {
-    const got = runEach(ctx, planned);
+  const flush = (last = false) => {
+    // The files opened are closed in the last batch, after the mmaps that use them.
+    const closes = last
+      ? [...fds.values()].map((fd) => ({ what: "close", call: [NR.close, fd] as Syscall }))
+      : [];
+    const got = runEach(ctx, [...planned, ...closes]);
     planned.forEach(({ m }, i) => {
       if (BigInt.asUintN(64, got[i]) !== m.start) {
         throw new AmberError(`${mappingLabel(m)}: mmap landed at ${hex(got[i])}`);
@@ -499,8 +509,7 @@ function mapAll(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> 
     const call = withContext(mappingLabel(m), () => mmapOf(ctx, m, fds));
     if (call) planned.push({ m, what: `${mappingLabel(m)}: mmap`, call });
   }
-  flush();
-  return fds;
+  flush(true);
 }
 
 const DELETED = " (deleted)";
@@ -584,11 +593,10 @@ export const mappingsPart = definePart({
     }
   },
   restore(ctx, { mappings }) {
-    moveSpecials(ctx, mappings);
-    unmapHelper(ctx);
+    const current = readMaps(ctx.pid);
+    moveSpecials(ctx, mappings, current, helperMappings(ctx, current));
     const plain = mappings.filter((m) => !(m.kind === "special" || m.kind === "vsyscall" || m.aio));
-    const fds = mapAll(ctx, plain);
-    runEach(ctx, [...fds.values()].map((fd) => ({ what: "close", call: [NR.close, fd] })));
+    mapAll(ctx, plain);
     // Once every mapping is in place: io_setup's ring lands in a hole, then moves to its own.
     for (const m of mappings) {
       if (m.aio) withContext(mappingLabel(m), () => restoreAioRing(ctx, m.aio!, m.start));
