@@ -9,7 +9,13 @@
  * detached at once. Any failure kills all that was created.
  */
 import type { ByteReader } from "./images/stream.ts";
-import { BATCH_PAGE_SIZE, mapBatchPageAt } from "./batch.ts";
+import {
+  BATCH_PAGE_SIZE,
+  batchTableBytes,
+  mapBatchPageAt,
+  type Syscall,
+  withBatch,
+} from "./batch.ts";
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
@@ -213,6 +219,67 @@ function cloneProcess(
   return new Injector(pid, parent.syscallAddr, RESTORE_INJECTOR).begin();
 }
 
+/** Bytes of clone_args (88) and its set_tid array (8), per child in a batch. */
+const CLONE_ROOM = 96;
+
+/** Children created per batch: their table and clone_args fit the scratch area. */
+const CLONES_PER_BATCH = 64;
+
+/**
+ * cloneProcess for many children of one parent (a copy of the helper,
+ * with its code page), in batches. Each child made is in `created` even
+ * when another fails, so a failed restore kills it too.
+ */
+function cloneChildren(
+  parent: Injector,
+  helper: Helper,
+  children: ProcessImages[],
+  created: Map<number, Blank>,
+): void {
+  const ctx = {
+    pid: parent.tid,
+    injector: parent,
+    scratch: helper.scratch,
+    batchPage: { addr: helper.code },
+  };
+  for (let i = 0; i < children.length; i += CLONES_PER_BATCH) {
+    const chunk = children.slice(i, i + CLONES_PER_BATCH);
+    const base = batchTableBytes(chunk.length);
+    const calls = chunk.map(({ entry }, j): Syscall => {
+      const at = base + j * CLONE_ROOM;
+      const setTid = putBytes(parent.tid, helper.scratch, u64Bytes([entry.pid]), at + 88);
+      const args = u64Bytes([0, 0, 0, 0, entry.exitSignal, 0, 0, 0, setTid, 1, 0]);
+      return [NR.clone3, putBytes(parent.tid, helper.scratch, args, at), args.length];
+    });
+    // (One at a time where the parent cannot batch; each child's first stop is waited for below.)
+    const got = withBatch(ctx, (run) => run?.(calls)) ??
+      calls.map(([nr, ...args]) => parent.raw(nr, ...args));
+    let failure: AmberError | undefined;
+    chunk.forEach((p, j) => {
+      const pid = p.entry.pid, r = got[j];
+      const why = r === -17n
+        ? `pid ${pid} is in use by ${pidHolderNow(pid) ?? "another process"}`
+        : r < 0n
+        ? `clone3(set_tid ${pid}): errno ${-r}`
+        : Number(r) !== pid
+        ? `clone3 made pid ${r}, wanted ${pid}`
+        : undefined;
+      if (why) {
+        failure ??= new AmberError(`pid ${pid}: create: ${why}`);
+        return;
+      }
+      const st = pt.waitpid(pid);
+      if (!st?.stopped) {
+        failure ??= new AmberError(`pid ${pid}: create: did not stop after clone3`);
+        return;
+      }
+      const injector = new Injector(pid, parent.syscallAddr, RESTORE_INJECTOR).begin();
+      created.set(pid, { images: p, injector });
+    });
+    if (failure) throw failure;
+  }
+}
+
 /** A scratch page in a process, where neither its current nor its future mappings are. */
 function mapScratch(inj: Injector, future: MappingImage[], room = SCRATCH_SIZE): Scratch {
   const addr = findFreeRange([...readMaps(inj.tid), ...future], BigInt(room));
@@ -309,17 +376,36 @@ function createProcesses(
 ): void {
   const pids = new Set(images.processes.map((p) => p.entry.pid));
   const standIns: { leader: Injector; parent: Injector }[] = [];
+  const standInFor = (p: ProcessImages, parent?: Blank) => {
+    const { pgid } = p.entry;
+    if (parent && !pids.has(pgid) && !created.has(pgid) && !pidHolderNow(pgid)) {
+      standIns.push({
+        leader: standInLeader(parent.injector, helper.scratch, pgid),
+        parent: parent.injector,
+      });
+    }
+  };
+  const join = (p: ProcessImages, injector: Injector) => {
+    const groups = new Set([...created.keys(), ...standIns.map((s) => s.leader.tid)]);
+    withContext(`pid ${p.entry.pid}: create`, () => joinSession(injector, p, groups));
+  };
   try {
-    for (const p of procs) {
-      const { pid, ppid, pgid, exitSignal } = p.entry;
+    for (let i = 0; i < procs.length;) {
+      // Children of one parent in a row: their clone3s in batches of that parent.
+      const parent = created.get(procs[i].entry.ppid);
+      let n = 1;
+      while (i + n < procs.length && procs[i + n].entry.ppid === procs[i].entry.ppid) n++;
+      if (parent && helper.code !== undefined && n > 1) {
+        const run = procs.slice(i, i += n);
+        for (const p of run) withContext(`pid ${p.entry.pid}: create`, () => standInFor(p, parent));
+        cloneChildren(parent.injector, helper, run, created);
+        for (const p of run) join(p, created.get(p.entry.pid)!.injector);
+        continue;
+      }
+      const p = procs[i++];
+      const { pid, exitSignal } = p.entry;
       withContext(`pid ${pid}: create`, () => {
-        const parent = created.get(ppid);
-        if (parent && !pids.has(pgid) && !created.has(pgid) && !pidHolderNow(pgid)) {
-          standIns.push({
-            leader: standInLeader(parent.injector, helper.scratch, pgid),
-            parent: parent.injector,
-          });
-        }
+        standInFor(p, parent);
         const injector = parent
           ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
           : detached
@@ -328,9 +414,8 @@ function createProcesses(
           // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
           : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
         created.set(pid, { images: p, injector });
-        const groups = new Set([...created.keys(), ...standIns.map((s) => s.leader.tid)]);
-        joinSession(injector, p, groups);
       });
+      join(p, created.get(pid)!.injector);
     }
   } finally {
     for (const s of standIns) endStandIn(s.leader, s.parent);
