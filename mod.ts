@@ -21,7 +21,7 @@
 import { type DumpRequest, type DumpStats, dumpTree } from "./lib/dump.ts";
 import { readImages as readImagesImpl } from "./lib/images/read.ts";
 import { type RestoreRequest, type RestoreResult, restoreTree } from "./lib/restore.ts";
-import { cleanStaleLocks } from "./lib/net/netlock.ts";
+import { cleanStaleLocks, cleanStaleLocksAsync } from "./lib/net/netlock.ts";
 import { showImages } from "./lib/show.ts";
 import { checkKernel, type CheckReport, formatCheckReport } from "./lib/check.ts";
 import { type CheckpointResult, runJob, type RunRequest, type RunResult } from "./lib/run.ts";
@@ -200,12 +200,14 @@ export function preDump(req: PreDumpRequest): Promise<DumpStats> {
  * ```
  */
 export function restore(req: RestoreRequest): Promise<RestoreResult> {
-  cleanStaleLocks();
-  if (req.stream) return restoreStream({ ...req, stream: req.stream });
-  if (!req.dir) {
-    return Promise.reject(new UsageError("-D DIR is required; see amber restore --help"));
-  }
-  return restoreTree({ ...req, dir: req.dir });
+  // A dump SIGKILLed earlier may have left its network lock: looked for while the images are read.
+  const cleaning = cleanStaleLocksAsync();
+  const restoring = req.stream
+    ? restoreStream({ ...req, stream: req.stream })
+    : req.dir
+    ? restoreTree({ ...req, dir: req.dir })
+    : Promise.reject(new UsageError("-D DIR is required; see amber restore --help"));
+  return restoring.finally(() => cleaning);
 }
 
 /**

@@ -6,6 +6,7 @@
  */
 import { BATCH_CODE, BATCH_ENTRY, type Injector, NR } from "../ffi/inject.ts";
 import type { DumpContext, RestoreContext } from "./context.ts";
+import { SysError } from "../ffi/libc.ts";
 import { readStatus, statusHex } from "./proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "./scratch.ts";
 
@@ -123,4 +124,28 @@ function runCalls(ctx: Ctx, inj: Injector, code: bigint, calls: Syscall[]): bigi
 /** Bytes of scratch a table of `n` calls takes: the caller's buffers go after it. */
 export function batchTableBytes(n: number): number {
   return n * BATCH_ENTRY;
+}
+
+/** Calls per batch: their table fits any scratch area (4 KiB at least). */
+const BATCH_MAX = 48;
+
+/**
+ * Calls that need no result of another, in their order: in batches where
+ * batching works here, else one at a time. Throws the first failure,
+ * named by its `what` (later calls of its batch ran too).
+ */
+export function runEach(ctx: Ctx, calls: { what: string; call: Syscall }[]): bigint[] {
+  if (!calls.length) return [];
+  return withBatch(ctx, (run) => {
+    if (!run) return calls.map(({ what, call }) => ctx.injector.call(what, ...call));
+    const out: bigint[] = [];
+    for (let i = 0; i < calls.length; i += BATCH_MAX) {
+      const chunk = calls.slice(i, i + BATCH_MAX);
+      run(chunk.map((c) => c.call)).forEach((r, j) => {
+        if (r < 0n && r > -4096n) throw new SysError(chunk[j].what, Number(-r));
+        out.push(r);
+      });
+    }
+    return out;
+  });
 }

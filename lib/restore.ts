@@ -9,7 +9,13 @@
  * detached at once. Any failure kills all that was created.
  */
 import type { ByteReader } from "./images/stream.ts";
-import { BATCH_PAGE_SIZE, mapBatchPageAt } from "./batch.ts";
+import {
+  BATCH_PAGE_SIZE,
+  batchTableBytes,
+  mapBatchPageAt,
+  type Syscall,
+  withBatch,
+} from "./batch.ts";
 import { writeHelperElf } from "../ffi/helper_elf.ts";
 import { Injector, NR } from "../ffi/inject.ts";
 import * as pt from "../ffi/ptrace.ts";
@@ -139,6 +145,13 @@ export interface RestoreResult {
 }
 
 const SCRATCH_SIZE = 64 * 1024;
+/**
+ * A restored thread may wait at a batch's trap stop (two stops fewer a
+ * batch): it is only ever given another injected call, its final
+ * registers and a detach from there, which act from that stop as from a
+ * syscall stop (the kernel's restart logic runs on the detach alike).
+ */
+const RESTORE_INJECTOR = { restAtTrap: true };
 const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
 const SIGKILL = 9;
@@ -221,7 +234,68 @@ function cloneProcess(
   if (Number(r) !== pid) throw new AmberError(`clone3 made pid ${r}, wanted ${pid}`);
   const st = pt.waitpid(pid);
   if (!st?.stopped) throw new AmberError(`pid ${pid}: did not stop after clone3`);
-  return new Injector(pid, parent.syscallAddr).begin();
+  return new Injector(pid, parent.syscallAddr, RESTORE_INJECTOR).begin();
+}
+
+/** Bytes of clone_args (88) and its set_tid array (8), per child in a batch. */
+const CLONE_ROOM = 96;
+
+/** Children created per batch: their table and clone_args fit the scratch area. */
+const CLONES_PER_BATCH = 64;
+
+/**
+ * cloneProcess for many children of one parent (a copy of the helper,
+ * with its code page), in batches. Each child made is in `created` even
+ * when another fails, so a failed restore kills it too.
+ */
+function cloneChildren(
+  parent: Injector,
+  helper: Helper,
+  children: ProcessImages[],
+  created: Map<number, Blank>,
+): void {
+  const ctx = {
+    pid: parent.tid,
+    injector: parent,
+    scratch: helper.scratch,
+    batchPage: { addr: helper.code },
+  };
+  for (let i = 0; i < children.length; i += CLONES_PER_BATCH) {
+    const chunk = children.slice(i, i + CLONES_PER_BATCH);
+    const base = batchTableBytes(chunk.length);
+    const calls = chunk.map(({ entry }, j): Syscall => {
+      const at = base + j * CLONE_ROOM;
+      const setTid = putBytes(parent.tid, helper.scratch, u64Bytes([entry.pid]), at + 88);
+      const args = u64Bytes([0, 0, 0, 0, entry.exitSignal, 0, 0, 0, setTid, 1, 0]);
+      return [NR.clone3, putBytes(parent.tid, helper.scratch, args, at), args.length];
+    });
+    // (One at a time where the parent cannot batch; each child's first stop is waited for below.)
+    const got = withBatch(ctx, (run) => run?.(calls)) ??
+      calls.map(([nr, ...args]) => parent.raw(nr, ...args));
+    let failure: AmberError | undefined;
+    chunk.forEach((p, j) => {
+      const pid = p.entry.pid, r = got[j];
+      const why = r === -17n
+        ? `pid ${pid} is in use by ${pidHolderNow(pid) ?? "another process"}`
+        : r < 0n
+        ? `clone3(set_tid ${pid}): errno ${-r}`
+        : Number(r) !== pid
+        ? `clone3 made pid ${r}, wanted ${pid}`
+        : undefined;
+      if (why) {
+        failure ??= new AmberError(`pid ${pid}: create: ${why}`);
+        return;
+      }
+      const st = pt.waitpid(pid);
+      if (!st?.stopped) {
+        failure ??= new AmberError(`pid ${pid}: create: did not stop after clone3`);
+        return;
+      }
+      const injector = new Injector(pid, parent.syscallAddr, RESTORE_INJECTOR).begin();
+      created.set(pid, { images: p, injector });
+    });
+    if (failure) throw failure;
+  }
 }
 
 /** A scratch page in a process, where neither its current nor its future mappings are. */
@@ -244,7 +318,14 @@ function joinSession(inj: Injector, p: ProcessImages, created: Set<number>): voi
 interface Helper {
   child: Deno.ChildProcess;
   injector: Injector;
+  /**
+   * Its scratch area, and its batch code page right after it (undefined
+   * where none could be made), where no mapping of any process of the
+   * images lies: every process starts as a copy of the helper and keeps
+   * both until it is rebuilt.
+   */
   scratch: Scratch;
+  code?: bigint;
 }
 
 /** The FPU state of the images must fit this CPU. */
@@ -259,7 +340,8 @@ function checkCpu(inv: Images["inventory"], tid: number): void {
   }
 }
 
-async function startHelper(inv: Images["inventory"]): Promise<Helper> {
+async function startHelper(images: Images): Promise<Helper> {
+  const inv = images.inventory;
   const path = writeHelperElf();
   let child: Deno.ChildProcess;
   try {
@@ -273,9 +355,13 @@ async function startHelper(inv: Images["inventory"]): Promise<Helper> {
     pt.interrupt(child.pid);
     pt.waitpid(child.pid);
     const injector = Injector.forThread(child.pid).begin();
-    const scratch = mapScratch(injector, []);
+    const future = images.processes.flatMap((p) =>
+      (p.parts.mappings as { mappings: MappingImage[] } | undefined)?.mappings ?? []
+    );
+    const scratch = mapScratch(injector, future, SCRATCH_SIZE + BATCH_PAGE_SIZE);
+    const code = mapBatchPageAt(injector, scratch.addr + BigInt(scratch.size));
     checkCpu(inv, child.pid);
-    return { child, injector, scratch };
+    return { child, injector, scratch, code };
   } catch (e) {
     child.kill("SIGKILL");
     await child.status;
@@ -308,17 +394,36 @@ function createProcesses(
 ): void {
   const pids = new Set(images.processes.map((p) => p.entry.pid));
   const standIns: { leader: Injector; parent: Injector }[] = [];
+  const standInFor = (p: ProcessImages, parent?: Blank) => {
+    const { pgid } = p.entry;
+    if (parent && !pids.has(pgid) && !created.has(pgid) && !pidHolderNow(pgid)) {
+      standIns.push({
+        leader: standInLeader(parent.injector, helper.scratch, pgid),
+        parent: parent.injector,
+      });
+    }
+  };
+  const join = (p: ProcessImages, injector: Injector) => {
+    const groups = new Set([...created.keys(), ...standIns.map((s) => s.leader.tid)]);
+    withContext(`pid ${p.entry.pid}: create`, () => joinSession(injector, p, groups));
+  };
   try {
-    for (const p of procs) {
-      const { pid, ppid, pgid, exitSignal } = p.entry;
+    for (let i = 0; i < procs.length;) {
+      // Children of one parent in a row: their clone3s in batches of that parent.
+      const parent = created.get(procs[i].entry.ppid);
+      let n = 1;
+      while (i + n < procs.length && procs[i + n].entry.ppid === procs[i].entry.ppid) n++;
+      if (parent && helper.code !== undefined && n > 1) {
+        const run = procs.slice(i, i += n);
+        for (const p of run) withContext(`pid ${p.entry.pid}: create`, () => standInFor(p, parent));
+        cloneChildren(parent.injector, helper, run, created);
+        for (const p of run) join(p, created.get(p.entry.pid)!.injector);
+        continue;
+      }
+      const p = procs[i++];
+      const { pid, exitSignal } = p.entry;
       withContext(`pid ${pid}: create`, () => {
-        const parent = created.get(ppid);
-        if (parent && !pids.has(pgid) && !created.has(pgid) && !pidHolderNow(pgid)) {
-          standIns.push({
-            leader: standInLeader(parent.injector, helper.scratch, pgid),
-            parent: parent.injector,
-          });
-        }
+        standInFor(p, parent);
         const injector = parent
           ? cloneProcess(parent.injector, helper.scratch, pid, 0, exitSignal)
           : detached
@@ -327,9 +432,8 @@ function createProcesses(
           // Attached: amber's own child (CLONE_PARENT), so amber can wait for it like CRIU.
           : cloneProcess(helper.injector, helper.scratch, pid, CLONE_PARENT, 0);
         created.set(pid, { images: p, injector });
-        const groups = new Set([...created.keys(), ...standIns.map((s) => s.leader.tid)]);
-        joinSession(injector, p, groups);
       });
+      join(p, created.get(pid)!.injector);
     }
   } finally {
     for (const s of standIns) endStandIn(s.leader, s.parent);
@@ -411,17 +515,16 @@ function endStandIn(leader: Injector, parent: Injector): void {
 
 async function rebuildProcess(
   blank: Blank,
+  helper: Helper,
   dir: ImageDir,
   options: RestoreOptions,
   tree: TreeRestoreState,
   log: (m: string) => void,
 ): Promise<RestoreContext> {
   const pid = blank.images.entry.pid;
-  const { mappings } = blank.images.parts.mappings as { mappings: MappingImage[] };
-  // The batch code page sits right after the scratch, in a range no mapping of the image uses.
-  const scratch = mapScratch(blank.injector, mappings, SCRATCH_SIZE + BATCH_PAGE_SIZE);
-  const codeAt = scratch.addr + BigInt(scratch.size);
-  const code = mapBatchPageAt(blank.injector, codeAt);
+  // The helper's, which this copy of it has too, in a range no mapping of the images uses.
+  const scratch = { ...helper.scratch };
+  const code = helper.code;
   const ctx: RestoreContext = {
     pid,
     dir,
@@ -630,7 +733,7 @@ export async function restoreTree(
     log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
     // Before anything is created: a source that is not there, or serves another dump, fails here.
     if (req.pageServer) remote = await RemotePages.connect(req.pageServer, images.inventory);
-    helper = await startHelper(images.inventory);
+    helper = await startHelper(images);
   } catch (e) {
     remote?.close();
     releaseLock(lock, log);
@@ -658,7 +761,10 @@ export async function restoreTree(
       if (!blank) throw new AmberError(`pid ${pid}: create: not created before its turn`);
       if (blank.images.entry.state === "zombie") continue;
       contexts.push(
-        await withContextAsync(`pid ${pid}`, () => rebuildProcess(blank, dir, options, tree, log)),
+        await withContextAsync(
+          `pid ${pid}`,
+          () => rebuildProcess(blank, helper, dir, options, tree, log),
+        ),
       );
       const imgs = (blank.images.parts.threads as { threads: ThreadImage[] }).threads;
       for (const t of imgs) threads.push([t.tid, t]);

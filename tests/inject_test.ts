@@ -12,14 +12,16 @@ import {
   startWriter,
   statusField,
   tempDir,
+  threadsOf,
   waitForLine,
 } from "./_util.ts";
 
 /**
  * argv[1] "handle" or "ignore": SIGTRAP disposition; "blocked": handled and
- * blocked; "pending": that, and one SIGTRAP pending. SIGUSR1 blocked; a line per tick.
+ * blocked; "pending": that, and one SIGTRAP pending. SIGUSR1 blocked; a line per tick; a
+ * second thread sleeps.
  */
-const TRAP_PY = `import os, signal, sys, time
+const TRAP_PY = `import os, signal, sys, threading, time
 mode, out = sys.argv[1], sys.argv[2]
 def trapped(s, f):
     with open(out, "a") as o:
@@ -30,6 +32,9 @@ if mode in ("blocked", "pending"):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTRAP})
 if mode == "pending":
     os.kill(os.getpid(), signal.SIGTRAP)
+# A second thread (with the masks above): restore makes and sets it up in a batch, or one call
+# at a time where SIGTRAP is ignored.
+threading.Thread(target=time.sleep, args=(86400,), daemon=True).start()
 n = 0
 while True:
     with open(out, "a") as o:
@@ -68,6 +73,7 @@ for (const mode of ["handle", "ignore", "blocked", "pending"] as const) {
       assertExit(await amber(["restore", "-D", `${img}2`, "-d"]), 0, "restore");
       await waitForLine(out, (l) => l.length >= 2);
       assert.deepEqual(signalState(pid), before, "signal state after restore");
+      assert.equal(threadsOf(pid).length, 2, "both threads after restore");
       Deno.kill(pid, "SIGTRAP");
       if (mode === "handle") await waitForLine(out, (l) => l.includes("trapped"));
       const n = (await waitForLine(out, (l) => l.length >= 2)).length;

@@ -6,7 +6,8 @@
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
-import { fetchFd, parkFd } from "./fetch.ts";
+import { fetchFd } from "./fetch.ts";
+import { runEach, type Syscall, withBatch } from "../batch.ts";
 import { pipeFd } from "./pipe.ts";
 import { sameOpenFile } from "../../ffi/libc.ts";
 import { MAX_IMAGE_BYTES, pidNumber } from "../images/codec.ts";
@@ -99,19 +100,29 @@ export function probeFd(
 
 /**
  * Closes what the helper inherited beyond amber's stdio and moves that stdio
- * out of the way of the image's numbers.
+ * out of the way of the image's numbers: one batch (independent calls).
  */
 function parkInherited(ctx: RestoreContext, entries: FdEntryImage[]): number[] {
-  const inj = ctx.injector;
+  const calls: { what: string; call: Syscall }[] = [];
   for (const fd of listProcNumbers(ctx.pid, "fd")) {
-    if (!ctx.inherited.has(fd)) inj.call(`close inherited fd ${fd}`, NR.close, fd);
+    if (!ctx.inherited.has(fd)) {
+      calls.push({ what: `close inherited fd ${fd}`, call: [NR.close, fd] });
+    }
   }
   ctx.parkFloor = Math.max(3, ...entries.map((e) => e.fd + 1));
-  const parked = new Map<number, string>();
-  for (const [fd, what] of ctx.inherited) parked.set(parkFd(ctx, fd), what);
+  const F_DUPFD_CLOEXEC = 1030;
+  const inherited = [...ctx.inherited];
+  for (const [fd] of inherited) {
+    calls.push({
+      what: "fcntl(F_DUPFD_CLOEXEC)",
+      call: [NR.fcntl, fd, F_DUPFD_CLOEXEC, ctx.parkFloor],
+    });
+    calls.push({ what: "close", call: [NR.close, fd] });
+  }
+  const got = runEach(ctx, calls).slice(calls.length - 2 * inherited.length);
   ctx.inherited.clear();
-  for (const [fd, what] of parked) ctx.inherited.set(fd, what);
-  return [...parked.keys()];
+  inherited.forEach(([, what], i) => ctx.inherited.set(Number(got[2 * i]), what));
+  return [...ctx.inherited.keys()];
 }
 
 /** One descriptor that is the same open file as an earlier one (dup, or inherited by fork). */
@@ -183,6 +194,56 @@ function installFd(ctx: RestoreContext, e: FdEntryImage, shared?: SharedFdImage)
   inj.call("close", NR.close, tmp);
 }
 
+/**
+ * Descriptors taken from earlier ones (installFd's calls for each, in its
+ * order) in one batch: the numbers the kernel will give (the lowest free
+ * one, in a process only amber changes) are worked out from its table
+ * beforehand, and what it gave is checked after.
+ */
+function installShared(ctx: RestoreContext, run: [FdEntryImage, SharedFdImage][]): void {
+  withBatch(ctx, (batch) => {
+    if (!batch) {
+      for (const [e, s] of run) withContext(`fd ${e.fd}`, () => installFd(ctx, e, s));
+      return;
+    }
+    const open = new Set(listProcNumbers(ctx.pid, "fd"));
+    const take = (fd?: number) => {
+      let n = fd ?? 0;
+      if (fd === undefined) { while (open.has(n)) n++; }
+      open.add(n);
+      return n;
+    };
+    const calls: { what: string; call: Syscall; gives?: number }[] = [];
+    const add = (e: FdEntryImage, what: string, call: Syscall, gives?: number) =>
+      calls.push({ what: `fd ${e.fd}: ${what}`, call, gives });
+    for (const [e, s] of run) {
+      let tmp: number;
+      if (s.pid === ctx.pid) add(e, `dup ${s.ownerFd}`, [NR.fcntl, s.ownerFd, 0, 0], tmp = take());
+      else {
+        const pidfd = take();
+        add(e, `pidfd_open ${s.pid}`, [NR.pidfd_open, s.pid, 0], pidfd);
+        const getfd: Syscall = [NR.pidfd_getfd, pidfd, s.ownerFd, 0];
+        add(e, `pidfd_getfd ${s.pid}:${s.ownerFd}`, getfd, tmp = take());
+        add(e, "close", [NR.close, pidfd]);
+        open.delete(pidfd);
+      }
+      const cloexec = e.flags & O_CLOEXEC ? O_CLOEXEC : 0;
+      if (tmp === e.fd) add(e, "fcntl(F_SETFD)", [NR.fcntl, tmp, 2, cloexec ? 1 : 0]);
+      else {
+        add(e, "dup3", [NR.dup3, tmp, e.fd, cloexec], take(e.fd));
+        add(e, "close", [NR.close, tmp]);
+        open.delete(tmp);
+      }
+    }
+    runEach(ctx, calls).forEach((r, i) => {
+      const { what, gives } = calls[i];
+      if (gives !== undefined && Number(r) !== gives) {
+        throw new AmberError(`${what}: gave fd ${r} where fd ${gives} was the lowest free one`);
+      }
+    });
+  });
+}
+
 export const fdsPart = definePart({
   name: "fds",
   maxBytes: MAX_IMAGE_BYTES,
@@ -231,10 +292,21 @@ export const fdsPart = definePart({
     const entries = fds as FdEntryImage[];
     const sharing = new Map(shared.map((s) => [s.fd, s]));
     const parked = parkInherited(ctx, entries);
-    for (const e of entries) withContext(`fd ${e.fd}`, () => installFd(ctx, e, sharing.get(e.fd)));
+    // Runs of descriptors shared with earlier ones in one batch each; the others by their kind.
+    for (let i = 0; i < entries.length;) {
+      const run: [FdEntryImage, SharedFdImage][] = [];
+      for (; i < entries.length && sharing.has(entries[i].fd); i++) {
+        run.push([entries[i], sharing.get(entries[i].fd)!]);
+      }
+      if (run.length) installShared(ctx, run);
+      else {
+        const e = entries[i++];
+        withContext(`fd ${e.fd}`, () => installFd(ctx, e));
+      }
+    }
     for (const e of entries) {
       if (!sharing.has(e.fd)) withContext(`fd ${e.fd}`, () => kindOf(e.kind).afterAll?.(ctx, e));
     }
-    for (const fd of parked) ctx.injector.call("close", NR.close, fd);
+    runEach(ctx, parked.map((fd) => ({ what: "close", call: [NR.close, fd] })));
   },
 });

@@ -6,6 +6,7 @@ import { definePart } from "../context.ts";
 import { readProcLink } from "../proc/read.ts";
 import { readStatus } from "../proc/status.ts";
 import { putString } from "../scratch.ts";
+import { runEach, type Syscall } from "../batch.ts";
 
 export const fsPart = definePart({
   name: "fs",
@@ -32,9 +33,19 @@ export const fsPart = definePart({
       if (!ok) throw new AmberError(`${what} ${p}: no such directory`);
     }
   },
-  restore({ pid, injector: inj, scratch }, { cwd, root, umask }) {
-    inj.call(`chdir ${cwd}`, NR.chdir, putString(pid, scratch, cwd));
-    if (root !== "/") inj.call(`chroot ${root}`, NR.chroot, putString(pid, scratch, root));
-    inj.call("umask", NR.umask, umask);
+  restore(ctx, { cwd, root, umask }) {
+    const { pid, scratch } = ctx;
+    // One batch; the paths go past its table.
+    const calls: { what: string; call: Syscall }[] = [
+      { what: `chdir ${cwd}`, call: [NR.chdir, putString(pid, scratch, cwd, 1024)] },
+    ];
+    if (root !== "/") {
+      calls.push({
+        what: `chroot ${root}`,
+        call: [NR.chroot, putString(pid, scratch, root, 8192)],
+      });
+    }
+    calls.push({ what: "umask", call: [NR.umask, umask] });
+    runEach(ctx, calls);
   },
 });

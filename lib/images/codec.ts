@@ -10,7 +10,9 @@ import { AmberError } from "../errors.ts";
 
 // zod compiles a schema to a function on its first parse (1-6 ms each, ~25
 // ms for a dump's parts, all of it while the tree is frozen); amber parses
-// each schema a few times per run, so its interpreter is cheaper.
+// each schema a few times per run, so its interpreter is cheaper (reading
+// a 1-process image: 63 ms of CPU compiled, 38 without; 50 processes: 167
+// and 159).
 z.config({ jitless: true });
 
 /** Largest CBOR image we accept: anything bigger is not ours. */

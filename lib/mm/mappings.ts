@@ -8,8 +8,7 @@
 import { findTracker } from "./tracking.ts";
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
-import { SysError } from "../../ffi/libc.ts";
-import { BATCH_PAGE_SIZE, type Syscall, withBatch } from "../batch.ts";
+import { BATCH_PAGE_SIZE, batchTableBytes, runEach, type Syscall, withBatch } from "../batch.ts";
 import { readMemoryProc } from "../../ffi/memory.ts";
 import { definePart, type RestoreContext, type TreeDumpState } from "../context.ts";
 import { AmberError, hex, withContext } from "../errors.ts";
@@ -21,7 +20,7 @@ import {
   readVmFlagsAsync,
   type VmFlagsEntry,
 } from "../proc/maps.ts";
-import { putString } from "../scratch.ts";
+import { putBytes, putString } from "../scratch.ts";
 import { readProcLink } from "../proc/read.ts";
 import type { ImageDir } from "../images/dir.ts";
 import { attachSysvShm, dumpSysvShm, sysvConflict, SysvShm } from "./sysvshm.ts";
@@ -292,10 +291,14 @@ export function findFreeRange(taken: { start: bigint; end: bigint }[], size: big
   return candidate;
 }
 
-/** Moves the kernel's [vvar]/[vdso] mappings of the helper to the dumped addresses. */
-function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
+/** Unmaps the helper's own mappings (`unmaps`) and moves the kernel's [vvar]/[vdso] to the dumped addresses. */
+function moveSpecials(
+  ctx: RestoreContext,
+  image: MappingImage[],
+  current: MapsEntry[],
+  unmaps: { what: string; call: Syscall }[],
+): void {
   const inj = ctx.injector;
-  const current = readMaps(ctx.pid);
   const wanted = image.filter((m) => m.kind === "special");
   const all = [...current, ...image];
   // Through a free hole first, so a destination never overlaps a source.
@@ -313,64 +316,57 @@ function moveSpecials(ctx: RestoreContext, image: MappingImage[]): void {
   const total = moves.reduce((s, m) => s + (m.w.end - m.w.start), 0n);
   let hole = findFreeRange(all, total + PAGE);
   const staged = moves.map(({ cur, w }) => {
-    const size = w.end - w.start;
-    inj.call(
-      `mremap ${cur.path}`,
-      NR.mremap,
-      cur.start,
-      size,
-      size,
-      MREMAP_MAYMOVE | MREMAP_FIXED,
-      hole,
-    );
-    if (cur.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - cur.start + hole;
     const at = hole;
-    hole += size;
-    return { at, w };
+    hole += w.end - w.start;
+    return { cur, at, w };
   });
-  for (const { at, w } of staged) {
-    const size = w.end - w.start;
-    inj.call(`mremap ${w.path}`, NR.mremap, at, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, w.start);
-    if (w.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - at + w.start;
-  }
+  const flags = MREMAP_MAYMOVE | MREMAP_FIXED;
+  const steps = [
+    ...staged.map(({ cur, at, w }) => ({ path: cur.path, from: cur.start, to: at, w })),
+    ...staged.map(({ at, w }) => ({ path: w.path, from: at, to: w.start, w })),
+  ];
+  const call = (s: (typeof steps)[0]): Syscall => {
+    const size = s.w.end - s.w.start;
+    return [NR.mremap, s.from, size, size, flags, s.to];
+  };
+  withBatch(ctx, (run) => {
+    if (!run) {
+      for (const u of unmaps) inj.call(u.what, ...u.call);
+      // One at a time, each from [vdso] where the last one left it.
+      for (const s of steps) {
+        inj.call(`mremap ${s.path}`, ...call(s));
+        if (s.path === "[vdso]") inj.syscallAddr = inj.syscallAddr - s.from + s.to;
+      }
+      return;
+    }
+    // With the helper's mappings gone first, in batches: their code runs from its own page,
+    // not from [vdso].
+    runEach(ctx, [
+      ...unmaps,
+      ...steps.map((s) => ({ what: `mremap ${s.path}`, call: call(s) })),
+    ]);
+    const vdso = staged.find(({ cur }) => cur.path === "[vdso]");
+    if (vdso) inj.syscallAddr = inj.syscallAddr - vdso.cur.start + vdso.w.start;
+  });
   for (const t of ctx.threads.values()) t.syscallAddr = inj.syscallAddr;
 }
 
-/** Unmaps all the helper's own mappings but the kernel's, the scratch area and the code page. */
-function unmapHelper(ctx: RestoreContext): void {
+/** munmaps of all the helper's own mappings but the kernel's, the scratch area and the code page. */
+function helperMappings(
+  ctx: RestoreContext,
+  current: MapsEntry[],
+): { what: string; call: Syscall }[] {
   const ours = [{ start: ctx.scratch.addr, end: ctx.scratch.addr + BigInt(ctx.scratch.size) }];
   const code = ctx.batchPage?.addr;
   if (code !== undefined) ours.push({ start: code, end: code + BigInt(BATCH_PAGE_SIZE) });
-  const gone = readMaps(ctx.pid).filter((m) =>
+  const gone = current.filter((m) =>
     !(SPECIAL as readonly string[]).includes(m.path) && m.path !== "[vsyscall]" &&
     !ours.some((r) => overlaps(m, r))
   );
-  runEach(
-    ctx,
-    gone.map((m) => ({
-      what: `munmap ${mappingLabel(m)}`,
-      call: [NR.munmap, m.start, m.end - m.start],
-    })),
-  );
-}
-
-/** Calls per batch: their table fits any scratch area (4 KiB at least). */
-const BATCH_MAX = 48;
-
-/** Independent calls, in batches where they can run so, else one at a time; throws the first failure. */
-function runEach(ctx: RestoreContext, calls: { what: string; call: Syscall }[]): bigint[] {
-  return withBatch(ctx, (run) => {
-    if (!run) return calls.map(({ what, call }) => ctx.injector.call(what, ...call));
-    const out: bigint[] = [];
-    for (let i = 0; i < calls.length; i += BATCH_MAX) {
-      const chunk = calls.slice(i, i + BATCH_MAX);
-      run(chunk.map((c) => c.call)).forEach((r, j) => {
-        if (r < 0n && r > -4096n) throw new SysError(chunk[j].what, Number(-r));
-        out.push(r);
-      });
-    }
-    return out;
-  });
+  return gone.map((m) => ({
+    what: `munmap ${mappingLabel(m)}`,
+    call: [NR.munmap, m.start, m.end - m.start],
+  }));
 }
 
 function openAt(ctx: RestoreContext, path: string, mode: number): number {
@@ -462,16 +458,68 @@ function nameOne(ctx: RestoreContext, m: MappingImage): void {
 }
 
 /**
+ * The files of `maps` that can be opened before any mapping is made (all
+ * but memory this process maps twice, ghosts and SysV segments), opened
+ * in batches, keyed as backing() looks them up.
+ */
+function openAhead(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> {
+  const wanted = new Map<string, { path: string; mode: number }>();
+  for (const m of maps) {
+    if (m.sysv && m.sharedWith === undefined) continue;
+    let path: string | undefined, mode = openMode(m);
+    if (m.sharedWith !== undefined) {
+      if (m.sharedWith !== ctx.pid && m.sharedFrom) {
+        path = `/proc/${m.sharedWith}/map_files/${hex(m.sharedFrom.start)}-${
+          hex(m.sharedFrom.end)
+        }`;
+      }
+    } else if (m.viaFd) path = `/proc/${m.viaFd.pid}/fd/${m.viaFd.fd}`;
+    else if (!m.ghost && m.kind === "file") {
+      path = m.path;
+      mode = openMode(m, O_RDONLY);
+    }
+    if (path !== undefined) wanted.set(`${mode}:${path}`, { path, mode });
+  }
+  const fds = new Map<string, number>();
+  const list = [...wanted];
+  const encoder = new TextEncoder();
+  for (let i = 0; i < list.length;) {
+    // As many as fit the scratch area: the table, then the paths.
+    const chunk: { what: string; call: Syscall }[] = [];
+    const keys: string[] = [];
+    let at = batchTableBytes(OPENS_PER_BATCH);
+    for (; i < list.length && chunk.length < OPENS_PER_BATCH; i++) {
+      const [key, { path, mode }] = list[i];
+      const bytes = encoder.encode(path + "\0");
+      if (chunk.length && at + bytes.length > ctx.scratch.size) break;
+      const addr = putBytes(ctx.pid, ctx.scratch, bytes, at);
+      at += bytes.length;
+      chunk.push({ what: `open ${path}`, call: [NR.openat, AT_FDCWD, addr, mode | O_CLOEXEC, 0] });
+      keys.push(key);
+    }
+    runEach(ctx, chunk).forEach((fd, j) => fds.set(keys[j], Number(fd)));
+  }
+  return fds;
+}
+
+/** Files opened per batch (openAhead). */
+const OPENS_PER_BATCH = 32;
+
+/**
  * Recreates the mappings: files opened (and SysV segments attached) one
  * at a time, the mmaps, which are independent of each other (fixed,
  * disjoint ranges), in batches; those already planned go before a mapping
  * that opens one of this process's own (memory it maps twice).
  */
-function mapAll(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> {
-  const fds = new Map<string, number>();
+function mapAll(ctx: RestoreContext, maps: MappingImage[]): void {
+  const fds = openAhead(ctx, maps);
   let planned: { m: MappingImage; what: string; call: Syscall }[] = [];
-  const flush = () => {
-    const got = runEach(ctx, planned);
+  const flush = (last = false) => {
+    // The files opened are closed in the last batch, after the mmaps that use them.
+    const closes = last
+      ? [...fds.values()].map((fd) => ({ what: "close", call: [NR.close, fd] as Syscall }))
+      : [];
+    const got = runEach(ctx, [...planned, ...closes]);
     planned.forEach(({ m }, i) => {
       if (BigInt.asUintN(64, got[i]) !== m.start) {
         throw new AmberError(`${mappingLabel(m)}: mmap landed at ${hex(got[i])}`);
@@ -485,8 +533,7 @@ function mapAll(ctx: RestoreContext, maps: MappingImage[]): Map<string, number> 
     const call = withContext(mappingLabel(m), () => mmapOf(ctx, m, fds));
     if (call) planned.push({ m, what: `${mappingLabel(m)}: mmap`, call });
   }
-  flush();
-  return fds;
+  flush(true);
 }
 
 const DELETED = " (deleted)";
@@ -574,11 +621,10 @@ export const mappingsPart = definePart({
     }
   },
   restore(ctx, { mappings }) {
-    moveSpecials(ctx, mappings);
-    unmapHelper(ctx);
+    const current = readMaps(ctx.pid);
+    moveSpecials(ctx, mappings, current, helperMappings(ctx, current));
     const plain = mappings.filter((m) => !(m.kind === "special" || m.kind === "vsyscall" || m.aio));
-    const fds = mapAll(ctx, plain);
-    runEach(ctx, [...fds.values()].map((fd) => ({ what: "close", call: [NR.close, fd] })));
+    mapAll(ctx, plain);
     // Once every mapping is in place: io_setup's ring lands in a hole, then moves to its own.
     for (const m of mappings) {
       if (m.aio) withContext(mappingLabel(m), () => restoreAioRing(ctx, m.aio!, m.start));

@@ -6,9 +6,10 @@
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { definePart } from "../context.ts";
+import { runEach, type Syscall } from "../batch.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { bytes, u64 } from "../images/codec.ts";
-import { readProcBytes, readProcLink } from "../proc/read.ts";
+import { listProcNumbers, readProcBytes, readProcLink } from "../proc/read.ts";
 import { readStat } from "../proc/stat.ts";
 import { putBytes, putString, u64Bytes } from "../scratch.ts";
 import { FileIdentity, type MappingImage, mappingLabel, writableWhileFilled } from "./mappings.ts";
@@ -80,28 +81,30 @@ export const mmPart = definePart({
     }
   },
   restore(ctx, mm) {
-    const { pid, injector: inj, scratch } = ctx;
+    const { pid, scratch } = ctx;
     const { mappings } = ctx.images.mappings as { mappings: MappingImage[] };
+    const calls: { what: string; call: Syscall }[] = [];
     for (const m of mappings) {
       if (m.kind === "special" || m.kind === "vsyscall") continue;
       withContext(mappingLabel(m), () => {
         if (m.sysv && m.sharedWith === undefined && !m.vmFlags.includes("mw")) {
           reattachReadOnly(ctx, m.sysv, m.start);
         }
-        if (writableWhileFilled(m)) {
-          inj.call("mprotect", NR.mprotect, m.start, m.end - m.start, m.prot);
-        }
       });
+      if (writableWhileFilled(m)) {
+        const call: Syscall = [NR.mprotect, m.start, m.end - m.start, m.prot];
+        calls.push({ what: `${mappingLabel(m)}: mprotect`, call });
+      }
     }
-    const exeFd = inj.call(
-      `open ${mm.exe}`,
-      NR.openat,
-      -100,
-      putString(pid, scratch, mm.exe),
-      0o2000000,
-      0,
-    );
-    const auxvAddr = putBytes(pid, scratch, mm.auxv, 4096);
+    // The mprotects (disjoint ranges), the exe's open, the map and the close in one batch: the
+    // exe gets the lowest free descriptor (the process is amber's alone), checked after.
+    // The path after the auxv: both are read by calls of the same batch.
+    const exePath = putString(pid, scratch, mm.exe, AUXV_AT + mm.auxv.length);
+    const open = new Set(listProcNumbers(pid, "fd"));
+    let exeFd = 0;
+    while (open.has(exeFd)) exeFd++;
+    calls.push({ what: `open ${mm.exe}`, call: [NR.openat, -100, exePath, 0o2000000, 0] });
+    const auxvAddr = putBytes(pid, scratch, mm.auxv, AUXV_AT);
     const map = new Uint8Array(PRCTL_MM_MAP_SIZE);
     map.set(u64Bytes([
       mm.startCode,
@@ -119,16 +122,23 @@ export const mmPart = definePart({
     ]));
     new DataView(map.buffer).setUint32(96, mm.auxv.length, true);
     new DataView(map.buffer).setUint32(100, Number(exeFd), true);
-    const mapAddr = putBytes(pid, scratch, map, 0);
-    inj.call(
-      "prctl(PR_SET_MM_MAP)",
-      NR.prctl,
-      PR_SET_MM,
-      PR_SET_MM_MAP,
-      mapAddr,
-      PRCTL_MM_MAP_SIZE,
-      0,
+    const mapAddr = putBytes(pid, scratch, map, MM_MAP_AT);
+    const opened = calls.length - 1;
+    calls.push(
+      {
+        what: "prctl(PR_SET_MM_MAP)",
+        call: [NR.prctl, PR_SET_MM, PR_SET_MM_MAP, mapAddr, PRCTL_MM_MAP_SIZE, 0],
+      },
+      { what: "close", call: [NR.close, exeFd] },
     );
-    inj.call("close", NR.close, exeFd);
+    const got = runEach(ctx, calls)[opened];
+    if (Number(got) !== exeFd) {
+      throw new AmberError(
+        `open ${mm.exe}: gave fd ${got} where fd ${exeFd} was the lowest free one`,
+      );
+    }
   },
 });
+
+/** Where the auxv (the exe's path after it) and the prctl_mm_map go: past a batch's table. */
+const AUXV_AT = 4096, MM_MAP_AT = 3072;

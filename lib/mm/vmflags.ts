@@ -5,9 +5,9 @@
  * mmap (the mappings part) nor this part recreates are refused.
  */
 import { z } from "zod";
-import { type Injector, NR } from "../../ffi/inject.ts";
+import { NR } from "../../ffi/inject.ts";
+import { runEach, type Syscall } from "../batch.ts";
 import { definePart } from "../context.ts";
-import { withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { type MappingImage, mappingLabel } from "./mappings.ts";
 
@@ -89,19 +89,29 @@ export const vmflagsPart = definePart({
       }
     }
   },
-  restore({ injector: inj }, { mappings }) {
-    for (const m of mappings) withContext(mappingLabel(m), () => applyFlags(inj, m));
+  restore(ctx, { mappings }) {
+    // Independent calls (disjoint ranges, each mapping's in order): in batches.
+    runEach(ctx, mappings.flatMap(flagCalls));
   },
 });
 
-function applyFlags(inj: Injector, m: Entry): void {
+/** The calls that give `m` its flags, named for errors. */
+function flagCalls(m: Entry): { what: string; call: Syscall }[] {
   const len = m.end - m.start;
+  const label = mappingLabel(m);
+  const calls: { what: string; call: Syscall }[] = [];
   for (const f of m.flags) {
-    if (MADVISE[f] !== undefined) inj.call(`madvise(${f})`, NR.madvise, m.start, len, MADVISE[f]);
+    if (MADVISE[f] !== undefined) {
+      calls.push({ what: `${label}: madvise(${f})`, call: [NR.madvise, m.start, len, MADVISE[f]] });
+    }
   }
   if (m.flags.includes("lo")) {
-    inj.call("mlock2", NR.mlock2, m.start, len, m.flags.includes("lf") ? MLOCK_ONFAULT : 0);
+    const onFault = m.flags.includes("lf") ? MLOCK_ONFAULT : 0;
+    calls.push({ what: `${label}: mlock2`, call: [NR.mlock2, m.start, len, onFault] });
   }
   // Last: a sealed mapping refuses any further change.
-  if (m.flags.includes("sl")) inj.call("mseal", NR.mseal, m.start, len, 0);
+  if (m.flags.includes("sl")) {
+    calls.push({ what: `${label}: mseal`, call: [NR.mseal, m.start, len, 0] });
+  }
+  return calls;
 }

@@ -154,10 +154,31 @@ export function cleanStaleLocks(): string[] {
   });
 }
 
+/**
+ * cleanStaleLocks with the listing run in the background (~40 ms of nft
+ * a restore overlaps with reading its images); the rare removal is
+ * synchronous.
+ */
+export async function cleanStaleLocksAsync(): Promise<string[]> {
+  let out: Deno.CommandOutput;
+  try {
+    const args = ["list", "tables"];
+    out = await new Deno.Command("nft", { args, stdin: "null", stdout: "piped", stderr: "null" })
+      .output();
+  } catch {
+    return [];
+  }
+  if (!out.success || !tablesIn(new TextDecoder().decode(out.stdout)).length) return [];
+  return cleanStaleLocks();
+}
+
+function tablesIn(listing: string): string[] {
+  return [...listing.matchAll(/^table inet (amber_\S+)$/gm)].map((m) => m[1]);
+}
+
 /** amber's lock tables present now. */
 export function lockedTables(): string[] {
-  const out = nft(["list", "tables"], "listing tables");
-  return [...out.matchAll(/^table inet (amber_\S+)$/gm)].map((m) => m[1]);
+  return tablesIn(nft(["list", "tables"], "listing tables"));
 }
 
 /** For `amber check`: creates and removes a lock table; throws when that does not work. */

@@ -113,9 +113,14 @@ function setSecurebits(inj: Injector, bits: number): void {
  * so the uid change keeps every capability), and set exactly once the
  * capabilities are in place but CAP_SETPCAP is still held.
  */
-function applyCreds(inj: Injector, ctx: Where, c: Creds, current: StatusCreds): void {
-  const bitsChange =
-    c.securebits !== Number(inj.call("prctl(GET_SECUREBITS)", NR.prctl, PR.GET_SECUREBITS));
+function applyCreds(
+  inj: Injector,
+  ctx: Where,
+  c: Creds,
+  current: StatusCreds,
+  securebits: number,
+): void {
+  const bitsChange = c.securebits !== securebits;
   if (bitsChange) {
     setSecurebits(
       inj,
@@ -186,8 +191,11 @@ export const credsPart = definePart({
   },
   restore(ctx, { threads, ...creds }) {
     const own = new Map(threads.map((t) => [t.tid, t.creds]));
+    // Every thread was cloned from the leader (threads part) with the creds it has now, so
+    // one read tells all their securebits (not in /proc), before the leader's change.
+    const bits = Number(ctx.injector.call("prctl(GET_SECUREBITS)", NR.prctl, PR.GET_SECUREBITS));
     for (const [tid, inj] of ctx.threads) {
-      applyCreds(inj, ctx, own.get(tid) ?? creds, readCreds(ctx.pid, tid));
+      applyCreds(inj, ctx, own.get(tid) ?? creds, readCreds(ctx.pid, tid), bits);
     }
   },
 });

@@ -5,7 +5,7 @@
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
-import { batchTableBytes, type Syscall, withBatch } from "../batch.ts";
+import { batchTableBytes, runEach, type Syscall, withBatch } from "../batch.ts";
 import { definePart, type DumpContext } from "../context.ts";
 import { AmberError, faultPoint } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
@@ -14,6 +14,7 @@ import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
 
 const SIGKILL = 9;
 const SIGSTOP = 19;
+const SIGTRAP = 5;
 /** struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each). */
 const KSIGACTION_SIZE = 32;
 /** Signals asked per batch: the table and the actions fill most of the 4 KiB scratch. */
@@ -88,17 +89,29 @@ export const sigactionsPart = definePart({
     faultPoint("mid-sigactions");
     return { actions };
   },
-  restore({ pid, injector, scratch }, { actions }) {
+  restore(ctx, { actions }) {
+    const { pid, injector, scratch } = ctx;
     const wanted = new Map(actions.map((a) => [a.signal, a]));
     // Dispositions the process has now (the helper's) that are not SIG_DFL.
     const now = nonDefault(readStatus(pid));
+    const calls: { what: string; call: Syscall }[] = [];
+    let trap: Syscall | undefined;
     for (let sig = 1; sig <= 64; sig++) {
       if (sig === SIGKILL || sig === SIGSTOP) continue;
       const a = wanted.get(sig);
       if (!a && !(now & bit(sig))) continue;
       const act = a ? [a.handler, a.flags, a.restorer, a.mask] : [0, 0, 0, 0];
-      const addr = putBytes(pid, scratch, u64Bytes(act));
-      injector.call(`rt_sigaction(${sig})`, NR.rt_sigaction, sig, addr, 0, 8);
+      // Each struct past the batch's table (64 calls at most).
+      const addr = putBytes(pid, scratch, u64Bytes(act), ACTS_AT + sig * 32);
+      const call: Syscall = [NR.rt_sigaction, sig, addr, 0, 8];
+      // The batch ends with an int3, whose SIGTRAP resets an ignored SIGTRAP: that one comes after.
+      if (sig === SIGTRAP) trap = call;
+      else calls.push({ what: `rt_sigaction(${sig})`, call });
     }
+    runEach(ctx, calls);
+    if (trap) injector.call(`rt_sigaction(${SIGTRAP})`, ...trap);
   },
 });
+
+/** Where the sigaction structs go in the scratch area: past a batch table of 64 calls. */
+const ACTS_AT = 4096;

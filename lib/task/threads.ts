@@ -24,8 +24,9 @@ import {
   WALL_CLOCKS,
 } from "./sleeps.ts";
 import { readProcText } from "../proc/read.ts";
-import { addressOf, rawSyscall } from "../../ffi/libc.ts";
+import { addressOf, rawSyscall, SysError } from "../../ffi/libc.ts";
 import { getBytes, putBytes, putString, readU64s, u64Bytes } from "../scratch.ts";
+import { type BatchRun, batchTableBytes, type Syscall, withBatch } from "../batch.ts";
 
 /** Big enough for any xsave layout; the kernel reports the real size. */
 const XSTATE_MAX = 64 * 1024;
@@ -274,9 +275,85 @@ function createThread(ctx: RestoreContext, tid: number): Injector {
   const argsAddr = putBytes(ctx.pid, ctx.scratch, args, 0);
   const got = Number(ctx.injector.call("clone3", NR.clone3, argsAddr, args.length));
   if (got !== tid) throw new AmberError(`clone3 made tid ${got}, wanted ${tid}`);
+  return threadStarted(ctx, tid);
+}
+
+/** The new thread's first stop; its injector (with the leader's options). */
+function threadStarted(ctx: RestoreContext, tid: number): Injector {
   const st = pt.waitpid(tid);
   if (!st?.stopped) throw new AmberError(`new thread did not stop`);
-  return new Injector(tid, ctx.injector.syscallAddr).begin();
+  return new Injector(tid, ctx.injector.syscallAddr, ctx.injector.options).begin();
+}
+
+/** Bytes of clone_args (88) and its set_tid array (8), per thread in a batch. */
+const CLONE_ROOM = 96;
+
+/** Threads created per batch: their table and clone_args fit a 64 KiB scratch area. */
+const CLONES_PER_BATCH = 64;
+
+/** Creates the threads `tids` with clone3(set_tid), many per batch where batching works. */
+function createThreads(ctx: RestoreContext, tids: number[], run?: BatchRun): void {
+  if (!run) {
+    for (const tid of tids) {
+      ctx.threads.set(tid, withContext(`tid ${tid}: create`, () => createThread(ctx, tid)));
+    }
+    return;
+  }
+  for (let i = 0; i < tids.length; i += CLONES_PER_BATCH) {
+    const chunk = tids.slice(i, i + CLONES_PER_BATCH);
+    const base = batchTableBytes(chunk.length);
+    const calls = chunk.map((tid, j): Syscall => {
+      const at = base + j * CLONE_ROOM;
+      const setTid = putBytes(ctx.pid, ctx.scratch, u64Bytes([tid]), at + 88);
+      const args = u64Bytes([CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, setTid, 1, 0]);
+      return [NR.clone3, putBytes(ctx.pid, ctx.scratch, args, at), args.length];
+    });
+    const got = run(calls);
+    chunk.forEach((tid, j) => {
+      withContext(`tid ${tid}: create`, () => {
+        const r = got[j];
+        if (r < 0n && r > -4096n) throw new SysError("clone3", Number(-r));
+        if (Number(r) !== tid) throw new AmberError(`clone3 made tid ${r}, wanted ${tid}`);
+        ctx.threads.set(tid, threadStarted(ctx, tid));
+      });
+    });
+  }
+}
+
+/** The calls that give a new thread its own attributes, with what each is named in errors. */
+function threadCalls(ctx: RestoreContext, t: ThreadImage, room: number): [string, Syscall][] {
+  const calls: [string, Syscall][] = [
+    ["prctl(SET_NAME)", [NR.prctl, 15, putString(ctx.pid, ctx.scratch, t.comm, room)]],
+  ];
+  if (t.rseq.address) {
+    calls.push(["rseq", [NR.rseq, t.rseq.address, t.rseq.length, 0, t.rseq.signature]]);
+  }
+  calls.push(["set_tid_address", [NR.set_tid_address, t.clearChildTid]]);
+  if (t.robustList.head) {
+    calls.push(["set_robust_list", [NR.set_robust_list, t.robustList.head, t.robustList.length]]);
+  }
+  const ss = t.altstack;
+  if (!(ss.flags & SS_DISABLE)) {
+    const stack = u64Bytes([ss.sp, BigInt.asUintN(32, BigInt(ss.flags)), ss.size]);
+    const addr = putBytes(ctx.pid, ctx.scratch, stack, room + 32);
+    calls.push(["sigaltstack", [NR.sigaltstack, addr, 0]]);
+  }
+  return calls;
+}
+
+/** Room the table of threadCalls takes at the start of the scratch area. */
+const THREAD_TABLE = batchTableBytes(8);
+
+/** A thread's own attributes: in one batch where it works, else one call at a time. */
+function setUpThread(ctx: RestoreContext, inj: Injector, t: ThreadImage, run?: BatchRun): void {
+  const calls = threadCalls(ctx, t, THREAD_TABLE);
+  if (!run) {
+    for (const [name, call] of calls) inj.call(name, ...call);
+    return;
+  }
+  run(calls.map(([, call]) => call)).forEach((r, i) => {
+    if (r < 0n && r > -4096n) throw new SysError(calls[i][0], Number(-r));
+  });
 }
 
 /** Why a threads image disagrees with its process's pstree thread list, if it does. */
@@ -306,30 +383,13 @@ export const threadsPart = definePart({
     }
   },
   restore(ctx, { threads }) {
-    for (const t of threads.slice(1)) {
-      ctx.threads.set(t.tid, withContext(`tid ${t.tid}: create`, () => createThread(ctx, t.tid)));
-    }
-    for (const t of threads) {
-      const inj = ctx.threads.get(t.tid)!;
-      withContext(`tid ${t.tid}`, () => {
-        inj.call("prctl(SET_NAME)", NR.prctl, 15, putString(ctx.pid, ctx.scratch, t.comm));
-        if (t.rseq.address) {
-          inj.call("rseq", NR.rseq, t.rseq.address, t.rseq.length, 0, t.rseq.signature);
-        }
-        inj.call("set_tid_address", NR.set_tid_address, t.clearChildTid);
-        if (t.robustList.head) {
-          inj.call("set_robust_list", NR.set_robust_list, t.robustList.head, t.robustList.length);
-        }
-        const ss = t.altstack;
-        if (!(ss.flags & SS_DISABLE)) {
-          const addr = putBytes(
-            ctx.pid,
-            ctx.scratch,
-            u64Bytes([ss.sp, BigInt.asUintN(32, BigInt(ss.flags)), ss.size]),
-          );
-          inj.call("sigaltstack", NR.sigaltstack, addr, 0);
-        }
-      });
-    }
+    // Two stops a call otherwise: one batch creates the threads, one a thread sets it up.
+    withBatch(ctx, (run, batchOn) => {
+      createThreads(ctx, threads.slice(1).map((t) => t.tid), run);
+      for (const t of threads) {
+        const inj = ctx.threads.get(t.tid)!;
+        withContext(`tid ${t.tid}`, () => setUpThread(ctx, inj, t, batchOn?.(inj)));
+      }
+    });
   },
 });

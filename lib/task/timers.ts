@@ -13,7 +13,7 @@
 import { z } from "zod";
 import { type Injector, NR } from "../../ffi/inject.ts";
 import { SysError } from "../../ffi/libc.ts";
-import { batchTableBytes, type Syscall, withBatch } from "../batch.ts";
+import { batchTableBytes, runEach, type Syscall, withBatch } from "../batch.ts";
 import { definePart, type DumpContext, type RestoreContext } from "../context.ts";
 import { AmberError, withContext } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
@@ -265,6 +265,7 @@ function createTimer(ctx: RestoreContext, inj: Injector, t: PosixTimerImage): nu
 }
 
 function restorePosixTimers(ctx: RestoreContext, timers: PosixTimerImage[]): void {
+  if (!timers.length) return; // (the restore-ids mode is only for timer_create)
   const inj = ctx.injector;
   const restoreIds = inj.raw(NR.prctl, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0);
   if (restoreIds < 0n && restoreIds !== EINVAL) {
@@ -316,10 +317,22 @@ export const timersPart = definePart({
     return posix.map((t) => unrestorableTimer(t, threads)).find(Boolean);
   },
   restore(ctx, { itimers, posix }) {
-    for (const t of itimers) {
-      const val = putBytes(ctx.pid, ctx.scratch, timeBytes(t.intervalNs, t.valueNs, 1000n));
-      ctx.injector.call(`setitimer(${ITIMER_NAMES[t.which]})`, NR.setitimer, t.which, val, 0);
-    }
+    // In one batch, each value past its table.
+    runEach(
+      ctx,
+      itimers.map((t, i) => {
+        const val = putBytes(
+          ctx.pid,
+          ctx.scratch,
+          timeBytes(t.intervalNs, t.valueNs, 1000n),
+          1024 + i * 64,
+        );
+        return {
+          what: `setitimer(${ITIMER_NAMES[t.which]})`,
+          call: [NR.setitimer, t.which, val, 0],
+        };
+      }),
+    );
     restorePosixTimers(ctx, posix);
   },
 });
