@@ -909,7 +909,10 @@ export function helperProcesses(): number[] {
 
 /** No restore helper among `helpers` (by default: helperProcesses()). */
 export function assertNoHelper(what: string, helpers = helperProcesses()): void {
-  const described = helpers.map((p) => {
+  // A helper amber killed and left unreaped (it is ours as subreaper) runs no more: reaped here,
+  // safely (amber started it, not Deno).
+  const reaped = new Set(reapZombies(helpers));
+  const described = helpers.filter((p) => !reaped.has(p)).map((p) => {
     try {
       return `${p} (state ${procState(p)}, ppid ${procStatFields(p)[1]})`;
     } catch {

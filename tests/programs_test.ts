@@ -16,6 +16,7 @@
  */
 import assert from "node:assert/strict";
 import { SysError } from "../ffi/libc.ts";
+import { readImages } from "../lib/images/read.ts";
 import { waitpid, WALL, WNOHANG } from "../ffi/ptrace.ts";
 import {
   amber,
@@ -1360,6 +1361,11 @@ interface Dumped {
   dishonest?: string;
 }
 
+/** The pids of the processes the images at `img` hold. */
+function imagePids(img: string): number[] {
+  return readImages(img).processes.map((p) => p.entry.pid);
+}
+
 /** Dumps the job mid-work, checking the outcome the case expects. */
 async function dumpMidWork(c: Case, job: Target, img: string): Promise<Dumped> {
   const pids = descendants(job.pid);
@@ -1368,7 +1374,8 @@ async function dumpMidWork(c: Case, job: Target, img: string): Promise<Dumped> {
   if (c.expect === "restores" || r.code === 0) {
     assertExit(r, 0, `${c.name}: dump`);
     await job.child.status;
-    await waitVanished(pids);
+    // Also the children the job forked after `pids` was read (make's next gcc): the images list them.
+    await waitVanished([...new Set([...pids, ...imagePids(img)])]);
     const rr = await amber(["restore", "-D", img, "-d", ...(c.restoreFlags ?? [])]);
     if (c.expect !== "restores") {
       // Say what became of the job, for whoever fixes it.

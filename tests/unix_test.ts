@@ -424,3 +424,67 @@ time.sleep(600)
     await killAndReap(target.pid);
   }
 });
+
+/**
+ * A server's accepted connection whose client sent its last words and
+ * exited before the server read them (the kernel shows its peer as 0); on
+ * SIGUSR1 the server reads to the end of file and writes to the dead peer.
+ */
+const CLOSED_PEER_PY = `import os, signal, socket, sys, time
+out, path = sys.argv[1:3]
+def log(s):
+    with open(out, "a") as f:
+        f.write(s + "\\n")
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(1)
+if os.fork() == 0:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    c.sendall(b"last words")
+    os._exit(0)
+conn, _ = srv.accept()
+os.wait()
+go = []
+signal.signal(signal.SIGUSR1, lambda s, f: go.append(1))
+n = 0
+while not go:
+    log(str(n))
+    n += 1
+    time.sleep(0.02)
+got = b""
+while True:
+    d = conn.recv(100)
+    if not d:
+        break
+    got += d
+try:
+    conn.send(b"x")
+    sent = "sent"
+except BrokenPipeError:
+    sent = "EPIPE"
+log("read " + got.decode() + " then eof, write " + sent)
+`;
+
+Deno.test("an accepted connection whose client closed before its last bytes were read: restored, bytes then EOF", async () => {
+  await using tmp = await tempDir();
+  const out = `${tmp.path}/closed.txt`;
+  const path = `${tmp.path}/s.sock`;
+  const target = await startWriter(["setsid", "python3", "-c", CLOSED_PEER_PY, out, path], out, 3);
+  const { pid } = target;
+  try {
+    const img = `${tmp.path}/img`;
+    await dumpKill(pid, [pid], img, "closed peer");
+    await target.child.status;
+    const n = (await readLines(out)).length;
+    assertExit(await amber(["restore", "-D", img, "-d"]), 0, "restore");
+    await waitForLines(out, n + 5);
+    Deno.kill(pid, "SIGUSR1");
+    await waitForLine(out, (l) => l.some((x) => x.startsWith("read")));
+    const { numbers, other } = await readCounterLines(out);
+    assertConsecutive(numbers, "the counter");
+    assert.deepEqual(other, ["read last words then eof, write EPIPE"], "the connection");
+  } finally {
+    await killAndReap(pid);
+  }
+});

@@ -82,6 +82,11 @@ const UnixEntry = z.object({
   }).optional(),
   peer: z.number().int().min(0).optional(),
   /**
+   * A stream connection whose peer is closed (the kernel shows peer 0): what
+   * the peer sent before it closed still waits in `queue`, then end of file.
+   */
+  peerClosed: z.boolean().optional(),
+  /**
    * A client whose connection waits in a listener's backlog: connected to
    * that listener's name again at restore; `queued` when it had sent data
    * (kept in the backlog image).
@@ -415,7 +420,8 @@ function dumpSocket(p: FdProbe, s: UnixSocketInfo): z.input<typeof UnixEntry> {
       state: s.state,
       name: s.name?.length ? s.name : undefined,
       file: socketFile(s.name),
-      peer: s.state === STATE.CONNECTED && !listener ? s.peer : undefined,
+      peer: s.state === STATE.CONNECTED && !listener && !closedPeer(s) ? s.peer : undefined,
+      peerClosed: closedPeer(s) || undefined,
       inflight: listener && {
         listener: listener.ino,
         name: listener.name ?? new Uint8Array(),
@@ -434,6 +440,15 @@ function dumpSocket(p: FdProbe, s: UnixSocketInfo): z.input<typeof UnixEntry> {
   } finally {
     libc().close(sock);
   }
+}
+
+/**
+ * A connected stream whose peer socket was released: the kernel keeps the
+ * dead peer, whose inode is gone (0), e.g. a server's accepted connection
+ * whose client exited before the server read its last bytes.
+ */
+function closedPeer(s: UnixSocketInfo): boolean {
+  return s.state === STATE.CONNECTED && s.type !== 2 && s.peer === 0;
 }
 
 /** sockaddr_un for a name (a path gets its terminating NUL). */
@@ -524,6 +539,18 @@ function createPair(ctx: RestoreContext, e: UnixImage): number {
   const parked = { pid: ctx.pid, fd: parkFd(ctx, other) };
   ctx.tree.parked.push(parked);
   places.set(e.peer!, parked);
+  return mine;
+}
+
+/** A stream whose peer closed: a socketpair whose other end, once it refilled the queue, closes. */
+function createWithClosedPeer(ctx: RestoreContext, e: UnixImage): number {
+  const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(8));
+  ctx.injector.call("socketpair", NR.socketpair, AF_UNIX, e.type | O_CLOEXEC, 0, at);
+  const [mine, other] = new Int32Array(getBytes(ctx.pid, ctx.scratch, 8).slice().buffer);
+  applyOptions(ctx, mine, e);
+  refill(ctx, other, e);
+  ctx.injector.call("close the closed peer", NR.close, other);
+  placesOf(ctx).set(e.ino, { pid: ctx.pid, fd: e.fd });
   return mine;
 }
 
@@ -828,6 +855,7 @@ export const unixFd = defineFdKind({
       return fd;
     }
     if (e.state !== STATE.CONNECTED) return createBound(ctx, e);
+    if (e.peerClosed) return createWithClosedPeer(ctx, e);
     const known = placesOf(ctx).get(e.ino);
     return known ? takePairEnd(ctx, e, known) : createPair(ctx, e);
   },
