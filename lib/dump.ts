@@ -4,7 +4,7 @@
  */
 import { Injector } from "../ffi/inject.ts";
 import { dropBatchPage, keepBatchPage } from "./batch.ts";
-import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
+import { holdMemory, readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { unlock } from "./net/netlock.ts";
@@ -265,6 +265,8 @@ async function dumpProcess(
   ahead: Map<string, unknown>,
 ): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
+  // Its scratch area is read and written around every part and call: one descriptor for all.
+  using _memory = holdMemory(proc.pid);
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
