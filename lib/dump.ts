@@ -174,7 +174,8 @@ export interface DumpStats {
   dir: string;
 }
 
-const SCRATCH_SIZE = 4096;
+/** Room for a batch of all 62 sigactions, with their table (lib/task/sigactions.ts). */
+const SCRATCH_SIZE = 8192;
 
 /** A scratch area on the thread's stack, below the red zone, or in any writable mapping. */
 function pickScratch(pid: number, rsp: bigint): Scratch {

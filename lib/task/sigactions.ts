@@ -16,8 +16,6 @@ const SIGKILL = 9;
 const SIGSTOP = 19;
 /** struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each). */
 const KSIGACTION_SIZE = 32;
-/** Signals asked per batch: the table and the actions fill most of the 4 KiB scratch. */
-const BATCH = 40;
 
 const Sigaction = z.object({
   signal: z.number().int().min(1).max(64),
@@ -42,16 +40,18 @@ function askEach({ pid, injector, scratch }: DumpContext, signals: number[]): bi
   });
 }
 
-/** The same, BATCH signals per injected batch. */
+/** The same, as many signals per injected batch as the scratch area holds. */
 function askBatched(
   ctx: DumpContext,
   signals: number[],
   run: (calls: Syscall[]) => bigint[],
 ): bigint[][] {
   const out: bigint[][] = [];
-  for (let i = 0; i < signals.length; i += BATCH) {
-    const chunk = signals.slice(i, i + BATCH);
-    const base = batchTableBytes(BATCH);
+  // As many as the scratch holds, each with its table entry: all 62 in a dump's 8 KiB.
+  const perBatch = Math.floor(ctx.scratch.size / (batchTableBytes(1) + KSIGACTION_SIZE));
+  for (let i = 0; i < signals.length; i += perBatch) {
+    const chunk = signals.slice(i, i + perBatch);
+    const base = batchTableBytes(chunk.length);
     const at = (j: number) => ctx.scratch.addr + BigInt(base + j * KSIGACTION_SIZE);
     const results = run(chunk.map((sig, j) => [NR.rt_sigaction, sig, 0, at(j), 8]));
     const acts = readU64s(getBytes(ctx.pid, ctx.scratch, chunk.length * KSIGACTION_SIZE, base));
