@@ -226,14 +226,23 @@ function readValues(t: Target, attrs: Attr[], run?: BatchRun): (bigint | undefin
   );
 }
 
-function readAttrs(t: Target, scope: Attr["scope"], run?: BatchRun): Record<string, bigint> {
-  const attrs = inScope(scope);
+/** The values of `scopes`' attributes (those the kernel can tell), one record per scope. */
+function readScopes(
+  t: Target,
+  scopes: Attr["scope"][],
+  run?: BatchRun,
+): Record<string, bigint>[] {
+  const attrs = scopes.flatMap(inScope);
   const values = readValues(t, attrs, run);
-  const out: Record<string, bigint> = {};
+  const out = scopes.map(() => ({} as Record<string, bigint>));
   attrs.forEach((a, i) => {
-    if (values[i] !== undefined) out[a.name] = values[i];
+    if (values[i] !== undefined) out[scopes.indexOf(a.scope)][a.name] = values[i];
   });
   return out;
+}
+
+function readAttrs(t: Target, scope: Attr["scope"], run?: BatchRun): Record<string, bigint> {
+  return readScopes(t, [scope], run)[0];
 }
 
 /** Sets what differs from the thread's current values `now` (readAttrs), in table order. */
@@ -282,12 +291,18 @@ export const prctlPart = definePart({
     const { pid, proc, injector, scratch } = ctx;
     // ~16 calls a thread: one batch each instead of two stops a call.
     return withBatch(ctx, (run, batchOn) => {
-      const process = readAttrs({ pid, inj: injector, scratch }, "process", run);
+      // The process's attributes and its leader's in one batch.
+      const leader = { pid, inj: injector, scratch };
+      const [process, own] = readScopes(leader, ["process", "thread"], run);
       const threads = proc.threads.map((tid) =>
         withContext(`tid ${tid}`, () => ({
           tid,
-          values: onThread(pid, tid, injector, (inj) =>
-            readAttrs({ pid, inj, scratch }, "thread", batchOn?.(inj))),
+          values: tid === pid ? own : onThread(
+            pid,
+            tid,
+            injector,
+            (inj) => readAttrs({ pid, inj, scratch }, "thread", batchOn?.(inj)),
+          ),
         }))
       );
       return { process, threads };
