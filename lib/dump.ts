@@ -189,16 +189,22 @@ function pickScratch(pid: number, rsp: bigint): Scratch {
   return { addr: any.start, size: SCRATCH_SIZE };
 }
 
-/** Runs one part's dump with injection set up, putting registers and scratch bytes back afterwards. */
-async function dumpPart<T>(ctx: DumpContext, fn: () => T | Promise<T>): Promise<T> {
-  // The injector begins on its first call, so parts that inject nothing
-  // see the thread exactly as it was frozen.
+/**
+ * Runs one part's dump with injection set up, putting the scratch bytes
+ * back afterwards. The injector begins on its first call, so parts that
+ * inject nothing before it see the thread exactly as it was frozen. It is
+ * ended (the thread taken back to the freeze's stop: one more stop) only
+ * when `end` says so: between the parts of one process the thread stays in
+ * its last call's syscall-exit stop with its own registers and mask, as
+ * safe if amber dies there (see InjectorOptions.restoreAfterEachCall).
+ */
+async function dumpPart<T>(ctx: DumpContext, fn: () => T | Promise<T>, end: boolean): Promise<T> {
   const saved = readMemoryProc(ctx.pid, ctx.scratch.addr, ctx.scratch.size);
   try {
     return await fn();
   } finally {
     writeMemory(ctx.pid, ctx.scratch.addr, saved);
-    ctx.injector.end();
+    if (end) ctx.injector.end();
   }
 }
 
@@ -230,9 +236,9 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
 }
 
 /** Dumps one part of a process, validated exactly as a reader will, into its image. */
-async function dumpOnePart(ctx: DumpContext, part: Part): Promise<void> {
+async function dumpOnePart(ctx: DumpContext, part: Part, end = true): Promise<void> {
   await withContextAsync(part.name, async () => {
-    const body = await dumpPart(ctx, () => part.dump(ctx));
+    const body = await dumpPart(ctx, () => part.dump(ctx), end);
     const image = partImage(part);
     ctx.done[part.name] = image.schema.parse(body);
     const write = () => ctx.dir.write(image, body, ctx.pid);
@@ -290,7 +296,8 @@ async function dumpProcess(
       // One batch code page for the parts that batch, never seen by those that read the layout.
       if (part.readsMemoryLayout) dropBatchPage(ctx);
       else keepBatchPage(ctx);
-      await dumpOnePart(ctx, part);
+      // The thread is taken back to its freeze stop once, after the last part.
+      await dumpOnePart(ctx, part, false);
       refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
       tracker.took(part.name, performance.now() - t0);
       log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
@@ -299,9 +306,13 @@ async function dumpProcess(
     try {
       dropBatchPage(ctx);
     } catch { /* the first failure is the one to report */ }
+    try {
+      injector.end();
+    } catch { /* the first failure is the one to report */ }
     throw e;
   }
   dropBatchPage(ctx);
+  injector.end();
   return { ctx, refusal };
 }
 
