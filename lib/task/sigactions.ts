@@ -9,7 +9,7 @@ import { batchTableBytes, type Syscall, withBatch } from "../batch.ts";
 import { definePart, type DumpContext } from "../context.ts";
 import { AmberError, faultPoint } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
-import { readStatus, statusHex } from "../proc/status.ts";
+import { type ProcStatus, readStatus, statusHex } from "../proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
 
 const SIGKILL = 9;
@@ -28,7 +28,7 @@ const Sigaction = z.object({
 const bit = (sig: number) => 1n << BigInt(sig - 1);
 
 /** The signals whose disposition is not SIG_DFL (ignored or handled), as a mask. */
-function nonDefault(status: Map<string, string>): bigint {
+function nonDefault(status: ProcStatus): bigint {
   return statusHex(status, "SigIgn") | statusHex(status, "SigCgt");
 }
 
