@@ -26,6 +26,7 @@ import {
 import { readProcText } from "../proc/read.ts";
 import { addressOf, rawSyscall, SysError } from "../../ffi/libc.ts";
 import { type BatchRun, batchTableBytes, withBatch } from "../batch.ts";
+import { threadAttrQuery } from "./prctl.ts";
 import { getBytes, putBytes, putString, readU64s, u64Bytes } from "../scratch.ts";
 
 /** Big enough for any xsave layout; the kernel reports the real size. */
@@ -123,20 +124,34 @@ function askedOneByOne(ctx: DumpContext, inj: Injector) {
 }
 
 /**
- * The same in one batch (one stop instead of four): the table, then
- * clear_child_tid (8 bytes) and the stack_t (24) after it.
+ * The same in one batch (one stop instead of four), with prctl's
+ * attributes of the thread when it is not the leader (whose prctl asks
+ * with the process's): the table, then clear_child_tid (8 bytes), the
+ * stack_t (24) and prctl's ints after it.
  */
-function askedInBatch(ctx: DumpContext, run: BatchRun) {
-  const base = batchTableBytes(2);
+function askedInBatch(ctx: DumpContext, tid: number, inj: Injector, run: BatchRun) {
+  const prctlCalls = tid === ctx.pid ? 0 : threadAttrQuery(0n).calls.length;
+  const base = batchTableBytes(2 + prctlCalls);
   const at = (offset: number) => ctx.scratch.addr + BigInt(base + offset);
-  const [tidAddress, stack] = run([
+  const query = prctlCalls ? threadAttrQuery(at(32)) : undefined;
+  const results = run([
     [NR.prctl, PR_GET_TID_ADDRESS, at(0)],
     [NR.sigaltstack, 0, at(8)],
+    ...(query?.calls ?? []),
   ]);
+  const [tidAddress, stack] = results;
   const failed = (r: bigint) => r < 0n && r > -4096n;
   if (failed(tidAddress)) throw new SysError("prctl(GET_TID_ADDRESS)", Number(-tidAddress));
   if (failed(stack)) throw new SysError("sigaltstack", Number(-stack));
-  const out = readU64s(getBytes(ctx.pid, ctx.scratch, 32, base));
+  const bytes = getBytes(ctx.pid, ctx.scratch, 32 + (query?.bytes ?? 0), base);
+  if (query) {
+    try {
+      const t = { pid: ctx.pid, inj, scratch: ctx.scratch };
+      const values = query.values(t, results.slice(2), bytes.subarray(32));
+      (ctx.threadAttrs ??= new Map()).set(tid, values);
+    } catch { /* prctl asks the thread again itself, and names what failed */ }
+  }
+  const out = readU64s(bytes.subarray(0, 32));
   return { clearChildTid: out[0], altstack: stackOf(out.slice(1)) };
 }
 
@@ -159,7 +174,7 @@ function dumpThread(
       // (From the registers as frozen: another thread's stay injected until it is ended.)
       restartOf: restartedCall(tid, regs),
     };
-    const asked = run ? askedInBatch(ctx, run) : askedOneByOne(ctx, inj);
+    const asked = run ? askedInBatch(ctx, tid, inj, run) : askedOneByOne(ctx, inj);
     return {
       ...own,
       clearChildTid: asked.clearChildTid,
