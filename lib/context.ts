@@ -59,6 +59,12 @@ export interface DumpContext {
   /** What earlier processes of the tree hold, for objects processes share. */
   tree: TreeDumpState;
   /**
+   * prctl's attributes of the process's other threads, by tid, asked by
+   * the threads part in its one batch on each (lib/task/prctl.ts
+   * threadAttrQuery); a thread missing here is asked by prctl itself.
+   */
+  threadAttrs?: Map<number, Record<string, bigint>>;
+  /**
    * The batch code page kept for the process's parts (lib/batch.ts
    * keepBatchPage), once one mapped it; absent: each batch maps its own.
    */

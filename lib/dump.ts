@@ -4,7 +4,7 @@
  */
 import { Injector } from "../ffi/inject.ts";
 import { dropBatchPage, keepBatchPage } from "./batch.ts";
-import { readMemoryProc, writeMemory } from "../ffi/memory.ts";
+import { holdMemory, readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
 import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
 import { unlock } from "./net/netlock.ts";
@@ -174,7 +174,8 @@ export interface DumpStats {
   dir: string;
 }
 
-const SCRATCH_SIZE = 4096;
+/** Room for a batch of all 62 sigactions, with their table (lib/task/sigactions.ts). */
+const SCRATCH_SIZE = 8192;
 
 /** A scratch area on the thread's stack, below the red zone, or in any writable mapping. */
 function pickScratch(pid: number, rsp: bigint): Scratch {
@@ -188,16 +189,22 @@ function pickScratch(pid: number, rsp: bigint): Scratch {
   return { addr: any.start, size: SCRATCH_SIZE };
 }
 
-/** Runs one part's dump with injection set up, putting registers and scratch bytes back afterwards. */
-async function dumpPart<T>(ctx: DumpContext, fn: () => T | Promise<T>): Promise<T> {
-  // The injector begins on its first call, so parts that inject nothing
-  // see the thread exactly as it was frozen.
+/**
+ * Runs one part's dump with injection set up, putting the scratch bytes
+ * back afterwards. The injector begins on its first call, so parts that
+ * inject nothing before it see the thread exactly as it was frozen. It is
+ * ended (the thread taken back to the freeze's stop: one more stop) only
+ * when `end` says so: between the parts of one process the thread stays in
+ * its last call's syscall-exit stop with its own registers and mask, as
+ * safe if amber dies there (see InjectorOptions.restoreAfterEachCall).
+ */
+async function dumpPart<T>(ctx: DumpContext, fn: () => T | Promise<T>, end: boolean): Promise<T> {
   const saved = readMemoryProc(ctx.pid, ctx.scratch.addr, ctx.scratch.size);
   try {
     return await fn();
   } finally {
     writeMemory(ctx.pid, ctx.scratch.addr, saved);
-    ctx.injector.end();
+    if (end) ctx.injector.end();
   }
 }
 
@@ -229,9 +236,9 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
 }
 
 /** Dumps one part of a process, validated exactly as a reader will, into its image. */
-async function dumpOnePart(ctx: DumpContext, part: Part): Promise<void> {
+async function dumpOnePart(ctx: DumpContext, part: Part, end = true): Promise<void> {
   await withContextAsync(part.name, async () => {
-    const body = await dumpPart(ctx, () => part.dump(ctx));
+    const body = await dumpPart(ctx, () => part.dump(ctx), end);
     const image = partImage(part);
     ctx.done[part.name] = image.schema.parse(body);
     const write = () => ctx.dir.write(image, body, ctx.pid);
@@ -265,6 +272,8 @@ async function dumpProcess(
   ahead: Map<string, unknown>,
 ): Promise<{ ctx: DumpContext; refusal?: string }> {
   let refusal: string | undefined;
+  // Its scratch area is read and written around every part and call: one descriptor for all.
+  using _memory = holdMemory(proc.pid);
   const leader = proc.threads[0];
   const injector = Injector.forThread(leader, proc.pid, { restoreAfterEachCall: true });
   const scratch = pickScratch(proc.pid, Regs.read(leader).get("rsp"));
@@ -287,7 +296,8 @@ async function dumpProcess(
       // One batch code page for the parts that batch, never seen by those that read the layout.
       if (part.readsMemoryLayout) dropBatchPage(ctx);
       else keepBatchPage(ctx);
-      await dumpOnePart(ctx, part);
+      // The thread is taken back to its freeze stop once, after the last part.
+      await dumpOnePart(ctx, part, false);
       refusal ??= imageRefusal(part, ctx.done[part.name], proc.pid);
       tracker.took(part.name, performance.now() - t0);
       log(`pid ${proc.pid}: ${part.name}: ${(performance.now() - t0).toFixed(1)} ms`);
@@ -296,9 +306,13 @@ async function dumpProcess(
     try {
       dropBatchPage(ctx);
     } catch { /* the first failure is the one to report */ }
+    try {
+      injector.end();
+    } catch { /* the first failure is the one to report */ }
     throw e;
   }
   dropBatchPage(ctx);
+  injector.end();
   return { ctx, refusal };
 }
 

@@ -25,7 +25,7 @@ const EINVAL = -22n, EPERM = -1n;
 const PF_IO_FLUSHER = 0x00080000n | 0x00100000n;
 
 /** Where an attribute's syscalls run: the thread, and scratch memory for pointer results. */
-interface Target {
+export interface Target {
   pid: number;
   inj: Injector;
   scratch: Scratch;
@@ -217,23 +217,67 @@ const inScope = (scope: Attr["scope"]) => ATTRS.filter((a) => a.scope === scope)
 function readValues(t: Target, attrs: Attr[], run?: BatchRun): (bigint | undefined)[] {
   if (!run) return attrs.map((a) => withContext(a.name, () => getOne(a, t)));
   const base = batchTableBytes(attrs.length);
-  const out = (i: number) => t.scratch.addr + BigInt(base + 4 * i);
-  const results = run(attrs.map((a, i) => a.call(out(i))));
-  const stored = getBytes(t.pid, t.scratch, 4 * attrs.length, base);
+  const results = run(callsOf(attrs, t.scratch.addr + BigInt(base)));
+  return valuesOf(attrs, t, results, getBytes(t.pid, t.scratch, 4 * attrs.length, base));
+}
+
+/** The batch entries asking `attrs`, the ints they store going to `at` (4 bytes each). */
+function callsOf(attrs: Attr[], at: bigint): Syscall[] {
+  return attrs.map((a, i) => a.call(at + BigInt(4 * i)));
+}
+
+/** The values of `attrs` from their calls' `results` and the ints they stored. */
+function valuesOf(
+  attrs: Attr[],
+  t: Target,
+  results: bigint[],
+  stored: Uint8Array,
+): (bigint | undefined)[] {
   const ints = new DataView(stored.buffer, stored.byteOffset, stored.length);
   return attrs.map((a, i) =>
     withContext(a.name, () => a.value(results[i], a.stores ? ints.getInt32(4 * i, true) : 0, t))
   );
 }
 
-function readAttrs(t: Target, scope: Attr["scope"], run?: BatchRun): Record<string, bigint> {
-  const attrs = inScope(scope);
+/**
+ * A thread's attributes asked inside another part's batch on that thread
+ * (threads: one visit a thread for both parts, not two): the calls, their
+ * ints stored at `at`, and the values from the calls' results and those
+ * `bytes` bytes. prctl's dump takes them from ctx.threadAttrs.
+ */
+export function threadAttrQuery(at: bigint) {
+  const attrs = inScope("thread");
+  return {
+    calls: callsOf(attrs, at),
+    bytes: 4 * attrs.length,
+    values(t: Target, results: bigint[], stored: Uint8Array): Record<string, bigint> {
+      const values = valuesOf(attrs, t, results, stored);
+      const out: Record<string, bigint> = {};
+      attrs.forEach((a, i) => {
+        if (values[i] !== undefined) out[a.name] = values[i];
+      });
+      return out;
+    },
+  };
+}
+
+/** The values of `scopes`' attributes (those the kernel can tell), one record per scope. */
+function readScopes(
+  t: Target,
+  scopes: Attr["scope"][],
+  run?: BatchRun,
+): Record<string, bigint>[] {
+  const attrs = scopes.flatMap(inScope);
   const values = readValues(t, attrs, run);
-  const out: Record<string, bigint> = {};
+  const out = scopes.map(() => ({} as Record<string, bigint>));
   attrs.forEach((a, i) => {
-    if (values[i] !== undefined) out[a.name] = values[i];
+    if (values[i] !== undefined) out[scopes.indexOf(a.scope)][a.name] = values[i];
   });
   return out;
+}
+
+function readAttrs(t: Target, scope: Attr["scope"], run?: BatchRun): Record<string, bigint> {
+  return readScopes(t, [scope], run)[0];
 }
 
 /** Sets what differs from the thread's current values `now` (readAttrs), in table order. */
@@ -282,12 +326,16 @@ export const prctlPart = definePart({
     const { pid, proc, injector, scratch } = ctx;
     // ~16 calls a thread: one batch each instead of two stops a call.
     return withBatch(ctx, (run, batchOn) => {
-      const process = readAttrs({ pid, inj: injector, scratch }, "process", run);
+      // The process's attributes and its leader's in one batch.
+      const leader = { pid, inj: injector, scratch };
+      const [process, own] = readScopes(leader, ["process", "thread"], run);
       const threads = proc.threads.map((tid) =>
         withContext(`tid ${tid}`, () => ({
           tid,
-          values: onThread(pid, tid, injector, (inj) =>
-            readAttrs({ pid, inj, scratch }, "thread", batchOn?.(inj))),
+          // (Another thread's were asked by threads, in its batch there, where it could batch.)
+          values: tid === pid ? own : ctx.threadAttrs?.get(tid) ??
+            onThread(pid, tid, injector, (inj) =>
+              readAttrs({ pid, inj, scratch }, "thread", batchOn?.(inj))),
         }))
       );
       return { process, threads };

@@ -9,7 +9,7 @@ import { batchTableBytes, runEach, type Syscall, withBatch } from "../batch.ts";
 import { definePart, type DumpContext } from "../context.ts";
 import { AmberError, faultPoint } from "../errors.ts";
 import { u64 } from "../images/codec.ts";
-import { readStatus, statusHex } from "../proc/status.ts";
+import { type ProcStatus, readStatus, statusHex } from "../proc/status.ts";
 import { getBytes, putBytes, readU64s, u64Bytes } from "../scratch.ts";
 
 const SIGKILL = 9;
@@ -17,8 +17,6 @@ const SIGSTOP = 19;
 const SIGTRAP = 5;
 /** struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each). */
 const KSIGACTION_SIZE = 32;
-/** Signals asked per batch: the table and the actions fill most of the 4 KiB scratch. */
-const BATCH = 40;
 
 const Sigaction = z.object({
   signal: z.number().int().min(1).max(64),
@@ -31,7 +29,7 @@ const Sigaction = z.object({
 const bit = (sig: number) => 1n << BigInt(sig - 1);
 
 /** The signals whose disposition is not SIG_DFL (ignored or handled), as a mask. */
-function nonDefault(status: Map<string, string>): bigint {
+function nonDefault(status: ProcStatus): bigint {
   return statusHex(status, "SigIgn") | statusHex(status, "SigCgt");
 }
 
@@ -43,16 +41,18 @@ function askEach({ pid, injector, scratch }: DumpContext, signals: number[]): bi
   });
 }
 
-/** The same, BATCH signals per injected batch. */
+/** The same, as many signals per injected batch as the scratch area holds. */
 function askBatched(
   ctx: DumpContext,
   signals: number[],
   run: (calls: Syscall[]) => bigint[],
 ): bigint[][] {
   const out: bigint[][] = [];
-  for (let i = 0; i < signals.length; i += BATCH) {
-    const chunk = signals.slice(i, i + BATCH);
-    const base = batchTableBytes(BATCH);
+  // As many as the scratch holds, each with its table entry: all 62 in a dump's 8 KiB.
+  const perBatch = Math.floor(ctx.scratch.size / (batchTableBytes(1) + KSIGACTION_SIZE));
+  for (let i = 0; i < signals.length; i += perBatch) {
+    const chunk = signals.slice(i, i + perBatch);
+    const base = batchTableBytes(chunk.length);
     const at = (j: number) => ctx.scratch.addr + BigInt(base + j * KSIGACTION_SIZE);
     const results = run(chunk.map((sig, j) => [NR.rt_sigaction, sig, 0, at(j), 8]));
     const acts = readU64s(getBytes(ctx.pid, ctx.scratch, chunk.length * KSIGACTION_SIZE, base));

@@ -124,8 +124,8 @@ function seizeRefusal(tid: number, e: unknown): AmberError {
   return new AmberError(`tid ${tid}: ${e instanceof Error ? e.message : e}`);
 }
 
-/** Seizes and interrupts one thread; false when it vanished meanwhile. */
-function freezeThread(tid: number): boolean {
+/** Seizes one thread and asks it to stop; false when it vanished meanwhile. */
+function seizeThread(tid: number): boolean {
   try {
     // Seccomp suspended: the syscalls dump injects are not the thread's own,
     // and its filter (or strict mode) could fail them or kill the process.
@@ -137,6 +137,11 @@ function freezeThread(tid: number): boolean {
     throw seizeRefusal(tid, e);
   }
   pt.interrupt(tid);
+  return true;
+}
+
+/** Waits for a seized thread's interrupt stop; false when it exited first. */
+function stopped(tid: number): boolean {
   for (;;) {
     const st = pt.waitpid(tid);
     if (!st || !st.stopped) return false; // exited while we froze it
@@ -145,6 +150,27 @@ function freezeThread(tid: number): boolean {
     // would have; the interrupt stays pending and stops the thread next.
     pt.cont(tid, st.event ? 0 : st.stopSignal);
   }
+}
+
+/**
+ * Seizes and interrupts `tids`; returns those now frozen. All are asked to
+ * stop before any stop is waited for, so a process's threads reach their
+ * stops together instead of one wake-up after another.
+ */
+function freezeThreads(tids: number[]): number[] {
+  const asked: number[] = [];
+  try {
+    for (const tid of tids) if (seizeThread(tid)) asked.push(tid);
+  } catch (e) {
+    // Those already asked stop, as they did when each was waited for at once.
+    for (const tid of asked) {
+      try {
+        stopped(tid);
+      } catch { /* the first failure is the one to report */ }
+    }
+    throw e;
+  }
+  return asked.filter(stopped);
 }
 
 /** Whether thread `tid` is gone or exiting (a zombie, or dead). */
@@ -198,10 +224,8 @@ function freezeProcess(pid: number, tree: FrozenTree): FrozenProcess | undefined
   for (;;) {
     const fresh = threadsOf(pid).filter((t) => !seen.has(t));
     if (!fresh.length) break;
-    for (const tid of fresh) {
-      seen.add(tid);
-      if (freezeThread(tid)) proc.threads.push(tid);
-    }
+    for (const tid of fresh) seen.add(tid);
+    proc.threads.push(...freezeThreads(fresh));
   }
   proc.sleeps = watch?.settle() ?? proc.sleeps;
   if (!proc.threads.length) {
