@@ -393,7 +393,9 @@ function trackingFor(req: MigrationDump, log: LogLine): TrackingState {
     : req.prevImagesDir === undefined
     ? undefined
     : openParent(req.dir!, req.prevImagesDir);
-  return { arm: !!req.preDump, parent, armed: [], log };
+  // A migration's final round leaves the tracker: the tree is killed, or resumes and is disarmed.
+  const keepOld = req.migrationRound !== undefined && !req.preDump;
+  return { arm: !!req.preDump, parent, armed: [], log, keepOld };
 }
 
 function closeParent(state: TreeDumpState): void {
