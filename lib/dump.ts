@@ -585,6 +585,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     const pending = [...state.pending.values()];
     if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
     dir.write(pstreeImage, { processes: entries, unrestorable: pending });
+    log(`parts dumped: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
     // Prepared for a process that was gone by the time of the freeze.
     for (const p of state.preparedPages.values()) p.drop();
     const root = tree.processes[0].threads[0];
@@ -644,6 +645,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       ? await judgeImageDir(dir, verdictOptions)
       : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
+    log(`verdict taken: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
     await guard.checkpoint();
     if (options.lazySource && state.beforeCommit.length) {
       // Taken from the tree, it would be lost to it if the page source fails and it resumes.

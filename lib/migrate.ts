@@ -45,11 +45,11 @@ import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
 import type { LazyStats } from "./mm/lazy.ts";
-import { restoreTree } from "./restore.ts";
+import { type Helper, restoreTree, spawnHelper } from "./restore.ts";
 import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
-import { readImages } from "./images/read.ts";
+import type { Images } from "./images/read.ts";
 import {
   type ByteWriter,
   errnoOf,
@@ -447,9 +447,9 @@ async function readRoundHeader(
  * A round may build only on the round before it, in this receiver's own
  * directory: a parent path from the sender is hostile input like any other.
  */
-function checkChain(dir: string, round: number, where: string): void {
+function checkChain(images: Images, round: number, where: string): void {
   const want = `../round-${round - 1}`;
-  for (const p of readImages(dir).processes) {
+  for (const p of images.processes) {
     const got = (p.parts.pagemap as { parent?: { dir: string } } | undefined)?.parent?.dir;
     if (got !== undefined && (round === 1 || got !== want)) {
       throw new AmberError(
@@ -504,10 +504,13 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
   );
   const from = `${where}: migration from ${peer}`;
   let bytes = 0, rounds = 0;
+  /** The restore's helper, started during the pre-copy rounds: not within the final pause. */
+  let helper: Helper | undefined;
   try {
     for (let round = 1;; round++) {
       const { final } = await Promise.race([readRoundHeader(conn, round, from), guard.stopped]);
       await faultPointAsync(`migrate-round-${round}`);
+      log(`migrate-receive: round ${round}${final ? " (final)" : ""}: receiving`);
       const dir = `${root}/round-${round}`;
       received.push(dir);
       const got = await receiveImages({
@@ -517,13 +520,17 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         expectEof: false,
         stopped: guard.stopped,
         durable: !own,
+        log,
       });
-      checkChain(dir, round, from);
+      checkChain(got.images, round, from);
       bytes += got.bytes;
       rounds = round;
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
       await writeReply(conn, reply(true));
-      if (!final) continue;
+      if (!final) {
+        helper ??= await spawnHelper();
+        continue;
+      }
       // The sender's post-dump scripts ran (or failed: its word says why).
       try {
         await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
@@ -535,10 +542,13 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         );
       }
       await faultPointAsync("migrate-before-restore");
+      log("migrate-receive: go");
       const restored = await restoreTree({
         dir,
         detached: true,
         migrated: true,
+        // Read and checked as they came in; the helper waits since the first round.
+        prepared: { images: got.images, helper },
         lazyPages: req.lazyPages,
         actionScripts: req.actionScripts,
         verbose: req.verbose,
@@ -573,5 +583,14 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
     try {
       conn.close();
     } catch { /* closed */ }
+    // A restore that used the helper killed it; one that failed before did not.
+    if (helper) await killHelper(helper);
   }
+}
+
+async function killHelper(helper: Helper): Promise<void> {
+  try {
+    helper.child.kill("SIGKILL");
+  } catch { /* gone already */ }
+  await helper.child.status;
 }

@@ -241,7 +241,7 @@ function joinSession(inj: Injector, p: ProcessImages, created: Set<number>): voi
   // else: the group leader is outside the images (--shell-job): stay in the parent's group.
 }
 
-interface Helper {
+export interface Helper {
   child: Deno.ChildProcess;
   injector: Injector;
   scratch: Scratch;
@@ -260,6 +260,30 @@ function checkCpu(inv: Images["inventory"], tid: number): void {
 }
 
 async function startHelper(inv: Images["inventory"]): Promise<Helper> {
+  const helper = await spawnHelper();
+  try {
+    checkCpu(inv, helper.child.pid);
+    return helper;
+  } catch (e) {
+    helper.child.kill("SIGKILL");
+    await helper.child.status;
+    throw e;
+  }
+}
+
+/**
+ * What a restore can be handed ready (migrate-receive prepares it while the
+ * final round is still to come): the images already read and checked from
+ * the directory, a helper started ahead (spawnHelper), killed by the restore
+ * once it used it and otherwise by whoever started it.
+ */
+export interface PreparedRestore {
+  images?: Images;
+  helper?: Helper;
+}
+
+/** The restore helper, stopped and seized, its scratch mapped (the CPU not checked yet). */
+export async function spawnHelper(): Promise<Helper> {
   const path = writeHelperElf();
   let child: Deno.ChildProcess;
   try {
@@ -274,7 +298,6 @@ async function startHelper(inv: Images["inventory"]): Promise<Helper> {
     pt.waitpid(child.pid);
     const injector = Injector.forThread(child.pid).begin();
     const scratch = mapScratch(injector, []);
-    checkCpu(inv, child.pid);
     return { child, injector, scratch };
   } catch (e) {
     child.kill("SIGKILL");
@@ -590,7 +613,7 @@ function takeLock(images: Images, scripts: string[] | undefined, env: ActionEnv)
 
 /** Restores the images in `req.dir`. */
 export async function restoreTree(
-  req: RestoreRequest & { dir: string },
+  req: RestoreRequest & { dir: string; prepared?: PreparedRestore },
   running?: () => void,
 ): Promise<RestoreResult> {
   const t0 = performance.now();
@@ -613,7 +636,7 @@ export async function restoreTree(
   using guard = new SignalGuard(req.signal);
   // DIR/latest of amber run is followed, explicitly; no other link is.
   const path = resolveImagesDir(req.dir);
-  const images = readImages(path);
+  const images = req.prepared?.images ? { ...req.prepared.images, dir: path } : readImages(path);
   const dir = new ImageDir(path);
   // Migrated with --tcp-established: the operator moved the sockets' addresses here.
   options.movedTcp = options.migrated && images.inventory.tcpEstablished === true;
@@ -622,6 +645,7 @@ export async function restoreTree(
   let helper: Helper;
   let remote: RemotePages | undefined;
   try {
+    log(`images read: ${(performance.now() - t0).toFixed(1)} ms`);
     lock = takeLock(images, scripts, env);
     await precheck(images, options, dir);
     await guard.checkpoint();
@@ -630,7 +654,10 @@ export async function restoreTree(
     log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
     // Before anything is created: a source that is not there, or serves another dump, fails here.
     if (req.pageServer) remote = await RemotePages.connect(req.pageServer, images.inventory);
-    helper = await startHelper(images.inventory);
+    const ready = req.prepared?.helper;
+    if (ready) checkCpu(images.inventory, ready.child.pid);
+    helper = ready ?? await startHelper(images.inventory);
+    log(`helper started: ${(performance.now() - t0).toFixed(1)} ms`);
   } catch (e) {
     remote?.close();
     releaseLock(lock, log);
@@ -650,6 +677,7 @@ export async function restoreTree(
   try {
     const builder = new TreeBuilder(images, helper, created, options.detached);
     builder.createEarly();
+    log(`created: ${(performance.now() - t0).toFixed(1)} ms`);
     for (const { entry: { pid } } of images.processes) {
       await guard.checkpoint();
       builder.beforeRebuilding(pid);
@@ -666,6 +694,7 @@ export async function restoreTree(
     await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     finishProcesses(contexts);
+    log(`processes rebuilt: ${(performance.now() - t0).toFixed(1)} ms`);
     // The userfaultfds come last, once no injected call can fault on lazy memory.
     await LazyPages.find(tree.kinds)?.arm(
       new Map([...created].map(([pid, b]) => [pid, b.injector])),
@@ -684,6 +713,7 @@ export async function restoreTree(
         () => replaceFile(pidfile, new TextEncoder().encode(`${images.processes[0].entry.pid}\n`)),
       );
     }
+    log(`thread state set: ${(performance.now() - t0).toFixed(1)} ms`);
     await faultPointAsync("before-detach");
     for (const blank of created.values()) {
       if (blank.images.entry.state === "zombie") becomeZombie(blank);
