@@ -262,6 +262,9 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   } catch (e) {
     throw new AmberError(`${where}: connect: ${errnoOf(e)}`, { cause: e });
   }
+  // The final round's small images and the words between the ends go at once, not after
+  // an acknowledgement of the segment before (Nagle's wait, up to a delayed ACK's 40 ms).
+  conn.setNoDelay(true);
   // A receiver that refused says why before it closes: a better reason than EPIPE.
   const explain = async (e: unknown) => {
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -502,6 +505,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
     () => own && removeQuietly(root),
     () => req.listening?.(port),
   );
+  conn.setNoDelay(true); // its words go at once (see migrate's)
   const from = `${where}: migration from ${peer}`;
   let bytes = 0, rounds = 0;
   /** The restore's helper, started during the pre-copy rounds: not within the final pause. */

@@ -43,6 +43,18 @@ const HEADER_BYTES = 16;
 export const RECORD_HEADER_BYTES = 16;
 /** Largest payload of one record: a pages chunk (lib/mm/pages.ts) fits in one. */
 export const RECORD_MAX = 4 * 1024 * 1024;
+/** Records up to this size are written with one write (copied together). */
+const COALESCE_BYTES = 64 * 1024;
+
+function concat(parts: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
 /** A data record's type (the lazy page source answers with them too, lib/mm/remote.ts). */
 export const DATA = 1;
 const END = 2;
@@ -170,9 +182,11 @@ export class RecordWriter {
       if (this.failure) throw this.failure;
       try {
         const crc32 = await crc32Ready();
-        for (const part of parts) {
-          await this.writeAll(part instanceof Uint8Array ? part : part(crc32));
-        }
+        // A small record (header, name, payload) goes in one write, not three.
+        const bytes = parts.map((part) => part instanceof Uint8Array ? part : part(crc32));
+        const total = bytes.reduce((s, b) => s + b.length, 0);
+        if (bytes.length > 1 && total <= COALESCE_BYTES) await this.writeAll(concat(bytes, total));
+        else for (const b of bytes) await this.writeAll(b);
       } catch (e) {
         this.failure ??= this.explain && !(e instanceof InterruptedError)
           ? await this.explain(e)
