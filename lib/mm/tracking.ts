@@ -341,6 +341,7 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
   if (old) ctx.injector.call("close tracker", NR.close, old.fd);
   if (!st.arm) return undefined;
   return withContext("arming write tracking", () => {
+    const t0 = performance.now();
     const fd = makeTracker(ctx);
     st.armed.push({ pid: ctx.pid, fd, injector: ctx.injector });
     for (const m of mappings.filter(tracked)) {
@@ -363,6 +364,11 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
       );
     }
     const ino = Deno.statSync(`/proc/${ctx.pid}/fd/${fd}`).ino ?? 0;
+    st.log(
+      `pid ${ctx.pid}: write tracking armed (fd ${fd}) in ${
+        (performance.now() - t0).toFixed(1)
+      } ms`,
+    );
     return { fd, ino, starttime: starttime(ctx.pid) };
   });
 }
