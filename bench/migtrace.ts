@@ -1,9 +1,11 @@
 /**
  * One `amber migrate` of testdata/gaps.c (256 MiB, or MIB) between two
  * network namespaces, with -v and AMBER_LOG_TIME=1 on both ends: prints
- * both ends' detail lines as one timeline (ms from the freeze of the
- * final round... from the first line), with the process's longest pause
- * placed on it. For finding where the final round's pause goes.
+ * both ends' detail lines as one timeline (ms from the start of the
+ * longest pause the process saw, placed on it). For finding where the
+ * final round's pause goes. RAW=1 also prints the source's lines as they
+ * came, KEEP=DIR keeps the received rounds (migrate-receive -D DIR),
+ * SRCFLAGS adds deno flags for the source (--cpu-prof ...).
  *
  *   deno run -A bench/migtrace.ts [--lazy] [MIB]
  */
@@ -16,30 +18,14 @@ import {
   ROOT,
   spawnTarget,
   tempDir,
-  waitForLine,
   waitForLines,
   waitVanished,
 } from "../tests/_util.ts";
+import { gapReport } from "./_gaps.ts";
 import { DST_ADDR, hostPid, makeHosts, PORT, startReceiver } from "../tests/_hosts.ts";
 
 const lazy = Deno.args.includes("--lazy");
 const mib = Number(Deno.args.find((a) => /^\d+$/.test(a)) ?? 256);
-
-async function gapOf(pid: number, out: string): Promise<{ ms: number; endMs: number }> {
-  const before = (await readLines(out)).filter((l) => l.startsWith("check")).length;
-  Deno.kill(pid, "SIGUSR1");
-  const lines = await waitForLine(
-    out,
-    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
-    60_000,
-  );
-  const check = lines.filter((l) => l.startsWith("check")).at(-1);
-  if (check !== "check ok") throw new Error(`gaps ${pid}: ${check}`);
-  const ms = Number(lines.filter((l) => l.startsWith("gap ")).at(-1)!.slice(4)) / 1000;
-  // (An older gaps.c has no gap-end line.)
-  const endMs = Number(lines.filter((l) => l.startsWith("gap-end ")).at(-1)?.slice(8) ?? 0) / 1000;
-  return { ms, endMs };
-}
 
 const bin = await buildC("gaps");
 await using tmp = await tempDir("amber-trace-");
@@ -59,7 +45,7 @@ const out = `${tmp.path}/b.txt`;
 const b = spawnTarget(["nsenter", `--net=/run/netns/${hosts.src}`, "--", bin, out, String(mib)]);
 try {
   await waitForLines(out, 1, 60_000);
-  await gapOf(b.pid, out);
+  await gapReport(b.pid, out);
   const r = await new Deno.Command("nsenter", {
     args: [
       `--net=/run/netns/${hosts.src}`,
@@ -86,7 +72,7 @@ try {
   await waitVanished([b.pid]);
   const there = hostPid(b.pid, bin);
   if (!there) throw new Error("not running at the destination");
-  const gap = await gapOf(there, out);
+  const gap = await gapReport(there, out);
   if (Deno.env.get("RAW")) console.log(srcLines.join("\n"));
   const dstLines = (await readLines(`${tmp.path}/recv.err`)).filter(Boolean);
   const all: [number, string][] = [];
