@@ -535,24 +535,28 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         helper ??= await spawnHelper();
         continue;
       }
-      // The sender's post-dump scripts ran (or failed: its word says why).
-      try {
-        await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
-      } catch (e) {
-        if (e instanceof InterruptedError) throw e;
-        throw new AmberError(
-          `${messageOf(e)} (the sender did not say to start the tree: not restored)`,
-          { cause: e },
-        );
-      }
-      await faultPointAsync("migrate-before-restore");
-      log("migrate-receive: go");
+      // The sender's post-dump scripts ran (or failed: its word says why); the restore checks
+      // the images meanwhile, and does nothing else before this word.
+      const go = (async () => {
+        try {
+          await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
+        } catch (e) {
+          if (e instanceof InterruptedError) throw e;
+          throw new AmberError(
+            `${messageOf(e)} (the sender did not say to start the tree: not restored)`,
+            { cause: e },
+          );
+        }
+        await faultPointAsync("migrate-before-restore");
+        log("migrate-receive: go");
+      })();
+      go.catch(() => {}); // a restore that failed its checks first no longer waits for it
       const restored = await restoreTree({
         dir,
         detached: true,
         migrated: true,
         // Read and checked as they came in; the helper waits since the first round.
-        prepared: { images: got.images, helper },
+        prepared: { images: got.images, helper, go },
         lazyPages: req.lazyPages,
         actionScripts: req.actionScripts,
         verbose: req.verbose,

@@ -275,11 +275,16 @@ async function startHelper(inv: Images["inventory"]): Promise<Helper> {
  * What a restore can be handed ready (migrate-receive prepares it while the
  * final round is still to come): the images already read and checked from
  * the directory, a helper started ahead (spawnHelper), killed by the restore
- * once it used it and otherwise by whoever started it.
+ * once it used it and otherwise by whoever started it, and the word to begin.
  */
 export interface PreparedRestore {
   images?: Images;
   helper?: Helper;
+  /**
+   * Settles once the restore may begin (migrate-receive: the sender said
+   * go): the images are checked meanwhile, and nothing else is done before.
+   */
+  go?: Promise<void>;
 }
 
 /** The restore helper, stopped and seized, its scratch mapped (the CPU not checked yet). */
@@ -646,8 +651,16 @@ export async function restoreTree(
   let remote: RemotePages | undefined;
   try {
     log(`images read: ${(performance.now() - t0).toFixed(1)} ms`);
-    lock = takeLock(images, scripts, env);
-    await precheck(images, options, dir);
+    const go = req.prepared?.go;
+    if (go) {
+      // Checked while the word to start comes; nothing is locked or created before it.
+      await precheck(images, options, dir);
+      await go;
+      lock = takeLock(images, scripts, env);
+    } else {
+      lock = takeLock(images, scripts, env);
+      await precheck(images, options, dir);
+    }
     await guard.checkpoint();
     // Nothing exists yet; the connections are locked: the operator may bring up addresses.
     runActionScripts(scripts, "pre-restore", env);
