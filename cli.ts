@@ -3,6 +3,7 @@
  * Each command lists its flags once; parsing, `--help` and the usage
  * errors all come from that list.
  */
+import { stamp } from "./lib/log.ts";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import {
   AmberError,
@@ -323,7 +324,7 @@ async function withLog<T>(v: Values, fn: (out: Output) => Promise<T>): Promise<T
     log?.(line);
     if (!v.verbose) return;
     progress?.clear();
-    console.error(line);
+    console.error(stamp(line));
   };
   log?.(`amber ${Deno.args.join(" ")}`);
   try {

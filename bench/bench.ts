@@ -34,7 +34,6 @@ import {
   freePort,
   killAndReap,
   killTree,
-  readLines,
   reapZombies,
   ROOT,
   sizeOf,
@@ -56,6 +55,7 @@ import {
   startReceiver,
   usable,
 } from "../tests/_hosts.ts";
+import { gapReport } from "./_gaps.ts";
 import { haveRedis, movedRedis, redisCli, startRedis } from "../tests/_redis.ts";
 
 const ROUNDS = 3;
@@ -492,16 +492,7 @@ async function redisPause(): Promise<void> {
 
 /** Asks testdata/gaps.c for its longest gap since the last ask (ms), after it checked its memory. */
 async function gapOf(pid: number, out: string): Promise<number> {
-  const before = (await readLines(out)).filter((l) => l.startsWith("check")).length;
-  Deno.kill(pid, "SIGUSR1");
-  const lines = await waitForLine(
-    out,
-    (ls) => ls.filter((l) => l.startsWith("check")).length > before,
-    60_000,
-  );
-  const check = lines.filter((l) => l.startsWith("check")).at(-1);
-  if (check !== "check ok") throw new Error(`gaps ${pid}: ${check}`);
-  return Number(lines.filter((l) => l.startsWith("gap ")).at(-1)!.slice(4)) / 1000;
+  return (await gapReport(pid, out)).ms;
 }
 
 /**

@@ -56,6 +56,11 @@ export function uffdioWriteprotect(start: bigint, end: bigint): Uint8Array {
 
 const NR_OPEN = 2;
 const NR_CLOSE = 3;
+/** PAGEMAP_SCAN flags: write-protect what matched, in the same walk... */
+const PM_SCAN_WP_MATCHING = 1n;
+/** ...and fail (EPERM) on memory that is not under async write-protect. */
+const PM_SCAN_CHECK_WPASYNC = 2n;
+const EPERM = 1;
 
 /**
  * The parts of `ranges` of process `pid` written since they were
@@ -65,6 +70,40 @@ const NR_CLOSE = 3;
 export function scanWritten(pid: number, ranges: [bigint, bigint][]): [bigint, bigint][] {
   return scanPages(pid, ranges, { all: PAGE_IS_WRITTEN, any: 0n, returned: PAGE_IS_WRITTEN })
     .map(([s, e]) => [s, e]);
+}
+
+/**
+ * As scanWritten, and what it reports written is write-protected again in
+ * the same walk, so the tracker goes on from here without being made
+ * again. Per range: its written parts, or undefined if the range is not
+ * under async write-protect (not registered: EPERM before anything of it
+ * was protected), which the caller must then take as all written.
+ */
+export function scanWrittenAndProtect(
+  pid: number,
+  ranges: [bigint, bigint][],
+): ([bigint, bigint][] | undefined)[] {
+  if (!ranges.length) return [];
+  const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
+  const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
+  const mask = {
+    all: PAGE_IS_WRITTEN,
+    any: 0n,
+    returned: PAGE_IS_WRITTEN,
+    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+  };
+  try {
+    return ranges.map(([start, end]) => {
+      try {
+        return scanRange(fd, start, end, mask).map(([s, e]) => [s, e]);
+      } catch (e) {
+        if (e instanceof SysError && e.errno === EPERM) return undefined;
+        throw e;
+      }
+    });
+  } finally {
+    rawSyscall("close", NR_CLOSE, fd);
+  }
 }
 
 export const PAGE_IS_PRESENT = 1n << 3n;
@@ -96,7 +135,7 @@ function scanRange(
   pagemapFd: number,
   start: bigint,
   end: bigint,
-  mask: { all: bigint; any: bigint; returned: bigint },
+  mask: { all: bigint; any: bigint; returned: bigint; flags?: bigint },
 ): [bigint, bigint, bigint][] {
   const out: [bigint, bigint, bigint][] = [];
   const vec = new BigUint64Array(VEC_LEN * 3);
@@ -104,7 +143,7 @@ function scanRange(
   while (at < end) {
     const arg = new BigUint64Array([
       96n, // size
-      0n, // flags
+      mask.flags ?? 0n, // flags
       at,
       end,
       0n, // walk_end (out)

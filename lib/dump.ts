@@ -407,7 +407,9 @@ function trackingFor(req: MigrationDump, log: LogLine): TrackingState {
     : req.prevImagesDir === undefined
     ? undefined
     : openParent(req.dir!, req.prevImagesDir);
-  return { arm: !!req.preDump, parent, armed: [], log };
+  // A migration's final round leaves the tracker: the tree is killed, or resumes and is disarmed.
+  const keepOld = req.migrationRound !== undefined && !req.preDump;
+  return { arm: !!req.preDump, parent, armed: [], log, keepOld };
 }
 
 function closeParent(state: TreeDumpState): void {
@@ -597,6 +599,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     const pending = [...state.pending.values()];
     if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
     dir.write(pstreeImage, { processes: entries, unrestorable: pending });
+    log(`parts dumped: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
     // Prepared for a process that was gone by the time of the freeze.
     for (const p of state.preparedPages.values()) p.drop();
     const root = tree.processes[0].threads[0];
@@ -656,6 +659,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       ? await judgeImageDir(dir, verdictOptions)
       : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
+    log(`verdict taken: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
     await guard.checkpoint();
     if (options.lazySource && state.beforeCommit.length) {
       // Taken from the tree, it would be lost to it if the page source fails and it resumes.

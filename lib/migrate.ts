@@ -45,11 +45,11 @@ import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
 import type { LazyStats } from "./mm/lazy.ts";
-import { restoreTree } from "./restore.ts";
+import { type Helper, imagesMappings, restoreTree, spawnHelper } from "./restore.ts";
 import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
-import { readImages } from "./images/read.ts";
+import type { Images } from "./images/read.ts";
 import {
   type ByteWriter,
   errnoOf,
@@ -262,6 +262,9 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   } catch (e) {
     throw new AmberError(`${where}: connect: ${errnoOf(e)}`, { cause: e });
   }
+  // The final round's small images and the words between the ends go at once, not after
+  // an acknowledgement of the segment before (Nagle's wait, up to a delayed ACK's 40 ms).
+  conn.setNoDelay(true);
   // A receiver that refused says why before it closes: a better reason than EPIPE.
   const explain = async (e: unknown) => {
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -447,9 +450,9 @@ async function readRoundHeader(
  * A round may build only on the round before it, in this receiver's own
  * directory: a parent path from the sender is hostile input like any other.
  */
-function checkChain(dir: string, round: number, where: string): void {
+function checkChain(images: Images, round: number, where: string): void {
   const want = `../round-${round - 1}`;
-  for (const p of readImages(dir).processes) {
+  for (const p of images.processes) {
     const got = (p.parts.pagemap as { parent?: { dir: string } } | undefined)?.parent?.dir;
     if (got !== undefined && (round === 1 || got !== want)) {
       throw new AmberError(
@@ -502,12 +505,16 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
     () => own && removeQuietly(root),
     () => req.listening?.(port),
   );
+  conn.setNoDelay(true); // its words go at once (see migrate's)
   const from = `${where}: migration from ${peer}`;
   let bytes = 0, rounds = 0;
+  /** The restore's helper, started during the pre-copy rounds: not within the final pause. */
+  let helper: Helper | undefined;
   try {
     for (let round = 1;; round++) {
       const { final } = await Promise.race([readRoundHeader(conn, round, from), guard.stopped]);
       await faultPointAsync(`migrate-round-${round}`);
+      log(`migrate-receive: round ${round}${final ? " (final)" : ""}: receiving`);
       const dir = `${root}/round-${round}`;
       received.push(dir);
       const got = await receiveImages({
@@ -517,28 +524,40 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         expectEof: false,
         stopped: guard.stopped,
         durable: !own,
+        log,
       });
-      checkChain(dir, round, from);
+      checkChain(got.images, round, from);
       bytes += got.bytes;
       rounds = round;
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
       await writeReply(conn, reply(true));
-      if (!final) continue;
-      // The sender's post-dump scripts ran (or failed: its word says why).
-      try {
-        await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
-      } catch (e) {
-        if (e instanceof InterruptedError) throw e;
-        throw new AmberError(
-          `${messageOf(e)} (the sender did not say to start the tree: not restored)`,
-          { cause: e },
-        );
+      if (!final) {
+        // Clear of this round's mappings; restore checks the final round's again.
+        helper ??= await spawnHelper(imagesMappings(got.images));
+        continue;
       }
-      await faultPointAsync("migrate-before-restore");
+      // The sender's post-dump scripts ran (or failed: its word says why); the restore checks
+      // the images meanwhile, and does nothing else before this word.
+      const go = (async () => {
+        try {
+          await Promise.race([readReply(conn, `${from}: sender`), guard.stopped]);
+        } catch (e) {
+          if (e instanceof InterruptedError) throw e;
+          throw new AmberError(
+            `${messageOf(e)} (the sender did not say to start the tree: not restored)`,
+            { cause: e },
+          );
+        }
+        await faultPointAsync("migrate-before-restore");
+        log("migrate-receive: go");
+      })();
+      go.catch(() => {}); // a restore that failed its checks first no longer waits for it
       const restored = await restoreTree({
         dir,
         detached: true,
         migrated: true,
+        // Read and checked as they came in; the helper waits since the first round.
+        prepared: { images: got.images, helper, go },
         lazyPages: req.lazyPages,
         actionScripts: req.actionScripts,
         verbose: req.verbose,
@@ -573,5 +592,14 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
     try {
       conn.close();
     } catch { /* closed */ }
+    // A restore that used the helper killed it; one that failed before did not.
+    if (helper) await killHelper(helper);
   }
+}
+
+async function killHelper(helper: Helper): Promise<void> {
+  try {
+    helper.child.kill("SIGKILL");
+  } catch { /* gone already */ }
+  await helper.child.status;
 }

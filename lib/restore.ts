@@ -315,7 +315,7 @@ function joinSession(inj: Injector, p: ProcessImages, created: Set<number>): voi
   // else: the group leader is outside the images (--shell-job): stay in the parent's group.
 }
 
-interface Helper {
+export interface Helper {
   child: Deno.ChildProcess;
   injector: Injector;
   /**
@@ -340,8 +340,54 @@ function checkCpu(inv: Images["inventory"], tid: number): void {
   }
 }
 
+/** Every mapping of every process of the images: where the helper's own pages must not be. */
+export function imagesMappings(images: Images): MappingImage[] {
+  return images.processes.flatMap((p) =>
+    (p.parts.mappings as { mappings: MappingImage[] } | undefined)?.mappings ?? []
+  );
+}
+
+/** Whether a helper started ahead (for earlier images) keeps its pages clear of these images'. */
+function helperFits(helper: Helper, images: Images): boolean {
+  const start = helper.scratch.addr;
+  const end = (helper.code ?? start + BigInt(helper.scratch.size)) + BigInt(BATCH_PAGE_SIZE);
+  return imagesMappings(images).every((m) => m.end <= start || end <= m.start);
+}
+
 async function startHelper(images: Images): Promise<Helper> {
-  const inv = images.inventory;
+  const helper = await spawnHelper(imagesMappings(images));
+  try {
+    checkCpu(images.inventory, helper.child.pid);
+    return helper;
+  } catch (e) {
+    helper.child.kill("SIGKILL");
+    await helper.child.status;
+    throw e;
+  }
+}
+
+/**
+ * What a restore can be handed ready (migrate-receive prepares it while the
+ * final round is still to come): the images already read and checked from
+ * the directory, a helper started ahead (spawnHelper), killed by the restore
+ * once it used it and otherwise by whoever started it, and the word to begin.
+ */
+export interface PreparedRestore {
+  images?: Images;
+  helper?: Helper;
+  /**
+   * Settles once the restore may begin (migrate-receive: the sender said
+   * go): the images are checked meanwhile, and nothing else is done before.
+   */
+  go?: Promise<void>;
+}
+
+/**
+ * The restore helper, stopped and seized, its scratch and code page mapped
+ * clear of `future` (the mappings of the images' processes), the CPU not
+ * checked yet.
+ */
+export async function spawnHelper(future: MappingImage[]): Promise<Helper> {
   const path = writeHelperElf();
   let child: Deno.ChildProcess;
   try {
@@ -355,12 +401,8 @@ async function startHelper(images: Images): Promise<Helper> {
     pt.interrupt(child.pid);
     pt.waitpid(child.pid);
     const injector = Injector.forThread(child.pid).begin();
-    const future = images.processes.flatMap((p) =>
-      (p.parts.mappings as { mappings: MappingImage[] } | undefined)?.mappings ?? []
-    );
     const scratch = mapScratch(injector, future, SCRATCH_SIZE + BATCH_PAGE_SIZE);
     const code = mapBatchPageAt(injector, scratch.addr + BigInt(scratch.size));
-    checkCpu(inv, child.pid);
     return { child, injector, scratch, code };
   } catch (e) {
     child.kill("SIGKILL");
@@ -693,7 +735,7 @@ function takeLock(images: Images, scripts: string[] | undefined, env: ActionEnv)
 
 /** Restores the images in `req.dir`. */
 export async function restoreTree(
-  req: RestoreRequest & { dir: string },
+  req: RestoreRequest & { dir: string; prepared?: PreparedRestore },
   running?: () => void,
 ): Promise<RestoreResult> {
   const t0 = performance.now();
@@ -716,7 +758,7 @@ export async function restoreTree(
   using guard = new SignalGuard(req.signal);
   // DIR/latest of amber run is followed, explicitly; no other link is.
   const path = resolveImagesDir(req.dir);
-  const images = readImages(path);
+  const images = req.prepared?.images ? { ...req.prepared.images, dir: path } : readImages(path);
   const dir = new ImageDir(path);
   // Migrated with --tcp-established: the operator moved the sockets' addresses here.
   options.movedTcp = options.migrated && images.inventory.tcpEstablished === true;
@@ -725,15 +767,34 @@ export async function restoreTree(
   let helper: Helper;
   let remote: RemotePages | undefined;
   try {
-    lock = takeLock(images, scripts, env);
-    await precheck(images, options, dir);
+    log(`images read: ${(performance.now() - t0).toFixed(1)} ms`);
+    const go = req.prepared?.go;
+    if (go) {
+      // Checked while the word to start comes; nothing is locked or created before it.
+      await precheck(images, options, dir);
+      await go;
+      lock = takeLock(images, scripts, env);
+    } else {
+      lock = takeLock(images, scripts, env);
+      await precheck(images, options, dir);
+    }
     await guard.checkpoint();
     // Nothing exists yet; the connections are locked: the operator may bring up addresses.
     runActionScripts(scripts, "pre-restore", env);
     log(`images read and checked: ${(performance.now() - t0).toFixed(1)} ms`);
     // Before anything is created: a source that is not there, or serves another dump, fails here.
     if (req.pageServer) remote = await RemotePages.connect(req.pageServer, images.inventory);
-    helper = await startHelper(images);
+    // A helper started ahead is used if the final images left its pages free, else a new one.
+    const ready = req.prepared?.helper;
+    const fits = ready && helperFits(ready, images);
+    if (ready && !fits) {
+      try {
+        ready.child.kill("SIGKILL");
+      } catch { /* gone already */ }
+    }
+    if (fits) checkCpu(images.inventory, ready.child.pid);
+    helper = fits ? ready : await startHelper(images);
+    log(`helper started: ${(performance.now() - t0).toFixed(1)} ms`);
   } catch (e) {
     remote?.close();
     releaseLock(lock, log);
@@ -753,6 +814,7 @@ export async function restoreTree(
   try {
     const builder = new TreeBuilder(images, helper, created, options.detached);
     builder.createEarly();
+    log(`created: ${(performance.now() - t0).toFixed(1)} ms`);
     for (const { entry: { pid } } of images.processes) {
       await guard.checkpoint();
       builder.beforeRebuilding(pid);
@@ -772,6 +834,7 @@ export async function restoreTree(
     await guard.checkpoint();
     for (const { pid, fd } of tree.parked) created.get(pid)!.injector.call("close", NR.close, fd);
     finishProcesses(contexts);
+    log(`processes rebuilt: ${(performance.now() - t0).toFixed(1)} ms`);
     // The userfaultfds come last, once no injected call can fault on lazy memory.
     await LazyPages.find(tree.kinds)?.arm(
       new Map([...created].map(([pid, b]) => [pid, b.injector])),
@@ -790,6 +853,7 @@ export async function restoreTree(
         () => replaceFile(pidfile, new TextEncoder().encode(`${images.processes[0].entry.pid}\n`)),
       );
     }
+    log(`thread state set: ${(performance.now() - t0).toFixed(1)} ms`);
     await faultPointAsync("before-detach");
     for (const blank of created.values()) {
       if (blank.images.entry.state === "zombie") becomeZombie(blank);

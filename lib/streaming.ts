@@ -13,7 +13,7 @@ import { SignalGuard } from "./interrupt.ts";
 import { detailLog } from "./log.ts";
 import { type RestoreRequest, type RestoreResult, restoreTree } from "./restore.ts";
 import { ImageDir } from "./images/dir.ts";
-import { readImages } from "./images/read.ts";
+import { type Images, readImages } from "./images/read.ts";
 import {
   type ByteReader,
   type ByteWriter,
@@ -159,23 +159,30 @@ interface Receive {
    * tree runs need not wait for the disk.
    */
   durable: boolean;
+  /** Detail lines: when the stream ended, when its images were read. */
+  log?: (line: string) => void;
 }
 
 /**
  * Reads a stream into images directory `dir` with a dump's safety: a
  * staging directory, every record checked, every image decoded, and the
  * image published (durably) only then. Throws naming the record or the
- * image; nothing is left in `dir` but what was there.
+ * image; nothing is left in `dir` but what was there. Returns the images
+ * as read (a restore from them need not read them again).
  */
-export async function receiveImages(r: Receive): Promise<{ files: number; bytes: number }> {
+export async function receiveImages(
+  r: Receive,
+): Promise<{ files: number; bytes: number; images: Images }> {
   const dir = typeof r.dir === "string" ? new ImageDir(r.dir).openForWrite() : r.dir;
   try {
     const got = await unpackStream(r.input, dir, r);
+    r.log?.(`${r.where}: stream ended: ${got.files} files`);
     // Every image decoded and cross-checked, as restore will read them.
-    readImages(dir.stagingPath);
+    const images = readImages(dir.stagingPath);
+    r.log?.(`${r.where}: images read and checked`);
     if (r.durable) await dir.complete();
     else dir.commit();
-    return got;
+    return { ...got, images };
   } catch (e) {
     dir.discard();
     throw e;

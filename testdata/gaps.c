@@ -6,7 +6,9 @@
  * on CLOCK_MONOTONIC, the gap since its previous turn of the loop. Writes
  * "ready\n" once filled; on SIGUSR1 writes "gap US\n" (the longest gap
  * since the previous SIGUSR1, in microseconds) and, after checking every
- * word of the memory, "check ok" or "check BAD at OFFSET".
+ * word of the memory, "check ok" or "check BAD at OFFSET". Before the
+ * check it also writes "gap-end US" (CLOCK_REALTIME, microseconds: when
+ * the longest gap ended), so a timeline can place the pause.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +41,12 @@ static int64_t now_us(void) {
   return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+static int64_t real_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) return 2;
   if (getsid(0) != getpid() && setsid() < 0) return 4;
@@ -58,16 +66,21 @@ int main(int argc, char **argv) {
   if (sigaction(SIGUSR1, &sa, NULL) < 0) return 7;
   write_all(fd, "ready\n", 6);
   char line[128];
-  int64_t last = now_us(), longest = 0;
+  int64_t last = now_us(), longest = 0, longest_end = 0;
   for (uint64_t turn = 0;; turn++) {
     uint64_t *p = hot + (turn % HOT) * (PAGE / 8);
     for (size_t w = 0; w < PAGE / 8; w++) p[w] = turn;
     int64_t t = now_us();
-    if (t - last > longest) longest = t - last;
+    if (t - last > longest) {
+      longest = t - last;
+      longest_end = real_us();
+    }
     last = t;
     if (report_requested) {
       report_requested = 0;
       int len = snprintf(line, sizeof line, "gap %lld\n", (long long)longest);
+      write_all(fd, line, (size_t)len);
+      len = snprintf(line, sizeof line, "gap-end %lld\n", (long long)longest_end);
       write_all(fd, line, (size_t)len);
       size_t bad = words;
       for (size_t i = 0; i < words && bad == words; i++)

@@ -140,6 +140,72 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "pre-copy rounds keep the tracker of the round before: only what was written since, every byte right",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using recv = await startReceiver(hosts, tmp.path);
+    const w = await startDirtier(hosts, tmp.path);
+    try {
+      const r = await amberIn(hosts.src, [...migrateArgs(w.pid), "--max-rounds", "3", "-v"]);
+      assertExit(r, 0, "migrate");
+      const m = JSON.parse(r.stdout);
+      const kept = r.stderr.split("\n").filter((l) =>
+        new RegExp(`^pid ${w.pid}: write tracking kept \\(fd \\d+, `).test(l)
+      );
+      // Round 1 arms it; each later pre-copy round finds it and keeps it.
+      assert.equal(kept.length, m.preCopyRounds - 1, r.stderr);
+      assert.ok(m.preCopyRounds >= 2, `pre-copy rounds: ${m.preCopyRounds}`);
+      for (const round of m.rounds.slice(1)) {
+        assert.ok(
+          round.pageBytes < MEMORY_MIB * 1024 * 1024 / 16,
+          `round ${round.round}: ${round.pageBytes} bytes: only what was written since`,
+        );
+      }
+      assert.ok(await waitGone(w.pid), "no process left at the source");
+      assert.equal((await recv.result()).code, 0);
+      const moved = hostPid(w.pid, await buildC("dirtier"));
+      assert.ok(moved, "the tree runs at the destination");
+      await assertChecksOk(w, "after the migration", moved);
+      assert.equal(trackerFds(moved).length, 0, "no tracker in the migrated process");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+/** The pid namespace of the receiver started with `dir` (its shell's, found by its command line). */
+function receiverPidNs(dir: string): string {
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const cmd = Deno.readTextFileSync(`/proc/${e.name}/cmdline`);
+      if (cmd.startsWith("sh\0-c\0") && cmd.includes(`${dir}/recv.out`)) {
+        return Deno.readLinkSync(`/proc/${e.name}/ns/pid`);
+      }
+    } catch { /* gone */ }
+  }
+  throw new Error(`no receiver shell for ${dir}`);
+}
+
+/** Processes of pid namespace `ns` other than its init: "PID COMM". */
+function othersInPidNs(ns: string): string[] {
+  const out: string[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      if (Deno.readLinkSync(`/proc/${e.name}/ns/pid`) !== ns) continue;
+      const inner = /^NSpid:.*\s(\d+)$/m.exec(Deno.readTextFileSync(`/proc/${e.name}/status`));
+      if (inner?.[1] === "1") continue;
+      out.push(`${e.name} ${Deno.readTextFileSync(`/proc/${e.name}/comm`).trim()}`);
+    } catch { /* gone */ }
+  }
+  return out;
+}
+
+Deno.test({
   name: "a destination that refuses before it restores leaves the source running unharmed",
   ignore: !usable,
   async fn() {
@@ -149,6 +215,7 @@ Deno.test({
     await using recv = await startReceiver(hosts, tmp.path, ["-D", kept], {
       AMBER_TEST_FAULT: "migrate-before-restore",
     });
+    const ns = receiverPidNs(tmp.path);
     const w = await startDirtier(hosts, tmp.path);
     try {
       const r = await amberIn(hosts.src, migrateArgs(w.pid));
@@ -162,6 +229,12 @@ Deno.test({
       await assertChecksOk(w, "after the refused migration");
       assert.equal((await recv.result()).code, 1);
       assert.deepEqual(listDir(kept), [], "the destination removed what it received");
+      // Its restore helper, started during the pre-copy rounds, went with it.
+      await until(
+        () => othersInPidNs(ns).length === 0,
+        () => `left running at the destination: ${othersInPidNs(ns).join(", ")}`,
+        5000,
+      );
     } finally {
       await killAndReap(w.pid);
     }

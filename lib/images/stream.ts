@@ -43,6 +43,18 @@ const HEADER_BYTES = 16;
 export const RECORD_HEADER_BYTES = 16;
 /** Largest payload of one record: a pages chunk (lib/mm/pages.ts) fits in one. */
 export const RECORD_MAX = 4 * 1024 * 1024;
+/** Records up to this size are written with one write (copied together). */
+const COALESCE_BYTES = 64 * 1024;
+
+function concat(parts: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
 /** A data record's type (the lazy page source answers with them too, lib/mm/remote.ts). */
 export const DATA = 1;
 const END = 2;
@@ -170,9 +182,25 @@ export class RecordWriter {
       if (this.failure) throw this.failure;
       try {
         const crc32 = await crc32Ready();
+        // Small records (header, name, payload) go together in one write, not three each.
+        let batch: Uint8Array[] = [], size = 0;
+        const flush = async () => {
+          if (batch.length) {
+            await this.writeAll(batch.length === 1 ? batch[0] : concat(batch, size));
+          }
+          batch = [];
+          size = 0;
+        };
         for (const part of parts) {
-          await this.writeAll(part instanceof Uint8Array ? part : part(crc32));
+          const b = part instanceof Uint8Array ? part : part(crc32);
+          if (size + b.length > COALESCE_BYTES) await flush();
+          if (b.length > COALESCE_BYTES) await this.writeAll(b);
+          else {
+            batch.push(b);
+            size += b.length;
+          }
         }
+        await flush();
       } catch (e) {
         this.failure ??= this.explain && !(e instanceof InterruptedError)
           ? await this.explain(e)
@@ -186,6 +214,15 @@ export class RecordWriter {
 
   /** Sends `data` as records of file `name` (one empty record for an empty file). */
   send(name: string, data: Uint8Array, first = true): Promise<void> {
+    return this.enqueue(this.records(name, data, first));
+  }
+
+  /** Sends each file as send() does, the small ones together. */
+  sendAll(files: [string, Uint8Array][]): Promise<void> {
+    return this.enqueue(files.flatMap(([name, data]) => this.records(name, data, true)));
+  }
+
+  private records(name: string, data: Uint8Array, first: boolean): (Uint8Array | Sealed)[] {
     const nameBytes = new TextEncoder().encode(name);
     if (first) this.files++;
     const parts: (Uint8Array | Sealed)[] = [];
@@ -194,7 +231,7 @@ export class RecordWriter {
       parts.push(recordHeader(DATA, nameBytes, payload, ++this.n), nameBytes, payload);
       this.bytes += payload.length;
     }
-    return this.enqueue(parts);
+    return parts;
   }
 
   /** Sends the end record and waits until everything was handed to the writer. */
@@ -386,8 +423,9 @@ export class StreamImages extends ImageDir {
   override async complete(): Promise<void> {
     const inventory = this.held.get(INVENTORY);
     if (!inventory) throw new Error("complete before the inventory was written");
-    for (const [name, data] of this.held) if (name !== INVENTORY) await this.out.send(name, data);
-    await this.out.send(INVENTORY, inventory);
+    // Inventory last: a receiver that has it has every image.
+    const rest = [...this.held].filter(([name]) => name !== INVENTORY);
+    await this.out.sendAll([...rest, [INVENTORY, inventory]]);
     await this.out.end();
     await this.acknowledged?.();
     this.closeTransport?.();

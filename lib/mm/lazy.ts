@@ -236,7 +236,9 @@ export class LazyPages {
           ...threadRegs(p.pid).flatMap(pagesAmberMayTouch),
           ...pagesOthersRead(p.pid),
         ]);
+        this.log(`pid ${p.pid}: lazy pages: touched pages filled`);
         const fd = makeUffd(inj, p.mappings);
+        this.log(`pid ${p.pid}: lazy pages: userfaultfd registered`);
         if (typeof fd === "string") {
           this.log(`pid ${p.pid}: lazy pages: ${fd}: filled before it runs`);
           for (const m of missing) await this.writeNow(p.pid, m);
@@ -246,6 +248,7 @@ export class LazyPages {
       });
     }
     if (this.spaces.length) this.watchdog = startWatchdog(this.spaces);
+    this.log("lazy pages: armed");
   }
 
   /** Whether any page is still missing. */

@@ -13,11 +13,18 @@
  *
  * The tracker stays open in the target at a high descriptor number; the
  * fds part skips it, and the next dump closes it (a pre-dump arms a new one).
+ * A pre-dump whose process still has the tracker of the round before, over
+ * exactly the same mappings, keeps it instead: its PAGEMAP_SCAN protects
+ * again what it reports written, in the same walk (PM_SCAN_WP_MATCHING),
+ * which costs the frozen tree far less than unprotecting everything (the
+ * close) and protecting it all again. The final round of a migration
+ * leaves it too: the tree there is killed, or resumes and is disarmed.
  */
 import { NR } from "../../ffi/inject.ts";
 import {
   NR_USERFAULTFD,
   scanWritten,
+  scanWrittenAndProtect,
   TRACKER_FEATURES,
   UFFD_USER_MODE_ONLY,
   UFFDIO_API,
@@ -71,6 +78,10 @@ export interface TrackingState {
   /** Trackers armed by this run: closed again if it fails. */
   armed: { pid: number; fd: number; injector: Injector }[];
   log: (line: string) => void;
+  /** Leave the tracker a process has (a migration's final round: see the top). */
+  keepOld?: boolean;
+  /** Processes whose tracker the scan protected again, to be kept as they are (see the top). */
+  rearmed?: Map<number, TrackerRecord>;
 }
 
 export function trackingState(kinds: Map<string, unknown>): TrackingState {
@@ -230,10 +241,8 @@ export function splitAgainstParent(
     )
   );
   const written: Span[] = [];
-  const got = withContext(
-    "PAGEMAP_SCAN",
-    () => scanWritten(ctx.pid, same.map((m) => [m.start, m.end])),
-  );
+  const ranges = same.map((m): [bigint, bigint] => [m.start, m.end]);
+  const got = withContext("PAGEMAP_SCAN", () => scanForRound(ctx, st, rec, mappings, same, ranges));
   for (const [s, e] of got) written.push([Number(s / PAGE), Number((e + PAGE - 1n) / PAGE)]);
   const held = union(spansOfRuns(parent.runs), spansOfRuns(parent.parentRuns ?? []));
   const unchanged = subtract(
@@ -248,6 +257,31 @@ export function splitAgainstParent(
   );
   const fromParent = intersect(all, unchanged);
   return { own: subtract(all, fromParent), fromParent };
+}
+
+/**
+ * The written parts of `ranges`. A migration's pre-copy round whose every tracked mapping is
+ * one of the tracker's (`same`) protects them again as it reads them and
+ * keeps the tracker; a range the kernel says is not tracked reads as
+ * written, and the next round gets a new tracker.
+ */
+function scanForRound(
+  ctx: DumpContext,
+  st: TrackingState,
+  rec: TrackerRecord,
+  mappings: MappingImage[],
+  same: MappingImage[],
+  ranges: [bigint, bigint][],
+): [bigint, bigint][] {
+  // (Only a migration's pre-copy round: it copies after the tracker is armed, never a snapshot.)
+  const keeps = st.arm && ctx.options.copyWhileRunning;
+  if (!keeps || mappings.filter(tracked).length !== same.length) {
+    return scanWritten(ctx.pid, ranges);
+  }
+  const got = scanWrittenAndProtect(ctx.pid, ranges);
+  const whole = got.every((g) => g !== undefined);
+  if (whole) (st.rearmed ??= new Map()).set(ctx.pid, rec);
+  return got.flatMap((g, i) => g ?? [ranges[i]]);
 }
 
 /** Runs an ioctl on the tracker with a struct put in scratch. */
@@ -296,10 +330,18 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
   const st = trackingState(ctx.tree.kinds);
   const old = findTracker(ctx.pid);
   // A plain dump leaves it: a later --track-mem round may still build on its pre-dump.
-  if (!st.arm && !st.parent) return undefined;
+  if (!st.arm && (!st.parent || st.keepOld)) return undefined;
+  const kept = st.arm && old ? st.rearmed?.get(ctx.pid) : undefined;
+  if (kept && old && kept.fd === old.fd && kept.ino === old.ino) {
+    // Protected again by the scan: armed by this run as much as a new one.
+    st.armed.push({ pid: ctx.pid, fd: old.fd, injector: ctx.injector });
+    st.log(`pid ${ctx.pid}: write tracking kept (fd ${old.fd}, protected again by the scan)`);
+    return kept;
+  }
   if (old) ctx.injector.call("close tracker", NR.close, old.fd);
   if (!st.arm) return undefined;
   return withContext("arming write tracking", () => {
+    const t0 = performance.now();
     const fd = makeTracker(ctx);
     st.armed.push({ pid: ctx.pid, fd, injector: ctx.injector });
     for (const m of mappings.filter(tracked)) {
@@ -322,6 +364,11 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
       );
     }
     const ino = Deno.statSync(`/proc/${ctx.pid}/fd/${fd}`).ino ?? 0;
+    st.log(
+      `pid ${ctx.pid}: write tracking armed (fd ${fd}) in ${
+        (performance.now() - t0).toFixed(1)
+      } ms`,
+    );
     return { fd, ino, starttime: starttime(ctx.pid) };
   });
 }
