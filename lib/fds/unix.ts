@@ -527,30 +527,33 @@ function placesOf(ctx: RestoreContext): Map<number, FdPlace> {
   return kindState(ctx.tree.kinds, "unix", () => new Map<number, FdPlace>());
 }
 
-/** The first end of a pair: socketpair here, the peer end parked for its holder. */
-function createPair(ctx: RestoreContext, e: UnixImage): number {
+/**
+ * A socketpair in this process: this socket's end (its options set, its
+ * queue refilled through the other end) and the other end; noted as made.
+ */
+function makePair(ctx: RestoreContext, e: UnixImage): [number, number] {
   const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(8));
   ctx.injector.call("socketpair", NR.socketpair, AF_UNIX, e.type | O_CLOEXEC, 0, at);
   const [mine, other] = new Int32Array(getBytes(ctx.pid, ctx.scratch, 8).slice().buffer);
   applyOptions(ctx, mine, e);
   refill(ctx, other, e);
-  const places = placesOf(ctx);
-  places.set(e.ino, { pid: ctx.pid, fd: e.fd });
+  placesOf(ctx).set(e.ino, { pid: ctx.pid, fd: e.fd });
+  return [mine, other];
+}
+
+/** The first end of a pair: socketpair here, the peer end parked for its holder. */
+function createPair(ctx: RestoreContext, e: UnixImage): number {
+  const [mine, other] = makePair(ctx, e);
   const parked = { pid: ctx.pid, fd: parkFd(ctx, other) };
   ctx.tree.parked.push(parked);
-  places.set(e.peer!, parked);
+  placesOf(ctx).set(e.peer!, parked);
   return mine;
 }
 
 /** A stream whose peer closed: a socketpair whose other end, once it refilled the queue, closes. */
 function createWithClosedPeer(ctx: RestoreContext, e: UnixImage): number {
-  const at = putBytes(ctx.pid, ctx.scratch, new Uint8Array(8));
-  ctx.injector.call("socketpair", NR.socketpair, AF_UNIX, e.type | O_CLOEXEC, 0, at);
-  const [mine, other] = new Int32Array(getBytes(ctx.pid, ctx.scratch, 8).slice().buffer);
-  applyOptions(ctx, mine, e);
-  refill(ctx, other, e);
+  const [mine, other] = makePair(ctx, e);
   ctx.injector.call("close the closed peer", NR.close, other);
-  placesOf(ctx).set(e.ino, { pid: ctx.pid, fd: e.fd });
   return mine;
 }
 
