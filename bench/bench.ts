@@ -39,7 +39,6 @@ import {
   sizeOf,
   spawnTarget,
   tempDir,
-  waitForLine,
   waitForLines,
   waitVanished,
 } from "../tests/_util.ts";
@@ -509,7 +508,7 @@ async function migratePause(): Promise<void> {
   const bin = await buildC("gaps");
   const mib = 256;
   const plain: number[] = [], moved: number[] = [], lazily: number[] = [], rounds: string[] = [];
-  const remote: number[] = [], served: string[] = [];
+  const remote: number[] = [], served: string[] = [], criu: number[] = [];
   for (let i = 0; i < ROUNDS; i++) {
     await using tmp = await tempDir("amber-bench-");
     await warmMemory(tmp.path, mib * 3 * 1048576);
@@ -524,6 +523,7 @@ async function migratePause(): Promise<void> {
     } finally {
       await killAndReap(a.pid).catch(() => {});
     }
+    if (VS_CRIU) criu.push(await criuPause(tmp.path, bin, mib));
     const eager = await migrateOnce(tmp.path, bin, mib, false);
     moved.push(eager.gap);
     rounds.push(eager.rounds);
@@ -536,8 +536,27 @@ async function migratePause(): Promise<void> {
     `gaps, ${mib} MiB, 1 ms loop: longest pause it saw (ms): migrate between network namespaces ` +
       `${both(moved)} [${rounds.join("; ")}], with migrate-receive --lazy-pages ${both(lazily)}, ` +
       `dump --lazy-pages + restore --lazy-pages --page-server there ${both(remote)} ` +
-      `[${served.join("; ")}], dump + restore ${both(plain)}`,
+      `[${served.join("; ")}], dump + restore ${both(plain)}` +
+      (VS_CRIU ? `, CRIU 4.2 dump + restore -d ${both(criu)}` : ""),
   );
+}
+
+/** The longest gap a new gaps target saw through `criu dump` and `criu restore -d` on this host. */
+async function criuPause(dir: string, bin: string, mib: number): Promise<number> {
+  const out = `${dir}/c.txt`;
+  const c = spawnTarget([bin, out, String(mib)]);
+  try {
+    await waitForLines(out, 1, 60_000);
+    await gapOf(c.pid, out);
+    await Deno.mkdir(`${dir}/criu`);
+    await timedCriu(["dump", "-t", String(c.pid), "-D", `${dir}/criu`]);
+    await waitVanished([c.pid]);
+    await timedCriu(["restore", "-D", `${dir}/criu`, "-d"]);
+    return await gapOf(c.pid, out);
+  } finally {
+    await killAndReap(c.pid).catch(() => {});
+    await Deno.remove(`${dir}/criu`, { recursive: true }).catch(() => {});
+  }
 }
 
 /**
