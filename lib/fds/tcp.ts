@@ -489,10 +489,13 @@ function setupConnection(ctx: RestoreContext, sock: number, e: TcpImage): void {
       // The refilled queue is charged more than the original's segments were (measured: 13 KB
       // over 4 MB), so the buffer grows by the unsent bytes while they go in, then is the dumped
       // size again: a peer that reads only later has them all queued.
+      // (Only then: setting the size locks it, ending the kernel's tuning of it.)
       const unsent = r.sendQueue.subarray(sent);
-      setInt(copy, SOL.SOCKET, SOCKOPT.SNDBUFFORCE, (e.sndbuf >> 1) + unsent.length);
-      sendAll(copy, unsent, `${describe(e)}: unsent bytes`, UNSENT_WAIT_MS);
-      setInt(copy, SOL.SOCKET, SOCKOPT.SNDBUFFORCE, e.sndbuf >> 1);
+      if (unsent.length) {
+        setInt(copy, SOL.SOCKET, SOCKOPT.SNDBUFFORCE, (e.sndbuf >> 1) + unsent.length);
+        sendAll(copy, unsent, `${describe(e)}: unsent bytes`, UNSENT_WAIT_MS);
+        setInt(copy, SOL.SOCKET, SOCKOPT.SNDBUFFORCE, e.sndbuf >> 1);
+      }
       try {
         later(copy);
       } catch (err) {
