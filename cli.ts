@@ -24,6 +24,7 @@ import {
 import { escapeText } from "./lib/errors.ts";
 import { type ProgressLine, terminalProgress } from "./lib/progress.ts";
 import { parseDuration } from "./lib/run.ts";
+import { peakMemoryText } from "./lib/proc/read.ts";
 import { diffImages, formatDiff } from "./lib/diff.ts";
 
 interface Flag {
@@ -486,7 +487,7 @@ const COMMANDS: Command[] = [
           `dumped ${stats.pids.length} process(es) ${stats.pids.join(" ")}: ` +
             `${(stats.pageBytes / 1048576).toFixed(1)} MiB of pages, ` +
             `frozen ${stats.frozenMs.toFixed(0)} ms, total ${stats.totalMs.toFixed(0)} ms, ` +
-            `peak memory ${(stats.peakMemoryBytes / 1048576).toFixed(0)} MiB`,
+            peakMemoryText(stats.peakMemoryBytes),
         );
         const { dir: imagesDir, ...rest } = stats;
         if (v.json) printJson({ ok: true, command: "dump", ...rest, imagesDir });

@@ -56,7 +56,7 @@ export function ownPeakMemory(): number {
   }
 }
 
-/** ownPeakMemory for a summary line: "peak memory 87 MiB". */
-export function peakMemoryText(): string {
-  return `peak memory ${(ownPeakMemory() / 1048576).toFixed(0)} MiB`;
+/** A peak (by default amber's own so far) for a summary line: "peak memory 87 MiB". */
+export function peakMemoryText(bytes = ownPeakMemory()): string {
+  return `peak memory ${(bytes / 1048576).toFixed(0)} MiB`;
 }
