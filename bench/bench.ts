@@ -103,6 +103,10 @@ interface Round {
   criuImageBytes?: number;
   criuDumpMs?: number;
   criuRestoreMs?: number;
+  /** CRIU's dump followed by an fsync of each of its image files: images as durable as amber's. */
+  criuDurableMs?: number;
+  /** CRIU's restore with its pages files out of the page cache, as amber's are after its dump. */
+  criuColdRestoreMs?: number;
 }
 
 /** Runs the CLI with -v, as an operator would; returns its wall time and what it printed. */
@@ -237,6 +241,38 @@ async function criuCycle(path: string, t: Target, bytes: number, round: Round): 
   await warmMemory(path, bytes * 2);
   round.criuRestoreMs = await timedCriu(["restore", "-D", `${path}/criu`, "-d"]);
   await Deno.remove(`${path}/criu`, { recursive: true });
+  // The same work as amber's: images durable before the tree ends, restored from the disk.
+  await Deno.mkdir(`${path}/criu`);
+  await warmMemory(path, bytes * 2);
+  const dumpMs = await timedCriu(["dump", "-t", String(t.root), "-D", `${path}/criu`]);
+  round.criuDurableMs = dumpMs + await timedSync(`${path}/criu`);
+  await waitVanished(t.pids);
+  await dropCached(`${path}/criu`, /^pages-/);
+  await warmMemory(path, bytes * 2);
+  round.criuColdRestoreMs = await timedCriu(["restore", "-D", `${path}/criu`, "-d"]);
+  await Deno.remove(`${path}/criu`, { recursive: true });
+}
+
+/** Wall time of fsync on every file of `dir` and on `dir` itself (GNU sync FILE...). */
+async function timedSync(dir: string): Promise<number> {
+  const files = [...Deno.readDirSync(dir)].map((e) => `${dir}/${e.name}`);
+  const t0 = performance.now();
+  await run("sync", [...files, dir]);
+  return performance.now() - t0;
+}
+
+/** Drops the (clean) page cache of the files of `dir` named like `re` (dd's nocache). */
+async function dropCached(dir: string, re: RegExp): Promise<void> {
+  for (const e of Deno.readDirSync(dir)) {
+    if (re.test(e.name)) {
+      await run("dd", [`if=${dir}/${e.name}`, "iflag=nocache", "count=0", "status=none"]);
+    }
+  }
+}
+
+async function run(cmd: string, args: string[]): Promise<void> {
+  const r = await new Deno.Command(cmd, { args, stdout: "null", stderr: "piped" }).output();
+  if (!r.success) throw new Error(`${cmd}: ${new TextDecoder().decode(r.stderr).trim()}`);
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -310,6 +346,14 @@ console.log("dump: a dump that ends the tree (images");
 console.log("durable); restore: restore -d; GB/s: pages over the median; stream: dump --stream |");
 console.log("restore --stream -d, the two at once; peak: amber's peak resident memory (MiB) in");
 console.log("dump / restore -d; images: MiB of all image files of the dump.");
+if (VS_CRIU) {
+  console.log("CRIU dump / restore: as CRIU runs (its images left in the page cache, not yet on");
+  console.log("the disk); CRIU dump+fsync: the same dump, then an fsync of each image file (as");
+  console.log(
+    "durable as amber's when the tree ends); CRIU restore (cold): from those images with",
+  );
+  console.log("the pages files out of the page cache (as amber's are, written past it).");
+}
 const header = [
   "case",
   "frozen",
@@ -332,6 +376,10 @@ if (VS_CRIU) {
     "CRIU restore",
     "dump ratio",
     "restore ratio",
+    "CRIU dump+fsync",
+    "CRIU restore (cold)",
+    "durable dump ratio",
+    "cold restore ratio",
   );
 }
 if (!ONLY) console.log(header.join(" | "));
@@ -372,6 +420,10 @@ for (const c of ONLY ? [] : CASES) {
         both(col((r) => r.criuRestoreMs)),
         ratio((r) => r.dumpMs, (r) => r.criuDumpMs),
         ratio((r) => r.restoreMs, (r) => r.criuRestoreMs),
+        both(col((r) => r.criuDurableMs)),
+        both(col((r) => r.criuColdRestoreMs)),
+        ratio((r) => r.dumpMs, (r) => r.criuDurableMs),
+        ratio((r) => r.restoreMs, (r) => r.criuColdRestoreMs),
       );
     }
     console.log(row.join(" | "));
