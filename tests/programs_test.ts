@@ -20,6 +20,7 @@ import { readImages } from "../lib/images/read.ts";
 import { waitpid, WALL, WNOHANG } from "../ffi/ptrace.ts";
 import {
   amber,
+  type AmberResult,
   assertExit,
   assertOneLineError,
   commandWorks,
@@ -88,6 +89,13 @@ interface Case {
   dumpFlags?: string[];
   /** Extra `amber restore -d` flags (--lazy-pages). */
   restoreFlags?: string[];
+  /**
+   * How the job's images are taken: at once, ending it (default); by `dump -R`, the job
+   * writing its memory while amber copies it (then ended, and restored from that
+   * instant); or by a `pre-dump` while it runs and a final `dump --track-mem` holding
+   * only what it wrote since.
+   */
+  taken?: "at-once" | "leave-running" | "pre-dump";
   /** For jobs that never end by themselves: the rest of the work, then ends the job. */
   finish?(run: Run, pid: number): Promise<void>;
   /** The job's result once it has ended (and `beside` is stopped): bytes, checksums. */
@@ -1366,13 +1374,30 @@ function imagePids(img: string): number[] {
   return readImages(img).processes.map((p) => p.entry.pid);
 }
 
+/** The images of the job in `img`, taken as the case says. */
+async function takeImages(c: Case, job: Target, img: string): Promise<AmberResult> {
+  const flags = c.dumpFlags ?? [];
+  if (c.taken === "leave-running") return await amber(dumpArgs(job.pid, img, "-R", ...flags));
+  if (c.taken !== "pre-dump") return await amber(dumpArgs(job.pid, img, ...flags));
+  const first = `${img}-pre`;
+  const pre = await amber(["pre-dump", "-t", String(job.pid), "-D", first, ...flags]);
+  assertExit(pre, 0, `${c.name}: pre-dump`);
+  // It goes on working (and writing its memory) between the two.
+  await sleep(300);
+  return await amber(
+    dumpArgs(job.pid, img, "--prev-images-dir", first, "--track-mem", ...flags),
+  );
+}
+
 /** Dumps the job mid-work, checking the outcome the case expects. */
 async function dumpMidWork(c: Case, job: Target, img: string): Promise<Dumped> {
   const pids = descendants(job.pid);
   const before = dispositions(job.pid);
-  const r = await amber(dumpArgs(job.pid, img, ...(c.dumpFlags ?? [])));
+  const r = await takeImages(c, job, img);
   if (c.expect === "restores" || r.code === 0) {
     assertExit(r, 0, `${c.name}: dump`);
+    // dump -R left the job running: it ends here, and comes back as it was at the dump.
+    if (c.taken === "leave-running") await killTree(job.pid);
     await job.child.status;
     // Also the children the job forked after `pids` was read (make's next gcc): the images list them.
     await waitVanished([...new Set([...pids, ...imagePids(img)])]);
@@ -1470,6 +1495,23 @@ const RUN_BROKEN = Deno.env.get("AMBER_RUN_BROKEN") === "1";
 for (const name of ["sort --parallel=2 (3M lines)", "python3 multiprocessing.Pool(2)"]) {
   const c = CASES.find((x) => x.name === name)!;
   CASES.push({ ...c, name: `${name}, restore --lazy-pages`, restoreFlags: ["--lazy-pages"] });
+}
+
+/**
+ * Cases whose images are taken while they run: dump -R's snapshot, and pre-dump + dump. A
+ * job that writes its output as it goes is not one for dump -R: the original, running on,
+ * changes the file, and restore refuses it (as it should) unless --allow-changed-files.
+ */
+for (
+  const [name, taken] of [
+    ["python3 numpy matmul on 2 OpenBLAS threads", "leave-running"],
+    ["redis-server (a populated dataset, on a unix socket)", "leave-running"],
+    ["python3 multiprocessing.Pool(2)", "pre-dump"],
+  ] as const
+) {
+  const c = CASES.find((x) => x.name === name)!;
+  const how = taken === "leave-running" ? "dump -R" : "pre-dump, then dump --track-mem";
+  CASES.push({ ...c, name: `${name}, ${how}`, taken });
 }
 
 for (const c of CASES) {
