@@ -593,6 +593,31 @@ async function migratePause(): Promise<void> {
   );
 }
 
+/**
+ * Issue 13's own case: a process of `mib` MiB rewriting its memory at `rate` MiB/s (gaps.c
+ * checks every word after), migrated eagerly and lazily; the longest pause it saw.
+ */
+async function migrateWritingPause(mib: number, rate: number): Promise<void> {
+  if (!usable) return;
+  const bin = await buildC("gaps");
+  const eager: number[] = [], lazily: number[] = [], rounds: string[] = [];
+  for (let i = 0; i < ROUNDS; i++) {
+    await using tmp = await tempDir("amber-bench-");
+    await warmMemory(tmp.path, mib * 3 * 1048576);
+    const e = await migrateOnce(tmp.path, bin, mib, false, rate);
+    eager.push(e.gap);
+    rounds.push(e.rounds);
+    const l = await migrateOnce(tmp.path, bin, mib, true, rate);
+    lazily.push(l.gap);
+    rounds.push(`lazy: ${l.rounds}`);
+  }
+  console.log(
+    `gaps, ${mib} MiB rewritten at ${rate} MiB/s, 1 ms loop: longest pause it saw (ms): ` +
+      `migrate ${both(eager)}, with migrate-receive --lazy-pages ${both(lazily)} ` +
+      `[${rounds.join("; ")}]`,
+  );
+}
+
 /** The longest gap a new gaps target saw through `criu dump` and `criu restore -d` on this host. */
 async function criuPause(dir: string, bin: string, mib: number): Promise<number> {
   const out = `${dir}/c.txt`;
@@ -656,11 +681,15 @@ async function migrateOnce(
   bin: string,
   mib: number,
   lazy: boolean,
+  writeMiBps?: number,
 ): Promise<{ gap: number; rounds: string }> {
   await using hosts = await makeHosts();
   await using _recv = await startReceiver(hosts, dir, lazy ? ["--lazy-pages"] : []);
   const out = `${dir}/b-${lazy ? "lazy" : "eager"}.txt`;
-  const b = spawnTarget(["nsenter", `--net=/run/netns/${hosts.src}`, "--", bin, out, String(mib)]);
+  const rate = writeMiBps ? [String(writeMiBps)] : [];
+  const b = spawnTarget(
+    ["nsenter", `--net=/run/netns/${hosts.src}`, "--", bin, out, String(mib), ...rate],
+  );
   try {
     await waitForLines(out, 1, 60_000);
     await gapOf(b.pid, out);
@@ -828,6 +857,7 @@ async function lazyRows(sizes: number[]): Promise<void> {
 if (!ONLY || ONLY_LAZY) await lazyRows(args.length ? args.map(Number) : [256, 1024]);
 if (!ONLY || ONLY_REDIS) await redisPause();
 if (!ONLY || ONLY_MIGRATE) await migratePause();
+if (!ONLY || ONLY_MIGRATE) await migrateWritingPause(2048, 50);
 if (!ONLY || ONLY_REDIS_MIGRATE) {
   await redisMigratePause(ONLY_REDIS_MIGRATE && args.length ? Number(args[0]) : 2048);
 }

@@ -1,5 +1,5 @@
 /*
- * gaps OUTFILE MIB
+ * gaps OUTFILE MIB [WRITE_MIB_PER_S]
  *
  * Bench target for pauses: fills MIB MiB of private anonymous memory with
  * a pattern, then every 1 ms rewrites one of 64 hot pages and measures,
@@ -9,6 +9,11 @@
  * word of the memory, "check ok" or "check BAD at OFFSET". Before the
  * check it also writes "gap-end US" (CLOCK_REALTIME, microseconds: when
  * the longest gap ended), so a timeline can place the pause.
+ *
+ * WRITE_MIB_PER_S: each turn of the loop also rewrites the next pages of
+ * the memory, round and round, at about that rate: page p holds word(i)
+ * plus its sweep (the sweeps before the cursor one more than those after),
+ * so the check also catches a page that went back to an older write.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,6 +40,26 @@ static void on_usr1(int sig) {
 
 static uint64_t word(size_t i) { return ((uint64_t)i * 0x9E3779B97F4A7C15ULL) ^ 0x6A95ULL; }
 
+/* The rolling rewrite: the next page to write and how many rounds were done. */
+static size_t cursor;
+static uint64_t sweep;
+
+static uint64_t expected(size_t i) {
+  size_t page = i / (PAGE / 8);
+  return word(i) + (page < cursor ? sweep + 1 : sweep);
+}
+
+static void rewrite(uint64_t *mem, size_t pages, size_t n) {
+  for (size_t k = 0; k < n; k++) {
+    uint64_t *p = mem + cursor * (PAGE / 8);
+    for (size_t w = 0; w < PAGE / 8; w++) p[w] = word(cursor * (PAGE / 8) + w) + sweep + 1;
+    if (++cursor == pages) {
+      cursor = 0;
+      sweep++;
+    }
+  }
+}
+
 static int64_t now_us(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -48,10 +73,12 @@ static int64_t real_us(void) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 3) return 2;
+  if (argc != 3 && argc != 4) return 2;
   if (getsid(0) != getpid() && setsid() < 0) return 4;
   size_t bytes = strtoull(argv[2], NULL, 10) << 20;
   size_t words = bytes / 8;
+  /* Pages per turn of ~1 ms (a turn is a bit longer than its sleep: about the rate asked). */
+  size_t per_turn = argc == 4 ? (strtoull(argv[3], NULL, 10) << 20) / PAGE / 1000 : 0;
   uint64_t *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   uint64_t *hot = mmap(NULL, HOT * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED || hot == MAP_FAILED) return 5;
@@ -70,6 +97,7 @@ int main(int argc, char **argv) {
   for (uint64_t turn = 0;; turn++) {
     uint64_t *p = hot + (turn % HOT) * (PAGE / 8);
     for (size_t w = 0; w < PAGE / 8; w++) p[w] = turn;
+    rewrite(mem, bytes / PAGE, per_turn);
     int64_t t = now_us();
     if (t - last > longest) {
       longest = t - last;
@@ -84,7 +112,7 @@ int main(int argc, char **argv) {
       write_all(fd, line, (size_t)len);
       size_t bad = words;
       for (size_t i = 0; i < words && bad == words; i++)
-        if (mem[i] != word(i)) bad = i;
+        if (mem[i] != expected(i)) bad = i;
       len = bad == words ? snprintf(line, sizeof line, "check ok\n")
                          : snprintf(line, sizeof line, "check BAD at %zu\n", bad * 8);
       write_all(fd, line, (size_t)len);
