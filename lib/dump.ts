@@ -36,7 +36,13 @@ import {
   SnapshotLost,
   type SnapshotStats,
 } from "./mm/snapshot.ts";
-import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
+import {
+  disarmArmed,
+  disarmRunning,
+  openParent,
+  type Parent,
+  type TrackingState,
+} from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { ownPeakMemory } from "./proc/read.ts";
 import { SignalGuard } from "./interrupt.ts";
@@ -499,7 +505,9 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     aioTimeoutMs: req.aioTimeoutMs ?? AIO_TIMEOUT_DEFAULT_MS,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
-    copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
+    // A pre-dump's pages need not be one instant: what is written after the tracker is armed is
+    // copied again by the next round. So they are copied once the tree runs again.
+    copyWhileRunning: !!req.preDump,
     extUnixSk: req.extUnixSk ?? false,
     lazySource: req.lazyPages !== undefined,
   };
@@ -600,8 +608,15 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
     dir.write(pstreeImage, { processes: entries, unrestorable: pending });
     log(`parts dumped: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
-    // Prepared for a process that was gone by the time of the freeze.
-    for (const p of state.preparedPages.values()) p.drop();
+    // Prepared for a process that was gone by the time of the freeze (a pre-dump's own copy
+    // takes its file once the tree runs again).
+    const dumped = new Set(contexts.map((c) => c.pid));
+    for (const [pid, p] of state.preparedPages) {
+      if (!dumped.has(pid)) {
+        p.drop();
+        state.preparedPages.delete(pid);
+      }
+    }
     const root = tree.processes[0].threads[0];
     const inventory = {
       amberVersion: AMBER_VERSION,
@@ -685,6 +700,16 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (!running) {
       disarmArmed(state.kinds);
       withContext("resuming the tree after a failed dump", () => resume(unknown));
+    } else if (req.migrationRound === undefined) {
+      // (A migration disarms its tree itself, once, whatever round failed.)
+      try {
+        disarmRunning(state.kinds, req.pid);
+      } catch (d) {
+        throw new AmberError(
+          `${(e as Error).message}; closing its write tracking after it: ${(d as Error).message}`,
+          { cause: e },
+        );
+      }
     }
     for (const p of state.preparedPages.values()) p.file.close();
     closeParent(state);

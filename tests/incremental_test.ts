@@ -12,8 +12,10 @@ import {
   assertExit,
   assertOneLineError,
   buildC,
+  exists,
   isAlive,
   killAndReap,
+  listDir,
   readLines,
   sizeOf,
   startWriter,
@@ -140,13 +142,21 @@ Deno.test("--track-mem without a chain is refused; dump -R with one disarms trac
     assert.match(assertOneLineError(noParent, 1, "missing parent"), /none/);
     assert.ok(isAlive(w.pid), "the target runs on");
 
-    // A pre-dump that fails leaves no tracking behind.
-    const failed = await amber(["pre-dump", "-t", String(w.pid), "-D", `${tmp.path}/f`], {
-      AMBER_TEST_FAULT: "before-commit",
-    });
-    assertOneLineError(failed, 1, "failed pre-dump");
-    assert.equal(trackerFds(w.pid).length, 0, "a failed pre-dump disarms its tracking");
-    await assertChecksOk(w, "after the failed pre-dump");
+    // A pre-dump that fails leaves no tracking behind: while it copies the running tree's
+    // pages (mid-pages), or after (before-commit).
+    for (const point of ["mid-pages", "before-commit"]) {
+      const failed = await amber(["pre-dump", "-t", String(w.pid), "-D", `${tmp.path}/f`], {
+        AMBER_TEST_FAULT: point,
+      });
+      assert.match(assertOneLineError(failed, 1, `failed pre-dump (${point})`), new RegExp(point));
+      assert.equal(
+        trackerFds(w.pid).length,
+        0,
+        `a failed pre-dump (${point}) disarms its tracking`,
+      );
+      assert.ok(!exists(`${tmp.path}/f`) || listDir(`${tmp.path}/f`).length === 0, "no images");
+      await assertChecksOk(w, `after the failed pre-dump (${point})`);
+    }
     assertExit(await amber(["pre-dump", "-t", String(w.pid), "-D", `${tmp.path}/pre`]), 0, "pre");
     await letItWrite(w);
     const r = await amber([
