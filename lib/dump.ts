@@ -36,13 +36,7 @@ import {
   SnapshotLost,
   type SnapshotStats,
 } from "./mm/snapshot.ts";
-import {
-  disarmArmed,
-  disarmRunning,
-  openParent,
-  type Parent,
-  type TrackingState,
-} from "./mm/tracking.ts";
+import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { ownPeakMemory } from "./proc/read.ts";
 import { SignalGuard } from "./interrupt.ts";
@@ -505,9 +499,8 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     aioTimeoutMs: req.aioTimeoutMs ?? AIO_TIMEOUT_DEFAULT_MS,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
-    // A pre-dump's pages need not be one instant: what is written after the tracker is armed is
-    // copied again by the next round. So they are copied once the tree runs again.
-    copyWhileRunning: !!req.preDump,
+    // (Not a plain pre-dump: `amber run` restores one alone, so its pages are one instant.)
+    copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
     extUnixSk: req.extUnixSk ?? false,
     lazySource: req.lazyPages !== undefined,
   };
@@ -700,16 +693,6 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (!running) {
       disarmArmed(state.kinds);
       withContext("resuming the tree after a failed dump", () => resume(unknown));
-    } else if (req.migrationRound === undefined) {
-      // (A migration disarms its tree itself, once, whatever round failed.)
-      try {
-        disarmRunning(state.kinds, req.pid);
-      } catch (d) {
-        throw new AmberError(
-          `${(e as Error).message}; closing its write tracking after it: ${(d as Error).message}`,
-          { cause: e },
-        );
-      }
     }
     for (const p of state.preparedPages.values()) p.file.close();
     closeParent(state);

@@ -191,3 +191,22 @@ Deno.test("--track-mem without a chain is refused; dump -R with one disarms trac
     await killAndReap(w.pid);
   }
 });
+
+Deno.test("a pre-dump alone restores as one instant of a writing process (amber run restores one)", async () => {
+  await using tmp = await tempDir();
+  const w = await startDirtier(tmp.path);
+  try {
+    await letItWrite(w);
+    const img = `${tmp.path}/pre`;
+    assertExit(await amber(["pre-dump", "-t", String(w.pid), "-D", img]), 0, "pre-dump");
+    await killAndReap(w.pid);
+    await Deno.truncate(w.out, 0);
+    const r = await amber(["restore", "-D", img, "-d", "--allow-changed-files"]);
+    assertExit(r, 0, "restore of the pre-dump");
+    await waitForLines(w.out, 3);
+    // Its generation counter and the hot pages it names are of the same instant.
+    await assertChecksOk(w, "restored from the pre-dump");
+  } finally {
+    await killAndReap(w.pid);
+  }
+});

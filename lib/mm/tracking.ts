@@ -438,18 +438,6 @@ function closeTaken(st: TrackingState | undefined): void {
   st?.taken?.clear();
 }
 
-/**
- * A pre-dump that failed once the tree ran again (its pages are copied
- * then): the trackers go from the running tree, seized again for that.
- */
-export function disarmRunning(kinds: Map<string, unknown>, rootPid: number): void {
-  const st = kinds.get("tracking") as TrackingState | undefined;
-  closeTaken(st);
-  if (!st?.armed.length) return;
-  st.armed.splice(0);
-  disarmTree(rootPid);
-}
-
 /** A failed dump closes the trackers it armed: nothing is left in the tree. */
 export function disarmArmed(kinds: Map<string, unknown>): void {
   const st = kinds.get("tracking") as TrackingState | undefined;
