@@ -499,7 +499,6 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     aioTimeoutMs: req.aioTimeoutMs ?? AIO_TIMEOUT_DEFAULT_MS,
     tcpEstablished: req.tcpEstablished ?? false,
     external: req.external ?? [],
-    // (Not a plain pre-dump: `amber run` restores one alone, so its pages are one instant.)
     copyWhileRunning: req.migrationRound !== undefined && !!req.preDump,
     extUnixSk: req.extUnixSk ?? false,
     lazySource: req.lazyPages !== undefined,
@@ -601,15 +600,8 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
     dir.write(pstreeImage, { processes: entries, unrestorable: pending });
     log(`parts dumped: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
-    // Prepared for a process that was gone by the time of the freeze (a pre-dump's own copy
-    // takes its file once the tree runs again).
-    const dumped = new Set(contexts.map((c) => c.pid));
-    for (const [pid, p] of state.preparedPages) {
-      if (!dumped.has(pid)) {
-        p.drop();
-        state.preparedPages.delete(pid);
-      }
-    }
+    // Prepared for a process that was gone by the time of the freeze.
+    for (const p of state.preparedPages.values()) p.drop();
     const root = tree.processes[0].threads[0];
     const inventory = {
       amberVersion: AMBER_VERSION,

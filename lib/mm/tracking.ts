@@ -33,13 +33,11 @@ import {
   uffdioApi,
   uffdioRegister,
   uffdioWriteprotect,
-  uffdProtectAsync,
 } from "../../ffi/uffd.ts";
 import { Injector } from "../../ffi/inject.ts";
-import { libc, SysError } from "../../ffi/libc.ts";
-import { takeFd } from "../../ffi/socket.ts";
+import { SysError } from "../../ffi/libc.ts";
 import { type DumpContext, kindState } from "../context.ts";
-import { AmberError, withContext, withContextAsync } from "../errors.ts";
+import { AmberError, withContext } from "../errors.ts";
 import { ImageDir, publishedPath } from "../images/dir.ts";
 import { inventoryImage } from "../tree/pstree.ts";
 import { putBytes } from "../scratch.ts";
@@ -84,8 +82,6 @@ export interface TrackingState {
   keepOld?: boolean;
   /** Processes whose tracker the scan protected again, to be kept as they are (see the top). */
   rearmed?: Map<number, TrackerRecord>;
-  /** amber's own copies of trackers it protects once the tree runs (protectAfterResume). */
-  taken?: Set<number>;
 }
 
 export function trackingState(kinds: Map<string, unknown>): TrackingState {
@@ -348,31 +344,24 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
     const t0 = performance.now();
     const fd = makeTracker(ctx);
     st.armed.push({ pid: ctx.pid, fd, injector: ctx.injector });
-    const registered = mappings.filter(tracked).filter((m) => {
+    for (const m of mappings.filter(tracked)) {
       // A mapping that cannot be registered (another tracker's, VM_IO...) reads as written.
       const addr = putBytes(ctx.pid, ctx.scratch, uffdioRegister(m.start, m.end));
       if (ctx.injector.raw(NR.ioctl, fd, UFFDIO_REGISTER, addr) < 0n) {
         st.log(`pid ${ctx.pid}: ${mappingLabel(m)}: not tracked (UFFDIO_REGISTER failed)`);
-        return false;
+        continue;
       }
-      return true;
-    });
-    if (ctx.options.copyWhileRunning) {
-      protectAfterResume(ctx, fd, registered);
-    } else {
-      for (const m of registered) {
-        withContext(
-          mappingLabel(m),
-          () =>
-            uffdIoctl(
-              ctx,
-              "ioctl(UFFDIO_WRITEPROTECT)",
-              fd,
-              UFFDIO_WRITEPROTECT,
-              uffdioWriteprotect(m.start, m.end),
-            ),
-        );
-      }
+      withContext(
+        mappingLabel(m),
+        () =>
+          uffdIoctl(
+            ctx,
+            "ioctl(UFFDIO_WRITEPROTECT)",
+            fd,
+            UFFDIO_WRITEPROTECT,
+            uffdioWriteprotect(m.start, m.end),
+          ),
+      );
     }
     const ino = Deno.statSync(`/proc/${ctx.pid}/fd/${fd}`).ino ?? 0;
     st.log(
@@ -384,64 +373,9 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
   });
 }
 
-/** Bytes write-protected per call: the walk holds the mmap lock, which the tree's mmap needs. */
-const PROTECT_SLICE = 32 * 1048576;
-
-/**
- * A round whose pages are copied once the tree runs again protects them
- * then too, from amber, before the copy: the kernel's walk of every page
- * table entry (~0.15 s a GiB) is out of the freeze. Async tracking makes no
- * thread wait on a protected page, so nothing is lost: a write before a
- * page's protection comes before its copy, one after marks it written.
- */
-function protectAfterResume(ctx: DumpContext, inTarget: number, list: MappingImage[]): void {
-  if (!list.length) return;
-  const fd = takeFd(ctx.pid, inTarget);
-  const taken = trackingState(ctx.tree.kinds).taken ??= new Set();
-  taken.add(fd);
-  // Before the page copies, which run afterwards in the order they were pushed.
-  ctx.tree.afterResume.push(async () => {
-    try {
-      for (const m of list) {
-        await withContextAsync(
-          `pid ${ctx.pid}: ${mappingLabel(m)}: arming write tracking`,
-          async () => {
-            for (let at = m.start; at < m.end; at += BigInt(PROTECT_SLICE)) {
-              const end = at + BigInt(PROTECT_SLICE) < m.end ? at + BigInt(PROTECT_SLICE) : m.end;
-              await protectSlice(fd, at, end);
-            }
-          },
-        );
-      }
-    } finally {
-      taken.delete(fd);
-      libc().close(fd);
-    }
-  });
-}
-
-/**
- * One slice of protectAfterResume. The tree runs: what it unmapped or
- * mapped anew there meanwhile (ENOENT: no registered mapping) stays
- * unprotected, and an unprotected page reads as written, copied again.
- */
-async function protectSlice(fd: number, at: bigint, end: bigint): Promise<void> {
-  try {
-    await uffdProtectAsync(fd, at, end);
-  } catch (e) {
-    if (!(e instanceof SysError && e.code === "ENOENT")) throw e;
-  }
-}
-
-function closeTaken(st: TrackingState | undefined): void {
-  for (const fd of st?.taken ?? []) libc().close(fd);
-  st?.taken?.clear();
-}
-
 /** A failed dump closes the trackers it armed: nothing is left in the tree. */
 export function disarmArmed(kinds: Map<string, unknown>): void {
   const st = kinds.get("tracking") as TrackingState | undefined;
-  closeTaken(st);
   for (const a of st?.armed.splice(0) ?? []) {
     try {
       a.injector.raw(NR.close, a.fd);
