@@ -219,7 +219,7 @@ export interface PrecheckContext {
 
 /** One kind of per-process kernel object: its image schema, dump and restore. */
 export interface Part<S extends z.ZodType = z.ZodType> {
-  /** Image name: files are `NAME-PID.cbor`. */
+  /** Image name: its image is field NAME of `process-PID.cbor` (lib/images/process.ts). */
   name: string;
   version: number;
   /**

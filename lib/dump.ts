@@ -38,6 +38,8 @@ import {
 } from "./mm/snapshot.ts";
 import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
+import { writeProcessImage } from "./images/process.ts";
+import { encodeImage } from "./images/codec.ts";
 import { ownPeakMemory } from "./proc/read.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
@@ -235,18 +237,31 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
   }
 }
 
-/** Dumps one part of a process, validated exactly as a reader will, into its image. */
+/** Bodies of each process's parts as dumped (what its image holds), by part name. */
+const dumpedBodies = new WeakMap<DumpContext, Record<string, unknown>>();
+/** Processes whose image a tree that runs on writes once it runs (dump -R). */
+const writeScheduled = new WeakSet<DumpContext>();
+
+/** Dumps one part of a process, validated exactly as a reader will; kept for its image. */
 async function dumpOnePart(ctx: DumpContext, part: Part, end = true): Promise<void> {
   await withContextAsync(part.name, async () => {
     const body = await dumpPart(ctx, () => part.dump(ctx), end);
-    const image = partImage(part);
-    ctx.done[part.name] = image.schema.parse(body);
-    const write = () => ctx.dir.write(image, body, ctx.pid);
-    // A tree that runs on is not kept frozen while its images are written.
-    if (!ctx.options.leaveRunning) return write();
-    const label = `pid ${ctx.pid}: ${part.name}`;
-    ctx.tree.afterResume.push(() => Promise.resolve(withContext(label, write)));
+    ctx.done[part.name] = partImage(part).schema.parse(body);
+    let bodies = dumpedBodies.get(ctx);
+    if (!bodies) dumpedBodies.set(ctx, bodies = {});
+    bodies[part.name] = body;
   });
+}
+
+/** Writes the process's one image, of every part dumped so far (again, after a late part). */
+function writeProcess(ctx: DumpContext): void {
+  const write = () => writeProcessImage(ctx.dir, ctx.pid, dumpedBodies.get(ctx) ?? {});
+  // A tree that runs on is not kept frozen while its images are written.
+  if (!ctx.options.leaveRunning) return withContext("image", write);
+  if (writeScheduled.has(ctx)) return;
+  writeScheduled.add(ctx);
+  const label = `pid ${ctx.pid}: image`;
+  ctx.tree.afterResume.push(() => Promise.resolve(withContext(label, write)));
 }
 
 /** Every part's read ahead for one process of the frozen tree (see Part.prefetch). */
@@ -313,6 +328,7 @@ async function dumpProcess(
   }
   dropBatchPage(ctx);
   injector.end();
+  writeProcess(ctx);
   return { ctx, refusal };
 }
 
@@ -323,10 +339,21 @@ async function dumpProcess(
  */
 async function dumpLateParts(contexts: DumpContext[]): Promise<void> {
   for (const ctx of contexts) {
-    for (const part of PARTS.filter((p) => p.dumpAgainLast)) {
-      await withContextAsync(`pid ${ctx.pid}`, () => dumpOnePart(ctx, part));
-    }
+    await withContextAsync(`pid ${ctx.pid}`, async () => {
+      const late = PARTS.filter((p) => p.dumpAgainLast);
+      const encoded = () =>
+        late.map((p) => encodeImage(partImage(p), dumpedBodies.get(ctx)?.[p.name]));
+      const before = encoded();
+      for (const part of late) await dumpOnePart(ctx, part);
+      // Written again only if something arrived: the image holds what was dumped last.
+      const after = encoded();
+      if (after.some((b, i) => !sameBytes(b, before[i]))) writeProcess(ctx);
+    });
   }
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 /** Ending a tree whose images cannot come back would lose it. */

@@ -1,0 +1,71 @@
+/**
+ * One image file per process, `process-PID.cbor`, holding every part's
+ * image: creating, syncing, publishing and reading ~20 small files per
+ * process cost more than dumping most of its parts. Each part inside is a
+ * whole image of its own (magic, version, body), with its own size limit,
+ * decoded and validated with its own schema, so a part's format changes
+ * alone as before.
+ */
+import { z } from "zod";
+import { AmberError } from "../errors.ts";
+import { partImage, PARTS } from "../parts.ts";
+import {
+  bytes,
+  decodeImage,
+  defineImage,
+  encodeImage,
+  imageFileName,
+  type ImageKind,
+  MAX_IMAGE_BYTES,
+} from "./codec.ts";
+import type { ImageDir } from "./dir.ts";
+
+type PartBytes = Record<string, Uint8Array>;
+
+let kind: ImageKind<PartBytes> | undefined;
+
+/** The process image kind: each part's encoded image by part name (built once PARTS is). */
+export function processImage(): ImageKind<PartBytes> {
+  kind ??= defineImage(
+    "process",
+    1,
+    true,
+    z.object(Object.fromEntries(PARTS.map((p) => [p.name, bytes]))) as z.ZodType<PartBytes>,
+    MAX_IMAGE_BYTES,
+  );
+  return kind;
+}
+
+/** The file name of `pid`'s process image. */
+export function processFileName(pid: number): string {
+  return imageFileName(processImage(), pid);
+}
+
+/** Writes every part's body (as dumped) of `pid` as its one process image. */
+export function writeProcessImage(dir: ImageDir, pid: number, bodies: Record<string, unknown>) {
+  const parts: PartBytes = {};
+  for (const p of PARTS) {
+    if (!(p.name in bodies)) throw new Error(`pid ${pid}: part ${p.name} was not dumped`);
+    parts[p.name] = encodeImage(partImage(p), bodies[p.name]);
+  }
+  dir.write(processImage(), parts, pid);
+}
+
+/** Reads `pid`'s process image: every part decoded and validated, by part name. */
+export function readProcessImage(dir: ImageDir, pid: number): Record<string, unknown> {
+  const parts = dir.read(processImage(), pid);
+  const file = dir.file(processFileName(pid));
+  return Object.fromEntries(
+    PARTS.map((p) => [p.name, decodeImage(partImage(p), parts[p.name], `${file}: ${p.name}`)]),
+  );
+}
+
+/** Whether `dir` holds a process image of `pid`. */
+export function hasProcessImage(dir: ImageDir, pid: number): boolean {
+  return dir.has(processFileName(pid));
+}
+
+/** `why`, about part `part` of `pid`'s process image, as an error naming the file and part. */
+export function processImageError(dir: ImageDir, pid: number, part: string, why: string) {
+  return new AmberError(`${dir.file(processFileName(pid))}: ${part}: ${why}`);
+}
