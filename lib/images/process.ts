@@ -7,6 +7,7 @@
  * alone as before.
  */
 import { z } from "zod";
+import type { Part } from "../context.ts";
 import { AmberError } from "../errors.ts";
 import { partImage, PARTS } from "../parts.ts";
 import {
@@ -41,12 +42,23 @@ export function processFileName(pid: number): string {
   return imageFileName(processImage(), pid);
 }
 
-/** Writes every part's body (as dumped) of `pid` as its one process image. */
-export function writeProcessImage(dir: ImageDir, pid: number, bodies: Record<string, unknown>) {
-  const parts: PartBytes = {};
+/** A part's body encoded as its image (the bytes the process image holds for it). */
+export function encodePart(part: Part, body: unknown): Uint8Array {
+  return encodeImage(partImage(part), body);
+}
+
+/**
+ * Decodes and validates a part's image as restore does; `file` names it
+ * in errors.
+ */
+export function decodePart(part: Part, bytes: Uint8Array, file: string): unknown {
+  return decodeImage(partImage(part), bytes, `${file}: ${part.name}`);
+}
+
+/** Writes `pid`'s process image of every part's encoded image (encodePart). */
+export function writeProcessImage(dir: ImageDir, pid: number, parts: Record<string, Uint8Array>) {
   for (const p of PARTS) {
-    if (!(p.name in bodies)) throw new Error(`pid ${pid}: part ${p.name} was not dumped`);
-    parts[p.name] = encodeImage(partImage(p), bodies[p.name]);
+    if (!(p.name in parts)) throw new Error(`pid ${pid}: part ${p.name} was not dumped`);
   }
   dir.write(processImage(), parts, pid);
 }
@@ -55,9 +67,7 @@ export function writeProcessImage(dir: ImageDir, pid: number, bodies: Record<str
 export function readProcessImage(dir: ImageDir, pid: number): Record<string, unknown> {
   const parts = dir.read(processImage(), pid);
   const file = dir.file(processFileName(pid));
-  return Object.fromEntries(
-    PARTS.map((p) => [p.name, decodeImage(partImage(p), parts[p.name], `${file}: ${p.name}`)]),
-  );
+  return Object.fromEntries(PARTS.map((p) => [p.name, decodePart(p, parts[p.name], file)]));
 }
 
 /** Whether `dir` holds a process image of `pid`. */

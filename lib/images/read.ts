@@ -55,7 +55,23 @@ export function readImagesIn(dir: ImageDir): Images {
     );
   }
   const inventory = dir.read(inventoryImage);
-  const { processes, unrestorable } = dir.read(pstreeImage);
+  return assembleImages(dir, inventory, dir.read(pstreeImage), (pid) => readProcessImage(dir, pid));
+}
+
+export type Pstree = z.output<typeof pstreeImage.schema>;
+
+/**
+ * The images of `dir` from its decoded inventory, pstree and each live
+ * process's parts: the root and every reference between images checked.
+ */
+export function assembleImages(
+  dir: ImageDir,
+  inventory: Inventory,
+  pstree: Pstree,
+  partsOf: (pid: number) => Record<string, unknown>,
+): Images {
+  const path = dir.path;
+  const { processes, unrestorable } = pstree;
   if (processes[0].pid !== inventory.rootPid) {
     throw new AmberError(
       `${dir.file("pstree.cbor")}: first process ${
@@ -66,7 +82,7 @@ export function readImagesIn(dir: ImageDir): Images {
   const all = processes.map((entry) => ({
     entry,
     // A zombie is only its pstree entry.
-    parts: entry.state === "zombie" ? {} : readProcessImage(dir, entry.pid),
+    parts: entry.state === "zombie" ? {} : partsOf(entry.pid),
   }));
   checkReferences(dir, all);
   return { dir: path, inventory, unrestorable, processes: all };
