@@ -10,6 +10,7 @@
  * outside the images directory, and no process left behind.
  */
 import assert from "node:assert/strict";
+import { decode } from "cbor-x";
 import {
   amber,
   assertCounterGoesOn,
@@ -168,6 +169,17 @@ const REFUSALS: Refusal[] = [
       await run("mknod", "-m", "600", processFile(dir, pid), "c", "1", "5");
     },
     says: (dir, pid) => [`${processFile(dir, pid)}: a character device, not a regular file`],
+  },
+  {
+    name: "a file per part, as an older amber wrote them",
+    damage: async (dir, pid) => {
+      const outer = decode(await Deno.readFile(processFile(dir, pid)));
+      for (const [part, bytes] of Object.entries(outer.body)) {
+        await Deno.writeFile(`${dir}/${part}-${pid}.cbor`, bytes as Uint8Array, { mode: 0o600 });
+      }
+      await Deno.remove(processFile(dir, pid));
+    },
+    says: (dir, pid) => [`${processFile(dir, pid)}: missing: the images have a file per part`],
   },
   {
     name: "one part of a process image larger than that part's limit",

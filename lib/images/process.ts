@@ -65,8 +65,14 @@ export function writeProcessImage(dir: ImageDir, pid: number, parts: Record<stri
 
 /** Reads `pid`'s process image: every part decoded and validated, by part name. */
 export function readProcessImage(dir: ImageDir, pid: number): Record<string, unknown> {
-  const parts = dir.read(processImage(), pid);
   const file = dir.file(processFileName(pid));
+  if (!hasProcessImage(dir, pid) && dir.has(`threads-${pid}.cbor`)) {
+    throw new AmberError(
+      `${file}: missing: the images have a file per part (written by an older amber), ` +
+        "which this amber does not read",
+    );
+  }
+  const parts = dir.read(processImage(), pid);
   return Object.fromEntries(PARTS.map((p) => [p.name, decodePart(p, parts[p.name], file)]));
 }
 
