@@ -223,7 +223,8 @@ export interface Part<S extends z.ZodType = z.ZodType> {
   name: string;
   version: number;
   /**
-   * Largest image file restore reads for it (checked before reading);
+   * Largest image restore reads for it (its bytes in the process image,
+   * checked before they are decoded);
    * parts whose images grow with the process (mappings, pages, fds) say
    * how far.
    */
