@@ -219,11 +219,12 @@ export interface PrecheckContext {
 
 /** One kind of per-process kernel object: its image schema, dump and restore. */
 export interface Part<S extends z.ZodType = z.ZodType> {
-  /** Image name: files are `NAME-PID.cbor`. */
+  /** Image name: its image is field NAME of `process-PID.cbor` (lib/images/process.ts). */
   name: string;
   version: number;
   /**
-   * Largest image file restore reads for it (checked before reading);
+   * Largest image restore reads for it (its bytes in the process image,
+   * checked before they are decoded);
    * parts whose images grow with the process (mappings, pages, fds) say
    * how far.
    */

@@ -6,7 +6,16 @@ import { Injector } from "../ffi/inject.ts";
 import { dropBatchPage, keepBatchPage } from "./batch.ts";
 import { holdMemory, readMemoryProc, writeMemory } from "../ffi/memory.ts";
 import { Regs } from "../ffi/regs.ts";
-import type { DumpContext, DumpEnd, DumpOptions, Part, Scratch, TreeDumpState } from "./context.ts";
+import type {
+  DumpContext,
+  DumpEnd,
+  DumpOptions,
+  Part,
+  RestoreOptions,
+  Scratch,
+  TreeDumpState,
+} from "./context.ts";
+import type { z } from "zod";
 import { unlock } from "./net/netlock.ts";
 import { runActionScripts } from "./actions.ts";
 import {
@@ -37,12 +46,15 @@ import {
   type SnapshotStats,
 } from "./mm/snapshot.ts";
 import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
-import { partImage, PARTS } from "./parts.ts";
+import { PARTS } from "./parts.ts";
+import { decodePart, encodePart, writeProcessImage } from "./images/process.ts";
+import { decodeImage, encodeImage, imageFileName, type ImageKind } from "./images/codec.ts";
+import { assembleImages, type Inventory, type Pstree } from "./images/read.ts";
 import { ownPeakMemory } from "./proc/read.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type ProgressCallback, Tracker } from "./progress.ts";
-import { dumpVerdictOptions, imageRefusal, judgeDirectory, judgeImageDir } from "./verdict.ts";
+import { dumpVerdictOptions, imageRefusal, judgeImages } from "./verdict.ts";
 import { readMaps } from "./proc/maps.ts";
 import { readStat } from "./proc/stat.ts";
 import { xfeatures, xstateSize } from "./task/threads.ts";
@@ -235,18 +247,36 @@ function checkSessions(tree: FrozenTree, entries: ProcessEntryImage[], shellJob:
   }
 }
 
-/** Dumps one part of a process, validated exactly as a reader will, into its image. */
+/** Each process's parts as its image holds them (encoded), by part name. */
+const partBytes = new WeakMap<DumpContext, Record<string, Uint8Array>>();
+/** Processes whose image a tree that runs on writes once it runs (dump -R). */
+const writeScheduled = new WeakSet<DumpContext>();
+
+/**
+ * Dumps one part of a process, encoded for its image and decoded back from
+ * those bytes exactly as restore reads them: what later parts and the
+ * verdict see is what the image holds.
+ */
 async function dumpOnePart(ctx: DumpContext, part: Part, end = true): Promise<void> {
   await withContextAsync(part.name, async () => {
     const body = await dumpPart(ctx, () => part.dump(ctx), end);
-    const image = partImage(part);
-    ctx.done[part.name] = image.schema.parse(body);
-    const write = () => ctx.dir.write(image, body, ctx.pid);
-    // A tree that runs on is not kept frozen while its images are written.
-    if (!ctx.options.leaveRunning) return write();
-    const label = `pid ${ctx.pid}: ${part.name}`;
-    ctx.tree.afterResume.push(() => Promise.resolve(withContext(label, write)));
+    const bytes = encodePart(part, body);
+    ctx.done[part.name] = decodePart(part, bytes, "its image");
+    let parts = partBytes.get(ctx);
+    if (!parts) partBytes.set(ctx, parts = {});
+    parts[part.name] = bytes;
   });
+}
+
+/** Writes the process's one image, of every part dumped so far (again, after a late part). */
+function writeProcess(ctx: DumpContext): void {
+  const write = () => writeProcessImage(ctx.dir, ctx.pid, partBytes.get(ctx) ?? {});
+  // A tree that runs on is not kept frozen while its images are written.
+  if (!ctx.options.leaveRunning) return withContext("image", write);
+  if (writeScheduled.has(ctx)) return;
+  writeScheduled.add(ctx);
+  const label = `pid ${ctx.pid}: image`;
+  ctx.tree.afterResume.push(() => Promise.resolve(withContext(label, write)));
 }
 
 /** Every part's read ahead for one process of the frozen tree (see Part.prefetch). */
@@ -313,6 +343,7 @@ async function dumpProcess(
   }
   dropBatchPage(ctx);
   injector.end();
+  writeProcess(ctx);
   return { ctx, refusal };
 }
 
@@ -323,10 +354,48 @@ async function dumpProcess(
  */
 async function dumpLateParts(contexts: DumpContext[]): Promise<void> {
   for (const ctx of contexts) {
-    for (const part of PARTS.filter((p) => p.dumpAgainLast)) {
-      await withContextAsync(`pid ${ctx.pid}`, () => dumpOnePart(ctx, part));
-    }
+    await withContextAsync(`pid ${ctx.pid}`, async () => {
+      const late = PARTS.filter((p) => p.dumpAgainLast);
+      const encoded = () => late.map((p) => partBytes.get(ctx)?.[p.name] ?? new Uint8Array());
+      const before = encoded();
+      for (const part of late) await dumpOnePart(ctx, part);
+      // Written again only if something arrived: the image holds what was dumped last.
+      const after = encoded();
+      if (after.some((b, i) => !sameBytes(b, before[i]))) writeProcess(ctx);
+    });
   }
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+/**
+ * The verdict restore will give on the images as written, taken from
+ * memory: each part was decoded from the bytes its process image holds
+ * (dumpOnePart), the inventory and pstree are decoded here from the bytes
+ * they were written as; the bulk files (pages, ghosts) are looked at
+ * where they were written.
+ */
+async function judgeWritten(
+  dir: ImageDir,
+  inventory: z.input<typeof inventoryImage.schema>,
+  pstree: z.input<typeof pstreeImage.schema>,
+  contexts: DumpContext[],
+  options: RestoreOptions,
+): Promise<string[]> {
+  const asWritten = <T>(kind: ImageKind<T>, body: unknown) =>
+    decodeImage(kind, encodeImage(kind, body as T), dir.file(imageFileName(kind)));
+  const parts = new Map(contexts.map((c) => [c.pid, c.done]));
+  using staged = dir instanceof StreamImages ? undefined : new ImageDir(dir.stagingPath);
+  const reader = staged ?? dir;
+  const images = assembleImages(
+    reader,
+    asWritten<Inventory>(inventoryImage, inventory),
+    asWritten<Pstree>(pstreeImage, pstree),
+    (pid) => parts.get(pid)!,
+  );
+  return await judgeImages(images, reader, options);
 }
 
 /** Ending a tree whose images cannot come back would lose it. */
@@ -598,7 +667,8 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     }
     const pending = [...state.pending.values()];
     if (pending.length && !options.leaveRunning) throw refuseToEnd(pending[0]);
-    dir.write(pstreeImage, { processes: entries, unrestorable: pending });
+    const pstree = { processes: entries, unrestorable: pending };
+    dir.write(pstreeImage, pstree);
     log(`parts dumped: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
     // Prepared for a process that was gone by the time of the freeze.
     for (const p of state.preparedPages.values()) p.drop();
@@ -655,9 +725,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       migrated: req.migrationRound !== undefined || options.lazySource === true,
       movedTcp: req.migrationRound !== undefined && options.tcpEstablished,
     };
-    const reasons = dir instanceof StreamImages
-      ? await judgeImageDir(dir, verdictOptions)
-      : await judgeDirectory(dir.stagingPath, verdictOptions);
+    const reasons = await judgeWritten(dir, inventory, pstree, contexts, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
     log(`verdict taken: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
     await guard.checkpoint();

@@ -1,6 +1,7 @@
 /**
  * Every per-process kind of kernel object, in restore order. Dump runs
- * them in the same order; each writes its own `NAME-PID.cbor` image.
+ * them in the same order; each part's image is one field of the process's
+ * `process-PID.cbor` (lib/images/process.ts).
  */
 import type { Part } from "./context.ts";
 import { fdsPart } from "./fds/fds.ts";
@@ -60,7 +61,7 @@ const PART_MAX_BYTES = 4 * 1024 * 1024;
 
 const kinds = new Map<string, ImageKind<unknown>>();
 
-/** The image kind of a part (file `NAME-PID.cbor`). */
+/** The image kind of a part (field NAME of `process-PID.cbor`). */
 export function partImage(part: Part): ImageKind<unknown> {
   let k = kinds.get(part.name);
   if (!k) {

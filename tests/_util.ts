@@ -9,6 +9,7 @@
  * It goes through ffi/, like every FFI call of the project.
  */
 import assert from "node:assert/strict";
+import { decode, Encoder } from "cbor-x";
 import { lastErrno, libc, SysError } from "../ffi/libc.ts";
 import { waitpid, WALL, WNOHANG } from "../ffi/ptrace.ts";
 import { type MapsEntry, parseMaps } from "../lib/proc/maps.ts";
@@ -1069,4 +1070,45 @@ export function exists(path: string): boolean {
  */
 export function assertNoLiveHelper(what: string): void {
   assertNoHelper(what, helperProcesses().filter(isAlive));
+}
+
+// Images: each process's parts are images inside its one process-PID.cbor.
+
+const imageCbor = new Encoder({ useRecords: false, mapsAsObjects: true });
+// deno-lint-ignore no-explicit-any
+type ImageBody = any;
+
+/** The file of images directory `dir` holding every part of `pid`. */
+export function processFile(dir: string, pid: number): string {
+  return `${dir}/process-${pid}.cbor`;
+}
+
+/** The image document (magic, version, body) of part `part` of `pid`, as stored. */
+export async function readPart(dir: string, pid: number, part: string): Promise<ImageBody> {
+  const outer = decode(await Deno.readFile(processFile(dir, pid)));
+  return decode(outer.body[part]);
+}
+
+/**
+ * Rewrites part `part` of `pid`'s image with `edit` (given the part's
+ * body), or, with `raw`, replaces the part's encoded bytes with what `raw`
+ * makes of them.
+ */
+export async function editPart(
+  dir: string,
+  pid: number,
+  part: string,
+  edit: (body: ImageBody) => void,
+  raw?: (bytes: Uint8Array) => Uint8Array,
+): Promise<void> {
+  const file = processFile(dir, pid);
+  const outer = decode(await Deno.readFile(file));
+  if (raw) {
+    outer.body[part] = raw(outer.body[part]);
+  } else {
+    const doc = decode(outer.body[part]);
+    edit(doc.body);
+    outer.body[part] = imageCbor.encode(doc);
+  }
+  await Deno.writeFile(file, imageCbor.encode(outer));
 }

@@ -85,15 +85,51 @@ function files(dir: string, re = /./): string[] {
   return listDir(dir).filter((n) => re.test(n));
 }
 
+/**
+ * Changes one image document of CBOR file `name` with `change` (which
+ * may return the document's new bytes): the file's own, or half the time
+ * in a process image, one of the part images inside it.
+ */
+function changeDoc(
+  dir: string,
+  name: string,
+  r: Rand,
+  change: (doc: Doc) => Uint8Array | void,
+): string {
+  const file = `${dir}/${name}`;
+  const outer = decode(Deno.readFileSync(file));
+  if (!name.startsWith("process-") || r() < 0.5) {
+    Deno.writeFileSync(file, change(outer) ?? cbor.encode(outer));
+    return name;
+  }
+  const part = pick(r, Object.keys(outer.body));
+  const inner = decode(outer.body[part]);
+  outer.body[part] = change(inner) ?? cbor.encode(inner);
+  Deno.writeFileSync(file, cbor.encode(outer));
+  return `${name}, part ${part}`;
+}
+
+function flipBits(bytes: Uint8Array, n: number, r: Rand): Uint8Array {
+  for (let i = 0; i < n && bytes.length; i++) {
+    bytes[Math.floor(r() * bytes.length)] ^= 1 << Math.floor(r() * 8);
+  }
+  return bytes;
+}
+
 const mutations: Mutation[] = [
   function bitFlips(dir, r) {
     const name = pick(r, files(dir));
-    const bytes = Deno.readFileSync(`${dir}/${name}`);
     const n = 1 + Math.floor(r() * 8);
-    for (let i = 0; i < n && bytes.length; i++) {
-      bytes[Math.floor(r() * bytes.length)] ^= 1 << Math.floor(r() * 8);
+    if (name.startsWith("process-") && r() < 0.5) {
+      // In one part's bytes: the container stays valid, the part does not.
+      const file = `${dir}/${name}`;
+      const outer = decode(Deno.readFileSync(file));
+      const part = pick(r, Object.keys(outer.body));
+      outer.body[part] = flipBits(outer.body[part], n, r);
+      Deno.writeFileSync(file, cbor.encode(outer));
+      return `${n} bit flips in ${name}, part ${part}`;
     }
-    Deno.writeFileSync(`${dir}/${name}`, bytes);
+    Deno.writeFileSync(`${dir}/${name}`, flipBits(Deno.readFileSync(`${dir}/${name}`), n, r));
     return `${n} bit flips in ${name}`;
   },
   function truncation(dir, r) {
@@ -116,28 +152,31 @@ const mutations: Mutation[] = [
     return `${name} removed`;
   },
   function hugeNumber(dir, r) {
-    const name = pick(r, files(dir, /\.cbor$/));
-    const doc = decode(Deno.readFileSync(`${dir}/${name}`));
-    const paths = pathsOf(doc, (x) => typeof x === "number" || typeof x === "bigint");
-    const path = pick(r, paths), value = pick(r, HUGE_NUMBERS);
-    setAt(doc, path, value);
-    Deno.writeFileSync(`${dir}/${name}`, cbor.encode(doc));
-    return `${name}: ${path.join(".")} = ${value}`;
+    let said = "";
+    const name = changeDoc(dir, pick(r, files(dir, /\.cbor$/)), r, (doc) => {
+      const paths = pathsOf(doc, (x) => typeof x === "number" || typeof x === "bigint");
+      const path = pick(r, paths), value = pick(r, HUGE_NUMBERS);
+      setAt(doc, path, value);
+      said = `${path.join(".")} = ${value}`;
+    });
+    return `${name}: ${said}`;
   },
   function hugeArrayHeader(dir, r) {
     // A 5-byte placeholder string re-encoded as an array header of 2^32-1 or 2^31-1 elements.
-    const name = pick(r, files(dir, /\.cbor$/));
-    const doc = decode(Deno.readFileSync(`${dir}/${name}`));
-    const path = pick(r, pathsOf(doc, (x) => Array.isArray(x) || typeof x === "object"));
-    setAt(doc, path, "HUGE");
-    const bytes = cbor.encode(doc);
-    const at = bytes.findIndex((_, i) =>
-      bytes[i] === 0x64 && String.fromCharCode(...bytes.subarray(i + 1, i + 5)) === "HUGE"
-    );
-    const count = r() < 0.5 ? 0xffffffff : 0x7fffffff;
-    bytes.set([0x9a, count >>> 24, (count >> 16) & 0xff, (count >> 8) & 0xff, count & 0xff], at);
-    Deno.writeFileSync(`${dir}/${name}`, bytes);
-    return `${name}: ${path.join(".")} claims ${count} elements`;
+    let said = "";
+    const name = changeDoc(dir, pick(r, files(dir, /\.cbor$/)), r, (doc) => {
+      const path = pick(r, pathsOf(doc, (x) => Array.isArray(x) || typeof x === "object"));
+      setAt(doc, path, "HUGE");
+      const bytes = cbor.encode(doc);
+      const at = bytes.findIndex((_, i) =>
+        bytes[i] === 0x64 && String.fromCharCode(...bytes.subarray(i + 1, i + 5)) === "HUGE"
+      );
+      const count = r() < 0.5 ? 0xffffffff : 0x7fffffff;
+      bytes.set([0x9a, count >>> 24, (count >> 16) & 0xff, (count >> 8) & 0xff, count & 0xff], at);
+      said = `${path.join(".")} claims ${count} elements`;
+      return bytes;
+    });
+    return `${name}: ${said}`;
   },
 ];
 

@@ -9,6 +9,7 @@ import {
   dumpArgs,
   exists,
   killAndReap,
+  processFile,
   sleep,
   startWriter,
   statusField,
@@ -47,7 +48,7 @@ Deno.test("a signal sent to the tree during the dump is in the images", async ()
       () => {
         if (!exists(img)) return false;
         return [...Deno.readDirSync(img)].some((d) =>
-          d.name.startsWith(".amber-dump-") && exists(`${img}/${d.name}/signals-${pid}.cbor`)
+          d.name.startsWith(".amber-dump-") && exists(processFile(`${img}/${d.name}`, pid))
         );
       },
       "the dump wrote no signals image",

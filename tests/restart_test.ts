@@ -7,7 +7,6 @@
  * Run with: deno test -A tests/restart_test.ts
  */
 import assert from "node:assert/strict";
-import { decode } from "cbor-x";
 import {
   amber,
   assertExit,
@@ -16,6 +15,7 @@ import {
   isAlive,
   killAndReap,
   readLines,
+  readPart,
   sleep,
   spawnTarget,
   tempDir,
@@ -136,7 +136,7 @@ async function waitProgress(
  * name per thread whose registers show an interrupted, restartable syscall.
  */
 async function interruptedSyscalls(img: string, pid: number): Promise<string[]> {
-  const doc = decode(await Deno.readFile(`${img}/threads-${pid}.cbor`));
+  const doc = await readPart(img, pid, "threads");
   const out: string[] = [];
   for (const t of doc.body.threads as { regs: Uint8Array }[]) {
     const regs = new DataView(t.regs.buffer, t.regs.byteOffset, t.regs.byteLength);

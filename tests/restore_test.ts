@@ -29,11 +29,13 @@ import {
   descendants,
   dumpArgs,
   dumpKill,
+  editPart,
   isAlive,
   killAndReap,
   listDir,
   openFds,
   ownChildren,
+  processFile,
   procMaps,
   procState,
   procStatFields,
@@ -365,22 +367,27 @@ interface FailureCase {
 const FAILURES: FailureCase[] = [
   {
     name: "corrupted mappings image (bytes flipped in the middle)",
-    damage: async (dir, pid) => {
-      const file = `${dir}/mappings-${pid}.cbor`;
-      const bytes = await Deno.readFile(file);
-      const mid = Math.floor(bytes.length / 2);
-      for (let i = mid; i < mid + 8; i++) bytes[i] ^= 0xff;
-      await Deno.writeFile(file, bytes);
-    },
+    damage: (dir, pid) =>
+      editPart(dir, pid, "mappings", () => {}, (bytes) => {
+        const mid = Math.floor(bytes.length / 2);
+        for (let i = mid; i < mid + 8; i++) bytes[i] ^= 0xff;
+        return bytes;
+      }),
     mentions: () => ["mappings"],
-    // Either the decoder fails on the file, or the decoded garbage fails
+    // Either the decoder fails on the part, or the decoded garbage fails
     // while restoring that process.
-    oneOf: (dir, pid) => [`${dir}/mappings-${pid}.cbor`, `pid ${pid}`],
+    oneOf: (dir, pid) => [`${processFile(dir, pid)}: mappings`, `pid ${pid}`],
   },
   {
     name: "truncated mappings image",
-    damage: (dir, pid) => truncateHalf(`${dir}/mappings-${pid}.cbor`),
-    mentions: (dir, pid) => [`${dir}/mappings-${pid}.cbor`],
+    damage: (dir, pid) =>
+      editPart(dir, pid, "mappings", () => {}, (b) => b.subarray(0, b.length >> 1)),
+    mentions: (dir, pid) => [`${processFile(dir, pid)}: mappings`],
+  },
+  {
+    name: "truncated process image",
+    damage: (dir, pid) => truncateHalf(processFile(dir, pid)),
+    mentions: (dir, pid) => [processFile(dir, pid)],
   },
   {
     name: "truncated pages image",
@@ -452,12 +459,11 @@ Deno.test("a failure in the middle of a tree's restore leaves no process and no 
     const leaf = pids.at(-1)!;
     const bad = `${tmp.path}/bad`;
     await copyImages(img, bad);
-    const file = `${bad}/threads-${leaf}.cbor`;
-    const doc = decode(await Deno.readFile(file));
-    const regs: Uint8Array = doc.body.threads[0].regs;
-    new DataView(regs.buffer, regs.byteOffset, regs.byteLength)
-      .setBigUint64(FS_BASE_OFFSET, 1n << 63n, true);
-    await Deno.writeFile(file, cbor.encode(doc));
+    await editPart(bad, leaf, "threads", (b) => {
+      const regs: Uint8Array = b.threads[0].regs;
+      new DataView(regs.buffer, regs.byteOffset, regs.byteLength)
+        .setBigUint64(FS_BASE_OFFSET, 1n << 63n, true);
+    });
 
     const before = childrenWithState();
     const r = await amber(["restore", "-D", bad, "-d"]);

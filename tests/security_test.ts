@@ -10,7 +10,7 @@
  * outside the images directory, and no process left behind.
  */
 import assert from "node:assert/strict";
-import { decode, Encoder } from "cbor-x";
+import { decode } from "cbor-x";
 import {
   amber,
   assertCounterGoesOn,
@@ -23,11 +23,13 @@ import {
   DENO,
   dumpArgs,
   dumpKill,
+  editPart,
   exists,
   helperProcesses,
   isAlive,
   killAndReap,
   listDir,
+  processFile,
   readLines,
   ROOT,
   sleep,
@@ -42,16 +44,8 @@ const NOBODY = 65534;
 /** Control characters other than tab and newline, as a terminal would act on them. */
 // deno-lint-ignore no-control-regex
 const RAW_CONTROL = /[\x00-\x08\x0b-\x1f\x7f]/;
-const cbor = new Encoder({ useRecords: false, mapsAsObjects: true });
 // deno-lint-ignore no-explicit-any
 type Body = any;
-
-/** Rewrites the body of CBOR image `file` with `edit`. */
-async function editImage(file: string, edit: (body: Body) => void): Promise<void> {
-  const doc = decode(await Deno.readFile(file));
-  edit(doc.body);
-  await Deno.writeFile(file, cbor.encode(doc));
-}
 
 /** Copies the files of `from` into a new directory `to`, 0700 like dump makes it. */
 async function copyImages(from: string, to: string): Promise<void> {
@@ -110,7 +104,7 @@ const REFUSALS: Refusal[] = [
   {
     name: "images directory owned by another user, creds edited to uid 0",
     damage: async (dir, pid) => {
-      await editImage(`${dir}/creds-${pid}.cbor`, (b) => {
+      await editPart(dir, pid, "creds", (b) => {
         for (const k of Object.keys(b)) {
           if (Array.isArray(b[k]) && b[k].length === 4) b[k] = [0, 0, 0, 0];
         }
@@ -122,13 +116,13 @@ const REFUSALS: Refusal[] = [
   },
   {
     name: "one image file owned by another user",
-    damage: (dir, pid) => Deno.chown(`${dir}/creds-${pid}.cbor`, NOBODY, NOBODY),
-    says: (dir, pid) => [`${dir}/creds-${pid}.cbor: owned by uid ${NOBODY}, not by uid 0`],
+    damage: (dir, pid) => Deno.chown(processFile(dir, pid), NOBODY, NOBODY),
+    says: (dir, pid) => [`${processFile(dir, pid)}: owned by uid ${NOBODY}, not by uid 0`],
   },
   {
     name: "image file mode 0666",
-    damage: (dir, pid) => Deno.chmod(`${dir}/mm-${pid}.cbor`, 0o666),
-    says: (dir, pid) => [`${dir}/mm-${pid}.cbor: mode 0666 lets others write it`],
+    damage: (dir, pid) => Deno.chmod(processFile(dir, pid), 0o666),
+    says: (dir, pid) => [`${processFile(dir, pid)}: mode 0666 lets others write it`],
   },
   {
     name: "group-writable images directory",
@@ -147,64 +141,83 @@ const REFUSALS: Refusal[] = [
   {
     name: "symlinked image file",
     damage: async (dir, pid, tmp) => {
-      await Deno.rename(`${dir}/fs-${pid}.cbor`, `${tmp}/fs-elsewhere.cbor`);
-      await Deno.symlink(`${tmp}/fs-elsewhere.cbor`, `${dir}/fs-${pid}.cbor`);
+      await Deno.rename(processFile(dir, pid), `${tmp}/process-elsewhere.cbor`);
+      await Deno.symlink(`${tmp}/process-elsewhere.cbor`, processFile(dir, pid));
     },
-    says: (dir, pid) => [`${dir}/fs-${pid}.cbor: is a symlink; refusing to follow it`],
+    says: (dir, pid) => [`${processFile(dir, pid)}: is a symlink; refusing to follow it`],
   },
   {
     name: "FIFO planted as an image file",
     damage: async (dir, pid) => {
-      await Deno.remove(`${dir}/fs-${pid}.cbor`);
-      await mkfifo(`${dir}/fs-${pid}.cbor`);
+      await Deno.remove(processFile(dir, pid));
+      await mkfifo(processFile(dir, pid));
     },
-    says: (dir, pid) => [`${dir}/fs-${pid}.cbor: a FIFO, not a regular file`],
+    says: (dir, pid) => [`${processFile(dir, pid)}: a FIFO, not a regular file`],
   },
   {
     name: "symlink to /dev/zero as an image file",
     damage: async (dir, pid) => {
-      await Deno.remove(`${dir}/mappings-${pid}.cbor`);
-      await Deno.symlink("/dev/zero", `${dir}/mappings-${pid}.cbor`);
+      await Deno.remove(processFile(dir, pid));
+      await Deno.symlink("/dev/zero", processFile(dir, pid));
     },
-    says: (dir, pid) => [`${dir}/mappings-${pid}.cbor: is a symlink`],
+    says: (dir, pid) => [`${processFile(dir, pid)}: is a symlink`],
   },
   {
     name: "/dev/zero's device node as an image file",
     damage: async (dir, pid) => {
-      await Deno.remove(`${dir}/mappings-${pid}.cbor`);
-      await run("mknod", "-m", "600", `${dir}/mappings-${pid}.cbor`, "c", "1", "5");
+      await Deno.remove(processFile(dir, pid));
+      await run("mknod", "-m", "600", processFile(dir, pid), "c", "1", "5");
     },
-    says: (dir, pid) => [`${dir}/mappings-${pid}.cbor: a character device, not a regular file`],
+    says: (dir, pid) => [`${processFile(dir, pid)}: a character device, not a regular file`],
+  },
+  {
+    name: "a file per part, as an older amber wrote them",
+    damage: async (dir, pid) => {
+      const outer = decode(await Deno.readFile(processFile(dir, pid)));
+      for (const [part, bytes] of Object.entries(outer.body)) {
+        await Deno.writeFile(`${dir}/${part}-${pid}.cbor`, bytes as Uint8Array, { mode: 0o600 });
+      }
+      await Deno.remove(processFile(dir, pid));
+    },
+    says: (dir, pid) => [`${processFile(dir, pid)}: missing: the images have a file per part`],
+  },
+  {
+    name: "one part of a process image larger than that part's limit",
+    damage: (dir, pid) => editPart(dir, pid, "creds", () => {}, () => new Uint8Array(5 << 20)),
+    says: (dir, pid) => [`${processFile(dir, pid)}: creds: ${5 << 20} bytes is larger than`],
   },
   {
     name: "shared-descriptor entry naming a pid outside the tree",
     damage: (dir, pid) =>
-      editImage(`${dir}/fds-${pid}.cbor`, (b) => {
+      editPart(dir, pid, "fds", (b) => {
         b.shared.push({ fd: b.fds.at(-1).fd, pid: 1, ownerFd: 0 });
       }),
-    says: (dir, pid) => [`${dir}/fds-${pid}.cbor`, "shared with pid 1, which is not in the tree"],
+    says: (dir, pid) => [
+      `${processFile(dir, pid)}: fds:`,
+      "shared with pid 1, which is not in the tree",
+    ],
   },
   {
     name: "extra thread that pstree does not list",
     damage: (dir, pid) =>
-      editImage(`${dir}/threads-${pid}.cbor`, (b) => {
+      editPart(dir, pid, "threads", (b) => {
         b.threads.push({ ...b.threads[0], tid: unusedPid() });
       }),
-    says: (dir, pid) => [`${dir}/threads-${pid}.cbor`, "are not pstree's"],
+    says: (dir, pid) => [`${processFile(dir, pid)}: threads:`, "are not pstree's"],
   },
   {
     name: "page run that is not page-aligned",
     damage: (dir, pid) =>
-      editImage(`${dir}/pagemap-${pid}.cbor`, (b) => {
+      editPart(dir, pid, "pagemap", (b) => {
         const a = b.runs[0].addr;
         b.runs[0].addr = typeof a === "bigint" ? a + 8n : a + 8;
       }),
-    says: (dir, pid) => [`${dir}/pagemap-${pid}.cbor`, "run address is not page-aligned"],
+    says: (dir, pid) => [`${processFile(dir, pid)}: pagemap:`, "run address is not page-aligned"],
   },
   {
     name: "page run outside every dumped mapping",
     damage: (dir, pid) =>
-      editImage(`${dir}/pagemap-${pid}.cbor`, (b) => {
+      editPart(dir, pid, "pagemap", (b) => {
         b.runs[0].addr = 0x1000;
       }),
     says: () => ["pagemap: run 1000..", "is outside any writable mapping"],
@@ -213,18 +226,18 @@ const REFUSALS: Refusal[] = [
   {
     name: "huge page count",
     damage: (dir, pid) =>
-      editImage(`${dir}/pagemap-${pid}.cbor`, (b) => {
+      editPart(dir, pid, "pagemap", (b) => {
         b.runs[0].pages = 2 ** 50;
         b.totalPages = 2 ** 50;
       }),
-    says: (dir, pid) => [`${dir}/pagemap-${pid}.cbor`, "runs[0].pages"],
+    says: (dir, pid) => [`${processFile(dir, pid)}: pagemap:`, "runs[0].pages"],
   },
   {
     name: "descriptor entry naming a FIFO",
     damage: async (dir, pid, tmp) => {
       const fifo = `${tmp}/planted-fifo`;
       if (!exists(fifo)) await mkfifo(fifo);
-      await editImage(`${dir}/fds-${pid}.cbor`, (b) => {
+      await editPart(dir, pid, "fds", (b) => {
         const f = b.fds.find((e: Body) => e.kind === "file" && e.type === "regular");
         f.path = fifo;
       });
@@ -288,7 +301,7 @@ Deno.test("restore and show refuse untrusted, special, oversized and inconsisten
 Deno.test("a huge sparse image file is refused by its size, without reading it", async () => {
   await using tmp = await tempDir();
   const { img, pid } = await dumpedCounter(tmp.path);
-  const file = `${img}/mappings-${pid}.cbor`;
+  const file = processFile(img, pid);
   const size = 3 * 1024 * 1024 * 1024;
   await Deno.truncate(file, size);
   for (const args of [["restore", "-D", img, "-d"], ["show", img]]) {
@@ -309,10 +322,10 @@ Deno.test("strings from images are printed escaped, long ones cut", async () => 
   const { img, pid } = await dumpedCounter(tmp.path);
   const evil = "/nonexistent/\x1b[2J\x1b]0;owned\x07";
   const long = "A".repeat(1 << 20);
-  await editImage(`${img}/fds-${pid}.cbor`, (b) => {
+  await editPart(img, pid, "fds", (b) => {
     b.fds.find((e: Body) => e.kind === "file" && e.type === "regular").path = evil + long;
   });
-  await editImage(`${img}/mappings-${pid}.cbor`, (b) => {
+  await editPart(img, pid, "mappings", (b) => {
     const m = b.mappings.find((m: Body) => m.path === "[heap]") ?? b.mappings.at(-1);
     m.path = `[heap]\x1b[2J\r\n${long}`;
   });
@@ -363,7 +376,7 @@ Deno.test("dump refuses a directory of another user, and writes through none of 
       const n of [
         "inventory.cbor.tmp",
         `pages-${c.pid}.img.tmp`,
-        `creds-${c.pid}.cbor.tmp`,
+        `process-${c.pid}.cbor.tmp`,
         "inventory.cbor",
       ]
     ) {
@@ -383,7 +396,7 @@ Deno.test("dump into its own directory replaces planted links, never writes thro
     await Deno.writeTextFile(victim, "victim\n", { mode: 0o600 });
     const dir = `${tmp}/img`;
     await Deno.mkdir(dir, { mode: 0o700 });
-    const names = ["inventory.cbor", `pages-${c.pid}.img`, `creds-${c.pid}.cbor`];
+    const names = ["inventory.cbor", `pages-${c.pid}.img`, `process-${c.pid}.cbor`];
     for (const n of names) await Deno.symlink(victim, `${dir}/${n}`);
     assertExit(await amber(dumpArgs(c.pid, dir, "-R")), 0, "dump -R");
     assert.equal(await Deno.readTextFile(victim), "victim\n", "the victim was written");

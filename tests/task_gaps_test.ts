@@ -13,6 +13,7 @@ import {
   dumpArgs,
   exists,
   killAndReap,
+  processFile,
   procState,
   readLines,
   spawnTarget,
@@ -81,7 +82,7 @@ Deno.test("a SIGSTOP sent during the dump is refused, named; the tree is left to
       () =>
         exists(img) &&
         [...Deno.readDirSync(img)].some((d) =>
-          d.name.startsWith(".amber-dump-") && exists(`${img}/${d.name}/signals-${pid}.cbor`)
+          d.name.startsWith(".amber-dump-") && exists(processFile(`${img}/${d.name}`, pid))
         ),
       "the dump wrote no signals image",
       30_000,

@@ -6,7 +6,6 @@
  * Run with: deno test -A tests/threads_test.ts
  */
 import assert from "node:assert/strict";
-import { decode } from "cbor-x";
 import {
   amber,
   assertExit,
@@ -14,6 +13,7 @@ import {
   dumpArgs,
   killAndReap,
   readLines,
+  readPart,
   sleep,
   spawnTarget,
   statusField,
@@ -99,7 +99,7 @@ const GAP_MS = 1000;
 
 /** How many threads of PID the images in DIR give a sleep's time left. */
 async function sleepsWithDeadline(dir: string, pid: number): Promise<number> {
-  const doc = decode(await Deno.readFile(`${dir}/threads-${pid}.cbor`));
+  const doc = await readPart(dir, pid, "threads");
   const threads: { sleepLeftNs?: unknown }[] = doc.body.threads;
   return threads.filter((t) => t.sleepLeftNs !== undefined).length;
 }

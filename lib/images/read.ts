@@ -5,16 +5,16 @@
 import type { z } from "zod";
 import { AmberError } from "../errors.ts";
 import { checkSharedFds } from "../fds/fds.ts";
-import { partImage, PARTS } from "../parts.ts";
 import { checkThreadList } from "../task/threads.ts";
 import { inventoryImage, type ProcessEntryImage, pstreeImage } from "../tree/pstree.ts";
 import { ImageDir } from "./dir.ts";
+import { processImageError, readProcessImage } from "./process.ts";
 
 export type Inventory = z.output<typeof inventoryImage.schema>;
 
 export interface ProcessImages {
   entry: ProcessEntryImage;
-  /** Decoded part images by part name (mappings, pagemap, mm, fds, fs, ...). */
+  /** Decoded part images by part name (mappings, pagemap, mm, fds, fs, ...), from process-PID.cbor. */
   parts: Record<string, unknown>;
 }
 
@@ -30,15 +30,14 @@ export interface Images {
 function checkReferences(dir: ImageDir, processes: ProcessImages[]): void {
   for (const p of processes) {
     if (p.entry.state === "zombie") continue;
-    const file = dir.file(`threads-${p.entry.pid}.cbor`);
     const why = checkThreadList(p.entry.threads, p.parts.threads);
-    if (why) throw new AmberError(`${file}: ${why}`);
+    if (why) throw processImageError(dir, p.entry.pid, "threads", why);
   }
   const bad = checkSharedFds(processes.map((p) => ({
     pid: p.entry.pid,
     fds: p.entry.state === "zombie" ? undefined : p.parts.fds,
   })));
-  if (bad) throw new AmberError(`${dir.file(`fds-${bad.pid}.cbor`)}: ${bad.why}`);
+  if (bad) throw processImageError(dir, bad.pid, "fds", bad.why);
 }
 
 /** Reads and validates every image of `path`; errors name the file and field. */
@@ -56,7 +55,23 @@ export function readImagesIn(dir: ImageDir): Images {
     );
   }
   const inventory = dir.read(inventoryImage);
-  const { processes, unrestorable } = dir.read(pstreeImage);
+  return assembleImages(dir, inventory, dir.read(pstreeImage), (pid) => readProcessImage(dir, pid));
+}
+
+export type Pstree = z.output<typeof pstreeImage.schema>;
+
+/**
+ * The images of `dir` from its decoded inventory, pstree and each live
+ * process's parts: the root and every reference between images checked.
+ */
+export function assembleImages(
+  dir: ImageDir,
+  inventory: Inventory,
+  pstree: Pstree,
+  partsOf: (pid: number) => Record<string, unknown>,
+): Images {
+  const path = dir.path;
+  const { processes, unrestorable } = pstree;
   if (processes[0].pid !== inventory.rootPid) {
     throw new AmberError(
       `${dir.file("pstree.cbor")}: first process ${
@@ -67,9 +82,7 @@ export function readImagesIn(dir: ImageDir): Images {
   const all = processes.map((entry) => ({
     entry,
     // A zombie is only its pstree entry.
-    parts: entry.state === "zombie"
-      ? {}
-      : Object.fromEntries(PARTS.map((p) => [p.name, dir.read(partImage(p), entry.pid)])),
+    parts: entry.state === "zombie" ? {} : partsOf(entry.pid),
   }));
   checkReferences(dir, all);
   return { dir: path, inventory, unrestorable, processes: all };

@@ -23,7 +23,7 @@
  * staging directory, committed only once the end record checked out.
  */
 import { AmberError, InterruptedError } from "../errors.ts";
-import { partImage, PARTS } from "../parts.ts";
+import { processImage } from "./process.ts";
 // (Loaded for the tree images they define, which the allow-list takes from codec.ts.)
 import "../tree/pstree.ts";
 import { type BulkFile, ImageDir } from "./dir.ts";
@@ -487,9 +487,8 @@ function fileLimit(name: string): number | undefined {
   let m = /^pages-([1-9]\d{0,6})\.img$/.exec(name);
   if (m) return Number(m[1]) <= PID_MAX ? MAX_PAGES_BYTES : undefined;
   if (/^ghost-\d{1,20}-\d{1,20}\.img$/.test(name)) return Number.MAX_SAFE_INTEGER;
-  m = /^([a-z]+)-([1-9]\d{0,6})\.cbor$/.exec(name);
-  const part = m && Number(m[2]) <= PID_MAX ? PARTS.find((p) => p.name === m![1]) : undefined;
-  return part ? partImage(part).maxBytes ?? MAX_IMAGE_BYTES : undefined;
+  m = /^process-([1-9]\d{0,6})\.cbor$/.exec(name);
+  return m && Number(m[1]) <= PID_MAX ? processImage().maxBytes ?? MAX_IMAGE_BYTES : undefined;
 }
 
 /** Reads exactly `buf.length` bytes unless the input ends first; returns how many it got. */

@@ -26,12 +26,12 @@ import {
 import { definePart, type DumpContext, kindState, type PrecheckContext } from "../context.ts";
 import { type BulkFile, ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
-import { defineImage, imageFileName, MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
+import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
+import { hasProcessImage, readProcessImage } from "../images/process.ts";
 import {
   fillsThroughMem,
   type MappingImage,
   mappingLabel,
-  mappingsPart,
   PAGE,
   receivesPages,
 } from "./mappings.ts";
@@ -578,16 +578,13 @@ const PagemapSchema = z.object({
 });
 type PagemapImage = z.output<typeof PagemapSchema>;
 
-const pagemapImage = defineImage("pagemap", 1, true, PagemapSchema, MAX_IMAGE_BYTES);
-const mappingsImage = defineImage("mappings", 1, true, mappingsPart.schema, MAX_IMAGE_BYTES);
-
 /** What the parent image of this dump holds for this process, if it has it. */
 function parentPages(ctx: DumpContext): ParentPages | undefined {
   const parent = trackingState(ctx.tree.kinds).parent;
-  if (!parent || !parent.dir.has(imageFileName(pagemapImage, ctx.pid))) return undefined;
-  const pm = parent.dir.read(pagemapImage, ctx.pid);
-  const { mappings } = parent.dir.read(mappingsImage, ctx.pid);
-  return { ...pm, mappings };
+  if (!parent || !hasProcessImage(parent.dir, ctx.pid)) return undefined;
+  const parts = readProcessImage(parent.dir, ctx.pid);
+  const { mappings } = parts.mappings as { mappings: MappingImage[] };
+  return { ...(parts.pagemap as PagemapImage), mappings };
 }
 
 /** One image of a chain and the pages restore takes from it. */
@@ -619,10 +616,8 @@ function resolveChain(dir: ImageDir, pid: number, image: PagemapImage): Level[] 
       if (p.createdAt !== child.parent.createdAt) {
         throw new AmberError(`${where}: dumped again since (not the image this one builds on)`);
       }
-      if (!p.dir.has(imageFileName(pagemapImage, pid))) {
-        throw new AmberError(`${where}: no pages of pid ${pid}`);
-      }
-      const pm = p.dir.read(pagemapImage, pid);
+      if (!hasProcessImage(p.dir, pid)) throw new AmberError(`${where}: no pages of pid ${pid}`);
+      const pm = readProcessImage(p.dir, pid).pagemap as PagemapImage;
       const own = union(runsToSpans(pm.runs));
       const more = union(runsToSpans(pm.parentRuns ?? []));
       const missing = subtract(need, union(own, more));
