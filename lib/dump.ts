@@ -655,7 +655,12 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       migrated: req.migrationRound !== undefined || options.lazySource === true,
       movedTcp: req.migrationRound !== undefined && options.tcpEstablished,
     };
-    const reasons = dir instanceof StreamImages
+    // A migration's final round is judged by the receiver, which restores nothing it refuses
+    // and says why; this tree ends only once the tree runs there (lib/migrate.ts): not twice
+    // within the pause. (Pre-copy rounds are judged here: a refusal stops before the final.)
+    const reasons = req.migrationRound && !req.preDump
+      ? []
+      : dir instanceof StreamImages
       ? await judgeImageDir(dir, verdictOptions)
       : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);

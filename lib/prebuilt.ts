@@ -1,0 +1,161 @@
+/**
+ * A migration's tree built ahead (lib/migrate.ts): once the sender says
+ * its next round is the final one, migrate-receive restores the round
+ * before it, up to the point where the threads would get their final
+ * registers, and holds the tree there, stopped, while the source freezes
+ * and sends the final round. If the final round differs from that round
+ * only where restore can still put it right (memory pages, each thread's
+ * registers, FPU state, signal mask and sleep), the held tree takes the
+ * final round's pages and runs with its threads' state: the final pause
+ * no longer holds the rebuild. Otherwise (a part changed: a new mapping,
+ * a file offset, a timer...) the held tree is killed and the final round
+ * restored from the start, as without it. Nothing of it runs before the
+ * sender's go, and a failure kills it (the source then resumes).
+ */
+import { isDeepStrictEqual } from "node:util";
+import { AmberError } from "./errors.ts";
+import { ImageDir } from "./images/dir.ts";
+import type { Images } from "./images/read.ts";
+import type { RestoreOptions } from "./context.ts";
+import { PARTS } from "./parts.ts";
+import { partRefusal } from "./verdict.ts";
+import { fileSource, LazyPages, type Missing } from "./mm/lazy.ts";
+import { PAGE } from "./mm/mappings.ts";
+import { runsToSpans, type Span, subtract, union } from "./mm/tracking.ts";
+import type { ThreadImage } from "./task/threads.ts";
+import { Regs } from "../ffi/regs.ts";
+
+/** The parts restore can still set from later images in a held tree. */
+const PATCHED = new Set(["pagemap", "threads"]);
+
+interface Run {
+  addr: bigint;
+  pages: number;
+}
+interface PagemapLike {
+  pagesFile: string;
+  runs: Run[];
+  totalPages: number;
+  parentRuns?: Run[];
+  remoteRuns?: Run[];
+  parent?: { dir: string; createdAt: string };
+}
+
+/** Whether a tree may be built ahead from these images (no scripts, no connections to lock). */
+export function canBuildAhead(images: Images, scripts: string[] | undefined): boolean {
+  return !scripts?.length && images.inventory.netLock === undefined &&
+    !images.inventory.tcpEstablished &&
+    images.processes.every((p) => p.entry.state !== "zombie");
+}
+
+/** What restore sets up once per thread, before the final registers (lib/task/threads.ts). */
+function threadSetUp(t: ThreadImage): unknown[] {
+  return [t.tid, t.comm, t.rseq, t.clearChildTid, t.robustList, t.altstack];
+}
+
+function covered(pm: PagemapLike): Span[] {
+  return union(runsToSpans(pm.runs), runsToSpans(pm.parentRuns ?? []));
+}
+
+/**
+ * Why a tree built from `earlier` cannot take `later` (the next round of
+ * the same migration, built on it), or undefined if it can.
+ */
+export function buildAheadMismatch(earlier: Images, later: Images): string | undefined {
+  const inv = ({ createdAt: _c, verdict: _v, ...rest }: Images["inventory"]) => rest;
+  if (!isDeepStrictEqual(inv(earlier.inventory), inv(later.inventory))) return "inventory";
+  if (!isDeepStrictEqual(earlier.unrestorable, later.unrestorable)) return "pstree";
+  if (earlier.processes.length !== later.processes.length) return "pstree";
+  for (const [i, p] of later.processes.entries()) {
+    const q = earlier.processes[i];
+    const pid = p.entry.pid;
+    if (!isDeepStrictEqual(p.entry, q.entry)) return `pid ${pid}: pstree`;
+    for (const part of PARTS) {
+      if (PATCHED.has(part.name)) continue;
+      if (!isDeepStrictEqual(p.parts[part.name], q.parts[part.name])) {
+        return `pid ${pid}: ${part.name}`;
+      }
+    }
+    const ts = (p.parts.threads as { threads: ThreadImage[] }).threads;
+    const qs = (q.parts.threads as { threads: ThreadImage[] }).threads;
+    if (
+      ts.length !== qs.length ||
+      ts.some((t, j) => !isDeepStrictEqual(threadSetUp(t), threadSetUp(qs[j])))
+    ) {
+      return `pid ${pid}: threads`;
+    }
+    const pm = p.parts.pagemap as PagemapLike, qm = q.parts.pagemap as PagemapLike;
+    if (pm.remoteRuns?.length || qm.remoteRuns?.length) return `pid ${pid}: pagemap: remote pages`;
+    if (pm.parent?.createdAt !== earlier.inventory.createdAt) {
+      return `pid ${pid}: pagemap: not built on that round`;
+    }
+    // The same pages, only newer data for some: a page that came or went changes what is lazy.
+    const a = covered(pm), b = covered(qm);
+    if (subtract(a, b).length || subtract(b, a).length) {
+      return `pid ${pid}: pagemap: pages came or went`;
+    }
+  }
+}
+
+/**
+ * The verdict on `later` where it differs from the held tree's images: the
+ * other parts are the same images, checked and restored in it already.
+ */
+export function buildAheadRefusal(
+  later: Images,
+  dir: ImageDir,
+  options: RestoreOptions,
+): string | undefined {
+  for (const p of later.processes) {
+    for (const part of PARTS.filter((x) => PATCHED.has(x.name))) {
+      const why = partRefusal(part, p.parts[part.name], {
+        pid: p.entry.pid,
+        dir,
+        options,
+        images: p.parts,
+      });
+      if (why) return why;
+    }
+  }
+}
+
+/**
+ * Puts `later`'s own pages (those written since the held tree's round)
+ * into the held tree, stopped: written into present memory, or left to the
+ * lazy pages server where still missing.
+ */
+export async function patchPages(
+  later: Images,
+  dir: ImageDir,
+  kinds: Map<string, unknown>,
+  log: (line: string) => void,
+): Promise<void> {
+  const own = LazyPages.find(kinds);
+  // A restore without lazy pages: every page is present, written at once.
+  const lazy = own ?? new LazyPages(log);
+  try {
+    for (const p of later.processes) {
+      const pid = p.entry.pid;
+      const pm = p.parts.pagemap as PagemapLike;
+      const newer: Missing[] = [];
+      if (pm.totalPages) {
+        const source = fileSource(dir.openData(pm.pagesFile, pm.totalPages * Number(PAGE)));
+        let fileOff = 0;
+        for (const r of pm.runs) {
+          const start = Number(r.addr / PAGE);
+          newer.push({ start, end: start + r.pages, fileOff, source });
+          fileOff += r.pages * Number(PAGE);
+        }
+      }
+      const regs = (p.parts.threads as { threads: ThreadImage[] }).threads.map((t) =>
+        new Regs(t.regs)
+      );
+      await lazy.patch(pid, newer, LazyPages.touchedBy(pid, regs));
+      log(`pid ${pid}: built ahead: ${newer.reduce((n, m) => n + m.end - m.start, 0)} newer pages`);
+    }
+  } catch (e) {
+    throw new AmberError(`built ahead: ${e instanceof Error ? e.message : e}`, { cause: e });
+  } finally {
+    if (!own) lazy.abandon();
+  }
+}
