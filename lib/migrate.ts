@@ -62,7 +62,13 @@ import {
   restoreTree,
   spawnHelper,
 } from "./restore.ts";
-import { buildAheadMismatch, buildAheadRefusal, canBuildAhead, patchPages } from "./prebuilt.ts";
+import {
+  buildAheadMismatch,
+  buildAheadRefusal,
+  canBuildAhead,
+  patchOffsets,
+  patchPages,
+} from "./prebuilt.ts";
 import { ImageDir } from "./images/dir.ts";
 import type { RestoreOptions } from "./context.ts";
 import { disarmTree, type Parent } from "./mm/tracking.ts";
@@ -686,6 +692,9 @@ async function buildAhead(
       },
     },
     lazyPages: req.lazyPages,
+    // A file the tree writes has grown since that round: the final round's images are
+    // checked against it (buildAheadRefusal) and its offset patched in.
+    allowChangedFiles: true,
     verbose: req.verbose,
     log: req.log,
     signal: req.signal,
@@ -716,6 +725,7 @@ async function buildAhead(
         const why = buildAheadRefusal(images, imageDir, options);
         if (why) throw new RefusalError(why);
         await go;
+        patchOffsets(previous.images, images, built.injectors, log);
         await patchPages(images, imageDir, built.kinds, log);
         decided.resolve({ images: { ...images, dir }, since });
       } catch (e) {

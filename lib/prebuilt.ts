@@ -13,7 +13,8 @@
  * sender's go, and a failure kills it (the source then resumes).
  */
 import { isDeepStrictEqual } from "node:util";
-import { AmberError } from "./errors.ts";
+import { AmberError, withContext } from "./errors.ts";
+import { type Injector, NR } from "../ffi/inject.ts";
 import { ImageDir } from "./images/dir.ts";
 import type { Images } from "./images/read.ts";
 import type { RestoreOptions } from "./context.ts";
@@ -25,8 +26,14 @@ import { runsToSpans, type Span, subtract, union } from "./mm/tracking.ts";
 import type { ThreadImage } from "./task/threads.ts";
 import { Regs } from "../ffi/regs.ts";
 
-/** The parts restore can still set from later images in a held tree. */
+/**
+ * The parts restore can still set from later images in a held tree (fds:
+ * only regular files' offsets; their files are checked again).
+ */
 const PATCHED = new Set(["pagemap", "threads"]);
+const CHECKED_AGAIN = new Set([...PATCHED, "fds"]);
+
+const SEEK_SET = 0;
 
 interface Run {
   addr: bigint;
@@ -46,6 +53,30 @@ export function canBuildAhead(images: Images, scripts: string[] | undefined): bo
   return !scripts?.length && images.inventory.netLock === undefined &&
     !images.inventory.tcpEstablished &&
     images.processes.every((p) => p.entry.state !== "zombie");
+}
+
+interface FdsLike {
+  fds: { kind: string; fd: number; pos?: number; type?: string; identity?: unknown }[];
+  shared: unknown[];
+}
+
+function isRegularFile(e: FdsLike["fds"][number]): boolean {
+  return e.kind === "file" && e.type === "regular";
+}
+
+/** The descriptors with what a held tree can still be given left out: regular files' offsets. */
+function withoutOffsets(fds: FdsLike): unknown {
+  return {
+    ...fds,
+    fds: fds.fds.map((e) => isRegularFile(e) ? { ...e, pos: 0, identity: undefined } : e),
+  };
+}
+
+/** Regular files whose offset moved between the rounds: [fd, offset] to seek to. */
+function movedOffsets(earlier: FdsLike, later: FdsLike): [number, number][] {
+  return later.fds.flatMap((e, i) =>
+    isRegularFile(e) && e.pos !== earlier.fds[i].pos ? [[e.fd, e.pos ?? 0] as [number, number]] : []
+  );
 }
 
 /** What restore sets up once per thread, before the final registers (lib/task/threads.ts). */
@@ -72,7 +103,9 @@ export function buildAheadMismatch(earlier: Images, later: Images): string | und
     if (!isDeepStrictEqual(p.entry, q.entry)) return `pid ${pid}: pstree`;
     for (const part of PARTS) {
       if (PATCHED.has(part.name)) continue;
-      if (!isDeepStrictEqual(p.parts[part.name], q.parts[part.name])) {
+      const strip = part.name === "fds" ? withoutOffsets : (x: unknown) => x;
+      const a = p.parts[part.name], b = q.parts[part.name];
+      if (!isDeepStrictEqual(strip(a as FdsLike), strip(b as FdsLike))) {
         return `pid ${pid}: ${part.name}`;
       }
     }
@@ -107,7 +140,7 @@ export function buildAheadRefusal(
   options: RestoreOptions,
 ): string | undefined {
   for (const p of later.processes) {
-    for (const part of PARTS.filter((x) => PATCHED.has(x.name))) {
+    for (const part of PARTS.filter((x) => CHECKED_AGAIN.has(x.name))) {
       const why = partRefusal(part, p.parts[part.name], {
         pid: p.entry.pid,
         dir,
@@ -116,6 +149,25 @@ export function buildAheadRefusal(
       });
       if (why) return why;
     }
+  }
+}
+
+/** Gives the held tree's regular files the offsets they had at the later round (lseek). */
+export function patchOffsets(
+  earlier: Images,
+  later: Images,
+  injectors: Map<number, Injector>,
+  log: (line: string) => void,
+): void {
+  for (const [i, p] of later.processes.entries()) {
+    const pid = p.entry.pid;
+    const moved = movedOffsets(earlier.processes[i].parts.fds as FdsLike, p.parts.fds as FdsLike);
+    for (const [fd, pos] of moved) {
+      withContext(`pid ${pid}: fd ${fd}`, () => {
+        injectors.get(pid)!.call("lseek", NR.lseek, fd, pos, SEEK_SET);
+      });
+    }
+    if (moved.length) log(`pid ${pid}: built ahead: ${moved.length} file offset(s) moved`);
   }
 }
 

@@ -392,7 +392,8 @@ export interface PreparedRestore {
 
 /** A rebuilt tree that has not run yet (PreparedRestore.hold). */
 export interface BuiltTree {
-  pids: number[];
+  /** Each process's, which may still inject calls (none touching lazy memory). */
+  injectors: Map<number, Injector>;
   /** The restore's kind states (the lazy pages' among them). */
   kinds: Map<string, unknown>;
 }
@@ -859,7 +860,10 @@ export async function restoreTree(
     );
     if (req.prepared?.hold) {
       // Later images of the same tree: its threads run with their state.
-      const later = await req.prepared.hold({ pids: [...created.keys()], kinds: tree.kinds });
+      const later = await req.prepared.hold({
+        injectors: new Map([...created].map(([pid, b]) => [pid, b.injector])),
+        kinds: tree.kinds,
+      });
       images = later.images;
       t0 = later.since;
       threads.length = 0;
