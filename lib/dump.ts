@@ -36,7 +36,13 @@ import {
   SnapshotLost,
   type SnapshotStats,
 } from "./mm/snapshot.ts";
-import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
+import {
+  closeHeldTrackers,
+  disarmArmed,
+  openParent,
+  type Parent,
+  type TrackingState,
+} from "./mm/tracking.ts";
 import { partImage, PARTS } from "./parts.ts";
 import { ownPeakMemory } from "./proc/read.ts";
 import { SignalGuard } from "./interrupt.ts";
@@ -685,6 +691,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (!req.migrationRound) postDump(scripts, scriptEnv, options.leaveRunning);
   } catch (e) {
     closeSnapshots(state.kinds);
+    closeHeldTrackers(state.kinds);
     const unknown = e instanceof UnknownOutcomeError;
     const kept = unknown ? state.netLock : undefined;
     if (!running) {
