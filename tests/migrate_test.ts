@@ -118,11 +118,12 @@ Deno.test({
   async fn() {
     await using tmp = await tempDir();
     await using hosts = await makeHosts();
-    await using recv = await startReceiver(hosts, tmp.path);
+    await using recv = await startReceiver(hosts, tmp.path, ["-v"]);
     const w = await startDirtier(hosts, tmp.path);
     try {
       const r = await amberIn(hosts.src, migrateArgs(w.pid));
       assertExit(r, 0, "migrate");
+      assertBuiltAhead(await readLines(`${tmp.path}/recv.err`), w.pid);
       const m = JSON.parse(r.stdout);
       assert.ok(m.preCopyRounds >= 1, `pre-copy rounds: ${m.preCopyRounds}`);
       assert.equal(m.rounds.length, m.preCopyRounds + 1);
@@ -144,6 +145,38 @@ Deno.test({
       await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last));
       await assertChecksOk(w, "after the migration", moved);
       assert.equal(trackerFds(moved).length, 0, "no tracker in the migrated process");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a tree whose mappings change between the rounds is restored from the start, not from the tree built ahead, every byte right (--lazy-pages)",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using recv = await startReceiver(hosts, tmp.path, ["--lazy-pages", "-v"]);
+    const bin = await buildC("sweeper");
+    const out = `${tmp.path}/out.txt`;
+    // --churn: regions mapped, moved and unmapped each tick: no two rounds hold the same.
+    const net = ["nsenter", `--net=/run/netns/${hosts.src}`, "--"];
+    const w = await startWriter([...net, bin, out, "64", "--churn", "--setsid"], out, 3, 30_000);
+    try {
+      assertExit(await amberIn(hosts.src, migrateArgs(w.pid)), 0, "migrate");
+      const said = (await readLines(`${tmp.path}/recv.err`)).join("\n");
+      assert.match(said, /built ahead in /, said);
+      assert.match(
+        said,
+        /the final round differs in pid \d+: (mappings|pagemap: pages came or went): restored /,
+      );
+      assert.doesNotMatch(said, /built ahead: \d+ newer pages/);
+      assert.equal((await recv.result()).code, 0);
+      const moved = hostPid(w.pid, bin);
+      assert.ok(moved, "the tree runs at the destination");
+      await assertChecksOk(w, "after the migration", moved);
     } finally {
       await killAndReap(w.pid);
     }

@@ -348,11 +348,13 @@ export function retrack(ctx: DumpContext, mappings: MappingImage[]): TrackerReco
     const t0 = performance.now();
     const fd = makeTracker(ctx);
     st.armed.push({ pid: ctx.pid, fd, injector: ctx.injector });
-    // A round that copies once the tree runs protects the memory then, before the copy,
-    // from amber's copy of the tracker: a walk of every page table entry (~15 ms for
+    // A first round that copies once the tree runs protects the memory then, before the
+    // copy, from amber's copy of the tracker: a walk of every page table entry (~15 ms for
     // 256 MiB, far more on a busy machine) not within the freeze. A page written between
-    // the resume and its protection is copied after both: nothing is missed.
-    const later = ctx.options.copyWhileRunning ? takeFd(ctx.pid, fd) : undefined;
+    // the resume and its protection is copied after both, and one not copied (absent at
+    // the freeze) is in no parent, so the next round sends it: nothing is missed. (Not in a
+    // round with a parent: a page the parent holds, written in that window, would be lost.)
+    const later = ctx.options.copyWhileRunning && !st.parent ? takeFd(ctx.pid, fd) : undefined;
     const protect: MappingImage[] = [];
     if (later !== undefined) (st.held ??= new Set()).add(later);
     for (const m of mappings.filter(tracked)) {
