@@ -21,7 +21,7 @@ import type { RestoreOptions } from "./context.ts";
 import { PARTS } from "./parts.ts";
 import { partRefusal } from "./verdict.ts";
 import { fileSource, LazyPages, type Missing } from "./mm/lazy.ts";
-import { PAGE } from "./mm/mappings.ts";
+import { type MappingImage, PAGE } from "./mm/mappings.ts";
 import { runsToSpans, type Span, subtract, union } from "./mm/tracking.ts";
 import type { ThreadImage } from "./task/threads.ts";
 import { Regs } from "../ffi/regs.ts";
@@ -34,6 +34,7 @@ const PATCHED = new Set(["pagemap", "threads"]);
 const CHECKED_AGAIN = new Set([...PATCHED, "fds"]);
 
 const SEEK_SET = 0;
+const PROT_WRITE = 2;
 
 interface Run {
   addr: bigint;
@@ -126,6 +127,16 @@ export function buildAheadMismatch(earlier: Images, later: Images): string | und
     const a = covered(pm), b = covered(qm);
     if (subtract(a, b).length || subtract(b, a).length) {
       return `pid ${pid}: pagemap: pages came or went`;
+    }
+    // Shared memory it cannot write has its final protection by now: no write reaches it.
+    const { mappings } = p.parts.mappings as { mappings: MappingImage[] };
+    const locked = mappings.filter((m) => m.shared && !(m.prot & PROT_WRITE));
+    if (
+      pm.runs.some((r) =>
+        locked.some((m) => r.addr < m.end && m.start < r.addr + BigInt(r.pages) * PAGE)
+      )
+    ) {
+      return `pid ${pid}: pagemap: read-only shared memory written`;
     }
   }
 }
