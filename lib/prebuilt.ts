@@ -143,13 +143,15 @@ export function buildAheadMismatch(earlier: Images, later: Images): string | und
 
 /**
  * The verdict on `later` where it differs from the held tree's images: the
- * other parts are the same images, checked and restored in it already.
+ * other parts are the same images, checked and restored in it already, and
+ * so are the parents its pages come from (buildAheadMismatch: no other pages).
  */
 export function buildAheadRefusal(
   later: Images,
   dir: ImageDir,
-  options: RestoreOptions,
+  restoreOptions: RestoreOptions,
 ): string | undefined {
+  const options = { ...restoreOptions, parentsChecked: true };
   for (const p of later.processes) {
     for (const part of PARTS.filter((x) => CHECKED_AGAIN.has(x.name))) {
       const why = partRefusal(part, p.parts[part.name], {

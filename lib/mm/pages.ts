@@ -753,7 +753,8 @@ export const pagemapPart = definePart({
       throw new AmberError("pagemap: a page is both in this image and in its parent");
     }
     checkRemoteRuns(image, ctx);
-    for (const l of resolveChain(ctx.dir, ctx.pid, image).slice(1)) {
+    const chain = ctx.options.parentsChecked ? [] : resolveChain(ctx.dir, ctx.pid, image);
+    for (const l of chain.slice(1)) {
       try {
         l.dir.checkData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
       } finally {
