@@ -670,7 +670,10 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       ? await judgeImageDir(dir, verdictOptions)
       : await judgeDirectory(dir.stagingPath, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
-    log(`verdict taken: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
+    log(
+      `verdict ${req.migrationRound && !req.preDump ? "left to the receiver" : "taken"}: ` +
+        `${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`,
+    );
     await guard.checkpoint();
     if (options.lazySource && state.beforeCommit.length) {
       // Taken from the tree, it would be lost to it if the page source fails and it resumes.
