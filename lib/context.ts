@@ -126,6 +126,11 @@ export interface RestoreOptions {
    * dumping amber (restore --page-server), or from nowhere.
    */
   pageSource?: boolean;
+  /**
+   * The pages of the images' parents were checked already, and hold what
+   * these images take from them (lib/prebuilt.ts: a tree built from them).
+   */
+  parentsChecked?: boolean;
   /** Accepted as CRIU's flag; the images say which connections come back. */
   tcpEstablished?: boolean;
   /** Amber's own descriptors standing in for external objects (CRIU's --inherit-fd). */

@@ -45,7 +45,13 @@ import {
   SnapshotLost,
   type SnapshotStats,
 } from "./mm/snapshot.ts";
-import { disarmArmed, openParent, type Parent, type TrackingState } from "./mm/tracking.ts";
+import {
+  closeHeldTrackers,
+  disarmArmed,
+  openParent,
+  type Parent,
+  type TrackingState,
+} from "./mm/tracking.ts";
 import { PARTS } from "./parts.ts";
 import { decodePart, encodePart, writeProcessImage } from "./images/process.ts";
 import { decodeImage, encodeImage, imageFileName, type ImageKind } from "./images/codec.ts";
@@ -725,9 +731,17 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       migrated: req.migrationRound !== undefined || options.lazySource === true,
       movedTcp: req.migrationRound !== undefined && options.tcpEstablished,
     };
-    const reasons = await judgeWritten(dir, inventory, pstree, contexts, verdictOptions);
+    // A migration's final round is judged by the receiver, which restores nothing it refuses
+    // and says why; this tree ends only once the tree runs there (lib/migrate.ts): not twice
+    // within the pause. (Pre-copy rounds are judged here: a refusal stops before the final.)
+    const reasons = req.migrationRound && !req.preDump
+      ? []
+      : await judgeWritten(dir, inventory, pstree, contexts, verdictOptions);
     if (reasons.length && !options.leaveRunning) throw refuseToEnd(reasons[0]);
-    log(`verdict taken: ${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`);
+    log(
+      `verdict ${req.migrationRound && !req.preDump ? "left to the receiver" : "taken"}: ` +
+        `${(performance.now() - tree.frozenAt).toFixed(1)} ms after the freeze`,
+    );
     await guard.checkpoint();
     if (options.lazySource && state.beforeCommit.length) {
       // Taken from the tree, it would be lost to it if the page source fails and it resumes.
@@ -748,6 +762,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     if (!req.migrationRound) postDump(scripts, scriptEnv, options.leaveRunning);
   } catch (e) {
     closeSnapshots(state.kinds);
+    closeHeldTrackers(state.kinds);
     const unknown = e instanceof UnknownOutcomeError;
     const kept = unknown ? state.netLock : undefined;
     if (!running) {

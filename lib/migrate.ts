@@ -13,8 +13,11 @@
  *
  * On the wire, before each round's stream: a 16-byte header ("AMBERMIG",
  * the round number, 1 if final). After a pre-copy round the receiver
- * replies (streaming.ts's reply) once the round is stored; after the
- * final one, twice: stored, then restored (its pids) or refused (why).
+ * replies (streaming.ts's reply) once the round is stored. A final
+ * round after pre-copy rounds waits, header sent, for the receiver's
+ * word that it is ready (it builds the tree from the round before
+ * meanwhile, lib/prebuilt.ts) before it freezes the tree; after it the
+ * receiver replies twice: stored, then restored (its pids) or refused (why).
  * Between those two the sender says go (or why not: a post-dump action
  * script failed) in the same form, once its post-dump scripts ran, so
  * an address the source gives up is gone before the destination's
@@ -39,13 +42,35 @@
  * and amber says so; whoever knows what the destination did sends it
  * SIGCONT or SIGKILL.
  */
-import { AmberError, faultPointAsync, InterruptedError, UnknownOutcomeError } from "./errors.ts";
+import {
+  AmberError,
+  faultPointAsync,
+  InterruptedError,
+  RefusalError,
+  UnknownOutcomeError,
+} from "./errors.ts";
 import { SignalGuard } from "./interrupt.ts";
 import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
 import type { LazyStats } from "./mm/lazy.ts";
-import { type Helper, imagesMappings, restoreTree, spawnHelper } from "./restore.ts";
+import {
+  type BuiltTree,
+  type Helper,
+  imagesMappings,
+  type RestoreResult,
+  restoreTree,
+  spawnHelper,
+} from "./restore.ts";
+import {
+  buildAheadMismatch,
+  buildAheadRefusal,
+  canBuildAhead,
+  patchOffsets,
+  patchPages,
+} from "./prebuilt.ts";
+import { ImageDir } from "./images/dir.ts";
+import type { RestoreOptions } from "./context.ts";
 import { disarmTree, type Parent } from "./mm/tracking.ts";
 import { listTree } from "./tree/seize.ts";
 import { inventoryImage } from "./tree/pstree.ts";
@@ -283,6 +308,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   let last: DumpStats | undefined;
   try {
     runActionScripts(req.actionScripts, "pre-dump", scriptEnv);
+    await warmUp(log);
     for (let round = 1;; round++) {
       await guard.checkpoint();
       const pre = rounds.filter((r) => !r.final);
@@ -290,6 +316,9 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
         pre[pre.length - 1].pageBytes >= pre[pre.length - 2].pageBytes;
       const final = pre.length >= maxRounds || stalled;
       await writeAll(out, roundHeader(round, final), where);
+      // The receiver builds the tree from the round before while it still runs here
+      // (lib/prebuilt.ts): the freeze waits for its word that it is ready.
+      if (final && round > 1) await answer(readReply(conn, where), "before the final round");
       const into: StreamImages = new StreamImages(
         new RecordWriter(out, where, explain),
         final
@@ -372,6 +401,45 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     totalMs: performance.now() - t0,
     destination: destination!,
   };
+}
+
+/**
+ * The first round's freeze would be the first run of every dump path in
+ * this amber, which V8 compiles only as it first runs (measured: a first
+ * round of a 256 MiB process frozen ~80 ms, the next ones ~35 ms). A
+ * pre-dump of a throwaway process of amber's own, into nowhere, runs them
+ * first, while the tree runs. Whatever it meets is of no consequence.
+ */
+async function warmUp(log: (line: string) => void): Promise<void> {
+  const t0 = performance.now();
+  const child = new Deno.Command("sleep", {
+    args: ["600"],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  try {
+    // Dumped once it is sleep, not the copy of amber before its exec.
+    for (let i = 0; i < 200; i++) {
+      const exe = await Deno.readLink(`/proc/${child.pid}/exe`).catch(() => "");
+      if (!exe.startsWith(Deno.execPath())) break;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const nowhere = new RecordWriter({ write: (p) => Promise.resolve(p.length) }, "warm-up");
+    await dumpTree({
+      pid: child.pid,
+      shellJob: true,
+      preDump: true,
+      migrationRound: { into: new StreamImages(nowhere, () => Promise.resolve()) },
+      log: () => {},
+    });
+    log(`migrate: warmed up in ${(performance.now() - t0).toFixed(0)} ms`);
+  } catch (e) {
+    log(`migrate: warm-up: ${messageOf(e)}`);
+  } finally {
+    child.kill("SIGKILL");
+    await child.status;
+  }
 }
 
 /** What `amber migrate-receive` is asked to do (mod.ts `migrateReceive`). */
@@ -510,10 +578,26 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
   let bytes = 0, rounds = 0;
   /** The restore's helper, started during the pre-copy rounds: not within the final pause. */
   let helper: Helper | undefined;
+  /** Helpers handed to a restore, killed here whatever it did with them. */
+  const handed: Helper[] = [];
+  /** The last pre-copy round, stored. */
+  let previous: { dir: string; images: Images } | undefined;
+  /** The tree built ahead from it, held until the final round is in. */
+  let ahead: Ahead | undefined;
   try {
     for (let round = 1;; round++) {
       const { final } = await Promise.race([readRoundHeader(conn, round, from), guard.stopped]);
       await faultPointAsync(`migrate-round-${round}`);
+      if (final && previous && canBuildAhead(previous.images, req.actionScripts)) {
+        // Its restore takes the helper, whatever becomes of it.
+        if (helper) handed.push(helper);
+        ahead = await buildAhead(previous, helper, req, log);
+        helper = undefined;
+      }
+      if (final && round > 1) {
+        // Ready: the source may freeze the tree.
+        await writeReply(conn, reply(true));
+      }
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: receiving`);
       const dir = `${root}/round-${round}`;
       received.push(dir);
@@ -534,6 +618,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       if (!final) {
         // Clear of this round's mappings; restore checks the final round's again.
         helper ??= await spawnHelper(imagesMappings(got.images));
+        previous = { dir, images: got.images };
         continue;
       }
       // The sender's post-dump scripts ran (or failed: its word says why); the restore checks
@@ -552,7 +637,13 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         log("migrate-receive: go");
       })();
       go.catch(() => {}); // a restore that failed its checks first no longer waits for it
-      const restored = await restoreTree({
+      const mismatch = ahead && buildAheadMismatch(previous!.images, got.images);
+      if (ahead && mismatch) {
+        log(`migrate-receive: the final round differs in ${mismatch}: restored from the start`);
+        await ahead.drop();
+        ahead = undefined;
+      }
+      const restored = ahead ? await ahead.finish(got.images, dir, go, log) : await restoreTree({
         dir,
         detached: true,
         migrated: true,
@@ -564,6 +655,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
         log: req.log,
         signal: req.signal,
       });
+      ahead = undefined;
       // (A test's receiver that dies here: the tree runs, the sender never hears it.)
       await faultPointAsync("migrate-after-restore");
       const word = JSON.stringify({ pids: restored.pids, restoreMs: restored.restoreMs });
@@ -583,6 +675,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       };
     }
   } catch (e) {
+    await ahead?.drop();
     removeReceived();
     // The sender resumes its tree on this word (or on the closed connection).
     const why = messageOf(e).replace(`${from}: `, "");
@@ -593,8 +686,98 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       conn.close();
     } catch { /* closed */ }
     // A restore that used the helper killed it; one that failed before did not.
-    if (helper) await killHelper(helper);
+    for (const h of [...handed, ...(helper ? [helper] : [])]) await killHelper(h);
   }
+}
+
+/** A tree built ahead from the last pre-copy round (lib/prebuilt.ts), held stopped. */
+interface Ahead {
+  /** Runs it with the final round's images (their pages patched in) once the sender says go. */
+  finish(
+    images: Images,
+    dir: string,
+    go: Promise<void>,
+    log: (line: string) => void,
+  ): Promise<RestoreResult>;
+  /** Kills it. */
+  drop(): Promise<void>;
+}
+
+/**
+ * Restores `previous` up to the threads' final state and holds it there;
+ * undefined if its restore failed (the final round is then restored from
+ * the start).
+ */
+async function buildAhead(
+  previous: { dir: string; images: Images },
+  helper: Helper | undefined,
+  req: MigrateReceiveRequest,
+  log: (line: string) => void,
+): Promise<Ahead | undefined> {
+  const t0 = performance.now();
+  log(`migrate-receive: building ${previous.dir} ahead`);
+  const held = Promise.withResolvers<BuiltTree>();
+  const decided = Promise.withResolvers<{ images: Images; since: number }>();
+  decided.promise.catch(() => {});
+  const done = restoreTree({
+    dir: previous.dir,
+    detached: true,
+    migrated: true,
+    prepared: {
+      images: previous.images,
+      helper,
+      hold: (built) => {
+        held.resolve(built);
+        return decided.promise;
+      },
+    },
+    lazyPages: req.lazyPages,
+    // A file the tree writes has grown since that round: the final round's images are
+    // checked against it (buildAheadRefusal) and its offset patched in.
+    allowChangedFiles: true,
+    verbose: req.verbose,
+    log: req.log,
+    signal: req.signal,
+  });
+  done.catch(() => {});
+  const built = await Promise.race([held.promise, done.then(() => undefined, (e) => e)]);
+  if (!built || built instanceof Error || !("kinds" in built)) {
+    log(`migrate-receive: not built ahead: ${built ? messageOf(built) : "no tree"}`);
+    return undefined;
+  }
+  log(`migrate-receive: built ahead in ${(performance.now() - t0).toFixed(1)} ms`);
+  const options: RestoreOptions = {
+    detached: true,
+    shellJob: false,
+    verbose: req.verbose ?? false,
+    allowChangedFiles: false,
+    inheritFds: [],
+    migrated: true,
+    lazyPages: req.lazyPages ?? false,
+    pageSource: false,
+    movedTcp: false,
+  };
+  return {
+    async finish(images, dir, go, log) {
+      const since = performance.now();
+      try {
+        using imageDir = new ImageDir(dir);
+        const why = buildAheadRefusal(images, imageDir, options);
+        if (why) throw new RefusalError(why);
+        await go;
+        patchOffsets(previous.images, images, built.injectors, log);
+        await patchPages(images, imageDir, built.kinds, log);
+        decided.resolve({ images: { ...images, dir }, since });
+      } catch (e) {
+        decided.reject(e);
+      }
+      return await done;
+    },
+    async drop() {
+      decided.reject(new AmberError("not used"));
+      await done.catch(() => {});
+    },
+  };
 }
 
 async function killHelper(helper: Helper): Promise<void> {

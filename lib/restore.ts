@@ -380,6 +380,22 @@ export interface PreparedRestore {
    * go): the images are checked meanwhile, and nothing else is done before.
    */
   go?: Promise<void>;
+  /**
+   * (lib/prebuilt.ts) Called once the tree is rebuilt and its lazy memory
+   * armed, before any thread gets its final registers: the tree, stopped,
+   * waits for what it returns, the images (of the same processes) whose
+   * thread state it runs with, their pages already patched in, and since
+   * when the restore counts (its restoreMs). Throwing kills the tree.
+   */
+  hold?: (built: BuiltTree) => Promise<{ images: Images; since: number }>;
+}
+
+/** A rebuilt tree that has not run yet (PreparedRestore.hold). */
+export interface BuiltTree {
+  /** Each process's, which may still inject calls (none touching lazy memory). */
+  injectors: Map<number, Injector>;
+  /** The restore's kind states (the lazy pages' among them). */
+  kinds: Map<string, unknown>;
 }
 
 /**
@@ -738,7 +754,7 @@ export async function restoreTree(
   req: RestoreRequest & { dir: string; prepared?: PreparedRestore },
   running?: () => void,
 ): Promise<RestoreResult> {
-  const t0 = performance.now();
+  let t0 = performance.now();
   const options: RestoreOptions = {
     detached: req.detached ?? false,
     shellJob: req.shellJob ?? false,
@@ -758,7 +774,7 @@ export async function restoreTree(
   using guard = new SignalGuard(req.signal);
   // DIR/latest of amber run is followed, explicitly; no other link is.
   const path = resolveImagesDir(req.dir);
-  const images = req.prepared?.images ? { ...req.prepared.images, dir: path } : readImages(path);
+  let images = req.prepared?.images ? { ...req.prepared.images, dir: path } : readImages(path);
   const dir = new ImageDir(path);
   // Migrated with --tcp-established: the operator moved the sockets' addresses here.
   options.movedTcp = options.migrated && images.inventory.tcpEstablished === true;
@@ -842,6 +858,22 @@ export async function restoreTree(
         threads.filter(([tid]) => created.get(pid)!.images.entry.threads.includes(tid))
           .map(([, img]) => new Regs(img.regs)),
     );
+    if (req.prepared?.hold) {
+      // Later images of the same tree: its threads run with their state.
+      const later = await req.prepared.hold({
+        injectors: new Map([...created].map(([pid, b]) => [pid, b.injector])),
+        kinds: tree.kinds,
+      });
+      images = later.images;
+      t0 = later.since;
+      threads.length = 0;
+      for (const p of images.processes) {
+        if (p.entry.state === "zombie") continue;
+        for (const t of (p.parts.threads as { threads: ThreadImage[] }).threads) {
+          threads.push([t.tid, t]);
+        }
+      }
+    }
     for (const [tid, img] of threads) {
       const fallback = applyThreadState(tid, img);
       if (fallback) intoSleep.set(tid, fallback);

@@ -181,7 +181,7 @@ export async function receiveImages(
     const images = readImages(dir.stagingPath);
     r.log?.(`${r.where}: images read and checked`);
     if (r.durable) await dir.complete();
-    else dir.commit();
+    else dir.commit(false);
     return { ...got, images };
   } catch (e) {
     dir.discard();

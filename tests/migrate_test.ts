@@ -71,6 +71,14 @@ function trackerFds(pid: number): string[] {
     .filter((l) => l === "anon_inode:[userfaultfd]");
 }
 
+/** The receiver's -v lines say it ran the tree built ahead (lib/prebuilt.ts) with the final round. */
+function assertBuiltAhead(lines: string[], pid: number): void {
+  const said = lines.join("\n");
+  assert.match(said, /migrate-receive: built ahead in /, said);
+  assert.match(said, new RegExp(`pid ${pid}: built ahead: \\d+ newer pages`), said);
+  assert.doesNotMatch(said, /the final round differs|not built ahead/, said);
+}
+
 function migrateArgs(pid: number): string[] {
   return ["migrate", "-t", String(pid), "--to", `${DST_ADDR}:${PORT}`, "--json"];
 }
@@ -82,10 +90,13 @@ Deno.test({
   async fn() {
     await using tmp = await tempDir();
     await using hosts = await makeHosts();
-    await using recv = await startReceiver(hosts, tmp.path, ["--lazy-pages"]);
+    await using recv = await startReceiver(hosts, tmp.path, ["--lazy-pages", "-v"]);
     const w = await startDirtier(hosts, tmp.path);
     try {
       assertExit(await amberIn(hosts.src, migrateArgs(w.pid)), 0, "migrate");
+      // Built from the last pre-copy round while the source froze: the final round's
+      // pages patched into it (the checks below read every byte).
+      assertBuiltAhead(await readLines(`${tmp.path}/recv.err`), w.pid);
       assert.ok(await waitGone(w.pid), "no process left at the source");
       // The receiver answers once the tree runs, and exits once every page is in.
       const got = await recv.result();
@@ -107,11 +118,12 @@ Deno.test({
   async fn() {
     await using tmp = await tempDir();
     await using hosts = await makeHosts();
-    await using recv = await startReceiver(hosts, tmp.path);
+    await using recv = await startReceiver(hosts, tmp.path, ["-v"]);
     const w = await startDirtier(hosts, tmp.path);
     try {
       const r = await amberIn(hosts.src, migrateArgs(w.pid));
       assertExit(r, 0, "migrate");
+      assertBuiltAhead(await readLines(`${tmp.path}/recv.err`), w.pid);
       const m = JSON.parse(r.stdout);
       assert.ok(m.preCopyRounds >= 1, `pre-copy rounds: ${m.preCopyRounds}`);
       assert.equal(m.rounds.length, m.preCopyRounds + 1);
@@ -133,6 +145,38 @@ Deno.test({
       await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > last));
       await assertChecksOk(w, "after the migration", moved);
       assert.equal(trackerFds(moved).length, 0, "no tracker in the migrated process");
+    } finally {
+      await killAndReap(w.pid);
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a tree whose mappings change between the rounds is restored from the start, not from the tree built ahead, every byte right (--lazy-pages)",
+  ignore: !usable,
+  async fn() {
+    await using tmp = await tempDir();
+    await using hosts = await makeHosts();
+    await using recv = await startReceiver(hosts, tmp.path, ["--lazy-pages", "-v"]);
+    const bin = await buildC("sweeper");
+    const out = `${tmp.path}/out.txt`;
+    // --churn: regions mapped, moved and unmapped each tick: no two rounds hold the same.
+    const net = ["nsenter", `--net=/run/netns/${hosts.src}`, "--"];
+    const w = await startWriter([...net, bin, out, "64", "--churn", "--setsid"], out, 3, 30_000);
+    try {
+      assertExit(await amberIn(hosts.src, migrateArgs(w.pid)), 0, "migrate");
+      const said = (await readLines(`${tmp.path}/recv.err`)).join("\n");
+      assert.match(said, /built ahead in /, said);
+      assert.match(
+        said,
+        /the final round differs in pid \d+: (mappings|pagemap: pages came or went): restored /,
+      );
+      assert.doesNotMatch(said, /built ahead: \d+ newer pages/);
+      assert.equal((await recv.result()).code, 0);
+      const moved = hostPid(w.pid, bin);
+      assert.ok(moved, "the tree runs at the destination");
+      await assertChecksOk(w, "after the migration", moved);
     } finally {
       await killAndReap(w.pid);
     }
@@ -205,41 +249,48 @@ function othersInPidNs(ns: string): string[] {
   return out;
 }
 
-Deno.test({
-  name: "a destination that refuses before it restores leaves the source running unharmed",
-  ignore: !usable,
-  async fn() {
-    await using tmp = await tempDir();
-    await using hosts = await makeHosts();
-    const kept = `${tmp.path}/dest`;
-    await using recv = await startReceiver(hosts, tmp.path, ["-D", kept], {
-      AMBER_TEST_FAULT: "migrate-before-restore",
-    });
-    const ns = receiverPidNs(tmp.path);
-    const w = await startDirtier(hosts, tmp.path);
-    try {
-      const r = await amberIn(hosts.src, migrateArgs(w.pid));
-      assertExit(r, 1, "migrate to a refusing destination");
-      assert.match(
-        r.stderr,
-        /^amber: migrate-receive .*injected test fault at migrate-before-restore/,
-      );
-      assert.ok(isAlive(w.pid), "the source tree runs on");
-      assert.equal(trackerFds(w.pid).length, 0, "no tracking left in the source");
-      await assertChecksOk(w, "after the refused migration");
-      assert.equal((await recv.result()).code, 1);
-      assert.deepEqual(listDir(kept), [], "the destination removed what it received");
-      // Its restore helper, started during the pre-copy rounds, went with it.
-      await until(
-        () => othersInPidNs(ns).length === 0,
-        () => `left running at the destination: ${othersInPidNs(ns).join(", ")}`,
-        5000,
-      );
-    } finally {
-      await killAndReap(w.pid);
-    }
-  },
-});
+for (const lazy of [false, true]) {
+  Deno.test({
+    name: `a destination that refuses before it restores${
+      lazy ? " (--lazy-pages)" : ""
+    }, its tree built ahead, leaves the source running unharmed`,
+    ignore: !usable,
+    async fn() {
+      await using tmp = await tempDir();
+      await using hosts = await makeHosts();
+      const kept = `${tmp.path}/dest`;
+      const extra = ["-D", kept, "-v", ...(lazy ? ["--lazy-pages"] : [])];
+      await using recv = await startReceiver(hosts, tmp.path, extra, {
+        AMBER_TEST_FAULT: "migrate-before-restore",
+      });
+      const ns = receiverPidNs(tmp.path);
+      const w = await startDirtier(hosts, tmp.path);
+      try {
+        const r = await amberIn(hosts.src, migrateArgs(w.pid));
+        assertExit(r, 1, "migrate to a refusing destination");
+        assert.match(
+          r.stderr,
+          /^amber: migrate-receive .*injected test fault at migrate-before-restore/,
+        );
+        assert.ok(isAlive(w.pid), "the source tree runs on");
+        assert.equal(trackerFds(w.pid).length, 0, "no tracking left in the source");
+        await assertChecksOk(w, "after the refused migration");
+        assert.equal((await recv.result()).code, 1);
+        // The refusal came after the tree was built ahead: it was killed with what was received.
+        assert.match((await readLines(`${tmp.path}/recv.err`)).join("\n"), /built ahead in /);
+        assert.deepEqual(listDir(kept), [], "the destination removed what it received");
+        // Its restore helper, started during the pre-copy rounds, and the tree built ahead went.
+        await until(
+          () => othersInPidNs(ns).length === 0,
+          () => `left running at the destination: ${othersInPidNs(ns).join(", ")}`,
+          5000,
+        );
+      } finally {
+        await killAndReap(w.pid);
+      }
+    },
+  });
+}
 
 Deno.test({
   name: "a destination killed mid-way (round 2) leaves the source running, its tracking closed",

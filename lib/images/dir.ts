@@ -240,9 +240,10 @@ export class ImageDir {
    * Publishes the staged image: the old inventory goes first, so a mix of
    * old and new files is never taken for a complete image; then the new
    * files, the removal of the old image's other files, and the new
-   * inventory last.
+   * inventory last. Not `ordered`: the same without the directory syncs
+   * that keep that order through a crash (a private directory, gone after).
    */
-  commit(): void {
+  commit(ordered = true): void {
     const dir = this.dirFd!, stage = this.stagingFd();
     if (!this.staged.has(INVENTORY)) throw new Error("commit before the inventory was written");
     withContext(`images directory ${this.path}`, () => {
@@ -251,7 +252,7 @@ export class ImageDir {
       } catch (e) {
         if (!isErrno(e, "ENOENT")) throw e;
       }
-      dir.sync();
+      if (ordered) dir.sync();
       for (const name of this.staged) if (name !== INVENTORY) renameAt(stage, name, dir);
       for (const e of listDirFd(dir)) {
         if (IMAGE_NAME.test(e.name) && !this.staged.has(e.name) && !e.isDirectory) {
@@ -259,10 +260,10 @@ export class ImageDir {
         }
       }
       renameAt(stage, INVENTORY, dir);
-      dir.sync();
+      if (ordered) dir.sync();
       this.staged.clear();
       this.closeStage();
-      dir.sync();
+      if (ordered) dir.sync();
     });
     this.close();
   }

@@ -68,6 +68,8 @@ import type { RemotePages } from "./remote.ts";
 const PAGE_SIZE = Number(PAGE);
 /** Bytes one background copy moves: a fault waits at most for one of these. */
 const PUSH_BYTES = 512 * 1024;
+/** Pages of a migration's final round copied in before the tree runs (LazyPages.patch). */
+const HOT_PAGES = 1024;
 /** Pages copied for a fault: the faulting one and those after it (sequential readers). */
 const FAULT_AROUND = 16;
 const O_CLOEXEC = 0o2000000, O_NONBLOCK = 0o4000;
@@ -249,6 +251,57 @@ export class LazyPages {
     }
     if (this.spaces.length) this.watchdog = startWatchdog(this.spaces);
     this.log("lazy pages: armed");
+  }
+
+  /**
+   * A tree built from an earlier migration round (lib/prebuilt.ts), still
+   * stopped, takes process `pid`'s pages of the final round (`newer`): those
+   * still missing are served from there instead, the others (present, or
+   * in memory that is not lazy) are written now. Then the pages amber may
+   * touch with the final registers (`touch`) and the first HOT_PAGES of
+   * `newer` are copied in if missing.
+   */
+  async patch(pid: number, newer: Missing[], touch: Span[]): Promise<void> {
+    for (const m of newer) this.sources.add(m.source);
+    const s = this.spaces.find((x) => x.pid === pid);
+    if (!s) {
+      for (const m of newer) await this.writeNow(pid, m);
+      return;
+    }
+    const missing = s.missing.map((m): Span => [m.start, m.end]);
+    for (const m of clipMissing(newer, missing, false)) await this.writeNow(pid, m);
+    s.missing = [
+      ...clipMissing(s.missing, union(newer.map((m): Span => [m.start, m.end])), false),
+      ...clipMissing(newer, missing, true),
+    ].sort((a, b) => a.start - b.start);
+    // The pages written since that round are the tree's working set: copied in before it
+    // runs (up to HOT_PAGES), not faulted in one at a time as it writes them again.
+    const hot: Span[] = [];
+    let left = HOT_PAGES;
+    for (const m of newer) {
+      if (left <= 0) break;
+      const end = Math.min(m.end, m.start + left);
+      hot.push([m.start, end]);
+      left -= end - m.start;
+    }
+    const step = FAULT_AROUND;
+    for (const [from, to] of union(touch, hot)) {
+      for (const m of s.missing.filter((x) => x.start < to && from < x.end)) {
+        for (let at = Math.max(from, m.start); at < Math.min(to, m.end); at += step) {
+          const end = Math.min(to, m.end, at + step);
+          // (The list changes as pages go in: find the piece that still holds them.)
+          const piece = s.missing.find((x) => x.start <= at && end <= x.end);
+          if (piece && await this.copy(s, piece, at, end, this.faultBuf) < 0) {
+            throw new AmberError(`pid ${pid}: lazy pages: UFFDIO_COPY: the memory is changing`);
+          }
+        }
+      }
+    }
+  }
+
+  /** Pages amber may touch in a stopped process's threads, or others read (patch's `touch`). */
+  static touchedBy(pid: number, regs: Regs[]): Span[] {
+    return [...regs.flatMap(pagesAmberMayTouch), ...pagesOthersRead(pid)];
   }
 
   /** Whether any page is still missing. */

@@ -237,10 +237,20 @@ export function dumpMappings(
 export async function vdsoDigest(pid: number, maps = readMaps(pid)): Promise<string> {
   const v = maps.find((m) => m.path === "[vdso]");
   if (!v) return "";
-  const code = readMemoryProc(pid, v.start, Number(v.end - v.start));
+  // The kernel's one image of that size: hashed once (each migration round and the
+  // receiver's verdict asked again, a few ms on the thread pool inside the pause).
+  const size = Number(v.end - v.start);
+  const known = vdsoDigests.get(size);
+  if (known) return known;
+  const code = readMemoryProc(pid, v.start, size);
   const d = await crypto.subtle.digest("SHA-256", code as Uint8Array<ArrayBuffer>);
-  return Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join("");
+  const hex = Array.from(new Uint8Array(d), (b) => b.toString(16).padStart(2, "0")).join("");
+  vdsoDigests.set(size, hex);
+  return hex;
 }
+
+/** vdsoDigest's, by the vdso's size (64-bit, x32 and 32-bit images differ in size). */
+const vdsoDigests = new Map<number, string>();
 
 /**
  * Whether the pages part will write into this mapping. Every holder of

@@ -309,15 +309,28 @@ function labelFor(mappings: MappingImage[], addr: bigint): string {
   return m ? mappingLabel(m) : `address ${addr.toString(16)}`;
 }
 
-/** Fills `buf` from ranges one by one, falling back to /proc/PID/mem, to name what faulted. */
-function readSlowly(pid: number, ranges: RemoteRange[], buf: Uint8Array, mappings: MappingImage[]) {
+/**
+ * Fills `buf` from ranges one by one, falling back to /proc/PID/mem, to
+ * name what faulted. `running`: a migration's pre-copy round, copying
+ * while the tree runs, for which memory unmapped since the freeze reads
+ * as zeros (whatever is mapped there later is not the tracked mapping,
+ * and reads as written to the next round).
+ */
+function readSlowly(
+  pid: number,
+  ranges: RemoteRange[],
+  buf: Uint8Array,
+  mappings: MappingImage[],
+  running = false,
+) {
   let off = 0;
   for (const r of ranges) {
     withContext(labelFor(mappings, r.addr), () => {
       try {
         buf.set(readMemoryProc(pid, r.addr, r.len), off);
       } catch {
-        throw new AmberError("process_vm_readv: EFAULT");
+        if (running) buf.fill(0, off, off + r.len);
+        else throw new AmberError("process_vm_readv: EFAULT");
       }
     });
     off += r.len;
@@ -447,8 +460,13 @@ async function copyNow(ctx: DumpContext, list: Chunk[], file: BulkFile, mappings
   const tracker = trackerIn(ctx.tree.kinds);
   await transfer(list, async (c, buf, i) => {
     try {
-      const got = await readRangesAsync(ctx.pid, c.ranges, buf);
-      if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings);
+      const running = ctx.options.copyWhileRunning;
+      // (EFAULT on the first range: unmapped since the freeze, for a round that copies running.)
+      const got = await readRangesAsync(ctx.pid, c.ranges, buf).catch((e) => {
+        if (running) return -1;
+        throw e;
+      });
+      if (got !== c.bytes) readSlowly(ctx.pid, c.ranges, buf, mappings, running);
       if (i === Math.floor(list.length / 2)) faultPoint("mid-pages");
     } catch (e) {
       // A stream waits for this chunk before the next ones: they must not wait forever.
@@ -730,7 +748,8 @@ export const pagemapPart = definePart({
       throw new AmberError("pagemap: a page is both in this image and in its parent");
     }
     checkRemoteRuns(image, ctx);
-    for (const l of resolveChain(ctx.dir, ctx.pid, image).slice(1)) {
+    const chain = ctx.options.parentsChecked ? [] : resolveChain(ctx.dir, ctx.pid, image);
+    for (const l of chain.slice(1)) {
       try {
         l.dir.checkData(l.image.pagesFile, l.image.totalPages * PAGE_SIZE);
       } finally {
