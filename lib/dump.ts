@@ -643,7 +643,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       }
     }
     for (const copy of state.afterResume.splice(0)) await copy();
-    dir.syncAll();
+    await dir.syncAll();
     dir.write(inventoryImage, inventory);
     // The verdict restore will give, from the images as written.
     const verdictOptions = {
