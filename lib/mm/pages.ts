@@ -278,9 +278,10 @@ const WORKERS = 3;
 /**
  * Transfers in flight to or from a file opened O_DIRECT: there the disk is
  * the limit, and it goes faster with more requests queued (1 GiB here,
- * interleaved runs under load: a dump's page write 1.3 s with 8 writers in
- * an allocated file against 2.2 s with 3 in a growing one; in C, reads of
- * 4 MiB copied into a fresh process 2.5 s with 8 readers against 3.1 s with 3).
+ * interleaved runs, medians: a dump's page write with 8 writers in an
+ * allocated file 1.1 s against 1.7 s with 3 in a growing one at load ~12,
+ * 1.1 against 1.2 s at load ~7; restore's fill with 8 readers 1.6 s against 1.9 s with 3
+ * at load ~7, though 2.4 against 1.9 s at load ~12, the cores then short).
  */
 const DIRECT_WORKERS = 8;
 
