@@ -481,6 +481,8 @@ const COMMANDS: Command[] = [
           actionScripts: actionScripts(v),
           log: detail,
           progress: progress?.callback,
+          // The command ends right after: the kernel finishes the tree's teardown.
+          noWaitForEnd: true,
         });
         progress?.clear();
         detail(

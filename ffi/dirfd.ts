@@ -115,6 +115,12 @@ export class Fd {
     check("fsync", libc().fsync(this.fd));
   }
 
+  /** fsync on a pool thread, so that several can be in flight (the journal takes them together). */
+  async syncAsync(): Promise<void> {
+    // errno of a pool thread is lost: a failure is asked again here, to learn why.
+    if (await libc().fsync_async(this.fd) !== 0) this.sync();
+  }
+
   /** Makes everything written to this descriptor's filesystem durable (syncfs). */
   syncFilesystem(): void {
     check("syncfs", libc().syncfs(this.fd));

@@ -58,6 +58,12 @@ const SYMBOLS = {
     result: "i64",
     nonblocking: true,
   },
+  fsync_async: {
+    name: "fsync",
+    parameters: ["i32"],
+    result: "i32",
+    nonblocking: true,
+  },
   poll_async: {
     name: "poll",
     parameters: ["buffer", "u64", "i32"],
@@ -78,6 +84,7 @@ const SYMBOLS = {
   pwrite64: { parameters: ["i32", "buffer", "u64", "i64"], result: "i64" },
   close: { parameters: ["i32"], result: "i32" },
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
   tee: { parameters: ["i32", "i32", "u64", "u32"], result: "i64" },

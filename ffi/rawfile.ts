@@ -6,7 +6,7 @@ import { addressOf, check, lastErrno, libc, SysError } from "./libc.ts";
 
 type PositionedCall = ReturnType<typeof libc>["pread64_async"];
 
-const F_GETFL = 3, F_SETFL = 4, O_DIRECT = 0o40000;
+const F_GETFL = 3, F_SETFL = 4, O_DIRECT = 0o40000, EOPNOTSUPP = 95;
 /** What O_DIRECT asks of buffers, offsets and lengths here. */
 export const DIRECT_ALIGN = 4096;
 
@@ -46,6 +46,21 @@ export class RawFile {
   /** Sets the file's size. */
   truncate(size: number): void {
     check(`ftruncate ${this.path}`, libc().ftruncate(this.fd, BigInt(size)));
+  }
+
+  /**
+   * Allocates the file's first `size` bytes (fallocate) and sets its size,
+   * so that direct writes into it overwrite allocated blocks, which ext4
+   * runs in parallel (extending or hole-filling ones take the inode lock
+   * one at a time). False where the filesystem cannot allocate ahead;
+   * throws when the space is not there (ENOSPC, EDQUOT).
+   */
+  allocate(size: number): boolean {
+    if (size === 0) return true;
+    if (libc().fallocate(this.fd, 0, 0n, BigInt(size)) === 0) return true;
+    const errno = lastErrno();
+    if (errno === EOPNOTSUPP) return false;
+    throw new SysError(`fallocate ${this.path}`, errno);
   }
 
   /** Writes all of `data` at `offset`. */

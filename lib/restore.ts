@@ -49,6 +49,7 @@ import { type ProgressCallback, Tracker, trackerIn } from "./progress.ts";
 import { PARTS } from "./parts.ts";
 import { resolveImagesDir } from "./run.ts";
 import { readMaps } from "./proc/maps.ts";
+import { readStat } from "./proc/stat.ts";
 import { listProcNumbers, peakMemoryText } from "./proc/read.ts";
 import {
   applyThreadState,
@@ -159,20 +160,26 @@ const SIGSTOP = 19;
 const TRACE_OPTIONS = pt.PTRACE_O.TRACESYSGOOD | pt.PTRACE_O.TRACEFORK | pt.PTRACE_O.TRACECLONE |
   pt.PTRACE_O.EXITKILL;
 
-function isZombie(pid: number): boolean {
+/** PF_EXITING in /proc/PID/stat's flags: the task is past its last instruction, in do_exit. */
+const PF_EXITING = 0x4;
+
+/** A zombie, or a process being torn down (just killed by the dump that wrote the images). */
+function isEnding(pid: number): boolean {
   try {
-    return /^\d+ \(.*\) Z/.test(Deno.readTextFileSync(`/proc/${pid}/stat`));
+    const stat = readStat(pid);
+    return stat.state === "Z" || stat.state === "X" || (stat.flags & PF_EXITING) !== 0;
   } catch {
     return false;
   }
 }
 
 /**
- * Who holds a pid, for "pid 1234 is in use by /usr/bin/foo". A zombie (the
- * dumped process itself, not yet reaped by a slow init) is waited for.
+ * Who holds a pid, for "pid 1234 is in use by /usr/bin/foo". A process
+ * ending (the dumped process itself, still being torn down or not yet
+ * reaped by a slow init) is waited for, up to 5 s.
  */
 async function pidHolder(pid: number): Promise<string | undefined> {
-  for (let i = 0; i < 100 && isZombie(pid); i++) await new Promise((r) => setTimeout(r, 50));
+  for (let i = 0; i < 500 && isEnding(pid); i++) await new Promise((r) => setTimeout(r, 10));
   return pidHolderNow(pid);
 }
 

@@ -26,6 +26,8 @@ import {
   assertRunningFree,
   buildC,
   childrenWithState,
+  CLI,
+  DENO,
   descendants,
   dumpArgs,
   dumpKill,
@@ -196,6 +198,28 @@ Deno.test("counter (64 MiB): dump + restore -d twice, same pid, output and memor
   const expected = numbers.map(String);
   expected.splice(lines.indexOf("check ok"), 0, "check ok");
   assert.equal(text, expected.join("\n") + "\n", "the output file's content");
+  assertNoHelper("at the end");
+});
+
+Deno.test("restore straight after the dump, its process still being torn down, waits for the pid", async () => {
+  await using tmp = await tempDir();
+  // Large enough that freeing its memory takes a while after the dump returns.
+  const { pid, out } = await startCounter(tmp.path, 256);
+  try {
+    const img = `${tmp.path}/img`;
+    const dump = `${DENO} run -A ${CLI} dump -t ${pid} -D ${img}`;
+    const n = (await readLines(out)).length;
+    // One shell, the restore started the moment the dump exits.
+    assertExit(await amberAfter(`${dump} || exit 9`, ["restore", "-D", img, "-d"]), 0, "restore");
+    assert.ok(isAlive(pid), "not running after restore -d");
+    await assertCounterGoesOn(out, n, 5, "after the restore");
+    // Its memory is the dumped one (the counter checks its pattern).
+    Deno.kill(pid, "SIGUSR1");
+    await waitForLine(out, (lines) => lines.some((l) => l.startsWith("check")));
+    assert.ok((await readLines(out)).includes("check ok"), "memory check after the restore");
+  } finally {
+    await killAndReap(pid);
+  }
   assertNoHelper("at the end");
 });
 

@@ -528,21 +528,39 @@ Deno.test("a second dump into a directory being dumped into fails at once", () =
     await assertCounting(c, "after the concurrent dumps");
   }));
 
-Deno.test("a full disk says ENOSPC and leaves the target running", () =>
-  withCounter(async (c, tmp) => {
+/**
+ * A dump of the counter (with `extra` options) onto a tmpfs of `size`,
+ * too small for its images: one line naming ENOSPC (returned), nothing
+ * left on the disk, the counter running on.
+ */
+async function dumpOntoSmallDisk(size: string, ...extra: string[]): Promise<string> {
+  let msg = "";
+  await withCounter(async (c, tmp) => {
     const mnt = `${tmp}/small`;
     await Deno.mkdir(mnt);
-    await run("mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt);
+    await run("mount", "-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", mnt);
     try {
-      const r = await amber(dumpArgs(c.pid, `${mnt}/img`, "-R"));
-      const msg = assertOneLineError(r, 1, "dump onto a full disk");
+      const r = await amber(dumpArgs(c.pid, `${mnt}/img`, ...extra));
+      msg = assertOneLineError(r, 1, "dump onto a full disk");
       assert.ok(msg.includes("ENOSPC"), msg);
       assert.deepEqual(listDir(mnt), [], "images left on the full disk");
       await assertCounting(c, "after ENOSPC");
     } finally {
       await run("umount", mnt);
     }
-  }));
+  });
+  return msg;
+}
+
+Deno.test("a full disk says ENOSPC and leaves the target running", async () => {
+  await dumpOntoSmallDisk("1m", "-R");
+});
+
+Deno.test("a dump that would end the tree onto a too small disk fails before the copy", async () => {
+  // tmpfs takes O_DIRECT: the pages file is allocated ahead, as on ext4, and that fails.
+  const msg = await dumpOntoSmallDisk("2m");
+  assert.match(msg, /pages-\d+\.img: fallocate .*ENOSPC/, msg);
+});
 
 // ---------------------------------------------------------------------------
 // restore

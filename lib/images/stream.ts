@@ -413,7 +413,9 @@ export class StreamImages extends ImageDir {
     this.held.set(imageFileName(kind, pid), encodeImage(kind, body));
   }
 
-  override syncAll(): void {}
+  override syncAll(): Promise<void> {
+    return Promise.resolve();
+  }
 
   override commit(): void {
     throw new Error("a stream is completed with complete()");
