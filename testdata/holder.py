@@ -9,6 +9,8 @@ Cases:
   mp-lock       multiprocessing.Lock (a deleted /dev/shm/sem.* mapping)
   aio           an io_setup context (the /[aio] ring mapping)
   hugetlb       2 MiB of MAP_HUGETLB anonymous memory (/anon_hugepage)
+  uffd-wp       48 MiB of private anonymous memory, written, registered in
+                write-protect mode on a userfaultfd of its own (kept open)
   memfd-hugetlb a memfd of huge pages (MFD_HUGETLB), held as a descriptor
   memfd         a memfd mapped, its descriptor closed
   memfd-fd      a memfd open (not mapped)
@@ -126,6 +128,30 @@ def hugetlb():
     buf = (ctypes.c_char * size).from_address(addr)
     buf[0] = b"h"
     return lambda: buf[0] == b"h"
+
+
+def uffd_wp():
+    size = 48 << 20
+    addr = libc.mmap(None, size, 3, 0x02 | 0x20, -1, 0)  # MAP_PRIVATE|MAP_ANONYMOUS
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    buf = (ctypes.c_char * size).from_address(addr)
+    for off in range(0, size, 4096):
+        buf[off] = b"u"
+    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "userfaultfd")
+    api = (ctypes.c_uint64 * 3)(0xAA, 0, 0)
+    if libc.ioctl(fd, ctypes.c_ulong(0xC018AA3F), api) != 0:  # UFFDIO_API
+        raise OSError(ctypes.get_errno(), "UFFDIO_API")
+    reg = (ctypes.c_uint64 * 4)(addr, size, 2, 0)  # UFFDIO_REGISTER_MODE_WP
+    if libc.ioctl(fd, ctypes.c_ulong(0xC020AA00), reg) != 0:  # UFFDIO_REGISTER
+        raise OSError(ctypes.get_errno(), "UFFDIO_REGISTER")
+
+    def use():
+        os.fstat(fd)
+        return buf[size - 4096] == b"u"
+    return use
 
 
 def memfd():
@@ -603,6 +629,7 @@ CASES = {
     "mp-lock": mp_lock,
     "aio": aio,
     "hugetlb": hugetlb,
+    "uffd-wp": uffd_wp,
     "memfd-hugetlb": memfd_hugetlb,
     "memfd": memfd,
     "sysv-shm": sysv_shm,

@@ -120,6 +120,11 @@ async function withHugePage(body: () => Promise<void>): Promise<void> {
 Deno.test("refused: hugetlb anonymous memory", () =>
   withHugePage(() => assertRefused("hugetlb", [mapping("/anon_hugepage"), "hugetlb"])));
 
+// Large enough for dump -R's copy-on-write snapshot, whose own registration
+// of the process's memory must not hide the process's.
+Deno.test("refused: memory registered on the process's own userfaultfd (write-protect)", () =>
+  assertRefused("uffd-wp", ["userfaultfd (write-protect) registration"]));
+
 Deno.test("refused: a memfd of huge pages held as a descriptor", () =>
   withHugePage(() => assertRefused("memfd-hugetlb", [/fd \d+: \/memfd:huge.*huge pages/])));
 
