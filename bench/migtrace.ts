@@ -7,7 +7,9 @@
  * came, KEEP=DIR keeps the received rounds (migrate-receive -D DIR),
  * SRCFLAGS adds deno flags for the source (--cpu-prof ...).
  *
- *   deno run -A bench/migtrace.ts [--lazy] [MIB]
+ *   deno run -A bench/migtrace.ts [--lazy] [MIB] [--rate MIB_PER_S]
+ *
+ * --rate: the target also rewrites its memory at that rate (gaps.c's third argument).
  */
 import {
   buildC,
@@ -25,7 +27,9 @@ import { gapReport } from "./_gaps.ts";
 import { DST_ADDR, hostPid, makeHosts, PORT, startReceiver } from "../tests/_hosts.ts";
 
 const lazy = Deno.args.includes("--lazy");
-const mib = Number(Deno.args.find((a) => /^\d+$/.test(a)) ?? 256);
+const rateAt = Deno.args.indexOf("--rate");
+const rate = rateAt >= 0 ? [Deno.args[rateAt + 1]] : [];
+const mib = Number(Deno.args.find((a, i) => /^\d+$/.test(a) && i !== rateAt + 1) ?? 256);
 
 const bin = await buildC("gaps");
 await using tmp = await tempDir("amber-trace-");
@@ -42,7 +46,9 @@ await using _recv = await startReceiver(
   env,
 );
 const out = `${tmp.path}/b.txt`;
-const b = spawnTarget(["nsenter", `--net=/run/netns/${hosts.src}`, "--", bin, out, String(mib)]);
+const b = spawnTarget(
+  ["nsenter", `--net=/run/netns/${hosts.src}`, "--", bin, out, String(mib), ...rate],
+);
 try {
   await waitForLines(out, 1, 60_000);
   await gapReport(b.pid, out);
