@@ -191,6 +191,8 @@ const WALL_CLOCKS = [0, 1, 7, 11];
 const TIMER_ABSTIME = 1;
 /** How soon a timer whose signal was pending expires again after getting its overrun. */
 const OVERRUN_LEAD_NS = 20_000_000n;
+/** Tries of armWithOverrun before it gives up (each at most ~10 ms). */
+const OVERRUN_TRIES = 20;
 
 /** Why timer `t`'s overrun count cannot be given to a new timer, if it cannot. */
 function overrunUnrestorable(t: PosixTimerImage): string | undefined {
@@ -243,8 +245,11 @@ function armWithOverrun(ctx: RestoreContext, t: PosixTimerImage, leftNs: bigint)
       if (armed < 0n) throw new AmberError(`timer_settime: errno ${-armed}`);
       if (taken !== BigInt(t.signal)) throw new AmberError(`rt_sigtimedwait: ${taken}`);
       if (got === n) return;
-      // Taken too late: one more interval went by. Again.
-      if (tries === 5) throw new AmberError(`overrun count ${n}: the kernel counted ${got}`);
+      // Taken too late: one more interval went by. Again: with a 1 ms interval the lead is
+      // 0.5 ms, which a loaded machine's ptrace round trips exceed more often than not.
+      if (tries === OVERRUN_TRIES) {
+        throw new AmberError(`overrun count ${n}: the kernel counted ${got}`);
+      }
     }
   });
 }
