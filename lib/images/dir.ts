@@ -15,6 +15,7 @@
  * else; a file must be regular and within its kind's size limit, checked
  * with fstat before a bounded read.
  */
+import { forEachConcurrently } from "../concurrently.ts";
 import { RawFile } from "../../ffi/rawfile.ts";
 import {
   effectiveUid,
@@ -235,20 +236,11 @@ export class ImageDir {
       for (const name of pending) this.synced.add(name);
       return;
     }
-    let next = 0;
-    const syncer = async () => {
-      while (next < pending.length) {
-        const name = pending[next++];
-        using fd = withContext(`image ${name}`, () => stage.openAt(name, O_RDONLY));
-        await withContextAsync(`image ${name}`, () => fd.syncAsync());
-        this.synced.add(name);
-      }
-    };
-    const results = await Promise.allSettled(
-      Array.from({ length: Math.min(SYNC_IN_FLIGHT, pending.length) }, syncer),
-    );
-    const failed = results.find((r) => r.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
+    await forEachConcurrently(pending, SYNC_IN_FLIGHT, () => async (name) => {
+      using fd = withContext(`image ${name}`, () => stage.openAt(name, O_RDONLY));
+      await withContextAsync(`image ${name}`, () => fd.syncAsync());
+      this.synced.add(name);
+    });
     withContext(`images directory ${this.stagingPath}`, () => stage.sync());
   }
 

@@ -13,6 +13,7 @@
  * - shared file mappings: nothing, the file holds the data;
  * - [vdso]/[vvar]/[vsyscall]: nothing, the kernel provides them.
  */
+import { forEachConcurrently } from "../concurrently.ts";
 import { z } from "zod";
 import { alignedBuffer, dataRanges, RawFile } from "../../ffi/rawfile.ts";
 import {
@@ -294,20 +295,11 @@ async function transfer(
   move: (c: Chunk, buf: Uint8Array, index: number) => Promise<void>,
   workers = WORKERS,
 ): Promise<void> {
-  let next = 0;
   const size = Math.max(0, ...list.map((c) => c.bytes));
-  const worker = async () => {
+  await forEachConcurrently(list, workers, () => {
     const buf = alignedBuffer(size);
-    while (next < list.length) {
-      const i = next++;
-      await move(list[i], buf.subarray(0, list[i].bytes), i);
-    }
-  };
-  const results = await Promise.allSettled(
-    Array.from({ length: Math.min(workers, list.length) }, worker),
-  );
-  const failed = results.find((r) => r.status === "rejected");
-  if (failed) throw (failed as PromiseRejectedResult).reason;
+    return (c, i) => move(c, buf.subarray(0, c.bytes), i);
+  });
 }
 
 function mappingAt(mappings: MappingImage[], addr: bigint): MappingImage | undefined {
