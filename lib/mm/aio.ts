@@ -15,10 +15,17 @@
  * tail, the kernel's tail and its count of requests in use are then what
  * they were. The ring is last moved to its dumped address (mremap: the
  * kernel follows its ring), which makes that address the context id again.
+ *
+ * The kernel counts free slots per CPU and moves them between a CPU's
+ * count and the context's in batches, so a thread that moves between
+ * CPUs while submitting strands slots on the one it left, and a ring
+ * nearly full (fio: 125 of 127) then cannot take them all. The thread
+ * doing this is held on one CPU throughout.
  */
 import { z } from "zod";
 import { NR } from "../../ffi/inject.ts";
 import { readMemoryProc, writeMemory } from "../../ffi/memory.ts";
+import { getAffinity, setAffinity } from "../../ffi/sched.ts";
 import type { Injector } from "../../ffi/inject.ts";
 import type { RestoreContext } from "../context.ts";
 import { AmberError, hex, withContextAsync } from "../errors.ts";
@@ -181,6 +188,16 @@ function setupEvents(nr: number): number {
 
 /** Makes the context of the ring dumped at `start`, with its completions, at that address. */
 export function restoreAioRing(ctx: RestoreContext, r: AioRingImage, start: bigint): void {
+  const tid = ctx.injector.tid, cpus = getAffinity(tid);
+  setAffinity(tid, cpus.slice(0, 1));
+  try {
+    restoreRingOnOneCpu(ctx, r, start);
+  } finally {
+    setAffinity(tid, cpus);
+  }
+}
+
+function restoreRingOnOneCpu(ctx: RestoreContext, r: AioRingImage, start: bigint): void {
   const inj = ctx.injector, at = layout(ctx);
   putBytes(ctx.pid, ctx.scratch, new Uint8Array(8), at.idAt);
   inj.call("io_setup", NR.io_setup, setupEvents(r.nr), ctx.scratch.addr + BigInt(at.idAt));
