@@ -171,7 +171,26 @@ const TIMER = /^ #\d+: <(\w+)>, (\w+), S:\w+\n # expires at -?\d+--?\d+ nsecs \[
 
 /** /proc/timer_list: throws where it cannot be read or its layout is unknown. */
 export function readTimerList(): TimerList {
-  const text = Deno.readTextFileSync("/proc/timer_list");
+  return parseTimerList(Deno.readTextFileSync("/proc/timer_list"));
+}
+
+/**
+ * /proc/timer_list read twice, its sleepers' timers merged. The kernel
+ * prints a CPU's timers by index, taking its lock for each one, so a timer
+ * removed meanwhile (another process's, on a busy machine) shifts the rest
+ * and the next one is skipped: a second look finds what the first missed.
+ * Before the freeze that keeps a sleeper's timer from going unseen; after
+ * it, a timer still there from looking gone.
+ */
+function readTimerListTwice(): TimerList {
+  const first = readTimerList(), second = readTimerList();
+  for (const [id, inNs] of second.wakeups) {
+    if (!first.wakeups.has(id)) first.wakeups.set(id, inNs + second.now - first.now);
+  }
+  return first;
+}
+
+function parseTimerList(text: string): TimerList {
   const now = /^now at (\d+) nsecs$/m.exec(text);
   if (!now) throw new Error("/proc/timer_list: no 'now at'");
   const boot = / clock 2:\n(?: {2}\..*\n)*? {2}\.offset: +(-?\d+) nsecs/.exec(text);
@@ -216,7 +235,7 @@ interface Sleeper {
 /**
  * The sleeps of one process's threads watched across their freeze: the
  * timer list is read once before the first interrupt and once after the
- * last (two reads per process, however many sleepers: each read formats
+ * last (four reads per process, however many sleepers: each read formats
  * every timer of the machine, 10-20 µs apiece measured here).
  */
 export class SleepWatch {
@@ -247,7 +266,7 @@ export class SleepWatch {
     }
     if (!sleepers.length) return undefined;
     try {
-      return new SleepWatch(pid, sleepers, readTimerList());
+      return new SleepWatch(pid, sleepers, readTimerListTwice());
     } catch {
       return undefined; // no /proc/timer_list: as before, the whole length
     }
@@ -258,7 +277,7 @@ export class SleepWatch {
     const out = new Map<number, SleepDeadline>();
     let after: TimerList;
     try {
-      after = readTimerList();
+      after = readTimerListTwice();
     } catch {
       return out;
     }
