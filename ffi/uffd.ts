@@ -22,7 +22,7 @@ const UFFDIO_WRITEPROTECT_MODE_WP = 1n;
 /** _IOWR('f', 16, struct pm_scan_arg): 96 bytes. */
 const PAGEMAP_SCAN = 0xc0606610n;
 const NR_IOCTL = 16;
-const PAGE_IS_WRITTEN = 1n << 1n;
+export const PAGE_IS_WRITTEN = 1n << 1n;
 /** Regions returned per ioctl call. */
 const VEC_LEN = 4096;
 
@@ -131,39 +131,91 @@ export function scanPages(
 
 const O_CLOEXEC = 0o2000000;
 
+type ScanMask = { all: bigint; any: bigint; returned: bigint; flags?: bigint };
+
+/** struct pm_scan_arg for [at, end), regions into `vec`. */
+function scanArg(at: bigint, end: bigint, vec: BigUint64Array, mask: ScanMask): BigUint64Array {
+  return new BigUint64Array([
+    96n, // size
+    mask.flags ?? 0n, // flags
+    at,
+    end,
+    0n, // walk_end (out)
+    addressOf(vec),
+    BigInt(VEC_LEN),
+    0n, // max_pages: no limit
+    0n, // category_inverted
+    mask.all, // category_mask
+    mask.any, // category_anyof_mask
+    mask.returned, // return_mask
+  ]);
+}
+
+/** Takes the `n` regions one call returned; where the walk goes on from. */
+function tookRegions(
+  arg: BigUint64Array,
+  vec: BigUint64Array,
+  n: number,
+  at: bigint,
+  out: [bigint, bigint, bigint][],
+): bigint {
+  for (let i = 0; i < n; i++) out.push([vec[3 * i], vec[3 * i + 1], vec[3 * i + 2]]);
+  const walkEnd = arg[4];
+  if (walkEnd <= at) throw new Error("PAGEMAP_SCAN: no progress");
+  return walkEnd;
+}
+
 function scanRange(
   pagemapFd: number,
   start: bigint,
   end: bigint,
-  mask: { all: bigint; any: bigint; returned: bigint; flags?: bigint },
+  mask: ScanMask,
 ): [bigint, bigint, bigint][] {
   const out: [bigint, bigint, bigint][] = [];
   const vec = new BigUint64Array(VEC_LEN * 3);
-  let at = start;
-  while (at < end) {
-    const arg = new BigUint64Array([
-      96n, // size
-      mask.flags ?? 0n, // flags
-      at,
-      end,
-      0n, // walk_end (out)
-      addressOf(vec),
-      BigInt(VEC_LEN),
-      0n, // max_pages: no limit
-      0n, // category_inverted
-      mask.all, // category_mask
-      mask.any, // category_anyof_mask
-      mask.returned, // return_mask
-    ]);
+  for (let at = start; at < end;) {
+    const arg = scanArg(at, end, vec, mask);
     const n = Number(
       rawSyscall("ioctl(PAGEMAP_SCAN)", NR_IOCTL, pagemapFd, PAGEMAP_SCAN, addressOf(arg)),
     );
-    for (let i = 0; i < n; i++) out.push([vec[3 * i], vec[3 * i + 1], vec[3 * i + 2]]);
-    const walkEnd = arg[4];
-    if (walkEnd <= at) throw new Error("PAGEMAP_SCAN: no progress");
-    at = walkEnd;
+    at = tookRegions(arg, vec, n, at, out);
   }
   return out;
+}
+
+/**
+ * scanPages on a pool thread, so that the walk runs beside other work
+ * (the smaps walk of a frozen dump, on the other core).
+ */
+export async function scanPagesAsync(
+  pid: number,
+  ranges: [bigint, bigint][],
+  mask: { all: bigint; any: bigint; returned: bigint },
+): Promise<[bigint, bigint, bigint][]> {
+  const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
+  const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
+  const out: [bigint, bigint, bigint][] = [];
+  const vec = new BigUint64Array(VEC_LEN * 3);
+  try {
+    for (const [start, end] of ranges) {
+      for (let at = start; at < end;) {
+        const arg = scanArg(at, end, vec, mask);
+        const n = Number(
+          await rawSyscallAsync(
+            "ioctl(PAGEMAP_SCAN)",
+            NR_IOCTL,
+            fd,
+            PAGEMAP_SCAN,
+            addressOf(arg),
+          ),
+        );
+        at = tookRegions(arg, vec, n, at, out);
+      }
+    }
+    return out;
+  } finally {
+    rawSyscall("close", NR_CLOSE, fd);
+  }
 }
 
 // Lazy restore (lib/mm/lazy.ts): missing-mode registration, served by amber.

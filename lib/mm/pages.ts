@@ -29,6 +29,7 @@ import { type BulkFile, ImageDir } from "../images/dir.ts";
 import { AmberError, faultPoint, withContext, withContextAsync } from "../errors.ts";
 import { MAX_IMAGE_BYTES, u64 } from "../images/codec.ts";
 import { hasProcessImage, readProcessImage } from "../images/process.ts";
+import { regionsWithin, type ScanAhead, scanAhead } from "./scanahead.ts";
 import {
   fillsThroughMem,
   type MappingImage,
@@ -140,10 +141,10 @@ function sharedMemoryRuns(pid: number, m: MappingImage): PageRun[] | undefined {
 }
 
 /** The runs of pages to store for each mapping, in address order. */
-export function planRuns(pid: number, mappings: MappingImage[]): PageRun[] {
+export function planRuns(pid: number, mappings: MappingImage[], ahead?: ScanAhead): PageRun[] {
   const runs: PageRun[] = [];
   using pm = Deno.openSync(`/proc/${pid}/pagemap`, { read: true });
-  const present = presentRegions(pid, mappings);
+  const present = presentRegions(pid, mappings, ahead);
   for (const m of mappings) {
     if (!receivesPages(m)) continue;
     const shared = m.kind === "shmem" && m.shared ? sharedMemoryRuns(pid, m) : undefined;
@@ -179,12 +180,21 @@ function appendRun(runs: PageRun[], addr: bigint, pages: number): void {
  * (the kernel walks the page tables: ~4x faster than reading and scanning
  * pagemap at 2 GiB, and this runs frozen). A region with swapped pages is
  * looked at entry by entry (a write-protect marker also reads as swapped).
+ * Those the walk begun at the freeze covered (lib/mm/scanahead.ts) are
+ * not walked again.
  */
 function presentRegions(
   pid: number,
   mappings: MappingImage[],
+  ahead: ScanAhead | undefined,
 ): Map<MappingImage, [bigint, bigint, boolean][]> {
-  const anon = mappings.filter((m) => m.kind === "anon" && !m.shared && receivesPages(m));
+  const out = new Map<MappingImage, [bigint, bigint, boolean][]>();
+  const anon = mappings.filter((m) => {
+    if (m.kind !== "anon" || m.shared || !receivesPages(m)) return false;
+    const seen = regionsWithin(ahead, m.start, m.end);
+    if (seen) out.set(m, seen.map(([s, e, cat]) => [s, e, (cat & PAGE_IS_SWAPPED) !== 0n]));
+    return !seen;
+  });
   const found = withContext(
     "PAGEMAP_SCAN",
     () =>
@@ -194,7 +204,7 @@ function presentRegions(
         returned: PAGE_IS_SWAPPED,
       }),
   );
-  const out = new Map<MappingImage, [bigint, bigint, boolean][]>(anon.map((m) => [m, []]));
+  for (const m of anon) out.set(m, []);
   let i = 0;
   for (const [start, end, cat] of found) {
     while (anon[i].end <= start) i++;
@@ -701,10 +711,12 @@ export const pagemapPart = definePart({
   maxBytes: MAX_IMAGE_BYTES,
   version: 1,
   schema: PagemapSchema,
+  prefetch: scanAhead,
   async dump(ctx) {
     const { mappings } = ctx.done.mappings as { mappings: MappingImage[] };
-    const planned = planRuns(ctx.pid, mappings);
-    const { own, fromParent } = splitAgainstParent(ctx, planned, mappings, parentPages(ctx));
+    const ahead = await (ctx.ahead.get("pagemap") as ReturnType<typeof scanAhead> | undefined);
+    const planned = planRuns(ctx.pid, mappings, ahead);
+    const { own, fromParent } = splitAgainstParent(ctx, planned, mappings, parentPages(ctx), ahead);
     let runs = spansToRuns(own);
     let remoteRuns: PageRun[] | undefined;
     if (ctx.options.lazySource) {

@@ -46,6 +46,7 @@ import { putBytes } from "../scratch.ts";
 import { listProcNumbers, readProcLink, readProcText } from "../proc/read.ts";
 import { type MappingImage, mappingLabel, PAGE } from "./mappings.ts";
 import { seizeTree } from "../tree/seize.ts";
+import { type ScanAhead, writtenWithin } from "./scanahead.ts";
 
 const O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000;
@@ -226,6 +227,7 @@ export function splitAgainstParent(
   runs: { addr: bigint; pages: number }[],
   mappings: MappingImage[],
   parent: ParentPages | undefined,
+  ahead?: ScanAhead,
 ): { own: Span[]; fromParent: Span[] } {
   const all = spansOfRuns(runs);
   const full = { own: all, fromParent: [] };
@@ -246,7 +248,10 @@ export function splitAgainstParent(
   );
   const written: Span[] = [];
   const ranges = same.map((m): [bigint, bigint] => [m.start, m.end]);
-  const got = withContext("PAGEMAP_SCAN", () => scanForRound(ctx, st, rec, mappings, same, ranges));
+  const got = withContext(
+    "PAGEMAP_SCAN",
+    () => scanForRound(ctx, st, rec, mappings, same, ranges, ahead),
+  );
   for (const [s, e] of got) written.push([Number(s / PAGE), Number((e + PAGE - 1n) / PAGE)]);
   const held = union(spansOfRuns(parent.runs), spansOfRuns(parent.parentRuns ?? []));
   const unchanged = subtract(
@@ -276,11 +281,15 @@ function scanForRound(
   mappings: MappingImage[],
   same: MappingImage[],
   ranges: [bigint, bigint][],
+  ahead: ScanAhead | undefined,
 ): [bigint, bigint][] {
   // (Only a migration's pre-copy round: it copies after the tracker is armed, never a snapshot.)
   const keeps = st.arm && ctx.options.copyWhileRunning;
   if (!keeps || mappings.filter(tracked).length !== same.length) {
-    return scanWritten(ctx.pid, ranges);
+    // What the walk begun at the freeze saw; the rest walked now.
+    const seen = ranges.map(([s, e]) => writtenWithin(ahead, s, e));
+    const rest = scanWritten(ctx.pid, ranges.filter((_, i) => !seen[i]));
+    return [...seen.flatMap((w) => w ?? []), ...rest].sort((a, b) => a[0] < b[0] ? -1 : 1);
   }
   const got = scanWrittenAndProtect(ctx.pid, ranges);
   const whole = got.every((g) => g !== undefined);
