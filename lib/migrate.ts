@@ -764,9 +764,10 @@ async function buildAhead(
         using imageDir = new ImageDir(dir);
         const why = buildAheadRefusal(images, imageDir, options);
         if (why) throw new RefusalError(why);
-        await go;
+        // Into the held tree while the go comes: it runs only after.
         patchOffsets(previous.images, images, built.injectors, log);
         await patchPages(images, imageDir, built.kinds, log);
+        await go;
         decided.resolve({ images: { ...images, dir }, since });
       } catch (e) {
         decided.reject(e);

@@ -284,14 +284,15 @@ export class LazyPages {
       hot.push([m.start, end]);
       left -= end - m.start;
     }
-    const step = FAULT_AROUND;
+    // Before the tree runs, nobody waits on a fault: the push's larger copies.
+    const step = PUSH_BYTES / PAGE_SIZE;
     for (const [from, to] of union(touch, hot)) {
       for (const m of s.missing.filter((x) => x.start < to && from < x.end)) {
         for (let at = Math.max(from, m.start); at < Math.min(to, m.end); at += step) {
           const end = Math.min(to, m.end, at + step);
           // (The list changes as pages go in: find the piece that still holds them.)
           const piece = s.missing.find((x) => x.start <= at && end <= x.end);
-          if (piece && await this.copy(s, piece, at, end, this.faultBuf) < 0) {
+          if (piece && await this.copy(s, piece, at, end, this.pushBuf) < 0) {
             throw new AmberError(`pid ${pid}: lazy pages: UFFDIO_COPY: the memory is changing`);
           }
         }
