@@ -210,3 +210,31 @@ Deno.test("a pre-dump alone restores as one instant of a writing process (amber 
     await killAndReap(w.pid);
   }
 });
+
+Deno.test("without the walk begun at the freeze, each mapping is walked where needed: a round stores only what was written, the chain restores every byte", async () => {
+  await using tmp = await tempDir();
+  const w = await startDirtier(tmp.path);
+  // The dump's one walk of private memory at the freeze fails: present and written pages
+  // are then found by walking each mapping when the pagemap part needs it.
+  const noWalk = { AMBER_TEST_FAULT: "scan-ahead" };
+  try {
+    const [pre, final] = [`${tmp.path}/pre`, `${tmp.path}/final`];
+    assertExit(await amber(["pre-dump", "-t", String(w.pid), "-D", pre], noWalk), 0, "pre-dump");
+    assert.ok(pagesBytes(pre) >= COLD_MIB * 1024 * 1024, "the pre-dump copies everything");
+    await letItWrite(w);
+    const r = await amber(
+      ["dump", "-t", String(w.pid), "-D", final, "--prev-images-dir", "../pre", "--track-mem"],
+      noWalk,
+    );
+    assertExit(r, 0, "final dump");
+    assert.ok(await waitGone(w.pid), "the dumped tree ends");
+    const bytes = pagesBytes(final);
+    assert.ok(bytes >= HOT_BYTES && bytes < HOT_BYTES + OTHER_BYTES, `final dump: ${bytes} bytes`);
+    const lastLine = Number((await readLines(w.out)).filter((l) => /^\d+$/.test(l)).at(-1));
+    assertExit(await amber(["restore", "-D", final, "-d"]), 0, "restore from the chain");
+    await waitForLine(w.out, (ls) => ls.some((l) => /^\d+$/.test(l) && Number(l) > lastLine));
+    await assertChecksOk(w, "after the restore from the chain");
+  } finally {
+    await killAndReap(w.pid);
+  }
+});
