@@ -261,6 +261,14 @@ export interface Part<S extends z.ZodType = z.ZodType> {
    * is that process's ctx.ahead entry for the part.
    */
   prefetch?(pid: number): unknown;
+  /**
+   * Its prefetch may run before the freeze, while the tree runs, in a
+   * round whose images are provisional (a migration's pre-copy round: the
+   * final round reads everything again, frozen, and the tree built from
+   * the round before is used only if nothing but pages and registers
+   * changed). The part checks what it read against the frozen tree.
+   */
+  prefetchWhileRunning?: boolean;
   /** Why an object in this image cannot be restored yet, if one cannot. */
   unrestorable?(data: z.output<S>): string | undefined;
 }

@@ -293,11 +293,30 @@ function writeProcess(ctx: DumpContext): void {
   ctx.tree.afterResume.push(() => Promise.resolve(withContext(label, write)));
 }
 
-/** Every part's read ahead for one process of the frozen tree (see Part.prefetch). */
-function prefetchParts(pid: number): Map<string, unknown> {
+/**
+ * Every part's read ahead for one process of the frozen tree (see
+ * Part.prefetch), but those `early` already holds.
+ */
+function prefetchParts(pid: number, early?: Map<string, unknown>): Map<string, unknown> {
   const ahead = new Map<string, unknown>();
-  for (const part of PARTS) if (part.prefetch) ahead.set(part.name, part.prefetch(pid));
+  for (const part of PARTS) {
+    if (part.prefetch) ahead.set(part.name, early?.get(part.name) ?? part.prefetch(pid));
+  }
   return ahead;
+}
+
+/**
+ * A pre-copy round's reads ahead that may be taken while the tree still
+ * runs (Part.prefetchWhileRunning), so that they are out of its freeze:
+ * the smaps walk is ~30-60 ms of it at 2 GiB. Settled before the freeze.
+ */
+async function prefetchWhileRunning(rootPid: number): Promise<Map<number, Map<string, unknown>>> {
+  const parts = PARTS.filter((p) => p.prefetchWhileRunning && p.prefetch);
+  const perPid = listTree(rootPid).map(async (pid) => {
+    const read = await Promise.all(parts.map((p) => p.prefetch!(pid)));
+    return [pid, new Map(parts.map((p, i) => [p.name, read[i]]))] as const;
+  });
+  return new Map(await Promise.all(perPid));
 }
 
 /**
@@ -612,6 +631,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
   };
   const tracker = new Tracker("dump", req.progress).attach(state.kinds);
   let tree: FrozenTree;
+  let early: Map<number, Map<string, unknown>> | undefined;
   try {
     state.kinds.set("tracking", trackingFor(req, log));
     enableSnapshots(state.kinds, snapshots);
@@ -627,6 +647,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       if (prepared) state.preparedPages.set(pid, prepared);
       await guard.checkpoint();
     }
+    early = options.copyWhileRunning ? await prefetchWhileRunning(req.pid) : undefined;
     tree = seizeTree(req.pid);
   } catch (e) {
     for (const p of state.preparedPages.values()) p.file.close();
@@ -670,7 +691,7 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
     checkSessions(tree, entries, options.shellJob);
     const contexts: DumpContext[] = [];
     const live = tree.processes.filter((p) => !p.zombie);
-    const ahead = new Map(live.map((p) => [p.pid, prefetchParts(p.pid)]));
+    const ahead = new Map(live.map((p) => [p.pid, prefetchParts(p.pid, early?.get(p.pid))]));
     for (const proc of live) {
       const { ctx, refusal } = await withContextAsync(
         `pid ${proc.pid}`,

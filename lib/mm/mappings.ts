@@ -590,6 +590,9 @@ export const mappingsPart = definePart({
   version: 1,
   schema: z.object({ mappings: z.array(Mapping), vdsoSha256: z.string() }),
   prefetch: readVmFlagsAsync,
+  // A VmFlags change that leaves the layout as it was (madvise over a whole mapping) between
+  // that read and the freeze is in the final round, which reads them frozen.
+  prefetchWhileRunning: true,
   async dump({ pid, tree, dir, options, injector, scratch, ahead }) {
     await drainAioContexts({ pid, injector, scratch, timeoutMs: options.aioTimeoutMs });
     const flags = await (ahead.get("mappings") as ReturnType<typeof readVmFlagsAsync> | undefined);
