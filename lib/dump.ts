@@ -648,7 +648,9 @@ async function dumpTreeOnce(req: MigrationDump, snapshots: boolean): Promise<Dum
       await guard.checkpoint();
     }
     early = options.copyWhileRunning ? await prefetchWhileRunning(req.pid) : undefined;
+    const seizing = performance.now();
     tree = seizeTree(req.pid);
+    log(`frozen: ${tree.tids.length} thread(s) in ${(performance.now() - seizing).toFixed(1)} ms`);
   } catch (e) {
     for (const p of state.preparedPages.values()) p.file.close();
     closeParent(state);
