@@ -53,6 +53,7 @@ import {
   type TrackingState,
 } from "./mm/tracking.ts";
 import { PARTS } from "./parts.ts";
+import { warmUp } from "./warmup.ts";
 import { decodePart, encodePart, writeProcessImage } from "./images/process.ts";
 import { decodeImage, encodeImage, imageFileName, type ImageKind } from "./images/codec.ts";
 import { assembleImages, type Inventory, type Pstree } from "./images/read.ts";
@@ -582,6 +583,10 @@ function postDump(
  * snapshot lost pages to the running tree is taken again, frozen.
  */
 export async function dumpTree(req: MigrationDump): Promise<DumpStats> {
+  // A tree that runs on is frozen only for the parts: their code is compiled first.
+  if ((req.leaveRunning || req.preDump) && !req.migrationRound) {
+    await warmUp(dumpTree, detailLog(req), req.signal);
+  }
   try {
     return await dumpTreeOnce(req, true);
   } catch (e) {

@@ -53,6 +53,7 @@ import { SignalGuard } from "./interrupt.ts";
 import { runActionScripts } from "./actions.ts";
 import { detailLog, type LogLine } from "./log.ts";
 import { type DumpStats, dumpTree } from "./dump.ts";
+import { warmUp } from "./warmup.ts";
 import type { LazyStats } from "./mm/lazy.ts";
 import {
   type BuiltTree,
@@ -308,7 +309,7 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   let last: DumpStats | undefined;
   try {
     runActionScripts(req.actionScripts, "pre-dump", scriptEnv);
-    await warmUp(log);
+    await warmUp(dumpTree, log, req.signal);
     for (let round = 1;; round++) {
       await guard.checkpoint();
       const pre = rounds.filter((r) => !r.final);
@@ -401,45 +402,6 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
     totalMs: performance.now() - t0,
     destination: destination!,
   };
-}
-
-/**
- * The first round's freeze would be the first run of every dump path in
- * this amber, which V8 compiles only as it first runs (measured: a first
- * round of a 256 MiB process frozen ~80 ms, the next ones ~35 ms). A
- * pre-dump of a throwaway process of amber's own, into nowhere, runs them
- * first, while the tree runs. Whatever it meets is of no consequence.
- */
-async function warmUp(log: (line: string) => void): Promise<void> {
-  const t0 = performance.now();
-  const child = new Deno.Command("sleep", {
-    args: ["600"],
-    stdin: "null",
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
-  try {
-    // Dumped once it is sleep, not the copy of amber before its exec.
-    for (let i = 0; i < 200; i++) {
-      const exe = await Deno.readLink(`/proc/${child.pid}/exe`).catch(() => "");
-      if (!exe.startsWith(Deno.execPath())) break;
-      await new Promise((r) => setTimeout(r, 5));
-    }
-    const nowhere = new RecordWriter({ write: (p) => Promise.resolve(p.length) }, "warm-up");
-    await dumpTree({
-      pid: child.pid,
-      shellJob: true,
-      preDump: true,
-      migrationRound: { into: new StreamImages(nowhere, () => Promise.resolve()) },
-      log: () => {},
-    });
-    log(`migrate: warmed up in ${(performance.now() - t0).toFixed(0)} ms`);
-  } catch (e) {
-    log(`migrate: warm-up: ${messageOf(e)}`);
-  } finally {
-    child.kill("SIGKILL");
-    await child.status;
-  }
 }
 
 /** What `amber migrate-receive` is asked to do (mod.ts `migrateReceive`). */
