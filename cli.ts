@@ -709,7 +709,8 @@ const COMMANDS: Command[] = [
       {
         long: "max-rounds",
         value: "N",
-        help: "pre-copy rounds at most before the final one (default 5; 0: none)",
+        help: "pre-copy rounds at most before the final one (default 5, up to 31 while an " +
+          "eager receiver still builds the tree ahead; 0: none)",
       },
       {
         long: "timeout",

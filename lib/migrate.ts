@@ -100,6 +100,8 @@ const HEADER_BYTES = 16;
 const FINAL = 1;
 /** Pre-copy rounds at most, unless asked otherwise. */
 export const DEFAULT_ROUNDS = 5;
+/** A receiver's word after a pre-copy round: it builds the tree ahead still (eager restores). */
+const BUILDING_AHEAD = "building ahead";
 /** A chain the receiver accepts at most (each round is a directory). */
 const MAX_ROUNDS = 32;
 /** How long the receiver may take to read what is sent, or to answer, unless asked otherwise. */
@@ -126,7 +128,10 @@ export interface MigrateRequest {
   pid: number;
   /** The `amber migrate-receive` to move it to. */
   to: PageServerAddress;
-  /** Pre-copy rounds at most before the final one (default 5). */
+  /**
+   * Pre-copy rounds at most before the final one (default 5; without it,
+   * up to 31 while an eager receiver still builds the tree ahead).
+   */
   maxRounds?: number;
   /** The tree is a job of a shell (CRIU's --shell-job). */
   shellJob?: boolean;
@@ -307,6 +312,8 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
   let destination: MigrateResult["destination"] | undefined;
   let parent: Parent | undefined;
   let last: DumpStats | undefined;
+  /** The receiver said, after the last round, that it still builds the tree ahead. */
+  let receiverBuilding = false;
   try {
     runActionScripts(req.actionScripts, "pre-dump", scriptEnv);
     await warmUp(dumpTree, log, req.signal);
@@ -315,7 +322,11 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
       const pre = rounds.filter((r) => !r.final);
       const stalled = pre.length >= 2 &&
         pre[pre.length - 1].pageBytes >= pre[pre.length - 2].pageBytes;
-      const final = pre.length >= maxRounds || stalled;
+      // A receiver still building the tree ahead gets more rounds, up to the bound: the final
+      // round would otherwise wait for it, the tree here writing on meanwhile.
+      // (Without --max-rounds, up to the most a chain may hold while it builds.)
+      const bound = receiverBuilding && req.maxRounds === undefined ? MAX_ROUNDS - 1 : maxRounds;
+      const final = pre.length >= bound || (stalled && !receiverBuilding);
       await writeAll(out, roundHeader(round, final), where);
       // The receiver builds the tree from the round before while it still runs here
       // (lib/prebuilt.ts): the freeze waits for its word that it is ready.
@@ -341,7 +352,10 @@ export async function migrate(req: MigrateRequest): Promise<MigrateResult> {
               throw leaveStopped(req.pid, where, e);
             }
           }
-          : () => answer(readReply(conn, where), `after round ${round}`),
+          : async () => {
+            const said = await answer(readReply(conn, where), `after round ${round}`);
+            receiverBuilding = said === BUILDING_AHEAD;
+          },
       );
       if (parent) into.withParent(parent.path, parent.dir as StreamImages);
       last = await dumpTree({
@@ -546,11 +560,49 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
   let previous: { dir: string; images: Images } | undefined;
   /** The tree built ahead from it, held until the final round is in. */
   let ahead: Ahead | undefined;
+  /**
+   * An eager receiver's tree, built ahead from the first pre-copy round it
+   * can build from, and brought to each later round as it comes in (its
+   * pages patched in): restoring every page takes seconds, which the
+   * final round would otherwise wait for.
+   */
+  let early: Promise<Ahead | undefined> | undefined;
+  let earlyBuilt = false;
+  /** Builds the tree ahead from `round` (the first time) or brings it to `round`. */
+  const buildEarly = (
+    held: Promise<Ahead | undefined> | undefined,
+    round: { dir: string; images: Images },
+  ): Promise<Ahead | undefined> | undefined => {
+    if (!held) {
+      if (!canBuildAhead(round.images, req.actionScripts)) return undefined;
+      if (helper) handed.push(helper);
+      const h = helper;
+      helper = undefined;
+      return buildAhead(round, h, req, log).then((a) => {
+        earlyBuilt = true;
+        return a;
+      }, () => undefined);
+    }
+    return held.then(async (a) => {
+      try {
+        await a?.advance(round.images, round.dir, log);
+        return a;
+      } catch (e) {
+        log(`migrate-receive: built ahead, not brought to ${round.dir}: ${messageOf(e)}`);
+        await a?.drop();
+        return undefined;
+      }
+    });
+  };
   try {
     for (let round = 1;; round++) {
       const { final } = await Promise.race([readRoundHeader(conn, round, from), guard.stopped]);
       await faultPointAsync(`migrate-round-${round}`);
-      if (final && previous && canBuildAhead(previous.images, req.actionScripts)) {
+      if (final && early) {
+        ahead = await early;
+        early = undefined;
+      }
+      if (final && !ahead && previous && canBuildAhead(previous.images, req.actionScripts)) {
         // Its restore takes the helper, whatever becomes of it.
         if (helper) handed.push(helper);
         ahead = await buildAhead(previous, helper, req, log);
@@ -576,13 +628,19 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       bytes += got.bytes;
       rounds = round;
       log(`migrate-receive: round ${round}${final ? " (final)" : ""}: ${got.bytes} bytes`);
-      await writeReply(conn, reply(true));
       if (!final) {
+        previous = { dir, images: got.images };
+        if (!req.lazyPages) {
+          // (The first build takes the helper: one is made for it first.)
+          if (!early) helper ??= await spawnHelper(imagesMappings(got.images));
+          early = buildEarly(early, previous);
+        }
+        await writeReply(conn, reply(true, early && !earlyBuilt ? BUILDING_AHEAD : ""));
         // Clear of this round's mappings; restore checks the final round's again.
         helper ??= await spawnHelper(imagesMappings(got.images));
-        previous = { dir, images: got.images };
         continue;
       }
+      await writeReply(conn, reply(true));
       // The sender's post-dump scripts ran (or failed: its word says why); the restore checks
       // the images meanwhile, and does nothing else before this word.
       const go = (async () => {
@@ -638,6 +696,7 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
     }
   } catch (e) {
     await ahead?.drop();
+    await (await early?.catch(() => undefined))?.drop();
     removeReceived();
     // The sender resumes its tree on this word (or on the closed connection).
     const why = messageOf(e).replace(`${from}: `, "");
@@ -661,6 +720,11 @@ interface Ahead {
     go: Promise<void>,
     log: (line: string) => void,
   ): Promise<RestoreResult>;
+  /**
+   * Brings it to a later pre-copy round (its pages patched in); throws if
+   * that round differs in more than pages (the caller drops it then).
+   */
+  advance(images: Images, dir: string, log: (line: string) => void): Promise<void>;
   /** Kills it. */
   drop(): Promise<void>;
 }
@@ -719,16 +783,29 @@ async function buildAhead(
     pageSource: false,
     movedTcp: false,
   };
+  /** The round the held tree is at. */
+  let current = previous;
+  /** Its files and pages brought to `images` (checked first, as restore checks them). */
+  const bringTo = async (images: Images, dir: string, log: (line: string) => void) => {
+    using imageDir = new ImageDir(dir);
+    const why = buildAheadRefusal(images, imageDir, options);
+    if (why) throw new RefusalError(why);
+    patchOffsets(current.images, images, built.injectors, log);
+    await patchPages(images, imageDir, built.kinds, log);
+    current = { dir, images };
+  };
   return {
+    async advance(images, dir, log) {
+      const mismatch = buildAheadMismatch(current.images, images);
+      if (mismatch) throw new AmberError(`the round differs in ${mismatch}`);
+      await bringTo(images, dir, log);
+      log(`migrate-receive: built ahead, brought to ${dir}`);
+    },
     async finish(images, dir, go, log) {
       const since = performance.now();
       try {
-        using imageDir = new ImageDir(dir);
-        const why = buildAheadRefusal(images, imageDir, options);
-        if (why) throw new RefusalError(why);
         // Into the held tree while the go comes: it runs only after.
-        patchOffsets(previous.images, images, built.injectors, log);
-        await patchPages(images, imageDir, built.kinds, log);
+        await bringTo(images, dir, log);
         await go;
         decided.resolve({ images: { ...images, dir }, since });
       } catch (e) {

@@ -71,9 +71,11 @@ export async function readExactly(conn: ByteReader, n: number, what: string): Pr
 }
 
 /** Reads the page server's reply: resolves if it stored the images, throws its message if not. */
-export async function readReply(conn: ByteReader, where: string): Promise<void> {
+/** Reads one reply; throws if it refused. Its words, if any. */
+export async function readReply(conn: ByteReader, where: string): Promise<string> {
   const { ok, text } = await readReplyMessage(conn, where);
   if (!ok) throw new AmberError(`${where}: ${text || "refused the images"}`);
+  return text;
 }
 
 /**
@@ -140,7 +142,7 @@ export async function connectPageServer(to: PageServerAddress): Promise<StreamIm
   };
   return new StreamImages(
     new RecordWriter(conn, where, explain),
-    () => readReply(conn, where),
+    async () => void await readReply(conn, where),
     close,
   );
 }
