@@ -243,7 +243,9 @@ export async function startAtDestination(
       ...args,
     ],
     cwd: ROOT,
-    env: { NO_COLOR: "1", ...env },
+    // What it keeps in temporary directories (a receiver's rounds: GiBs) goes with `dir` if it
+    // is killed before it can remove them.
+    env: { NO_COLOR: "1", TMPDIR: dir, ...env },
     stdin: "null",
     stdout: "null",
     stderr: "null",
