@@ -578,10 +578,11 @@ export async function migrateReceive(req: MigrateReceiveRequest): Promise<Migrat
       if (helper) handed.push(helper);
       const h = helper;
       helper = undefined;
-      return buildAhead(round, h, req, log).then((a) => {
+      // (Built or not, the sender no longer waits for it.)
+      return buildAhead(round, h, req, log).catch(() => undefined).then((a) => {
         earlyBuilt = true;
         return a;
-      }, () => undefined);
+      });
     }
     return held.then(async (a) => {
       try {

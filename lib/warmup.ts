@@ -27,12 +27,17 @@ export async function warmUp(
   warmed = true;
   using guard = new SignalGuard(signal);
   const t0 = performance.now();
-  const child = new Deno.Command("sleep", {
-    args: ["600"],
-    stdin: "null",
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command("sleep", {
+      args: ["600"],
+      stdin: "null",
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+  } catch (e) {
+    return log(`warm-up: sleep: ${messageOf(e)}`); // (no sleep here: the dump goes on cold)
+  }
   try {
     // Dumped once it is sleep, not the copy of amber before its exec.
     for (let i = 0; i < 200; i++) {
