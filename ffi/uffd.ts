@@ -84,8 +84,7 @@ export function scanWrittenAndProtect(
   ranges: [bigint, bigint][],
 ): ([bigint, bigint][] | undefined)[] {
   if (!ranges.length) return [];
-  const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
-  const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
+  const fd = openPagemap(pid);
   const mask = {
     all: PAGE_IS_WRITTEN,
     any: 0n,
@@ -120,8 +119,7 @@ export function scanPages(
   mask: { all: bigint; any: bigint; returned: bigint },
 ): [bigint, bigint, bigint][] {
   if (!ranges.length) return [];
-  const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
-  const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
+  const fd = openPagemap(pid);
   try {
     return ranges.flatMap(([start, end]) => scanRange(fd, start, end, mask));
   } finally {
@@ -130,6 +128,12 @@ export function scanPages(
 }
 
 const O_CLOEXEC = 0o2000000;
+
+/** /proc/PID/pagemap, opened for PAGEMAP_SCAN (the caller closes it). */
+function openPagemap(pid: number): number {
+  const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
+  return Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
+}
 
 type ScanMask = { all: bigint; any: bigint; returned: bigint; flags?: bigint };
 
@@ -190,10 +194,9 @@ function scanRange(
 export async function scanPagesAsync(
   pid: number,
   ranges: [bigint, bigint][],
-  mask: { all: bigint; any: bigint; returned: bigint },
+  mask: ScanMask,
 ): Promise<[bigint, bigint, bigint][]> {
-  const path = new TextEncoder().encode(`/proc/${pid}/pagemap\0`);
-  const fd = Number(rawSyscall(`open /proc/${pid}/pagemap`, NR_OPEN, addressOf(path), O_CLOEXEC));
+  const fd = openPagemap(pid);
   const out: [bigint, bigint, bigint][] = [];
   const vec = new BigUint64Array(VEC_LEN * 3);
   try {

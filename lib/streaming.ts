@@ -70,8 +70,10 @@ export async function readExactly(conn: ByteReader, n: number, what: string): Pr
   return buf;
 }
 
-/** Reads the page server's reply: resolves if it stored the images, throws its message if not. */
-/** Reads one reply; throws if it refused. Its words, if any. */
+/**
+ * Reads one reply (the page server's: it stored the images; a receiver's
+ * after a round): throws its message if it refused, else returns its words, if any.
+ */
 export async function readReply(conn: ByteReader, where: string): Promise<string> {
   const { ok, text } = await readReplyMessage(conn, where);
   if (!ok) throw new AmberError(`${where}: ${text || "refused the images"}`);

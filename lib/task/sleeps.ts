@@ -234,7 +234,7 @@ interface Sleeper {
 
 /**
  * The sleeps of one process's threads watched across their freeze: the
- * timer list is read once before the first interrupt and once after the
+ * timer list is read twice before the first interrupt and twice after the
  * last (four reads per process, however many sleepers: each read formats
  * every timer of the machine, 10-20 µs apiece measured here).
  */
