@@ -24,7 +24,9 @@
  * moves it with mremap and unmaps it, and unmaps the TAIL_BYTES just past
  * the private memory (mapped with it) and maps them again, written: memory
  * that comes and goes while a dump copies, some of it there at the freeze
- * and gone a tick later.
+ * and gone a tick later. It also resizes one more private region (never
+ * touched) to 1..4096 pages by the tick's number, so that two freezes
+ * ticks apart never find the same mappings.
  *
  * --threads N: N more threads each sweep a 1 MiB private region of their
  * own the same way, checking each page before they write it (a bad page
@@ -131,8 +133,15 @@ static void *sweep_alone(void *arg) {
 }
 
 static unsigned char *tail;
+static void *grown;
+static size_t grown_bytes, ticks;
 
 static void churn(void) {
+  size_t want = (ticks++ % 4096 + 1) * PAGE;
+  void *g = grown ? mremap(grown, grown_bytes, want, MREMAP_MAYMOVE) : map_anon(want, MAP_PRIVATE);
+  if (g == MAP_FAILED) _exit(5);
+  grown = g;
+  grown_bytes = want;
   if (munmap(tail, TAIL_BYTES) != 0) _exit(5);
   if (mmap(tail, TAIL_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
            0) != tail)
